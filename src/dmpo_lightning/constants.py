@@ -1,0 +1,16 @@
+"""Names shared across the package: batch keys and parameter-name prefixes."""
+
+IMAGE_KEY = "image"
+"""Batch key of the image tensor ``[B, C, H, W]``."""
+
+LABEL_KEY = "label"
+"""Batch key of the integer class labels ``[B]``."""
+
+INDEX_KEY = "index"
+"""Batch key of each sample's index in its split ``[B]`` (used to drop DDP padding duplicates)."""
+
+PEFT_PREFIX = "peft_"
+"""Every trainable parameter PEFT adds inside the trunk has a name component starting with this."""
+
+EXITS_ATTR = "exits"
+"""Attribute of :class:`~dmpo_lightning.models.MultiExitViT` holding the exit heads."""
