@@ -1,0 +1,402 @@
+"""Exit heads: token-wise bypass modules and first/second-order predictors (METHOD.md §2).
+
+Every predictor maps timm ``NLC`` tokens ``[B, N, D]`` (the first ``num_prefix_tokens`` are class,
+register or VPT prompt tokens, the rest patch tokens) to logits ``[B, C]``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+PredictorKind = Literal["linear", "moment", "isqrt_cov"]
+"""Predictor families: plain linear, Moment Probing (first + second order) and iSQRT-COV."""
+
+PREDICTOR_KINDS: tuple[str, ...] = get_args(PredictorKind)
+
+_TRACE_EPS = 1e-5
+
+
+def _check_sizes(dim: int, num_classes: int, num_prefix_tokens: int) -> None:
+    for name, value in (("dim", dim), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+
+
+def _check_dropout(dropout: float) -> None:
+    if not (0.0 <= float(dropout) < 1.0):
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def _check_tokens(x: Tensor, dim: int, num_prefix_tokens: int, need_patches: bool) -> None:
+    if x.ndim != 3 or x.shape[-1] != dim:
+        raise ValueError(f"expected tokens of shape [B, N, {dim}], got {tuple(x.shape)}")
+    if need_patches and x.shape[1] <= num_prefix_tokens:
+        raise ValueError(
+            f"need at least one patch token after {num_prefix_tokens} prefix tokens, got N={x.shape[1]}"
+        )
+
+
+class Bypass(nn.Module):
+    """Token-wise residual bottleneck ``x + up(gelu(down(norm(x))))`` feeding one early predictor.
+
+    ``up`` is zero-initialised, so the bypass is the identity at step 0.
+
+    Args:
+        dim: Token width ``D``.
+        hidden_dim: Bottleneck width; ``None`` for ``max(1, dim // 4)``.
+
+    Raises:
+        ValueError: If a width is not positive.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int | None = None) -> None:
+        super().__init__()
+        hidden_dim = max(1, dim // 4) if hidden_dim is None else hidden_dim
+        for name, value in (("dim", dim), ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.down = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.up = nn.Linear(hidden_dim, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Add the bottleneck's output to the tokens."""
+        return x + self.up(self.act(self.down(self.norm(x))))
+
+
+class LinearHead(nn.Module):
+    """LayerNorm, then the class token (``"token"``) or the mean patch token (``"avg"``), then Linear.
+
+    Args:
+        dim: Token width ``D``.
+        num_classes: Number of classes ``C``.
+        num_prefix_tokens: Leading non-patch tokens (class/register/prompt).
+        pool: ``"token"`` (first token; needs a prefix token) or ``"avg"`` (mean of the patch tokens),
+            as timm's ``global_pool``.
+        norm: Apply a LayerNorm before pooling (as the backbone's final norm does).
+        dropout: Dropout before the classifier.
+
+    Raises:
+        ValueError: For bad sizes, an unknown ``pool``, or ``"token"`` pooling without a prefix token.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        num_prefix_tokens: int,
+        pool: Literal["token", "avg"] = "token",
+        norm: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_sizes(dim, num_classes, num_prefix_tokens)
+        _check_dropout(dropout)
+        if pool not in ("token", "avg"):
+            raise ValueError(f"pool must be 'token' or 'avg', got {pool!r}")
+        if pool == "token" and num_prefix_tokens == 0:
+            raise ValueError("pool='token' needs a class token but num_prefix_tokens=0; use pool='avg'")
+        self.dim = dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.pool = pool
+        self.norm: nn.Module = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+
+    @torch.no_grad()
+    def init_norm_from(self, layer_norm: nn.Module) -> None:
+        """Copy a LayerNorm's affine parameters (e.g. the backbone's final ``norm``) into this head.
+
+        Raises:
+            ValueError: If this head has no norm or the shapes differ.
+        """
+        if not isinstance(self.norm, nn.LayerNorm):
+            raise ValueError("this LinearHead was built with norm=False; there is no norm to initialise")
+        weight, bias = getattr(layer_norm, "weight", None), getattr(layer_norm, "bias", None)
+        if weight is None or weight.shape != self.norm.weight.shape:
+            raise ValueError(
+                f"expected a LayerNorm with weight of shape {tuple(self.norm.weight.shape)}, "
+                f"got {None if weight is None else tuple(weight.shape)}"
+            )
+        self.norm.weight.copy_(weight)
+        if bias is not None and self.norm.bias is not None:
+            self.norm.bias.copy_(bias)
+        self.norm.eps = getattr(layer_norm, "eps", self.norm.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from tokens ``[B, N, D]``."""
+        _check_tokens(x, self.dim, self.num_prefix_tokens, need_patches=self.pool == "avg")
+        x = self.norm(x)
+        pooled = x[:, 0] if self.pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
+        return self.fc(self.drop(pooled))
+
+
+def _conv_out(size: int) -> int:
+    """Spatial size after a 3x3, stride-2, padding-1 convolution."""
+    return (size + 2 - 3) // 2 + 1
+
+
+class MomentHead(nn.Module):
+    """Moment Probing predictor (Tao et al., ICCV 2023): mean of first- and second-order logits.
+
+    First order: LayerNorm + Linear on the class token (mean token if there is no prefix token).
+    Second order: patch tokens -> Linear ``D -> proj_dim`` -> ``groups`` groups of ``proj_dim / groups``
+    channels, each LayerNorm-ed on its own (one ``LayerNorm(proj_dim / groups)`` applied per group:
+    per-group statistics, affine shared across groups, which keeps the head small), centred over tokens;
+    cross-covariances of adjacent groups ``(1/N) P_g^T P_{g+1}`` (``groups - 1`` matrices), rows
+    L2-normalised, stacked as channels -> two 3x3 stride-2 convolutions (GELU between) -> Linear.
+    The covariance maths runs in float32 with autocast off.
+
+    Args:
+        dim: Token width ``D``.
+        num_classes: Number of classes ``C``.
+        num_prefix_tokens: Leading non-patch tokens (class/register/prompt), excluded from the moments.
+        proj_dim: Width of the projection before the covariances (512 in Moment Probing).
+        groups: Number of channel groups (>= 2; 4 in Moment Probing).
+        dropout: Dropout before both classifiers.
+
+    Raises:
+        ValueError: For bad sizes, ``groups < 2`` or ``proj_dim`` not divisible by ``groups``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        num_prefix_tokens: int,
+        proj_dim: int = 512,
+        groups: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_sizes(dim, num_classes, num_prefix_tokens)
+        _check_dropout(dropout)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 2:
+            raise ValueError(f"groups must be an integer >= 2 (adjacent-group covariances), got {groups!r}")
+        if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim <= 0 or proj_dim % groups:
+            raise ValueError(f"proj_dim must be a positive multiple of groups={groups}, got {proj_dim!r}")
+        self.dim = dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.groups = groups
+        self.group_dim = proj_dim // groups
+        channels = groups - 1
+        side = _conv_out(_conv_out(self.group_dim))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc_first = nn.Linear(dim, num_classes)
+        self.proj = nn.Linear(dim, proj_dim)
+        self.group_norm = nn.LayerNorm(self.group_dim)
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1),
+        )
+        self.drop = nn.Dropout(dropout)
+        self.fc_second = nn.Linear(channels * side * side, num_classes)
+
+    def second_order(self, x: Tensor) -> Tensor:
+        """Row-normalised adjacent-group cross-covariances ``[B, groups - 1, g, g]`` (float32)."""
+        p = self.proj(x[:, self.num_prefix_tokens :])
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            b, n, _ = p.shape
+            p = p.float().reshape(b, n, self.groups, self.group_dim)
+            gn = self.group_norm
+            p = F.layer_norm(p, (self.group_dim,), gn.weight.float(), gn.bias.float(), gn.eps)
+            p = p - p.mean(dim=1, keepdim=True)
+            p = p.permute(0, 2, 1, 3)  # [B, G, N, g]
+            cov = p[:, :-1].transpose(-1, -2) @ p[:, 1:] / n  # [B, G-1, g, g]
+            return F.normalize(cov, dim=-1, eps=1e-12)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from tokens ``[B, N, D]``."""
+        _check_tokens(x, self.dim, self.num_prefix_tokens, need_patches=True)
+        xn = self.norm(x)
+        cls = xn[:, 0] if self.num_prefix_tokens > 0 else xn.mean(dim=1)
+        first = self.fc_first(self.drop(cls))
+        second = self.fc_second(self.drop(self.conv(self.second_order(x)).flatten(1)))
+        return 0.5 * (first + second)
+
+
+def newton_schulz_sqrt(a: Tensor, iterations: int = 5, eps: float = _TRACE_EPS) -> Tensor:
+    """Matrix square root of symmetric positive semi-definite matrices by coupled Newton-Schulz iterations.
+
+    As in iSQRT-COV (Li et al., CVPR 2018): pre-normalise by the trace, iterate
+    ``T = (3I - Z Y) / 2; Y <- Y T; Z <- T Z`` from ``Y = A / tr(A), Z = I``, post-compensate by
+    ``sqrt(tr(A))``. Converges for SPD input because the normalised spectrum lies in ``(0, 1]``.
+
+    Args:
+        a: Batch of symmetric PSD matrices ``[B, d, d]``.
+        iterations: Number of Newton-Schulz iterations (>= 1).
+        eps: Added to the trace so an all-zero matrix maps to zero instead of NaN.
+
+    Returns:
+        Approximate square roots ``[B, d, d]`` in ``a``'s dtype.
+
+    Raises:
+        ValueError: If ``a`` is not a batch of square matrices or ``iterations < 1``.
+    """
+    if a.ndim != 3 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"expected a batch of square matrices [B, d, d], got {tuple(a.shape)}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+    trace = a.diagonal(dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1) + eps
+    y, z = a / trace, eye
+    for _ in range(iterations):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return y * trace.sqrt()
+
+
+class ISqrtCovHead(nn.Module):
+    """iSQRT-COV predictor (Li et al., CVPR 2018): matrix-square-root-normalised covariance of patch tokens.
+
+    Patch tokens -> Linear ``D -> reduce_dim`` + BatchNorm1d (over all tokens of the batch) + ReLU ->
+    covariance ``(1/N) Z^T (I - 11^T/N) Z`` -> :func:`newton_schulz_sqrt` -> upper triangle (with the
+    diagonal) -> dropout -> Linear. The covariance and square root run in float32 with autocast off.
+
+    Args:
+        dim: Token width ``D``.
+        num_classes: Number of classes ``C``.
+        num_prefix_tokens: Leading non-patch tokens (class/register/prompt), excluded from the covariance.
+        reduce_dim: Reduced width ``d`` (64-128 in the paper; features are ``d(d+1)/2``).
+        iterations: Newton-Schulz iterations ``T``.
+        dropout: Dropout before the classifier.
+
+    Raises:
+        ValueError: For bad sizes.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        num_prefix_tokens: int,
+        reduce_dim: int = 64,
+        iterations: int = 5,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_sizes(dim, num_classes, num_prefix_tokens)
+        _check_dropout(dropout)
+        if isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int) or reduce_dim <= 0:
+            raise ValueError(f"reduce_dim must be a positive integer, got {reduce_dim!r}")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        self.dim = dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.iterations = iterations
+        self.reduce = nn.Linear(dim, reduce_dim)
+        self.bn = nn.BatchNorm1d(reduce_dim)
+        self.act = nn.ReLU()
+        rows, cols = torch.triu_indices(reduce_dim, reduce_dim)
+        self.register_buffer("triu_index", rows * reduce_dim + cols, persistent=False)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(reduce_dim * (reduce_dim + 1) // 2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from tokens ``[B, N, D]``."""
+        _check_tokens(x, self.dim, self.num_prefix_tokens, need_patches=True)
+        z = self.reduce(x[:, self.num_prefix_tokens :])
+        b, n, d = z.shape
+        z = self.act(self.bn(z.reshape(b * n, d))).reshape(b, n, d)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = z.float()
+            z = z - z.mean(dim=1, keepdim=True)
+            cov = z.transpose(1, 2) @ z / n
+            root = newton_schulz_sqrt(cov, self.iterations)
+            feats = root.flatten(1)[:, self.triu_index]
+        return self.fc(self.drop(feats))
+
+
+def build_predictor(
+    kind: PredictorKind,
+    dim: int,
+    num_classes: int,
+    num_prefix_tokens: int,
+    *,
+    pool: Literal["token", "avg"] = "token",
+    norm: bool = True,
+    proj_dim: int = 512,
+    groups: int = 4,
+    reduce_dim: int = 64,
+    iterations: int = 5,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Build a predictor by name; options that do not apply to ``kind`` are ignored.
+
+    Args:
+        kind: ``"linear"`` (:class:`LinearHead`), ``"moment"`` (:class:`MomentHead`) or ``"isqrt_cov"``
+            (:class:`ISqrtCovHead`).
+        dim: Token width ``D``.
+        num_classes: Number of classes ``C``.
+        num_prefix_tokens: Leading non-patch tokens (class/register/VPT prompt).
+        pool: ``linear`` only: ``"token"`` or ``"avg"``.
+        norm: ``linear`` only: LayerNorm before pooling.
+        proj_dim: ``moment`` only: projection width.
+        groups: ``moment`` only: channel groups.
+        reduce_dim: ``isqrt_cov`` only: reduced width.
+        iterations: ``isqrt_cov`` only: Newton-Schulz iterations.
+        dropout: Dropout before the classifier(s), all kinds.
+
+    Returns:
+        The predictor module.
+
+    Raises:
+        ValueError: For an unknown ``kind`` or invalid options.
+    """
+    if kind == "linear":
+        return LinearHead(dim, num_classes, num_prefix_tokens, pool=pool, norm=norm, dropout=dropout)
+    if kind == "moment":
+        return MomentHead(
+            dim, num_classes, num_prefix_tokens, proj_dim=proj_dim, groups=groups, dropout=dropout
+        )
+    if kind == "isqrt_cov":
+        return ISqrtCovHead(
+            dim, num_classes, num_prefix_tokens, reduce_dim=reduce_dim, iterations=iterations, dropout=dropout
+        )
+    raise ValueError(f"unknown predictor kind {kind!r}; allowed: {', '.join(PREDICTOR_KINDS)}")
+
+
+class ExitHead(nn.Module):
+    """One exit: an optional bypass followed by a predictor, ``predictor(bypass(tokens))``.
+
+    Args:
+        predictor: Maps tokens ``[B, N, D]`` to logits ``[B, C]``.
+        bypass: Token-wise module in front of the predictor; ``None`` for identity.
+        detach_input: Stop the head's gradients at its input, so they never reach the trunk (METHOD.md's
+            ``detach_trunk`` ablation).
+    """
+
+    def __init__(
+        self, predictor: nn.Module, bypass: nn.Module | None = None, detach_input: bool = False
+    ) -> None:
+        super().__init__()
+        self.bypass: nn.Module = nn.Identity() if bypass is None else bypass
+        self.predictor = predictor
+        self.detach_input = detach_input
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from trunk tokens ``[B, N, D]``."""
+        return self.predictor(self.bypass(tokens.detach() if self.detach_input else tokens))
+
+
+__all__ = [
+    "PREDICTOR_KINDS",
+    "Bypass",
+    "ExitHead",
+    "ISqrtCovHead",
+    "LinearHead",
+    "MomentHead",
+    "PredictorKind",
+    "build_predictor",
+    "newton_schulz_sqrt",
+]

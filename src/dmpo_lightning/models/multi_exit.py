@@ -1,0 +1,334 @@
+"""MultiExitViT: a frozen timm ViT with PEFT, and one exit head (bypass + predictor) per exit depth.
+
+Pure ``nn.Module`` (no Lightning), so it can be used, exported and tested without a Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dmpo_lightning.constants import EXITS_ATTR, PEFT_PREFIX
+from dmpo_lightning.models.adapters import PeftMethod, inject_peft, num_prompt_tokens
+from dmpo_lightning.models.backbone import (
+    backbone_depth,
+    embed_tokens,
+    num_prefix_tokens,
+    resolve_exit_blocks,
+)
+from dmpo_lightning.models.heads import Bypass, ExitHead, build_predictor
+
+__all__ = ["EarlyExitOutput", "ExitRule", "HeadKind", "MultiExitViT", "step_scores"]
+
+HeadKind = Literal["linear", "moment", "isqrt_cov"]
+ExitRule = Literal["confidence", "entropy", "patience"]
+
+
+@dataclass
+class EarlyExitOutput:
+    """Result of a true early-exit forward, one entry per input sample.
+
+    Attributes:
+        prediction: Predicted class ``[B]``.
+        exit_index: 0-based index of the exit the sample left at ``[B]``.
+        score: The exit rule's score at that exit ``[B]`` (max softmax probability for ``confidence``).
+        logits: Logits of the exit each sample left at ``[B, C]``.
+    """
+
+    prediction: torch.Tensor
+    exit_index: torch.Tensor
+    score: torch.Tensor
+    logits: torch.Tensor
+
+
+def step_scores(
+    logits: torch.Tensor,
+    rule: ExitRule,
+    previous_pred: torch.Tensor | None = None,
+    previous_run: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score one exit's logits ``[B, C]`` under an exit rule, incrementally over exits.
+
+    Matches :func:`dmpo_lightning.evaluation.exit_rules.exit_scores` exit by exit, so the real early-exit
+    forward takes the same decisions as the protocol simulated from cached outputs.
+
+    Returns:
+        ``(score [B], prediction [B], run [B])`` where ``run`` is the number of consecutive exits (this one
+        included) agreeing with this prediction; ``score`` equals ``run`` for ``patience``.
+    """
+    probs = logits.float().softmax(dim=-1)
+    conf, pred = probs.max(dim=-1)
+    if previous_pred is None or previous_run is None:
+        run = torch.ones_like(conf)
+    else:
+        run = torch.where(pred == previous_pred, previous_run + 1, torch.ones_like(previous_run))
+    if rule == "confidence":
+        score = conf
+    elif rule == "entropy":
+        score = (probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
+    elif rule == "patience":
+        score = run
+    else:
+        raise ValueError(f"unknown exit rule {rule!r}; allowed: 'confidence', 'entropy', 'patience'")
+    return score, pred, run
+
+
+class MultiExitViT(nn.Module):
+    """A timm vision transformer with parameter-efficient tuning and early-exit heads.
+
+    The trunk (timm blocks, optionally adapted) runs once; after block ``e_k`` exit ``k`` reads the trunk
+    tokens through its bypass module and predictor. Bypasses feed only their exit: the trunk continues
+    from the unmodified tokens (the decoupling of DMPO).
+
+    Args:
+        backbone: A timm ``VisionTransformer`` built with ``num_classes=0``
+            (:func:`~dmpo_lightning.models.backbone.build_backbone`).
+        num_classes: Classes of every exit.
+        exit_blocks: Exit positions (see :func:`~dmpo_lightning.models.backbone.resolve_exit_blocks`).
+        require_last_exit: Require the last exit after the last block.
+        peft: How the trunk is tuned: ``adaptformer``, ``lora``, ``vpt``, ``linear`` (frozen) or ``full``.
+        adapter_dim: AdaptFormer bottleneck width r.
+        adapter_scale: AdaptFormer scale s.
+        adapter_dropout: Dropout inside adapters.
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha (scale alpha / rank).
+        lora_targets: Module names (or dotted suffixes) LoRA wraps.
+        vpt_prompts: VPT prompt tokens per block.
+        vpt_deep: Deep VPT (new prompts at every block) instead of shallow (first block only).
+        bypass: Give each early exit a bypass module.
+        bypass_dim: Bypass bottleneck width (``None`` = D / 4).
+        detach_trunk: Stop early exits' gradients from reaching the trunk (ablation).
+        early_head: Predictor of the early exits.
+        final_head: Predictor of the last exit (``linear`` = the backbone's LayerNorm + Linear).
+        head_pool: Pooling of ``linear`` predictors: class token or mean of patch tokens.
+        moment_dim: Projection width of the ``moment`` predictor.
+        moment_groups: Channel groups of the ``moment`` predictor.
+        cov_dim: Reduced width d of the ``isqrt_cov`` predictor.
+        cov_iterations: Newton-Schulz iterations of the ``isqrt_cov`` predictor.
+        head_dropout: Dropout before the classifier of every predictor.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        exit_blocks: int | Sequence[int] | None = None,
+        *,
+        require_last_exit: bool = True,
+        peft: PeftMethod = "adaptformer",
+        adapter_dim: int = 64,
+        adapter_scale: float = 0.1,
+        adapter_dropout: float = 0.0,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: Sequence[str] = ("qkv",),
+        vpt_prompts: int = 10,
+        vpt_deep: bool = True,
+        bypass: bool = True,
+        bypass_dim: int | None = None,
+        detach_trunk: bool = False,
+        early_head: HeadKind = "moment",
+        final_head: HeadKind = "linear",
+        head_pool: Literal["token", "avg"] = "token",
+        moment_dim: int = 512,
+        moment_groups: int = 4,
+        cov_dim: int = 64,
+        cov_iterations: int = 5,
+        head_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.exit_blocks = resolve_exit_blocks(
+            exit_blocks, backbone_depth(backbone), require_last=require_last_exit
+        )
+        self.peft_method = peft
+        self.peft_modules = inject_peft(
+            backbone,
+            peft,
+            rank=adapter_dim,
+            scale=adapter_scale,
+            dropout=adapter_dropout,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=tuple(lora_targets),
+            num_prompts=vpt_prompts,
+            deep_prompts=vpt_deep,
+            num_prefix_tokens=num_prefix_tokens(backbone),
+        )
+        dim = int(backbone.embed_dim)
+        # VPT prompt tokens travel with the class token; heads must treat them as prefix tokens.
+        prefix = num_prefix_tokens(backbone) + num_prompt_tokens(backbone)
+        self.num_prefix_tokens = prefix
+        predictor_options = dict(
+            pool=head_pool,
+            proj_dim=moment_dim,
+            groups=moment_groups,
+            reduce_dim=cov_dim,
+            iterations=cov_iterations,
+            dropout=head_dropout,
+        )
+        exits = []
+        for k in range(len(self.exit_blocks)):
+            last = k == len(self.exit_blocks) - 1
+            kind = final_head if last else early_head
+            predictor = build_predictor(kind, dim, num_classes, prefix, **predictor_options)
+            if last and kind == "linear":
+                # The final exit is the backbone's own head: its final LayerNorm (pre-trained) + a new Linear.
+                norm = backbone.fc_norm if head_pool == "avg" and not isinstance(
+                    backbone.fc_norm, nn.Identity
+                ) else backbone.norm
+                if isinstance(norm, nn.LayerNorm):
+                    predictor.init_norm_from(norm)
+            exits.append(
+                ExitHead(
+                    predictor,
+                    bypass=Bypass(dim, bypass_dim) if bypass and not last else None,
+                    detach_input=detach_trunk and not last,
+                )
+            )
+        setattr(self, EXITS_ATTR, nn.ModuleList(exits))
+        # The backbone's own final norm and head are replaced by the last exit head; keep them out of the
+        # trainable set in every mode so "full" fine-tuning does not carry dead parameters.
+        for p in backbone.norm.parameters():
+            p.requires_grad_(False)
+        for p in backbone.fc_norm.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def num_exits(self) -> int:
+        """Number of exits K."""
+        return len(self.exit_blocks)
+
+    def _trunk(self, tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for block in self.backbone.blocks[start:stop]:
+            tokens = block(tokens)
+        return tokens
+
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """Logits of every exit (training and evaluation).
+
+        Args:
+            x: Images ``[B, C, H, W]``.
+            upto: Stop after exit ``upto`` (0-based), running only the blocks and heads a sample that
+                leaves there has run: what FLOPs counting truncates at.
+
+        Returns:
+            A list of logits ``[B, num_classes]``, one per exit up to ``upto``.
+        """
+        last = self.num_exits - 1 if upto is None else upto
+        if not 0 <= last < self.num_exits:
+            raise ValueError(f"upto={upto} is out of range: allowed are 0..{self.num_exits - 1} or None")
+        tokens = embed_tokens(self.backbone, x)
+        outputs = []
+        start = 0
+        for k in range(last + 1):
+            tokens = self._trunk(tokens, start, self.exit_blocks[k])
+            start = self.exit_blocks[k]
+            outputs.append(self.exits[k](tokens))
+        return outputs
+
+    def forward_static(self, x: torch.Tensor) -> torch.Tensor:
+        """The full model without early exits: all blocks and the final head only (cost F_full)."""
+        tokens = self._trunk(embed_tokens(self.backbone, x), 0, self.exit_blocks[-1])
+        return self.exits[-1](tokens)
+
+    @torch.no_grad()
+    def forward_early_exit(
+        self,
+        x: torch.Tensor,
+        thresholds: Sequence[float] | torch.Tensor,
+        rule: ExitRule = "confidence",
+    ) -> EarlyExitOutput:
+        """True early exit: later blocks run only on samples that have not left yet (batch compaction).
+
+        A sample leaves at the first exit ``k`` whose score (see ``rule``) is ``>= thresholds[k]``; the last
+        exit takes every sample left. Predictions equal those of the protocol simulated from
+        :meth:`forward`'s outputs with the same thresholds.
+
+        Args:
+            x: Images ``[B, C, H, W]``.
+            thresholds: One threshold per exit (the last one is ignored); ``inf`` disables an exit.
+            rule: ``confidence`` (max softmax), ``entropy`` (negative entropy) or ``patience``.
+
+        Returns:
+            Per-sample prediction, exit index, score and logits.
+        """
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float64).flatten().tolist()
+        if len(thresholds) != self.num_exits:
+            raise ValueError(
+                f"got {len(thresholds)} thresholds for a model with {self.num_exits} exits; give one per exit"
+            )
+        if any(math.isnan(t) for t in thresholds):
+            raise ValueError(f"thresholds contain NaN: {thresholds}")
+        batch = x.shape[0]
+        prediction = torch.empty(batch, dtype=torch.long, device=x.device)
+        exit_index = torch.empty(batch, dtype=torch.long, device=x.device)
+        score_out = torch.empty(batch, dtype=torch.float32, device=x.device)
+        logits_out = torch.empty(batch, self.num_classes, dtype=x.dtype, device=x.device)
+        active = torch.arange(batch, device=x.device)
+        tokens = embed_tokens(self.backbone, x)
+        prev_pred: torch.Tensor | None = None
+        prev_run: torch.Tensor | None = None
+        start = 0
+        for k in range(self.num_exits):
+            tokens = self._trunk(tokens, start, self.exit_blocks[k])
+            start = self.exit_blocks[k]
+            logits = self.exits[k](tokens)
+            score, pred, run = step_scores(logits, rule, prev_pred, prev_run)
+            if k == self.num_exits - 1:
+                leave = torch.ones_like(pred, dtype=torch.bool)
+            else:
+                leave = score >= thresholds[k]
+            idx = active[leave]
+            prediction[idx] = pred[leave]
+            exit_index[idx] = k
+            score_out[idx] = score[leave].float()
+            logits_out[idx] = logits[leave].to(logits_out.dtype)
+            stay = ~leave
+            if not bool(stay.any()):
+                break
+            active, tokens, prev_pred, prev_run = active[stay], tokens[stay], pred[stay], run[stay]
+        return EarlyExitOutput(prediction, exit_index, score_out, logits_out)
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Trainable parameters by component: ``trunk`` (PEFT or full), ``bypass``, ``heads``."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"trunk": [], "bypass": [], "heads": []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith(f"{EXITS_ATTR}."):
+                groups["bypass" if ".bypass." in name else "heads"].append((name, p))
+            else:
+                groups["trunk"].append((name, p))
+        return groups
+
+    def count_parameters(self) -> dict[str, int]:
+        """Trainable parameter counts per component, plus ``trainable`` and ``total``."""
+        counts = {k: sum(p.numel() for _, p in v) for k, v in self.parameter_groups().items()}
+        counts["trainable"] = sum(counts.values())
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the parameters this model trains (PEFT, bypasses, heads) plus their buffers.
+
+        For ``full`` fine-tuning this is the whole trunk as well.
+        """
+        trainable = {n for group in self.parameter_groups().values() for n, _ in group}
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if (
+                name in trainable
+                or name.startswith(f"{EXITS_ATTR}.")
+                or any(part.startswith(PEFT_PREFIX) for part in name.split("."))
+            ):
+                state[name] = tensor
+        return state

@@ -1,0 +1,123 @@
+import pytest
+import torch
+from conftest import make_tiny_vit
+
+from dmpo_lightning.evaluation.exit_rules import exit_scores
+from dmpo_lightning.models import MultiExitViT
+from dmpo_lightning.models.backbone import embed_tokens
+
+SMALL_HEADS = dict(moment_dim=32, moment_groups=4, cov_dim=8)
+
+
+def make_model(**kwargs):
+    options = {**SMALL_HEADS, **kwargs}
+    return MultiExitViT(make_tiny_vit(), num_classes=5, exit_blocks=options.pop("exit_blocks", [1, 2, 3, 4]),
+                        **options)
+
+
+@pytest.mark.parametrize("early_head", ["moment", "isqrt_cov", "linear"])
+@pytest.mark.parametrize("peft", ["adaptformer", "lora", "vpt", "linear", "full"])
+def test_all_exit_shapes(peft, early_head):
+    model = make_model(peft=peft, early_head=early_head).eval()
+    logits = model(torch.randn(3, 3, 32, 32))
+    assert len(logits) == 4
+    assert all(z.shape == (3, 5) for z in logits)
+    assert model(torch.randn(3, 3, 32, 32), upto=1).__len__() == 2
+    assert model.forward_static(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_adapted_trunk_equals_pretrained_at_step_zero():
+    base = make_tiny_vit().eval()
+    model = MultiExitViT(make_tiny_vit(), num_classes=5, peft="adaptformer", **SMALL_HEADS).eval()
+    # Copy the "pre-trained" weights into the wrapped blocks (AdaptFormer keeps them under base_layer).
+    wrapped = model.backbone.state_dict()
+    for name, tensor in base.state_dict().items():
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            wrapped_name = ".".join([*parts[:2], "base_layer", *parts[2:]])
+        else:
+            wrapped_name = name
+        wrapped[wrapped_name].copy_(tensor)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = embed_tokens(model.backbone, x)
+    for block in model.backbone.blocks:
+        tokens = block(tokens)
+    torch.testing.assert_close(model.backbone.norm(tokens), base.forward_features(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("peft", "trunk_prefixes"),
+    [("adaptformer", ("peft_down", "peft_up")), ("lora", ("peft_lora_a", "peft_lora_b")),
+     ("vpt", ("peft_prompts",)), ("linear", ())],
+)
+def test_trainable_parameters_are_exactly_the_named_ones(peft, trunk_prefixes):
+    model = make_model(peft=peft)
+    groups = model.parameter_groups()
+    for name, _ in groups["trunk"]:
+        assert any(p in name for p in trunk_prefixes), name
+    assert bool(groups["trunk"]) == bool(trunk_prefixes)
+    assert all(".bypass." in n for n, _ in groups["bypass"])
+    assert len({n.split(".")[1] for n, _ in groups["bypass"]}) == 3  # early exits only
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for g in groups.values() for n, _ in g}
+    counts = model.count_parameters()
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_full_finetuning_trains_every_used_trunk_parameter():
+    model = make_model(peft="full")
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(n.startswith(("backbone.norm.", "backbone.fc_norm.")) for n in frozen)
+
+
+def test_bypass_off_removes_bypass_parameters():
+    model = make_model(bypass=False)
+    assert model.parameter_groups()["bypass"] == []
+
+
+def test_detach_trunk_stops_early_exit_gradients():
+    for detach in (False, True):
+        model = make_model(peft="adaptformer", detach_trunk=detach)
+        torch.nn.init.normal_(model.backbone.blocks[0].peft_up.weight, std=0.1)
+        logits = model(torch.randn(2, 3, 32, 32))
+        logits[0].sum().backward()  # exit after block 1 only
+        grad = model.backbone.blocks[0].peft_down.weight.grad
+        if detach:
+            assert grad is None or torch.count_nonzero(grad) == 0
+        else:
+            assert grad is not None and torch.count_nonzero(grad) > 0
+
+
+@pytest.mark.parametrize("rule", ["confidence", "entropy", "patience"])
+def test_early_exit_forward_matches_simulated_protocol(rule):
+    torch.manual_seed(0)
+    model = make_model(early_head="linear").double().eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(32, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        logits = torch.stack(model(x), dim=1)
+    scores, preds = exit_scores(logits, rule)
+    # Thresholds at the median of each exit's scores: about half the remaining samples leave per exit.
+    thresholds = scores.median(dim=0).values.tolist()
+    if rule == "patience":  # every score at exit 0 is 1: demand two agreeing exits instead
+        thresholds = [2.0, 2.0, 2.0, 0.0]
+    thresholds[-1] = float("-inf")
+    expected_exit = torch.full((32,), 3)
+    for k in reversed(range(3)):
+        expected_exit = torch.where(scores[:, k] >= thresholds[k], torch.full_like(expected_exit, k), expected_exit)
+    out = model.forward_early_exit(x, thresholds, rule)
+    assert torch.equal(out.exit_index, expected_exit)
+    assert torch.equal(out.prediction, preds[torch.arange(32), expected_exit])
+    assert len(set(out.exit_index.tolist())) > 1
+
+
+def test_early_exit_rejects_wrong_threshold_count():
+    model = make_model().eval()
+    with pytest.raises(ValueError, match="got 2 thresholds for a model with 4 exits"):
+        model.forward_early_exit(torch.randn(1, 3, 32, 32), [0.5, 0.5])
+
+
+def test_upto_out_of_range():
+    with pytest.raises(ValueError, match=r"allowed are 0\.\.3"):
+        make_model()(torch.randn(1, 3, 32, 32), upto=4)
