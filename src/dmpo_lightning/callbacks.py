@@ -51,15 +51,19 @@ class LossWeightScheduler(pl.Callback):
         if stage != "fit":
             return
         self._num_exits = pl_module.num_exits
-        self._max_epochs = trainer.max_epochs
+        # fast_dev_run forces one epoch: a real run's switch epoch must not be rejected for it
+        self._max_epochs = None if trainer.fast_dev_run else trainer.max_epochs
         self._build()
 
     def _build(self) -> None:
+        switch = self.switch_epoch
+        if switch is None and self._max_epochs is None:
+            switch = 1  # fast_dev_run: one epoch, phase 1
         self.schedule = TwoPhaseSchedule(
             self._num_exits,
             self.phase1,
             self.phase2,
-            switch_epoch=self.switch_epoch,
+            switch_epoch=switch,
             ramp_epochs=self.ramp_epochs,
             max_epochs=self._max_epochs,
         )

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dmpo_lightning.constants import EXITS_ATTR, PEFT_PREFIX
+from dmpo_lightning.evaluation.exit_rules import ExitRule, exit_score_step
 from dmpo_lightning.models.adapters import PeftMethod, inject_peft, num_prompt_tokens
 from dmpo_lightning.models.backbone import (
     backbone_depth,
@@ -23,10 +24,9 @@ from dmpo_lightning.models.backbone import (
 )
 from dmpo_lightning.models.heads import Bypass, ExitHead, build_predictor
 
-__all__ = ["EarlyExitOutput", "ExitRule", "HeadKind", "MultiExitViT", "step_scores"]
+__all__ = ["EarlyExitOutput", "ExitRule", "HeadKind", "MultiExitViT"]
 
 HeadKind = Literal["linear", "moment", "isqrt_cov"]
-ExitRule = Literal["confidence", "entropy", "patience"]
 
 
 @dataclass
@@ -44,38 +44,6 @@ class EarlyExitOutput:
     exit_index: torch.Tensor
     score: torch.Tensor
     logits: torch.Tensor
-
-
-def step_scores(
-    logits: torch.Tensor,
-    rule: ExitRule,
-    previous_pred: torch.Tensor | None = None,
-    previous_run: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Score one exit's logits ``[B, C]`` under an exit rule, incrementally over exits.
-
-    Matches :func:`dmpo_lightning.evaluation.exit_rules.exit_scores` exit by exit, so the real early-exit
-    forward takes the same decisions as the protocol simulated from cached outputs.
-
-    Returns:
-        ``(score [B], prediction [B], run [B])`` where ``run`` is the number of consecutive exits (this one
-        included) agreeing with this prediction; ``score`` equals ``run`` for ``patience``.
-    """
-    probs = logits.float().softmax(dim=-1)
-    conf, pred = probs.max(dim=-1)
-    if previous_pred is None or previous_run is None:
-        run = torch.ones_like(conf)
-    else:
-        run = torch.where(pred == previous_pred, previous_run + 1, torch.ones_like(previous_run))
-    if rule == "confidence":
-        score = conf
-    elif rule == "entropy":
-        score = (probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
-    elif rule == "patience":
-        score = run
-    else:
-        raise ValueError(f"unknown exit rule {rule!r}; allowed: 'confidence', 'entropy', 'patience'")
-    return score, pred, run
 
 
 class MultiExitViT(nn.Module):
@@ -282,7 +250,7 @@ class MultiExitViT(nn.Module):
             tokens = self._trunk(tokens, start, self.exit_blocks[k])
             start = self.exit_blocks[k]
             logits = self.exits[k](tokens)
-            score, pred, run = step_scores(logits, rule, prev_pred, prev_run)
+            score, pred, run = exit_score_step(logits, rule, prev_pred, prev_run)
             if k == self.num_exits - 1:
                 leave = torch.ones_like(pred, dtype=torch.bool)
             else:

@@ -1,0 +1,124 @@
+"""The ``dmpo`` command: a LightningCLI with fit / validate / test / predict and linked arguments."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from typing import Any
+
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+import dmpo_lightning
+from dmpo_lightning.data import BenchmarkDataModule
+from dmpo_lightning.module import DMPOModule
+
+__all__ = ["DMPOCLI", "main"]
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+EVALUATION_OPTIONS = (
+    "exit_rule",
+    "budgets",
+    "budget_unit",
+    "report_dir",
+    "thresholds_file",
+    "predict_budget",
+    "predictions_file",
+)
+"""Model options that only affect evaluation; ``dmpo test/predict --ckpt_path`` keeps the user's values."""
+
+
+class DMPOCLI(LightningCLI):
+    """LightningCLI for DMPO.
+
+    - ``data.num_classes`` is linked into ``model.num_classes`` (written once, in the data config);
+    - the model's backbone name, input size and channels are linked into the data module, which reads
+      mean/std/interpolation from the backbone's timm pretrained config;
+    - ``--test_after_fit true`` on ``fit`` runs ``test`` on the finished model (the quickstart does).
+    """
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Add ``--version`` to the main parser."""
+        parser = super().init_parser(**kwargs)
+        parser.add_argument("--version", action="version", version=f"dmpo-lightning {dmpo_lightning.__version__}")
+        return parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Links between model and data, and the fit-then-test switch."""
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("model.init_args.backbone", "data.init_args.timm_model", apply_on="parse")
+        parser.link_arguments("model.init_args.img_size", "data.init_args.image_size", apply_on="parse")
+        parser.link_arguments("model.init_args.in_chans", "data.init_args.in_chans", apply_on="parse")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, run `test` (early-exit protocol and report) on the best/last checkpoint",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Take the architecture from ``--ckpt_path``'s hyperparameters, but keep evaluation options.
+
+        LightningCLI (>= 2.3) replaces the model config by the checkpoint's hyperparameters, which would
+        silently drop ``--model.init_args.budgets``/``report_dir``/``thresholds_file``... given to ``dmpo test``
+        or ``dmpo predict``. Those options do not change the weights, so the user's values win.
+        """
+        sub = self.config.get("subcommand")
+        kept: dict[str, Any] = {}
+        init = None
+        if sub and self.config[sub].get("model") is not None:
+            init = self.config[sub]["model"].get("init_args")
+            if init is not None:
+                kept = {k: init[k] for k in EVALUATION_OPTIONS if k in init}
+        super()._parse_ckpt_path()
+        if kept:
+            init = self.config[sub]["model"]["init_args"]
+            for key, value in kept.items():
+                init[key] = value
+
+    def after_fit(self) -> None:
+        """Optionally evaluate the model just trained."""
+        if not self.config[self.subcommand].get("test_after_fit"):
+            return
+        ckpt = None
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "best_model_path", ""):
+            ckpt = callback.best_model_path
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def main(args: ArgsType = None, run: bool = True) -> DMPOCLI:
+    """Entry point of ``dmpo`` and ``python -m dmpo_lightning``; ``args`` lets tests call it in-process.
+
+    With ``run=False`` the classes are only instantiated (no subcommand), as in ``LightningCLI(run=False)``.
+
+    W&B runs offline unless the user is logged in (``WANDB_API_KEY`` or ``wandb login``), so a W&B logger
+    in a config never blocks or fails on a machine without an account or network.
+    """
+    if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+    return DMPOCLI(
+        DMPOModule,
+        BenchmarkDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs", "name": "dmpo"},
+            },
+        },
+        args=args,
+        run=run,
+    )

@@ -1,0 +1,557 @@
+"""DMPOModule: the LightningModule that trains and evaluates a multi-exit ViT the DMPO way.
+
+Paper: Decoupled Multi-Predictor Optimization for Inference-Efficient Model Tuning (ICCV 2025),
+https://arxiv.org/abs/2511.03245
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from dmpo_lightning.callbacks import LossWeightScheduler
+from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
+from dmpo_lightning.evaluation.exit_rules import exit_scores
+from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
+from dmpo_lightning.evaluation.metrics import ExitOutputsCollector
+from dmpo_lightning.losses import distillation_losses, exit_cross_entropies, weighted_sum
+from dmpo_lightning.models.backbone import build_backbone
+from dmpo_lightning.models.multi_exit import EarlyExitOutput, ExitRule, HeadKind, MultiExitViT
+from dmpo_lightning.optim import default_optimizer, param_groups, warmup_cosine
+from dmpo_lightning.schedules import WeightSpec, preset_weights
+
+__all__ = ["DMPOModule"]
+
+PeftMethod = Literal["adaptformer", "lora", "vpt", "linear", "full"]
+TRAINABLE_FORMAT = "dmpo-trainable-v1"
+
+
+class DMPOModule(pl.LightningModule):
+    """Decoupled Multi-Predictor Optimization of a frozen timm ViT with early exits.
+
+    Every argument is a plain value, so ``save_hyperparameters`` captures the whole method and
+    ``DMPOModule.load_from_checkpoint(path)`` needs no other argument. Each DMPO component can be switched
+    off for ablations: ``bypass=False``, ``early_head="linear"``, ``weight_phase1 == weight_phase2``.
+
+    Extension points for subclasses: :meth:`build_model`, :meth:`compute_loss`, :meth:`score_exits`.
+
+    Args:
+        num_classes: Classes (linked from the data module by the CLI).
+        backbone: timm model name, optionally with a pretrained tag.
+        pretrained: Load the backbone's pretrained weights (downloads through timm / the HF hub).
+        checkpoint_path: Local timm checkpoint file for the backbone (no download; implies pretrained).
+        img_size: Input resolution (``None`` = the backbone's default).
+        in_chans: Input channels (1 for grey images; pre-trained patch embeddings are adapted by timm).
+        backbone_kwargs: Extra timm constructor arguments (``depth``, ``embed_dim``, ``patch_size``,
+            ``num_heads``, ``drop_path_rate``...), for small models.
+        exit_blocks: Exit positions: 1-based block numbers, negative from the end; an int n = last n
+            blocks; ``None`` = 4 evenly spaced exits ({3, 6, 9, 12} for 12 blocks).
+        require_last_exit: Require the last exit after the last block.
+        peft: Trunk tuning: ``adaptformer`` (default), ``lora``, ``vpt``, ``linear`` (frozen), ``full``.
+        adapter_dim: AdaptFormer bottleneck r.
+        adapter_scale: AdaptFormer scale s.
+        adapter_dropout: Adapter dropout.
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha.
+        lora_targets: Module names LoRA wraps.
+        vpt_prompts: VPT prompt tokens.
+        vpt_deep: Deep (per-block) prompts.
+        bypass: A bypass module in front of each early exit's predictor.
+        bypass_dim: Bypass width (``None`` = D / 4).
+        detach_trunk: Early exits' gradients do not reach the trunk (ablation).
+        early_head: Early-exit predictor: ``moment`` (default), ``isqrt_cov`` or ``linear``.
+        final_head: Last-exit predictor (``linear`` = the backbone's norm + a new Linear).
+        head_pool: Pooling of linear predictors.
+        moment_dim: Projection width of ``moment`` heads.
+        moment_groups: Channel groups of ``moment`` heads.
+        cov_dim: Reduced width of ``isqrt_cov`` heads.
+        cov_iterations: Newton-Schulz iterations of ``isqrt_cov`` heads.
+        head_dropout: Dropout before each classifier.
+        weight_phase1: Loss weights before ``switch_epoch``: preset or per-exit list.
+        weight_phase2: Loss weights from ``switch_epoch`` on.
+        switch_epoch: First epoch of phase 2 (``None`` = half of ``max_epochs``).
+        ramp_epochs: Linear transition between the phases (0 = hard switch).
+        label_smoothing: Cross-entropy label smoothing.
+        distill: ``last``: the last exit teaches the earlier ones (KL at ``distill_temperature``).
+        distill_weight: Weight of the distillation term of each early exit.
+        distill_temperature: Distillation temperature.
+        exit_rule: Early-exit rule at evaluation: ``confidence`` (max softmax), ``entropy``, ``patience``.
+        budgets: Cost budgets reported by ``dmpo test`` (fractions of the full cost, or GFLOPs).
+        budget_unit: Unit of ``budgets`` and ``predict_budget``: ``fraction`` or ``gflops``.
+        report_dir: Where ``dmpo test`` writes its report (``None`` = ``<log_dir>/dmpo_test``).
+        thresholds_file: ``thresholds.json`` written by ``dmpo test``, used by ``dmpo predict``.
+        predict_budget: Budget whose thresholds ``dmpo predict`` uses (must be in ``thresholds_file``).
+        predictions_file: CSV ``dmpo predict`` writes (``None`` = ``<log_dir>/predictions.csv``).
+        optimizer: Optimizer factory (default AdamW, lr 1e-3, weight decay 0.05).
+        lr_scheduler: Scheduler factory; ``None`` = linear warm-up then cosine, stepped per batch.
+        warmup_fraction: Warm-up share of all steps for the default scheduler.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        backbone: str = "vit_base_patch16_224.augreg_in21k",
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        img_size: int | None = None,
+        in_chans: int = 3,
+        backbone_kwargs: dict[str, Any] | None = None,
+        exit_blocks: int | Sequence[int] | None = None,
+        require_last_exit: bool = True,
+        peft: PeftMethod = "adaptformer",
+        adapter_dim: int = 64,
+        adapter_scale: float = 0.1,
+        adapter_dropout: float = 0.0,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: Sequence[str] = ("qkv",),
+        vpt_prompts: int = 10,
+        vpt_deep: bool = True,
+        bypass: bool = True,
+        bypass_dim: int | None = None,
+        detach_trunk: bool = False,
+        early_head: HeadKind = "moment",
+        final_head: HeadKind = "linear",
+        head_pool: Literal["token", "avg"] = "token",
+        moment_dim: int = 512,
+        moment_groups: int = 4,
+        cov_dim: int = 64,
+        cov_iterations: int = 5,
+        head_dropout: float = 0.0,
+        weight_phase1: WeightSpec = "depth_increasing",
+        weight_phase2: WeightSpec = "uniform",
+        switch_epoch: int | None = None,
+        ramp_epochs: int = 0,
+        label_smoothing: float = 0.0,
+        distill: Literal["none", "last"] = "none",
+        distill_weight: float = 1.0,
+        distill_temperature: float = 4.0,
+        exit_rule: ExitRule = "confidence",
+        budgets: Sequence[float] = (0.25, 0.33, 0.5, 0.75),
+        budget_unit: Literal["fraction", "gflops"] = "fraction",
+        report_dir: str | None = None,
+        thresholds_file: str | None = None,
+        predict_budget: float | None = None,
+        predictions_file: str | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        warmup_fraction: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.model = self.build_model()
+        k = self.model.num_exits
+        # Fail at construction, not at the first epoch, on weights that do not fit the exits.
+        preset_weights(weight_phase1, k, name="weight_phase1")
+        preset_weights(weight_phase2, k, name="weight_phase2")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        if distill_weight < 0 or not math.isfinite(distill_weight):
+            raise ValueError(f"distill_weight must be finite and >= 0, got {distill_weight}")
+        self.register_buffer("loss_weights", torch.tensor(preset_weights(weight_phase1, k)), persistent=True)
+        # Thresholds used by predict (inf = exit disabled); saved with the checkpoint.
+        self.register_buffer("exit_thresholds", torch.full((k,), math.inf), persistent=True)
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_exit{i}": self._exit_metrics(num_classes).clone(prefix=f"{stage}/")
+                for stage in ("train", "val", "test")
+                for i in range(k)
+            }
+        )
+        self.test_collectors = nn.ModuleDict(
+            {"test": ExitOutputsCollector(), "calibration": ExitOutputsCollector()}
+        )
+        self._costs: ExitCosts | None = None
+        self._input_shape: tuple[int, ...] | None = None
+        self._predictions: list[dict[str, torch.Tensor]] = []
+        self.test_report: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Extension points
+    def build_model(self) -> MultiExitViT:
+        """Build the pure model from ``self.hparams``. Override to change the backbone or heads."""
+        h = self.hparams
+        backbone = build_backbone(
+            h.backbone,
+            pretrained=h.pretrained,
+            checkpoint_path=h.checkpoint_path,
+            img_size=h.img_size,
+            in_chans=h.in_chans,
+            model_kwargs=h.backbone_kwargs,
+        )
+        return MultiExitViT(
+            backbone,
+            h.num_classes,
+            h.exit_blocks,
+            require_last_exit=h.require_last_exit,
+            peft=h.peft,
+            adapter_dim=h.adapter_dim,
+            adapter_scale=h.adapter_scale,
+            adapter_dropout=h.adapter_dropout,
+            lora_rank=h.lora_rank,
+            lora_alpha=h.lora_alpha,
+            lora_targets=tuple(h.lora_targets),
+            vpt_prompts=h.vpt_prompts,
+            vpt_deep=h.vpt_deep,
+            bypass=h.bypass,
+            bypass_dim=h.bypass_dim,
+            detach_trunk=h.detach_trunk,
+            early_head=h.early_head,
+            final_head=h.final_head,
+            head_pool=h.head_pool,
+            moment_dim=h.moment_dim,
+            moment_groups=h.moment_groups,
+            cov_dim=h.cov_dim,
+            cov_iterations=h.cov_iterations,
+            head_dropout=h.head_dropout,
+        )
+
+    def compute_loss(
+        self, logits: list[torch.Tensor], target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and named parts to log. Override to change the objective.
+
+        Default: ``sum_k w_k(t) * CE_k`` with the scheduled weights, plus the distillation term if enabled.
+        """
+        h = self.hparams
+        ce = exit_cross_entropies(logits, target, label_smoothing=h.label_smoothing)
+        loss = weighted_sum(ce, self.loss_weights)
+        parts = {f"ce_exit{k}": ce[k] for k in range(len(logits))}
+        if h.distill == "last":
+            kd = distillation_losses(logits, h.distill_temperature)
+            loss = loss + h.distill_weight * kd.sum()
+            parts.update({f"kd_exit{k}": kd[k] for k in range(len(logits) - 1)})
+        return loss, parts
+
+    def score_exits(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample, per-exit scores and predictions ``([B, K], [B, K])`` under ``exit_rule``.
+
+        Override together with :meth:`predict_step` to add a new exit rule.
+        """
+        return exit_scores(torch.stack(logits, dim=1), self.hparams.exit_rule)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def num_exits(self) -> int:
+        """Number of exits K."""
+        return self.model.num_exits
+
+    @staticmethod
+    def _exit_metrics(num_classes: int) -> MetricCollection:
+        metrics: dict[str, Any] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+        if num_classes > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        return MetricCollection(metrics)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every exit ``[B, num_classes]`` (a list of K tensors)."""
+        return self.model(x)
+
+    def forward_early_exit(self, x: torch.Tensor, thresholds: Sequence[float] | None = None) -> EarlyExitOutput:
+        """True early-exit inference with ``thresholds`` (default: the stored ``exit_thresholds``)."""
+        t = self.exit_thresholds if thresholds is None else thresholds
+        return self.model.forward_early_exit(x, t, self.hparams.exit_rule)
+
+    # ----------------------------------------------------------------------------------------------
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, y = batch[IMAGE_KEY], batch[LABEL_KEY]
+        logits = self(x)
+        loss, parts = self.compute_loss(logits, y)
+        bs = x.shape[0]
+        if stage == "train" and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, global step {self.global_step} "
+                f"(per-exit parts: { {k: round(float(v), 4) for k, v in parts.items()} }); lower the learning "
+                "rate, check the inputs for NaN/inf, or use precision 32"
+            )
+        self.log(f"{stage}/loss", loss, batch_size=bs, prog_bar=stage != "test", add_dataloader_idx=False,
+                 sync_dist=stage != "train")
+        self.log_dict({f"{stage}/{k}": v for k, v in parts.items()}, batch_size=bs, add_dataloader_idx=False,
+                      sync_dist=stage != "train")
+        for k, z in enumerate(logits):
+            metrics = self.metrics[f"{stage}_exit{k}"]
+            metrics.update(z.detach(), y)
+            self.log_dict(
+                {f"{name}_exit{k}": m for name, m in metrics.items()},
+                batch_size=bs,
+                on_step=False,
+                on_epoch=True,
+                add_dataloader_idx=False,
+                prog_bar=(k == len(logits) - 1 and stage == "val"),
+            )
+        return loss, logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Weighted multi-exit loss on one batch."""
+        loss, _ = self._shared_step(batch, "train")
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Per-exit loss and accuracy on the calibration split."""
+        self._shared_step(batch, "val")
+
+    def on_test_start(self) -> None:
+        """Refuse to overwrite an earlier report before any work is done."""
+        from dmpo_lightning.evaluation.runner import check_budgets, check_report_dir
+
+        check_report_dir(self._report_dir())
+        check_budgets(self.hparams.budgets, self.hparams.budget_unit, self.exit_costs())
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Test split (dataloader 0): per-exit metrics and cached outputs; calibration split (1): outputs."""
+        x, y = batch[IMAGE_KEY], batch[LABEL_KEY]
+        self._input_shape = tuple(x.shape[1:])
+        if dataloader_idx == 0:
+            _, logits = self._shared_step(batch, "test")
+        else:
+            logits = self(x)
+        scores, preds = self.score_exits(logits)
+        index = batch.get(INDEX_KEY)
+        if index is None:
+            raise KeyError(f"test batches need an {INDEX_KEY!r} entry (sample index) for the early-exit protocol")
+        name = "test" if dataloader_idx == 0 else "calibration"
+        self.test_collectors[name].update(index, scores, preds, y)
+
+    def on_test_epoch_end(self) -> None:
+        """Run the budgeted early-exit protocol, print the table, write the report, log the summary."""
+        from dmpo_lightning.evaluation.runner import run_test_protocol
+
+        test = self.test_collectors["test"].compute()
+        cal = self.test_collectors["calibration"].compute() if self.test_collectors["calibration"].update_called \
+            else None
+        for c in self.test_collectors.values():
+            c.reset()
+        costs = self.exit_costs()
+        anytime = [
+            {name: float(m.compute()) for name, m in self.metrics[f"test_exit{k}"].items(keep_base=True)}
+            for k in range(self.num_exits)
+        ]
+        report, summary = run_test_protocol(
+            test=test,
+            calibration=cal,
+            costs=costs,
+            exit_blocks=self.model.exit_blocks,
+            budgets=self.hparams.budgets,
+            budget_unit=self.hparams.budget_unit,
+            exit_rule=self.hparams.exit_rule,
+            hparams=dict(self.hparams),
+            checkpoint_hash=self._checkpoint_hash(),
+            report_dir=self._report_dir(),
+            is_global_zero=self.trainer.is_global_zero,
+            split_file=self._split_file(),
+            anytime_metrics=anytime,
+            fingerprint=self.model_fingerprint(),
+        )
+        self.test_report = report
+        self.log_dict(summary, add_dataloader_idx=False)
+
+    def on_predict_start(self) -> None:
+        """Load the thresholds ``dmpo test`` calibrated for ``predict_budget``."""
+        from dmpo_lightning.evaluation.runner import load_thresholds
+
+        h = self.hparams
+        path = self._predictions_path()
+        if os.path.exists(path):
+            raise FileExistsError(
+                f"{path} exists; set model.init_args.predictions_file to a new path or move the old file away"
+            )
+        if h.thresholds_file is None:
+            if h.predict_budget is not None:
+                raise ValueError(
+                    "predict_budget needs model.thresholds_file (the thresholds.json written by `dmpo test`)"
+                )
+            if bool(torch.isinf(self.exit_thresholds[:-1]).all()):
+                rank_zero_warn(
+                    "dmpo predict runs without thresholds (no model.thresholds_file): every sample goes to the "
+                    "last exit. Run `dmpo test` first and pass its thresholds.json and a predict_budget."
+                )
+            return
+        thresholds = load_thresholds(
+            h.thresholds_file, h.predict_budget, self.model_fingerprint(), unit=h.budget_unit
+        )
+        self.exit_thresholds.copy_(torch.tensor(thresholds, dtype=self.exit_thresholds.dtype))
+        rank_zero_info(f"early-exit thresholds for budget {h.predict_budget}: {thresholds}")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """True early exit (batch compaction): prediction, exit index and score per sample."""
+        out = self.forward_early_exit(batch[IMAGE_KEY])
+        result = {"prediction": out.prediction, "exit_index": out.exit_index, "score": out.score}
+        if INDEX_KEY in batch:
+            result["index"] = batch[INDEX_KEY]
+        if LABEL_KEY in batch:
+            result["label"] = batch[LABEL_KEY]
+        self._predictions.append({k: v.cpu() for k, v in result.items()})
+        return result
+
+    def on_predict_epoch_end(self) -> None:
+        """Write the predictions CSV (one file per rank under DDP)."""
+        from dmpo_lightning.evaluation.runner import write_predictions
+
+        path = self._predictions_path()
+        write_predictions(path, self._predictions)
+        rank_zero_info(f"wrote early-exit predictions to {path}")
+        self._predictions = []
+
+    def configure_optimizers(self) -> Any:
+        """AdamW (or the injected optimizer) over trainable parameters; warm-up + cosine by default."""
+        optimizer = self.optimizer_factory(param_groups(self.model))
+        if self.lr_scheduler_factory is not None:
+            return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = warmup_cosine(optimizer, total_steps=total, warmup_fraction=self.hparams.warmup_fraction)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The loss-weight schedule always rides along, built from this module's hyperparameters."""
+        h = self.hparams
+        if self._trainer is not None and self.trainer.state.fn not in (None, "fit"):
+            return []  # only training uses loss weights
+        return [LossWeightScheduler(h.weight_phase1, h.weight_phase2, h.switch_epoch, h.ramp_epochs)]
+
+    def on_fit_start(self) -> None:
+        """Report the trainable-parameter budget per component."""
+        counts = self.model.count_parameters()
+        rank_zero_info(
+            "trainable parameters: "
+            + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+            + f" ({100 * counts['trainable'] / max(counts['total'], 1):.2f}% of all)"
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture with a message instead of a size mismatch."""
+        saved = checkpoint.get("hyper_parameters", {})
+        mine = self.model_fingerprint()
+        for key in ("num_classes", "exit_blocks", "early_head", "final_head", "peft"):
+            if key not in saved:
+                continue
+            theirs = saved[key]
+            ours = mine.get(key, self.hparams.get(key))
+            if key == "exit_blocks":
+                try:
+                    from dmpo_lightning.models.backbone import resolve_exit_blocks
+
+                    theirs = list(resolve_exit_blocks(theirs, len(self.model.backbone.blocks),
+                                                      require_last=False))
+                except ValueError:
+                    pass
+            if theirs != ours:
+                raise ValueError(
+                    f"checkpoint was trained with {key}={theirs!r} but this model has {key}={ours!r}; use the "
+                    "checkpoint's own config (dmpo test --config <run>/config.yaml) or load it with "
+                    "DMPOModule.load_from_checkpoint(path)"
+                )
+
+    # ----------------------------------------------------------------------------------------------
+    def exit_costs(self) -> ExitCosts:
+        """Counted per-exit cost at the input size seen in test (cached; depends on architecture only)."""
+        shape = self._input_shape or self._default_input_shape()
+        if self._costs is None or self._costs.input_shape != tuple(shape):
+            self._costs = count_exit_costs(self.model, shape)
+        return self._costs
+
+    def _default_input_shape(self) -> tuple[int, int, int]:
+        pe = self.model.backbone.patch_embed
+        return (int(pe.proj.in_channels), *(int(s) for s in pe.img_size))
+
+    def model_fingerprint(self) -> dict[str, Any]:
+        """What a thresholds file must match to be reused with this model."""
+        h = self.hparams
+        return {
+            "backbone": h.backbone,
+            "num_classes": h.num_classes,
+            "exit_blocks": list(self.model.exit_blocks),
+            "exit_rule": h.exit_rule,
+            "early_head": h.early_head,
+            "final_head": h.final_head,
+            "peft": h.peft,
+        }
+
+    def _log_dir(self) -> str:
+        trainer = self._trainer
+        if trainer is not None and trainer.log_dir:
+            return trainer.log_dir
+        return os.getcwd()
+
+    def _report_dir(self) -> str:
+        return self.hparams.report_dir or os.path.join(self._log_dir(), "dmpo_test")
+
+    def _predictions_path(self) -> str:
+        path = self.hparams.predictions_file or os.path.join(self._log_dir(), "predictions.csv")
+        if self._trainer is not None and self.trainer.world_size > 1:
+            root, ext = os.path.splitext(path)
+            path = f"{root}.rank{self.trainer.global_rank}{ext}"
+        return path
+
+    def _split_file(self) -> str | None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(dm, "calibration_indices_path", None)
+
+    def _checkpoint_hash(self) -> str:
+        """sha256 of the checkpoint file under test, or of the in-memory weights if none was given."""
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        digest = hashlib.sha256()
+        if path and os.path.isfile(path):
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            return f"file:{digest.hexdigest()}"
+        for name, tensor in sorted(self.model.trainable_state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return f"weights:{digest.hexdigest()}"
+
+    # ----------------------------------------------------------------------------------------------
+    def export_trainable(self, path: str, *, overwrite: bool = False) -> str:
+        """Save only what was trained (PEFT, bypasses, heads, thresholds) plus the config.
+
+        A few MB instead of a full backbone; :meth:`from_trainable` rebuilds the module (the backbone's
+        base weights come from ``pretrained``/``checkpoint_path`` as configured).
+
+        Raises:
+            FileExistsError: If ``path`` exists and ``overwrite`` is false.
+        """
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+        state = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
+        state["loss_weights"] = self.loss_weights
+        state["exit_thresholds"] = self.exit_thresholds
+        payload = {"format": TRAINABLE_FORMAT, "hyper_parameters": dict(self.hparams), "state_dict": state}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_trainable(cls, path: str, **overrides: Any) -> DMPOModule:
+        """Rebuild a module from :meth:`export_trainable` output; ``overrides`` replace saved hparams."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no trainable-parameter export at {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - report any unpickling failure the same way
+            raise ValueError(f"{path} is not a readable dmpo export ({type(err).__name__}: {err})") from err
+        if not isinstance(payload, dict) or payload.get("format") != TRAINABLE_FORMAT:
+            raise ValueError(f"{path} is not a dmpo trainable-parameter export (format {TRAINABLE_FORMAT})")
+        module = cls(**{**payload["hyper_parameters"], **overrides})
+        missing, unexpected = module.load_state_dict(payload["state_dict"], strict=False)
+        if unexpected:
+            raise ValueError(f"export {path} has parameters this model lacks: {unexpected[:5]}")
+        expected = set(payload["state_dict"])
+        not_loaded = [k for k in module.state_dict() if k in expected and k in missing]
+        if not_loaded:
+            raise ValueError(f"export {path} could not restore: {not_loaded[:5]}")
+        return module

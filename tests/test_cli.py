@@ -1,0 +1,129 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_data_fakes import write_cifar
+
+from dmpo_lightning.cli import main
+from dmpo_lightning.module import DMPOModule
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY_BACKBONE = [
+    "--model.init_args.backbone=vit_tiny_patch16_224",
+    "--model.init_args.pretrained=false",
+    "--model.init_args.img_size=32",
+    "--model.init_args.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2}",
+    "--model.init_args.exit_blocks=[1, 2, 3, 4]",
+    "--model.init_args.adapter_dim=8",
+    "--model.init_args.moment_dim=32",
+]
+FULL_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+PARTIAL_CONFIGS = sorted(
+    p for sub in ("trainer", "data", "model") for p in (ROOT / "configs" / sub).glob("*.yaml")
+)
+
+
+def _print_config(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *args, "--print_config"])
+    assert exc.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", FULL_CONFIGS + EXPERIMENT_CONFIGS, ids=lambda p: p.name)
+def test_every_complete_config_parses(path, capsys):
+    out = _print_config(capsys, "-c", str(path))
+    assert "class_path: dmpo_lightning" in out
+
+
+@pytest.mark.parametrize("path", PARTIAL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_partial_config_parses_combined_with_the_quickstart(path, capsys):
+    out = _print_config(capsys, "-c", str(ROOT / "configs" / "quickstart.yaml"), "-c", str(path))
+    assert "model:" in out
+
+
+def test_num_classes_is_linked_from_data_and_backbone_to_data():
+    cli = main(["-c", TINY], run=False)
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 4
+    assert cli.datamodule.hparams.timm_model == "vit_tiny_patch16_224"
+    assert cli.datamodule.hparams.image_size == 32
+
+
+def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "-c", TINY, "--test_after_fit=true"])
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "config.yaml").is_file()
+    ckpts = list((log_dir / "checkpoints").glob("*.ckpt"))
+    assert ckpts
+    report_dir = log_dir / "dmpo_test"
+    report = json.loads((report_dir / "report.json").read_text())
+    assert len(report["exits"]) == 4
+    assert report["num_test"] == 24 and report["num_calibration"] == 16
+    assert report["checkpoint_hash"].startswith("file:")
+    for name in ("curve.csv", "accuracy_vs_flops.png", "thresholds.json", "exit_outputs.pt"):
+        assert (report_dir / name).is_file(), name
+    metrics = (log_dir / "metrics.csv").read_text()
+    assert "test/acc_exit3" in metrics and "test/auc" in metrics and "loss_weight/exit_0" in metrics
+
+    # A separate `dmpo test` process reloads the checkpoint without extra arguments but refuses to overwrite.
+    with pytest.raises(FileExistsError, match="already holds a dmpo test report"):
+        main(["test", "-c", TINY, f"--ckpt_path={ckpts[0]}", f"--model.init_args.report_dir={report_dir}"])
+    second = tmp_path / "second"
+    main(["test", "-c", TINY, f"--ckpt_path={ckpts[0]}", f"--model.init_args.report_dir={second}"])
+    assert json.loads((second / "report.json").read_text())["exits"] == report["exits"]
+
+    # dmpo predict with a calibrated budget: real early exit, per-sample CSV.
+    preds = tmp_path / "preds.csv"
+    main(["predict", "-c", TINY, f"--ckpt_path={ckpts[0]}",
+          f"--model.init_args.thresholds_file={report_dir / 'thresholds.json'}",
+          "--model.init_args.predict_budget=0.5", f"--model.init_args.predictions_file={preds}"])
+    lines = preds.read_text().splitlines()
+    assert lines[0] == "index,label,prediction,exit_index,score"
+    assert len(lines) == 1 + 24
+
+    loaded = DMPOModule.load_from_checkpoint(ckpts[0])
+    assert loaded.model.exit_blocks == (1, 2, 3, 4)
+
+
+def test_vit_cifar_recipe_runs_with_a_tiny_backbone_on_fake_cifar100(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = write_cifar(tmp_path / "cifar", "cifar100", per_batch=8)
+    main([
+        "fit", "-c", str(ROOT / "configs" / "vit_cifar.yaml"), *TINY_BACKBONE,
+        f"--data.init_args.root={root}", "--data.init_args.download=false", "--data.init_args.num_workers=0",
+        "--data.init_args.calibration_size=8", "--data.init_args.batch_size=4",
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
+        "--trainer.fast_dev_run=1", "--test_after_fit=false",
+    ])
+
+
+def _run(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "dmpo_lightning", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_help_and_version_in_a_subprocess():
+    out = _run("--help")
+    assert out.returncode == 0, out.stderr
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in out.stdout
+    version = _run("--version")
+    assert version.returncode == 0
+    assert "dmpo-lightning" in version.stdout
+
+
+def test_num_classes_mismatch_between_checkpoint_and_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.switch_epoch=0"])
+    ckpt = next((Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
+    with pytest.raises(ValueError, match="checkpoint was trained with num_classes=4 but this model has num_classes=5"):
+        main(["test", "-c", TINY, f"--ckpt_path={ckpt}", "--data.init_args.synthetic_num_classes=5"])
+    assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["num_classes"] == 4
