@@ -1,0 +1,382 @@
+"""BenchmarkDataModule: every benchmark dataset behind one LightningDataModule, with a calibration split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from dmpo_lightning.data import splits as split_utils
+from dmpo_lightning.data.datasets import DatasetSplits, SplitView
+from dmpo_lightning.data.registry import (
+    BuildOptions,
+    DatasetName,
+    dataset_num_classes,
+    get_spec,
+    resolve_root,
+)
+from dmpo_lightning.data.transforms import DataConfig, Interpolation, build_transform, resolve_data_config
+
+Split = Literal["train", "calibration", "test"]
+
+
+class BenchmarkDataModule(LightningDataModule):
+    """Train, calibration and test loaders for one benchmark dataset; batches are dicts.
+
+    Each batch is ``{IMAGE_KEY: float [B, C, H, W], LABEL_KEY: int64 [B], INDEX_KEY: int64 [B]}`` (keys in
+    :mod:`dmpo_lightning.constants`); the index is the sample's position in its split.
+
+    The calibration split is held out from the training split (never trained on), read with the
+    evaluation transforms and drawn deterministically from ``seed``; it serves as the validation set
+    during ``fit`` and, with the test split, in ``test`` (``test_dataloader()`` returns
+    ``[test, calibration]``, named in :attr:`test_split_names`). Its indices are written to
+    ``<log_dir>/calibration_indices.json`` and stored in checkpoints through :meth:`state_dict`.
+
+    Args:
+        dataset: Registry name (see :data:`~dmpo_lightning.data.registry.DATASETS`).
+        root: Dataset folder; ``fashion_mnist`` defaults to the Debian package's folder, the embedded
+            ``fashion_mnist_subset`` and ``synthetic`` need none.
+        image_size: Model input size; default: the timm model's, else the dataset's.
+        in_chans: Model input channels: grey images are replicated to 3, RGB converted to grey for 1.
+        batch_size: Training batch size.
+        eval_batch_size: Calibration/test batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        calibration_size: Held-out images: an int count or a float fraction in (0, 1) of the training split.
+            ``None`` uses the dataset's default (5,000 for CIFAR and Fashion-MNIST, MSDNet's convention;
+            50,000 for ImageNet; 1,000 for the embedded subset; 10% otherwise).
+        val_source: ``"holdout"`` (calibration split carved from train) or ``"dataset"`` (the dataset's own
+            validation split, which then serves as calibration split; the whole train split is used).
+        train_subset: Cap on training images (seeded, drawn after the calibration split is removed).
+        seed: Seed of the calibration draw, the training cap and synthetic images.
+        timm_model: timm model name whose pretrained config supplies image size, mean, std, interpolation
+            and crop_pct (read without building the model or downloading anything).
+        mean: Per-channel mean override.
+        std: Per-channel standard deviation override.
+        interpolation: Resize interpolation override.
+        crop_pct: Evaluation centre-crop fraction override.
+        train_augment: Augment training images; if false, train uses the evaluation transform.
+        download: Download the files into ``root`` in ``prepare_data`` (datasets torchvision can fetch).
+        pin_memory: Pin batches in page-locked memory (default: when CUDA is available).
+        persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
+        calibration_indices_file: A ``calibration_indices.json`` from an earlier run whose split to reuse.
+        synthetic_sizes: Train and test lengths of ``synthetic``.
+        synthetic_num_classes: Number of classes of ``synthetic``.
+
+    Raises:
+        ValueError: On an unknown dataset or out-of-range argument (the message says what is allowed).
+        DatasetLayoutError: If ``root`` is needed and missing.
+    """
+
+    test_split_names: tuple[str, str] = ("test", "calibration")
+    """Names of the loaders returned by :meth:`test_dataloader`, by ``dataloader_idx``."""
+
+    def __init__(
+        self,
+        dataset: DatasetName = "fashion_mnist_subset",
+        root: str | None = None,
+        image_size: int | None = None,
+        in_chans: Literal[1, 3] = 3,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        calibration_size: int | float | None = None,
+        val_source: Literal["holdout", "dataset"] = "holdout",
+        train_subset: int | None = None,
+        seed: int = 0,
+        timm_model: str | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        interpolation: Interpolation | None = None,
+        crop_pct: float | None = None,
+        train_augment: bool = True,
+        download: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        calibration_indices_file: str | None = None,
+        synthetic_sizes: tuple[int, int] = (256, 64),
+        synthetic_num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = get_spec(dataset)
+        self.dataset = dataset
+        _check_positive(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            train_subset=train_subset,
+            synthetic_num_classes=synthetic_num_classes,
+        )
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if val_source not in ("holdout", "dataset"):
+            raise ValueError(f"val_source must be 'holdout' or 'dataset', got {val_source!r}")
+        if val_source == "dataset" and self.spec.has_val_split is False:
+            with_val = "flowers102, image_folder (with both val/ and test/)"
+            raise ValueError(
+                f"val_source='dataset' but {dataset!r} has no validation split of its own; use "
+                f"val_source='holdout' (datasets with one: {with_val})"
+            )
+        if val_source == "dataset" and calibration_indices_file is not None:
+            raise ValueError("calibration_indices_file applies to val_source='holdout' only")
+        self.root = resolve_root(self.spec, root, download)
+        self.in_chans = in_chans
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.calibration_size = (
+            calibration_size if calibration_size is not None else self.spec.default_calibration_size
+        )
+        self.val_source = val_source
+        self.train_subset = train_subset
+        self.seed = seed
+        self.train_augment = train_augment
+        self.download = download
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.synthetic_sizes = (int(synthetic_sizes[0]), int(synthetic_sizes[1]))
+        self.synthetic_num_classes = synthetic_num_classes
+        self.data_config: DataConfig = resolve_data_config(
+            in_chans=in_chans,
+            default_image_size=self.spec.default_image_size,
+            timm_model=timm_model,
+            image_size=image_size,
+            mean=mean,
+            std=std,
+            interpolation=interpolation,
+            crop_pct=crop_pct,
+        )
+        self._num_classes = dataset_num_classes(self.spec, self.root, synthetic_num_classes)
+        self._file_payload = (
+            split_utils.load_indices(calibration_indices_file, dataset) if calibration_indices_file else None
+        )
+        self._base: DatasetSplits | None = None
+        self._train_size: int | None = None
+        self._calibration_indices: list[int] | None = None
+        self._pending_indices: tuple[list[int], str] | None = None
+        self._views: dict[str, SplitView] = {}
+        self.calibration_indices_path: Path | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (known right after ``__init__``, for linking into the model)."""
+        return self._num_classes
+
+    @property
+    def calibration_indices(self) -> tuple[int, ...] | None:
+        """Held-out indices into the training split.
+
+        ``None`` before ``setup`` and with ``val_source="dataset"``.
+        """
+        return None if self._calibration_indices is None else tuple(self._calibration_indices)
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """Class names in label order, when the dataset provides them (after ``setup``)."""
+        return getattr(self._base.train, "classes", None) if self._base is not None else None
+
+    def check_num_classes(self, model_num_classes: int) -> None:
+        """Raise if a model's number of outputs differs from the dataset's number of classes.
+
+        Raises:
+            ValueError: On a mismatch.
+        """
+        if model_num_classes != self.num_classes:
+            raise ValueError(
+                f"the model predicts {model_num_classes} classes but dataset {self.dataset!r} has "
+                f"{self.num_classes}; set the model's num_classes to {self.num_classes}"
+            )
+
+    def prepare_data(self) -> None:
+        """Download the dataset into ``root`` if ``download=True`` (nothing else)."""
+        if self.download and self.spec.downloader is not None and self.root is not None:
+            self.spec.downloader(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the dataset and build the splits (idempotent; every stage builds all of them)."""
+        if self._base is None:
+            options = BuildOptions(
+                root=self.root,
+                image_size=self.data_config.image_size,
+                seed=self.seed,
+                synthetic_sizes=self.synthetic_sizes,
+                synthetic_num_classes=self.synthetic_num_classes,
+            )
+            base = self.spec.builder(options)
+            for name, part in (("train", base.train), ("test", base.test), ("val", base.val)):
+                self._check_labels(name, part)
+            if self.val_source == "dataset" and base.val is None:
+                raise ValueError(
+                    f"val_source='dataset' but {self.dataset!r} under {self.root} has no validation split "
+                    "(image_folder needs both val/ and test/ folders); use val_source='holdout'"
+                )
+            self._train_size = len(base.train)  # type: ignore[arg-type]
+            # draw (and validate) the split before keeping the datasets, so a bad size leaves no half state
+            self._calibration_indices = self._initial_indices() if self.val_source == "holdout" else None
+            self._base = base
+        if self._pending_indices is not None:
+            self._apply_indices(*self._pending_indices)
+            self._pending_indices = None
+        self._write_indices_file()
+
+    def train_dataloader(self) -> DataLoader:
+        """Training loader (shuffled, augmented)."""
+        return self._dataloader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        """The calibration split, used for validation during ``fit``."""
+        return self._dataloader("calibration")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """``[test, calibration]`` loaders (``dataloader_idx`` 0 and 1; see :attr:`test_split_names`)."""
+        return [self._dataloader("test"), self._dataloader("calibration")]
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split."""
+        return self._dataloader("test")
+
+    def calibration_dataloader(self) -> DataLoader:
+        """The calibration split with evaluation transforms."""
+        return self._dataloader("calibration")
+
+    def dataloader(self, split: Split) -> DataLoader:
+        """The loader of ``split`` (``"train"``, ``"calibration"`` or ``"test"``)."""
+        if split not in ("train", "calibration", "test"):
+            raise ValueError(f"split must be 'train', 'calibration' or 'test', got {split!r}")
+        return self._dataloader(split)
+
+    def split_dataset(self, split: Split) -> Dataset:
+        """The dataset behind ``split``'s loader (runs ``setup`` if needed)."""
+        if self._base is None:
+            self.setup()
+        if split not in self._views:
+            self._views[split] = self._build_view(split)
+        return self._views[split]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The calibration split, stored in Lightning checkpoints."""
+        return {
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "val_source": self.val_source,
+            "train_size": self._train_size,
+            "calibration_indices": self._calibration_indices,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the calibration split from a checkpoint (warns if it differs from the fresh one)."""
+        if state_dict.get("dataset") != self.dataset:
+            rank_zero_warn(
+                f"the checkpoint's calibration split is for dataset {state_dict.get('dataset')!r}, not "
+                f"{self.dataset!r}; keeping this DataModule's own split"
+            )
+            return
+        indices = state_dict.get("calibration_indices")
+        if indices is None or self.val_source != "holdout":
+            return
+        self._pending_indices = (list(indices), "the checkpoint's datamodule state")
+        if self._base is not None:  # Lightning restores after setup: apply now, rebuild the views lazily
+            self.setup()
+
+    def _initial_indices(self) -> list[int]:
+        assert self._train_size is not None
+        if self._file_payload is not None:
+            return split_utils.check_indices(
+                self._file_payload["indices"],
+                self._train_size,
+                f"calibration_indices_file (dataset {self.dataset!r})",
+            )
+        count = split_utils.calibration_count(self.calibration_size, self._train_size, self.dataset)
+        return split_utils.draw_split(self._train_size, count, self.seed)
+
+    def _apply_indices(self, indices: list[int], source: str) -> None:
+        assert self._train_size is not None
+        checked = split_utils.check_indices(indices, self._train_size, source)
+        if checked != self._calibration_indices:
+            rank_zero_warn(
+                f"using the calibration split from {source} ({len(checked)} images), which differs from the "
+                f"one this DataModule computed (dataset={self.dataset!r}, seed={self.seed})"
+            )
+            self._calibration_indices = checked
+            self._views.clear()
+
+    def _check_labels(self, name: str, part: Dataset | None) -> None:
+        labels = getattr(part, "labels", None)
+        if (
+            labels is not None
+            and len(labels)
+            and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes
+        ):
+            raise ValueError(
+                f"{self.dataset!r} {name} split has labels in [{int(labels.min())}, {int(labels.max())}] but "
+                f"the dataset has {self.num_classes} classes (allowed 0..{self.num_classes - 1}); "
+                f"check the files under {self.root}"
+            )
+
+    def _write_indices_file(self) -> None:
+        trainer = self.trainer
+        if trainer is None or self._train_size is None:
+            return
+        log_dir = trainer.log_dir  # every rank must call it: it broadcasts
+        if log_dir is None or not trainer.is_global_zero:
+            return
+        payload = split_utils.indices_payload(
+            self.dataset, self.seed, self._train_size, self._calibration_indices or []
+        )
+        payload["val_source"] = self.val_source
+        if self._calibration_indices is None:
+            payload["indices"] = None
+        self.calibration_indices_path = split_utils.save_indices(
+            Path(log_dir) / split_utils.INDICES_FILENAME, payload
+        )
+        rank_zero_info(
+            f"calibration split ({payload['size']} images) saved to {self.calibration_indices_path}"
+        )
+
+    def _build_view(self, split: str) -> SplitView:
+        assert self._base is not None and self._train_size is not None
+        native = self.data_config.image_size if self.dataset == "synthetic" else self.spec.native_size
+        train = split == "train"
+        transform = build_transform(
+            self.data_config, in_chans=self.in_chans, train=train and self.train_augment, native_size=native
+        )
+        if split == "test":
+            return SplitView(self._base.test, None, transform)
+        if self.val_source == "dataset":
+            if train:
+                indices = split_utils.remaining_indices(self._train_size, [], self.seed, self.train_subset)
+                return SplitView(self._base.train, indices, transform)
+            return SplitView(self._base.val, None, transform)  # type: ignore[arg-type]
+        assert self._calibration_indices is not None
+        if train:
+            indices = split_utils.remaining_indices(
+                self._train_size, self._calibration_indices, self.seed, self.train_subset
+            )
+            return SplitView(self._base.train, indices, transform)
+        return SplitView(self._base.train, self._calibration_indices, transform)
+
+    def _dataloader(self, split: Split) -> DataLoader:
+        train = split == "train"
+        workers = self.num_workers
+        pin = self.pin_memory if self.pin_memory is not None else _cuda_available()
+        return DataLoader(
+            self.split_dataset(split),
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=self.persistent_workers and workers > 0,
+        )
+
+
+def _check_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive integer (or None where allowed), got {value!r}")
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()

@@ -1,0 +1,326 @@
+"""Readers of the on-disk formats users have.
+
+CIFAR pickles, CUB-200-2011, Flowers102, Food-101, Stanford Cars, ImageNet and generic class-folder trees.
+
+Each reader checks the layout first and raises :class:`DatasetLayoutError` naming the files or folders
+it expected, and where. None of them downloads anything; the DataModule's ``prepare_data`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmpo_lightning.data.datasets import (
+    ArrayImageDataset,
+    DatasetSplits,
+    ImageListDataset,
+    list_class_folders,
+    scan_class_folders,
+)
+from dmpo_lightning.data.errors import DatasetLayoutError
+
+CIFAR_LAYOUTS: dict[str, dict[str, Any]] = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": ("batches.meta", "label_names"),
+        "label_key": "labels",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": ("meta", "fine_label_names"),
+        "label_key": "fine_labels",
+    },
+}
+"""torchvision's CIFAR python-pickle layouts (``root/<folder>/<batch files>``)."""
+
+
+def _find_base(root: Path, folder: str, marker: str) -> Path:
+    """``root/folder`` if it holds ``marker``; else ``root`` itself if it does (root given one level deep)."""
+    if (root / folder / marker).exists() or not (root / marker).exists():
+        return root / folder
+    return root
+
+
+def _require(base: Path, names: Sequence[str], what: str, root: Path) -> None:
+    missing = [name for name in names if not (base / name).exists()]
+    if missing:
+        raise DatasetLayoutError(
+            f"{what} not found under root={str(root)!r}: expected {', '.join(names)} in {base}; "
+            f"missing: {', '.join(missing)}"
+        )
+
+
+def load_cifar(root: str | Path, name: str) -> DatasetSplits:
+    """Read CIFAR-10 or CIFAR-100 from torchvision's python-pickle files (no checksum is verified).
+
+    Args:
+        root: Folder holding ``cifar-10-batches-py`` / ``cifar-100-python`` (or that folder itself).
+        name: ``"cifar10"`` or ``"cifar100"`` (fine labels).
+
+    Returns:
+        Train and test splits of 32x32 RGB images.
+
+    Raises:
+        DatasetLayoutError: If a batch file is missing.
+        ValueError: If a batch does not hold ``[N, 3072]`` uint8 data with ``N`` labels.
+    """
+    layout = CIFAR_LAYOUTS[name]
+    root = Path(root)
+    base = _find_base(root, layout["folder"], layout["test"][0])
+    _require(base, layout["train"] + layout["test"], name, root)
+    meta_file, meta_key = layout["meta"]
+    classes = None
+    if (base / meta_file).is_file():
+        classes = _unpickle(base / meta_file).get(meta_key)
+
+    def read(files: list[str]) -> ArrayImageDataset:
+        images, labels = [], []
+        for file in files:
+            batch = _unpickle(base / file)
+            data = np.asarray(batch.get("data"))
+            label = np.asarray(batch.get(layout["label_key"], []), dtype=np.int64)
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(label) != len(data):
+                raise ValueError(
+                    f"{base / file}: expected 'data' uint8 [N, 3072] and '{layout['label_key']}' (N), "
+                    f"got data {data.dtype} {data.shape} and {len(label)} labels"
+                )
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(label)
+        return ArrayImageDataset(
+            np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes
+        )
+
+    return DatasetSplits(read(layout["train"]), read(layout["test"]))
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def load_cub200(root: str | Path) -> DatasetSplits:
+    """Read CUB-200-2011.
+
+    Layout: ``root/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, images/...}``;
+    ``classes.txt`` is optional (class names).
+
+    Args:
+        root: Folder holding ``CUB_200_2011`` (or that folder itself).
+
+    Returns:
+        The official train and test splits; labels are 0-based.
+
+    Raises:
+        DatasetLayoutError: If a file is missing or the three lists disagree on the image ids.
+    """
+    root = Path(root)
+    base = _find_base(root, "CUB_200_2011", "images.txt")
+    names = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "images"]
+    _require(base, names, "CUB-200-2011", root)
+    images = _read_id_table(base / "images.txt")
+    labels = _read_id_table(base / "image_class_labels.txt")
+    is_train = _read_id_table(base / "train_test_split.txt")
+    if not (images.keys() == labels.keys() == is_train.keys()):
+        raise DatasetLayoutError(
+            f"CUB-200-2011 under {base}: images.txt, image_class_labels.txt and train_test_split.txt "
+            f"must list the same image ids ({len(images)}, {len(labels)} and {len(is_train)} ids found)"
+        )
+    classes = None
+    if (base / "classes.txt").is_file():
+        table = _read_id_table(base / "classes.txt")
+        classes = [table[k] for k in sorted(table)]
+    splits: dict[bool, tuple[list[Path], list[int]]] = {True: ([], []), False: ([], [])}
+    for image_id in sorted(images):
+        paths, targets = splits[is_train[image_id] == "1"]
+        paths.append(base / "images" / images[image_id])
+        targets.append(int(labels[image_id]) - 1)
+    return DatasetSplits(ImageListDataset(*splits[True], classes), ImageListDataset(*splits[False], classes))
+
+
+def _read_id_table(path: Path) -> dict[int, str]:
+    """``<id> <value>`` per line -> ``{id: value}``."""
+    table: dict[int, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        key, _, value = line.strip().partition(" ")
+        if not key.isdigit() or not value:
+            raise DatasetLayoutError(f"{path}, line {number}: expected '<integer id> <value>', got {line!r}")
+        table[int(key)] = value.strip()
+    return table
+
+
+def _loadmat(path: Path) -> dict[str, Any]:
+    """``scipy.io.loadmat(path, squeeze_me=True)``; scipy is imported lazily, only for .mat datasets."""
+    try:
+        from scipy.io import loadmat
+    except ImportError as error:
+        raise ImportError(
+            f"reading {path.name} (MATLAB .mat labels of flowers102 / stanford_cars) needs scipy, which is "
+            "not installed: pip install scipy"
+        ) from error
+    return loadmat(path, squeeze_me=True)
+
+
+def load_flowers102(root: str | Path) -> DatasetSplits:
+    """Read Oxford Flowers-102 in torchvision's layout: root/flowers-102/{jpg/, imagelabels.mat, setid.mat}.
+
+    Needs scipy. Train, validation and test follow ``setid.mat`` (``trnid``, ``valid``, ``tstid``).
+
+    Args:
+        root: Folder holding ``flowers-102`` (or that folder itself).
+
+    Returns:
+        Train, test and validation splits; labels are 0-based.
+
+    Raises:
+        DatasetLayoutError: If a file is missing.
+        ImportError: If scipy is not installed.
+    """
+    root = Path(root)
+    base = _find_base(root, "flowers-102", "imagelabels.mat")
+    _require(base, ["jpg", "imagelabels.mat", "setid.mat"], "Flowers102", root)
+    labels = np.atleast_1d(_loadmat(base / "imagelabels.mat")["labels"]).astype(np.int64)
+    set_ids = _loadmat(base / "setid.mat")
+
+    def split(key: str) -> ImageListDataset:
+        ids = np.atleast_1d(set_ids[key]).astype(np.int64)
+        return ImageListDataset(
+            [base / "jpg" / f"image_{i:05d}.jpg" for i in ids], [int(labels[i - 1]) - 1 for i in ids]
+        )
+
+    return DatasetSplits(split("trnid"), split("tstid"), split("valid"))
+
+
+def load_food101(root: str | Path) -> DatasetSplits:
+    """Read Food-101 in torchvision's layout (``root/food-101/{meta/train.json, meta/test.json, images/}``).
+
+    Args:
+        root: Folder holding ``food-101`` (or that folder itself).
+
+    Returns:
+        Train and test splits; labels follow the sorted class names.
+
+    Raises:
+        DatasetLayoutError: If a file is missing.
+    """
+    root = Path(root)
+    base = _find_base(root, "food-101", "meta")
+    _require(base, ["meta/train.json", "meta/test.json", "images"], "Food-101", root)
+    metadata = {
+        split: json.loads((base / "meta" / f"{split}.json").read_text()) for split in ("train", "test")
+    }
+    classes = sorted(metadata["train"])
+    label_of = {name: label for label, name in enumerate(classes)}
+
+    def split(name: str) -> ImageListDataset:
+        unknown = sorted(set(metadata[name]) - set(classes))
+        if unknown:
+            raise DatasetLayoutError(
+                f"{base}/meta/{name}.json has classes missing from train.json: {unknown[:10]}"
+            )
+        items = [(c, rel) for c in classes for rel in metadata[name].get(c, [])]
+        paths = [base / "images" / f"{rel}.jpg" for _, rel in items]
+        return ImageListDataset(paths, [label_of[c] for c, _ in items], classes)
+
+    return DatasetSplits(split("train"), split("test"))
+
+
+def load_stanford_cars(root: str | Path) -> DatasetSplits:
+    """Read Stanford Cars in torchvision's layout (needs scipy).
+
+    ``root/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/,
+    cars_test_annos_withlabels.mat, cars_test/}``. The original download URL is gone, so the files must
+    be obtained by hand (torchvision's docs point to mirrors).
+
+    Args:
+        root: Folder holding ``stanford_cars`` (or that folder itself).
+
+    Returns:
+        Train and test splits; labels are 0-based.
+
+    Raises:
+        DatasetLayoutError: If a file is missing.
+        ImportError: If scipy is not installed.
+    """
+    root = Path(root)
+    base = _find_base(root, "stanford_cars", "devkit")
+    names = [
+        "devkit/cars_meta.mat",
+        "devkit/cars_train_annos.mat",
+        "cars_train",
+        "cars_test_annos_withlabels.mat",
+        "cars_test",
+    ]
+    _require(base, names, "Stanford Cars", root)
+    classes = [str(c) for c in np.atleast_1d(_loadmat(base / "devkit" / "cars_meta.mat")["class_names"])]
+
+    def split(annotations: Path, images: Path) -> ImageListDataset:
+        records = np.atleast_1d(_loadmat(annotations)["annotations"])
+        return ImageListDataset(
+            [images / str(r["fname"]) for r in records], [int(r["class"]) - 1 for r in records], classes
+        )
+
+    return DatasetSplits(
+        split(base / "devkit" / "cars_train_annos.mat", base / "cars_train"),
+        split(base / "cars_test_annos_withlabels.mat", base / "cars_test"),
+    )
+
+
+def image_folder_classes(root: str | Path) -> list[str]:
+    """Class names of a class-folder tree: the sub-folders of ``root/train``, sorted.
+
+    Raises:
+        DatasetLayoutError: If ``root/train`` is missing or empty.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(
+            f"root={str(root)!r} does not exist; expected a folder with train/<class>/ inside"
+        )
+    return list_class_folders(root / "train")
+
+
+def load_image_folder(root: str | Path, expected_num_classes: int | None = None) -> DatasetSplits:
+    """Read a class-folder tree: ``root/train/<class>/...`` and ``root/test/<class>/...`` or ``root/val/...``.
+
+    With both ``test`` and ``val`` present, ``test`` is the test split and ``val`` the dataset's own
+    validation split; with only one of them, it is the test split. Labels follow the sorted class
+    folders of ``train`` in every split, so a class missing from an evaluation split shifts nothing.
+
+    Args:
+        root: The tree's root.
+        expected_num_classes: If given, the number of class folders ``train`` must have (1000 for ImageNet).
+
+    Returns:
+        Train, test and (possibly) validation splits.
+
+    Raises:
+        DatasetLayoutError: If folders are missing, empty or the class count is wrong.
+    """
+    root = Path(root)
+    classes = image_folder_classes(root)
+    if expected_num_classes is not None and len(classes) != expected_num_classes:
+        raise DatasetLayoutError(
+            f"{root / 'train'} has {len(classes)} class folders, expected {expected_num_classes}"
+        )
+    present = [name for name in ("test", "val") if (root / name).is_dir()]
+    if not present:
+        raise DatasetLayoutError(
+            f"no evaluation split under root={str(root)!r}: expected {root / 'val'}/<class>/... "
+            f"or {root / 'test'}/<class>/... next to {root / 'train'}"
+        )
+    train = scan_class_folders(root / "train", classes)
+    test = scan_class_folders(root / present[0], classes, allow_missing=True)
+    val = scan_class_folders(root / "val", classes, allow_missing=True) if len(present) == 2 else None
+    return DatasetSplits(train, test, val)

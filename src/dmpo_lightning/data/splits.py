@@ -1,0 +1,161 @@
+"""The held-out calibration split: size resolution, seeded draw, and its JSON file."""
+
+from __future__ import annotations
+
+import json
+import numbers
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+INDICES_FILENAME = "calibration_indices.json"
+"""Name of the file written into the run's log directory."""
+
+FORMAT_VERSION = 1
+
+
+def calibration_count(size: float, train_size: int, dataset: str) -> int:
+    """Number of training images to hold out.
+
+    Args:
+        size: An ``int`` (or integral float > 1) is a number of images; a float in (0, 1) a fraction of
+            the training split (rounded to the nearest image).
+        train_size: Images in the dataset's training split.
+        dataset: Dataset name, for messages.
+
+    Returns:
+        The count, at least 1 and at most ``train_size - 1``.
+
+    Raises:
+        ValueError: If the size is not positive, leaves no training image, or is a non-integral float > 1.
+    """
+    if isinstance(size, bool) or not isinstance(size, numbers.Real):
+        raise ValueError(f"calibration_size must be an int or a float, got {size!r}")
+    if isinstance(size, numbers.Integral) or (size > 1 and float(size).is_integer()):
+        count = int(size)
+        what = f"{count} images"
+    elif 0 < size < 1:
+        count = max(1, round(size * train_size))
+        what = f"fraction {size} = {count} images"
+    else:
+        raise ValueError(
+            f"calibration_size={size!r}: use an int number of images (>= 1) or a float fraction in (0, 1)"
+        )
+    if count <= 0:
+        raise ValueError(
+            f"calibration_size={size!r} must be positive (a number of images or a fraction in (0, 1))"
+        )
+    if count >= train_size:
+        raise ValueError(
+            f"calibration_size={size!r} ({what}) leaves no training data: the {dataset!r} training split "
+            f"has {train_size} images; use fewer images or a fraction in (0, 1)"
+        )
+    return count
+
+
+def draw_split(train_size: int, count: int, seed: int) -> list[int]:
+    """Sorted indices of ``count`` training images drawn without replacement with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(train_size, generator=generator)[:count].tolist())
+
+
+def remaining_indices(train_size: int, held_out: Sequence[int], seed: int, cap: int | None) -> list[int]:
+    """The training indices not held out, optionally capped at ``cap`` images chosen with ``seed``.
+
+    The cap takes images in the order of the same permutation that draws the calibration split, so
+    changing the cap never changes the calibration split.
+
+    Returns:
+        Sorted indices.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(train_size, generator=generator)
+    keep = torch.ones(train_size, dtype=torch.bool)
+    keep[torch.as_tensor(list(held_out), dtype=torch.long)] = False
+    rest = order[keep[order]]
+    if cap is not None:
+        rest = rest[:cap]
+    return sorted(rest.tolist())
+
+
+def check_indices(indices: Sequence[int], train_size: int, source: str) -> list[int]:
+    """Validate held-out indices read from a file or checkpoint.
+
+    Returns:
+        The indices, sorted, as ``int``.
+
+    Raises:
+        ValueError: If an index is out of range or repeated, or the split would leave no training data.
+    """
+    values = [int(i) for i in indices]
+    if not values:
+        raise ValueError(f"{source}: the calibration split is empty")
+    bad = [i for i in values if not 0 <= i < train_size]
+    if bad:
+        raise ValueError(
+            f"{source}: calibration indices out of range for a training split of {train_size} images "
+            f"(allowed 0..{train_size - 1}): {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+        )
+    if len(set(values)) != len(values):
+        raise ValueError(f"{source}: calibration indices contain duplicates")
+    if len(values) >= train_size:
+        raise ValueError(
+            f"{source}: {len(values)} calibration indices leave no training data ({train_size} images)"
+        )
+    return sorted(values)
+
+
+def indices_payload(dataset: str, seed: int, train_size: int, indices: Sequence[int]) -> dict[str, Any]:
+    """The JSON object saved beside a run (and inside checkpoints)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "seed": seed,
+        "train_size": train_size,
+        "size": len(indices),
+        "indices": list(indices),
+    }
+
+
+def save_indices(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as JSON (creating parent folders) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def load_indices(path: str | Path, dataset: str) -> dict[str, Any]:
+    """Read a calibration-indices file and check it belongs to ``dataset``.
+
+    Args:
+        path: A file written by :func:`save_indices`.
+        dataset: The dataset it must describe.
+
+    Returns:
+        The payload (``indices`` still unchecked against the training split's size).
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: If it is not such a file or describes another dataset.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration_indices_file={str(path)!r} does not exist")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"calibration_indices_file={str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(payload, dict) or not isinstance(payload.get("indices"), list):
+        raise ValueError(
+            f"calibration_indices_file={str(path)!r} must hold a JSON object with an 'indices' list "
+            f"(as written to {INDICES_FILENAME} by BenchmarkDataModule)"
+        )
+    if payload.get("dataset") != dataset:
+        raise ValueError(
+            f"calibration_indices_file={str(path)!r} was written for dataset {payload.get('dataset')!r}, "
+            f"but this DataModule loads {dataset!r}"
+        )
+    return payload

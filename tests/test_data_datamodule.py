@@ -1,0 +1,239 @@
+"""BenchmarkDataModule: batches, channels, the calibration split and its persistence."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from test_data_fakes import write_cifar
+
+from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
+from dmpo_lightning.data import BenchmarkDataModule
+
+
+def synthetic(**overrides: object) -> BenchmarkDataModule:
+    options = dict(
+        dataset="synthetic",
+        num_workers=0,
+        batch_size=8,
+        synthetic_sizes=(32, 8),
+        synthetic_num_classes=4,
+        image_size=8,
+        calibration_size=8,
+        persistent_workers=False,
+    )
+    options.update(overrides)
+    return BenchmarkDataModule(**options)  # type: ignore[arg-type]
+
+
+def test_batches_are_dicts_with_the_agreed_keys_and_dtypes() -> None:
+    dm = synthetic()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {IMAGE_KEY, LABEL_KEY, INDEX_KEY}
+    assert batch[IMAGE_KEY].dtype == torch.float32 and batch[IMAGE_KEY].shape == (8, 3, 8, 8)
+    assert batch[LABEL_KEY].dtype == torch.int64 and batch[LABEL_KEY].shape == (8,)
+    assert batch[INDEX_KEY].dtype == torch.int64 and batch[INDEX_KEY].shape == (8,)
+    indices = torch.cat([b[INDEX_KEY] for b in dm.val_dataloader()])
+    assert torch.equal(indices, torch.arange(8))  # position within the split, in order
+
+
+def test_loader_hooks_and_split_names() -> None:
+    dm = synthetic(eval_batch_size=3)
+    dm.setup("test")
+    test_loaders = dm.test_dataloader()
+    assert isinstance(test_loaders, list) and len(test_loaders) == 2
+    assert dm.test_split_names == ("test", "calibration")
+    assert len(test_loaders[0].dataset) == 8 and len(test_loaders[1].dataset) == 8  # type: ignore[arg-type]
+    assert test_loaders[0].batch_size == 3
+    assert dm.predict_dataloader().dataset is dm.split_dataset("test")
+    assert dm.dataloader("calibration").dataset is dm.calibration_dataloader().dataset
+    assert len(dm.dataloader("train").dataset) == 24  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="split must be"):
+        dm.dataloader("val")  # type: ignore[arg-type]
+
+
+def test_grey_images_are_replicated_to_three_channels() -> None:
+    dm = BenchmarkDataModule(num_workers=0, in_chans=3, batch_size=4, train_augment=False)
+    dm.setup()
+    image = dm.split_dataset("test")[0][IMAGE_KEY]
+    assert image.shape == (3, 28, 28)
+    mean, std = torch.tensor(dm.data_config.mean), torch.tensor(dm.data_config.std)
+    raw = image * std[:, None, None] + mean[:, None, None]
+    assert torch.allclose(raw[0], raw[1], atol=1e-6) and torch.allclose(raw[0], raw[2], atol=1e-6)
+
+
+def test_rgb_images_become_grey_for_one_channel_models() -> None:
+    dm = synthetic(in_chans=1)
+    assert dm.data_config.mean == (pytest.approx((0.485 + 0.456 + 0.406) / 3),)
+    dm.setup()
+    assert dm.split_dataset("test")[0][IMAGE_KEY].shape == (1, 8, 8)
+
+
+def test_calibration_split_is_deterministic_disjoint_and_seeded() -> None:
+    first, second, other = synthetic(), synthetic(), synthetic(seed=1)
+    for dm in (first, second, other):
+        dm.setup()
+    assert first.calibration_indices == second.calibration_indices
+    assert first.calibration_indices != other.calibration_indices
+    assert first.calibration_indices is not None and len(first.calibration_indices) == 8
+    train = first.split_dataset("train").indices  # type: ignore[attr-defined]
+    assert set(train.tolist()).isdisjoint(first.calibration_indices)
+    assert len(train) + 8 == 32
+
+
+def test_train_subset_caps_training_images_without_moving_the_calibration_split() -> None:
+    full, capped = synthetic(), synthetic(train_subset=5)
+    full.setup(), capped.setup()
+    assert capped.calibration_indices == full.calibration_indices
+    assert len(capped.split_dataset("train")) == 5
+
+
+def test_calibration_fraction() -> None:
+    dm = synthetic(calibration_size=0.25)
+    dm.setup()
+    assert dm.calibration_indices is not None and len(dm.calibration_indices) == 8
+
+
+def test_calibration_split_uses_evaluation_transforms() -> None:
+    dm = synthetic(image_size=8, train_augment=True)
+    dm.setup()
+    calibration = dm.split_dataset("calibration")
+    train_view = dm.split_dataset("train")
+    names = [type(t).__name__ for t in calibration.transform.transforms]  # type: ignore[attr-defined]
+    assert (
+        "RandomCrop" not in names and "RandomResizedCrop" not in names and "RandomHorizontalFlip" not in names
+    )
+    assert "RandomHorizontalFlip" in [type(t).__name__ for t in train_view.transform.transforms]  # type: ignore[attr-defined]
+    torch.manual_seed(1)
+    a = calibration[0][IMAGE_KEY]
+    torch.manual_seed(2)
+    assert torch.equal(a, calibration[0][IMAGE_KEY])
+
+
+def test_state_dict_round_trip_restores_and_rebuilds_lazily() -> None:
+    source = synthetic(seed=3)
+    source.setup()
+    state = source.state_dict()
+    assert state["dataset"] == "synthetic" and state["seed"] == 3
+    assert state["calibration_indices"] == list(source.calibration_indices or ())
+
+    target = synthetic(seed=0)
+    target.setup()
+    old_loader = target.val_dataloader()
+    with pytest.warns(UserWarning, match="differs"):
+        target.load_state_dict(state)
+    assert target.calibration_indices == source.calibration_indices
+    new_train = set(target.split_dataset("train").indices.tolist())  # type: ignore[attr-defined]
+    assert new_train.isdisjoint(target.calibration_indices or ())
+    assert target.val_dataloader().dataset is not old_loader.dataset
+    assert target.split_dataset("calibration").indices.tolist() == list(source.calibration_indices or ())  # type: ignore[attr-defined]
+
+
+def test_load_state_dict_before_setup_is_applied_in_setup() -> None:
+    source = synthetic(seed=5)
+    source.setup()
+    target = synthetic()
+    target.load_state_dict(source.state_dict())
+    with pytest.warns(UserWarning, match="differs"):
+        target.setup()
+    assert target.calibration_indices == source.calibration_indices
+
+
+def test_state_for_another_dataset_is_ignored_with_a_warning() -> None:
+    dm = synthetic()
+    dm.setup()
+    before = dm.calibration_indices
+    with pytest.warns(UserWarning, match="for dataset 'cifar10'"):
+        dm.load_state_dict({"dataset": "cifar10", "calibration_indices": [0, 1]})
+    assert dm.calibration_indices == before
+
+
+def test_indices_file_written_to_the_trainer_log_dir_and_reloaded(tmp_path: Path) -> None:
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    dm = synthetic(seed=7)
+    dm.trainer = trainer
+    dm.setup("fit")
+    path = tmp_path / "calibration_indices.json"
+    assert dm.calibration_indices_path == path
+    payload = json.loads(path.read_text())
+    assert payload["dataset"] == "synthetic" and payload["seed"] == 7 and payload["size"] == 8
+    assert payload["indices"] == list(dm.calibration_indices or ())
+
+    reloaded = synthetic(seed=0, calibration_indices_file=str(path))
+    reloaded.setup()
+    assert reloaded.calibration_indices == dm.calibration_indices
+
+
+class _TinyClassifier(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3 * 8 * 8, 4)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.layer(batch[IMAGE_KEY].flatten(1)), batch[LABEL_KEY])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._loss(batch)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch), batch_size=len(batch[LABEL_KEY]))
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.log("test_loss", self._loss(batch), batch_size=len(batch[LABEL_KEY]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_checkpoint_carries_the_split_into_a_test_run(tmp_path: Path) -> None:
+    options = dict(
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
+    trainer = Trainer(**options)  # type: ignore[arg-type]
+    fit_dm = synthetic(seed=11)
+    trainer.fit(_TinyClassifier(), datamodule=fit_dm)
+    ckpt = tmp_path / "split.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    test_dm = synthetic(seed=0)  # a different seed would draw a different split
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(**options).test(_TinyClassifier(), datamodule=test_dm, ckpt_path=str(ckpt))  # type: ignore[arg-type]
+    assert any("differs" in str(w.message) for w in caught)
+    assert test_dm.calibration_indices == fit_dm.calibration_indices
+    saved = json.loads((tmp_path / "calibration_indices.json").read_text())
+    assert saved["indices"] == list(fit_dm.calibration_indices or ())
+
+
+def test_cifar_default_calibration_size_is_msdnet_convention(tmp_path: Path) -> None:
+    write_cifar(tmp_path, "cifar10", per_batch=4)
+    dm = BenchmarkDataModule("cifar10", root=str(tmp_path))
+    assert dm.calibration_size == 5000
+
+
+def test_check_num_classes() -> None:
+    dm = synthetic()
+    dm.check_num_classes(4)
+    with pytest.raises(ValueError, match="model predicts 10 classes but dataset 'synthetic' has 4"):
+        dm.check_num_classes(10)
+
+
+def test_workers_load_the_same_batches() -> None:
+    dm = synthetic(num_workers=1, persistent_workers=True, train_augment=False)
+    dm.setup()
+    loader = dm.val_dataloader()
+    assert loader.persistent_workers
+    with_worker = torch.cat([b[IMAGE_KEY] for b in loader])
+    dm.num_workers = 0
+    without = torch.cat([b[IMAGE_KEY] for b in dm.val_dataloader()])
+    assert torch.equal(with_worker, without)
