@@ -1,0 +1,410 @@
+"""Outputs of ``dmpo test``: the report dict, a printed table, JSON, the curve as CSV and a PNG plot.
+
+All numbers come from one report dict (:func:`build_report`), so the table, the JSON, the CSV and the
+plot cannot disagree. Files are written atomically (temporary file in the same folder, then
+``os.replace``): a crash never leaves a partial report. Whether an existing file may be replaced is the
+caller's decision; these functions write to the path they are given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import Tensor
+
+from dmpo_lightning.evaluation.protocol import BudgetedCurve, OperatingPoint, area_under_curve
+
+__all__ = [
+    "GFLOPS_UNIT",
+    "build_report",
+    "decode_float",
+    "format_report_table",
+    "plot_curve",
+    "to_jsonable",
+    "write_curve_csv",
+    "write_json",
+]
+
+GFLOPS_UNIT = "GFLOPs = 10^9 multiply-accumulates"
+"""The cost unit stated in every output (one multiply-accumulate = one FLOP, the field's convention)."""
+
+
+# --------------------------------------------------------------------------------------------- JSON-able
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, dataclasses, paths and containers to plain JSON types.
+
+    Tensors become (nested) lists or numbers; ``+inf``/``-inf`` become the strings ``"inf"``/``"-inf"``
+    (thresholds of disabled exits and of the last exit) and NaN becomes ``null``, so the output is
+    strict JSON; :func:`decode_float` reverses this for one value.
+
+    Args:
+        obj: The object.
+
+    Returns:
+        The same data made of dicts, lists, strings, ints, floats, bools and None.
+
+    Raises:
+        TypeError: For an object with no JSON form.
+
+    Example:
+        >>> to_jsonable({"t": torch.tensor([0.5, float("inf")]), "n": float("nan"), "k": (1, 2)})
+        {'t': [0.5, 'inf'], 'n': None, 'k': [1, 2]}
+    """
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return to_jsonable(obj.tolist())
+    raise TypeError(f"cannot put a {type(obj).__name__} into a JSON report: {obj!r}")
+
+
+def decode_float(value: str | float | int | None) -> float:
+    """Inverse of :func:`to_jsonable` for one number: ``"inf"``/``"-inf"`` -> +-inf, ``None`` -> NaN."""
+    return float("nan") if value is None else float(value)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _floats(values: Sequence[float] | Tensor) -> list[float]:
+    return torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist()
+
+
+def build_report(
+    *,
+    costs: Sequence[float] | Tensor,
+    full_cost: float,
+    anytime_top1: Sequence[float] | Tensor,
+    anytime_top5: Sequence[float] | Tensor | None = None,
+    exit_blocks: Sequence[int] | None = None,
+    curve: BudgetedCurve | None = None,
+    operating_points: Sequence[OperatingPoint] = (),
+    full_accuracy: float | None = None,
+    auc_range: tuple[float, float] = (0.25, 1.0),
+    cost_unit: str = GFLOPS_UNIT,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble the JSON-able report of a test run (EVALUATION.md section 6).
+
+    Exits are numbered from 1 in the report, as in the design document. Accuracies are fractions in
+    ``[0, 1]``; costs are in ``cost_unit`` (pass GFLOPs). Non-finite numbers are encoded as described
+    in :func:`to_jsonable`. The AUC is that of the dynamic curve's test accuracy against test cost
+    fraction (:func:`~dmpo_lightning.evaluation.protocol.area_under_curve`, below-curve budgets count 0).
+
+    Args:
+        costs: ``C_k`` per exit.
+        full_cost: ``F_full``, the cost of the full model (no exit heads).
+        anytime_top1: Test top-1 accuracy of every exit alone.
+        anytime_top5: Test top-5 accuracy of every exit alone, if measured.
+        exit_blocks: Trunk block index of every exit (as the model numbers them), if known.
+        curve: The budgeted-batch curve (thresholds from the calibration split), if computed.
+        operating_points: Budgets with their calibration-chosen thresholds and test results.
+        full_accuracy: Test top-1 accuracy of the full (static) model, if measured.
+        auc_range: Cost-fraction range of the AUC.
+        cost_unit: Stated in every output.
+        extra: Further entries (config, checkpoint hash, split-indices file, ...) merged at the top level.
+
+    Returns:
+        A dict of plain JSON types with keys ``unit``, ``full_model``, ``exits``, ``best_anytime_exit``,
+        ``curve`` (or None), ``budgets``, ``auc`` (or None) and those of ``extra``.
+
+    Raises:
+        ValueError: If per-exit lengths disagree.
+    """
+    costs_l = _floats(costs)
+    top1 = _floats(anytime_top1)
+    top5 = None if anytime_top5 is None else _floats(anytime_top5)
+    blocks = None if exit_blocks is None else [int(b) for b in exit_blocks]
+    for name, values in (("anytime_top1", top1), ("anytime_top5", top5), ("exit_blocks", blocks)):
+        if values is not None and len(values) != len(costs_l):
+            raise ValueError(f"{name} has {len(values)} entries but there are {len(costs_l)} exits (costs)")
+    full = float(full_cost)
+    exits = [
+        {
+            "exit": k + 1,
+            "block": None if blocks is None else blocks[k],
+            "cost": c,
+            "cost_fraction": c / full,
+            "top1": top1[k],
+            "top5": None if top5 is None else top5[k],
+        }
+        for k, c in enumerate(costs_l)
+    ]
+    best = max(range(len(top1)), key=lambda k: (top1[k], -k))
+    report: dict[str, Any] = {
+        "unit": cost_unit,
+        "thresholds_from": "calibration split",
+        "full_model": {"cost": full, "top1": full_accuracy},
+        "exits": exits,
+        "best_anytime_exit": {"exit": best + 1, "top1": top1[best]},
+        "curve": None,
+        "budgets": [to_jsonable(p) for p in operating_points],
+        "auc": None,
+    }
+    if curve is not None:
+        report["curve"] = to_jsonable(curve)
+        lo, hi = auc_range
+        report["auc"] = {
+            "value": area_under_curve(curve.test_cost_fraction, curve.test_accuracy, lo, hi),
+            "lo": lo,
+            "hi": hi,
+            "of": "test top-1 accuracy vs test cost fraction, mean over the range",
+        }
+    if extra:
+        clash = set(extra) & set(report)
+        if clash:
+            raise ValueError(f"extra keys {sorted(clash)} clash with the report's own keys")
+        report.update(extra)
+    return to_jsonable(report)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def _pct(x: Any, digits: int = 2) -> str:
+    return "-" if x is None or isinstance(x, str) else f"{100 * x:.{digits}f}"
+
+
+def _q(q: Any) -> str:
+    return q if isinstance(q, str) else f"{q:.4g}"
+
+
+def format_report_table(report: Mapping[str, Any]) -> str:
+    """The printed summary of a report from :func:`build_report`: per exit, per budget, and totals.
+
+    Args:
+        report: The report dict.
+
+    Returns:
+        A multi-line plain-text table.
+    """
+    out = ["Early-exit evaluation: results on the test split, thresholds from the calibration split"]
+    out.append(f"Cost unit: {report['unit']}")
+    full = report["full_model"]["cost"]
+    has_top5 = any(e["top5"] is not None for e in report["exits"])
+    out += ["", "Anytime prediction (each exit alone)"]
+    headers = ["exit", "block", "GFLOPs", "cost %", "top-1 %"] + (["top-5 %"] if has_top5 else [])
+    rows = [
+        [
+            str(e["exit"]),
+            "-" if e["block"] is None else str(e["block"]),
+            f"{e['cost']:.4f}",
+            _pct(e["cost_fraction"], 1),
+            _pct(e["top1"]),
+        ]
+        + ([_pct(e["top5"])] if has_top5 else [])
+        for e in report["exits"]
+    ]
+    out += _table(headers, rows)
+    if report["budgets"]:
+        k = len(report["exits"])
+        out += ["", "Budgeted batch classification (thresholds from the calibration split, results on test)"]
+        exits_header = f"test exits % ({'/'.join(str(i + 1) for i in range(k))})"
+        headers = [
+            "budget %",
+            "budget GFLOPs",
+            "test top-1 %",
+            "test GFLOPs",
+            "test cost %",
+            exits_header,
+            "cal top-1 %",
+            "q",
+        ]
+        rows = []
+        for b in report["budgets"]:
+            hist = b["test_histogram"]
+            total = max(1, sum(hist))
+            rows.append(
+                [
+                    _pct(b["budget_fraction"], 1),
+                    f"{b['budget_cost']:.4f}",
+                    _pct(b["test_accuracy"]),
+                    f"{b['test_cost']:.4f}",
+                    _pct(b["test_cost_fraction"], 1),
+                    "/".join(f"{100 * h / total:.1f}" for h in hist),
+                    _pct(b["cal_accuracy"]),
+                    _q(b["q"]),
+                ]
+            )
+        out += _table(headers, rows)
+    out.append("")
+    acc = report["full_model"]["top1"]
+    out.append(f"Full model: {full:.4f} GFLOPs" + ("" if acc is None else f", top-1 {_pct(acc)} %"))
+    best = report["best_anytime_exit"]
+    out.append(f"Best anytime exit: {best['exit']} (top-1 {_pct(best['top1'])} %)")
+    if report["auc"] is not None:
+        auc = report["auc"]
+        span = f"[{auc['lo']:.2f}, {auc['hi']:.2f}]"
+        out.append(f"AUC (test top-1 vs cost fraction, mean over {span}): {_pct(auc['value'])} %")
+    out.append(f"Unit: {report['unit']}")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ files
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Write via a temporary file in the target's folder and ``os.replace`` it into place."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp creates 0600
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def write_json(path: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
+    """Write a report as strict, indented JSON (non-finite numbers encoded as in :func:`to_jsonable`).
+
+    Args:
+        path: Output file.
+        report: The report dict.
+
+    Returns:
+        The path written.
+    """
+    text = json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n"
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_curve_csv(path: str | os.PathLike[str], curve: BudgetedCurve) -> Path:
+    """Write the dynamic curve, one row per q.
+
+    Columns: ``q``, ``threshold_1..K``, ``cal_accuracy``, ``cal_cost``, ``test_accuracy``, ``test_cost``,
+    ``test_cost_fraction``, ``test_exit_1..K`` (test sample counts per exit). Infinite values are written
+    as ``inf``/``-inf`` (which ``float()`` parses). Costs are in the unit of the curve's costs (GFLOPs).
+
+    Args:
+        path: Output file.
+        curve: The curve.
+
+    Returns:
+        The path written.
+    """
+    k = curve.thresholds.shape[1]
+    header = [
+        "q",
+        *(f"threshold_{i + 1}" for i in range(k)),
+        "cal_accuracy",
+        "cal_cost",
+        "test_accuracy",
+        "test_cost",
+        "test_cost_fraction",
+        *(f"test_exit_{i + 1}" for i in range(k)),
+    ]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    columns = [curve.qs[:, None], curve.thresholds]
+    columns += [
+        v[:, None]
+        for v in (
+            curve.cal_accuracy,
+            curve.cal_cost,
+            curve.test_accuracy,
+            curve.test_cost,
+            curve.test_cost_fraction,
+        )
+    ]
+    numbers = torch.cat([c.double().cpu() for c in columns], dim=1).tolist()
+    for row, hist in zip(numbers, curve.test_histogram.cpu().tolist(), strict=True):
+        writer.writerow([repr(x) for x in row] + [str(h) for h in hist])
+    data = buf.getvalue().encode("utf-8")
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def plot_curve(path: str | os.PathLike[str], report: Mapping[str, Any], title: str | None = None) -> Path:
+    """Plot test accuracy vs cost as a PNG: anytime points per exit, dynamic curve, budget points.
+
+    x is the cost in GFLOPs (bottom axis) with the fraction of the full model's cost on the top axis;
+    y is test top-1 accuracy in percent. Uses matplotlib's Agg canvas directly (no pyplot, no global
+    backend change).
+
+    Args:
+        path: Output ``.png`` file.
+        report: A report from :func:`build_report`.
+        title: Figure title (default: what is plotted and where thresholds come from).
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    full = report["full_model"]["cost"]
+    fig = Figure(figsize=(7.0, 4.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    curve = report["curve"]
+    if curve is not None:
+        pairs = zip(curve["test_cost"], curve["test_accuracy"], strict=True)
+        points = sorted((c, a) for c, a in pairs if c is not None and a is not None)
+        ax.plot(
+            [c for c, _ in points],
+            [100 * a for _, a in points],
+            "-",
+            color="tab:blue",
+            lw=1.5,
+            label="dynamic (budgeted batch, q grid)",
+        )
+    xs = [e["cost"] for e in report["exits"]]
+    ys = [100 * e["top1"] for e in report["exits"]]
+    ax.plot(xs, ys, "o", color="tab:orange", ms=6, label="anytime (each exit alone)")
+    for e, x, y in zip(report["exits"], xs, ys, strict=True):
+        ax.annotate(f"exit {e['exit']}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    if report["budgets"]:
+        bx = [b["test_cost"] for b in report["budgets"]]
+        by = [100 * b["test_accuracy"] for b in report["budgets"]]
+        ax.plot(bx, by, "X", color="tab:red", ms=8, label="budgets (thresholds from calibration)")
+        for b, x, y in zip(report["budgets"], bx, by, strict=True):
+            label = f"{100 * b['budget_fraction']:.0f}%"
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="tab:red")
+    if report["full_model"]["top1"] is not None:
+        ax.plot([full], [100 * report["full_model"]["top1"]], "*", color="black", ms=10, label="full model")
+    ax.set_xlabel(f"cost per image ({report['unit']})")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    top = ax.secondary_xaxis("top", functions=(lambda x: x / full, lambda f: f * full))
+    top.set_xlabel("fraction of the full model's cost")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "Test accuracy vs cost (thresholds from the calibration split)", fontsize=10)
+    fig.tight_layout()
+    return _atomic_write(path, lambda f: fig.savefig(f, format="png"))
