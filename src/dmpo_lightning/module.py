@@ -87,7 +87,9 @@ class DMPOModule(pl.LightningModule):
         distill_weight: Weight of the distillation term of each early exit.
         distill_temperature: Distillation temperature.
         exit_rule: Early-exit rule at evaluation: ``confidence`` (max softmax), ``entropy``, ``patience``.
-        budgets: Cost budgets reported by ``dmpo test`` (fractions of the full cost, or GFLOPs).
+        budgets: Cost budgets reported by ``dmpo test`` (fractions of the full cost, or GFLOPs). Each must
+            lie between exit 1's cost and the full model's: with exits after blocks 3/6/9/12, exit 1 costs a
+            little over 25%, so 0.25 is not reachable and the default starts at 0.33.
         budget_unit: Unit of ``budgets`` and ``predict_budget``: ``fraction`` or ``gflops``.
         report_dir: Where ``dmpo test`` writes its report (``None`` = ``<log_dir>/dmpo_test``).
         thresholds_file: ``thresholds.json`` written by ``dmpo test``, used by ``dmpo predict``.
@@ -138,7 +140,7 @@ class DMPOModule(pl.LightningModule):
         distill_weight: float = 1.0,
         distill_temperature: float = 4.0,
         exit_rule: ExitRule = "confidence",
-        budgets: Sequence[float] = (0.25, 0.33, 0.5, 0.75),
+        budgets: Sequence[float] = (0.33, 0.5, 0.75, 1.0),
         budget_unit: Literal["fraction", "gflops"] = "fraction",
         report_dir: str | None = None,
         thresholds_file: str | None = None,
