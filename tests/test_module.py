@@ -1,0 +1,128 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_VIT_KWARGS
+
+from dmpo_lightning import DMPOModule
+from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
+from dmpo_lightning.losses import weighted_sum
+
+TINY = dict(
+    num_classes=4,
+    backbone="vit_tiny_patch16_224",
+    img_size=32,
+    backbone_kwargs={k: v for k, v in TINY_VIT_KWARGS.items() if k != "img_size"},
+    exit_blocks=[1, 2, 3, 4],
+    adapter_dim=8,
+    moment_dim=32,
+    cov_dim=8,
+)
+
+
+def batch(n=6):
+    return {IMAGE_KEY: torch.randn(n, 3, 32, 32), LABEL_KEY: torch.randint(0, 4, (n,)), INDEX_KEY: torch.arange(n)}
+
+
+def test_loss_is_the_weighted_sum_of_exit_cross_entropies():
+    module = DMPOModule(**TINY)
+    b = batch()
+    logits = module(b[IMAGE_KEY])
+    loss, parts = module.compute_loss(logits, b[LABEL_KEY])
+    expected = sum(w * F.cross_entropy(z, b[LABEL_KEY]) for w, z in zip([0.25, 0.5, 0.75, 1.0], logits))
+    torch.testing.assert_close(loss, expected)
+    assert set(parts) == {f"ce_exit{k}" for k in range(4)}
+
+
+def test_all_weight_on_the_last_exit_trains_only_the_final_head_and_trunk():
+    module = DMPOModule(**TINY, weight_phase1=[0, 0, 0, 1], peft="linear")
+    loss, _ = module.compute_loss(module(batch()[IMAGE_KEY]), batch()[LABEL_KEY])
+    loss.backward()
+    early = [p.grad for n, p in module.model.named_parameters() if n.startswith(("exits.0.", "exits.1.", "exits.2."))]
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in early)
+    assert module.model.exits[3].predictor.fc.weight.grad.abs().sum() > 0
+
+
+def test_distillation_adds_a_term_for_early_exits():
+    module = DMPOModule(**TINY, distill="last", distill_weight=0.5)
+    loss, parts = module.compute_loss(module(batch()[IMAGE_KEY]), batch()[LABEL_KEY])
+    assert {"kd_exit0", "kd_exit1", "kd_exit2"} <= set(parts)
+    assert math.isfinite(loss.item())
+
+
+def test_subclass_overrides_the_loss():
+    class FocalDMPO(DMPOModule):
+        def compute_loss(self, logits, target):
+            per_exit = torch.stack([
+                ((1 - F.softmax(z, -1).gather(1, target[:, None]).squeeze(1)) ** 2
+                 * F.cross_entropy(z, target, reduction="none")).mean()
+                for z in logits
+            ])
+            return weighted_sum(per_exit, self.loss_weights), {}
+
+    module = FocalDMPO(**TINY)
+    b = batch()
+    loss, _ = module.compute_loss(module(b[IMAGE_KEY]), b[LABEL_KEY])
+    base = DMPOModule(**TINY)
+    base.load_state_dict(module.state_dict())
+    base_loss, _ = base.compute_loss(base(b[IMAGE_KEY]), b[LABEL_KEY])
+    assert loss < base_loss  # the focal factor (1 - p)^2 < 1 shrinks every term
+
+
+def test_export_trainable_round_trip_and_no_overwrite(tmp_path):
+    torch.manual_seed(1)
+    module = DMPOModule(**TINY)
+    for p in module.model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    path = tmp_path / "dmpo.pt"
+    module.export_trainable(str(path))
+    size = path.stat().st_size
+    full = sum(t.numel() for t in module.state_dict().values())
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    assert sum(t.numel() for t in saved.values()) < full
+    assert all(".peft_" in k or k.startswith(("model.exits.", "loss_weights", "exit_thresholds")) for k in saved)
+    with pytest.raises(FileExistsError, match="exists"):
+        module.export_trainable(str(path))
+    assert path.stat().st_size == size
+    torch.manual_seed(1)  # the random "pre-trained" trunk is rebuilt from the same seed
+    restored = DMPOModule.from_trainable(str(path))
+    x = torch.randn(2, 3, 32, 32)
+    module.eval(), restored.eval()
+    for a, b in zip(module(x), restored(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_from_trainable_rejects_other_files(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"format": "something-else"}, bad)
+    with pytest.raises(ValueError, match="not a dmpo trainable-parameter export"):
+        DMPOModule.from_trainable(str(bad))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable dmpo export"):
+        DMPOModule.from_trainable(str(junk))
+
+
+def test_readme_python_example_runs():
+    module = DMPOModule(num_classes=10, backbone="vit_tiny_patch16_224", img_size=32,
+                        backbone_kwargs={"patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2})
+    logits = module(torch.randn(2, 3, 32, 32))
+    assert len(logits) == 4 and logits[0].shape == (2, 10)
+    out = module.model.forward_early_exit(torch.randn(8, 3, 32, 32), thresholds=[0.9, 0.8, 0.7, 0.0])
+    assert out.prediction.shape == out.exit_index.shape == out.score.shape == (8,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(weight_phase1=[1, 1]), "weight_phase1 has 2 entries but the model has 4 exits"),
+        (dict(weight_phase2=[1, -1, 1, 1]), "weight_phase2 must be finite and >= 0"),
+        (dict(exit_blocks=[2, 1, 4]), "must be sorted"),
+        (dict(warmup_fraction=1.5), "warmup_fraction must be in"),
+    ],
+)
+def test_constructor_validates(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DMPOModule(**{**TINY, **kwargs})
