@@ -81,9 +81,17 @@ def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
 
     # dmpo predict with a calibrated budget: real early exit, per-sample CSV.
     preds = tmp_path / "preds.csv"
-    main(["predict", "-c", TINY, f"--ckpt_path={ckpts[0]}",
-          f"--model.init_args.thresholds_file={report_dir / 'thresholds.json'}",
-          "--model.init_args.predict_budget=0.5", f"--model.init_args.predictions_file={preds}"])
+    main(
+        [
+            "predict",
+            "-c",
+            TINY,
+            f"--ckpt_path={ckpts[0]}",
+            f"--model.init_args.thresholds_file={report_dir / 'thresholds.json'}",
+            "--model.init_args.predict_budget=0.5",
+            f"--model.init_args.predictions_file={preds}",
+        ]
+    )
     lines = preds.read_text().splitlines()
     assert lines[0] == "index,label,prediction,exit_index,score"
     assert len(lines) == 1 + 24
@@ -95,19 +103,31 @@ def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
 def test_vit_cifar_recipe_runs_with_a_tiny_backbone_on_fake_cifar100(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = write_cifar(tmp_path / "cifar", "cifar100", per_batch=8)
-    main([
-        "fit", "-c", str(ROOT / "configs" / "vit_cifar.yaml"), *TINY_BACKBONE,
-        f"--data.init_args.root={root}", "--data.init_args.download=false", "--data.init_args.num_workers=0",
-        "--data.init_args.calibration_size=8", "--data.init_args.batch_size=4",
-        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
-        "--trainer.fast_dev_run=1", "--test_after_fit=false",
-    ])
+    main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "configs" / "vit_cifar.yaml"),
+            *TINY_BACKBONE,
+            f"--data.init_args.root={root}",
+            "--data.init_args.download=false",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.calibration_size=8",
+            "--data.init_args.batch_size=4",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.precision=32-true",
+            "--trainer.fast_dev_run=1",
+            "--test_after_fit=false",
+        ]
+    )
 
 
 def _run(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "dmpo_lightning", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dmpo_lightning", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_help_and_version_in_a_subprocess():
@@ -124,6 +144,8 @@ def test_num_classes_mismatch_between_checkpoint_and_data(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     cli = main(["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.switch_epoch=0"])
     ckpt = next((Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
-    with pytest.raises(ValueError, match="checkpoint was trained with num_classes=4 but this model has num_classes=5"):
+    with pytest.raises(
+        ValueError, match="checkpoint was trained with num_classes=4 but this model has num_classes=5"
+    ):
         main(["test", "-c", TINY, f"--ckpt_path={ckpt}", "--data.init_args.synthetic_num_classes=5"])
     assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["num_classes"] == 4

@@ -7,14 +7,18 @@ from dmpo_lightning.models import MultiExitViT, build_backbone
 
 def analytic_vit_macs(blocks, tokens, dim, hidden, patches, patch_in):
     """Matrix-multiply MACs of a ViT trunk (FlopCounterMode counts matmuls/convs, not norms/softmax)."""
-    per_block = tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim + 2 * tokens * dim * hidden
+    per_block = (
+        tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim + 2 * tokens * dim * hidden
+    )
     return patches * patch_in * dim + blocks * per_block
 
 
 def test_counted_costs_equal_the_analytic_formula():
-    # depth 4, dim 32, 32x32 input, patch 8 -> 16 patches + cls; mlp hidden 64; 5 classes; linear heads, no bypass
-    model = MultiExitViT(make_tiny_vit(), num_classes=5, exit_blocks=[2, 4], peft="linear", bypass=False,
-                         early_head="linear")
+    # depth 4, dim 32, 32x32 input, patch 8 -> 16 patches + cls; mlp hidden 64; 5 classes;
+    # linear heads, no bypass
+    model = MultiExitViT(
+        make_tiny_vit(), num_classes=5, exit_blocks=[2, 4], peft="linear", bypass=False, early_head="linear"
+    )
     costs = count_exit_costs(model, (3, 32, 32))
     n, d, h, c = 17, 32, 64, 5
     head = d * c
@@ -29,8 +33,16 @@ def test_counted_costs_equal_the_analytic_formula():
 
 def test_adapter_and_bypass_costs_are_counted():
     plain = MultiExitViT(make_tiny_vit(), 5, [2, 4], peft="linear", bypass=False, early_head="linear")
-    adapted = MultiExitViT(make_tiny_vit(), 5, [2, 4], peft="adaptformer", adapter_dim=8, bypass=True,
-                           bypass_dim=8, early_head="linear")
+    adapted = MultiExitViT(
+        make_tiny_vit(),
+        5,
+        [2, 4],
+        peft="adaptformer",
+        adapter_dim=8,
+        bypass=True,
+        bypass_dim=8,
+        early_head="linear",
+    )
     a, b = count_exit_costs(plain, (3, 32, 32)), count_exit_costs(adapted, (3, 32, 32))
     adapter = 4 * 17 * (32 * 8 + 8 * 32)  # 4 blocks, down + up per token
     bypass = 17 * (32 * 8 + 8 * 32)

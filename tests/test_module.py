@@ -22,7 +22,11 @@ TINY = dict(
 
 
 def batch(n=6):
-    return {IMAGE_KEY: torch.randn(n, 3, 32, 32), LABEL_KEY: torch.randint(0, 4, (n,)), INDEX_KEY: torch.arange(n)}
+    return {
+        IMAGE_KEY: torch.randn(n, 3, 32, 32),
+        LABEL_KEY: torch.randint(0, 4, (n,)),
+        INDEX_KEY: torch.arange(n),
+    }
 
 
 def test_loss_is_the_weighted_sum_of_exit_cross_entropies():
@@ -30,7 +34,9 @@ def test_loss_is_the_weighted_sum_of_exit_cross_entropies():
     b = batch()
     logits = module(b[IMAGE_KEY])
     loss, parts = module.compute_loss(logits, b[LABEL_KEY])
-    expected = sum(w * F.cross_entropy(z, b[LABEL_KEY]) for w, z in zip([0.25, 0.5, 0.75, 1.0], logits))
+    expected = sum(
+        w * F.cross_entropy(z, b[LABEL_KEY]) for w, z in zip([0.25, 0.5, 0.75, 1.0], logits, strict=False)
+    )
     torch.testing.assert_close(loss, expected)
     assert set(parts) == {f"ce_exit{k}" for k in range(4)}
 
@@ -39,7 +45,11 @@ def test_all_weight_on_the_last_exit_trains_only_the_final_head_and_trunk():
     module = DMPOModule(**TINY, weight_phase1=[0, 0, 0, 1], peft="linear")
     loss, _ = module.compute_loss(module(batch()[IMAGE_KEY]), batch()[LABEL_KEY])
     loss.backward()
-    early = [p.grad for n, p in module.model.named_parameters() if n.startswith(("exits.0.", "exits.1.", "exits.2."))]
+    early = [
+        p.grad
+        for n, p in module.model.named_parameters()
+        if n.startswith(("exits.0.", "exits.1.", "exits.2."))
+    ]
     assert all(g is None or torch.count_nonzero(g) == 0 for g in early)
     assert module.model.exits[3].predictor.fc.weight.grad.abs().sum() > 0
 
@@ -54,11 +64,15 @@ def test_distillation_adds_a_term_for_early_exits():
 def test_subclass_overrides_the_loss():
     class FocalDMPO(DMPOModule):
         def compute_loss(self, logits, target):
-            per_exit = torch.stack([
-                ((1 - F.softmax(z, -1).gather(1, target[:, None]).squeeze(1)) ** 2
-                 * F.cross_entropy(z, target, reduction="none")).mean()
-                for z in logits
-            ])
+            per_exit = torch.stack(
+                [
+                    (
+                        (1 - F.softmax(z, -1).gather(1, target[:, None]).squeeze(1)) ** 2
+                        * F.cross_entropy(z, target, reduction="none")
+                    ).mean()
+                    for z in logits
+                ]
+            )
             return weighted_sum(per_exit, self.loss_weights), {}
 
     module = FocalDMPO(**TINY)
@@ -82,7 +96,9 @@ def test_export_trainable_round_trip_and_no_overwrite(tmp_path):
     full = sum(t.numel() for t in module.state_dict().values())
     saved = torch.load(path, weights_only=False)["state_dict"]
     assert sum(t.numel() for t in saved.values()) < full
-    assert all(".peft_" in k or k.startswith(("model.exits.", "loss_weights", "exit_thresholds")) for k in saved)
+    assert all(
+        ".peft_" in k or k.startswith(("model.exits.", "loss_weights", "exit_thresholds")) for k in saved
+    )
     with pytest.raises(FileExistsError, match="exists"):
         module.export_trainable(str(path))
     assert path.stat().st_size == size
@@ -90,7 +106,7 @@ def test_export_trainable_round_trip_and_no_overwrite(tmp_path):
     restored = DMPOModule.from_trainable(str(path))
     x = torch.randn(2, 3, 32, 32)
     module.eval(), restored.eval()
-    for a, b in zip(module(x), restored(x)):
+    for a, b in zip(module(x), restored(x), strict=False):
         torch.testing.assert_close(a, b)
 
 
@@ -106,8 +122,12 @@ def test_from_trainable_rejects_other_files(tmp_path):
 
 
 def test_readme_python_example_runs():
-    module = DMPOModule(num_classes=10, backbone="vit_tiny_patch16_224", img_size=32,
-                        backbone_kwargs={"patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2})
+    module = DMPOModule(
+        num_classes=10,
+        backbone="vit_tiny_patch16_224",
+        img_size=32,
+        backbone_kwargs={"patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2},
+    )
     logits = module(torch.randn(2, 3, 32, 32))
     assert len(logits) == 4 and logits[0].shape == (2, 10)
     out = module.model.forward_early_exit(torch.randn(8, 3, 32, 32), thresholds=[0.9, 0.8, 0.7, 0.0])

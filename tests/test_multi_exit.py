@@ -11,8 +11,9 @@ SMALL_HEADS = dict(moment_dim=32, moment_groups=4, cov_dim=8)
 
 def make_model(**kwargs):
     options = {**SMALL_HEADS, **kwargs}
-    return MultiExitViT(make_tiny_vit(), num_classes=5, exit_blocks=options.pop("exit_blocks", [1, 2, 3, 4]),
-                        **options)
+    return MultiExitViT(
+        make_tiny_vit(), num_classes=5, exit_blocks=options.pop("exit_blocks", [1, 2, 3, 4]), **options
+    )
 
 
 @pytest.mark.parametrize("early_head", ["moment", "isqrt_cov", "linear"])
@@ -47,8 +48,12 @@ def test_adapted_trunk_equals_pretrained_at_step_zero():
 
 @pytest.mark.parametrize(
     ("peft", "trunk_prefixes"),
-    [("adaptformer", ("peft_down", "peft_up")), ("lora", ("peft_lora_a", "peft_lora_b")),
-     ("vpt", ("peft_prompts",)), ("linear", ())],
+    [
+        ("adaptformer", ("peft_down", "peft_up")),
+        ("lora", ("peft_lora_a", "peft_lora_b")),
+        ("vpt", ("peft_prompts",)),
+        ("linear", ()),
+    ],
 )
 def test_trainable_parameters_are_exactly_the_named_ones(peft, trunk_prefixes):
     model = make_model(peft=peft)
@@ -105,7 +110,9 @@ def test_early_exit_forward_matches_simulated_protocol(rule):
     thresholds[-1] = float("-inf")
     expected_exit = torch.full((32,), 3)
     for k in reversed(range(3)):
-        expected_exit = torch.where(scores[:, k] >= thresholds[k], torch.full_like(expected_exit, k), expected_exit)
+        expected_exit = torch.where(
+            scores[:, k] >= thresholds[k], torch.full_like(expected_exit, k), expected_exit
+        )
     out = model.forward_early_exit(x, thresholds, rule)
     assert torch.equal(out.exit_index, expected_exit)
     assert torch.equal(out.prediction, preds[torch.arange(32), expected_exit])

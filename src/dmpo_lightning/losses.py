@@ -32,7 +32,9 @@ def distillation_losses(logits: Sequence[torch.Tensor], temperature: float = 4.0
         raise ValueError(f"distill_temperature must be > 0, got {temperature}")
     teacher = F.log_softmax(logits[-1].detach().float() / temperature, dim=-1)
     losses = [
-        F.kl_div(F.log_softmax(z.float() / temperature, dim=-1), teacher, log_target=True, reduction="batchmean")
+        F.kl_div(
+            F.log_softmax(z.float() / temperature, dim=-1), teacher, log_target=True, reduction="batchmean"
+        )
         * temperature**2
         for z in logits[:-1]
     ]

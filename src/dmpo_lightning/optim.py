@@ -48,7 +48,7 @@ def warmup_cosine(
         [0.5, 1.0, 1.0, 0.5, 0.0]
     """
     total_steps = max(int(total_steps), 1)
-    warmup = int(round(total_steps * warmup_fraction))
+    warmup = round(total_steps * warmup_fraction)
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -41,8 +41,8 @@ def check_report_dir(path: str) -> None:
     existing = [f for f in REPORT_FILES if os.path.exists(os.path.join(path, f))]
     if existing:
         raise FileExistsError(
-            f"{path} already holds a dmpo test report ({', '.join(existing)}); set model.init_args.report_dir "
-            "to a new folder, or move the old report away"
+            f"{path} already holds a dmpo test report ({', '.join(existing)}); set "
+            "model.init_args.report_dir to a new folder, or move the old report away"
         )
 
 
@@ -54,8 +54,8 @@ def check_budgets(budgets: Sequence[float], unit: str, costs: ExitCosts) -> None
     for b in budgets:
         if not lo * (1 - 1e-9) <= float(b) <= hi * (1 + 1e-9):
             raise ValueError(
-                f"budget {b} ({what}) is outside the achievable range [{lo:.4g}, {hi:.4g}]: every sample leaving "
-                f"at the first exit costs {lo:.4g} and the full model {hi:.4g}; fix model.init_args.budgets"
+                f"budget {b} ({what}) is outside the achievable range [{lo:.4g}, {hi:.4g}]: every sample "
+                f"leaving at the first exit costs {lo:.4g} and the full model {hi:.4g}; fix model.init_args.budgets"
             )
 
 
@@ -255,5 +255,5 @@ def write_predictions(path: str, rows: Sequence[Mapping[str, torch.Tensor]]) -> 
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*columns])
-        writer.writerows(zip(*(merged[c] for c in columns)))
+        writer.writerows(zip(*(merged[c] for c in columns), strict=False))
     os.replace(tmp, path)
