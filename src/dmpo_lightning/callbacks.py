@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import random
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from dmpo_lightning.schedules import TwoPhaseSchedule, WeightSpec
 
-__all__ = ["LossWeightScheduler"]
+__all__ = ["EpochSeed", "LossWeightScheduler", "epoch_seed"]
 
 
 class LossWeightScheduler(pl.Callback):
@@ -75,7 +78,8 @@ class LossWeightScheduler(pl.Callback):
         pl_module.loss_weights.copy_(torch.tensor(weights, dtype=pl_module.loss_weights.dtype))
         self.applied_epoch = trainer.current_epoch
         pl_module.log_dict(
-            {f"loss_weight/exit_{k}": w for k, w in enumerate(weights)}, on_step=False, on_epoch=True
+            {f"loss_weight/exit_{k}": w for k, w in enumerate(weights)}, on_step=False, on_epoch=True,
+            sync_dist=True,  # the same on every rank; syncing only silences Lightning's DDP warning
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -95,3 +99,100 @@ class LossWeightScheduler(pl.Callback):
             if self._num_exits is not None:
                 self._build()
         self.applied_epoch = state_dict.get("applied_epoch")
+
+
+def epoch_seed(base_seed: int, epoch: int, rank: int = 0) -> int:
+    """A 32-bit seed that depends only on the run's seed, the epoch and the process rank.
+
+    Examples:
+        >>> epoch_seed(0, 2) == epoch_seed(0, 2) != epoch_seed(0, 3)
+        True
+    """
+    sequence = np.random.SeedSequence([int(base_seed) & 0xFFFFFFFF, int(epoch), int(rank)])
+    return int(sequence.generate_state(1)[0])
+
+
+class EpochSeed(pl.Callback):
+    """Re-seeds Python, NumPy and torch at the start of every training epoch, from (seed, epoch, rank).
+
+    Lightning checkpoints do not hold the random-number generators' states, so a run resumed with
+    ``--ckpt_path`` would otherwise shuffle and augment its next epochs differently from an uninterrupted run.
+    With this callback the randomness of epoch e (shuffle order, augmentations, dropout, drop-path) is a
+    function of the epoch number alone, and a run resumed from an end-of-epoch checkpoint reproduces the
+    uninterrupted one bit for bit on the same hardware (CPU, or deterministic GPU kernels).
+
+    The seed is the one ``seed_everything`` set (``PL_GLOBAL_SEED``; LightningCLI's ``seed_everything``
+    option); without it the callback does nothing. Data-loader workers are seeded from the main process at
+    each epoch, except persistent workers (``persistent_workers=True`` with ``num_workers > 0``), which keep
+    their own generator across epochs: with those, and from mid-epoch checkpoints, resuming is statistically
+    but not bitwise equivalent.
+
+    Lightning creates the data iterator of the first epoch of a ``fit`` early (when ``configure_optimizers``
+    asks for ``estimated_stepping_batches``, otherwise at the start of the fit loop): it draws the shuffle
+    seed and pre-fetches a batch before ``on_fit_start`` or ``on_train_epoch_start`` run. So the first epoch
+    is seeded in ``setup`` (epoch 0) or, when resuming, in ``load_state_dict`` (the epoch after the last
+    fully trained one, stored in this callback's checkpoint state), both of which run before; later epochs
+    are seeded in ``on_train_epoch_start``, before their iterator is created. Sanity-check validation runs
+    with isolated RNG state, so it does not shift the streams.
+
+    DMPOModule returns this callback from ``configure_callbacks``; you do not add it yourself.
+    """
+
+    def __init__(self) -> None:
+        self.seeded_epoch: int | None = None
+        self.last_seed: int | None = None
+        self.last_trained_epoch: int | None = None  # last epoch whose training batches all ran
+        self._rank = 0
+
+    @staticmethod
+    def _base_seed() -> int | None:
+        value = os.environ.get("PL_GLOBAL_SEED")
+        try:
+            return None if value is None else int(value)
+        except ValueError:
+            return None
+
+    def _seed(self, epoch: int, rank: int) -> None:
+        self.seeded_epoch = epoch
+        base = self._base_seed()
+        if base is None:
+            return
+        seed = epoch_seed(base, epoch, rank)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # also seeds every CUDA device
+        self.last_seed = seed
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Seed epoch 0 before Lightning builds the first training iterator (a resume re-seeds on load)."""
+        if stage != "fit":
+            return
+        self._rank = trainer.global_rank
+        self.last_trained_epoch = None
+        self._seed(trainer.current_epoch, self._rank)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Seed every later epoch before its data iterator is created."""
+        if self.seeded_epoch != trainer.current_epoch:
+            self._seed(trainer.current_epoch, trainer.global_rank)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Note when an epoch's last training batch has run (a checkpoint after it resumes with the next)."""
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self.last_trained_epoch = trainer.current_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The last fully trained epoch, so a resumed run knows which epoch to seed first."""
+        return {"last_trained_epoch": self.last_trained_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Seed the epoch the resumed run starts with.
+
+        Lightning restores callbacks before it creates that epoch's data iterator.
+        """
+        last = state_dict.get("last_trained_epoch")
+        self.last_trained_epoch = None if last is None else int(last)
+        if self.last_trained_epoch is not None:
+            self._seed(self.last_trained_epoch + 1, self._rank)

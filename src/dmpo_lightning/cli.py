@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import netrc
 import os
+import pickle
+import zipfile
 from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 import dmpo_lightning
+from dmpo_lightning.callbacks import LossWeightScheduler
 from dmpo_lightning.data import BenchmarkDataModule
+from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule
 
 __all__ = ["DMPOCLI", "main"]
@@ -34,6 +38,20 @@ EVALUATION_OPTIONS = (
     "predictions_file",
 )
 """Model options that only affect evaluation; ``dmpo test/predict --ckpt_path`` keeps the user's values."""
+
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
+"""``ckpt_path`` values Lightning resolves itself (no file to check)."""
+
+
+def _check_ckpt_file(path: str) -> None:
+    """A missing local ``--ckpt_path`` fails at once, before any run folder is created."""
+    if path in SPECIAL_CKPT_PATHS or path.startswith("registry") or "://" in path:
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"ckpt_path {path!r} does not exist; give the .ckpt file a `dmpo fit` run wrote "
+            "(runs/<name>/version_N/checkpoints/*.ckpt) or one of: " + ", ".join(SPECIAL_CKPT_PATHS)
+        )
 
 
 class DMPOCLI(LightningCLI):
@@ -64,6 +82,28 @@ class DMPOCLI(LightningCLI):
             help="After fit, run `test` (early-exit protocol and report) on the best/last checkpoint",
         )
 
+    def before_instantiate_classes(self) -> None:
+        """Check the backbone name before the data module reads its timm config.
+
+        Otherwise the data module's error would name the linked ``timm_model``, not the option the user set.
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config.get("model")
+        init = model.get("init_args") if model is not None and hasattr(model, "get") else None
+        name = init.get("backbone") if init is not None else None
+        if isinstance(name, str):
+            try:
+                check_backbone_name(name)
+            except ValueError as err:
+                raise ValueError(f"model.init_args.backbone: {err}") from None
+
+    def before_fit(self) -> None:
+        """Validate the loss-weight schedule against ``trainer.max_epochs`` before anything is written."""
+        if isinstance(self.model, DMPOModule):
+            h = self.model.hparams
+            schedule = LossWeightScheduler(h.weight_phase1, h.weight_phase2, h.switch_epoch, h.ramp_epochs)
+            schedule.setup(self.trainer, self.model, "fit")
+
     def _parse_ckpt_path(self) -> None:
         """Take the architecture from ``--ckpt_path``'s hyperparameters, but keep evaluation options.
 
@@ -72,13 +112,23 @@ class DMPOCLI(LightningCLI):
         or ``dmpo predict``. Those options do not change the weights, so the user's values win.
         """
         sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if isinstance(ckpt_path, str) and ckpt_path:
+            _check_ckpt_file(ckpt_path)
         kept: dict[str, Any] = {}
         init = None
         if sub and self.config[sub].get("model") is not None:
             init = self.config[sub]["model"].get("init_args")
             if init is not None:
                 kept = {k: init[k] for k in EVALUATION_OPTIONS if k in init}
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile) as err:
+            raise ValueError(
+                f"ckpt_path {ckpt_path!r} is not a readable Lightning checkpoint (torch.load failed with "
+                f"{type(err).__name__}); give a .ckpt file written by `dmpo fit` (it is read with "
+                "weights_only=True, so a file holding arbitrary pickled objects is refused as well)"
+            ) from err
         if kept:
             init = self.config[sub]["model"]["init_args"]
             for key, value in kept.items():

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from dmpo_lightning.callbacks import LossWeightScheduler
+from dmpo_lightning.callbacks import EpochSeed, LossWeightScheduler
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
@@ -176,6 +176,8 @@ class DMPOModule(pl.LightningModule):
         self.test_collectors = nn.ModuleDict(
             {"test": ExitOutputsCollector(), "calibration": ExitOutputsCollector()}
         )
+        if num_classes > 5:  # per-sample top-5 hits [B, K] in the scores/preds slots, de-duplicated like top-1
+            self.test_collectors["test_top5"] = ExitOutputsCollector()
         self._costs: ExitCosts | None = None
         self._input_shape: tuple[int, ...] | None = None
         self._predictions: list[dict[str, torch.Tensor]] = []
@@ -284,6 +286,8 @@ class DMPOModule(pl.LightningModule):
         self.log_dict({f"{stage}/{k}": v for k, v in parts.items()}, batch_size=bs, add_dataloader_idx=False,
                       sync_dist=stage != "train")
         for k, z in enumerate(logits):
+            if stage == "test":
+                break  # test accuracies come from the de-duplicated per-sample outputs (on_test_epoch_end)
             metrics = self.metrics[f"{stage}_exit{k}"]
             metrics.update(z.detach(), y)
             self.log_dict(
@@ -326,6 +330,10 @@ class DMPOModule(pl.LightningModule):
             raise KeyError(f"test batches need an {INDEX_KEY!r} entry (sample index) for the early-exit protocol")
         name = "test" if dataloader_idx == 0 else "calibration"
         self.test_collectors[name].update(index, scores, preds, y)
+        if dataloader_idx == 0 and "test_top5" in self.test_collectors:
+            hits = torch.stack([(z.topk(5, dim=-1).indices == y[:, None]).any(-1) for z in logits], dim=1)
+            hits = hits.long()
+            self.test_collectors["test_top5"].update(index, hits.float(), hits, y)
 
     def on_test_epoch_end(self) -> None:
         """Run the budgeted early-exit protocol, print the table, write the report, log the summary."""
@@ -334,13 +342,17 @@ class DMPOModule(pl.LightningModule):
         test = self.test_collectors["test"].compute()
         cal = self.test_collectors["calibration"].compute() if self.test_collectors["calibration"].update_called \
             else None
+        top5 = self.test_collectors["test_top5"].compute() if "test_top5" in self.test_collectors else None
         for c in self.test_collectors.values():
             c.reset()
         costs = self.exit_costs()
-        anytime = [
-            {name: float(m.compute()) for name, m in self.metrics[f"test_exit{k}"].items(keep_base=True)}
-            for k in range(self.num_exits)
-        ]
+        # Anytime accuracy from the gathered per-sample outputs, each test sample counted once: a
+        # DistributedSampler pads the last batch with repeated samples, which a summed accuracy would count.
+        top1 = (test["preds"] == test["target"][:, None]).float().mean(dim=0)
+        anytime = [{"acc": float(top1[k])} for k in range(self.num_exits)]
+        if top5 is not None:
+            for k, hits in enumerate(top5["preds"].float().mean(dim=0)):
+                anytime[k]["acc_top5"] = float(hits)
         report, summary = run_test_protocol(
             test=test,
             calibration=cal,
@@ -358,7 +370,10 @@ class DMPOModule(pl.LightningModule):
             fingerprint=self.model_fingerprint(),
         )
         self.test_report = report
-        self.log_dict(summary, add_dataloader_idx=False)
+        for k, values in enumerate(anytime):
+            summary.update({f"test/{name}_exit{k}": v for name, v in values.items()})
+        # every rank holds the same gathered values, so the mean over ranks changes nothing
+        self.log_dict(summary, add_dataloader_idx=False, sync_dist=True)
 
     def on_predict_start(self) -> None:
         """Load the thresholds ``dmpo test`` calibrated for ``predict_budget``."""
@@ -417,11 +432,11 @@ class DMPOModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """The loss-weight schedule always rides along, built from this module's hyperparameters."""
+        """The loss-weight schedule and per-epoch re-seeding (exact resume) ride along in ``fit``."""
         h = self.hparams
         if self._trainer is not None and self.trainer.state.fn not in (None, "fit"):
             return []  # only training uses loss weights
-        return [LossWeightScheduler(h.weight_phase1, h.weight_phase2, h.switch_epoch, h.ramp_epochs)]
+        return [LossWeightScheduler(h.weight_phase1, h.weight_phase2, h.switch_epoch, h.ramp_epochs), EpochSeed()]
 
     def on_fit_start(self) -> None:
         """Report the trainable-parameter budget per component."""

@@ -8,6 +8,7 @@ This is the only module that touches timm internals (``_pos_embed`` and the embe
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -19,11 +20,54 @@ from torch import nn
 __all__ = [
     "backbone_depth",
     "build_backbone",
+    "check_backbone_name",
     "embed_tokens",
     "explicit_attention",
     "num_prefix_tokens",
     "resolve_exit_blocks",
 ]
+
+
+def check_backbone_name(name: str) -> None:
+    """Check that timm knows ``name`` (architecture and, if given, pretrained tag) without building anything.
+
+    Raises:
+        ValueError: Naming the unknown architecture (with similar names) or tag (with the known tags).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backbone must be a timm model name, got {name!r}")
+    architecture, _, tag = name.partition(".")
+    if not timm.is_model(architecture):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=6, cutoff=0.5)
+        raise ValueError(
+            f"unknown backbone {name!r}: timm has no model {architecture!r}. "
+            f"Use a timm ViT/DeiT name such as 'vit_base_patch16_224.augreg_in21k' (similar: {close})"
+        )
+    if tag:
+        known = timm.list_pretrained(f"{architecture}.*")
+        if name not in known:
+            tags = [k.partition(".")[2] for k in known]
+            raise ValueError(
+                f"unknown backbone {name!r}: timm has no pretrained tag {tag!r} for {architecture!r}; "
+                f"allowed tags: {tags or 'none (use the bare name)'}"
+            )
+
+
+def _check_patch_divisibility(name: str, model: nn.Module) -> None:
+    """Refuse an input size the patch size does not divide (timm would silently drop the border pixels)."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or getattr(pe, "dynamic_img_pad", False) or getattr(pe, "img_size", None) is None:
+        return
+    size, patch = tuple(int(s) for s in pe.img_size), tuple(int(p) for p in pe.patch_size)
+    for s, p in zip(size, patch, strict=False):
+        if s % p:
+            lower, upper = (s // p) * p, (s // p + 1) * p
+            suggestion = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+            raise ValueError(
+                f"img_size={size[0] if size[0] == size[1] else size} is not divisible by the patch size {p} "
+                f"of backbone {name!r}: the border pixels would be silently dropped; allowed: multiples of "
+                f"{p} (e.g. {suggestion})"
+            )
 
 
 def build_backbone(
@@ -54,7 +98,8 @@ def build_backbone(
         The timm model with ``num_classes=0`` (its ``head`` is an identity).
 
     Raises:
-        ValueError: If the name is unknown to timm or the model is not a token-based ViT with ``blocks``.
+        ValueError: If the name is unknown to timm, the model is not a token-based ViT with ``blocks``, or
+            ``img_size`` is not a multiple of the patch size.
         FileNotFoundError: If ``checkpoint_path`` does not exist.
     """
     kwargs: dict[str, Any] = dict(model_kwargs or {})
@@ -79,19 +124,14 @@ def build_backbone(
             )
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = {"file": os.path.abspath(checkpoint_path)}
-    architecture = name.split(".", 1)[0]
-    if not timm.is_model(architecture):
-        close = timm.list_models(f"*{architecture.split('_')[0]}*")[:8]
-        raise ValueError(
-            f"unknown backbone {name!r}: timm has no model {architecture!r}. "
-            f"Use a timm ViT/DeiT name such as 'vit_base_patch16_224.augreg_in21k' (similar: {close})"
-        )
+    check_backbone_name(name)
     model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
         raise ValueError(
             f"backbone {name!r} is a {type(model).__name__}, not a token-based vision transformer; "
             "supported are timm VisionTransformer models (ViT, DeiT, ...)"
         )
+    _check_patch_divisibility(name, model)
     return model
 
 
@@ -164,7 +204,7 @@ def resolve_exit_blocks(
     else:
         raw = list(exit_blocks)
         if not raw:
-            raise ValueError("exit_blocks is empty; give at least one block number in 1..%d" % depth)
+            raise ValueError(f"exit_blocks is empty; give at least one block number in 1..{depth}")
         blocks_list = []
         for b in raw:
             if isinstance(b, bool) or not isinstance(b, int):
@@ -172,8 +212,8 @@ def resolve_exit_blocks(
             resolved = depth + 1 + b if b < 0 else b
             if not 1 <= resolved <= depth:
                 raise ValueError(
-                    f"exit block {b} is out of range: allowed are 1..{depth} (1-based, exit after that block) "
-                    f"or -{depth}..-1 counting from the end, for this {depth}-block backbone"
+                    f"exit block {b} is out of range: allowed are 1..{depth} (1-based, exit after that "
+                    f"block) or -{depth}..-1 counting from the end, for this {depth}-block backbone"
                 )
             blocks_list.append(resolved)
         if len(set(blocks_list)) != len(blocks_list):
