@@ -28,8 +28,13 @@ def accelerator(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Seed everything and send every cache dir to a temporary folder."""
+    """Seed everything, run in a temporary folder and send every cache dir there.
+
+    Tests use absolute paths for the project's files; anything a Trainer or data module writes relative to the
+    working directory (runs/, calibration_indices.json) lands in tmp_path, never in the checkout.
+    """
     torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
