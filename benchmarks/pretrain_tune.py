@@ -1,0 +1,1095 @@
+"""Offline pre-train-then-tune benchmark: DMPO against its baselines and ablations (EVALUATION.md section 5).
+
+No pre-trained ViT can be downloaded here, so the benchmark makes its own "pre-trained backbone":
+
+1. **Source** (cached): a ViT (timm ``vit_tiny_patch16_224`` architecture: 12 blocks, D = 192, 3 heads, 7x7
+   patches on 28x28 grey images) is trained from scratch on a fixed, seeded, class-balanced half (30,000
+   images) of the Fashion-MNIST training set. Its weights are saved as a timm state dict, the format
+   ``DMPOModule(checkpoint_path=...)`` loads, in ``<cache>/pretrain_<key>/backbone.pth`` (key = hash of
+   every setting), and reused by later runs.
+2. **Target**: every method variant in ``configs/model/<variant>.yaml`` (the same files a GPU user trains
+   with) is tuned from that checkpoint on the *other* half: a seeded subset of training images, a
+   calibration split held out from the same half, and tested on the 10,000 test images. Runs go through
+   the package's own code path: ``DMPOModule`` + ``BenchmarkDataModule`` + a Lightning ``Trainer``, then
+   ``trainer.test`` (the ``dmpo test`` protocol: thresholds from the calibration split, ``report.json``).
+   Only sizes are scaled to the small backbone (exit blocks, adapter / moment / covariance widths, switch
+   epochs from the files' 100-epoch schedule to this one's); everything else is read from the file.
+
+Prints ONE markdown table (rows = variants; test accuracy at 25/33/50/75/100% of the full cost, AUC,
+trainable parameters, training time per epoch relative to static PEFT) and writes it with the curves (CSV),
+one accuracy-vs-cost plot (PNG) and the raw results (JSON) to a new output folder.
+
+    python benchmarks/pretrain_tune.py                 # full benchmark (see benchmarks/README.md)
+    python benchmarks/pretrain_tune.py --quick         # smoke test: tiny model, a few hundred images
+    python benchmarks/pretrain_tune.py --estimate      # time a few steps of each planned model; no training
+    python benchmarks/pretrain_tune.py --variants dmpo,sdn_linear --seeds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime as _dt
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from dmpo_lightning import DMPOModule
+from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
+from dmpo_lightning.data import BenchmarkDataModule
+from dmpo_lightning.data.fashion_mnist import find_fashion_mnist_files, load_fashion_mnist
+from dmpo_lightning.data.registry import DATASETS, resolve_root
+from dmpo_lightning.models.backbone import resolve_exit_blocks
+from dmpo_lightning.optim import param_groups
+from dmpo_lightning.schedules import TwoPhaseSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONFIGS = ROOT / "configs" / "model"
+DEFAULT_CACHE = ROOT / "benchmarks" / "output" / "cache"
+DEFAULT_OUTPUT_PARENT = ROOT / "benchmarks" / "output" / "pretrain_tune"
+
+BACKBONE = "vit_tiny_patch16_224"
+"""timm architecture of the source model (its pretrained config supplies mean/std = 0.5; no weights)."""
+REFERENCE_EPOCHS = 100
+"""Length of the schedule the variant files' ``switch_epoch``/``ramp_epochs`` are written for (METHOD.md)."""
+REFERENCE_DEPTH = 12
+"""Depth of the backbone the variant files' ``exit_blocks`` are written for (ViT-B/16)."""
+TABLE_BUDGETS = (0.25, 0.33, 0.5, 0.75, 1.0)
+"""Columns of the table: fractions of the full model's cost."""
+PREFERRED_ORDER = tuple(
+    "static_peft linear_probe full_finetune sdn_linear sdn_bypass sdn_moment sdn_isqrt_cov dmpo "
+    "dmpo_isqrt_cov phase1_only phase2_only switch_25 switch_50 switch_75 distill_last exit_entropy "
+    "exit_patience".split()
+)
+"""Table order of the variants (others follow alphabetically)."""
+STATIC_REFERENCE = "static_peft"
+EVALUATION_KEYS = set(
+    "exit_rule budgets budget_unit report_dir thresholds_file predict_budget predictions_file".split()
+)
+"""Options that change the evaluation, not the trained weights (dmpo_lightning.cli.EVALUATION_OPTIONS)."""
+SCALED_KEYS = (EVALUATION_KEYS - {"exit_rule"}) | set(
+    "backbone pretrained checkpoint_path img_size in_chans backbone_kwargs num_classes optimizer "
+    "lr_scheduler warmup_fraction adapter_dim moment_dim cov_dim".split()
+)
+"""Set by the benchmark from the source model and its own options, not read from the variant files."""
+
+
+# ------------------------------------------------------------------------------------------------ settings
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything that determines the results (stored in results.json; cache keys hash subsets of it)."""
+
+    # source model and pre-training
+    depth: int = 12
+    embed_dim: int = 192
+    num_heads: int = 3
+    patch_size: int = 7
+    img_size: int = 28
+    split_seed: int = 0
+    source_size: int | None = None  # None: the whole source half (30,000)
+    pretrain_epochs: int = 20
+    pretrain_batch_size: int = 128
+    pretrain_lr: float = 1e-3
+    pretrain_label_smoothing: float = 0.1
+    pretrain_drop_path: float = 0.1
+    pretrain_monitor_size: int = 1000
+    # target tuning
+    train_size: int = 6000
+    calibration_size: int = 2000
+    test_size: int | None = None  # None: all 10,000 test images
+    epochs: int = 4
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    adapter_dim: int = 16
+    moment_dim: int = 256
+    cov_dim: int = 32
+
+    def arch_kwargs(self) -> dict[str, Any]:
+        return {
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+        }
+
+
+QUICK = dict(
+    depth=4,
+    embed_dim=64,
+    num_heads=2,
+    source_size=400,
+    pretrain_epochs=1,
+    pretrain_batch_size=50,
+    pretrain_drop_path=0.0,
+    pretrain_monitor_size=50,
+    train_size=200,
+    calibration_size=100,
+    test_size=200,
+    epochs=2,
+    batch_size=50,
+    eval_batch_size=100,
+    adapter_dim=8,
+    moment_dim=64,
+    cov_dim=16,
+)
+"""--quick: a depth-4, dim-64 model on a few hundred images (seconds; smoke tests, numbers meaningless)."""
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------- data halves
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed idx file (uint8), the format of the Fashion-MNIST files."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def _write_split(
+    folder: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    folder.mkdir(parents=True)
+    for split, (images, labels) in (("train", train), ("t10k", test)):
+        _write_idx(folder / f"{split}-images-idx3-ubyte", images)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
+
+
+def _files_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for key, path in sorted(find_fashion_mnist_files(root).items()):
+        digest.update(key.encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _subset(
+    labels: np.ndarray, indices: np.ndarray, size: int | None, rng: np.random.Generator
+) -> np.ndarray:
+    """``size`` of ``indices``, class-balanced as far as possible (all of them for ``None``)."""
+    if size is None or size >= len(indices):
+        return np.sort(indices)
+    classes = np.unique(labels[indices])
+    per_class = math.ceil(size / len(classes))
+    picked = [rng.permutation(indices[labels[indices] == c])[:per_class] for c in classes]
+    return np.sort(rng.permutation(np.concatenate(picked))[:size])
+
+
+def prepare_halves(settings: Settings, cache: Path, source_root: Path | None) -> tuple[Path, Path, dict]:
+    """Split the Fashion-MNIST training set into a source and a target half (class-balanced, seeded).
+
+    Writes ``source/`` (source half + the test images) and ``target/`` (target half + the test images) as
+    idx files, so both are read by ``BenchmarkDataModule(dataset="fashion_mnist", root=...)``. Cached.
+    """
+    root = resolve_root(DATASETS["fashion_mnist"], source_root)
+    payload = {
+        "files": _files_digest(root),
+        "split_seed": settings.split_seed,
+        "source_size": settings.source_size,
+        "test_size": settings.test_size,
+        "version": 1,
+    }
+    folder = cache / f"fmnist_halves_{_hash(payload)}"
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        return folder / "source", folder / "target", json.loads(meta_path.read_text())
+    arrays = load_fashion_mnist(root)
+    labels = arrays.train_labels
+    rng = np.random.default_rng(settings.split_seed)
+    source, target = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        half = len(idx) // 2
+        source.append(idx[:half])
+        target.append(idx[half:])
+    source_idx = _subset(labels, np.concatenate(source), settings.source_size, rng)
+    target_idx = np.sort(np.concatenate(target))
+    test_idx = _subset(arrays.test_labels, np.arange(len(arrays.test_labels)), settings.test_size, rng)
+    assert not set(source_idx.tolist()) & set(target_idx.tolist())
+    test = (arrays.test_images[test_idx], arrays.test_labels[test_idx])
+    tmp = cache / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_split(tmp / "source", (arrays.train_images[source_idx], labels[source_idx]), test)
+    _write_split(tmp / "target", (arrays.train_images[target_idx], labels[target_idx]), test)
+    meta = {
+        **payload,
+        "root": str(root),
+        "source_indices": source_idx.tolist(),
+        "target_indices": target_idx.tolist(),
+        "test_indices": test_idx.tolist(),
+        "sizes": {"source": len(source_idx), "target": len(target_idx), "test": len(test_idx)},
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / "source", folder / "target", json.loads(meta_path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+class EpochTimer(pl.Callback):
+    """Wall time of every training epoch (validation excluded), monitor accuracy, and a progress hook."""
+
+    def __init__(self, bar: Any = None, label: str = "") -> None:
+        self.times: list[float] = []
+        self.val_acc: list[float] = []
+        self.bar, self.label = bar, label
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.label} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        key = f"val/acc_exit{pl_module.num_exits - 1}"
+        if not trainer.sanity_checking and key in trainer.callback_metrics:
+            self.val_acc.append(float(trainer.callback_metrics[key]))
+
+
+def _quiet() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # timm notes that the 1-channel patch embedding it loads needs no adapting: expected, not a problem
+    logging.getLogger("timm").setLevel(logging.ERROR)
+    for message in (
+        ".*does not have many workers.*",
+        ".*The number of training batches.*",
+        ".*You defined a `validation_step` but have no `val_dataloader`.*",
+        ".*litlogger.*",
+        ".*isinstance\\(treespec, LeafSpec\\).*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def _trainer(
+    args: argparse.Namespace,
+    max_epochs: int,
+    log_dir: Path,
+    callbacks: list,
+    *,
+    validate: bool,
+    progress: bool,
+) -> pl.Trainer:
+    from lightning.pytorch.loggers import CSVLogger
+
+    return pl.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        max_epochs=max_epochs,
+        precision="32-true",
+        logger=CSVLogger(save_dir=str(log_dir), name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if validate else 0,
+        log_every_n_steps=10,
+        callbacks=callbacks,
+    )
+
+
+def _datamodule(
+    settings: Settings,
+    args: argparse.Namespace,
+    root: Path,
+    *,
+    train_size: int | None,
+    calibration_size: int,
+    batch_size: int,
+    seed: int,
+) -> Any:
+    return BenchmarkDataModule(
+        dataset="fashion_mnist",
+        root=str(root),
+        image_size=settings.img_size,
+        in_chans=1,
+        batch_size=batch_size,
+        eval_batch_size=settings.eval_batch_size,
+        num_workers=args.num_workers,
+        calibration_size=calibration_size,
+        train_subset=train_size,
+        seed=seed,
+        timm_model=BACKBONE,
+        train_augment=False,
+    )
+
+
+def _optimizer(lr: float, weight_decay: float) -> Any:
+    return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+
+
+# -------------------------------------------------------------------------------------------- pre-training
+def pretrain(
+    settings: Settings, args: argparse.Namespace, source: Path, halves_meta: dict, cache: Path
+) -> dict:
+    """Train the source model from scratch (or reuse the cached one); returns its meta (path, accuracy...)."""
+
+    payload = {
+        "halves": halves_meta["files"],
+        "split_seed": settings.split_seed,
+        "source_size": settings.source_size,
+        "test_size": settings.test_size,
+        "arch": settings.arch_kwargs(),
+        "img_size": settings.img_size,
+        "epochs": settings.pretrain_epochs,
+        "batch_size": settings.pretrain_batch_size,
+        "lr": settings.pretrain_lr,
+        "weight_decay": settings.weight_decay,
+        "label_smoothing": settings.pretrain_label_smoothing,
+        "drop_path": settings.pretrain_drop_path,
+        "monitor_size": settings.pretrain_monitor_size,
+        "augment": False,
+        "seed": 0,
+        "version": 1,
+    }
+    folder = cache / f"pretrain_{_hash(payload)}"
+    meta_path = folder / "meta.json"
+    if meta_path.is_file() and not args.force_pretrain:
+        meta = json.loads(meta_path.read_text())
+        meta.update(reused=True, checkpoint=str(folder / "backbone.pth"))
+        tqdm.write(
+            f"pre-trained source model reused from {folder} (test top-1 {100 * meta['test_accuracy']:.2f} %, "
+            f"trained in {meta['train_seconds'] / 60:.1f} min)"
+        )
+        return meta
+    tmp = cache / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tqdm.write(
+        f"pre-training the source model ({settings.pretrain_epochs} epochs on "
+        f"{halves_meta['sizes']['source'] - settings.pretrain_monitor_size} images); cached in {folder}"
+    )
+    pl.seed_everything(0, workers=True, verbose=False)
+    module = DMPOModule(
+        num_classes=10,
+        backbone=BACKBONE,
+        pretrained=False,
+        img_size=settings.img_size,
+        in_chans=1,
+        backbone_kwargs={**settings.arch_kwargs(), "drop_path_rate": settings.pretrain_drop_path},
+        exit_blocks=1,
+        peft="full",
+        bypass=False,
+        early_head="linear",
+        final_head="linear",
+        weight_phase1="uniform",
+        weight_phase2="uniform",
+        label_smoothing=settings.pretrain_label_smoothing,
+        budgets=[1.0],
+        optimizer=_optimizer(settings.pretrain_lr, settings.weight_decay),
+    )
+    dm = _datamodule(
+        settings,
+        args,
+        source,
+        train_size=None,
+        calibration_size=settings.pretrain_monitor_size,
+        batch_size=settings.pretrain_batch_size,
+        seed=0,
+    )
+    timer = EpochTimer()
+    trainer = _trainer(args, settings.pretrain_epochs, tmp / "logs", [timer], validate=True, progress=True)
+    start = time.perf_counter()
+    trainer.fit(module, dm)
+    train_seconds = time.perf_counter() - start
+    test_accuracy = _accuracy(module, dm.dataloader("test"))
+    # timm state dict of the trunk: the trained final norm lives in the last exit's head (the module keeps
+    # the backbone's own norm frozen and copies it into the head), so it is written back as `norm.*`.
+    state = {k: v.detach().clone() for k, v in module.model.backbone.state_dict().items()}
+    head = module.model.exits[-1].predictor
+    state["norm.weight"] = head.norm.weight.detach().clone()
+    state["norm.bias"] = head.norm.bias.detach().clone()
+    torch.save(state, tmp / "backbone.pth")
+    meta = {
+        **payload,
+        "test_accuracy": test_accuracy,
+        "monitor_accuracy_per_epoch": timer.val_acc,
+        "train_seconds": train_seconds,
+        "epoch_seconds": timer.times,
+        "num_train": halves_meta["sizes"]["source"] - settings.pretrain_monitor_size,
+        "num_test": halves_meta["sizes"]["test"],
+        "backbone": BACKBONE,
+        "torch": torch.__version__,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)  # only reached with --force-pretrain or a broken cache entry
+    os.replace(tmp, folder)
+    meta.update(reused=False, checkpoint=str(folder / "backbone.pth"))
+    tqdm.write(f"pre-training done in {train_seconds / 60:.1f} min: test top-1 {100 * test_accuracy:.2f} %")
+    return meta
+
+
+@torch.no_grad()
+def _accuracy(module: Any, loader: Any) -> float:
+    module.eval()
+    correct = total = 0
+    for batch in loader:
+        logits = module(batch[IMAGE_KEY].to(module.device))[-1]
+        correct += int((logits.argmax(-1).cpu() == batch[LABEL_KEY]).sum())
+        total += len(batch[LABEL_KEY])
+    return correct / max(total, 1)
+
+
+def check_backbone_loaded(module: Any, checkpoint: Path) -> None:
+    """Fail unless every trunk tensor of ``module`` equals the checkpoint's (timm loads non-strictly)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    current = {k.replace(".base_layer.", "."): v for k, v in module.model.backbone.state_dict().items()}
+    missing = [k for k in saved if k not in current]
+    different = [k for k in saved if k in current and not torch.equal(current[k].cpu(), saved[k])]
+    if missing or different:
+        raise RuntimeError(
+            f"the pre-trained backbone {checkpoint} was not loaded: missing {missing[:3]}, "
+            f"different {different[:3]}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- variants
+def available_variants(configs: Path) -> list[str]:
+    names = sorted(p.stem for p in configs.glob("*.yaml"))
+    return [n for n in PREFERRED_ORDER if n in names] + [n for n in names if n not in PREFERRED_ORDER]
+
+
+def load_variant(name: str, configs: Path) -> dict[str, Any]:
+    path = configs / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(
+            f"no variant {name!r}: {path} does not exist; choose from {available_variants(configs)}"
+        )
+    model = yaml.safe_load(path.read_text())["model"]
+    if model.get("class_path") not in ("dmpo_lightning.DMPOModule", "dmpo_lightning.module.DMPOModule"):
+        raise SystemExit(
+            f"{path}: the benchmark tunes dmpo_lightning.DMPOModule, got {model.get('class_path')}"
+        )
+    return dict(model.get("init_args") or {})
+
+
+def _scale_epoch(value: int | None, epochs: int, *, at_least_one: bool = False) -> int | None:
+    if value is None:
+        return None
+    scaled = math.floor(value * epochs / REFERENCE_EPOCHS + 0.5)
+    return max(1 if at_least_one else 0, min(epochs - 1, scaled))
+
+
+def _scale_exits(exits: Any, depth: int) -> Any:
+    if exits is None or isinstance(exits, int):
+        return exits  # None = 4 evenly spaced; n = the last n blocks: both fit any depth
+    scaled = [
+        max(1, min(depth, math.floor(b * depth / REFERENCE_DEPTH + 0.5))) if b > 0 else b for b in exits
+    ]
+    return sorted(set(scaled), key=scaled.index)
+
+
+def module_kwargs(name: str, settings: Settings, configs: Path) -> dict[str, Any]:
+    """The variant file's init_args with sizes scaled to the source model and this schedule."""
+    init = load_variant(name, configs)
+    kwargs = {k: v for k, v in init.items() if k not in SCALED_KEYS}
+    kwargs["exit_blocks"] = _scale_exits(init.get("exit_blocks"), settings.depth)
+    if kwargs.get("switch_epoch") is not None:
+        kwargs["switch_epoch"] = _scale_epoch(kwargs["switch_epoch"], settings.epochs)
+    if kwargs.get("ramp_epochs"):
+        kwargs["ramp_epochs"] = _scale_epoch(kwargs["ramp_epochs"], settings.epochs, at_least_one=True)
+    kwargs.update(adapter_dim=settings.adapter_dim, moment_dim=settings.moment_dim, cov_dim=settings.cov_dim)
+    return kwargs
+
+
+def training_key(kwargs: dict[str, Any], settings: Settings) -> str:
+    """What determines the trained weights: no evaluation options, the loss schedule as weights per epoch.
+
+    Variants with the same key (e.g. ``switch_50`` and ``dmpo``, ``phase2_only`` and ``sdn_moment``, the exit
+    rules and ``dmpo``) share one training run per seed.
+    """
+    k = len(resolve_exit_blocks(kwargs.get("exit_blocks"), settings.depth))
+    schedule = TwoPhaseSchedule(
+        k,
+        kwargs.get("weight_phase1", "depth_increasing"),
+        kwargs.get("weight_phase2", "uniform"),
+        kwargs.get("switch_epoch"),
+        kwargs.get("ramp_epochs", 0),
+        max_epochs=settings.epochs,
+    )
+    rest = {
+        key: v
+        for key, v in kwargs.items()
+        if key not in EVALUATION_KEYS | {"weight_phase1", "weight_phase2", "switch_epoch", "ramp_epochs"}
+    }
+    rest["weights_per_epoch"] = [schedule.weights(e) for e in range(settings.epochs)]
+    return _hash(rest)
+
+
+@dataclasses.dataclass
+class Job:
+    """One training run (a training key and a seed) and the evaluations (exit rules) made on it."""
+
+    name: str
+    seed: int
+    kwargs: dict[str, Any]
+    rules: dict[str, list[str]]  # exit rule -> variants evaluated with it
+
+
+def plan(
+    variants: Sequence[str], settings: Settings, configs: Path, seeds: dict[str, list[int]]
+) -> list[Job]:
+    jobs: dict[tuple[str, int], Job] = {}
+    for name in variants:
+        kwargs = module_kwargs(name, settings, configs)
+        key = training_key(kwargs, settings)
+        rule = kwargs.get("exit_rule", "confidence")
+        for seed in seeds[name]:
+            job = jobs.setdefault((key, seed), Job(name, seed, kwargs, {}))
+            job.rules.setdefault(rule, []).append(name)
+    return list(jobs.values())
+
+
+# ------------------------------------------------------------------------------------------------- tuning
+def run_job(
+    job: Job,
+    settings: Settings,
+    args: argparse.Namespace,
+    target: Path,
+    checkpoint: Path,
+    out: Path,
+    bar: Any,
+) -> list[dict[str, Any]]:
+    """Tune one model from the checkpoint, then run the dmpo test protocol once per exit rule."""
+
+    run_dir = out / "runs" / job.name / f"seed{job.seed}"
+    run_dir.mkdir(parents=True)
+    pl.seed_everything(job.seed, workers=True, verbose=False)
+    kwargs = {k: v for k, v in job.kwargs.items() if k != "exit_rule"}
+    module = DMPOModule(
+        num_classes=10,
+        backbone=BACKBONE,
+        checkpoint_path=str(checkpoint),
+        img_size=settings.img_size,
+        in_chans=1,
+        backbone_kwargs=settings.arch_kwargs(),
+        budgets=[1.0],
+        optimizer=_optimizer(settings.lr, settings.weight_decay),
+        **kwargs,
+    )
+    check_backbone_loaded(module, checkpoint)
+    costs = module.exit_costs()
+    lowest = costs.exit_gflops[0] / costs.full_gflops
+    budgets = [b for b in TABLE_BUDGETS if b >= lowest * (1 - 1e-9)]
+    module.hparams.budgets = budgets
+    dm = _datamodule(
+        settings,
+        args,
+        target,
+        train_size=settings.train_size,
+        calibration_size=settings.calibration_size,
+        batch_size=settings.batch_size,
+        seed=job.seed,
+    )
+    timer = EpochTimer(bar, f"{job.name} seed {job.seed}")
+    trainer = _trainer(args, settings.epochs, run_dir, [timer], validate=False, progress=args.progress)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        trainer.fit(module, dm)
+    counts = module.model.count_parameters()
+    results = []
+    for rule, names in job.rules.items():
+        module.hparams.exit_rule = rule
+        module.hparams.report_dir = str(run_dir / f"test_{rule}")
+        if bar is not None:
+            bar.set_postfix_str(f"{job.name} seed {job.seed} test ({rule})")
+        with contextlib.redirect_stdout(log):
+            trainer.test(module, datamodule=dm, verbose=False)
+        report = module.test_report
+        for name in names:
+            results.append(
+                {
+                    "variant": name,
+                    "seed": job.seed,
+                    "trained_as": job.name,
+                    "exit_rule": rule,
+                    "report_dir": str(run_dir / f"test_{rule}"),
+                    "budgets": {f"{b['budget']:g}": b["test_accuracy"] for b in report["budgets"]},
+                    "budget_cost_fraction": {
+                        f"{b['budget']:g}": b["test_cost_fraction"] for b in report["budgets"]
+                    },
+                    "auc": None if report["auc"] is None else report["auc"]["value"],
+                    "full_model_accuracy": report["full_model"]["top1"],
+                    "exits": [
+                        {"block": e["block"], "cost_fraction": e["cost_fraction"], "top1": e["top1"]}
+                        for e in report["exits"]
+                    ],
+                    "curve": None
+                    if report["curve"] is None
+                    else {
+                        "q": report["curve"]["qs"],
+                        "test_cost_fraction": report["curve"]["test_cost_fraction"],
+                        "test_accuracy": report["curve"]["test_accuracy"],
+                    },
+                    "first_exit_cost_fraction": lowest,
+                    "trainable_parameters": counts["trainable"],
+                    "total_parameters": counts["total"],
+                    "epoch_seconds": timer.times,
+                    "module_kwargs": job.kwargs,
+                }
+            )
+    (run_dir / "log.txt").write_text(log.getvalue())
+    return results
+
+
+# ------------------------------------------------------------------------------------------------- output
+def _mean_spread(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    if not values:
+        return "—"
+    mean = scale * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def summarise(results: list[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in variants:
+        runs = [r for r in results if r["variant"] == name]
+        if not runs:
+            continue
+        row: dict[str, Any] = {
+            "variant": name,
+            "seeds": len(runs),
+            "trained_as": runs[0]["trained_as"],
+            "exit_rule": runs[0]["exit_rule"],
+        }
+        for b in TABLE_BUDGETS:
+            vals = [r["budgets"].get(f"{b:g}") for r in runs]
+            row[f"acc_{b:g}"] = [v for v in vals if v is not None] if all(v is not None for v in vals) else []
+        row["auc"] = [r["auc"] for r in runs if r["auc"] is not None]
+        row["trainable_parameters"] = runs[0]["trainable_parameters"]
+        # median over every epoch of every seed: robust to a slow first epoch or a busy moment
+        row["epoch_seconds"] = statistics.median(t for r in runs for t in r["epoch_seconds"])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], notes: list[str]) -> str:
+    ref = next((r["epoch_seconds"] for r in rows if r["variant"] == STATIC_REFERENCE), None)
+    head = [
+        "variant",
+        *(f"{100 * b:g}%" for b in TABLE_BUDGETS),
+        "AUC",
+        "trainable params",
+        "s / epoch",
+        "time vs static PEFT",
+        "seeds",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in rows:
+        name = (
+            r["variant"] if r["trained_as"] == r["variant"] else f"{r['variant']} (= {r['trained_as']} run)"
+        )
+        cells = [
+            name,
+            *(_mean_spread(r[f"acc_{b:g}"]) for b in TABLE_BUDGETS),
+            _mean_spread(r["auc"]),
+            f"{r['trainable_parameters']:,}",
+            f"{r['epoch_seconds']:.1f}",
+            "—" if ref is None else f"{r['epoch_seconds'] / ref:.2f}x",
+            str(r["seeds"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", *notes]) + "\n"
+
+
+def write_curves(path: Path, results: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "seed", "kind", "point", "test_cost_fraction", "test_accuracy"])
+        for r in results:
+            for i, e in enumerate(r["exits"]):
+                writer.writerow(
+                    [
+                        r["variant"],
+                        r["seed"],
+                        "anytime",
+                        f"exit{i + 1}",
+                        repr(e["cost_fraction"]),
+                        repr(e["top1"]),
+                    ]
+                )
+            for b, acc in r["budgets"].items():
+                writer.writerow(
+                    [r["variant"], r["seed"], "budget", b, repr(r["budget_cost_fraction"][b]), repr(acc)]
+                )
+            if r["curve"] is not None:
+                c = r["curve"]
+                for q, x, y in zip(c["q"], c["test_cost_fraction"], c["test_accuracy"], strict=True):
+                    writer.writerow([r["variant"], r["seed"], "dynamic", q, repr(x), repr(y)])
+
+
+def _mean_curve(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    curves = []
+    for r in runs:
+        c = r["curve"]
+        pts = (
+            sorted(zip(c["test_cost_fraction"], c["test_accuracy"], strict=True))
+            if c
+            else [(r["exits"][-1]["cost_fraction"], r["exits"][-1]["top1"])]
+        )
+        xs, inverse = np.unique(np.array([p[0] for p in pts]), return_inverse=True)
+        ys = np.bincount(inverse, weights=[p[1] for p in pts]) / np.bincount(inverse)  # mean per cost
+        curves.append((xs, ys))
+    lo, hi = max(c[0].min() for c in curves), min(c[0].max() for c in curves)
+    if hi - lo < 1e-6:
+        return np.array([lo]), np.array([statistics.fmean(float(np.interp(lo, *c)) for c in curves)])
+    grid = np.linspace(lo, hi, 60)
+    return grid, np.mean([np.interp(grid, *c) for c in curves], axis=0)
+
+
+def plot(path: Path, results: list[dict[str, Any]], variants: Sequence[str], title: str) -> None:
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10.5, 5.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colours = colormaps["tab20"]
+    for i, name in enumerate(variants):
+        runs = [r for r in results if r["variant"] == name]
+        if not runs:
+            continue
+        xs, ys = _mean_curve(runs)
+        seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+        # ten distinct hues first (dark shades of tab20), then their light shades
+        style = dict(color=colours((2 * i) % 20 + (2 * i) // 20 % 2), label=f"{name} ({seeds})")
+        if name == "dmpo":
+            style.update(color="black", lw=2.6, zorder=5)
+        if len(xs) == 1:
+            ax.plot(100 * xs, 100 * ys, "D", ms=7, **style)
+        else:
+            ax.plot(100 * xs, 100 * ys, "-" if i < 10 else "--", **style)
+    for b in TABLE_BUDGETS:
+        ax.axvline(100 * b, color="0.85", lw=0.8, zorder=0)
+    ax.set_xlabel("test cost, % of the full model's FLOPs (thresholds from the calibration split)")
+    ax.set_ylabel("test top-1 accuracy, %")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------- estimation
+def estimate(jobs: list[Job], settings: Settings, args: argparse.Namespace, steps: int = 3) -> None:
+    """Time a few optimizer steps and evaluation batches of each planned model (random weights, same cost)."""
+
+    def per_image_train(module: Any, batch: int) -> float:
+        module.train()
+        opt = torch.optim.AdamW(param_groups(module.model), lr=1e-4)
+        x, y = torch.randn(batch, 1, settings.img_size, settings.img_size), torch.randint(0, 10, (batch,))
+        times = []
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            loss, _ = module.compute_loss(module(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - start)
+        return min(times) / batch
+
+    @torch.no_grad()
+    def per_image_eval(module: Any, batch: int) -> float:
+        module.eval()
+        x = torch.randn(batch, 1, settings.img_size, settings.img_size)
+        module(x)
+        start = time.perf_counter()
+        module(x)
+        return (time.perf_counter() - start) / batch
+
+    test_n = settings.test_size or 10000
+    total = 0.0
+    print(
+        f"timing {steps} steps of batch {settings.batch_size} per planned model "
+        f"({torch.get_num_threads()} threads):"
+    )
+    for job in jobs:
+        kwargs = {k: v for k, v in job.kwargs.items() if k != "exit_rule"}
+        module = DMPOModule(
+            num_classes=10,
+            backbone=BACKBONE,
+            img_size=settings.img_size,
+            in_chans=1,
+            backbone_kwargs=settings.arch_kwargs(),
+            budgets=[1.0],
+            **kwargs,
+        )
+        train_s = per_image_train(module, settings.batch_size)
+        eval_s = per_image_eval(module, settings.eval_batch_size)
+        seconds = (
+            settings.epochs * settings.train_size * train_s
+            + len(job.rules) * (test_n + settings.calibration_size) * eval_s
+            + 10.0
+        )
+        total += seconds
+        print(
+            f"  {job.name:>16} seed {job.seed}: {1 / train_s:6.0f} train img/s, {1 / eval_s:6.0f} eval img/s "
+            f"-> {seconds / 60:5.1f} min"
+        )
+    module = DMPOModule(
+        num_classes=10,
+        backbone=BACKBONE,
+        img_size=settings.img_size,
+        in_chans=1,
+        backbone_kwargs=settings.arch_kwargs(),
+        exit_blocks=1,
+        peft="full",
+        bypass=False,
+        early_head="linear",
+        weight_phase1="uniform",
+        budgets=[1.0],
+    )
+    pre_s = per_image_train(module, settings.pretrain_batch_size)
+    source_n = (settings.source_size or 30000) - settings.pretrain_monitor_size
+    pre = settings.pretrain_epochs * source_n * pre_s
+    print(
+        f"estimated tuning + testing: {total / 60:.1f} min for {len(jobs)} runs "
+        f"(+ pre-training, once, cached: {pre / 60:.1f} min at {1 / pre_s:.0f} img/s)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    d = Settings()
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults: about 50 min of tuning and testing on 2 shared CPU cores (pre-training: about an "
+        "hour, once, cached). See benchmarks/README.md.",
+    )
+    p.add_argument(
+        "--variants", default="all", help="comma-separated names of configs/model/*.yaml, or 'all'"
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the --multi-seed variants (default 3)")
+    p.add_argument("--multi-seed", default="dmpo,sdn_linear", help="variants run with --seeds seeds")
+    p.add_argument("--other-seeds", type=int, default=1, help="seeds of every other variant (default 1)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: tiny model, a few hundred images, seconds"
+    )
+    p.add_argument("--estimate", action="store_true", help="time a few steps per planned model and stop")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="new output folder (default benchmarks/output/pretrain_tune/<date-time>); never overwritten",
+    )
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="pre-trained model and data halves")
+    p.add_argument(
+        "--fashion-mnist-root",
+        type=Path,
+        default=None,
+        help="folder of the Fashion-MNIST idx files (default: the Debian package's)",
+    )
+    p.add_argument("--configs", type=Path, default=MODEL_CONFIGS, help="folder of the variant files")
+    p.add_argument("--force-pretrain", action="store_true", help="pre-train again even if cached")
+    for field in dataclasses.fields(Settings):
+        if field.name in ("depth", "embed_dim", "num_heads", "patch_size", "img_size"):
+            continue  # the source architecture is fixed (and --quick's)
+        flag = "--" + field.name.replace("_", "-")
+        kind = float if isinstance(field.default, float) else int
+        p.add_argument(
+            flag,
+            type=kind,
+            default=None,
+            help=f"default {getattr(d, field.name)} (quick: {QUICK.get(field.name, getattr(d, field.name))})",
+        )
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default cpu)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: robust when other processes share the cores, where 2 threads can be "
+        "several times slower; try 2 on an idle 2-core machine; 0 = torch's default)",
+    )
+    p.add_argument("--progress", action="store_true", help="show Lightning's per-run progress bars")
+    return p.parse_args(argv)
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    base = dataclasses.replace(Settings(), **QUICK) if args.quick else Settings()
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Settings)
+        if getattr(args, f.name, None) is not None
+    }
+    settings = dataclasses.replace(base, **given)
+    if settings.epochs < 1 or settings.pretrain_epochs < 1:
+        raise SystemExit("--epochs and --pretrain-epochs must be >= 1")
+    return settings
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    out = args.output or DEFAULT_OUTPUT_PARENT / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(
+            f"output folder {out} exists and is not empty; results are never overwritten: "
+            "choose another --output"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what results.json holds. Restores torch threads, logging and seed env."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    loggers = ("lightning", "lightning.pytorch", "lightning.fabric", "timm")
+    levels = {n: logging.getLogger(n).level for n in loggers}
+    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "HF_HUB_OFFLINE")}
+    try:
+        with warnings.catch_warnings():
+            if args.threads > 0:
+                torch.set_num_threads(args.threads)
+            _quiet()
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    settings = build_settings(args)
+    available = available_variants(args.configs)
+    variants = (
+        available if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
+    )
+    unknown = [v for v in variants if v not in available]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; available: {', '.join(available)}")
+    if STATIC_REFERENCE in variants:  # run the time reference first
+        variants = [STATIC_REFERENCE] + [v for v in variants if v != STATIC_REFERENCE]
+    multi = {v.strip() for v in args.multi_seed.split(",") if v.strip()}
+    seeds = {v: list(range(args.seeds if v in multi else args.other_seeds)) for v in variants}
+    jobs = plan(variants, settings, args.configs, seeds)
+    if args.estimate:
+        estimate(jobs, settings, args)
+        return {}
+    out = _output_dir(args)
+    cache = args.cache_dir
+    started = time.perf_counter()
+    source, target, halves = prepare_halves(settings, cache, args.fashion_mnist_root)
+    pre = pretrain(settings, args, source, halves, cache)
+    checkpoint = Path(pre["checkpoint"])
+    tune_start = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    payload: dict[str, Any] = {
+        "settings": dataclasses.asdict(settings),
+        "variants": variants,
+        "seeds": seeds,
+        "pretrain": {k: v for k, v in pre.items()},
+        "checkpoint": str(checkpoint),
+        "data": {"source": str(source), "target": str(target), "sizes": halves["sizes"]},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "quick": args.quick,
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        },
+        "results": results,
+    }
+    bar = tqdm(jobs, desc="tuning", unit="run", dynamic_ncols=True)
+    for job in bar:
+        results.extend(run_job(job, settings, args, target, checkpoint, out, bar))
+        _write_json(out / "results.json", payload)  # partial results survive an interruption
+    bar.close()
+    tune_seconds = time.perf_counter() - tune_start
+    rows = summarise(results, variants)
+    shared = sorted({f"{r['variant']} = {r['trained_as']}" for r in rows if r["variant"] != r["trained_as"]})
+    s = settings
+    notes = [
+        f"Fashion-MNIST, pre-train-then-tune. Source: {BACKBONE} architecture (depth {s.depth}, "
+        f"D {s.embed_dim}, patch {s.patch_size}, {s.img_size}x{s.img_size} grey) trained from scratch for "
+        f"{s.pretrain_epochs} epochs on {pre['num_train']:,} images of one half of the training set: test "
+        f"top-1 {100 * pre['test_accuracy']:.2f} % "
+        f"({'cached' if pre.get('reused') else 'trained in this run'}, {pre['train_seconds'] / 60:.1f} min).",
+        f"Target: each variant tuned from it for {s.epochs} epochs on {s.train_size:,} images of the other "
+        f"half (batch {s.batch_size}, AdamW lr {s.lr:g}, wd {s.weight_decay:g}, warm-up 10% + cosine); "
+        f"thresholds from {s.calibration_size:,} calibration images of that half; test on "
+        f"{halves['sizes']['test']:,} test images.",
+        "Columns 25-100%: test top-1 (%) at that fraction of the full model's FLOPs, thresholds chosen on "
+        "the calibration split; — = below the cost of the first exit. AUC: mean test top-1 over cost "
+        "25-100%, counting 0 below the first exit's cost (so 0 for single-exit models). mean ± s.d. over "
+        "seeds where seeds > 1.",
+        "Time: median training seconds per epoch (validation off), relative to static_peft; "
+        f"{torch.get_num_threads()} torch thread(s).",
+    ]
+    if shared:
+        notes.append("Same training run (identical settings after scaling): " + "; ".join(shared) + ".")
+    if args.quick:
+        notes.append("QUICK MODE: a tiny model on a few hundred images; the numbers are meaningless.")
+    elif pre["test_accuracy"] < 0.88:
+        notes.append(
+            f"WARNING: the source model reached only {100 * pre['test_accuracy']:.2f} % (< 88 %); "
+            "consider more --pretrain-epochs."
+        )
+    notes.append(
+        f"Tuning and testing took {tune_seconds / 60:.1f} min ({len(jobs)} training runs); "
+        f"total {(time.perf_counter() - started) / 60:.1f} min."
+    )
+    notes = [f"- {n}" for n in notes]
+    table = markdown_table(rows, notes)
+    (out / "table.md").write_text(table)
+    write_curves(out / "curves.csv", results)
+    title = f"DMPO vs baselines: Fashion-MNIST pre-train-then-tune ({'quick' if args.quick else 'full'})"
+    plot(out / "accuracy_vs_cost.png", results, variants, title)
+    payload.update(rows=[{k: v for k, v in r.items()} for r in rows], tune_seconds=tune_seconds)
+    _write_json(out / "results.json", payload)
+    print()
+    print(table)
+    print(f"table, curves (CSV), plot (PNG) and results (JSON) written to {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Every shipped method variant, dataset and experiment config runs, not only parses.
+
+``tests/test_cli.py`` parses every config with ``--print_config``. Here:
+- every ``configs/model/*.yaml`` trains one batch (``fit --trainer.fast_dev_run=1``) with the tiny backbone of
+  ``tests/configs/tiny.yaml`` on synthetic data, and the built model has the architecture the file describes;
+- every ``configs/data/*.yaml`` builds its data module on fake files laid out like the real dataset and yields
+  a batch from the train, calibration and test loaders;
+- every ``configs/experiments/*.yaml`` holds exactly the model of its ``configs/model/<variant>.yaml``
+  (configs, not forks) and the shared paper recipe; two experiments train a batch on fake CIFAR-100 with CPU
+  overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_data_fakes import (
+    write_cifar,
+    write_cub,
+    write_fashion_mnist,
+    write_flowers102,
+    write_food101,
+    write_image_folder,
+    write_imagenet,
+    write_stanford_cars,
+)
+
+from dmpo_lightning.cli import main
+from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
+from dmpo_lightning.data.registry import DATASETS
+from dmpo_lightning.models.adapters import AdaptFormerBlock
+from dmpo_lightning.models.heads import ISqrtCovHead, LinearHead, MomentHead
+from dmpo_lightning.schedules import preset_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+MODEL_CONFIGS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
+DATA_CONFIGS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
+EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+HEAD_CLASSES = {"linear": LinearHead, "moment": MomentHead, "isqrt_cov": ISqrtCovHead}
+
+# The tiny backbone of tests/configs/tiny.yaml (4 blocks, dim 32); multi-exit variants get one exit per block.
+TINY_BACKBONE = [
+    "--model.init_args.backbone=vit_tiny_patch16_224",
+    "--model.init_args.pretrained=false",
+    "--model.init_args.checkpoint_path=null",
+    "--model.init_args.img_size=32",
+    "--model.init_args.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, mlp_ratio: 2}",
+    "--model.init_args.adapter_dim=8",
+    "--model.init_args.moment_dim=32",
+    "--model.init_args.cov_dim=8",
+]
+CPU_TRAINER = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.num_nodes=1",
+    "--trainer.strategy=auto",
+    "--trainer.precision=32-true",
+    "--trainer.sync_batchnorm=false",
+]
+
+
+def _init_args(path: Path, section: str = "model") -> dict:
+    return yaml.safe_load(path.read_text())[section]["init_args"]
+
+
+def _tiny_overrides(init: dict) -> list[str]:
+    """Tiny-backbone overrides that keep the variant's exit layout (single exit or four exits)."""
+    exits = init.get("exit_blocks")
+    if isinstance(exits, int):
+        return list(TINY_BACKBONE)  # "the last n blocks" works for any depth
+    return [*TINY_BACKBONE, "--model.init_args.exit_blocks=[1, 2, 3, 4]"]
+
+
+def test_there_is_a_model_config_per_variant():
+    names = {p.stem for p in MODEL_CONFIGS}
+    expected = {
+        "static_peft",
+        "linear_probe",
+        "full_finetune",
+        "sdn_linear",
+        "sdn_bypass",
+        "sdn_moment",
+        "sdn_isqrt_cov",
+        "dmpo",
+        "dmpo_isqrt_cov",
+        "phase1_only",
+        "phase2_only",
+        "switch_25",
+        "switch_50",
+        "switch_75",
+        "distill_last",
+        "exit_entropy",
+        "exit_patience",
+    }
+    assert expected <= names, sorted(expected - names)
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_model_variant_trains_a_batch_with_the_tiny_backbone(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    init = _init_args(path)
+    cli = main(
+        [
+            "fit",
+            "-c",
+            TINY,
+            "-c",
+            str(path),
+            *_tiny_overrides(init),
+            "--trainer.fast_dev_run=1",
+            "--trainer.logger=false",
+        ]
+    )
+    module = cli.model
+    assert cli.trainer.state.finished
+    # The architecture is the one the file describes.
+    single = init.get("exit_blocks") == 1
+    k = module.num_exits
+    assert k == (1 if single else 4)
+    peft = init.get("peft", "adaptformer")
+    assert module.model.peft_method == peft
+    has_adapters = any(isinstance(m, AdaptFormerBlock) for m in module.model.backbone.modules())
+    assert has_adapters == (peft == "adaptformer")
+    counts = module.model.count_parameters()
+    assert (counts["trunk"] == 0) == (peft == "linear")
+    if peft == "full":
+        assert all(p.requires_grad for p in module.model.backbone.blocks.parameters())
+    bypass = bool(init.get("bypass", True))
+    for i in range(k - 1):
+        assert isinstance(module.model.exits[i].bypass, torch.nn.Identity) != bypass
+        assert isinstance(module.model.exits[i].predictor, HEAD_CLASSES[init.get("early_head", "moment")])
+    assert isinstance(module.model.exits[-1].predictor, HEAD_CLASSES[init.get("final_head", "linear")])
+    assert isinstance(module.model.exits[-1].bypass, torch.nn.Identity)
+    # The one epoch fast_dev_run trains is phase 1 (switch epochs in the files are >= 25 or half of training).
+    phase1 = preset_weights(init.get("weight_phase1", "depth_increasing"), k)
+    assert module.loss_weights.tolist() == pytest.approx(list(phase1))
+    for key in ("distill", "exit_rule", "switch_epoch", "weight_phase2"):
+        if key in init:
+            assert module.hparams[key] == init[key], key
+    # Budgets a model with this exit layout can meet (single exit: only the full cost).
+    budgets = init.get("budgets", [0.33, 0.5, 0.75, 1.0])
+    assert budgets == ([1.0] if single else [0.33, 0.5, 0.75, 1.0])
+
+
+def test_variant_files_switch_where_their_names_say():
+    for pct in (25, 50, 75):
+        assert _init_args(ROOT / "configs" / "model" / f"switch_{pct}.yaml")["switch_epoch"] == pct
+    one = _init_args(ROOT / "configs" / "model" / "phase1_only.yaml")
+    two = _init_args(ROOT / "configs" / "model" / "phase2_only.yaml")
+    assert one["weight_phase1"] == one["weight_phase2"] == "depth_increasing"
+    assert two["weight_phase1"] == two["weight_phase2"] == "uniform"
+
+
+def test_there_is_a_data_config_per_dataset():
+    assert {p.stem for p in DATA_CONFIGS} == set(DATASETS)
+
+
+def _fake_root(dataset: str, base: Path) -> Path | None:
+    """Fake files in the dataset's real layout (None: the dataset needs no files)."""
+    folder = base / dataset
+    writers = {
+        "cifar10": lambda: write_cifar(folder, "cifar10", per_batch=4),
+        "cifar100": lambda: write_cifar(folder, "cifar100", per_batch=4),
+        "fashion_mnist": lambda: write_fashion_mnist(folder, n_train=30, n_test=10),
+        "food101": lambda: write_food101(folder, per_class=4),
+        "flowers102": lambda: write_flowers102(folder, n_images=18),
+        "cub200": lambda: write_cub(folder, per_class=6),
+        "stanford_cars": lambda: write_stanford_cars(folder, per_split=12),
+        "imagenet": lambda: write_imagenet(folder),
+        "image_folder": lambda: write_image_folder(folder, ["a", "b", "c"], {"train": 6, "test": 2}),
+    }
+    return writers[dataset]() if dataset in writers else None
+
+
+@pytest.mark.parametrize("path", DATA_CONFIGS, ids=lambda p: p.stem)
+def test_data_config_builds_loaders_on_fake_files(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    init = _init_args(path, "data")
+    dataset = init["dataset"]
+    args = ["-c", TINY, "-c", str(path), "--data.init_args.num_workers=0", "--data.init_args.batch_size=4"]
+    root = _fake_root(dataset, tmp_path)
+    if root is not None:
+        args += [f"--data.init_args.root={root}", "--data.init_args.download=false"]
+    size = init.get("calibration_size")
+    if isinstance(size, int) and size >= 8:  # the config's count is for the real dataset, not for the fakes
+        args += ["--data.init_args.calibration_size=4"]
+    if dataset == "synthetic":
+        args += ["--data.init_args.synthetic_sizes=[40, 8]", "--data.init_args.synthetic_num_classes=4"]
+    cli = main(args, run=False)
+    dm = cli.datamodule
+    assert dm.dataset == dataset
+    assert cli.model.hparams.num_classes == dm.num_classes
+    dm.setup("fit")
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), *dm.test_dataloader()):
+        batch = next(iter(loader))
+        assert batch[IMAGE_KEY].shape[1:] == (3, 32, 32)
+        assert int(batch[LABEL_KEY].max()) < dm.num_classes
+
+
+def _variant_of(path: Path) -> str:
+    name = path.stem.removeprefix("cifar100_")
+    return "dmpo" if name == "dmpo_multinode" else name
+
+
+def test_every_variant_has_a_cifar100_experiment():
+    variants = {p.stem for p in MODEL_CONFIGS}
+    assert {f"cifar100_{v}" for v in variants} <= {p.stem for p in EXPERIMENT_CONFIGS}
+    assert any("multinode" in p.stem for p in EXPERIMENT_CONFIGS)
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.stem)
+def test_experiment_is_its_model_variant_with_the_paper_recipe(path):
+    config = yaml.safe_load(path.read_text())
+    variant = yaml.safe_load((ROOT / "configs" / "model" / f"{_variant_of(path)}.yaml").read_text())
+    assert config["model"] == variant["model"], (
+        "an experiment's model must equal configs/model/<variant>.yaml"
+    )
+    trainer, data = config["trainer"], config["data"]["init_args"]
+    assert trainer["max_epochs"] == 100 and trainer["precision"] == "bf16-mixed"
+    assert trainer["accelerator"] == "gpu" and trainer["strategy"] == "ddp"
+    assert config["data"]["class_path"] == "dmpo_lightning.BenchmarkDataModule"
+    assert data["dataset"] == "cifar100" and data["calibration_size"] == 5000
+    global_batch = data["batch_size"] * (
+        trainer["devices"] * trainer["num_nodes"] if trainer["devices"] != -1 else 1
+    )
+    assert global_batch == 128
+    optimizer = config["model"]["init_args"]["optimizer"]
+    assert optimizer["class_path"] == "torch.optim.AdamW"
+    assert optimizer["init_args"] == {"lr": 0.0005, "weight_decay": 0.05}
+    assert config["model"]["init_args"]["backbone"] == "vit_base_patch16_224.augreg_in21k"
+
+
+@pytest.mark.parametrize("name", ["cifar100_dmpo_multinode", "cifar100_static_peft"])
+def test_experiment_trains_a_batch_on_cpu_with_the_tiny_backbone(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = ROOT / "configs" / "experiments" / f"{name}.yaml"
+    root = write_cifar(tmp_path / "cifar", "cifar100", per_batch=8)
+    main(
+        [
+            "fit",
+            "-c",
+            str(path),
+            *_tiny_overrides(_init_args(path)),
+            *CPU_TRAINER,
+            f"--data.init_args.root={root}",
+            "--data.init_args.download=false",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.calibration_size=8",
+            "--data.init_args.batch_size=4",
+            "--trainer.fast_dev_run=1",
+            "--test_after_fit=false",
+        ]
+    )
