@@ -1,6 +1,6 @@
 """``python -m dmpo_lightning`` runs the ``dmpo`` command."""
 
-from dmpo_lightning.cli import main
+from dmpo_lightning.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -16,7 +16,7 @@ from dmpo_lightning.data import BenchmarkDataModule
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule
 
-__all__ = ["DMPOCLI", "main"]
+__all__ = ["DMPOCLI", "console_main", "main"]
 
 
 def _wandb_logged_in() -> bool:
@@ -172,3 +172,8 @@ def main(args: ArgsType = None, run: bool = True) -> DMPOCLI:
         args=args,
         run=run,
     )
+
+
+def console_main() -> None:
+    """The ``dmpo`` console script: like :func:`main`, but returns nothing (so the exit status is 0)."""
+    main()
