@@ -394,9 +394,13 @@ def plot_curve(path: str | os.PathLike[str], report: Mapping[str, Any], title: s
         bx = [b["test_cost"] for b in report["budgets"]]
         by = [100 * b["test_accuracy"] for b in report["budgets"]]
         ax.plot(bx, by, "X", color="tab:red", ms=8, label="budgets (thresholds from calibration)")
+        # Budgets that chose the same thresholds share one point: label it once ("50/75/100%").
+        labels: dict[tuple[float, float], list[str]] = {}
         for b, x, y in zip(report["budgets"], bx, by, strict=True):
-            label = f"{100 * b['budget_fraction']:.0f}%"
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="tab:red")
+            labels.setdefault((x, y), []).append(f"{100 * b['budget_fraction']:.0f}")
+        for (x, y), names in labels.items():
+            ax.annotate("/".join(names) + "%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                        color="tab:red")
     if report["full_model"]["top1"] is not None:
         ax.plot([full], [100 * report["full_model"]["top1"]], "*", color="black", ms=10, label="full model")
     ax.set_xlabel(f"cost per image ({report['unit']})")
@@ -404,7 +408,7 @@ def plot_curve(path: str | os.PathLike[str], report: Mapping[str, Any], title: s
     top = ax.secondary_xaxis("top", functions=(lambda x: x / full, lambda f: f * full))
     top.set_xlabel("fraction of the full model's cost")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.8)
     ax.set_title(title or "Test accuracy vs cost (thresholds from the calibration split)", fontsize=10)
     fig.tight_layout()
     return _atomic_write(path, lambda f: fig.savefig(f, format="png"))
