@@ -7,6 +7,7 @@ https://arxiv.org/abs/2511.03245
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -196,32 +197,13 @@ class DMPOModule(pl.LightningModule):
             in_chans=h.in_chans,
             model_kwargs=h.backbone_kwargs,
         )
-        return MultiExitViT(
-            backbone,
-            h.num_classes,
-            h.exit_blocks,
-            require_last_exit=h.require_last_exit,
-            peft=h.peft,
-            adapter_dim=h.adapter_dim,
-            adapter_scale=h.adapter_scale,
-            adapter_dropout=h.adapter_dropout,
-            lora_rank=h.lora_rank,
-            lora_alpha=h.lora_alpha,
-            lora_targets=tuple(h.lora_targets),
-            vpt_prompts=h.vpt_prompts,
-            vpt_deep=h.vpt_deep,
-            bypass=h.bypass,
-            bypass_dim=h.bypass_dim,
-            detach_trunk=h.detach_trunk,
-            early_head=h.early_head,
-            final_head=h.final_head,
-            head_pool=h.head_pool,
-            moment_dim=h.moment_dim,
-            moment_groups=h.moment_groups,
-            cov_dim=h.cov_dim,
-            cov_iterations=h.cov_iterations,
-            head_dropout=h.head_dropout,
-        )
+        # Every MultiExitViT option is a module hyperparameter of the same name.
+        options = {
+            name: h[name]
+            for name in inspect.signature(MultiExitViT).parameters
+            if name not in ("backbone", "num_classes", "exit_blocks") and name in h
+        }
+        return MultiExitViT(backbone, h.num_classes, h.exit_blocks, **options)
 
     def compute_loss(
         self, logits: list[torch.Tensor], target: torch.Tensor
