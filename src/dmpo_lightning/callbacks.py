@@ -78,7 +78,9 @@ class LossWeightScheduler(pl.Callback):
         pl_module.loss_weights.copy_(torch.tensor(weights, dtype=pl_module.loss_weights.dtype))
         self.applied_epoch = trainer.current_epoch
         pl_module.log_dict(
-            {f"loss_weight/exit_{k}": w for k, w in enumerate(weights)}, on_step=False, on_epoch=True,
+            {f"loss_weight/exit_{k}": w for k, w in enumerate(weights)},
+            on_step=False,
+            on_epoch=True,
             sync_dist=True,  # the same on every rank; syncing only silences Lightning's DDP warning
         )
 

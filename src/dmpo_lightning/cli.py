@@ -66,7 +66,9 @@ class DMPOCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Add ``--version`` to the main parser."""
         parser = super().init_parser(**kwargs)
-        parser.add_argument("--version", action="version", version=f"dmpo-lightning {dmpo_lightning.__version__}")
+        parser.add_argument(
+            "--version", action="version", version=f"dmpo-lightning {dmpo_lightning.__version__}"
+        )
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -177,7 +177,9 @@ class DMPOModule(pl.LightningModule):
         self.test_collectors = nn.ModuleDict(
             {"test": ExitOutputsCollector(), "calibration": ExitOutputsCollector()}
         )
-        if num_classes > 5:  # per-sample top-5 hits [B, K] in the scores/preds slots, de-duplicated like top-1
+        if (
+            num_classes > 5
+        ):  # per-sample top-5 hits [B, K] in the scores/preds slots, de-duplicated like top-1
             self.test_collectors["test_top5"] = ExitOutputsCollector()
         self._costs: ExitCosts | None = None
         self._input_shape: tuple[int, ...] | None = None
@@ -246,27 +248,41 @@ class DMPOModule(pl.LightningModule):
         """Logits of every exit ``[B, num_classes]`` (a list of K tensors)."""
         return self.model(x)
 
-    def forward_early_exit(self, x: torch.Tensor, thresholds: Sequence[float] | None = None) -> EarlyExitOutput:
+    def forward_early_exit(
+        self, x: torch.Tensor, thresholds: Sequence[float] | None = None
+    ) -> EarlyExitOutput:
         """True early-exit inference with ``thresholds`` (default: the stored ``exit_thresholds``)."""
         t = self.exit_thresholds if thresholds is None else thresholds
         return self.model.forward_early_exit(x, t, self.hparams.exit_rule)
 
     # ----------------------------------------------------------------------------------------------
-    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _shared_step(
+        self, batch: dict[str, torch.Tensor], stage: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x, y = batch[IMAGE_KEY], batch[LABEL_KEY]
         logits = self(x)
         loss, parts = self.compute_loss(logits, y)
         bs = x.shape[0]
         if stage == "train" and not torch.isfinite(loss):
             raise FloatingPointError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, global step {self.global_step} "
+                f"training loss is {loss.detach().item()} at epoch {self.current_epoch}, global step {self.global_step} "
                 f"(per-exit parts: { {k: round(float(v), 4) for k, v in parts.items()} }); lower the learning "
                 "rate, check the inputs for NaN/inf, or use precision 32"
             )
-        self.log(f"{stage}/loss", loss, batch_size=bs, prog_bar=stage != "test", add_dataloader_idx=False,
-                 sync_dist=stage != "train")
-        self.log_dict({f"{stage}/{k}": v for k, v in parts.items()}, batch_size=bs, add_dataloader_idx=False,
-                      sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            batch_size=bs,
+            prog_bar=stage != "test",
+            add_dataloader_idx=False,
+            sync_dist=stage != "train",
+        )
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in parts.items()},
+            batch_size=bs,
+            add_dataloader_idx=False,
+            sync_dist=stage != "train",
+        )
         for k, z in enumerate(logits):
             if stage == "test":
                 break  # test accuracies come from the de-duplicated per-sample outputs (on_test_epoch_end)
@@ -309,7 +325,9 @@ class DMPOModule(pl.LightningModule):
         scores, preds = self.score_exits(logits)
         index = batch.get(INDEX_KEY)
         if index is None:
-            raise KeyError(f"test batches need an {INDEX_KEY!r} entry (sample index) for the early-exit protocol")
+            raise KeyError(
+                f"test batches need an {INDEX_KEY!r} entry (sample index) for the early-exit protocol"
+            )
         name = "test" if dataloader_idx == 0 else "calibration"
         self.test_collectors[name].update(index, scores, preds, y)
         if dataloader_idx == 0 and "test_top5" in self.test_collectors:
@@ -322,8 +340,11 @@ class DMPOModule(pl.LightningModule):
         from dmpo_lightning.evaluation.runner import run_test_protocol
 
         test = self.test_collectors["test"].compute()
-        cal = self.test_collectors["calibration"].compute() if self.test_collectors["calibration"].update_called \
+        cal = (
+            self.test_collectors["calibration"].compute()
+            if self.test_collectors["calibration"].update_called
             else None
+        )
         top5 = self.test_collectors["test_top5"].compute() if "test_top5" in self.test_collectors else None
         for c in self.test_collectors.values():
             c.reset()
@@ -418,7 +439,10 @@ class DMPOModule(pl.LightningModule):
         h = self.hparams
         if self._trainer is not None and self.trainer.state.fn not in (None, "fit"):
             return []  # only training uses loss weights
-        return [LossWeightScheduler(h.weight_phase1, h.weight_phase2, h.switch_epoch, h.ramp_epochs), EpochSeed()]
+        return [
+            LossWeightScheduler(h.weight_phase1, h.weight_phase2, h.switch_epoch, h.ramp_epochs),
+            EpochSeed(),
+        ]
 
     def on_fit_start(self) -> None:
         """Report the trainable-parameter budget per component."""
@@ -442,8 +466,9 @@ class DMPOModule(pl.LightningModule):
                 try:
                     from dmpo_lightning.models.backbone import resolve_exit_blocks
 
-                    theirs = list(resolve_exit_blocks(theirs, len(self.model.backbone.blocks),
-                                                      require_last=False))
+                    theirs = list(
+                        resolve_exit_blocks(theirs, len(self.model.backbone.blocks), require_last=False)
+                    )
                 except ValueError:
                     pass
             if theirs != ours:
@@ -541,7 +566,7 @@ class DMPOModule(pl.LightningModule):
             raise FileNotFoundError(f"no trainable-parameter export at {path}")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - report any unpickling failure the same way
+        except Exception as err:
             raise ValueError(f"{path} is not a readable dmpo export ({type(err).__name__}: {err})") from err
         if not isinstance(payload, dict) or payload.get("format") != TRAINABLE_FORMAT:
             raise ValueError(f"{path} is not a dmpo trainable-parameter export (format {TRAINABLE_FORMAT})")

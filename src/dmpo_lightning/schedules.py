@@ -47,7 +47,9 @@ def preset_weights(spec: WeightSpec, num_exits: int, *, name: str = "weights") -
         elif spec == "early_emphasis":
             weights = tuple((num_exits - k) / num_exits for k in range(num_exits))
         else:
-            raise ValueError(f"{name}={spec!r} is not a preset; allowed: {', '.join(PRESETS)} or a list of floats")
+            raise ValueError(
+                f"{name}={spec!r} is not a preset; allowed: {', '.join(PRESETS)} or a list of floats"
+            )
     else:
         weights = tuple(float(w) for w in spec)
         if len(weights) != num_exits:
@@ -134,7 +136,7 @@ class TwoPhaseSchedule:
     def weights(self, epoch: float) -> tuple[float, ...]:
         """Per-exit loss weights at ``epoch`` (0-based)."""
         a = self.phase2_fraction(epoch)
-        return tuple((1 - a) * w1 + a * w2 for w1, w2 in zip(self.phase1, self.phase2))
+        return tuple((1 - a) * w1 + a * w2 for w1, w2 in zip(self.phase1, self.phase2, strict=True))
 
     def __repr__(self) -> str:
         return (

@@ -150,9 +150,11 @@ class MultiExitViT(nn.Module):
             predictor = build_predictor(kind, dim, num_classes, prefix, **predictor_options)
             if last and kind == "linear":
                 # The final exit is the backbone's own head: its final LayerNorm (pre-trained) + a new Linear.
-                norm = backbone.fc_norm if head_pool == "avg" and not isinstance(
-                    backbone.fc_norm, nn.Identity
-                ) else backbone.norm
+                norm = (
+                    backbone.fc_norm
+                    if head_pool == "avg" and not isinstance(backbone.fc_norm, nn.Identity)
+                    else backbone.norm
+                )
                 if isinstance(norm, nn.LayerNorm):
                     predictor.init_norm_from(norm)
             exits.append(
