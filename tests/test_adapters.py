@@ -35,9 +35,7 @@ def _trainable(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize(
-    ("method", "param_name"), [("adaptformer", "peft_up"), ("lora", "peft_lora_b")]
-)
+@pytest.mark.parametrize(("method", "param_name"), [("adaptformer", "peft_up"), ("lora", "peft_lora_b")])
 def test_identity_at_init_then_differs(tiny_vit, images, method, param_name):
     base = copy.deepcopy(tiny_vit)
     inject_peft(tiny_vit, method)
@@ -211,7 +209,7 @@ def test_bad_options_raise(tiny_vit, options, match):
 
 
 def test_lora_target_must_be_linear(tiny_vit):
-    with pytest.raises(TypeError, match="not nn.Linear"):
+    with pytest.raises(TypeError, match=r"not nn\.Linear"):
         inject_peft(tiny_vit, "lora", lora_targets=("norm1",))
 
 
@@ -227,7 +225,7 @@ def test_model_without_blocks_raises():
 
 
 def test_wrappers_reject_wrong_layers():
-    with pytest.raises(TypeError, match="timm.models.vision_transformer.Block"):
+    with pytest.raises(TypeError, match=r"timm\.models\.vision_transformer\.Block"):
         AdaptFormerBlock(nn.Linear(4, 4))
-    with pytest.raises(TypeError, match="nn.Linear"):
+    with pytest.raises(TypeError, match=r"nn\.Linear"):
         LoRALinear(nn.Conv2d(3, 3, 1))

@@ -32,9 +32,19 @@ def test_build_backbone_by_name_without_weights():
     [
         ("not_a_model_xyz", {}, ValueError, "unknown backbone 'not_a_model_xyz'"),
         ("resnet18", {}, ValueError, "not a token-based vision transformer"),
-        ("vit_tiny_patch16_224", {"model_kwargs": {"num_classes": 3}}, ValueError, "may not set 'num_classes'"),
+        (
+            "vit_tiny_patch16_224",
+            {"model_kwargs": {"num_classes": 3}},
+            ValueError,
+            "may not set 'num_classes'",
+        ),
         ("vit_tiny_patch16_224", {"model_kwargs": {"img_size": 64}}, ValueError, "may not set 'img_size'"),
-        ("vit_tiny_patch16_224", {"checkpoint_path": "/nonexistent/w.pth"}, FileNotFoundError, "does not exist"),
+        (
+            "vit_tiny_patch16_224",
+            {"checkpoint_path": "/nonexistent/w.pth"},
+            FileNotFoundError,
+            "does not exist",
+        ),
     ],
 )
 def test_build_backbone_errors(name, kwargs, error, match):
@@ -43,11 +53,14 @@ def test_build_backbone_errors(name, kwargs, error, match):
 
 
 def test_build_backbone_from_local_checkpoint_file(tmp_path, tiny_vit):
-    # A user's downloaded timm checkpoint: loaded through pretrained_cfg_overlay, classifier reset, no download.
+    # A user's downloaded timm checkpoint: loaded through pretrained_cfg_overlay, classifier reset,
+    # no download.
     path = tmp_path / "weights.pth"
     torch.save(tiny_vit.state_dict(), path)
     kwargs = {k: v for k, v in TINY_VIT_KWARGS.items() if k != "img_size"}
-    model = build_backbone("vit_tiny_patch16_224", checkpoint_path=str(path), img_size=32, model_kwargs=kwargs)
+    model = build_backbone(
+        "vit_tiny_patch16_224", checkpoint_path=str(path), img_size=32, model_kwargs=kwargs
+    )
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, tiny_vit.blocks[0].attn.qkv.weight)
 
 

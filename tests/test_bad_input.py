@@ -58,75 +58,130 @@ def evaluate(*options: str) -> Callable[[dict], list[str]]:
 
 CASES = {
     "exit_block_out_of_range": Case(
-        fit("--model.init_args.exit_blocks=[1, 2, 5]"), ValueError,
-        r"exit block 5 is out of range: allowed are 1\.\.4 .* or -4\.\.-1"),
+        fit("--model.init_args.exit_blocks=[1, 2, 5]"),
+        ValueError,
+        r"exit block 5 is out of range: allowed are 1\.\.4 .* or -4\.\.-1",
+    ),
     "exit_blocks_unsorted": Case(
-        fit("--model.init_args.exit_blocks=[2, 1, 3, 4]"), ValueError,
-        r"exit_blocks \[2, 1, 3, 4\] must be sorted in increasing order"),
+        fit("--model.init_args.exit_blocks=[2, 1, 3, 4]"),
+        ValueError,
+        r"exit_blocks \[2, 1, 3, 4\] must be sorted in increasing order",
+    ),
     "loss_weights_wrong_length": Case(
-        fit("--model.init_args.weight_phase1=[1.0, 1.0]"), ValueError,
-        r"weight_phase1 has 2 entries but the model has 4 exits; give one weight per exit"),
+        fit("--model.init_args.weight_phase1=[1.0, 1.0]"),
+        ValueError,
+        r"weight_phase1 has 2 entries but the model has 4 exits; give one weight per exit",
+    ),
     "loss_weight_negative": Case(
-        fit("--model.init_args.weight_phase2=[1.0, -1.0, 1.0, 1.0]"), ValueError,
-        r"weight_phase2 must be finite and >= 0; got \[1\.0, -1\.0, 1\.0, 1\.0\]"),
+        fit("--model.init_args.weight_phase2=[1.0, -1.0, 1.0, 1.0]"),
+        ValueError,
+        r"weight_phase2 must be finite and >= 0; got \[1\.0, -1\.0, 1\.0, 1\.0\]",
+    ),
     "loss_weights_all_zero": Case(
-        fit("--model.init_args.weight_phase1=[0, 0, 0, 0]"), ValueError,
-        r"weight_phase1 are all zero; at least one exit needs a positive weight"),
+        fit("--model.init_args.weight_phase1=[0, 0, 0, 0]"),
+        ValueError,
+        r"weight_phase1 are all zero; at least one exit needs a positive weight",
+    ),
     "switch_epoch_beyond_max_epochs": Case(
-        fit("--model.init_args.switch_epoch=5"), ValueError,
-        r"switch_epoch=5 is at or after the last epoch \(max_epochs=2.*allowed: 0\.\.1"),
+        fit("--model.init_args.switch_epoch=5"),
+        ValueError,
+        r"switch_epoch=5 is at or after the last epoch \(max_epochs=2.*allowed: 0\.\.1",
+    ),
     "unknown_backbone": Case(
-        fit("--model.init_args.backbone=vit_nonexistent_patch16_224"), ValueError,
+        fit("--model.init_args.backbone=vit_nonexistent_patch16_224"),
+        ValueError,
         r"model\.init_args\.backbone: unknown backbone 'vit_nonexistent_patch16_224'.*similar: \[.*"
-        r"'vit_tiny_patch16_224'"),
+        r"'vit_tiny_patch16_224'",
+    ),
     "unknown_backbone_tag": Case(
-        fit("--model.init_args.backbone=vit_tiny_patch16_224.no_such_tag"), ValueError,
-        r"model\.init_args\.backbone: .*no pretrained tag 'no_such_tag'.*allowed tags: \[.*'augreg_in21k'"),
+        fit("--model.init_args.backbone=vit_tiny_patch16_224.no_such_tag"),
+        ValueError,
+        r"model\.init_args\.backbone: .*no pretrained tag 'no_such_tag'.*allowed tags: \[.*'augreg_in21k'",
+    ),
     "unknown_dataset": Case(
-        fit("--data.init_args.dataset=imagenet22k"), SystemExit,
+        fit("--data.init_args.dataset=imagenet22k"),
+        SystemExit,
         r"(?s)Parser key \"dataset\".*Expected a typing\.Literal\['cifar10', .*'synthetic'\]\. "
-        r"Got value: imagenet22k"),
+        r"Got value: imagenet22k",
+    ),
     "unknown_early_head": Case(
-        fit("--model.init_args.early_head=mlp"), SystemExit,
-        r"(?s)Parser key \"early_head\".*Literal\['linear', 'moment', 'isqrt_cov'\]\. Got value: mlp"),
+        fit("--model.init_args.early_head=mlp"),
+        SystemExit,
+        r"(?s)Parser key \"early_head\".*Literal\['linear', 'moment', 'isqrt_cov'\]\. Got value: mlp",
+    ),
     "missing_data_root": Case(
-        fit("--data.init_args.dataset=cifar10", "--data.init_args.root={tmp}/no_such_dir"), ValueError,
-        r"root='.*no_such_dir' for dataset 'cifar10' does not exist; expected root/cifar-10-batches-py/"),
+        fit("--data.init_args.dataset=cifar10", "--data.init_args.root={tmp}/no_such_dir"),
+        ValueError,
+        r"root='.*no_such_dir' for dataset 'cifar10' does not exist; expected root/cifar-10-batches-py/",
+    ),
     "unset_data_root": Case(
-        fit("--data.init_args.dataset=cifar10"), ValueError,
-        r"dataset 'cifar10' needs root=<folder> laid out as root/cifar-10-batches-py/"),
+        fit("--data.init_args.dataset=cifar10"),
+        ValueError,
+        r"dataset 'cifar10' needs root=<folder> laid out as root/cifar-10-batches-py/",
+    ),
     "wrong_data_root": Case(
-        fit("--data.init_args.dataset=cifar10", "--data.init_args.root={empty}"), DatasetLayoutError,
-        r"cifar10 not found under root='.*empty': expected data_batch_1.* missing: data_batch_1", late=True),
+        fit("--data.init_args.dataset=cifar10", "--data.init_args.root={empty}"),
+        DatasetLayoutError,
+        r"cifar10 not found under root='.*empty': expected data_batch_1.* missing: data_batch_1",
+        late=True,
+    ),
     "img_size_not_divisible_by_patch": Case(
-        fit("--model.init_args.img_size=30"), ValueError,
-        r"img_size=30 is not divisible by the patch size 8 .*allowed: multiples of 8 \(e\.g\. 24 or 32\)"),
+        fit("--model.init_args.img_size=30"),
+        ValueError,
+        r"img_size=30 is not divisible by the patch size 8 .*allowed: multiples of 8 \(e\.g\. 24 or 32\)",
+    ),
     "missing_checkpoint": Case(
-        evaluate("--ckpt_path={tmp}/missing.ckpt"), FileNotFoundError,
-        r"ckpt_path '.*missing\.ckpt' does not exist"),
+        evaluate("--ckpt_path={tmp}/missing.ckpt"),
+        FileNotFoundError,
+        r"ckpt_path '.*missing\.ckpt' does not exist",
+    ),
     "corrupt_checkpoint_random_bytes": Case(
-        evaluate("--ckpt_path={corrupt}"), ValueError,
-        r"ckpt_path '.*corrupt\.ckpt' is not a readable Lightning checkpoint"),
+        evaluate("--ckpt_path={corrupt}"),
+        ValueError,
+        r"ckpt_path '.*corrupt\.ckpt' is not a readable Lightning checkpoint",
+    ),
     "truncated_checkpoint": Case(
-        evaluate("--ckpt_path={truncated}"), ValueError,
-        r"ckpt_path '.*truncated\.ckpt' is not a readable Lightning checkpoint"),
+        evaluate("--ckpt_path={truncated}"),
+        ValueError,
+        r"ckpt_path '.*truncated\.ckpt' is not a readable Lightning checkpoint",
+    ),
     "class_count_mismatch_data_vs_checkpoint": Case(
-        evaluate("--ckpt_path={ckpt}", "--data.init_args.synthetic_num_classes=5",
-              "--model.init_args.report_dir={tmp}/new_report"), ValueError,
-        r"checkpoint was trained with num_classes=4 but this model has num_classes=5", late=True),
+        evaluate(
+            "--ckpt_path={ckpt}",
+            "--data.init_args.synthetic_num_classes=5",
+            "--model.init_args.report_dir={tmp}/new_report",
+        ),
+        ValueError,
+        r"checkpoint was trained with num_classes=4 but this model has num_classes=5",
+        late=True,
+    ),
     "budget_below_first_exit": Case(
-        evaluate("--ckpt_path={ckpt}", "--model.init_args.budgets=[0.01, 0.5]",
-              "--model.init_args.report_dir={tmp}/new_report"), ValueError,
+        evaluate(
+            "--ckpt_path={ckpt}",
+            "--model.init_args.budgets=[0.01, 0.5]",
+            "--model.init_args.report_dir={tmp}/new_report",
+        ),
+        ValueError,
         r"budget 0\.01 \(fraction of the full model's cost\) is outside the achievable range \[0\.\d+, 1\].*"
-        r"model\.init_args\.budgets", late=True),
+        r"model\.init_args\.budgets",
+        late=True,
+    ),
     "budget_above_full_model": Case(
-        evaluate("--ckpt_path={ckpt}", "--model.init_args.budgets=[0.5, 1.5]",
-              "--model.init_args.report_dir={tmp}/new_report"), ValueError,
+        evaluate(
+            "--ckpt_path={ckpt}",
+            "--model.init_args.budgets=[0.5, 1.5]",
+            "--model.init_args.report_dir={tmp}/new_report",
+        ),
+        ValueError,
         r"budget 1\.5 \(fraction of the full model's cost\) is outside the achievable range \[0\.\d+, 1\]",
-        late=True),
+        late=True,
+    ),
     "nan_loss": Case(
-        fit(f"--data.class_path={__name__}.NaNImages"), FloatingPointError,
-        r"training loss is nan at epoch 0, global step 0 .*check the inputs for NaN/inf", late=True),
+        fit(f"--data.class_path={__name__}.NaNImages"),
+        FloatingPointError,
+        r"training loss is nan at epoch 0, global step 0 .*check the inputs for NaN/inf",
+        late=True,
+    ),
 }
 
 
@@ -136,8 +191,17 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(base)
-        cli = main(["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.switch_epoch=0",
-                    "--test_after_fit=true", f"--model.init_args.report_dir={base / 'report'}"])
+        cli = main(
+            [
+                "fit",
+                "-c",
+                TINY,
+                "--trainer.max_epochs=1",
+                "--model.init_args.switch_epoch=0",
+                "--test_after_fit=true",
+                f"--model.init_args.report_dir={base / 'report'}",
+            ]
+        )
     (ckpt,) = (base / cli.trainer.log_dir / "checkpoints").glob("*.ckpt")
     corrupt = base / "corrupt.ckpt"
     noise = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -187,5 +251,3 @@ def test_bad_input_fails_clearly_and_writes_nothing(name, trained, tmp_path, mon
         assert all(p.name in LOG_FILES for p in new), new
     else:
         assert not new, new  # failed before Lightning created a run folder
-
-

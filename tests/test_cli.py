@@ -134,9 +134,22 @@ def test_console_script_exits_zero_after_a_run(tmp_path):
     # setuptools' wrapper calls sys.exit(<entry>()): a returned object would become exit status 1
     dmpo = Path(sys.executable).parent / "dmpo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    out = subprocess.run([str(dmpo), "fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.switch_epoch=0",
-                          "--trainer.limit_train_batches=1"], cwd=tmp_path, capture_output=True, text=True,
-                         env=env, timeout=300)
+    out = subprocess.run(
+        [
+            str(dmpo),
+            "fit",
+            "-c",
+            TINY,
+            "--trainer.max_epochs=1",
+            "--model.init_args.switch_epoch=0",
+            "--trainer.limit_train_batches=1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "DMPOCLI object" not in out.stderr
 

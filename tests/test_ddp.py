@@ -34,8 +34,14 @@ NUM_TEST, NUM_CAL, NUM_EXITS = 23, 15, 4
 def _dmpo(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("LOCAL_RANK", None)
-    out = subprocess.run([sys.executable, "-m", "dmpo_lightning", *args], cwd=cwd, capture_output=True,
-                         text=True, env=env, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-m", "dmpo_lightning", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
 
@@ -79,12 +85,31 @@ def _assert_close(a, b, path="report"):
 @pytest.mark.slow
 def test_ddp_fit_and_test_match_a_single_process_on_the_whole_dataset(tmp_path):
     # fit + test with 2 processes (DistributedSampler shards and pads every split)
-    _dmpo(tmp_path, "fit", "-c", TINY, *ODD_SPLITS, "--trainer.strategy=ddp", "--trainer.devices=2",
-          "--trainer.accelerator=cpu", "--test_after_fit=true", "--model.init_args.report_dir=report_ddp")
+    _dmpo(
+        tmp_path,
+        "fit",
+        "-c",
+        TINY,
+        *ODD_SPLITS,
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--test_after_fit=true",
+        "--model.init_args.report_dir=report_ddp",
+    )
     (ckpt,) = (tmp_path / "runs" / "dmpo" / "version_0" / "checkpoints").glob("*.ckpt")
     # the same checkpoint tested by one process
-    _dmpo(tmp_path, "test", "-c", TINY, *ODD_SPLITS, "--trainer.devices=1", "--trainer.accelerator=cpu",
-          f"--ckpt_path={ckpt}", "--model.init_args.report_dir=report_single")
+    _dmpo(
+        tmp_path,
+        "test",
+        "-c",
+        TINY,
+        *ODD_SPLITS,
+        "--trainer.devices=1",
+        "--trainer.accelerator=cpu",
+        f"--ckpt_path={ckpt}",
+        "--model.init_args.report_dir=report_single",
+    )
 
     ddp = json.loads((tmp_path / "report_ddp" / "report.json").read_text())
     single = json.loads((tmp_path / "report_single" / "report.json").read_text())
@@ -104,8 +129,9 @@ def test_ddp_fit_and_test_match_a_single_process_on_the_whole_dataset(tmp_path):
         assert torch.equal(cache_ddp[split]["index"], torch.arange(n))
         assert torch.equal(cache_ddp[split]["preds"], cache_single[split]["preds"])
         assert torch.equal(cache_ddp[split]["target"], cache_single[split]["target"])
-        torch.testing.assert_close(cache_ddp[split]["scores"], cache_single[split]["scores"],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            cache_ddp[split]["scores"], cache_single[split]["scores"], rtol=1e-5, atol=1e-6
+        )
 
     # the per-exit metrics sent to the logger agree as well
     logged_ddp = _test_metrics(tmp_path / "runs" / "dmpo" / "version_0" / "metrics.csv")

@@ -50,8 +50,13 @@ def _autocast(dtype: torch.dtype | None):
 
 def _model(early_head: str, constant_tokens: bool = False) -> MultiExitViT:
     model = MultiExitViT(
-        make_tiny_vit(), NUM_CLASSES, [1, 2, 3, 4], early_head=early_head,
-        moment_dim=32, moment_groups=4, cov_dim=8,
+        make_tiny_vit(),
+        NUM_CLASSES,
+        [1, 2, 3, 4],
+        early_head=early_head,
+        moment_dim=32,
+        moment_groups=4,
+        cov_dim=8,
     )
     if constant_tokens:  # without position embeddings a constant image gives identical patch tokens
         with torch.no_grad():
@@ -149,8 +154,17 @@ def test_eval_and_early_exit_forward_under_autocast(early_head, dtype):
 def test_bf16_mixed_fit_and_test_end_to_end(tmp_path, monkeypatch):
     """Lightning's bf16-mixed precision on CPU: losses, metrics, FLOP counting and the report stay finite."""
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "-c", TINY, "--trainer.precision=bf16-mixed", "--trainer.max_epochs=2",
-                "--model.init_args.early_head=isqrt_cov", "--test_after_fit=true"])
+    cli = main(
+        [
+            "fit",
+            "-c",
+            TINY,
+            "--trainer.precision=bf16-mixed",
+            "--trainer.max_epochs=2",
+            "--model.init_args.early_head=isqrt_cov",
+            "--test_after_fit=true",
+        ]
+    )
     assert cli.trainer.precision == "bf16-mixed"
     report = json.loads((Path(cli.trainer.log_dir) / "dmpo_test" / "report.json").read_text())
     assert all(0.0 <= e["top1"] <= 1.0 for e in report["exits"])

@@ -28,7 +28,8 @@ TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 PHASE1 = [0.25, 0.5, 0.75, 1.0]  # depth_increasing, 4 exits
 PHASE2 = [1.0, 1.0, 1.0, 1.0]  # uniform
 COMMON = [
-    "-c", TINY,
+    "-c",
+    TINY,
     "--trainer.max_epochs=4",
     "--model.init_args.switch_epoch=2",
     "--trainer.callbacks+=LearningRateMonitor",
@@ -121,8 +122,10 @@ def test_resume_in_phase1_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     assert resumed.model.loss_weights.tolist() == full.model.loss_weights.tolist() == PHASE2
 
     # Learning rate: the warm-up + cosine schedule continues where it stopped (same value at every step).
-    full_lr, resumed_lr, crashed_lr = _logged_lr(full_rows), _logged_lr(resumed_rows), _logged_lr(
-        _metrics(crashed_dir)
+    full_lr, resumed_lr, crashed_lr = (
+        _logged_lr(full_rows),
+        _logged_lr(resumed_rows),
+        _logged_lr(_metrics(crashed_dir)),
     )
     assert sorted(full_lr) == list(range(8)) and sorted(resumed_lr) == [4, 5, 6, 7]
     assert {s: full_lr[s] for s in range(4)} == crashed_lr

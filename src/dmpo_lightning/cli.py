@@ -110,8 +110,8 @@ class DMPOCLI(LightningCLI):
         """Take the architecture from ``--ckpt_path``'s hyperparameters, but keep evaluation options.
 
         LightningCLI (>= 2.3) replaces the model config by the checkpoint's hyperparameters, which would
-        silently drop ``--model.init_args.budgets``/``report_dir``/``thresholds_file``... given to ``dmpo test``
-        or ``dmpo predict``. Those options do not change the weights, so the user's values win.
+        silently drop ``--model.init_args.budgets``/``report_dir``/``thresholds_file``... given to
+        ``dmpo test`` or ``dmpo predict``. Those options do not change the weights, so the user's values win.
         """
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None

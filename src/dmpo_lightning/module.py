@@ -265,9 +265,10 @@ class DMPOModule(pl.LightningModule):
         bs = x.shape[0]
         if stage == "train" and not torch.isfinite(loss):
             raise FloatingPointError(
-                f"training loss is {loss.detach().item()} at epoch {self.current_epoch}, global step {self.global_step} "
-                f"(per-exit parts: { {k: round(float(v), 4) for k, v in parts.items()} }); lower the learning "
-                "rate, check the inputs for NaN/inf, or use precision 32"
+                f"training loss is {loss.detach().item()} at epoch {self.current_epoch}, "
+                f"global step {self.global_step} "
+                f"(per-exit parts: { {k: round(float(v), 4) for k, v in parts.items()} }); "
+                "lower the learning rate, check the inputs for NaN/inf, or use precision 32"
             )
         self.log(
             f"{stage}/loss",
@@ -395,8 +396,8 @@ class DMPOModule(pl.LightningModule):
                 )
             if bool(torch.isinf(self.exit_thresholds[:-1]).all()):
                 rank_zero_warn(
-                    "dmpo predict runs without thresholds (no model.thresholds_file): every sample goes to the "
-                    "last exit. Run `dmpo test` first and pass its thresholds.json and a predict_budget."
+                    "dmpo predict runs without thresholds (no model.thresholds_file): every sample goes to "
+                    "the last exit. Run `dmpo test` first and pass its thresholds.json and a predict_budget."
                 )
             return
         thresholds = load_thresholds(
@@ -473,8 +474,8 @@ class DMPOModule(pl.LightningModule):
                     pass
             if theirs != ours:
                 raise ValueError(
-                    f"checkpoint was trained with {key}={theirs!r} but this model has {key}={ours!r}; use the "
-                    "checkpoint's own config (dmpo test --config <run>/config.yaml) or load it with "
+                    f"checkpoint was trained with {key}={theirs!r} but this model has {key}={ours!r}; "
+                    "use the checkpoint's own config (dmpo test --config <run>/config.yaml) or load it with "
                     "DMPOModule.load_from_checkpoint(path)"
                 )
 

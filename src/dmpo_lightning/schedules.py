@@ -9,7 +9,8 @@ from typing import Literal, Union
 __all__ = ["PRESETS", "TwoPhaseSchedule", "WeightSpec", "preset_weights"]
 
 Preset = Literal["depth_increasing", "uniform", "early_emphasis"]
-WeightSpec = Union[Preset, Sequence[float]]
+# A runtime alias (not an annotation), kept as Union for readable jsonargparse help on Python 3.10.
+WeightSpec = Union[Preset, Sequence[float]]  # noqa: UP007
 PRESETS = ("depth_increasing", "uniform", "early_emphasis")
 
 
@@ -54,7 +55,8 @@ def preset_weights(spec: WeightSpec, num_exits: int, *, name: str = "weights") -
         weights = tuple(float(w) for w in spec)
         if len(weights) != num_exits:
             raise ValueError(
-                f"{name} has {len(weights)} entries but the model has {num_exits} exits; give one weight per exit"
+                f"{name} has {len(weights)} entries but the model has {num_exits} exits; "
+                "give one weight per exit"
             )
         bad = [w for w in weights if not math.isfinite(w) or w < 0]
         if bad:

@@ -87,9 +87,7 @@ def count_exit_costs(model: nn.Module, input_shape: Sequence[int]) -> ExitCosts:
     was_training = model.training
     model.eval()
     try:
-        exit_macs = tuple(
-            count_macs(_Truncated(model, k), x) for k in range(model.num_exits)
-        )
+        exit_macs = tuple(count_macs(_Truncated(model, k), x) for k in range(model.num_exits))
         full = count_macs(_Static(model), x)
     finally:
         model.train(was_training)

@@ -399,8 +399,14 @@ def plot_curve(path: str | os.PathLike[str], report: Mapping[str, Any], title: s
         for b, x, y in zip(report["budgets"], bx, by, strict=True):
             labels.setdefault((x, y), []).append(f"{100 * b['budget_fraction']:.0f}")
         for (x, y), names in labels.items():
-            ax.annotate("/".join(names) + "%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
-                        color="tab:red")
+            ax.annotate(
+                "/".join(names) + "%",
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+                color="tab:red",
+            )
     if report["full_model"]["top1"] is not None:
         ax.plot([full], [100 * report["full_model"]["top1"]], "*", color="black", ms=10, label="full model")
     ax.set_xlabel(f"cost per image ({report['unit']})")

@@ -55,7 +55,8 @@ def check_budgets(budgets: Sequence[float], unit: str, costs: ExitCosts) -> None
         if not lo * (1 - 1e-9) <= float(b) <= hi * (1 + 1e-9):
             raise ValueError(
                 f"budget {b} ({what}) is outside the achievable range [{lo:.4g}, {hi:.4g}]: every sample "
-                f"leaving at the first exit costs {lo:.4g} and the full model {hi:.4g}; fix model.init_args.budgets"
+                f"leaving at the first exit costs {lo:.4g} and the full model {hi:.4g}; "
+                "fix model.init_args.budgets"
             )
 
 
