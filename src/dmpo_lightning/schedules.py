@@ -9,7 +9,7 @@ from typing import Literal, Union
 __all__ = ["PRESETS", "TwoPhaseSchedule", "WeightSpec", "preset_weights"]
 
 Preset = Literal["depth_increasing", "uniform", "early_emphasis"]
-# A runtime alias (not an annotation), kept as Union for readable jsonargparse help on Python 3.10.
+# A runtime alias used in signatures jsonargparse parses; left as typing.Union rather than rewritten to X | Y.
 WeightSpec = Union[Preset, Sequence[float]]  # noqa: UP007
 PRESETS = ("depth_increasing", "uniform", "early_emphasis")
 

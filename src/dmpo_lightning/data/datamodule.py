@@ -128,9 +128,8 @@ class BenchmarkDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         if isinstance(calibration_size, float) and calibration_size > 1 and calibration_size.is_integer():
-            calibration_size = int(
-                calibration_size
-            )  # "5000" may reach us as 5000.0 through int | float parsing
+            # "5000" may reach us as 5000.0 through int | float parsing
+            calibration_size = int(calibration_size)
         self.calibration_size = (
             calibration_size if calibration_size is not None else self.spec.default_calibration_size
         )
