@@ -179,6 +179,25 @@ def test_dmpo_test_ckpt_path_refuses_a_crafted_ckpt(tmp_path, marker):
     assert not report.exists()
 
 
+def test_dmpo_test_reads_a_good_checkpoint_with_weights_only_each_time(tmp_path, monkeypatch):
+    """Both reads of ``--ckpt_path`` (LightningCLI's hparams, then the Trainer's restore) pass True."""
+    module = main(["-c", TINY_CONFIG], run=False).model
+    path = tmp_path / "good.ckpt"
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}
+    torch.save({**ckpt, "global_step": 0, "pytorch-lightning_version": "2.6.6"}, path)
+    seen = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights_only", "not passed"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    main(["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", f"--model.init_args.report_dir={tmp_path / 'r'}"])
+    assert seen == [True, True]
+    assert (tmp_path / "r" / "report.json").is_file()
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
 def test_cli_reads_checkpoints_with_weights_only_by_default(subcommand, capsys):
     with pytest.raises(SystemExit):
