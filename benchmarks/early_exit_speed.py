@@ -165,7 +165,7 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, lis
     if args.ckpt:
         module = DMPOModule.load_from_checkpoint(args.ckpt, map_location="cpu")
         dm.check_num_classes(module.hparams.num_classes)
-        state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
         dm_state = state.get(type(dm).__qualname__)
         if dm_state is not None:  # the run's calibration split (only used when thresholds are fitted here)
             dm.load_state_dict(dm_state)

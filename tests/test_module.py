@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from conftest import TINY_VIT_KWARGS
@@ -90,11 +91,11 @@ def test_export_trainable_round_trip_and_no_overwrite(tmp_path):
     for p in module.model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.05)
-    path = tmp_path / "dmpo.pt"
+    path = tmp_path / "dmpo.safetensors"
     module.export_trainable(str(path))
     size = path.stat().st_size
     full = sum(t.numel() for t in module.state_dict().values())
-    saved = torch.load(path, weights_only=False)["state_dict"]
+    saved = safetensors.torch.load_file(path)
     assert sum(t.numel() for t in saved.values()) < full
     assert all(
         ".peft_" in k or k.startswith(("model.exits.", "loss_weights", "exit_thresholds")) for k in saved
@@ -119,6 +120,10 @@ def test_from_trainable_rejects_other_files(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable dmpo export"):
         DMPOModule.from_trainable(str(junk))
+    weights = tmp_path / "model.safetensors"  # a plain weights file, not an export
+    safetensors.torch.save_file({"w": torch.zeros(2)}, weights)
+    with pytest.raises(ValueError, match="not a dmpo trainable-parameter export"):
+        DMPOModule.from_trainable(str(weights))
 
 
 def test_readme_python_example_runs():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import netrc
 import os
 import pickle
+import warnings
 import zipfile
 from typing import Any
 
@@ -15,6 +16,7 @@ from dmpo_lightning.callbacks import LossWeightScheduler
 from dmpo_lightning.data import BenchmarkDataModule
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule
+from dmpo_lightning.serialization import UnsafeLoadWarning
 
 __all__ = ["DMPOCLI", "console_main", "main"]
 
@@ -84,6 +86,34 @@ class DMPOCLI(LightningCLI):
             help="After fit, run `test` (early-exit protocol and report) on the best/last checkpoint",
         )
 
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        """``--weights_only`` of fit/validate/test/predict defaults to true (Lightning's default is null).
+
+        With null, ``torch.load`` decides, and before torch 2.6 (or with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+        set) it unpickles ``--ckpt_path`` without restrictions, which runs any code the file holds.
+        """
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            parser.set_defaults(weights_only=True)
+        return parser
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """An explicit ``--weights_only null`` also reads the checkpoint safely; ``false`` warns."""
+        fn_kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in fn_kwargs:
+            if fn_kwargs["weights_only"] is None:
+                fn_kwargs["weights_only"] = True
+            elif not fn_kwargs["weights_only"] and fn_kwargs.get("ckpt_path"):
+                warnings.warn(
+                    f"--weights_only=false: unpickling {fn_kwargs['ckpt_path']} without restrictions; this "
+                    "runs any code the file holds. Only do this for checkpoints you made yourself or trust.",
+                    UnsafeLoadWarning,
+                    stacklevel=2,
+                )
+        return fn_kwargs
+
     def before_instantiate_classes(self) -> None:
         """Check the backbone name before the data module reads its timm config.
 
@@ -144,7 +174,7 @@ class DMPOCLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         if callback is not None and getattr(callback, "best_model_path", ""):
             ckpt = callback.best_model_path
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
 
 
 def main(args: ArgsType = None, run: bool = True) -> DMPOCLI:

@@ -10,8 +10,10 @@ import hashlib
 import inspect
 import math
 import os
+import pickle
+import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -31,11 +33,16 @@ from dmpo_lightning.models.backbone import build_backbone
 from dmpo_lightning.models.multi_exit import EarlyExitOutput, ExitRule, HeadKind, MultiExitViT
 from dmpo_lightning.optim import default_optimizer, param_groups, warmup_cosine
 from dmpo_lightning.schedules import WeightSpec, preset_weights
+from dmpo_lightning.serialization import (
+    UnsafeLoadWarning,
+    read_trainable,
+    weights_only_refusal,
+    write_trainable,
+)
 
 __all__ = ["DMPOModule"]
 
 PeftMethod = Literal["adaptformer", "lora", "vpt", "linear", "full"]
-TRAINABLE_FORMAT = "dmpo-trainable-v1"
 
 
 class DMPOModule(pl.LightningModule):
@@ -540,43 +547,100 @@ class DMPOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------
     def export_trainable(self, path: str, *, overwrite: bool = False) -> str:
-        """Save only what was trained (PEFT, bypasses, heads, thresholds) plus the config.
+        """Save only what was trained (PEFT, bypasses, heads, thresholds) plus the config, safely loadable.
 
         A few MB instead of a full backbone; :meth:`from_trainable` rebuilds the module (the backbone's
-        base weights come from ``pretrained``/``checkpoint_path`` as configured).
+        base weights come from ``pretrained``/``checkpoint_path`` as configured). The file is a single
+        ``.safetensors`` file: the tensors, and in its header metadata (JSON text) the format tag
+        ``dmpo-trainable``, the format version, the package version, the hyper-parameters and a sha256 of
+        the tensor data. Loading it never runs code (``docs/security.md``). Written atomically.
 
         Raises:
+            ValueError: If ``path`` does not end in ``.safetensors``.
             FileExistsError: If ``path`` exists and ``overwrite`` is false.
+            TypeError: If a hyper-parameter is not JSON-serialisable (nothing is written).
         """
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
         state = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
         state["loss_weights"] = self.loss_weights
         state["exit_thresholds"] = self.exit_thresholds
-        payload = {"format": TRAINABLE_FORMAT, "hyper_parameters": dict(self.hparams), "state_dict": state}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-        return path
+        return write_trainable(path, state, dict(self.hparams), overwrite=overwrite)
 
     @classmethod
-    def from_trainable(cls, path: str, **overrides: Any) -> DMPOModule:
-        """Rebuild a module from :meth:`export_trainable` output; ``overrides`` replace saved hparams."""
+    def from_trainable(cls, path: str, *, allow_pickle: bool = False, **overrides: Any) -> DMPOModule:
+        """Rebuild a module from :meth:`export_trainable` output; ``overrides`` replace saved hparams.
+
+        Reads the ``.safetensors`` export without unpickling anything. An old pickle-based ``.pt`` export
+        (format ``dmpo-trainable-v1``) is read with ``torch.load(weights_only=True)``, which loads it when it
+        holds only tensors and plain values.
+
+        Args:
+            path: The export.
+            allow_pickle: Opt-in for old ``.pt`` exports that ``weights_only=True`` refuses: unpickle them
+                without restrictions, with an :class:`~dmpo_lightning.serialization.UnsafeLoadWarning`. A
+                pickle can run arbitrary code when loaded; use this only for files you made or trust, and
+                re-export them to ``.safetensors``.
+            **overrides: Hyper-parameters that replace the saved ones.
+
+        Raises:
+            FileNotFoundError: If ``path`` does not exist.
+            ValueError: Corrupt or truncated file, not a dmpo export, an export format newer than this
+                package, a pickle that needs ``allow_pickle``, or tensors that do not fit the rebuilt model.
+        """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no trainable-parameter export at {path}")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable dmpo export ({type(err).__name__}: {err})") from err
-        if not isinstance(payload, dict) or payload.get("format") != TRAINABLE_FORMAT:
-            raise ValueError(f"{path} is not a dmpo trainable-parameter export (format {TRAINABLE_FORMAT})")
-        module = cls(**{**payload["hyper_parameters"], **overrides})
-        missing, unexpected = module.load_state_dict(payload["state_dict"], strict=False)
+        hparams, state_dict = read_trainable(path, allow_pickle=allow_pickle)
+        module = cls(**{**hparams, **overrides})
+        missing, unexpected = module.load_state_dict(state_dict, strict=False)
         if unexpected:
             raise ValueError(f"export {path} has parameters this model lacks: {unexpected[:5]}")
-        expected = set(payload["state_dict"])
+        expected = set(state_dict)
         not_loaded = [k for k in module.state_dict() if k in expected and k in missing]
         if not_loaded:
             raise ValueError(f"export {path} could not restore: {not_loaded[:5]}")
         return module
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ) -> DMPOModule:
+        """Lightning's ``load_from_checkpoint``, reading the checkpoint with ``weights_only=True`` by default.
+
+        Lightning passes ``weights_only=None`` on to ``torch.load``, whose default depends on the torch
+        version (``False`` before 2.6) and on ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``; here it is ``True``
+        unless the caller passes ``weights_only=False`` explicitly (warns: that unpickles without
+        restrictions and can run code from the file). The other arguments are Lightning's.
+
+        Raises:
+            ValueError: If the checkpoint holds objects other than tensors and plain values.
+        """
+        if weights_only is None:
+            weights_only = True
+        if not weights_only:
+            warnings.warn(
+                f"weights_only=False: unpickling {checkpoint_path} without restrictions; this runs any code "
+                "the file holds. Only do this for checkpoints you made yourself or trust.",
+                UnsafeLoadWarning,
+                stacklevel=2,
+            )
+        try:
+            return super().load_from_checkpoint(
+                checkpoint_path,
+                map_location=map_location,
+                hparams_file=hparams_file,
+                strict=strict,
+                weights_only=weights_only,
+                **kwargs,
+            )
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"checkpoint {checkpoint_path} was not loaded: it holds Python objects other than tensors "
+                f"and plain values ({weights_only_refusal(err)}), and unpickling it could run arbitrary "
+                "code. Checkpoints written by `dmpo fit` load with weights_only=True; only if you made this "
+                "file yourself or trust its source, pass weights_only=False"
+            ) from None

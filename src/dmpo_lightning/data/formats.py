@@ -63,6 +63,9 @@ def _require(base: Path, names: Sequence[str], what: str, root: Path) -> None:
 def load_cifar(root: str | Path, name: str) -> DatasetSplits:
     """Read CIFAR-10 or CIFAR-100 from torchvision's python-pickle files (no checksum is verified).
 
+    The batch files are Python pickles, unpickled as torchvision does: a crafted file runs code. Only point
+    ``root`` at CIFAR downloaded from its official archive (``download=True``) or a copy you trust.
+
     Args:
         root: Folder holding ``cifar-10-batches-py`` / ``cifar-100-python`` (or that folder itself).
         name: ``"cifar10"`` or ``"cifar100"`` (fine labels).
@@ -104,6 +107,9 @@ def load_cifar(root: str | Path, name: str) -> DatasetSplits:
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
+    # CIFAR's python version *is* a set of pickles (torchvision reads them the same way), so these files are
+    # unpickled without restrictions and can run code: only use CIFAR folders from the official archive or
+    # your own download (docs/security.md).
     with open(path, "rb") as f:
         return pickle.load(f, encoding="latin1")
 

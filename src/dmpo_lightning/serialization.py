@@ -1,0 +1,308 @@
+"""Files a user may receive from someone else, read without unpickling arbitrary objects.
+
+Python's pickle (and so a plain ``torch.load``) runs whatever code the file names while it is read. This
+module keeps every file the package loads on the safe side of that line (``docs/security.md`` lists them):
+
+- the adapter-only export of :meth:`~dmpo_lightning.DMPOModule.export_trainable` is a single ``.safetensors``
+  file: the tensors, plus header metadata that is plain JSON text (format tag, format version, the package
+  version that wrote it, the hyper-parameters, a sha256 over the tensor data);
+- Lightning checkpoints (``.ckpt``) are read with ``torch.load(..., weights_only=True)``, which only rebuilds
+  tensors and plain containers/values and refuses any other object;
+- old pickle-based exports (format ``dmpo-trainable-v1``) load with ``weights_only=True`` when they hold only
+  tensors and plain values; anything else needs the explicit opt-in ``allow_pickle=True``, which warns with
+  :class:`UnsafeLoadWarning`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import secrets
+import struct
+import warnings
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+
+__all__ = [
+    "LEGACY_TRAINABLE_FORMAT",
+    "TRAINABLE_FORMAT",
+    "TRAINABLE_FORMAT_VERSION",
+    "TRAINABLE_SUFFIX",
+    "UnsafeLoadWarning",
+    "read_trainable",
+    "weights_only_refusal",
+    "write_trainable",
+]
+
+TRAINABLE_FORMAT = "dmpo-trainable"
+"""``format`` tag in the safetensors header metadata of an adapter-only export."""
+TRAINABLE_FORMAT_VERSION = 2
+"""Export format version this package writes and the newest it reads (1 was the pickle-based ``.pt``)."""
+LEGACY_TRAINABLE_FORMAT = "dmpo-trainable-v1"
+"""``format`` key of the old pickle-based export (a ``torch.save`` dict); read, never written."""
+TRAINABLE_SUFFIX = ".safetensors"
+
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
+
+
+class UnsafeLoadWarning(UserWarning):
+    """A file is being unpickled without restrictions (an explicit opt-in): it can run arbitrary code."""
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes (sorted by name): detects corrupt tensor data."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(key: str, value: Any) -> Any:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, os.PathLike):
+            return os.fspath(obj)
+        raise TypeError(
+            f"hyper-parameter {key!r} holds a {type(obj).__name__} ({obj!r}), which the export cannot store: "
+            "exports keep hyper-parameters as JSON (numbers, strings, lists, dicts, None)"
+        )
+
+    return json.loads(json.dumps(value, default=default))
+
+
+def write_trainable(
+    path: str,
+    tensors: Mapping[str, torch.Tensor],
+    hyper_parameters: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+) -> str:
+    """Write an adapter-only export: one ``.safetensors`` file, atomically, never over an existing file.
+
+    Raises:
+        ValueError: If ``path`` does not end in ``.safetensors``.
+        FileExistsError: If ``path`` exists and ``overwrite`` is false (also when it appears while writing).
+        TypeError: If a hyper-parameter is not JSON-serialisable (nothing is written).
+    """
+    from dmpo_lightning import __version__
+
+    if not str(path).endswith(TRAINABLE_SUFFIX):
+        raise ValueError(
+            f"export path {path!r} must end in {TRAINABLE_SUFFIX}: the export is a safetensors file "
+            "(tensors plus JSON metadata; loading it never runs code)"
+        )
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+    hparams = {k: _jsonable(k, v) for k, v in hyper_parameters.items()}
+    # safetensors refuses tensors that share memory; plain contiguous CPU copies are what is stored anyway
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    metadata = {
+        "format": TRAINABLE_FORMAT,
+        "format_version": str(TRAINABLE_FORMAT_VERSION),
+        "dmpo_lightning_version": __version__,
+        "hyper_parameters": json.dumps(hparams, sort_keys=True),
+        "tensors_sha256": _digest(state),
+    }
+    _write_atomic(path, safetensors_save(state, metadata=metadata), overwrite=overwrite)
+    return path
+
+
+def _write_atomic(path: str, data: bytes, *, overwrite: bool) -> None:
+    """Write ``data`` to a temporary file next to ``path``, then move it into place.
+
+    Without ``overwrite`` the move is a hard link, which fails if ``path`` appeared in the meantime (on file
+    systems without hard links: a last existence check, then a rename).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path") from None
+        except OSError:  # no hard links here (some network or FAT file systems)
+            if os.path.exists(path):
+                raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path") from None
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def _sniff(path: str) -> str:
+    """What the file is: ``"safetensors"``, ``"zip"``, ``"pickle"`` or ``"unknown"``.
+
+    ``"zip"`` is a ``torch.save`` archive, ``"pickle"`` a legacy ``torch.save`` file or a raw pickle. Only
+    looks at the first bytes; nothing is deserialised.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n <= _MAX_HEADER and head[8:9] == b"{":
+            return "safetensors"
+    if head[:4] == b"PK\x03\x04" or zipfile.is_zipfile(path):
+        return "zip"
+    if head[:1] == b"\x80":  # pickle PROTO opcode, the first byte of every protocol >= 2 pickle
+        return "pickle"
+    return "unknown"
+
+
+def weights_only_refusal(err: BaseException) -> str:
+    """The part of torch's long ``weights_only`` error that says what was refused."""
+    text = str(err)
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (rest if found else text).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[0].split(". Please use")[0].rstrip(".")
+
+
+def read_trainable(
+    path: str, *, allow_pickle: bool = False
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Hyper-parameters and tensors of an adapter-only export, read without running code from it.
+
+    The file's content decides how it is read, not its name: a safetensors file is read as the current
+    format; a ``.safetensors`` name on anything else is refused; other files are taken as the old
+    pickle-based export and read with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: The export.
+        allow_pickle: Only for old pickle-based exports that ``weights_only=True`` refuses: unpickle them
+            without restrictions (warns with :class:`UnsafeLoadWarning`). This runs any code the file holds;
+            use it only for a file you made yourself or whose source you trust.
+
+    Raises:
+        ValueError: Corrupt or truncated file, not a dmpo export, a format version newer than this package
+            reads, or a pickle holding objects beyond tensors and plain values (without ``allow_pickle``).
+    """
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    if str(path).endswith(TRAINABLE_SUFFIX):
+        names = {"zip": "a torch.save archive", "pickle": "a Python pickle"}
+        what = names.get(kind, "not a safetensors file")
+        raise ValueError(
+            f"{path} is not a readable dmpo export: it is named {TRAINABLE_SUFFIX} but its content is {what} "
+            "(corrupt, truncated or renamed); nothing was loaded from it"
+        )
+    if kind == "unknown":
+        raise ValueError(
+            f"{path} is not a readable dmpo export: neither a safetensors file (what export_trainable "
+            "writes) nor an old torch.save export"
+        )
+    return _read_legacy(path, allow_pickle=allow_pickle)
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tag = meta.get("format")
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if tag == TRAINABLE_FORMAT else {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a readable dmpo export: corrupt or truncated safetensors file ({err})"
+        ) from err
+    if tag != TRAINABLE_FORMAT:
+        raise ValueError(
+            f"{path} is a safetensors file but not a dmpo trainable-parameter export (format tag {tag!r} in "
+            f"its metadata, expected {TRAINABLE_FORMAT!r}); write one with DMPOModule.export_trainable"
+        )
+    written_by = meta.get("dmpo_lightning_version", "an unknown version")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise ValueError(
+            f"{path} is not a readable dmpo export: its format_version {meta.get('format_version')!r} is not "
+            "an integer (corrupt metadata)"
+        ) from None
+    if version > TRAINABLE_FORMAT_VERSION:
+        from dmpo_lightning import __version__
+
+        raise ValueError(
+            f"{path} was written by dmpo-lightning {written_by} in export format version {version}; this "
+            f"dmpo-lightning {__version__} reads versions up to {TRAINABLE_FORMAT_VERSION}: upgrade "
+            "dmpo-lightning"
+        )
+    if version < TRAINABLE_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} claims export format version {version}, but version {TRAINABLE_FORMAT_VERSION} is the "
+            "first safetensors one (corrupt metadata)"
+        )
+    try:
+        hparams = json.loads(meta["hyper_parameters"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path} is not a readable dmpo export: its hyper_parameters metadata is missing or not "
+            f"JSON ({err})"
+        ) from err
+    if not isinstance(hparams, dict):
+        raise ValueError(f"{path} is not a readable dmpo export: hyper_parameters is not a JSON object")
+    expected = meta.get("tensors_sha256")
+    if expected is None or _digest(tensors) != expected:
+        raise ValueError(
+            f"{path} is not a readable dmpo export: its tensor data does not match the sha256 in its header "
+            "(corrupt file)"
+        )
+    return hparams, tensors
+
+
+def _read_legacy(path: str, *, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not allow_pickle:
+            raise ValueError(
+                f"{path} was not loaded: it is a pickle holding Python objects other than tensors and "
+                f"plain values ({weights_only_refusal(err)}), and unpickling such a file can run arbitrary "
+                "code. It may be an old pickle-based dmpo export or a crafted file. Only if you made it "
+                "yourself or trust its source: DMPOModule.from_trainable(path, allow_pickle=True), then "
+                "re-export it with export_trainable('<name>.safetensors')"
+            ) from None
+        warnings.warn(
+            f"allow_pickle=True: unpickling {path} without restrictions; this runs any code the file holds. "
+            "Re-export it with export_trainable('<name>.safetensors') to drop the pickle.",
+            UnsafeLoadWarning,
+            stacklevel=4,  # the caller of DMPOModule.from_trainable
+        )
+        payload = _unrestricted_torch_load(path)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable dmpo export ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != LEGACY_TRAINABLE_FORMAT:
+        raise ValueError(
+            f"{path} is not a dmpo trainable-parameter export (format {TRAINABLE_FORMAT} version "
+            f"{TRAINABLE_FORMAT_VERSION} in a {TRAINABLE_SUFFIX} file, or the old {LEGACY_TRAINABLE_FORMAT})"
+        )
+    hparams, state = payload.get("hyper_parameters"), payload.get("state_dict")
+    if not isinstance(hparams, dict) or not isinstance(state, dict):
+        raise ValueError(f"{path} is not a readable dmpo export: hyper_parameters or state_dict is missing")
+    return dict(hparams), dict(state)
+
+
+def _unrestricted_torch_load(path: str) -> Any:
+    """The documented opt-in (``from_trainable(..., allow_pickle=True)``): a plain, code-running unpickle."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable dmpo export ({type(err).__name__}: {err})") from err
