@@ -16,6 +16,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +362,44 @@ def test_list_image_paths_is_case_insensitive_recursive_and_sorted(tmp_path):
     got = [os.path.relpath(p, tmp_path) for p in list_image_paths(tmp_path)]
     assert got == ["a/c.webp", "a/e.tif", "b.JPEG", "z.Gif"]
     assert list_image_paths(tmp_path / "b.JPEG") == [str(tmp_path / "b.JPEG")]
+
+
+@pytest.mark.slow
+def test_ddp_writes_one_file_per_rank_covering_every_image_once(run, new_images, folder_run):
+    """Two processes (gloo on CPU): Lightning's predict sampler does not pad, so no image is repeated."""
+    folder, _ = new_images
+    out = run["base"] / "ddp.csv"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("LOCAL_RANK", None)
+    args = [
+        "predict",
+        f"--config={run['config']}",
+        f"--ckpt_path={run['ckpt']}",
+        f"--data.init_args.predict_paths={folder}",
+        f"--model.init_args.thresholds_file={run['thresholds']}",
+        f"--model.init_args.predict_budget={BUDGET}",
+        f"--model.init_args.predictions_file={out}",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "dmpo_lightning", *args],
+        cwd=run["base"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert not out.exists()
+    shards = [_read_csv(run["base"] / f"ddp.rank{r}.csv") for r in (0, 1)]
+    assert all(header == IMAGE_HEADER for header, _ in shards)
+    ddp_rows = [r for _, rows in shards for r in rows]
+    _, single_rows = _read_csv(folder_run[0])
+    assert sorted(r["path"] for r in ddp_rows) == [r["path"] for r in single_rows]
+    single = {r["path"]: r for r in single_rows}
+    for r in ddp_rows:
+        for key in ("prediction", "class_name", "exit", "gflops", "error"):
+            assert r[key] == single[r["path"]][key], (r["path"], key)
+    assert "[rank 0]" in done.stdout and "[rank 1]" in done.stdout
