@@ -206,6 +206,35 @@ def test_checkpoint_stores_class_names_and_split_predictions_are_numbered_as_the
         assert r["class_name"] == CLASSES[int(r["prediction"])]
         assert float(r["gflops"]) == gflops[k - 1]
     assert sorted(int(r["index"]) for r in rows) == list(range(len(rows)))
+    # the same test split and thresholds as the `dmpo test` report: same exit histogram, accuracy and cost
+    report = json.loads((run["thresholds"].parent / "report.json").read_text())
+    (point,) = [b for b in report["budgets"] if b["budget"] == BUDGET]
+    histogram = [sum(int(r["exit"]) == k + 1 for r in rows) for k in range(module.num_exits)]
+    assert histogram == point["test_histogram"]
+    accuracy = sum(r["prediction"] == r["label"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(point["test_accuracy"])
+    assert sum(float(r["gflops"]) for r in rows) / len(rows) == pytest.approx(point["test_cost"])
+
+
+@pytest.mark.slow
+def test_predicting_another_labelled_tree_skips_the_calibration_split_and_warns_on_names(run):
+    # the checkpoint's calibration indices (into 40 training images) do not fit this 16-image tree: predict
+    # reads only the test split, so they are not checked; its class names differ from the checkpoint's
+    other = write_image_folder(run["base"] / "renamed", ["w", "x", "y", "z"], {"train": 4, "test": 1})
+    out = run["base"] / "renamed.csv"
+    with pytest.warns(UserWarning, match="class names .* differ from the data module's"):
+        main(
+            [
+                "predict",
+                f"--config={run['config']}",
+                f"--ckpt_path={run['ckpt']}",
+                f"--data.init_args.root={other}",
+                "--data.init_args.calibration_size=4",
+                f"--model.init_args.predictions_file={out}",
+            ]
+        )
+    _, rows = _read_csv(out)
+    assert {r["class_name"] for r in rows} <= set(CLASSES)
 
 
 @pytest.mark.slow

@@ -467,15 +467,22 @@ class DMPOModule(pl.LightningModule):
     def _prediction_class_names(self) -> list[str]:
         """Names for the CSV: the checkpoint's, else the data module's, else ``class_<i>``."""
         n = int(self.hparams.num_classes)
-        if self.class_names is not None and len(self.class_names) == n:
-            return list(self.class_names)
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         classes = getattr(dm, "classes", None)
-        if classes is not None and len(classes) == n:
-            return [str(c) for c in classes]
+        data_names = [str(c) for c in classes] if classes is not None and len(classes) == n else None
+        if self.class_names is not None and len(self.class_names) == n:
+            if data_names is not None and data_names != list(self.class_names):
+                rank_zero_warn(
+                    f"the checkpoint's class names {list(self.class_names)[:5]} differ from the data "
+                    f"module's {data_names[:5]}: the model predicts its training classes, so the CSV uses "
+                    "the checkpoint's names; check that the labels of this dataset mean the same classes"
+                )
+            return list(self.class_names)
+        if data_names is not None:
+            return data_names
         rank_zero_warn(
-            "the checkpoint holds no class names (saved before they were stored, or trained on data without "
-            "names), so the predictions CSV names classes class_0, class_1, ..."
+            "the model has no class names (its checkpoint was saved before they were stored, or its data had "
+            "none), so the predictions CSV names classes class_0, class_1, ..."
         )
         return [f"class_{i}" for i in range(n)]
 

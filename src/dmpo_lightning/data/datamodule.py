@@ -338,8 +338,9 @@ class BenchmarkDataModule(LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the calibration split from a checkpoint (warns if it differs from the fresh one)."""
-        if self.predict_files is not None:
-            return  # predicting on new images: no split to restore
+        predicting = self.trainer is not None and self.trainer.state.fn == "predict"
+        if self.predict_files is not None or predicting:
+            return  # predict reads the test split or new images: the calibration split is not used
         if state_dict.get("dataset") != self.dataset:
             rank_zero_warn(
                 f"the checkpoint's calibration split is for dataset {state_dict.get('dataset')!r}, not "
