@@ -93,7 +93,7 @@ def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
         ]
     )
     lines = preds.read_text().splitlines()
-    assert lines[0] == "index,label,prediction,exit_index,score"
+    assert lines[0] == "index,label,prediction,class_name,exit,confidence,score,gflops"
     assert len(lines) == 1 + 24
 
     loaded = DMPOModule.load_from_checkpoint(ckpts[0])

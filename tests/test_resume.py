@@ -209,5 +209,6 @@ def test_checkpoint_loads_for_test_and_predict_in_a_fresh_process(tmp_path, monk
     assert data["checkpoint_hash"].startswith("file:")
     (predictions,) = (tmp_path / "runs" / "dmpo").glob("version_*/predictions.csv")
     lines = predictions.read_text().splitlines()
-    assert lines[0] == "index,label,prediction,exit_index,score" and len(lines) == 1 + 24
-    assert {line.split(",")[3] for line in lines[1:]} == {"3"}  # no thresholds: every sample at the last exit
+    assert lines[0] == "index,label,prediction,class_name,exit,confidence,score,gflops"
+    assert len(lines) == 1 + 24
+    assert {line.split(",")[4] for line in lines[1:]} == {"4"}  # no thresholds: all at the last exit

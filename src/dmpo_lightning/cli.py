@@ -75,7 +75,12 @@ class DMPOCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Links between model and data, and the fit-then-test switch."""
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments(
+            "data.num_classes",
+            "model.init_args.num_classes",
+            compute_fn=self._linked_num_classes,
+            apply_on="instantiate",
+        )
         parser.link_arguments("model.init_args.backbone", "data.init_args.timm_model", apply_on="parse")
         parser.link_arguments("model.init_args.img_size", "data.init_args.image_size", apply_on="parse")
         parser.link_arguments("model.init_args.in_chans", "data.init_args.in_chans", apply_on="parse")
@@ -113,6 +118,22 @@ class DMPOCLI(LightningCLI):
                     stacklevel=2,
                 )
         return fn_kwargs
+
+    def _linked_num_classes(self, num_classes: int | None) -> int:
+        """The data module's class count, or the checkpoint's when the data reads no dataset.
+
+        ``data.predict_paths`` (unlabelled images) leaves ``data.num_classes`` unknown; the model is then
+        built with the number of classes it was trained with.
+        """
+        if num_classes is not None:
+            return num_classes
+        known = getattr(self, "_checkpoint_num_classes", None)
+        if known is None:
+            raise ValueError(
+                "the data module reads no dataset (data.init_args.predict_paths), so the number of classes "
+                "must come from the trained model: give --ckpt_path <run>/checkpoints/<file>.ckpt"
+            )
+        return int(known)
 
     def before_instantiate_classes(self) -> None:
         """Check the backbone name before the data module reads its timm config.
@@ -165,6 +186,9 @@ class DMPOCLI(LightningCLI):
             init = self.config[sub]["model"]["init_args"]
             for key, value in kept.items():
                 init[key] = value
+        if isinstance(ckpt_path, str) and os.path.isfile(ckpt_path) and self.config[sub].get("model"):
+            model_init = self.config[sub]["model"].get("init_args")
+            self._checkpoint_num_classes = model_init.get("num_classes") if model_init is not None else None
 
     def after_fit(self) -> None:
         """Optionally evaluate the model just trained."""

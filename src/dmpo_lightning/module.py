@@ -108,6 +108,9 @@ class DMPOModule(pl.LightningModule):
         warmup_fraction: Warm-up share of all steps for the default scheduler.
     """
 
+    class_names: list[str] | None = None
+    """Class names in label order, restored from ``checkpoint["class_names"]`` (``None`` if unknown)."""
+
     def __init__(
         self,
         num_classes: int = 10,
@@ -413,25 +416,82 @@ class DMPOModule(pl.LightningModule):
         self.exit_thresholds.copy_(torch.tensor(thresholds, dtype=self.exit_thresholds.dtype))
         rank_zero_info(f"early-exit thresholds for budget {h.predict_budget}: {thresholds}")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """True early exit (batch compaction): prediction, exit index and score per sample."""
-        out = self.forward_early_exit(batch[IMAGE_KEY])
-        result = {"prediction": out.prediction, "exit_index": out.exit_index, "score": out.score}
-        if INDEX_KEY in batch:
-            result["index"] = batch[INDEX_KEY]
-        if LABEL_KEY in batch:
-            result["label"] = batch[LABEL_KEY]
-        self._predictions.append({k: v.cpu() for k, v in result.items()})
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """True early exit (batch compaction): prediction, 0-based exit, score and confidence per sample.
+
+        Images the data module could not read (a non-empty ``error`` entry, from ``data.predict_paths``)
+        are not run; their rows keep prediction -1 and the reason.
+        """
+        from dmpo_lightning.data.predict_images import ERROR_KEY, PATH_KEY, SOURCE_MODE_KEY
+
+        x = batch[IMAGE_KEY]
+        self._input_shape = tuple(x.shape[1:])
+        errors = batch.get(ERROR_KEY)
+        valid = torch.tensor([not e for e in errors], dtype=torch.bool) if errors is not None else None
+        n = x.shape[0]
+        result: dict[str, Any] = {
+            "prediction": torch.full((n,), -1, dtype=torch.long),
+            "exit_index": torch.full((n,), -1, dtype=torch.long),
+            "score": torch.full((n,), math.nan),
+            "confidence": torch.full((n,), math.nan),
+        }
+        rows = valid if valid is not None else torch.ones(n, dtype=torch.bool)
+        if bool(rows.any()):
+            out = self.forward_early_exit(x if valid is None else x[valid.to(x.device)])
+            result["prediction"][rows] = out.prediction.cpu()
+            result["exit_index"][rows] = out.exit_index.cpu()
+            result["score"][rows] = out.score.float().cpu()
+            result["confidence"][rows] = out.logits.float().softmax(dim=-1).amax(dim=-1).cpu()
+        for key in (INDEX_KEY, LABEL_KEY):
+            if key in batch:
+                result[key] = batch[key].cpu()
+        for key in (PATH_KEY, ERROR_KEY, SOURCE_MODE_KEY):
+            if key in batch:
+                result[key] = list(batch[key])
+        self._predictions.append(result)
         return result
 
     def on_predict_epoch_end(self) -> None:
-        """Write the predictions CSV (one file per rank under DDP)."""
-        from dmpo_lightning.evaluation.runner import write_predictions
+        """Write the predictions CSV (one file per rank under DDP) and print a summary of it."""
+        from dmpo_lightning.evaluation.runner import format_prediction_summary, write_predictions
 
         path = self._predictions_path()
-        write_predictions(path, self._predictions)
-        rank_zero_info(f"wrote early-exit predictions to {path}")
+        summary = write_predictions(
+            path,
+            self._predictions,
+            exit_gflops=self.exit_costs().exit_gflops,
+            class_names=self._prediction_class_names(),
+        )
         self._predictions = []
+        if summary is None:
+            return
+        text = format_prediction_summary(summary, self.exit_costs(), self.hparams.in_chans)
+        if self.trainer.world_size > 1:
+            print(f"[rank {self.trainer.global_rank}] {text}")
+        else:
+            print(text)
+
+    def _prediction_class_names(self) -> list[str]:
+        """Names for the CSV: the checkpoint's, else the data module's, else ``class_<i>``."""
+        n = int(self.hparams.num_classes)
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        classes = getattr(dm, "classes", None)
+        data_names = [str(c) for c in classes] if classes is not None and len(classes) == n else None
+        if self.class_names is not None and len(self.class_names) == n:
+            if data_names is not None and data_names != list(self.class_names):
+                rank_zero_warn(
+                    f"the checkpoint's class names {list(self.class_names)[:5]} differ from the data "
+                    f"module's {data_names[:5]}: the model predicts its training classes, so the CSV uses "
+                    "the checkpoint's names; check that the labels of this dataset mean the same classes"
+                )
+            return list(self.class_names)
+        if data_names is not None:
+            return data_names
+        rank_zero_warn(
+            "the model has no class names (its checkpoint was saved before they were stored, or its data had "
+            "none), so the predictions CSV names classes class_0, class_1, ..."
+        )
+        return [f"class_{i}" for i in range(n)]
 
     def configure_optimizers(self) -> Any:
         """AdamW (or the injected optimizer) over trainable parameters; warm-up + cosine by default."""
@@ -461,6 +521,16 @@ class DMPOModule(pl.LightningModule):
             + f" ({100 * counts['trainable'] / max(counts['total'], 1):.2f}% of all)"
         )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the class names (``checkpoint["class_names"]``, list of str) when they are known."""
+        names = self.class_names
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        classes = getattr(dm, "classes", None)
+        if classes is not None and len(classes) == self.hparams.num_classes:
+            names = [str(c) for c in classes]
+        if names is not None:
+            checkpoint["class_names"] = list(names)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture with a message instead of a size mismatch."""
         saved = checkpoint.get("hyper_parameters", {})
@@ -485,6 +555,9 @@ class DMPOModule(pl.LightningModule):
                     "use the checkpoint's own config (dmpo test --config <run>/config.yaml) or load it with "
                     "DMPOModule.load_from_checkpoint(path)"
                 )
+        names = checkpoint.get("class_names")
+        if isinstance(names, (list, tuple)) and len(names) == self.hparams.num_classes:
+            self.class_names = [str(c) for c in names]
 
     # ----------------------------------------------------------------------------------------------
     def exit_costs(self) -> ExitCosts:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmpo_lightning.data import splits as split_utils
 from dmpo_lightning.data.datasets import DatasetSplits, SplitView
+from dmpo_lightning.data.predict_images import ImagePathDataset, list_image_paths
 from dmpo_lightning.data.registry import (
     BuildOptions,
     DatasetName,
@@ -19,7 +20,13 @@ from dmpo_lightning.data.registry import (
     get_spec,
     resolve_root,
 )
-from dmpo_lightning.data.transforms import DataConfig, Interpolation, build_transform, resolve_data_config
+from dmpo_lightning.data.transforms import (
+    DataConfig,
+    Interpolation,
+    build_transform,
+    is_native_small,
+    resolve_data_config,
+)
 
 Split = Literal["train", "calibration", "test"]
 
@@ -65,6 +72,11 @@ class BenchmarkDataModule(LightningDataModule):
         calibration_indices_file: A ``calibration_indices.json`` from an earlier run whose split to reuse.
         synthetic_sizes: Train and test lengths of ``synthetic``.
         synthetic_num_classes: Number of classes of ``synthetic``.
+        predict_paths: Unlabelled images for ``dmpo predict``: a folder (recursive; jpg, jpeg, png, bmp,
+            gif, tif, tiff, webp in any case), one image or a text file with one path per line. Then the
+            data module serves ``predict`` only and reads no dataset (``root`` may be absent):
+            :attr:`num_classes` and :attr:`classes` are ``None`` and come from the checkpoint. Images get
+            the evaluation transform (same size, crop, mean/std and channels as the test split).
 
     Raises:
         ValueError: On an unknown dataset or out-of-range argument (the message says what is allowed).
@@ -99,6 +111,7 @@ class BenchmarkDataModule(LightningDataModule):
         calibration_indices_file: str | None = None,
         synthetic_sizes: tuple[int, int] = (256, 64),
         synthetic_num_classes: int = 10,
+        predict_paths: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -122,7 +135,9 @@ class BenchmarkDataModule(LightningDataModule):
             )
         if val_source == "dataset" and calibration_indices_file is not None:
             raise ValueError("calibration_indices_file applies to val_source='holdout' only")
-        self.root = resolve_root(self.spec, root, download)
+        # With predict_paths no dataset is read, so its root may be gone (a trained model on a new machine).
+        self.predict_files = list_image_paths(predict_paths) if predict_paths is not None else None
+        self.root = resolve_root(self.spec, root, download) if predict_paths is None else None
         self.in_chans = in_chans
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -152,9 +167,15 @@ class BenchmarkDataModule(LightningDataModule):
             interpolation=interpolation,
             crop_pct=crop_pct,
         )
-        self._num_classes = dataset_num_classes(self.spec, self.root, synthetic_num_classes)
+        self._num_classes = (
+            dataset_num_classes(self.spec, self.root, synthetic_num_classes)
+            if predict_paths is None
+            else None
+        )
         self._file_payload = (
-            split_utils.load_indices(calibration_indices_file, dataset) if calibration_indices_file else None
+            split_utils.load_indices(calibration_indices_file, dataset)
+            if calibration_indices_file and predict_paths is None
+            else None
         )
         self._base: DatasetSplits | None = None
         self._train_size: int | None = None
@@ -164,8 +185,11 @@ class BenchmarkDataModule(LightningDataModule):
         self.calibration_indices_path: Path | None = None
 
     @property
-    def num_classes(self) -> int:
-        """Number of classes (known right after ``__init__``, for linking into the model)."""
+    def num_classes(self) -> int | None:
+        """Number of classes (known right after ``__init__``, for linking into the model).
+
+        ``None`` with ``predict_paths``: no dataset is read, the model's comes from its checkpoint.
+        """
         return self._num_classes
 
     @property
@@ -187,6 +211,8 @@ class BenchmarkDataModule(LightningDataModule):
         Raises:
             ValueError: On a mismatch.
         """
+        if self.num_classes is None:
+            return  # predict_paths: unlabelled images, any number of classes
         if model_num_classes != self.num_classes:
             raise ValueError(
                 f"the model predicts {model_num_classes} classes but dataset {self.dataset!r} has "
@@ -199,7 +225,20 @@ class BenchmarkDataModule(LightningDataModule):
             self.spec.downloader(self.root)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the dataset and build the splits (idempotent; every stage builds all of them)."""
+        """Read the dataset and build the splits (idempotent; every stage builds all of them).
+
+        With ``predict_paths`` only ``predict`` is served and no dataset is read.
+
+        Raises:
+            ValueError: If ``predict_paths`` is set and ``stage`` is not ``predict``.
+        """
+        if self.predict_files is not None:
+            if stage != "predict":
+                raise ValueError(
+                    f"data.predict_paths is set, so this data module serves `dmpo predict` only (stage "
+                    f"{stage!r} needs the dataset); remove predict_paths to fit, validate or test"
+                )
+            return
         if self._base is None:
             options = BuildOptions(
                 root=self.root,
@@ -238,8 +277,36 @@ class BenchmarkDataModule(LightningDataModule):
         return [self._dataloader("test"), self._dataloader("calibration")]
 
     def predict_dataloader(self) -> DataLoader:
-        """The test split."""
-        return self._dataloader("test")
+        """The images of ``predict_paths`` if given, else the test split (both with evaluation transforms)."""
+        if self.predict_files is None:
+            return self._dataloader("test")
+        pin = self.pin_memory if self.pin_memory is not None else _cuda_available()
+        return DataLoader(
+            self.predict_dataset(),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def predict_dataset(self) -> ImagePathDataset:
+        """The ``predict_paths`` images with the evaluation transform (size, crop, mean/std, channels).
+
+        Raises:
+            ValueError: If ``predict_paths`` was not given.
+        """
+        if self.predict_files is None:
+            raise ValueError("predict_dataset() needs data.predict_paths (a folder or a text file of paths)")
+        native = self.data_config.image_size if self.dataset == "synthetic" else self.spec.native_size
+        transform = build_transform(self.data_config, in_chans=self.in_chans, train=False, native_size=native)
+        return ImagePathDataset(
+            self.predict_files,
+            transform,
+            in_chans=self.in_chans,
+            image_size=self.data_config.image_size,
+            exact_size=is_native_small(self.data_config, native),
+        )
 
     def calibration_dataloader(self) -> DataLoader:
         """The calibration split with evaluation transforms."""
@@ -271,6 +338,9 @@ class BenchmarkDataModule(LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the calibration split from a checkpoint (warns if it differs from the fresh one)."""
+        predicting = self.trainer is not None and self.trainer.state.fn == "predict"
+        if self.predict_files is not None or predicting:
+            return  # predict reads the test split or new images: the calibration split is not used
         if state_dict.get("dataset") != self.dataset:
             rank_zero_warn(
                 f"the checkpoint's calibration split is for dataset {state_dict.get('dataset')!r}, not "
