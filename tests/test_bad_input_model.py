@@ -541,3 +541,34 @@ def test_unreadable_image_through_the_cli(broken_folder, tmp_path, monkeypatch):
     ]
     with pytest.raises(UnreadableImageError, match=r"cannot read image file .*a_1\.jpg"):
         main(args)
+
+
+# ---------------------------------------------------------------------------------------------------- 10
+def _doc_blocks() -> list[str]:
+    text = (ROOT / "docs" / "extending.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_extending_examples_run():
+    namespace: dict = {}
+    blocks = [b for b in _doc_blocks() if "class " in b]
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(block, namespace)
+    options = dict(
+        num_classes=4,
+        img_size=32,
+        backbone="vit_tiny_patch16_224",
+        backbone_kwargs=TINY_KW,
+        exit_blocks=[2, 4],
+        adapter_dim=4,
+        moment_dim=16,
+        peft="full",
+    )
+    focal = namespace["FocalDMPO"](**options)
+    logits = focal(torch.randn(3, 3, 32, 32))
+    loss, parts = focal.compute_loss(logits, torch.tensor([0, 1, 2]))
+    assert loss.ndim == 0 and torch.isfinite(loss) and parts == {}
+    wide = namespace["WideDropoutDMPO"](**options)
+    assert wide.model.exits[0].predictor.drop.p == 0.3
+    assert [z.shape for z in wide(torch.randn(2, 3, 32, 32))] == [(2, 4), (2, 4)]
