@@ -262,12 +262,16 @@ def _loader(dataset) -> DataLoader:
             r"test dataloaders 1 and 2 both hold 'calibration' samples; give exactly one loader per split",
         ),
         (
+            lambda d: [d.split_dataset("calibration")],
+            r"no test loader yielded samples of split 'test' \(only 'calibration'\)",
+        ),
+        (
             lambda d: [d.split_dataset("test"), d.split_dataset("train")],
             r"test dataloader 1 yields samples of split 'train'; allowed in `test` are 'test' and "
             r"'calibration'",
         ),
     ],
-    ids=["untagged", "two_calibration_loaders", "train_split"],
+    ids=["untagged", "two_calibration_loaders", "calibration_only", "train_split"],
 )
 def test_ambiguous_test_loaders_are_refused(data, tmp_path, loaders, match):
     model = tiny_module(report_dir=str(tmp_path / "report"))

@@ -411,6 +411,13 @@ class DMPOModule(pl.LightningModule):
         """Run the budgeted early-exit protocol, print the table, write the report, log the summary."""
         from dmpo_lightning.evaluation.runner import run_test_protocol
 
+        if not self.test_collectors["test"].update_called:
+            for c in self.test_collectors.values():
+                c.reset()
+            raise ValueError(
+                "no test loader yielded samples of split 'test' (only 'calibration'), so there is nothing to "
+                "report; give `test` a loader whose samples are tagged 'test'"
+            )
         test = self.test_collectors["test"].compute()
         cal = (
             self.test_collectors["calibration"].compute()
