@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from test_data_fakes import write_cifar
 
-from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
+from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
 from dmpo_lightning.data import BenchmarkDataModule
 
 
@@ -34,7 +34,8 @@ def test_batches_are_dicts_with_the_agreed_keys_and_dtypes() -> None:
     dm = synthetic()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {IMAGE_KEY, LABEL_KEY, INDEX_KEY}
+    assert set(batch) == {IMAGE_KEY, LABEL_KEY, INDEX_KEY, SPLIT_KEY}
+    assert batch[SPLIT_KEY] == ["train"] * 8  # test_step tells the test and calibration loaders apart by it
     assert batch[IMAGE_KEY].dtype == torch.float32 and batch[IMAGE_KEY].shape == (8, 3, 8, 8)
     assert batch[LABEL_KEY].dtype == torch.int64 and batch[LABEL_KEY].shape == (8,)
     assert batch[INDEX_KEY].dtype == torch.int64 and batch[INDEX_KEY].shape == (8,)

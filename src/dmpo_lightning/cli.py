@@ -37,6 +37,7 @@ EVALUATION_OPTIONS = (
     "report_dir",
     "thresholds_file",
     "predict_budget",
+    "allow_other_checkpoint_thresholds",
     "predictions_file",
 )
 """Model options that only affect evaluation; ``dmpo test/predict --ckpt_path`` keeps the user's values."""

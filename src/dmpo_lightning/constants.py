@@ -14,3 +14,7 @@ PEFT_PREFIX = "peft_"
 
 EXITS_ATTR = "exits"
 """Attribute of :class:`~dmpo_lightning.models.MultiExitViT` holding the exit heads."""
+
+SPLIT_KEY = "split"
+"""Batch key naming each sample's split (``"train"``, ``"calibration"`` or ``"test"``; a list of ``str``
+after collation). ``DMPOModule.test_step`` tells the test and calibration loaders apart by it."""

@@ -24,7 +24,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from dmpo_lightning.callbacks import EpochSeed, LossWeightScheduler
-from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
+from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
 from dmpo_lightning.evaluation.metrics import ExitOutputsCollector
@@ -102,6 +102,8 @@ class DMPOModule(pl.LightningModule):
         report_dir: Where ``dmpo test`` writes its report (``None`` = ``<log_dir>/dmpo_test``).
         thresholds_file: ``thresholds.json`` written by ``dmpo test``, used by ``dmpo predict``.
         predict_budget: Budget whose thresholds ``dmpo predict`` uses (must be in ``thresholds_file``).
+        allow_other_checkpoint_thresholds: Let ``dmpo predict`` use a ``thresholds_file`` fitted on other
+            weights of the same architecture (warns, naming both hashes); by default they are refused.
         predictions_file: CSV ``dmpo predict`` writes (``None`` = ``<log_dir>/predictions.csv``).
         optimizer: Optimizer factory (default AdamW, lr 1e-3, weight decay 0.05).
         lr_scheduler: Scheduler factory; ``None`` = linear warm-up then cosine, stepped per batch.
@@ -156,6 +158,7 @@ class DMPOModule(pl.LightningModule):
         report_dir: str | None = None,
         thresholds_file: str | None = None,
         predict_budget: float | None = None,
+        allow_other_checkpoint_thresholds: bool = False,
         predictions_file: str | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -201,6 +204,14 @@ class DMPOModule(pl.LightningModule):
     def build_model(self) -> MultiExitViT:
         """Build the pure model from ``self.hparams``. Override to change the backbone or heads."""
         h = self.hparams
+        if not h.pretrained and h.checkpoint_path is None and h.peft != "full":
+            rank_zero_warn(
+                f"peft={h.peft!r} freezes the trunk of backbone {h.backbone!r}, but pretrained=false and no "
+                "checkpoint_path is set: the frozen trunk keeps its random initial weights. Set "
+                "pretrained=true (or checkpoint_path=<timm weights file>), or use peft='full' to train from "
+                "scratch",
+                category=UserWarning,
+            )
         backbone = build_backbone(
             h.backbone,
             pretrained=h.pretrained,
@@ -325,11 +336,72 @@ class DMPOModule(pl.LightningModule):
         check_report_dir(self._report_dir())
         check_budgets(self.hparams.budgets, self.hparams.budget_unit, self.exit_costs())
 
+    def on_test_epoch_start(self) -> None:
+        """Forget which test loader held which split (:meth:`test_step` checks they stay one-to-one)."""
+        self._test_split_of_loader: dict[int, str] = {}
+
+    def _test_split(self, batch: dict[str, Any], dataloader_idx: int) -> str:
+        """``"test"`` or ``"calibration"``: the split a test batch comes from, by its :data:`SPLIT_KEY` tags.
+
+        Untagged batches are accepted only from a single test loader (then it is the test split). Mixed
+        tags, splits other than test/calibration, and a split spread over several loaders (their sample
+        indices would collide) are refused.
+        """
+        tags = batch.get(SPLIT_KEY)
+        trainer = self._trainer
+        num_loaders = len(trainer.num_test_batches) if trainer is not None else 1
+        how = (
+            f"tag every sample with {SPLIT_KEY!r} = 'test' or 'calibration' (BenchmarkDataModule does; wrap "
+            "other datasets in dmpo_lightning.data.SplitTagged)"
+        )
+        if tags is None:
+            if num_loaders > 1:
+                raise ValueError(
+                    f"test dataloader {dataloader_idx} of {num_loaders} yields batches without a "
+                    f"{SPLIT_KEY!r} entry, so the test and calibration splits cannot be told apart; {how}, "
+                    "or pass the test loader alone (then no thresholds are fitted)"
+                )
+            split = "test"
+        else:
+            names = sorted({str(t) for t in tags}) if isinstance(tags, (list, tuple)) else [str(tags)]
+            if len(names) != 1:
+                raise ValueError(
+                    f"test dataloader {dataloader_idx} mixes samples of splits {names} in one batch; "
+                    "give each split its own loader"
+                )
+            split = names[0]
+            if split not in ("test", "calibration"):
+                raise ValueError(
+                    f"test dataloader {dataloader_idx} yields samples of split {split!r}; allowed in "
+                    "`test` are 'test' and 'calibration' (one loader each)"
+                )
+        seen = getattr(self, "_test_split_of_loader", None)
+        if seen is None:
+            seen = self._test_split_of_loader = {}
+        before = seen.setdefault(dataloader_idx, split)
+        if before != split:
+            raise ValueError(
+                f"test dataloader {dataloader_idx} yields samples of both {before!r} and {split!r}; "
+                "give each split its own loader"
+            )
+        others = [i for i, s in seen.items() if s == split and i != dataloader_idx]
+        if others:
+            raise ValueError(
+                f"test dataloaders {others[0]} and {dataloader_idx} both hold {split!r} samples; give "
+                "exactly one loader per split (their sample indices would collide)"
+            )
+        return split
+
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Test split (dataloader 0): per-exit metrics and cached outputs; calibration split (1): outputs."""
+        """Test split: per-exit metrics and cached outputs; calibration split: cached outputs.
+
+        The split of each loader comes from the batches' :data:`~dmpo_lightning.constants.SPLIT_KEY` tags,
+        not from the loader's position (see :meth:`_test_split`).
+        """
+        name = self._test_split(batch, dataloader_idx)
         x, y = batch[IMAGE_KEY], batch[LABEL_KEY]
         self._input_shape = tuple(x.shape[1:])
-        if dataloader_idx == 0:
+        if name == "test":
             _, logits = self._shared_step(batch, "test")
         else:
             logits = self(x)
@@ -339,9 +411,8 @@ class DMPOModule(pl.LightningModule):
             raise KeyError(
                 f"test batches need an {INDEX_KEY!r} entry (sample index) for the early-exit protocol"
             )
-        name = "test" if dataloader_idx == 0 else "calibration"
         self.test_collectors[name].update(index, scores, preds, y)
-        if dataloader_idx == 0 and "test_top5" in self.test_collectors:
+        if name == "test" and "test_top5" in self.test_collectors:
             hits = torch.stack([(z.topk(5, dim=-1).indices == y[:, None]).any(-1) for z in logits], dim=1)
             hits = hits.long()
             self.test_collectors["test_top5"].update(index, hits.float(), hits, y)
@@ -350,6 +421,13 @@ class DMPOModule(pl.LightningModule):
         """Run the budgeted early-exit protocol, print the table, write the report, log the summary."""
         from dmpo_lightning.evaluation.runner import run_test_protocol
 
+        if not self.test_collectors["test"].update_called:
+            for c in self.test_collectors.values():
+                c.reset()
+            raise ValueError(
+                "no test loader yielded samples of split 'test' (only 'calibration'), so there is nothing to "
+                "report; give `test` a loader whose samples are tagged 'test'"
+            )
         test = self.test_collectors["test"].compute()
         cal = (
             self.test_collectors["calibration"].compute()
@@ -382,6 +460,7 @@ class DMPOModule(pl.LightningModule):
             split_file=self._split_file(),
             anytime_metrics=anytime,
             fingerprint=self.model_fingerprint(),
+            weights_hash=self._weights_hash(),
         )
         self.test_report = report
         for k, values in enumerate(anytime):
@@ -411,7 +490,13 @@ class DMPOModule(pl.LightningModule):
                 )
             return
         thresholds = load_thresholds(
-            h.thresholds_file, h.predict_budget, self.model_fingerprint(), unit=h.budget_unit
+            h.thresholds_file,
+            h.predict_budget,
+            self.model_fingerprint(),
+            unit=h.budget_unit,
+            num_exits=self.num_exits,
+            model_hashes=self._weight_hashes(),
+            allow_other_checkpoint=bool(h.get("allow_other_checkpoint_thresholds", False)),
         )
         self.exit_thresholds.copy_(torch.tensor(thresholds, dtype=self.exit_thresholds.dtype))
         rank_zero_info(f"early-exit thresholds for budget {h.predict_budget}: {thresholds}")
@@ -613,10 +698,23 @@ class DMPOModule(pl.LightningModule):
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
             return f"file:{digest.hexdigest()}"
+        return self._weights_hash()
+
+    def _weights_hash(self) -> str:
+        """sha256 of the trained weights in memory (the same however they were loaded)."""
+        digest = hashlib.sha256()
         for name, tensor in sorted(self.model.trainable_state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         return f"weights:{digest.hexdigest()}"
+
+    def _weight_hashes(self) -> list[str]:
+        """Every hash ``dmpo test`` may have stored for the current weights: in-memory and checkpoint file."""
+        hashes = [self._weights_hash()]
+        file_hash = self._checkpoint_hash()
+        if file_hash not in hashes:
+            hashes.append(file_hash)
+        return hashes
 
     # ----------------------------------------------------------------------------------------------
     def export_trainable(self, path: str, *, overwrite: bool = False) -> str:

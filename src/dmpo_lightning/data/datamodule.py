@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from dmpo_lightning.data import splits as split_utils
-from dmpo_lightning.data.datasets import DatasetSplits, SplitView
+from dmpo_lightning.data.datasets import DatasetSplits, ImageListDataset, SplitView
 from dmpo_lightning.data.predict_images import ImagePathDataset, list_image_paths
 from dmpo_lightning.data.registry import (
     BuildOptions,
@@ -34,8 +34,10 @@ Split = Literal["train", "calibration", "test"]
 class BenchmarkDataModule(LightningDataModule):
     """Train, calibration and test loaders for one benchmark dataset; batches are dicts.
 
-    Each batch is ``{IMAGE_KEY: float [B, C, H, W], LABEL_KEY: int64 [B], INDEX_KEY: int64 [B]}`` (keys in
-    :mod:`dmpo_lightning.constants`); the index is the sample's position in its split.
+    Each batch is ``{IMAGE_KEY: float [B, C, H, W], LABEL_KEY: int64 [B], INDEX_KEY: int64 [B],
+    SPLIT_KEY: list[str]}`` (keys in :mod:`dmpo_lightning.constants`); the index is the sample's position in
+    its split and the split tag (``"train"``, ``"calibration"``, ``"test"``) tells ``DMPOModule.test_step``
+    which test loader is which.
 
     The calibration split is held out from the training split (never trained on), read with the
     evaluation transforms and drawn deterministically from ``seed``; it serves as the validation set
@@ -77,6 +79,10 @@ class BenchmarkDataModule(LightningDataModule):
             data module serves ``predict`` only and reads no dataset (``root`` may be absent):
             :attr:`num_classes` and :attr:`classes` are ``None`` and come from the checkpoint. Images get
             the evaluation transform (same size, crop, mean/std and channels as the test split).
+        skip_unreadable_images: Leave out image files that cannot be decoded (truncated or corrupt), with a
+            warning giving their count and the first paths. ``setup`` then decodes every file of the
+            file-based splits once (one extra pass over the data). Off by default: the first unreadable file
+            stops the run with an error naming it.
 
     Raises:
         ValueError: On an unknown dataset or out-of-range argument (the message says what is allowed).
@@ -112,6 +118,7 @@ class BenchmarkDataModule(LightningDataModule):
         synthetic_sizes: tuple[int, int] = (256, 64),
         synthetic_num_classes: int = 10,
         predict_paths: str | None = None,
+        skip_unreadable_images: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -172,6 +179,14 @@ class BenchmarkDataModule(LightningDataModule):
             if predict_paths is None
             else None
         )
+        if self._num_classes is not None and self._num_classes < 2:
+            where = f" under {self.root}" if self.root is not None else ""
+            option = "synthetic_num_classes" if dataset == "synthetic" else "the dataset's class folders"
+            raise ValueError(
+                f"dataset {dataset!r}{where} has {self._num_classes} class; classification needs at least 2 "
+                f"(check {option})"
+            )
+        self.skip_unreadable_images = skip_unreadable_images
         self._file_payload = (
             split_utils.load_indices(calibration_indices_file, dataset)
             if calibration_indices_file and predict_paths is None
@@ -248,6 +263,8 @@ class BenchmarkDataModule(LightningDataModule):
                 synthetic_num_classes=self.synthetic_num_classes,
             )
             base = self.spec.builder(options)
+            if self.skip_unreadable_images:
+                base = self._drop_unreadable(base)
             for name, part in (("train", base.train), ("test", base.test), ("val", base.val)):
                 self._check_labels(name, part)
             if self.val_source == "dataset" and base.val is None:
@@ -273,7 +290,10 @@ class BenchmarkDataModule(LightningDataModule):
         return self._dataloader("calibration")
 
     def test_dataloader(self) -> list[DataLoader]:
-        """``[test, calibration]`` loaders (``dataloader_idx`` 0 and 1; see :attr:`test_split_names`)."""
+        """``[test, calibration]`` loaders (``dataloader_idx`` 0 and 1; see :attr:`test_split_names`).
+
+        Every batch also names its split (``SPLIT_KEY``), which is what ``DMPOModule.test_step`` goes by.
+        """
         return [self._dataloader("test"), self._dataloader("calibration")]
 
     def predict_dataloader(self) -> DataLoader:
@@ -376,6 +396,25 @@ class BenchmarkDataModule(LightningDataModule):
             self._calibration_indices = checked
             self._views.clear()
 
+    def _drop_unreadable(self, base: DatasetSplits) -> DatasetSplits:
+        """Leave out files that cannot be decoded (``skip_unreadable_images``); warn with count and paths."""
+        parts: dict[str, Dataset | None] = {}
+        dropped: list[str] = []
+        for name in ("train", "test", "val"):
+            part = getattr(base, name)
+            if isinstance(part, ImageListDataset):
+                part, bad = part.without_unreadable(workers=max(1, self.num_workers))
+                if len(part) == 0:
+                    raise ValueError(f"every image of the {name} split of {self.dataset!r} is unreadable")
+                dropped.extend(bad)
+            parts[name] = part
+        if dropped:
+            rank_zero_warn(
+                f"skip_unreadable_images: left out {len(dropped)} unreadable image file(s) of "
+                f"{self.dataset!r}: {dropped[:5]}{' ...' if len(dropped) > 5 else ''}"
+            )
+        return DatasetSplits(**parts)  # type: ignore[arg-type]
+
     def _check_labels(self, name: str, part: Dataset | None) -> None:
         labels = getattr(part, "labels", None)
         if (
@@ -417,19 +456,19 @@ class BenchmarkDataModule(LightningDataModule):
             self.data_config, in_chans=self.in_chans, train=train and self.train_augment, native_size=native
         )
         if split == "test":
-            return SplitView(self._base.test, None, transform)
+            return SplitView(self._base.test, None, transform, split)
         if self.val_source == "dataset":
             if train:
                 indices = split_utils.remaining_indices(self._train_size, [], self.seed, self.train_subset)
-                return SplitView(self._base.train, indices, transform)
-            return SplitView(self._base.val, None, transform)  # type: ignore[arg-type]
+                return SplitView(self._base.train, indices, transform, split)
+            return SplitView(self._base.val, None, transform, split)  # type: ignore[arg-type]
         assert self._calibration_indices is not None
         if train:
             indices = split_utils.remaining_indices(
                 self._train_size, self._calibration_indices, self.seed, self.train_subset
             )
-            return SplitView(self._base.train, indices, transform)
-        return SplitView(self._base.train, self._calibration_indices, transform)
+            return SplitView(self._base.train, indices, transform, split)
+        return SplitView(self._base.train, self._calibration_indices, transform, split)
 
     def _dataloader(self, split: Split) -> DataLoader:
         train = split == "train"

@@ -17,8 +17,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
-from dmpo_lightning.data.errors import DatasetLayoutError
+from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
+from dmpo_lightning.data.errors import DatasetLayoutError, UnreadableImageError
 
 
 class DatasetSplits(NamedTuple):
@@ -64,11 +64,23 @@ class ArrayImageDataset(Dataset):
 
 
 def load_image(path: str) -> Image.Image:
-    """Open an image file as a grey (``L``) or ``RGB`` PIL image; any other mode is converted to RGB."""
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        image.load()
-    return image if image.mode in ("L", "RGB") else image.convert("RGB")
+    """Open an image file as a grey (``L``) or ``RGB`` PIL image; any other mode is converted to RGB.
+
+    Raises:
+        UnreadableImageError: Naming the file, if it is truncated, corrupt or not an image.
+    """
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+        return image if image.mode in ("L", "RGB") else image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for broken files
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise UnreadableImageError(
+            f"cannot read image file {path} ({type(err).__name__}: {err}); replace or remove it, or set "
+            "the data module's skip_unreadable_images=true to leave unreadable files out"
+        ) from err
 
 
 class ImageListDataset(Dataset):
@@ -107,6 +119,29 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return load_image(self.path(index)), int(self.labels[index])
+
+    def without_unreadable(self, workers: int = 1) -> tuple[ImageListDataset, list[str]]:
+        """A copy without the files :func:`load_image` cannot decode, and the paths left out.
+
+        Decodes every image once (in ``workers`` threads), so it costs about one pass over the files.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        def readable(i: int) -> bool:
+            try:
+                load_image(self.path(i))
+            except UnreadableImageError:
+                return False
+            return True
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            ok = list(pool.map(readable, range(len(self))))
+        if all(ok):
+            return self, []
+        keep = [i for i, good in enumerate(ok) if good]
+        dropped = [self.path(i) for i, good in enumerate(ok) if not good]
+        kept = ImageListDataset([self.path(i) for i in keep], self.labels[keep].tolist(), self.classes)
+        return kept, dropped
 
 
 def list_class_folders(directory: Path) -> list[str]:
@@ -235,14 +270,20 @@ class SplitView(Dataset):
         base: Dataset returning ``(PIL image, label)``.
         indices: Which base samples form the split (``None``: all of them, in order).
         transform: PIL image -> tensor.
+        split: The split's name; if given, every item also holds ``SPLIT_KEY: split``.
     """
 
     def __init__(
-        self, base: Dataset, indices: Sequence[int] | None, transform: Callable[[Image.Image], torch.Tensor]
+        self,
+        base: Dataset,
+        indices: Sequence[int] | None,
+        transform: Callable[[Image.Image], torch.Tensor],
+        split: str | None = None,
     ) -> None:
         self.base = base
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.transform = transform
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
@@ -250,4 +291,37 @@ class SplitView(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         source = int(self.indices[index]) if self.indices is not None else index
         image, label = self.base[source]
-        return {IMAGE_KEY: self.transform(image), LABEL_KEY: label, INDEX_KEY: index}
+        item = {IMAGE_KEY: self.transform(image), LABEL_KEY: label, INDEX_KEY: index}
+        if self.split is not None:
+            item[SPLIT_KEY] = self.split
+        return item
+
+
+class SplitTagged(Dataset):
+    """Wrap a dataset of batch dictionaries so every item names its split (``SPLIT_KEY: split``).
+
+    ``DMPOModule.test_step`` identifies the test and calibration loaders by this tag, so a custom data
+    module's ``test_dataloader`` can return ``[DataLoader(SplitTagged(test, "test")),
+    DataLoader(SplitTagged(cal, "calibration"))]`` in any order.
+
+    Args:
+        dataset: Items are dicts with at least ``IMAGE_KEY``, ``LABEL_KEY`` and ``INDEX_KEY``.
+        split: ``"train"``, ``"calibration"`` or ``"test"``.
+
+    Raises:
+        ValueError: For another split name.
+    """
+
+    def __init__(self, dataset: Dataset, split: str) -> None:
+        if split not in ("train", "calibration", "test"):
+            raise ValueError(f"split must be 'train', 'calibration' or 'test', got {split!r}")
+        self.dataset = dataset
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        item[SPLIT_KEY] = self.split
+        return item

@@ -8,3 +8,7 @@ class DatasetLayoutError(FileNotFoundError):
 
     The message says which files or folders were expected, and where.
     """
+
+
+class UnreadableImageError(OSError):
+    """An image file is truncated, corrupt or not an image; the message names the file."""

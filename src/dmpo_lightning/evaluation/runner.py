@@ -82,6 +82,7 @@ def run_test_protocol(
     split_file: str | None,
     anytime_metrics: Sequence[Mapping[str, float]],
     fingerprint: Mapping[str, Any],
+    weights_hash: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Budgeted-batch evaluation of cached exit outputs; prints the table and writes the report on rank 0.
 
@@ -100,6 +101,9 @@ def run_test_protocol(
         split_file: The calibration-indices file of the run, if any.
         anytime_metrics: Per exit, ``{"acc": ..., "acc_top5": ...}`` on the test split.
         fingerprint: What a reused thresholds file must match.
+        weights_hash: Hash of the evaluated weights themselves (``weights:...``), stored in
+            ``thresholds.json`` next to ``checkpoint_hash`` so ``dmpo predict`` can recognise the same weights
+            whether they come from a checkpoint file or from memory.
 
     Returns:
         The report dict and a flat dict of summary metrics for the logger.
@@ -151,7 +155,9 @@ def run_test_protocol(
     if report.get("auc"):
         summary["test/auc"] = float(report["auc"]["value"])
     if is_global_zero:
-        _write_all(report_dir, report, curve, points, test, calibration, checkpoint_hash, fingerprint)
+        _write_all(
+            report_dir, report, curve, points, test, calibration, checkpoint_hash, fingerprint, weights_hash
+        )
         print(format_report_table(report))
         print(f"\nreport, curve, plot and thresholds written to {report_dir}")
     return report, summary
@@ -176,6 +182,7 @@ def _write_all(
     calibration: Mapping[str, torch.Tensor] | None,
     checkpoint_hash: str,
     fingerprint: Mapping[str, Any],
+    weights_hash: str | None = None,
 ) -> None:
     os.makedirs(report_dir, exist_ok=True)
     check_report_dir(report_dir)
@@ -186,6 +193,7 @@ def _write_all(
             "format": THRESHOLDS_FORMAT,
             "fingerprint": dict(fingerprint),
             "checkpoint_hash": checkpoint_hash,
+            **({"weights_hash": weights_hash} if weights_hash is not None else {}),
             "budgets": [
                 {
                     "budget": p.budget,
@@ -208,14 +216,34 @@ def _write_all(
 
 
 def load_thresholds(
-    path: str, budget: float | None, fingerprint: Mapping[str, Any], unit: str = "fraction"
+    path: str,
+    budget: float | None,
+    fingerprint: Mapping[str, Any],
+    unit: str = "fraction",
+    *,
+    num_exits: int | None = None,
+    model_hashes: Sequence[str] = (),
+    allow_other_checkpoint: bool = False,
 ) -> list[float]:
     """Thresholds for ``budget`` from a ``thresholds.json`` written by ``dmpo test``.
+
+    Args:
+        path: The thresholds file.
+        budget: The budget whose thresholds to return.
+        fingerprint: What the file's ``fingerprint`` must match (architecture, exits, heads, exit rule).
+        unit: ``fraction`` or ``gflops`` (the unit of ``budget``).
+        num_exits: Exits of the model; the thresholds list must have exactly one entry per exit.
+        model_hashes: Every hash that identifies the model's current weights (``weights:...`` and, when it was
+            loaded from a checkpoint file, ``file:...``); the file's ``weights_hash`` or ``checkpoint_hash``
+            must be one of them. Empty: not checked.
+        allow_other_checkpoint: Accept thresholds fitted on other weights of the same architecture, with a
+            warning naming both hashes, instead of refusing them.
 
     Raises:
         FileNotFoundError: If the file is missing.
         ValueError: If it is not a thresholds file, was made for another model (different backbone, exits,
-            classes, heads or exit rule), or holds no entry for ``budget`` (the available ones are listed).
+            classes, heads or exit rule) or other weights, holds no entry for ``budget`` (the available ones
+            are listed), or the entry is not one number (or ``"inf"``) per exit.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"thresholds file {path} does not exist; `dmpo test` writes thresholds.json")
@@ -231,6 +259,8 @@ def load_thresholds(
     if diff:
         details = "; ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"thresholds file {path} was calibrated for another model ({details})")
+    if model_hashes:
+        _check_weights(path, data, list(model_hashes), allow_other_checkpoint)
     entries = data.get("budgets", [])
     if budget is None:
         raise ValueError(
@@ -240,11 +270,55 @@ def load_thresholds(
     want = "fraction" if unit == "fraction" else "absolute"
     for e in entries:
         if abs(float(e["budget"]) - float(budget)) < 1e-9 and e.get("unit", want) == want:
-            return [decode_float(t) for t in e["thresholds"]]
+            return _check_threshold_list(path, budget, e.get("thresholds"), num_exits)
     raise ValueError(
         f"budget {budget} ({unit}) is not in {path}; available: {[e['budget'] for e in entries]} "
         "(run `dmpo test` with it in model.init_args.budgets)"
     )
+
+
+def _check_weights(path: str, data: Mapping[str, Any], mine: list[str], allow: bool) -> None:
+    """Refuse (or, if ``allow``, warn about) thresholds fitted on weights other than the model's."""
+    stored = [h for h in (data.get("weights_hash"), data.get("checkpoint_hash")) if isinstance(h, str)]
+    if any(h in mine for h in stored):
+        return
+    file_says = " / ".join(stored) if stored else "no checkpoint_hash"
+    what = (
+        f"thresholds file {path} was calibrated on other weights ({file_says}) than this model holds "
+        f"({' / '.join(mine)})"
+    )
+    if allow:
+        rank_zero_warn(
+            f"{what}; using them anyway because model.init_args.allow_other_checkpoint_thresholds=true: the "
+            "budgets and accuracies in that file do not hold for these weights"
+        )
+        return
+    raise ValueError(
+        f"{what}: early-exit thresholds only fit the weights they were fitted on. Run `dmpo test` with this "
+        "checkpoint and use its thresholds.json, or set "
+        "model.init_args.allow_other_checkpoint_thresholds=true to use them anyway"
+    )
+
+
+def _check_threshold_list(path: str, budget: float, raw: Any, num_exits: int | None) -> list[float]:
+    """One number (or ``"inf"``/``"-inf"``) per exit, no NaN: the thresholds of one budget entry."""
+    where = f"thresholds file {path}, budget {budget}"
+    allowed = "allowed: one number per exit, 'inf' to disable an exit; NaN/null is not allowed"
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}: 'thresholds' must be a list, got {type(raw).__name__}; {allowed}")
+    if num_exits is not None and len(raw) != num_exits:
+        raise ValueError(
+            f"{where}: holds {len(raw)} thresholds but the model has {num_exits} exits; {allowed} "
+            "(re-run `dmpo test` for this model)"
+        )
+    values = []
+    for k, t in enumerate(raw):
+        ok = (isinstance(t, (int, float)) and not isinstance(t, bool)) or t in ("inf", "-inf")
+        value = decode_float(t) if ok else float("nan")
+        if not ok or value != value:
+            raise ValueError(f"{where}: threshold {t!r} of exit {k} is not a number; {allowed}")
+        values.append(value)
+    return values
 
 
 PREDICTION_COLUMNS = ("prediction", "class_name", "exit", "confidence", "score", "gflops")

@@ -21,6 +21,7 @@ __all__ = [
     "backbone_depth",
     "build_backbone",
     "check_backbone_name",
+    "describe_checkpoint",
     "embed_tokens",
     "explicit_attention",
     "num_prefix_tokens",
@@ -68,6 +69,78 @@ def _check_patch_divisibility(name: str, model: nn.Module) -> None:
                 f"of backbone {name!r}: the border pixels would be silently dropped; allowed: multiples of "
                 f"{p} (e.g. {suggestion})"
             )
+
+
+def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]] | None:
+    """Parameter shapes of a timm checkpoint file without keeping its tensors (``None`` if not readable)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if path.endswith(".npz"):
+        return None  # JAX checkpoints: timm maps them itself
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # old (non-zip) serialisation cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # not ours to judge: timm reports unreadable files itself
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping):
+        return None
+    return {
+        str(k).removeprefix("module."): tuple(v.shape)
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def describe_checkpoint(path: str) -> dict[str, Any] | None:
+    """Architecture of a timm ViT checkpoint file: ``depth``, ``embed_dim``, ``patch_size``, ``in_chans``.
+
+    Read from the parameter names and shapes (``blocks.<i>.*``, ``patch_embed.proj.weight``); ``None`` if
+    the file does not look like a timm ViT state dict (then timm's loader has the last word).
+    """
+    shapes = _checkpoint_shapes(path)
+    if not shapes or len(shapes.get("patch_embed.proj.weight", ())) != 4:
+        return None
+    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if not blocks:
+        return None
+    out, cin, ph, pw = shapes["patch_embed.proj.weight"]
+    return {
+        "depth": max(blocks) + 1,
+        "embed_dim": int(out),
+        "patch_size": int(ph) if ph == pw else (int(ph), int(pw)),
+        "in_chans": int(cin),
+    }
+
+
+def _architecture(model: nn.Module) -> dict[str, Any]:
+    patch = tuple(int(p) for p in model.patch_embed.patch_size)
+    return {
+        "depth": len(model.blocks),
+        "embed_dim": int(model.embed_dim),
+        "patch_size": patch[0] if patch[0] == patch[1] else patch,
+    }
+
+
+def _checkpoint_mismatch(
+    name: str, path: str, holds: dict[str, Any], builds: dict[str, Any] | None, detail: str = ""
+) -> ValueError:
+    file_arch = ", ".join(f"{k} {v}" for k, v in holds.items() if k != "in_chans")
+    model_arch = ", ".join(f"{k} {v}" for k, v in builds.items()) if builds else "another shape"
+    fix = ", ".join(f"{k}: {holds[k]}" for k in ("depth", "embed_dim", "patch_size"))
+    return ValueError(
+        f"checkpoint_path {path!r} holds a ViT with {file_arch}, but backbone {name!r} with these "
+        f"backbone_kwargs builds {model_arch}{detail}; set model backbone_kwargs {{{fix}}} (and a num_heads "
+        "that divides embed_dim), or give the checkpoint of this architecture"
+    )
 
 
 def build_backbone(
@@ -123,9 +196,36 @@ def build_backbone(
                 "checkpoint file (.pth, .bin, .safetensors or .npz) downloaded for this model"
             )
         pretrained = True
-        kwargs["pretrained_cfg_overlay"] = {"file": os.path.abspath(checkpoint_path)}
+        # custom_load is timm's JAX .npz reader; default configs of some tags set it, and timm < 1.0.31 then
+        # reads a PyTorch .pth/.safetensors file as .npz too.
+        kwargs["pretrained_cfg_overlay"] = {
+            "file": os.path.abspath(checkpoint_path),
+            "custom_load": checkpoint_path.endswith(".npz"),
+        }
     check_backbone_name(name)
-    model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    holds = describe_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        given = sorted(k for k in kwargs if k != "pretrained_cfg_overlay")
+        raise ValueError(
+            f"backbone {name!r} does not accept {given} ({err}); it is not a timm VisionTransformer, and "
+            "only those (ViT, DeiT, ...) are supported: choose one, or drop the img_size/backbone_kwargs it "
+            "does not take"
+        ) from err
+    except RuntimeError as err:
+        if holds is None or "size mismatch" not in str(err):
+            raise
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        plain = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+        builds = _architecture(timm.create_model(name, pretrained=False, num_classes=0, **plain))
+        raise _checkpoint_mismatch(name, str(checkpoint_path), holds, builds, f" (timm: {first})") from None
+    if holds is not None and checkpoint_path is not None:
+        builds = _architecture(model)
+        if (holds["depth"], holds["embed_dim"]) != (builds["depth"], builds["embed_dim"]):
+            raise _checkpoint_mismatch(name, checkpoint_path, holds, builds)
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
         raise ValueError(
             f"backbone {name!r} is a {type(model).__name__}, not a token-based vision transformer; "

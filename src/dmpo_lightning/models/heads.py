@@ -84,9 +84,11 @@ class LinearHead(nn.Module):
             as timm's ``global_pool``.
         norm: Apply a LayerNorm before pooling (as the backbone's final norm does).
         dropout: Dropout before the classifier.
+        class_token: Whether the first prefix token is a class token (``False`` for timm models built with
+            ``class_token=False``, whose prefix tokens are registers or prompts).
 
     Raises:
-        ValueError: For bad sizes, an unknown ``pool``, or ``"token"`` pooling without a prefix token.
+        ValueError: For bad sizes, an unknown ``pool``, or ``"token"`` pooling without a class token.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class LinearHead(nn.Module):
         pool: Literal["token", "avg"] = "token",
         norm: bool = True,
         dropout: float = 0.0,
+        class_token: bool = True,
     ) -> None:
         super().__init__()
         _check_sizes(dim, num_classes, num_prefix_tokens)
@@ -105,6 +108,11 @@ class LinearHead(nn.Module):
             raise ValueError(f"pool must be 'token' or 'avg', got {pool!r}")
         if pool == "token" and num_prefix_tokens == 0:
             raise ValueError("pool='token' needs a class token but num_prefix_tokens=0; use pool='avg'")
+        if pool == "token" and not class_token:
+            raise ValueError(
+                f"pool='token' needs a class token but the {num_prefix_tokens} prefix token(s) are "
+                "registers/prompts (class_token=False); use pool='avg'"
+            )
         self.dim = dim
         self.num_prefix_tokens = num_prefix_tokens
         self.pool = pool
@@ -148,7 +156,7 @@ def _conv_out(size: int) -> int:
 class MomentHead(nn.Module):
     """Moment Probing predictor (Tao et al., ICCV 2023): mean of first- and second-order logits.
 
-    First order: LayerNorm + Linear on the class token (mean token if there is no prefix token).
+    First order: LayerNorm + Linear on the class token (the mean patch token if there is no class token).
     Second order: patch tokens -> Linear ``D -> proj_dim`` -> ``groups`` groups of ``proj_dim / groups``
     channels, each LayerNorm-ed on its own (one ``LayerNorm(proj_dim / groups)`` applied per group:
     per-group statistics, affine shared across groups, which keeps the head small), centred over tokens;
@@ -163,6 +171,8 @@ class MomentHead(nn.Module):
         proj_dim: Width of the projection before the covariances (512 in Moment Probing).
         groups: Number of channel groups (>= 2; 4 in Moment Probing).
         dropout: Dropout before both classifiers.
+        class_token: Whether the first prefix token is a class token; if not (registers/prompts only), the
+            first-order branch reads the mean of the patch tokens.
 
     Raises:
         ValueError: For bad sizes, ``groups < 2`` or ``proj_dim`` not divisible by ``groups``.
@@ -176,10 +186,12 @@ class MomentHead(nn.Module):
         proj_dim: int = 512,
         groups: int = 4,
         dropout: float = 0.0,
+        class_token: bool = True,
     ) -> None:
         super().__init__()
         _check_sizes(dim, num_classes, num_prefix_tokens)
         _check_dropout(dropout)
+        self.class_token = bool(class_token) and num_prefix_tokens > 0
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 2:
             raise ValueError(f"groups must be an integer >= 2 (adjacent-group covariances), got {groups!r}")
         if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim <= 0 or proj_dim % groups:
@@ -219,7 +231,7 @@ class MomentHead(nn.Module):
         """Logits ``[B, C]`` from tokens ``[B, N, D]``."""
         _check_tokens(x, self.dim, self.num_prefix_tokens, need_patches=True)
         xn = self.norm(x)
-        cls = xn[:, 0] if self.num_prefix_tokens > 0 else xn.mean(dim=1)
+        cls = xn[:, 0] if self.class_token else xn[:, self.num_prefix_tokens :].mean(dim=1)
         first = self.fc_first(self.drop(cls))
         second = self.fc_second(self.drop(self.conv(self.second_order(x)).flatten(1)))
         return 0.5 * (first + second)
@@ -330,6 +342,7 @@ def build_predictor(
     reduce_dim: int = 64,
     iterations: int = 5,
     dropout: float = 0.0,
+    class_token: bool = True,
 ) -> nn.Module:
     """Build a predictor by name; options that do not apply to ``kind`` are ignored.
 
@@ -346,6 +359,7 @@ def build_predictor(
         reduce_dim: ``isqrt_cov`` only: reduced width.
         iterations: ``isqrt_cov`` only: Newton-Schulz iterations.
         dropout: Dropout before the classifier(s), all kinds.
+        class_token: ``linear`` and ``moment``: whether the first prefix token is a class token.
 
     Returns:
         The predictor module.
@@ -354,10 +368,24 @@ def build_predictor(
         ValueError: For an unknown ``kind`` or invalid options.
     """
     if kind == "linear":
-        return LinearHead(dim, num_classes, num_prefix_tokens, pool=pool, norm=norm, dropout=dropout)
+        return LinearHead(
+            dim,
+            num_classes,
+            num_prefix_tokens,
+            pool=pool,
+            norm=norm,
+            dropout=dropout,
+            class_token=class_token,
+        )
     if kind == "moment":
         return MomentHead(
-            dim, num_classes, num_prefix_tokens, proj_dim=proj_dim, groups=groups, dropout=dropout
+            dim,
+            num_classes,
+            num_prefix_tokens,
+            proj_dim=proj_dim,
+            groups=groups,
+            dropout=dropout,
+            class_token=class_token,
         )
     if kind == "isqrt_cov":
         return ISqrtCovHead(

@@ -110,8 +110,18 @@ class MultiExitViT(nn.Module):
         head_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                f"num_classes must be an integer >= 2 (a classifier needs at least two classes), got "
+                f"{num_classes!r}; set num_classes to the dataset's class count"
+            )
+        if getattr(backbone, "rope", None) is not None:
+            name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
+            raise ValueError(
+                f"peft={peft!r} is not supported on backbone {name!r}: it uses rotary position embeddings "
+                "(RoPE), which every block needs as an extra input that MultiExitViT's block loop does not "
+                "pass; use a ViT/DeiT backbone with learned position embeddings (e.g. vit_base_patch16_224)"
+            )
         self.backbone = backbone
         self.num_classes = num_classes
         self.exit_blocks = resolve_exit_blocks(
@@ -135,7 +145,17 @@ class MultiExitViT(nn.Module):
         # VPT prompt tokens travel with the class token; heads must treat them as prefix tokens.
         prefix = num_prefix_tokens(backbone) + num_prompt_tokens(backbone)
         self.num_prefix_tokens = prefix
+        # Models without a class token (timm's *_gap_* models, e.g. with register tokens) have no token to
+        # pool: their prefix tokens are registers or prompts. Heads pool the patch tokens there, as timm does.
+        class_token = getattr(backbone, "cls_token", None) is not None
+        if head_pool == "token" and not class_token and (early_head == "linear" or final_head == "linear"):
+            raise ValueError(
+                f"head_pool='token' needs a class token, but the backbone has none (its "
+                f"{num_prefix_tokens(backbone)} prefix token(s) are registers, and VPT prompts follow them); "
+                "set head_pool='avg' (mean of the patch tokens, as timm pools such models)"
+            )
         predictor_options = dict(
+            class_token=class_token,
             pool=head_pool,
             proj_dim=moment_dim,
             groups=moment_groups,
