@@ -292,8 +292,25 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
     thresholds = json.loads((report_dir / "thresholds.json").read_text())
     assert thresholds["temperatures"] == calib["temperatures"]
 
-    # dmpo test --ckpt_path keeps the user's calibration (an evaluation-only option)
+    # dmpo predict applies the stored temperatures: the true early exit matches the protocol's test split
     ckpt = next((Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
+    preds = tmp_path / "preds.csv"
+    predict = main(
+        [
+            "predict", "-c", TINY, f"--ckpt_path={ckpt}", "--model.init_args.predict_budget=0.5",
+            f"--model.init_args.thresholds_file={report_dir / 'thresholds.json'}",
+            f"--model.init_args.predictions_file={preds}",
+        ]
+    )  # fmt: skip
+    assert predict.model.exit_temperatures.tolist() == pytest.approx(calib["temperatures"], rel=1e-6)
+    rows = [line.split(",") for line in preds.read_text().splitlines()[1:]]
+    exits = torch.bincount(torch.tensor([int(r[3]) for r in rows]), minlength=4).tolist()
+    point = next(b for b in report["budgets"] if b["budget"] == 0.5)
+    assert exits == point["test_histogram"]
+    correct = sum(int(r[1]) == int(r[2]) for r in rows) / len(rows)
+    assert correct == pytest.approx(point["test_accuracy"], abs=1e-9)
+
+    # dmpo test --ckpt_path keeps the user's calibration (an evaluation-only option)
     none_dir = tmp_path / "none"
     main(
         [
