@@ -280,7 +280,8 @@ class DMPOModule(pl.LightningModule):
     ) -> EarlyExitOutput:
         """True early-exit inference with ``thresholds`` (default: the stored ``exit_thresholds``)."""
         t = self.exit_thresholds if thresholds is None else thresholds
-        return self.model.forward_early_exit(x, t, self.hparams.exit_rule, self.exit_temperatures)
+        temps = None if bool((self.exit_temperatures == 1).all()) else self.exit_temperatures
+        return self.model.forward_early_exit(x, t, self.hparams.exit_rule, temps)
 
     # ----------------------------------------------------------------------------------------------
     def _shared_step(
