@@ -32,6 +32,7 @@ def _wandb_logged_in() -> bool:
 
 EVALUATION_OPTIONS = (
     "exit_rule",
+    "calibration",
     "budgets",
     "budget_unit",
     "report_dir",

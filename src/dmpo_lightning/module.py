@@ -25,6 +25,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dmpo_lightning.callbacks import EpochSeed, LossWeightScheduler
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
+from dmpo_lightning.evaluation.calibration import (
+    CalibrationMethod,
+    ExitLogitsCollector,
+    TemperatureCalibration,
+    calibrate_exits,
+    check_calibration_method,
+)
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
 from dmpo_lightning.evaluation.metrics import ExitOutputsCollector
@@ -95,6 +102,12 @@ class DMPOModule(pl.LightningModule):
         distill_weight: Weight of the distillation term of each early exit.
         distill_temperature: Distillation temperature.
         exit_rule: Early-exit rule at evaluation: ``confidence`` (max softmax), ``entropy``, ``patience``.
+        calibration: Exit confidences at evaluation: ``temperature`` fits one temperature per exit on the
+            calibration split (NLL) before the thresholds are chosen and scores every exit from
+            ``logits / T_k`` (stored in ``thresholds.json``, used by ``dmpo predict``); ``none`` uses the
+            raw softmax (the default: on the quickstart ``temperature`` lowered top-1 at the 0.33 budget
+            by 0.1 point, see ``docs/calibration.md``). ``dmpo test`` reports each exit's ECE before and
+            after and writes ``reliability.png`` with ``temperature`` only.
         budgets: Cost budgets reported by ``dmpo test`` (fractions of the full cost, or GFLOPs). Each must
             lie between exit 1's cost and the full model's: with exits after blocks 3/6/9/12, exit 1 costs a
             little over 25%, so 0.25 is not reachable and the default starts at 0.33.
@@ -153,6 +166,7 @@ class DMPOModule(pl.LightningModule):
         distill_weight: float = 1.0,
         distill_temperature: float = 4.0,
         exit_rule: ExitRule = "confidence",
+        calibration: CalibrationMethod = "none",
         budgets: Sequence[float] = (0.33, 0.5, 0.75, 1.0),
         budget_unit: Literal["fraction", "gflops"] = "fraction",
         report_dir: str | None = None,
@@ -175,11 +189,14 @@ class DMPOModule(pl.LightningModule):
         preset_weights(weight_phase2, k, name="weight_phase2")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        check_calibration_method(calibration)
         if distill_weight < 0 or not math.isfinite(distill_weight):
             raise ValueError(f"distill_weight must be finite and >= 0, got {distill_weight}")
         self.register_buffer("loss_weights", torch.tensor(preset_weights(weight_phase1, k)), persistent=True)
         # Thresholds used by predict (inf = exit disabled); saved with the checkpoint.
         self.register_buffer("exit_thresholds", torch.full((k,), math.inf), persistent=True)
+        # Per-exit temperatures of dmpo predict, read from thresholds.json with the thresholds (1 = none).
+        self.register_buffer("exit_temperatures", torch.ones(k), persistent=False)
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_exit{i}": self._exit_metrics(num_classes).clone(prefix=f"{stage}/")
@@ -194,6 +211,9 @@ class DMPOModule(pl.LightningModule):
             num_classes > 5
         ):  # per-sample top-5 hits [B, K] in the scores/preds slots, de-duplicated like top-1
             self.test_collectors["test_top5"] = ExitOutputsCollector()
+        if calibration == "temperature":  # temperature scaling needs the logits, N x K x C per split
+            self.test_collectors["test_logits"] = ExitLogitsCollector()
+            self.test_collectors["calibration_logits"] = ExitLogitsCollector()
         self._costs: ExitCosts | None = None
         self._input_shape: tuple[int, ...] | None = None
         self._predictions: list[dict[str, torch.Tensor]] = []
@@ -274,7 +294,8 @@ class DMPOModule(pl.LightningModule):
     ) -> EarlyExitOutput:
         """True early-exit inference with ``thresholds`` (default: the stored ``exit_thresholds``)."""
         t = self.exit_thresholds if thresholds is None else thresholds
-        return self.model.forward_early_exit(x, t, self.hparams.exit_rule)
+        temps = None if bool((self.exit_temperatures == 1).all()) else self.exit_temperatures
+        return self.model.forward_early_exit(x, t, self.hparams.exit_rule, temps)
 
     # ----------------------------------------------------------------------------------------------
     def _shared_step(
@@ -412,6 +433,8 @@ class DMPOModule(pl.LightningModule):
                 f"test batches need an {INDEX_KEY!r} entry (sample index) for the early-exit protocol"
             )
         self.test_collectors[name].update(index, scores, preds, y)
+        if f"{name}_logits" in self.test_collectors:
+            self.test_collectors[f"{name}_logits"].update(index, torch.stack(logits, dim=1), y)
         if name == "test" and "test_top5" in self.test_collectors:
             hits = torch.stack([(z.topk(5, dim=-1).indices == y[:, None]).any(-1) for z in logits], dim=1)
             hits = hits.long()
@@ -435,6 +458,7 @@ class DMPOModule(pl.LightningModule):
             else None
         )
         top5 = self.test_collectors["test_top5"].compute() if "test_top5" in self.test_collectors else None
+        temperature = self._calibrate_exits(test, cal)
         for c in self.test_collectors.values():
             c.reset()
         costs = self.exit_costs()
@@ -461,6 +485,7 @@ class DMPOModule(pl.LightningModule):
             anytime_metrics=anytime,
             fingerprint=self.model_fingerprint(),
             weights_hash=self._weights_hash(),
+            temperature=temperature,
         )
         self.test_report = report
         for k, values in enumerate(anytime):
@@ -468,9 +493,31 @@ class DMPOModule(pl.LightningModule):
         # every rank holds the same gathered values, so the mean over ranks changes nothing
         self.log_dict(summary, add_dataloader_idx=False, sync_dist=True)
 
+    def _calibrate_exits(
+        self, test: dict[str, torch.Tensor], cal: dict[str, torch.Tensor] | None
+    ) -> TemperatureCalibration | None:
+        """With ``calibration: temperature``: fit per-exit temperatures, rescore both splits in place."""
+        if "test_logits" not in self.test_collectors:
+            return None
+        if cal is None or not self.test_collectors["calibration_logits"].update_called:
+            rank_zero_warn(
+                "calibration: temperature needs the calibration split to fit temperatures, and none was "
+                "evaluated; the raw (uncalibrated) exit scores are used"
+            )
+            return None
+        test_z = self.test_collectors["test_logits"].compute()
+        cal_z = self.test_collectors["calibration_logits"].compute()
+        for name, out, z in (("test", test, test_z), ("calibration", cal, cal_z)):
+            if not torch.equal(out["index"], z["index"]):
+                raise RuntimeError(f"{name} logits and scores were collected for different samples")
+        result, (cal["scores"], cal["preds"]), (test["scores"], test["preds"]) = calibrate_exits(
+            cal_z["logits"], cal_z["target"], test_z["logits"], test_z["target"], self.score_exits
+        )
+        return result
+
     def on_predict_start(self) -> None:
         """Load the thresholds ``dmpo test`` calibrated for ``predict_budget``."""
-        from dmpo_lightning.evaluation.runner import load_thresholds
+        from dmpo_lightning.evaluation.runner import load_temperatures, load_thresholds
 
         h = self.hparams
         path = self._predictions_path()
@@ -499,6 +546,8 @@ class DMPOModule(pl.LightningModule):
             allow_other_checkpoint=bool(h.get("allow_other_checkpoint_thresholds", False)),
         )
         self.exit_thresholds.copy_(torch.tensor(thresholds, dtype=self.exit_thresholds.dtype))
+        temperatures = load_temperatures(h.thresholds_file, self.num_exits)
+        self.exit_temperatures.copy_(torch.tensor(temperatures, dtype=self.exit_temperatures.dtype))
         rank_zero_info(f"early-exit thresholds for budget {h.predict_budget}: {thresholds}")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

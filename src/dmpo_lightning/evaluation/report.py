@@ -257,6 +257,26 @@ def format_report_table(report: Mapping[str, Any]) -> str:
                 ]
             )
         out += _table(headers, rows)
+    calibration = report.get("calibration") or {}
+    if calibration.get("ece_before") is not None:
+        ece = calibration["ece"]
+        out += [
+            "",
+            f"Calibration ({calibration['method']} per exit, fitted on the calibration split; "
+            f"ECE on {ece['split']}, {ece['n_bins']} bins, {ece['norm']})",
+        ]
+        rows = [
+            [str(k + 1), f"{t:.3f}", _pct(before), _pct(after)]
+            for k, (t, before, after) in enumerate(
+                zip(
+                    calibration["temperatures"],
+                    calibration["ece_before"],
+                    calibration["ece_after"],
+                    strict=True,
+                )
+            )
+        ]
+        out += _table(["exit", "temperature", "ECE before %", "ECE after %"], rows)
     out.append("")
     acc = report["full_model"]["top1"]
     out.append(f"Full model: {full:.4f} GFLOPs" + ("" if acc is None else f", top-1 {_pct(acc)} %"))

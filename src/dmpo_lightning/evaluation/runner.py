@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dmpo_lightning.evaluation.calibration import TemperatureCalibration, plot_reliability
 from dmpo_lightning.evaluation.flops import ExitCosts
 from dmpo_lightning.evaluation.protocol import budgeted_curve, operating_points
 from dmpo_lightning.evaluation.report import (
@@ -29,12 +30,20 @@ __all__ = [
     "check_budgets",
     "check_report_dir",
     "format_prediction_summary",
+    "load_temperatures",
     "load_thresholds",
     "run_test_protocol",
     "write_predictions",
 ]
 
-REPORT_FILES = ("report.json", "curve.csv", "accuracy_vs_flops.png", "thresholds.json", "exit_outputs.pt")
+REPORT_FILES = (
+    "report.json",
+    "curve.csv",
+    "accuracy_vs_flops.png",
+    "thresholds.json",
+    "exit_outputs.pt",
+    "reliability.png",
+)
 THRESHOLDS_FORMAT = "dmpo-thresholds-v1"
 
 
@@ -83,6 +92,7 @@ def run_test_protocol(
     anytime_metrics: Sequence[Mapping[str, float]],
     fingerprint: Mapping[str, Any],
     weights_hash: str | None = None,
+    temperature: TemperatureCalibration | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Budgeted-batch evaluation of cached exit outputs; prints the table and writes the report on rank 0.
 
@@ -104,6 +114,8 @@ def run_test_protocol(
         weights_hash: Hash of the evaluated weights themselves (``weights:...``), stored in
             ``thresholds.json`` next to ``checkpoint_hash`` so ``dmpo predict`` can recognise the same weights
             whether they come from a checkpoint file or from memory.
+        temperature: Per-exit temperatures the scores were computed with (``calibration: temperature``),
+            with the ECE before/after; ``None`` = raw scores.
 
     Returns:
         The report dict and a flat dict of summary metrics for the logger.
@@ -138,6 +150,7 @@ def run_test_protocol(
         full_accuracy=top1[-1],
         extra={
             "exit_rule": exit_rule,
+            "calibration": {"method": "none"} if temperature is None else temperature.to_report(),
             "checkpoint_hash": checkpoint_hash,
             "split_indices_file": split_file,
             "num_test": int(test["scores"].shape[0]),
@@ -154,6 +167,10 @@ def run_test_protocol(
         summary[f"test/{tag}/cost_fraction"] = float(p.test_cost_fraction)
     if report.get("auc"):
         summary["test/auc"] = float(report["auc"]["value"])
+    if temperature is not None:
+        for k in range(len(costs.exit_gflops)):
+            summary[f"test/ece_exit{k}"] = float(temperature.ece_before[k])
+            summary[f"test/ece_calibrated_exit{k}"] = float(temperature.ece_after[k])
     if is_global_zero:
         _write_all(
             report_dir, report, curve, points, test, calibration, checkpoint_hash, fingerprint, weights_hash
@@ -204,12 +221,20 @@ def _write_all(
                 }
                 for p in points
             ],
+            "temperatures": report["calibration"].get("temperatures"),
             "qs": curve.qs,
             "thresholds_per_q": curve.thresholds,
         }
         write_json(os.path.join(report_dir, "thresholds.json"), to_jsonable(thresholds))
     plot_curve(os.path.join(report_dir, "accuracy_vs_flops.png"), report)
-    cache = {"checkpoint_hash": checkpoint_hash, "test": dict(test), "calibration": calibration}
+    if report["calibration"]["method"] != "none":
+        plot_reliability(os.path.join(report_dir, "reliability.png"), report["calibration"])
+    cache = {
+        "checkpoint_hash": checkpoint_hash,
+        "test": dict(test),
+        "calibration": calibration,
+        "temperatures": report["calibration"].get("temperatures"),  # the scores are of logits / T_k
+    }
     tmp = os.path.join(report_dir, ".exit_outputs.pt.tmp")
     torch.save(cache, tmp)
     os.replace(tmp, os.path.join(report_dir, "exit_outputs.pt"))
@@ -275,6 +300,28 @@ def load_thresholds(
         f"budget {budget} ({unit}) is not in {path}; available: {[e['budget'] for e in entries]} "
         "(run `dmpo test` with it in model.init_args.budgets)"
     )
+
+
+def load_temperatures(path: str, num_exits: int) -> list[float]:
+    """Per-exit temperatures stored in a ``thresholds.json`` (all 1.0 when it was made without calibration).
+
+    The thresholds in the file were chosen on scores of ``logits / T_k``, so they are only valid with these
+    temperatures; ``dmpo predict`` applies them whatever the model's own ``calibration`` option says.
+
+    Raises:
+        ValueError: If the file holds temperatures for another number of exits or non-positive ones.
+    """
+    with open(path) as f:
+        data = json.load(f)
+    temps = data.get("temperatures")
+    if temps is None:
+        return [1.0] * num_exits
+    values = [float(t) for t in temps]
+    if len(values) != num_exits or not all(t > 0 and t != float("inf") for t in values):
+        raise ValueError(
+            f"thresholds file {path} holds temperatures {temps}; need {num_exits} finite values > 0"
+        )
+    return values
 
 
 def _check_weights(path: str, data: Mapping[str, Any], mine: list[str], allow: bool) -> None:

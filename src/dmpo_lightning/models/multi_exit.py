@@ -236,6 +236,7 @@ class MultiExitViT(nn.Module):
         x: torch.Tensor,
         thresholds: Sequence[float] | torch.Tensor,
         rule: ExitRule = "confidence",
+        temperatures: Sequence[float] | torch.Tensor | None = None,
     ) -> EarlyExitOutput:
         """True early exit: later blocks run only on samples that have not left yet (batch compaction).
 
@@ -247,6 +248,8 @@ class MultiExitViT(nn.Module):
             x: Images ``[B, C, H, W]``.
             thresholds: One threshold per exit (the last one is ignored); ``inf`` disables an exit.
             rule: ``confidence`` (max softmax), ``entropy`` (negative entropy) or ``patience``.
+            temperatures: One per exit: scores come from ``logits / T_k`` (float32), as ``dmpo test`` with
+                ``calibration: temperature`` scores them; ``None`` = raw logits. Returned logits are raw.
 
         Returns:
             Per-sample prediction, exit index, score and logits.
@@ -258,6 +261,9 @@ class MultiExitViT(nn.Module):
             )
         if any(math.isnan(t) for t in thresholds):
             raise ValueError(f"thresholds contain NaN: {thresholds}")
+        temps = None if temperatures is None else torch.as_tensor(temperatures, dtype=torch.float32).flatten()
+        if temps is not None and (temps.numel() != self.num_exits or not bool((temps > 0).all())):
+            raise ValueError(f"need {self.num_exits} temperatures > 0 (one per exit); got {temps.tolist()}")
         batch = x.shape[0]
         prediction = torch.empty(batch, dtype=torch.long, device=x.device)
         exit_index = torch.empty(batch, dtype=torch.long, device=x.device)
@@ -272,7 +278,8 @@ class MultiExitViT(nn.Module):
             tokens = self._trunk(tokens, start, self.exit_blocks[k])
             start = self.exit_blocks[k]
             logits = self.exits[k](tokens)
-            score, pred, run = exit_score_step(logits, rule, prev_pred, prev_run)
+            scaled = logits if temps is None else logits.float() / temps[k].to(logits.device)
+            score, pred, run = exit_score_step(scaled, rule, prev_pred, prev_run)
             if k == self.num_exits - 1:
                 leave = torch.ones_like(pred, dtype=torch.bool)
             else:
