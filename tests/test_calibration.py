@@ -1,5 +1,6 @@
 """Per-exit temperature scaling, ECE, reliability bins, and what calibration does to the exit protocol."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -303,11 +304,12 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
         ]
     )  # fmt: skip
     assert predict.model.exit_temperatures.tolist() == pytest.approx(calib["temperatures"], rel=1e-6)
-    rows = [line.split(",") for line in preds.read_text().splitlines()[1:]]
-    exits = torch.bincount(torch.tensor([int(r[3]) for r in rows]), minlength=4).tolist()
+    rows = list(csv.DictReader(preds.read_text().splitlines()))
+    # the CSV numbers exits from 1, as the report does
+    exits = torch.bincount(torch.tensor([int(r["exit"]) - 1 for r in rows]), minlength=4).tolist()
     point = next(b for b in report["budgets"] if b["budget"] == 0.5)
     assert exits == point["test_histogram"]
-    correct = sum(int(r[1]) == int(r[2]) for r in rows) / len(rows)
+    correct = sum(int(r["label"]) == int(r["prediction"]) for r in rows) / len(rows)
     assert correct == pytest.approx(point["test_accuracy"], abs=1e-9)
 
     # dmpo test --ckpt_path keeps the user's calibration (an evaluation-only option)
