@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "console_main", "main"]
 
 DESCRIPTION = """\
 Write one deployable artefact (a directory: manifest.json + weights.safetensors [+ onnx/]) from a trained
@@ -91,3 +91,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     print(f"wrote artefact {path}", file=sys.stderr)
     return path
+
+
+def console_main(argv: Sequence[str] | None = None) -> None:
+    """``dmpo export`` as a console command: a refused export prints one line and exits with status 2."""
+    try:
+        main(argv)
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as err:
+        build_parser().exit(2, f"dmpo export: error: {err}\n")
