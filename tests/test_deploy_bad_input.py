@@ -221,3 +221,31 @@ def test_missing_class_names_fall_back_with_a_warning(tmp_path):
     with pytest.raises(ValueError, match="2 class names given for a model with 4 classes"):
         export_artefact(str(tmp_path / "art2"), run=str(r["run"]), class_names=["a", "b"])
     assert not os.path.exists(tmp_path / "art2")
+
+
+def test_csv_command_reports_unreadable_images_and_never_overwrites(artefact, tmp_path, capsys):
+    from dmpo_lightning.deploy.predict_cli import main as predict_main
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(images / "a.png")
+    (images / "b.png").write_bytes(b"garbage")
+    out = tmp_path / "pred.csv"
+    summary = predict_main([str(artefact["art"]), str(images), "--output", str(out)])
+    assert summary["images"] == 2 and summary["unreadable"] == 1
+    lines = out.read_text().splitlines()
+    assert lines[0] == "path,class_index,class_name,exit,confidence,gflops,error"
+    assert lines[2].startswith(str(images / "b.png")) and "UnidentifiedImageError" in lines[2]
+    assert "1 unreadable" in capsys.readouterr().err
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        predict_main([str(artefact["art"]), str(images), "--output", str(out)])
+    assert exc.value.code == 2 and out.read_bytes() == before
+    with pytest.raises(SystemExit):
+        predict_main([str(artefact["art"]), str(tmp_path / "none"), "--output", str(tmp_path / "x.csv")])
+    with pytest.raises(SystemExit):
+        predict_main(
+            [str(artefact["art"]), str(images), "--output", str(tmp_path / "y.csv"), "--budget", "0.1"]
+        )
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "y.csv").exists()
+    assert "it has: [0.5, 0.75]" in capsys.readouterr().err

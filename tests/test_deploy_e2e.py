@@ -7,6 +7,7 @@ on both the PyTorch and the ONNX path.
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -102,3 +103,17 @@ def test_fit_test_export_predict_a_folder_of_pngs(tmp_path, monkeypatch):
             assert [r.gflops for r in rows] == pytest.approx([costs[e - 1] for e in got_exit.tolist()])
             spread |= set(got_exit.tolist())
     assert len(spread) >= 2, "the calibrated budgets should use more than one exit"
+
+    # the CSV command gives the same rows (budget 0.5)
+    from dmpo_lightning.deploy.predict_cli import main as predict_main
+
+    csv_path = tmp_path / "predictions.csv"
+    summary = predict_main([str(art), str(folder), "--output", str(csv_path), "--budget", "0.5"])
+    assert summary["images"] == NUM_IMAGES and summary["unreadable"] == 0
+    predictor = EarlyExitPredictor.load(art, budget=0.5)
+    expected_rows = [
+        [r.path, str(r.class_index), r.class_name, str(r.exit)] for r in predictor.predict_paths(folder)
+    ]
+    with open(csv_path, newline="") as f:
+        got_rows = [row[:4] for row in list(csv.reader(f))[1:]]
+    assert got_rows == expected_rows

@@ -83,7 +83,7 @@ def export_stages(model: nn.Module, directory: str, input_shape: Sequence[int]) 
         with explicit_attention(model), warnings.catch_warnings():
             # shape checks in the heads are traced as constants; they do not depend on the batch size
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # the TorchScript exporter (dynamo=False) needs no onnxscript; its deprecation notice is noise here
+            # the TorchScript exporter (dynamo=False) needs no onnxscript; its deprecation notice is noise
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             for k in range(model.num_exits):
