@@ -48,6 +48,7 @@ def make_run(
     dm: dict | None = None,
     quantiles: tuple[float, float] = (0.5, 0.8),
     fixed: list[list[float]] | None = None,
+    seed: int = 0,
     extra: dict | None = None,
     **overrides,
 ) -> dict:
@@ -56,7 +57,7 @@ def make_run(
     Trainable parameters are perturbed so that zero-initialised parts (LoRA B, adapter up, bypass up) are
     not trivially zero; thresholds are score quantiles on random images, so several exits are used.
     """
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     module = DMPOModule(**{**TINY_HP, **overrides})
     with torch.no_grad():
         for p in module.model.parameters():
@@ -288,18 +289,30 @@ def test_frozen_backbone_is_referenced_with_a_checksum(tmp_path, peft):
     EarlyExitPredictor.load(full, budget=0.5)  # the embedded artefact needs no file at all
 
 
-@pytest.mark.parametrize("rule", ["confidence", "patience"])
-@pytest.mark.parametrize("peft", ["adaptformer", "vpt"])
-def test_onnx_stages_agree_with_pytorch(tmp_path, rule, peft):
+ONNX_CASES = {
+    "adaptformer-confidence": dict(peft="adaptformer", exit_rule="confidence"),
+    "adaptformer-patience": dict(peft="adaptformer", exit_rule="patience"),
+    "vpt-patience": dict(peft="vpt", vpt_prompts=2, exit_rule="patience"),
+    "lora_merged-isqrt_cov-entropy-avg": dict(
+        peft="lora", early_head="isqrt_cov", exit_rule="entropy", head_pool="avg"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ONNX_CASES))
+def test_onnx_stages_agree_with_pytorch(tmp_path, case):
     pytest.importorskip("onnxruntime")
-    # patience scores are counts (1 at exit 1): leave once 2 or 3 exits in a row agree
+    options = ONNX_CASES[case]
+    rule = options["exit_rule"]
+    # patience scores are counts (1 at exit 1): leave once 2 exits in a row agree, or at exit 2
     fixed = [[math.inf, 2.0, 2.0], [math.inf, 1.0, 1.0]] if rule == "patience" else None
-    r = make_run(tmp_path, peft=peft, vpt_prompts=2, exit_rule=rule, quantiles=(0.3, 0.6), fixed=fixed)
+    r = make_run(tmp_path, quantiles=(0.3, 0.6), fixed=fixed, **options)
     out = export_artefact(str(tmp_path / "art"), run=str(r["run"]), onnx=True)
     manifest = json.loads((Path(out) / MANIFEST_FILE).read_text())
     assert [s["file"] for s in manifest["onnx"]["stages"]] == [f"stage_{k}.onnx" for k in range(4)]
     torch_p = EarlyExitPredictor.load(out, budget=0.5)
-    onnx_p = EarlyExitPredictor.load(out, budget=0.5, backend="onnx")
+    onnx_p = EarlyExitPredictor.load(out, budget=0.5, backend="onnx", num_threads=1)
+    assert onnx_p.backend == "onnx" and onnx_p.model is None
     seen = set()
     for budget in (0.5, 0.75):
         torch_p.set_budget(budget)
@@ -318,3 +331,16 @@ def test_build_model_rebuilds_the_modules_network():
     rebuilt = build_model(model_options(dict(module.hparams)))
     assert rebuilt.state_dict().keys() == module.model.state_dict().keys()
     assert math.isclose(rebuilt.num_exits, module.model.num_exits)
+
+
+def test_thresholds_hashed_from_in_memory_weights_are_matched_against_the_checkpoint(tmp_path):
+    r = make_run(tmp_path)
+    th = json.loads(r["thresholds"].read_text())
+    th["checkpoint_hash"] = r["module"]._checkpoint_hash()  # `dmpo test` without a checkpoint file
+    assert th["checkpoint_hash"].startswith("weights:")
+    r["thresholds"].write_text(json.dumps(th))
+    out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    assert json.loads((Path(out) / MANIFEST_FILE).read_text())["checkpoint_hash"] == th["checkpoint_hash"]
+    other = make_run(tmp_path, "other", seed=1)  # same architecture, other weights
+    with pytest.raises(ValueError, match="calibrated on another checkpoint"):
+        export_artefact(str(tmp_path / "art2"), ckpt_path=str(other["ckpt"]), thresholds=str(r["thresholds"]))

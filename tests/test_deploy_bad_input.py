@@ -79,7 +79,7 @@ def test_budget_without_thresholds_lists_the_available_ones(artefact):
 
 def test_thresholds_from_another_checkpoint_are_refused(tmp_path):
     a = make_run(tmp_path, "a")
-    b = make_run(tmp_path, "b", adapter_scale=0.2)  # same architecture, other weights
+    b = make_run(tmp_path, "b", seed=1)  # same architecture, other weights
     out = tmp_path / "art"
     with pytest.raises(ValueError, match="calibrated on another checkpoint"):
         export_artefact(str(out), ckpt_path=str(a["ckpt"]), thresholds=str(b["thresholds"]))
@@ -249,3 +249,22 @@ def test_csv_command_reports_unreadable_images_and_never_overwrites(artefact, tm
         )
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "y.csv").exists()
     assert "it has: [0.5, 0.75]" in capsys.readouterr().err
+
+
+def test_report_of_another_model_configuration_is_refused(tmp_path):
+    r = make_run(tmp_path, peft="lora")
+    hparams = json.loads(json.dumps(dict(r["module"].hparams), default=list))
+    th = json.loads(r["thresholds"].read_text())
+    report = {"checkpoint_hash": th["checkpoint_hash"], "config": hparams, "budgets": []}
+    (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
+    export_artefact(str(tmp_path / "ok"), run=str(r["run"]))  # the matching report is accepted
+    report["config"]["lora_alpha"] = 4.0  # changes the outputs, not the weights
+    (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=r"another model configuration \(lora_alpha: report 4\.0 vs"):
+        export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    report["config"]["lora_alpha"] = hparams["lora_alpha"]
+    report["checkpoint_hash"] = "file:0123"
+    (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="belongs to another checkpoint"):
+        export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    assert not (tmp_path / "art").exists()

@@ -348,6 +348,15 @@ def export_artefact(
         raise ValueError(
             f"{report} belongs to another checkpoint than {thresholds}; pass the matching report"
         )
+    if rep is not None and isinstance(rep.get("config"), Mapping):
+        # the report's config is the tested model's: options that change outputs without changing weights
+        # (adapter_scale, lora_alpha, ...) are only caught here
+        mine = json.loads(json.dumps(_jsonable(options)))
+        theirs = json.loads(json.dumps(_jsonable(dict(rep["config"]))))
+        differ = {k: (theirs[k], v) for k, v in mine.items() if k in theirs and theirs[k] != v}
+        if differ:
+            details = "; ".join(f"{k}: report {a!r} vs checkpoint {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"{report} was made with another model configuration ({details})")
     fingerprint = th.get("fingerprint") or {}
     ours = {**{k: options.get(k) for k in FINGERPRINT_KEYS}, "exit_blocks": list(model.exit_blocks)}
     diff = {k: (fingerprint.get(k), v) for k, v in ours.items() if k in fingerprint and fingerprint[k] != v}

@@ -135,6 +135,7 @@ class EarlyExitPredictor:
         backend: Backend = "torch",
         backbone_weights: str | None = None,
         allow_download: bool = False,
+        num_threads: int | None = None,
     ) -> EarlyExitPredictor:
         """Load an artefact.
 
@@ -148,6 +149,8 @@ class EarlyExitPredictor:
                 frozen backbone; checked against the artefact's checksum.
             allow_download: Let timm download the referenced pretrained backbone weights if no local file
                 is available.
+            num_threads: onnxruntime intra-op threads (default: ``OMP_NUM_THREADS``, else onnxruntime's
+                choice); the torch backend uses ``torch.set_num_threads`` as set by the caller.
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
@@ -165,7 +168,7 @@ class EarlyExitPredictor:
         if backend == "onnx":
             from dmpo_lightning.deploy.onnx_stages import OnnxStages
 
-            stages = OnnxStages.load(os.path.join(path, ONNX_DIR), manifest)
+            stages = OnnxStages.load(os.path.join(path, ONNX_DIR), manifest, num_threads=num_threads)
             return cls(manifest, None, budget=budget, device="cpu", onnx_stages=stages)
         model = _load_model(path, manifest, backbone_weights=backbone_weights, allow_download=allow_download)
         return cls(manifest, model, budget=budget, device=device)
