@@ -48,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--merge-lora",
-        "--merge_lora",
         dest="merge_lora",
         action=argparse.BooleanOptionalAction,
         default=None,
