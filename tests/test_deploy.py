@@ -344,3 +344,15 @@ def test_thresholds_hashed_from_in_memory_weights_are_matched_against_the_checkp
     other = make_run(tmp_path, "other", seed=1)  # same architecture, other weights
     with pytest.raises(ValueError, match="calibrated on another checkpoint"):
         export_artefact(str(tmp_path / "art2"), ckpt_path=str(other["ckpt"]), thresholds=str(r["thresholds"]))
+
+
+def test_a_relative_backbone_checkpoint_path_is_found_from_another_working_directory(tmp_path, monkeypatch):
+    _timm_weights_file(tmp_path / "vit.safetensors", seed=1)
+    r = make_run(tmp_path, checkpoint_path="vit.safetensors")  # relative to the training cwd (tmp_path)
+    out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    elsewhere = tmp_path / "service"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    got = EarlyExitPredictor.load(out, budget=0.5)(r["x"])
+    pred, exits, _ = simulated(r["module"].model, r["x"], EarlyExitPredictor.load(out).thresholds)
+    assert torch.equal(got.prediction, pred) and torch.equal(got.exit, exits + 1)

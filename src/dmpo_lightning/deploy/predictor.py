@@ -400,7 +400,8 @@ def _build_with_reference(
         if not os.path.isfile(backbone_weights):
             raise FileNotFoundError(f"backbone_weights {backbone_weights} does not exist")
         return build_model(options, checkpoint_path=backbone_weights)
-    local = options.get("checkpoint_path")
+    # the absolute path recorded at export first: a relative checkpoint_path was relative to the training cwd
+    local = ref.get("checkpoint_path") or options.get("checkpoint_path")
     if local and os.path.isfile(local):
         return build_model(options, checkpoint_path=local)
     if allow_download:
