@@ -88,6 +88,11 @@ def test_thresholds_from_another_checkpoint_are_refused(tmp_path):
     (a["run"] / "dmpo_test" / "thresholds.json").write_text(b["thresholds"].read_text())
     with pytest.raises(ValueError, match="none of the checkpoints"):
         export_artefact(str(out), run=str(a["run"]))
+    # an explicit checkpoint with --run is checked against the run's thresholds, not searched for
+    with pytest.raises(ValueError, match="calibrated on another checkpoint"):
+        export_artefact(str(out), run=str(a["run"]), ckpt_path=str(a["ckpt"]))
+    export_artefact(str(out), run=str(a["run"]), ckpt_path=str(b["ckpt"]))
+    assert out.is_dir()
 
 
 def test_thresholds_of_another_architecture_are_refused(tmp_path):

@@ -55,7 +55,9 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
     return data
 
 
-def resolve_run(run: str, thresholds: str | None = None, report: str | None = None) -> ExportInputs:
+def resolve_run(
+    run: str, thresholds: str | None = None, report: str | None = None, ckpt_path: str | None = None
+) -> ExportInputs:
     """Find the checkpoint, thresholds and report of a run folder ``runs/<name>/version_N``.
 
     The thresholds come from ``<run>/dmpo_test/thresholds.json`` (or ``thresholds``); the checkpoint is the
@@ -79,6 +81,8 @@ def resolve_run(run: str, thresholds: str | None = None, report: str | None = No
     if report is None:
         candidate = os.path.join(os.path.dirname(thresholds), "report.json")
         report = candidate if os.path.isfile(candidate) else None
+    if ckpt_path is not None:  # given explicitly: its hash is checked against the thresholds by the caller
+        return ExportInputs(ckpt_path=ckpt_path, thresholds=thresholds, report=report)
     wanted = str(_read_json(thresholds, "thresholds file").get("checkpoint_hash", ""))
     ckpts = sorted(glob.glob(os.path.join(run, "checkpoints", "*.ckpt")))
     if not ckpts:
@@ -307,8 +311,8 @@ def export_artefact(
     if run is None and (ckpt_path is None or thresholds is None):
         raise ValueError("give --run runs/<name>/version_N, or both --ckpt_path and --thresholds")
     if run is not None:
-        found = resolve_run(run, thresholds, report)
-        ckpt_path = ckpt_path or found["ckpt_path"]
+        found = resolve_run(run, thresholds, report, ckpt_path)
+        ckpt_path = found["ckpt_path"]
         thresholds, report = found["thresholds"], found["report"]
     assert ckpt_path is not None and thresholds is not None
     if onnx:
