@@ -5,6 +5,7 @@ from __future__ import annotations
 import netrc
 import os
 import pickle
+import sys
 import warnings
 import zipfile
 from typing import Any
@@ -233,5 +234,13 @@ def main(args: ArgsType = None, run: bool = True) -> DMPOCLI:
 
 
 def console_main() -> None:
-    """The ``dmpo`` console script: like :func:`main`, but returns nothing (so the exit status is 0)."""
+    """The ``dmpo`` console script: like :func:`main`, but returns nothing (so the exit status is 0).
+
+    ``dmpo export ...`` is not a Lightning subcommand; it goes to :mod:`dmpo_lightning.deploy.cli`.
+    """
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        from dmpo_lightning.deploy.cli import console_main as export_main
+
+        export_main(sys.argv[2:])
+        return
     main()

@@ -1,0 +1,100 @@
+"""``dmpo export``: command-line front end of :func:`~dmpo_lightning.deploy.export.export_artefact`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "console_main", "main"]
+
+DESCRIPTION = """\
+Write one deployable artefact (a directory: manifest.json + weights.safetensors [+ onnx/]) from a trained
+run: the weights, model options, preprocessing, class names, exit rule, every calibrated operating point
+(budget -> thresholds, calibration and test accuracy and cost), the counted cost of each exit and the
+checkpoint hash. Load it with dmpo_lightning.deploy.EarlyExitPredictor.load(path, budget=...).
+"""
+
+EPILOG = """\
+examples:
+  dmpo export --run runs/quickstart/version_0 --output artefacts/quickstart
+  dmpo export --ckpt_path run/checkpoints/last.ckpt --thresholds run/dmpo_test/thresholds.json \\
+      --report run/dmpo_test/report.json --output artefacts/model --onnx
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dmpo export`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="dmpo export",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = parser.add_argument_group("inputs (--run, or --ckpt_path with --thresholds)")
+    src.add_argument("--run", help="run folder runs/<name>/version_N (after dmpo fit + dmpo test)")
+    src.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", help="checkpoint (.ckpt) to export")
+    src.add_argument("--thresholds", help="thresholds.json written by dmpo test for that checkpoint")
+    src.add_argument("--report", help="report.json of the same dmpo test (calibration accuracy and cost)")
+    parser.add_argument("--output", "-o", required=True, help="artefact directory to create (must not exist)")
+    parser.add_argument(
+        "--embed-backbone",
+        "--embed_backbone",
+        dest="embed_backbone",
+        action="store_true",
+        help="embed every weight (default: only what was trained, plus a reference and sha256 of the "
+        "frozen pre-trained backbone weights; for peft: full or a randomly initialised backbone "
+        "everything is embedded anyway)",
+    )
+    parser.add_argument(
+        "--merge-lora",
+        dest="merge_lora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fold LoRA into the frozen weights (base-model FLOPs per block); default: on for peft: lora. "
+        "AdaptFormer and VPT cannot be folded",
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write one ONNX graph per stage (needs dmpo-lightning[export])",
+    )
+    parser.add_argument(
+        "--class-names",
+        "--class_names",
+        dest="class_names",
+        help="text file with one class name per line, in label order (default: from the checkpoint/dataset)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Parse ``argv`` (without the ``export`` word) and export; returns the artefact path."""
+    from dmpo_lightning.deploy.export import export_artefact
+
+    args = build_parser().parse_args(argv)
+    names = None
+    if args.class_names:
+        with open(args.class_names, encoding="utf-8") as f:
+            names = [line.rstrip("\n") for line in f if line.strip()]
+    path = export_artefact(
+        args.output,
+        run=args.run,
+        ckpt_path=args.ckpt_path,
+        thresholds=args.thresholds,
+        report=args.report,
+        embed_backbone=args.embed_backbone,
+        merge_lora=args.merge_lora,
+        onnx=args.onnx,
+        class_names=names,
+    )
+    print(f"wrote artefact {path}", file=sys.stderr)
+    return path
+
+
+def console_main(argv: Sequence[str] | None = None) -> None:
+    """``dmpo export`` as a console command: a refused export prints one line and exits with status 2."""
+    try:
+        main(argv)
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as err:
+        build_parser().exit(2, f"dmpo export: error: {err}\n")

@@ -1,0 +1,202 @@
+"""One ONNX graph per exit stage, and a small onnxruntime chain with batch compaction.
+
+Stage ``k`` runs the blocks between exit ``k-1`` and exit ``k`` plus head ``k`` (stage 0 also the patch
+embedding): ``stage_0(images) -> (tokens, logits)``, ``stage_k(tokens) -> (tokens, logits)``, the last stage
+returns logits only. Every graph has a dynamic batch dimension. The runtime scores each stage's logits with
+the same incremental rule as ``MultiExitViT.forward_early_exit`` and feeds only the samples that stay to the
+next graph, so it takes the same decisions (tested: 0 mismatches, logits within 1e-4).
+
+Needs the ``[export]`` extra (``onnx``, ``onnxruntime``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmpo_lightning.deploy.format import ArtefactError
+from dmpo_lightning.evaluation.exit_rules import exit_score_step
+from dmpo_lightning.models.backbone import embed_tokens, explicit_attention
+
+__all__ = ["OPSET", "OnnxStages", "export_stages", "stage_file"]
+
+OPSET = 17
+
+
+def stage_file(k: int) -> str:
+    """File name of stage ``k`` (0-based)."""
+    return f"stage_{k}.onnx"
+
+
+class _Stage(nn.Module):
+    def __init__(self, model: nn.Module, k: int) -> None:
+        super().__init__()
+        self.model = model
+        self.k = k
+        self.start = 0 if k == 0 else model.exit_blocks[k - 1]
+        self.stop = model.exit_blocks[k]
+        self.last = k == model.num_exits - 1
+
+    def forward(self, x: torch.Tensor) -> Any:
+        tokens = embed_tokens(self.model.backbone, x) if self.k == 0 else x
+        for block in self.model.backbone.blocks[self.start : self.stop]:
+            tokens = block(tokens)
+        logits = self.model.exits[self.k](tokens)
+        return logits if self.last else (tokens, logits)
+
+
+def _require_onnx(what: str) -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"{what} needs {' and '.join(missing)}; install the extra: pip install 'dmpo-lightning[export]'"
+        )
+
+
+@torch.no_grad()
+def export_stages(model: nn.Module, directory: str, input_shape: Sequence[int]) -> list[str]:
+    """Write one ONNX graph per stage of a :class:`~dmpo_lightning.models.MultiExitViT` into ``directory``.
+
+    Args:
+        model: The model (eval mode is set for the export).
+        directory: An existing, empty folder.
+        input_shape: ``(C, H, W)`` of one image.
+
+    Returns:
+        The written file names.
+    """
+    _require_onnx("ONNX export")
+    import onnx
+
+    was_training = model.training
+    model.eval()
+    files = []
+    x = torch.zeros((2, *(int(s) for s in input_shape)))
+    try:
+        with explicit_attention(model), warnings.catch_warnings():
+            # shape checks in the heads are traced as constants; they do not depend on the batch size
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # the TorchScript exporter (dynamo=False) needs no onnxscript; its deprecation notice is noise
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            for k in range(model.num_exits):
+                stage = _Stage(model, k)
+                last = k == model.num_exits - 1
+                in_name = "images" if k == 0 else "tokens_in"
+                out_names = ["logits"] if last else ["tokens", "logits"]
+                axes = {name: {0: "batch"} for name in [in_name, *out_names]}
+                path = os.path.join(directory, stage_file(k))
+                torch.onnx.export(
+                    stage,
+                    (x,),
+                    path,
+                    input_names=[in_name],
+                    output_names=out_names,
+                    dynamic_axes=axes,
+                    opset_version=OPSET,
+                    dynamo=False,
+                )
+                onnx.checker.check_model(path)
+                files.append(stage_file(k))
+                if not last:
+                    x = stage(x)[0]
+    finally:
+        model.train(was_training)
+    return files
+
+
+class OnnxStages:
+    """The exported stage graphs on onnxruntime (CPU), chained with batch compaction.
+
+    Args:
+        sessions: One ``onnxruntime.InferenceSession`` per stage.
+        num_classes: Classes of every exit.
+    """
+
+    def __init__(self, sessions: Sequence[Any], num_classes: int) -> None:
+        self.sessions = list(sessions)
+        self.num_classes = num_classes
+
+    @classmethod
+    def load(cls, directory: str, manifest: Mapping[str, Any], num_threads: int | None = None) -> OnnxStages:
+        """Open the stage graphs listed in the manifest.
+
+        Raises:
+            ArtefactError: If the artefact has no ONNX stages or one is missing or unreadable.
+            ImportError: If onnxruntime is not installed.
+        """
+        info = manifest.get("onnx")
+        if not info:
+            raise ArtefactError(
+                "this artefact has no ONNX stages; export it with `dmpo export ... --onnx` for backend='onnx'"
+            )
+        _require_onnx("backend='onnx'")
+        import onnxruntime as ort
+
+        from dmpo_lightning.deploy.format import file_sha256
+
+        options = ort.SessionOptions()
+        threads = num_threads if num_threads is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        options.intra_op_num_threads = max(threads, 0)
+        options.inter_op_num_threads = 1
+        sessions = []
+        for entry in info["stages"]:
+            path = os.path.join(directory, entry["file"])
+            if not os.path.isfile(path):
+                raise ArtefactError(f"ONNX stage {path} is missing; the artefact is incomplete")
+            if file_sha256(path) != entry["sha256"]:
+                raise ArtefactError(
+                    f"ONNX stage {path} is corrupt or truncated (sha256 differs); export again"
+                )
+            try:
+                sessions.append(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+            except Exception as err:  # onnxruntime raises its own exception types
+                raise ArtefactError(f"ONNX stage {path} cannot be loaded ({err})") from err
+        return cls(sessions, int(manifest["model"]["num_classes"]))
+
+    def stage_outputs(self, k: int, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run stage ``k`` on ``x`` and return its outputs as tensors."""
+        session = self.sessions[k]
+        name = session.get_inputs()[0].name
+        outs = session.run(None, {name: x.detach().cpu().float().contiguous().numpy()})
+        return [torch.from_numpy(o) for o in outs]
+
+    def run(
+        self, x: torch.Tensor, thresholds: Sequence[float], rule: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Early exit on ``x``: ``(prediction, 0-based exit, score, logits)`` per sample."""
+        k_total = len(self.sessions)
+        if len(thresholds) != k_total:
+            raise ValueError(f"got {len(thresholds)} thresholds for {k_total} stages")
+        batch = x.shape[0]
+        prediction = torch.empty(batch, dtype=torch.long)
+        exit_index = torch.empty(batch, dtype=torch.long)
+        score_out = torch.empty(batch, dtype=torch.float32)
+        logits_out = torch.empty(batch, self.num_classes, dtype=torch.float32)
+        active = torch.arange(batch)
+        current = x
+        prev_pred: torch.Tensor | None = None
+        prev_run: torch.Tensor | None = None
+        for k in range(k_total):
+            outs = self.stage_outputs(k, current)
+            tokens, logits = (None, outs[0]) if k == k_total - 1 else (outs[0], outs[1])
+            score, pred, run = exit_score_step(logits, rule, prev_pred, prev_run)  # type: ignore[arg-type]
+            leave = torch.ones_like(pred, dtype=torch.bool) if k == k_total - 1 else score >= thresholds[k]
+            idx = active[leave]
+            prediction[idx] = pred[leave]
+            exit_index[idx] = k
+            score_out[idx] = score[leave].float()
+            logits_out[idx] = logits[leave].float()
+            stay = ~leave
+            if not bool(stay.any()):
+                break
+            assert tokens is not None
+            active, current, prev_pred, prev_run = active[stay], tokens[stay], pred[stay], run[stay]
+        return prediction, exit_index, score_out, logits_out

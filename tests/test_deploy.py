@@ -1,0 +1,358 @@
+"""Deploy: export artefact, EarlyExitPredictor, LoRA merge and ONNX stages on tiny models (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dmpo_lightning.deploy.build import build_model, model_options
+from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT, export_artefact
+from dmpo_lightning.deploy.format import MANIFEST_FILE, WEIGHTS_FILE, ArtefactError, file_sha256
+from dmpo_lightning.deploy.merge import merge_lora
+from dmpo_lightning.deploy.predictor import EarlyExitPredictor
+from dmpo_lightning.evaluation.exit_rules import exit_scores
+from dmpo_lightning.evaluation.flops import count_exit_costs
+from dmpo_lightning.evaluation.protocol import assign_exits
+from dmpo_lightning.module import DMPOModule
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_HP = dict(
+    num_classes=4,
+    backbone="vit_tiny_patch16_224",
+    pretrained=False,
+    img_size=32,
+    in_chans=3,
+    backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
+    exit_blocks=[1, 2, 3, 4],
+    adapter_dim=8,
+    moment_dim=32,
+    cov_dim=8,
+    lora_rank=4,
+    budgets=[0.5, 0.75],
+)
+SYNTHETIC_DM = {"dataset": "synthetic", "image_size": 32, "in_chans": 3, "timm_model": "vit_tiny_patch16_224"}
+
+
+def make_run(
+    tmp_path: Path,
+    name: str = "run",
+    *,
+    dm: dict | None = None,
+    quantiles: tuple[float, float] = (0.5, 0.8),
+    fixed: list[list[float]] | None = None,
+    seed: int = 0,
+    extra: dict | None = None,
+    **overrides,
+) -> dict:
+    """A checkpoint as `dmpo fit` writes it and a thresholds.json as `dmpo test` writes it, for one model.
+
+    Trainable parameters are perturbed so that zero-initialised parts (LoRA B, adapter up, bypass up) are
+    not trivially zero; thresholds are score quantiles on random images, so several exits are used.
+    """
+    torch.manual_seed(seed)
+    module = DMPOModule(**{**TINY_HP, **overrides})
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    module.eval()
+    folder = tmp_path / name
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "dmpo_test").mkdir()
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    payload = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "datamodule_hyper_parameters": dict(dm if dm is not None else SYNTHETIC_DM),
+        **({"class_names": ["cat", "dog", "owl", "fox"]} if extra is None else extra),
+    }
+    torch.save(payload, ckpt)
+    x = torch.randn(64, module.hparams.in_chans, 32, 32)
+    with torch.no_grad():
+        scores, _ = exit_scores(module.model(x), module.hparams.exit_rule)
+    budgets = []
+    for i, (budget, q) in enumerate(zip((0.5, 0.75), quantiles, strict=True)):
+        t = (
+            [float(scores[:, k].quantile(q)) for k in range(scores.shape[1] - 1)]
+            if fixed is None
+            else fixed[i]
+        )
+        budgets.append(
+            {
+                "budget": budget,
+                "unit": "fraction",
+                "thresholds": [*(v if math.isfinite(v) else str(v) for v in t), "-inf"],
+                "cal_cost_fraction": 0.4,
+                "test_accuracy": 0.5,
+            }
+        )
+    thresholds = folder / "dmpo_test" / "thresholds.json"
+    thresholds.write_text(
+        json.dumps(
+            {
+                "format": THRESHOLDS_FORMAT,
+                "fingerprint": module.model_fingerprint(),
+                "checkpoint_hash": f"file:{file_sha256(str(ckpt))}",
+                "budgets": budgets,
+            }
+        )
+    )
+    return {"run": folder, "ckpt": ckpt, "thresholds": thresholds, "module": module, "x": x}
+
+
+def simulated(model, x, thresholds, rule="confidence"):
+    """The simulated protocol: all-exit forward, exit scores, first exit whose score passes."""
+    with torch.no_grad():
+        logits = torch.stack(model(x), dim=1)
+    scores, preds = exit_scores(logits, rule)
+    exits = assign_exits(scores, torch.tensor(thresholds, dtype=scores.dtype))
+    rows = torch.arange(x.shape[0])
+    return preds[rows, exits], exits, logits[rows, exits]
+
+
+def test_export_then_predict_equals_the_simulated_protocol(tmp_path):
+    r = make_run(tmp_path)
+    out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    assert sorted(os.listdir(out)) == [MANIFEST_FILE, WEIGHTS_FILE]
+    manifest = json.loads((Path(out) / MANIFEST_FILE).read_text())
+    assert manifest["checkpoint_hash"] == f"file:{file_sha256(str(r['ckpt']))}"
+    assert manifest["exit_rule"] == "confidence" and manifest["num_exits"] == 4
+    costs = count_exit_costs(r["module"].model, (3, 32, 32))
+    assert manifest["costs"]["exit_gflops"] == pytest.approx(list(costs.exit_gflops), rel=1e-12)
+
+    predictor = EarlyExitPredictor.load(out, budget=0.5)
+    assert predictor.budgets == [0.5, 0.75] and predictor.budget_unit == "fraction"
+    assert predictor.model is not None and not predictor.model.training
+    for budget in (0.5, 0.75):
+        predictor.set_budget(budget)
+        thresholds = json.loads(r["thresholds"].read_text())["budgets"][predictor.budgets.index(budget)]
+        t = [float(v) for v in thresholds["thresholds"]]
+        assert predictor.thresholds == t
+        got = predictor(r["x"])
+        pred, exits, logits = simulated(r["module"].model, r["x"], t)
+        assert torch.equal(got.prediction, pred)
+        assert torch.equal(got.exit, exits + 1)  # numbered from 1, as in the report
+        assert len(set(got.exit.tolist())) >= 2, "thresholds should spread samples over exits"
+        torch.testing.assert_close(got.logits, logits, atol=1e-5, rtol=1e-5)
+        assert got.gflops.tolist() == pytest.approx([costs.exit_gflops[e] for e in exits.tolist()])
+        torch.testing.assert_close(got.confidence, logits.softmax(-1).max(-1).values, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and timm
+def test_predictor_loads_without_lightning_torchmetrics_or_jsonargparse(tmp_path):
+    r = make_run(tmp_path)
+    out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    code = (
+        "import sys, torch\n"
+        "from dmpo_lightning.deploy.predictor import EarlyExitPredictor\n"
+        f"p = EarlyExitPredictor.load({out!r}, budget=0.75)\n"
+        "p(torch.zeros(2, 3, 32, 32))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'pytorch_lightning', 'torchmetrics', 'jsonargparse'))\n"
+        "print('IMPORTED', bad)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "IMPORTED []" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(
+    ("dataset", "crop"), [("synthetic", "none"), ("image_folder", "center"), ("cifar10", "none")]
+)
+def test_preprocessing_equals_the_data_modules_eval_transform(tmp_path, dataset, crop):
+    from dmpo_lightning.data.registry import get_spec
+    from dmpo_lightning.data.transforms import build_transform, resolve_data_config
+    from dmpo_lightning.deploy.preprocess import build_eval_transform, load_image
+
+    dm = {**SYNTHETIC_DM, "dataset": dataset}
+    r = make_run(tmp_path, dm=dm)
+    manifest = json.loads(
+        (Path(export_artefact(str(tmp_path / "art"), run=str(r["run"]))) / MANIFEST_FILE).read_text()
+    )
+    pre = manifest["preprocessing"]
+    assert pre["crop_mode"] == crop
+    spec = get_spec(dataset)
+    cfg = resolve_data_config(
+        in_chans=3, default_image_size=spec.default_image_size, timm_model=dm["timm_model"], image_size=32
+    )
+    native = 32 if dataset == "synthetic" else spec.native_size
+    reference = build_transform(cfg, in_chans=3, train=False, native_size=native)
+    ours = build_eval_transform(pre)
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(32, 32)] if crop == "none" else [(32, 32), (50, 41), (17, 90)]
+    for i, (w, h) in enumerate(sizes):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(pixels).save(path)
+        image = load_image(str(path))
+        assert torch.equal(ours(image), reference(image))
+        grey = Image.fromarray(pixels[..., 0])  # a grey image for an RGB model: replicated like training
+        assert torch.equal(ours(grey), reference(grey))
+
+
+def test_lora_merge_is_exact_and_costs_the_base_model():
+    torch.manual_seed(0)
+    module = DMPOModule(**{**TINY_HP, "peft": "lora", "lora_targets": ["qkv", "mlp.fc1"]})
+    model = module.model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "peft_lora" in name:
+                p.normal_(0, 0.3)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    costs_lora = count_exit_costs(model, (3, 32, 32))
+    merged = merge_lora(model)
+    assert len(merged) == 8 and not any("peft_" in n for n in model.state_dict())
+    with torch.no_grad():
+        after = model(x)
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    base = DMPOModule(**{**TINY_HP, "peft": "linear"}).model
+    costs_base = count_exit_costs(base, (3, 32, 32))
+    assert count_exit_costs(model, (3, 32, 32)).exit_macs == costs_base.exit_macs
+    assert all(a > b for a, b in zip(costs_lora.exit_macs, costs_base.exit_macs, strict=True))
+
+
+def test_lora_artefact_is_merged_by_default_and_predicts_like_the_unmerged_model(tmp_path):
+    r = make_run(tmp_path, peft="lora")
+    out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    manifest = json.loads((Path(out) / MANIFEST_FILE).read_text())
+    assert manifest["weights"]["merged_lora"] is True
+    assert "LoRA merged" in manifest["costs"]["form"]
+    assert manifest["costs"]["exit_gflops"][0] < manifest["costs"]["as_trained"]["exit_gflops"][0]
+    predictor = EarlyExitPredictor.load(out, budget=0.5)
+    got = predictor(r["x"])
+    pred, exits, logits = simulated(r["module"].model, r["x"], predictor.thresholds)
+    assert torch.equal(got.prediction, pred) and torch.equal(got.exit, exits + 1)
+    torch.testing.assert_close(got.logits, logits, atol=1e-5, rtol=0)
+    unmerged = export_artefact(str(tmp_path / "unmerged"), run=str(r["run"]), merge_lora=False)
+    m2 = json.loads((Path(unmerged) / MANIFEST_FILE).read_text())
+    assert m2["weights"]["merged_lora"] is False and "adapter branches counted" in m2["costs"]["form"]
+
+
+@pytest.mark.parametrize("peft", ["adaptformer", "vpt"])
+def test_merge_refused_for_adapters_that_cannot_be_folded(tmp_path, peft):
+    r = make_run(tmp_path, peft=peft, vpt_prompts=2)
+    match = "parallel non-linear branch" if peft == "adaptformer" else "extra tokens"
+    with pytest.raises(ValueError, match=match):
+        export_artefact(str(tmp_path / "art"), run=str(r["run"]), merge_lora=True)
+    assert not any(p.name.startswith((".art", "art")) for p in tmp_path.iterdir())
+
+
+def _timm_weights_file(path: Path, seed: int) -> Path:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, **TINY_HP["backbone_kwargs"]
+    )
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("peft", ["adaptformer", "lora"])
+def test_frozen_backbone_is_referenced_with_a_checksum(tmp_path, peft):
+    weights = _timm_weights_file(tmp_path / "vit.safetensors", seed=1)
+    r = make_run(tmp_path, peft=peft, checkpoint_path=str(weights))
+    out = Path(export_artefact(str(tmp_path / "art"), run=str(r["run"])))
+    full = Path(export_artefact(str(tmp_path / "full"), run=str(r["run"]), embed_backbone=True))
+    ref = json.loads((out / MANIFEST_FILE).read_text())["weights"]["reference"]
+    assert ref["checkpoint_path"] == str(weights) and ref["checkpoint_file_sha256"] == file_sha256(
+        str(weights)
+    )
+    assert (out / WEIGHTS_FILE).stat().st_size < (full / WEIGHTS_FILE).stat().st_size / 2
+    expected = EarlyExitPredictor.load(full, budget=0.5)(r["x"])
+    got = EarlyExitPredictor.load(out, budget=0.5)(r["x"])
+    assert torch.equal(got.prediction, expected.prediction) and torch.equal(got.exit, expected.exit)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-6, rtol=0)
+
+    # other weights under the same name are refused; an explicit file is checked too
+    other = _timm_weights_file(tmp_path / "other.safetensors", seed=2)
+    with pytest.raises(ArtefactError, match="do not match"):
+        EarlyExitPredictor.load(out, budget=0.5, backbone_weights=str(other))
+    moved = tmp_path / "moved.safetensors"
+    weights.rename(moved)
+    with pytest.raises(ArtefactError, match="backbone_weights=<local timm weights file>"):
+        EarlyExitPredictor.load(out, budget=0.5)
+    again = EarlyExitPredictor.load(out, budget=0.5, backbone_weights=str(moved))(r["x"])
+    assert torch.equal(again.prediction, expected.prediction)
+    EarlyExitPredictor.load(full, budget=0.5)  # the embedded artefact needs no file at all
+
+
+ONNX_CASES = {
+    "adaptformer-confidence": dict(peft="adaptformer", exit_rule="confidence"),
+    "adaptformer-patience": dict(peft="adaptformer", exit_rule="patience"),
+    "vpt-patience": dict(peft="vpt", vpt_prompts=2, exit_rule="patience"),
+    "lora_merged-isqrt_cov-entropy-avg": dict(
+        peft="lora", early_head="isqrt_cov", exit_rule="entropy", head_pool="avg"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ONNX_CASES))
+def test_onnx_stages_agree_with_pytorch(tmp_path, case):
+    pytest.importorskip("onnxruntime")
+    options = ONNX_CASES[case]
+    rule = options["exit_rule"]
+    # patience scores are counts (1 at exit 1): leave once 2 exits in a row agree, or at exit 2
+    fixed = [[math.inf, 2.0, 2.0], [math.inf, 1.0, 1.0]] if rule == "patience" else None
+    r = make_run(tmp_path, quantiles=(0.3, 0.6), fixed=fixed, **options)
+    out = export_artefact(str(tmp_path / "art"), run=str(r["run"]), onnx=True)
+    manifest = json.loads((Path(out) / MANIFEST_FILE).read_text())
+    assert [s["file"] for s in manifest["onnx"]["stages"]] == [f"stage_{k}.onnx" for k in range(4)]
+    torch_p = EarlyExitPredictor.load(out, budget=0.5)
+    onnx_p = EarlyExitPredictor.load(out, budget=0.5, backend="onnx", num_threads=1)
+    assert onnx_p.backend == "onnx" and onnx_p.model is None
+    seen = set()
+    for budget in (0.5, 0.75):
+        torch_p.set_budget(budget)
+        onnx_p.set_budget(budget)
+        for batch in (r["x"], r["x"][:1], r["x"][:7]):  # dynamic batch size
+            a, b = torch_p(batch), onnx_p(batch)
+            seen |= set(a.exit.tolist())
+            assert int((a.prediction != b.prediction).sum()) == 0
+            assert int((a.exit != b.exit).sum()) == 0
+            torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=0)
+    assert len(seen) >= 2, "thresholds should spread samples over exits"
+
+
+def test_build_model_rebuilds_the_modules_network():
+    module = DMPOModule(**{**TINY_HP, "peft": "vpt", "vpt_prompts": 2})
+    rebuilt = build_model(model_options(dict(module.hparams)))
+    assert rebuilt.state_dict().keys() == module.model.state_dict().keys()
+    assert math.isclose(rebuilt.num_exits, module.model.num_exits)
+
+
+def test_thresholds_hashed_from_in_memory_weights_are_matched_against_the_checkpoint(tmp_path):
+    r = make_run(tmp_path)
+    th = json.loads(r["thresholds"].read_text())
+    th["checkpoint_hash"] = r["module"]._checkpoint_hash()  # `dmpo test` without a checkpoint file
+    assert th["checkpoint_hash"].startswith("weights:")
+    r["thresholds"].write_text(json.dumps(th))
+    out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    assert json.loads((Path(out) / MANIFEST_FILE).read_text())["checkpoint_hash"] == th["checkpoint_hash"]
+    other = make_run(tmp_path, "other", seed=1)  # same architecture, other weights
+    with pytest.raises(ValueError, match="calibrated on another checkpoint"):
+        export_artefact(str(tmp_path / "art2"), ckpt_path=str(other["ckpt"]), thresholds=str(r["thresholds"]))
+
+
+def test_a_relative_backbone_checkpoint_path_is_found_from_another_working_directory(tmp_path, monkeypatch):
+    _timm_weights_file(tmp_path / "vit.safetensors", seed=1)
+    r = make_run(tmp_path, checkpoint_path="vit.safetensors")  # relative to the training cwd (tmp_path)
+    out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    elsewhere = tmp_path / "service"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    got = EarlyExitPredictor.load(out, budget=0.5)(r["x"])
+    pred, exits, _ = simulated(r["module"].model, r["x"], EarlyExitPredictor.load(out).thresholds)
+    assert torch.equal(got.prediction, pred) and torch.equal(got.exit, exits + 1)
