@@ -6,11 +6,13 @@ https://arxiv.org/abs/2511.03245
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import inspect
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -32,10 +34,29 @@ from dmpo_lightning.models.multi_exit import EarlyExitOutput, ExitRule, HeadKind
 from dmpo_lightning.optim import default_optimizer, param_groups, warmup_cosine
 from dmpo_lightning.schedules import WeightSpec, preset_weights
 
-__all__ = ["DMPOModule"]
+__all__ = ["DMPOModule", "weights_from_checkpoint"]
 
 PeftMethod = Literal["adaptformer", "lora", "vpt", "linear", "full"]
 TRAINABLE_FORMAT = "dmpo-trainable-v1"
+
+_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dmpo_weights_from_checkpoint", default=False
+)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Modules built inside this context skip the backbone's pre-trained weights (no file, no download).
+
+    For rebuilding a module whose every weight is about to be loaded from its own Lightning checkpoint
+    (``load_from_checkpoint``, ``dmpo test --ckpt_path``): ``pretrained``/``checkpoint_path`` stay in the
+    hyperparameters, but the original weights file or the network is not needed.
+    """
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
 
 class DMPOModule(pl.LightningModule):
@@ -191,10 +212,11 @@ class DMPOModule(pl.LightningModule):
     def build_model(self) -> MultiExitViT:
         """Build the pure model from ``self.hparams``. Override to change the backbone or heads."""
         h = self.hparams
+        restoring = _WEIGHTS_FROM_CHECKPOINT.get()  # the checkpoint holds the backbone's weights too
         backbone = build_backbone(
             h.backbone,
-            pretrained=h.pretrained,
-            checkpoint_path=h.checkpoint_path,
+            pretrained=h.pretrained and not restoring,
+            checkpoint_path=None if restoring else h.checkpoint_path,
             img_size=h.img_size,
             in_chans=h.in_chans,
             model_kwargs=h.backbone_kwargs,
@@ -307,6 +329,16 @@ class DMPOModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Per-exit loss and accuracy on the calibration split."""
         self._shared_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the last exit's calibration accuracy as ``val/acc_last`` too (a name for any exit count).
+
+        ``configs/trainer/default.yaml`` keeps the best checkpoint by it.
+        """
+        acc = self.metrics[f"val_exit{self.num_exits - 1}"]["acc"]
+        if acc.update_called:
+            # compute() syncs over ranks and is cached for Lightning's own epoch-end compute of val/acc_exit<K-1>
+            self.log("val/acc_last", acc.compute(), add_dataloader_idx=False, sync_dist=True)
 
     def on_test_start(self) -> None:
         """Refuse to overwrite an earlier report before any work is done."""
@@ -559,6 +591,27 @@ class DMPOModule(pl.LightningModule):
         torch.save(payload, tmp)
         os.replace(tmp, path)
         return path
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> DMPOModule:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, without the backbone's original weights file or the network.
+
+        Every weight comes from the checkpoint, so ``pretrained``/``checkpoint_path`` are not applied while
+        the module is rebuilt. With the checkpoint file given positionally, a ``checkpoint_path=`` keyword is
+        this module's hyperparameter (the backbone weights file), e.g. ``checkpoint_path=None`` to forget a
+        file that moved; other keywords are Lightning's (``map_location``, ``strict``...) or hparam overrides.
+        """
+        override: dict[str, Any] = {}
+        if args:
+            if "checkpoint_path" in kwargs:
+                override["checkpoint_path"] = kwargs.pop("checkpoint_path")
+        else:
+            args = (kwargs.pop("checkpoint_path"),)
+        with weights_from_checkpoint():
+            module = super().load_from_checkpoint(*args, **kwargs)
+        for key, value in override.items():
+            module.hparams[key] = value
+        return module
 
     @classmethod
     def from_trainable(cls, path: str, **overrides: Any) -> DMPOModule:
