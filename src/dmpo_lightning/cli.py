@@ -136,6 +136,9 @@ def _tidy_parse_error(message: str) -> str:
             continue
         if stripped == "- Expected a <class 'NoneType'>":
             continue
+        head, sep, value = line.partition("Got value: ")
+        if sep and len(value) > 80:  # a whole Namespace(...) / dict of the model's arguments
+            line = f"{head}{sep}{value[:60]}..."
         keep.append(line)
     return "\n".join(keep)
 
@@ -428,7 +431,7 @@ class DMPOCLI(LightningCLI):
                 version, k = f"{base}_{sub}_{k}", k + 1
             logger._version = version  # CSVLogger/TensorBoardLogger create the folder lazily, so this is in time
             rank_zero_warn(
-                f"{log_dir} holds another run; dmpo {sub} logs to {logger.log_dir} instead (an evaluation never "
+                f"{log_dir} holds a training run; dmpo {sub} logs to {logger.log_dir} instead (an evaluation never "
                 "writes into a training run's folder; name a new trainer.logger.init_args.version to choose)"
             )
 
@@ -586,7 +589,7 @@ def console_main() -> None:
         sys.argv = [a for a in sys.argv if a != "--debug"]
         debug = True
     if debug:
-        os.environ.setdefault("JSONARGPARSE_DEBUG", "1")
+        os.environ.setdefault("JSONARGPARSE_DEBUG", "true")
     try:
         main()
     except (ConfigError, DatasetLayoutError) as err:
