@@ -202,7 +202,8 @@ CASES = {
     "existing_report": Case(
         evaluate("--ckpt_path={ckpt}", "--model.init_args.report_dir={base}/report"),
         ConfigFileExistsError,
-        r"report already holds a dmpo test report \(report\.json, .*set model\.init_args\.report_dir to a new",
+        r"report already holds a dmpo test report \(report\.json, .*set "
+        r"model\.init_args\.report_dir to a new",
     ),
     "predictions_file_is_a_folder": Case(
         predict("--ckpt_path={ckpt}", "--model.init_args.predictions_file={empty}"),
@@ -217,7 +218,8 @@ CASES = {
     "test_without_checkpoint": Case(
         evaluate("--model.init_args.report_dir={tmp}/new_report"),
         ConfigError,
-        r"dmpo test without --ckpt_path would evaluate freshly built, untrained weights .*--allow_untrained true",
+        r"dmpo test without --ckpt_path would evaluate freshly built, untrained weights "
+        r".*--allow_untrained true",
     ),
     "predict_without_checkpoint": Case(
         predict(),
@@ -232,13 +234,15 @@ CASES = {
     "ramp_beyond_max_epochs": Case(
         fit("--trainer.max_epochs=3", "--model.init_args.switch_epoch=1", "--model.init_args.ramp_epochs=2"),
         ConfigError,
-        r"switch_epoch=1 with ramp_epochs=2 reaches phase 2's weights only at epoch 3, after the last epoch 2 "
+        r"switch_epoch=1 with ramp_epochs=2 reaches phase 2's weights only at epoch 3, after the "
+        r"last epoch 2 "
         r"\(max_epochs=3\); allowed: ramp_epochs <= 1",
     ),
     "negative_learning_rate": Case(
         fit(LR, "--model.init_args.optimizer.lr=-0.1"),
         ConfigError,
-        r"model\.init_args\.optimizer: Invalid learning rate: -0\.1; the learning rate must be a finite number >= 0",
+        r"model\.init_args\.optimizer: Invalid learning rate: -0\.1; the learning rate must be a "
+        r"finite number >= 0",
     ),
     "nan_learning_rate": Case(
         fit(LR, "--model.init_args.optimizer.lr=.nan"),
@@ -248,13 +252,15 @@ CASES = {
     "checkpoint_is_a_folder": Case(
         evaluate("--ckpt_path={ckpt_dir}"),
         ConfigFileNotFoundError,
-        r"ckpt_path '.*checkpoints' is a folder, not a checkpoint file; give one \.ckpt file \(its checkpoints: "
+        r"ckpt_path '.*checkpoints' is a folder, not a checkpoint file; give one \.ckpt file \(its "
+        r"checkpoints: "
         r"epoch=0-step=2\.ckpt\)",
     ),
     "checkpoint_is_a_bare_state_dict": Case(
         evaluate("--ckpt_path={state_dict}"),
         ConfigError,
-        r"ckpt_path '.*state_dict\.pt' holds a bare state_dict \(torch\.save\(model\.state_dict\(\)\)\), not a "
+        r"ckpt_path '.*state_dict\.pt' holds a bare state_dict "
+        r"\(torch\.save\(model\.state_dict\(\)\)\), not a "
         r"Lightning checkpoint",
     ),
     "nan_loss": Case(

@@ -53,7 +53,8 @@ def test_a_configuration_error_is_one_line_and_exit_status_2(tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert (
-        "dmpo fit: error: model.init_args.num_classes=7 disagrees with the data, which has 4 classes" in out.stderr
+        "dmpo fit: error: model.init_args.num_classes=7 disagrees with the data, which has 4 classes"
+        in out.stderr
     )
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -68,7 +69,9 @@ def test_a_parse_error_has_no_dump_of_the_parsed_values(tmp_path):
     bad.write_text(Path(TINY).read_text().replace("adapter_dim: 8", "adapter_dim: abc"))
     out = _dmpo(tmp_path, "fit", "-c", str(bad))
     assert out.returncode == 2
-    assert 'Parser key "adapter_dim":' in out.stderr and "Expected a <class 'int'>. Got value: abc" in out.stderr
+    assert (
+        'Parser key "adapter_dim":' in out.stderr and "Expected a <class 'int'>. Got value: abc" in out.stderr
+    )
     assert "Given value" not in out.stderr and "'backbone_kwargs'" not in out.stderr  # the dump is gone
     assert len(out.stderr) < 800, out.stderr
 

@@ -1,4 +1,4 @@
-"""The `dmpo` command never loses or overwrites a run's files, and warns or refuses instead of a silent result.
+"""The `dmpo` command never loses or overwrites a run's files, and refuses rather than give a silent result.
 
 Every case runs the real CLI in-process (``dmpo_lightning.cli.main``) on the tiny synthetic config.
 """
@@ -45,7 +45,9 @@ def test_a_named_logger_version_never_loses_the_training_run(tmp_path):
     (ckpt,) = (run / "checkpoints").glob("*.ckpt")
 
     # a second, new fit into the same folder is refused before anything is written
-    with pytest.raises(ConfigFileExistsError, match=r"log folder .*exp1 already holds a run .*resume that run"):
+    with pytest.raises(
+        ConfigFileExistsError, match=r"log folder .*exp1 already holds a run .*resume that run"
+    ):
         main(["fit", "-c", TINY, *ONE_EPOCH, EXP1])
     assert _bytes(run, "metrics.csv", "config.yaml", "hparams.yaml") == kept
 
@@ -62,7 +64,17 @@ def test_a_named_logger_version_never_loses_the_training_run(tmp_path):
 
     # a resume into its own folder appends to metrics.csv and keeps config.yaml / hparams.yaml
     old_rows = _rows(run / "metrics.csv")
-    main(["fit", "-c", TINY, "--trainer.max_epochs=2", "--model.init_args.switch_epoch=1", EXP1, f"--ckpt_path={ckpt}"])
+    main(
+        [
+            "fit",
+            "-c",
+            TINY,
+            "--trainer.max_epochs=2",
+            "--model.init_args.switch_epoch=1",
+            EXP1,
+            f"--ckpt_path={ckpt}",
+        ]
+    )
     assert _bytes(run, "config.yaml", "hparams.yaml") == {k: kept[k] for k in ("config.yaml", "hparams.yaml")}
     assert (run / "config.1.yaml").is_file() and (run / "hparams.1.yaml").is_file()
     assert f"ckpt_path: {ckpt}" in (run / "config.1.yaml").read_text()
@@ -88,7 +100,9 @@ def test_every_logger_gives_each_run_its_own_folder(logger, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_report_write_leaves_no_partial_folder_and_the_table_is_printed(tmp_path, monkeypatch, capsys):
+def test_a_failed_report_write_leaves_no_partial_folder_and_the_table_is_printed(
+    tmp_path, monkeypatch, capsys
+):
     cli = main(["fit", "-c", TINY, *ONE_EPOCH])
     (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
     report = tmp_path / "report"
@@ -106,7 +120,9 @@ def test_a_failed_report_write_leaves_no_partial_folder_and_the_table_is_printed
     assert "Early-exit evaluation: results on the test split" in out  # the results were printed first
     assert "Budgeted early exit" in out or "budget" in out.lower()
     assert not report.exists()
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".report")]  # no temporary folder left
+    assert not [
+        p.name for p in tmp_path.iterdir() if p.name.startswith(".report")
+    ]  # no temporary folder left
 
     main(args)  # the rerun is not blocked
     assert sorted(p.name for p in report.iterdir()) == sorted(runner.REPORT_FILES)
@@ -124,7 +140,9 @@ def test_report_goes_into_an_existing_empty_folder(tmp_path):
     assert (tmp_path / "notes" / "readme.txt").read_text() == "mine"
 
 
-@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0, reason="root writes")
+@pytest.mark.skipif(
+    hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0, reason="root writes"
+)
 def test_a_read_only_report_dir_fails_before_the_evaluation(tmp_path):
     cli = main(["fit", "-c", TINY, *ONE_EPOCH, "--trainer.limit_train_batches=1"])
     (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")

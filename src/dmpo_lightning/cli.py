@@ -8,7 +8,6 @@ import math
 import netrc
 import os
 import pickle
-import re
 import shutil
 import signal
 import sys
@@ -41,7 +40,8 @@ DEBUG_ENV = "DMPO_DEBUG"
 """``DMPO_DEBUG=1`` (or ``--debug``) shows the traceback of configuration errors."""
 
 FIT_ONLY_CALLBACKS_WARNING = (
-    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided during "
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be "
+    r"provided during "
     r"`Trainer` instantiation\. Please add the following callbacks: "
     r"\[(?:'(?:LossWeightScheduler|EpochSeed)'(?:, )?)+\]\."
 )
@@ -84,7 +84,7 @@ def _is_local_ckpt(path: Any) -> bool:
 
 
 def _check_ckpt_file(path: str) -> None:
-    """A missing, folder-typed or non-Lightning local ``--ckpt_path`` fails at once, before any run folder exists."""
+    """A missing, folder-typed or non-Lightning local ``--ckpt_path`` fails before any run folder exists."""
     if not _is_local_ckpt(path):
         return
     if os.path.isdir(path):
@@ -128,7 +128,7 @@ def _check_ckpt_file(path: str) -> None:
 
 
 def _tidy_parse_error(message: str) -> str:
-    """jsonargparse's union errors without the dump of the whole given value and the ``None`` alternative."""
+    """Jsonargparse's union errors without the dump of the whole given value and the ``None`` alternative."""
     keep = []
     for line in message.splitlines():
         stripped = line.strip()
@@ -170,7 +170,7 @@ def _next_free(folder: str, stem: str, suffix: str) -> str:
 class SaveConfigNoOverwrite(SaveConfigCallback):
     """Save the run's config as ``config.yaml``, never replacing one that is there.
 
-    A resumed run (``dmpo fit --ckpt_path`` into its own folder) writes ``config.1.yaml``, ``config.2.yaml``...
+    A resumed run (``dmpo fit --ckpt_path`` into its own folder) writes ``config.1.yaml``, ``config.2.yaml``.
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -181,7 +181,9 @@ class SaveConfigNoOverwrite(SaveConfigCallback):
             if trainer.is_global_zero and log_dir and os.path.exists(os.path.join(log_dir, name)):
                 stem, suffix = os.path.splitext(name)
                 name = _next_free(log_dir, stem, suffix)
-                rank_zero_info(f"{os.path.join(log_dir, self.config_filename)} is kept; this run's config: {name}")
+                rank_zero_info(
+                    f"{os.path.join(log_dir, self.config_filename)} is kept; this run's config: {name}"
+                )
             self.config_filename = trainer.strategy.broadcast(name)
         super().setup(trainer, pl_module, stage)
 
@@ -201,7 +203,9 @@ class SigtermCheckpoint(pl.Callback):
         if trainer.received_sigterm:
             raise SIGTERMException
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         """Save the checkpoint (fit only), never over an existing file."""
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
@@ -257,7 +261,7 @@ class DMPOCLI(LightningCLI):
             "--allow_untrained",
             type=bool,
             default=False,
-            help="test/predict without --ckpt_path: evaluate the freshly built (untrained) weights on purpose",
+            help="test/predict without --ckpt_path: evaluate freshly built (untrained) weights on purpose",
         )
 
     def before_instantiate_classes(self) -> None:
@@ -273,10 +277,12 @@ class DMPOCLI(LightningCLI):
             try:
                 check_backbone_name(name)
             except ValueError as err:
-                raise ConfigError(f"model.init_args.backbone: {err}", option="model.init_args.backbone") from None
+                raise ConfigError(
+                    f"model.init_args.backbone: {err}", option="model.init_args.backbone"
+                ) from None
 
     def instantiate_classes(self) -> None:
-        """Build the classes (without the backbone's weights file when a checkpoint has them), then check them.
+        """Build the classes (no backbone weights file when a checkpoint has the weights), then check them.
 
         Constructor errors (``ValueError``/``FileNotFoundError`` on a bad option) become :class:`ConfigError`.
         """
@@ -295,12 +301,12 @@ class DMPOCLI(LightningCLI):
         self._check_num_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """The trainer, with a per-run local folder for every logger, SIGTERM handling and a tidy test table."""
+        """The trainer, with a per-run folder for every logger, SIGTERM handling and a tidy test table."""
         trainer = super().instantiate_trainer(**kwargs)
         first = trainer.loggers[0] if trainer.loggers else None
         if first is not None and not isinstance(first, (CSVLogger, TensorBoardLogger)):
-            # trainer.log_dir would be the first logger's shared save_dir (e.g. W&B's runs/): config, split file
-            # and report of every run would collide there. A CSV logger first gives each run its own folder.
+            # trainer.log_dir would be the first logger's shared save_dir (e.g. W&B's runs/): config, split
+            # file and report of every run would collide there. A CSV logger first gives each run a folder.
             save_dir = getattr(first, "save_dir", None) or "runs"
             name = getattr(first, "name", None) or "dmpo"
             trainer.loggers = [CSVLogger(save_dir, name=str(name)), *trainer.loggers]
@@ -378,15 +384,19 @@ class DMPOCLI(LightningCLI):
         except ValueError as err:
             if "learning rate" in str(err).lower() or "lr" in str(err):
                 raise ConfigError(
-                    f"model.init_args.optimizer: {err}; the learning rate must be a finite number >= 0 ({example})",
+                    f"model.init_args.optimizer: {err}; the learning rate must be a finite number "
+                    f">= 0 ({example})",
                     option="model.init_args.optimizer.init_args.lr",
                 ) from err
-            raise ConfigError(f"model.init_args.optimizer: {err}", option="model.init_args.optimizer") from err
+            raise ConfigError(
+                f"model.init_args.optimizer: {err}", option="model.init_args.optimizer"
+            ) from err
         for group in optimizer.param_groups:
             lr = float(group.get("lr", 0.0))
             if not (math.isfinite(lr) and lr >= 0):
                 raise ConfigError(
-                    f"model.init_args.optimizer: learning rate {lr} is not allowed; the learning rate must be a "
+                    f"model.init_args.optimizer: learning rate {lr} is not allowed; the learning "
+                    "rate must be a "
                     f"finite number >= 0 ({example})",
                     option="model.init_args.optimizer.init_args.lr",
                 )
@@ -397,14 +407,16 @@ class DMPOCLI(LightningCLI):
         if config.get("ckpt_path") or config.get("allow_untrained"):
             return
         raise ConfigError(
-            f"dmpo {sub} without --ckpt_path would evaluate freshly built, untrained weights (random exits and "
-            f"adapters); give --ckpt_path <run>/checkpoints/<file>.ckpt, or --allow_untrained true to do it on "
+            f"dmpo {sub} without --ckpt_path would evaluate freshly built, untrained weights "
+            "(random exits and "
+            "adapters); give --ckpt_path <run>/checkpoints/<file>.ckpt, or --allow_untrained true "
+            "to do it on "
             "purpose",
             option="ckpt_path",
         )
 
     def _protect_run_folders(self) -> None:
-        """Never write into another run's folder (named logger versions; ``version_N`` folders are always new)."""
+        """Never write into another run's folder (named logger versions; ``version_N`` ones are new)."""
         sub = self.subcommand
         resuming = sub == "fit" and _is_local_ckpt(self.config[sub].get("ckpt_path"))
         for logger in self.trainer.loggers:
@@ -417,7 +429,8 @@ class DMPOCLI(LightningCLI):
             if sub == "fit" and not resuming:
                 raise ConfigFileExistsError(
                     f"log folder {log_dir} already holds a run ({', '.join(existing[:4])}); a new `dmpo fit` "
-                    "does not overwrite it: choose another trainer.logger.init_args.version, or resume that run "
+                    "does not overwrite it: choose another trainer.logger.init_args.version, or "
+                    "resume that run "
                     f"with --ckpt_path {os.path.join(log_dir, 'checkpoints', 'last.ckpt')}",
                     option="trainer.logger.init_args.version",
                 )
@@ -429,9 +442,12 @@ class DMPOCLI(LightningCLI):
             version, k = f"{base}_{sub}", 1
             while os.path.exists(os.path.join(logger.root_dir, version)):
                 version, k = f"{base}_{sub}_{k}", k + 1
-            logger._version = version  # CSVLogger/TensorBoardLogger create the folder lazily, so this is in time
+            logger._version = (
+                version  # CSVLogger/TensorBoardLogger create the folder lazily, so this is in time
+            )
             rank_zero_warn(
-                f"{log_dir} holds a training run; dmpo {sub} logs to {logger.log_dir} instead (an evaluation never "
+                f"{log_dir} holds a training run; dmpo {sub} logs to {logger.log_dir} instead (an "
+                "evaluation never "
                 "writes into a training run's folder; name a new trainer.logger.init_args.version to choose)"
             )
 
@@ -488,18 +504,20 @@ def _check_ramp(schedule: LossWeightScheduler, trainer: pl.Trainer) -> None:
     full = s.switch_epoch + s.ramp_epochs  # first epoch with phase 2's weights alone
     if full > max_epochs - 1:
         raise ConfigError(
-            f"switch_epoch={s.switch_epoch} with ramp_epochs={s.ramp_epochs} reaches phase 2's weights only at "
+            f"switch_epoch={s.switch_epoch} with ramp_epochs={s.ramp_epochs} reaches phase 2's "
+            "weights only at "
             f"epoch {full}, after the last epoch {max_epochs - 1} (max_epochs={max_epochs}); allowed: "
-            f"ramp_epochs <= {max(max_epochs - 1 - s.switch_epoch, 0)}, an earlier switch_epoch or more epochs",
+            f"ramp_epochs <= {max(max_epochs - 1 - s.switch_epoch, 0)}, an earlier switch_epoch or "
+            "more epochs",
             option="model.init_args.ramp_epochs",
         )
 
 
 def _continue_csv_log(logger: CSVLogger) -> None:
-    """A resumed run appends to the folder's ``metrics.csv`` and writes ``hparams.<k>.yaml`` beside the old one.
+    """A resumed run appends to its folder's ``metrics.csv`` and writes ``hparams.<k>.yaml`` beside the old.
 
-    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; the file is copied first and put
-    back, and the writer continues it (a new column rewrites the header, keeping every old row).
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; the file is copied first and
+    put back, and the writer continues it (a new column rewrites the header, keeping every old row).
     """
     log_dir = logger.log_dir
     metrics = os.path.join(log_dir, "metrics.csv")
@@ -581,8 +599,8 @@ def console_main() -> None:
     """The ``dmpo`` console script: like :func:`main`, but returns nothing (so the exit status is 0).
 
     A configuration error (:class:`~dmpo_lightning.errors.ConfigError`, a dataset-layout error) prints
-    ``dmpo <subcommand>: error: <message>`` and exits with status 2, as a parse error does; ``--debug`` (anywhere
-    on the command line) or ``DMPO_DEBUG=1`` shows the traceback instead.
+    ``dmpo <subcommand>: error: <message>`` and exits with status 2, as a parse error does; ``--debug``
+    (anywhere on the command line) or ``DMPO_DEBUG=1`` shows the traceback instead.
     """
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if "--debug" in sys.argv[1:]:

@@ -337,7 +337,7 @@ class DMPOModule(pl.LightningModule):
         """
         acc = self.metrics[f"val_exit{self.num_exits - 1}"]["acc"]
         if acc.update_called:
-            # compute() syncs over ranks and is cached for Lightning's own epoch-end compute of val/acc_exit<K-1>
+            # compute() syncs over ranks; Lightning's epoch-end compute of val/acc_exit<K-1> reuses it
             self.log("val/acc_last", acc.compute(), add_dataloader_idx=False, sync_dist=True)
 
     def on_test_start(self) -> None:

@@ -63,7 +63,9 @@ def check_report_dir(path: str) -> None:
             option="model.init_args.report_dir",
         )
     # the report is first written to a temporary folder next to ``path``, so its parent must be writable
-    _check_writable(os.path.dirname(os.path.abspath(path)), f"report_dir {path}", "model.init_args.report_dir")
+    _check_writable(
+        os.path.dirname(os.path.abspath(path)), f"report_dir {path}", "model.init_args.report_dir"
+    )
     if os.path.isdir(path):
         _check_writable(path, f"report_dir {path}", "model.init_args.report_dir")
 
@@ -76,7 +78,9 @@ def check_output_file(path: str, option: str = "model.init_args.predictions_file
         ConfigError: If ``path`` is a folder or cannot be written.
     """
     if os.path.isdir(path):
-        raise ConfigError(f"{path} is a folder; {option} must name a new file (e.g. {path}/predictions.csv)", option)
+        raise ConfigError(
+            f"{path} is a folder; {option} must name a new file (e.g. {path}/predictions.csv)", option
+        )
     if os.path.exists(path):
         raise ConfigFileExistsError(
             f"{path} exists; set {option} to a new path or move the old file away", option=option
@@ -94,7 +98,8 @@ def _check_writable(folder: str, what: str, option: str) -> None:
         probe = parent
     if not os.path.isdir(probe):
         raise ConfigError(
-            f"{what} cannot be created: {probe} is a file, not a folder; {option} must be a path under a folder",
+            f"{what} cannot be created: {probe} is a file, not a folder; {option} must be a path "
+            "under a folder",
             option,
         )
     try:
