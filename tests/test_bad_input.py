@@ -1,10 +1,11 @@
 """Bad input fails early with a message that names the option and what is allowed, and writes nothing.
 
 Every case runs the CLI in-process the way a user would hit the mistake (`dmpo fit` for configuration errors,
-`dmpo test --ckpt_path` for checkpoint errors). Afterwards no checkpoint or report exists that was not there
-before, and the existing checkpoint and report files are byte-for-byte unchanged (same mtime). Configuration
-errors fail before any file is written at all; errors that need the checkpoint's weights or the data (class
-count, budgets, data layout, NaN loss) fail after Lightning created the run's log folder, but before any
+`dmpo test/predict --ckpt_path` for checkpoint and output errors). Afterwards no checkpoint or report exists
+that was not there before, and the existing checkpoint and report files are byte-for-byte unchanged (same
+mtime). Configuration errors (options, budgets, learning rate, schedule, output paths, checkpoint files) fail
+before any file is written at all; errors that need the checkpoint's weights or the data (class count of a
+checkpoint, data layout, NaN loss) fail after Lightning created the run's log folder, but before any
 checkpoint or report.
 """
 

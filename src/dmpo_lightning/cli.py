@@ -41,8 +41,7 @@ DEBUG_ENV = "DMPO_DEBUG"
 
 FIT_ONLY_CALLBACKS_WARNING = (
     r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be "
-    r"provided during "
-    r"`Trainer` instantiation\. Please add the following callbacks: "
+    r"provided during `Trainer` instantiation\. Please add the following callbacks: "
     r"\[(?:'(?:LossWeightScheduler|EpochSeed)'(?:, )?)+\]\."
 )
 """Lightning's warning when a test/predict trainer lacks the fit-only callbacks DMPOModule adds in ``fit``
@@ -128,7 +127,7 @@ def _check_ckpt_file(path: str) -> None:
 
 
 def _tidy_parse_error(message: str) -> str:
-    """Jsonargparse's union errors without the dump of the whole given value and the ``None`` alternative."""
+    """Tidy jsonargparse's union errors: no dump of the whole given value, no ``None`` alternative."""
     keep = []
     for line in message.splitlines():
         stripped = line.strip()
@@ -200,7 +199,8 @@ class SigtermCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         """Raise Lightning's SIGTERM exception once the signal arrived."""
-        if trainer.received_sigterm:
+        # under DDP, Lightning broadcasts the signal at the next batch start and stops every rank together
+        if trainer.received_sigterm and trainer.world_size == 1:
             raise SIGTERMException
 
     def on_exception(
@@ -578,6 +578,7 @@ def main(args: ArgsType = None, run: bool = True) -> DMPOCLI:
             auto_configure_optimizers=False,
             seed_everything_default=0,
             parser_class=DMPOArgumentParser,
+            parser_kwargs={"prog": "dmpo"},
             save_config_callback=SaveConfigNoOverwrite,
             trainer_defaults={
                 "logger": {
