@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import math
 import netrc
 import os
@@ -113,12 +114,15 @@ def _check_ckpt_file(path: str) -> None:
             "weights_only=True, so a file holding arbitrary pickled objects is refused as well)",
             option="ckpt_path",
         ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
-        what = (
-            "a bare state_dict (torch.save(model.state_dict()))"
-            if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
-            else f"a {type(ckpt).__name__} without the 'state_dict' and 'pytorch-lightning_version' entries"
-        )
+    required = ("state_dict", "pytorch-lightning_version")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
+        if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            what = "a bare state_dict (torch.save(model.state_dict()))"
+        elif isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("dmpo-trainable"):
+            what = "a trainable-parameter export (load it with DMPOModule.from_trainable)"
+        else:
+            missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+            what = f"a {type(ckpt).__name__} without the {' and '.join(map(repr, missing))} entries"
         raise ConfigError(
             f"ckpt_path {path!r} holds {what}, not a Lightning checkpoint; give a .ckpt file written by "
             "`dmpo fit` (runs/<name>/version_N/checkpoints/*.ckpt)",
@@ -323,7 +327,7 @@ class DMPOCLI(LightningCLI):
 
     def _check_num_classes(self) -> None:
         given = getattr(self, "_given_num_classes", None)
-        default = DMPOModule.__init__.__defaults__[0]  # type: ignore[index]
+        default = inspect.signature(DMPOModule).parameters["num_classes"].default
         data = getattr(self.datamodule, "num_classes", None)
         if isinstance(given, int) and isinstance(data, int) and given != default and given != data:
             raise ConfigError(
