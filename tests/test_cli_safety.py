@@ -49,6 +49,13 @@ def test_a_named_logger_version_never_loses_the_training_run(tmp_path):
         ConfigFileExistsError, match=r"log folder .*exp1 already holds a run .*resume that run"
     ):
         main(["fit", "-c", TINY, *ONE_EPOCH, EXP1])
+    # ... and so is a "resume" from another run's checkpoint
+    other = main(["fit", "-c", TINY, *ONE_EPOCH, "--trainer.limit_train_batches=1"])
+    (other_ckpt,) = (Path(other.trainer.log_dir) / "checkpoints").glob("*.ckpt")
+    with pytest.raises(
+        ConfigFileExistsError, match=r"exp1 already holds a run .* is not one of its checkpoints"
+    ):
+        main(["fit", "-c", TINY, "--trainer.max_epochs=2", EXP1, f"--ckpt_path={other_ckpt}"])
     assert _bytes(run, "metrics.csv", "config.yaml", "hparams.yaml") == kept
 
     # test with the run's own config logs into exp1_test, never into the training run's folder
@@ -215,3 +222,41 @@ def test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_fi
     out = capsys.readouterr().out
     assert "DataLoader 0" in out and "DataLoader 1" not in out
     assert "test/acc_exit3" in out
+
+
+def test_an_unwritable_report_dir_fails_before_the_evaluation(tmp_path, monkeypatch, capsys):
+    """As root every folder is writable, so the write probe fails here the way a read-only folder does."""
+    cli = main(["fit", "-c", TINY, *ONE_EPOCH, "--trainer.limit_train_batches=1"])
+    (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
+    mkdtemp = runner.tempfile.mkdtemp
+
+    def read_only(*args, **kwargs):
+        if str(kwargs.get("prefix", "")).startswith(".dmpo-write-check-"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return mkdtemp(*args, **kwargs)
+
+    monkeypatch.setattr(runner.tempfile, "mkdtemp", read_only)
+    capsys.readouterr()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(
+        ValueError, match=r"report_dir .*/locked/report cannot be written \(.* is not writable: "
+    ):
+        main(
+            [
+                "test",
+                "-c",
+                TINY,
+                f"--ckpt_path={ckpt}",
+                f"--model.init_args.report_dir={tmp_path}/locked/report",
+            ]
+        )
+    assert "Early-exit evaluation" not in capsys.readouterr().out  # failed before the evaluation ran
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_config_error_examples():
+    import doctest
+
+    import dmpo_lightning.errors
+
+    assert doctest.testmod(dmpo_lightning.errors).failed == 0

@@ -422,7 +422,7 @@ class DMPOCLI(LightningCLI):
     def _protect_run_folders(self) -> None:
         """Never write into another run's folder (named logger versions; ``version_N`` ones are new)."""
         sub = self.subcommand
-        resuming = sub == "fit" and _is_local_ckpt(self.config[sub].get("ckpt_path"))
+        ckpt = self.config[sub].get("ckpt_path")
         for logger in self.trainer.loggers:
             if not isinstance(logger, (CSVLogger, TensorBoardLogger)) or logger._version is None:
                 continue  # the logger picks a new version_N folder itself
@@ -430,12 +430,16 @@ class DMPOCLI(LightningCLI):
             existing = sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []
             if not existing:
                 continue
+            # a resume continues in its own run's folder only (the checkpoint lies inside it)
+            resuming = _is_local_ckpt(ckpt) and os.path.abspath(ckpt).startswith(
+                os.path.abspath(log_dir) + os.sep
+            )
             if sub == "fit" and not resuming:
+                what = f"--ckpt_path {ckpt} is not one of its checkpoints" if ckpt else "a new `dmpo fit`"
                 raise ConfigFileExistsError(
-                    f"log folder {log_dir} already holds a run ({', '.join(existing[:4])}); a new `dmpo fit` "
-                    "does not overwrite it: choose another trainer.logger.init_args.version, or "
-                    "resume that run "
-                    f"with --ckpt_path {os.path.join(log_dir, 'checkpoints', 'last.ckpt')}",
+                    f"log folder {log_dir} already holds a run ({', '.join(existing[:4])}) and {what}; it is "
+                    "not overwritten: choose another trainer.logger.init_args.version, or resume that run "
+                    f"with --ckpt_path {os.path.join(log_dir, 'checkpoints', '<file>.ckpt')}",
                     option="trainer.logger.init_args.version",
                 )
             if sub == "fit":
@@ -446,9 +450,7 @@ class DMPOCLI(LightningCLI):
             version, k = f"{base}_{sub}", 1
             while os.path.exists(os.path.join(logger.root_dir, version)):
                 version, k = f"{base}_{sub}_{k}", k + 1
-            logger._version = (
-                version  # CSVLogger/TensorBoardLogger create the folder lazily, so this is in time
-            )
+            logger._version = version  # the loggers create their folder lazily, so this is in time
             rank_zero_warn(
                 f"{log_dir} holds a training run; dmpo {sub} logs to {logger.log_dir} instead (an "
                 "evaluation never "
