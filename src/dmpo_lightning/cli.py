@@ -399,9 +399,8 @@ class DMPOCLI(LightningCLI):
             lr = float(group.get("lr", 0.0))
             if not (math.isfinite(lr) and lr >= 0):
                 raise ConfigError(
-                    f"model.init_args.optimizer: learning rate {lr} is not allowed; the learning "
-                    "rate must be a "
-                    f"finite number >= 0 ({example})",
+                    f"model.init_args.optimizer: learning rate {lr} is not allowed; the learning rate "
+                    f"must be a finite number >= 0 ({example})",
                     option="model.init_args.optimizer.init_args.lr",
                 )
 
@@ -411,11 +410,9 @@ class DMPOCLI(LightningCLI):
         if config.get("ckpt_path") or config.get("allow_untrained"):
             return
         raise ConfigError(
-            f"dmpo {sub} without --ckpt_path would evaluate freshly built, untrained weights "
-            "(random exits and "
-            "adapters); give --ckpt_path <run>/checkpoints/<file>.ckpt, or --allow_untrained true "
-            "to do it on "
-            "purpose",
+            f"dmpo {sub} without --ckpt_path would evaluate freshly built, untrained weights (random "
+            "exits and adapters); give --ckpt_path <run>/checkpoints/<file>.ckpt, or --allow_untrained "
+            "true to do it on purpose",
             option="ckpt_path",
         )
 
@@ -431,8 +428,8 @@ class DMPOCLI(LightningCLI):
             if not existing:
                 continue
             # a resume continues in its own run's folder only (the checkpoint lies inside it)
-            resuming = _is_local_ckpt(ckpt) and os.path.abspath(ckpt).startswith(
-                os.path.abspath(log_dir) + os.sep
+            resuming = ckpt in SPECIAL_CKPT_PATHS or (
+                _is_local_ckpt(ckpt) and os.path.abspath(ckpt).startswith(os.path.abspath(log_dir) + os.sep)
             )
             if sub == "fit" and not resuming:
                 what = f"--ckpt_path {ckpt} is not one of its checkpoints" if ckpt else "a new `dmpo fit`"
@@ -453,8 +450,8 @@ class DMPOCLI(LightningCLI):
             logger._version = version  # the loggers create their folder lazily, so this is in time
             rank_zero_warn(
                 f"{log_dir} holds a training run; dmpo {sub} logs to {logger.log_dir} instead (an "
-                "evaluation never "
-                "writes into a training run's folder; name a new trainer.logger.init_args.version to choose)"
+                "evaluation never writes into a training run's folder; name a new "
+                "trainer.logger.init_args.version to choose)"
             )
 
     def _parse_ckpt_path(self) -> None:
