@@ -542,6 +542,27 @@ class DMPOModule(pl.LightningModule):
             return trainer.log_dir
         return os.getcwd()
 
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> DMPOModule:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, without the backbone's original weights file or the network.
+
+        Every weight comes from the checkpoint, so ``pretrained``/``checkpoint_path`` are not applied while
+        the module is rebuilt. With the checkpoint file given positionally, a ``checkpoint_path=`` keyword is
+        this module's hyperparameter (the backbone weights file), e.g. ``checkpoint_path=None`` to forget a
+        file that moved; other keywords are Lightning's (``map_location``, ``strict``...) or hparam overrides.
+        """
+        override: dict[str, Any] = {}
+        if args:
+            if "checkpoint_path" in kwargs:
+                override["checkpoint_path"] = kwargs.pop("checkpoint_path")
+        else:
+            args = (kwargs.pop("checkpoint_path"),)
+        with weights_from_checkpoint():
+            module = super().load_from_checkpoint(*args, **kwargs)
+        for key, value in override.items():
+            module.hparams[key] = value
+        return module
+
     def _report_dir(self) -> str:
         return self.hparams.report_dir or os.path.join(self._log_dir(), "dmpo_test")
 
@@ -591,27 +612,6 @@ class DMPOModule(pl.LightningModule):
         torch.save(payload, tmp)
         os.replace(tmp, path)
         return path
-
-    @classmethod
-    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> DMPOModule:  # type: ignore[override]
-        """Lightning's ``load_from_checkpoint``, without the backbone's original weights file or the network.
-
-        Every weight comes from the checkpoint, so ``pretrained``/``checkpoint_path`` are not applied while
-        the module is rebuilt. With the checkpoint file given positionally, a ``checkpoint_path=`` keyword is
-        this module's hyperparameter (the backbone weights file), e.g. ``checkpoint_path=None`` to forget a
-        file that moved; other keywords are Lightning's (``map_location``, ``strict``...) or hparam overrides.
-        """
-        override: dict[str, Any] = {}
-        if args:
-            if "checkpoint_path" in kwargs:
-                override["checkpoint_path"] = kwargs.pop("checkpoint_path")
-        else:
-            args = (kwargs.pop("checkpoint_path"),)
-        with weights_from_checkpoint():
-            module = super().load_from_checkpoint(*args, **kwargs)
-        for key, value in override.items():
-            module.hparams[key] = value
-        return module
 
     @classmethod
     def from_trainable(cls, path: str, **overrides: Any) -> DMPOModule:
