@@ -1,10 +1,11 @@
 """Bad input fails early with a message that names the option and what is allowed, and writes nothing.
 
 Every case runs the CLI in-process the way a user would hit the mistake (`dmpo fit` for configuration errors,
-`dmpo test --ckpt_path` for checkpoint errors). Afterwards no checkpoint or report exists that was not there
-before, and the existing checkpoint and report files are byte-for-byte unchanged (same mtime). Configuration
-errors fail before any file is written at all; errors that need the checkpoint's weights or the data (class
-count, budgets, data layout, NaN loss) fail after Lightning created the run's log folder, but before any
+`dmpo test/predict --ckpt_path` for checkpoint and output errors). Afterwards no checkpoint or report exists
+that was not there before, and the existing checkpoint and report files are byte-for-byte unchanged (same
+mtime). Configuration errors (options, budgets, learning rate, schedule, output paths, checkpoint files) fail
+before any file is written at all; errors that need the checkpoint's weights or the data (class count of a
+checkpoint, data layout, NaN loss) fail after Lightning created the run's log folder, but before any
 checkpoint or report.
 """
 
@@ -23,6 +24,8 @@ from dmpo_lightning import BenchmarkDataModule
 from dmpo_lightning.cli import main
 from dmpo_lightning.constants import IMAGE_KEY
 from dmpo_lightning.data.errors import DatasetLayoutError
+from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFileNotFoundError
+from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -54,6 +57,13 @@ def fit(*options: str) -> Callable[[dict], list[str]]:
 
 def evaluate(*options: str) -> Callable[[dict], list[str]]:
     return lambda ctx: ["test", "-c", TINY, *(o.format(**ctx) for o in options)]
+
+
+def predict(*options: str) -> Callable[[dict], list[str]]:
+    return lambda ctx: ["predict", "-c", TINY, *(o.format(**ctx) for o in options)]
+
+
+LR = "--model.init_args.optimizer=AdamW"
 
 
 CASES = {
@@ -164,7 +174,6 @@ CASES = {
         ValueError,
         r"budget 0\.01 \(fraction of the full model's cost\) is outside the achievable range \[0\.\d+, 1\].*"
         r"model\.init_args\.budgets",
-        late=True,
     ),
     "budget_above_full_model": Case(
         evaluate(
@@ -174,7 +183,86 @@ CASES = {
         ),
         ValueError,
         r"budget 1\.5 \(fraction of the full model's cost\) is outside the achievable range \[0\.\d+, 1\]",
-        late=True,
+    ),
+    # budgets and the report folder are checked before training when fit ends with a test
+    "budget_zero_with_test_after_fit": Case(
+        fit("--model.init_args.budgets=[0]", "--test_after_fit=true"),
+        ConfigError,
+        r"budget 0\.0 \(fraction of the full model's cost\) is outside the achievable range",
+    ),
+    "report_dir_is_a_file_with_test_after_fit": Case(
+        fit("--test_after_fit=true", "--model.init_args.report_dir={corrupt}"),
+        ConfigError,
+        r"report_dir .*corrupt\.ckpt is a file; model\.init_args\.report_dir must be a folder",
+    ),
+    "report_dir_under_a_file": Case(
+        evaluate("--ckpt_path={ckpt}", "--model.init_args.report_dir={corrupt}/report"),
+        ConfigError,
+        r"report_dir .*corrupt\.ckpt/report cannot be created: .*corrupt\.ckpt is a file, not a folder",
+    ),
+    "existing_report": Case(
+        evaluate("--ckpt_path={ckpt}", "--model.init_args.report_dir={base}/report"),
+        ConfigFileExistsError,
+        r"report already holds a dmpo test report \(report\.json, .*set "
+        r"model\.init_args\.report_dir to a new",
+    ),
+    "predictions_file_is_a_folder": Case(
+        predict("--ckpt_path={ckpt}", "--model.init_args.predictions_file={empty}"),
+        ConfigError,
+        r"empty is a folder; model\.init_args\.predictions_file must name a new file",
+    ),
+    "predictions_file_exists": Case(
+        predict("--ckpt_path={ckpt}", "--model.init_args.predictions_file={corrupt}"),
+        ConfigFileExistsError,
+        r"corrupt\.ckpt exists; set model\.init_args\.predictions_file to a new path",
+    ),
+    "test_without_checkpoint": Case(
+        evaluate("--model.init_args.report_dir={tmp}/new_report"),
+        ConfigError,
+        r"dmpo test without --ckpt_path would evaluate freshly built, untrained weights "
+        r".*--allow_untrained true",
+    ),
+    "predict_without_checkpoint": Case(
+        predict(),
+        ConfigError,
+        r"dmpo predict without --ckpt_path would evaluate freshly built, untrained weights",
+    ),
+    "num_classes_disagrees_with_data": Case(
+        fit("--model.init_args.num_classes=7"),
+        ConfigError,
+        r"model\.init_args\.num_classes=7 disagrees with the data, which has 4 classes",
+    ),
+    "ramp_beyond_max_epochs": Case(
+        fit("--trainer.max_epochs=3", "--model.init_args.switch_epoch=1", "--model.init_args.ramp_epochs=2"),
+        ConfigError,
+        r"switch_epoch=1 with ramp_epochs=2 reaches phase 2's weights only at epoch 3, after the "
+        r"last epoch 2 "
+        r"\(max_epochs=3\); allowed: ramp_epochs <= 1",
+    ),
+    "negative_learning_rate": Case(
+        fit(LR, "--model.init_args.optimizer.lr=-0.1"),
+        ConfigError,
+        r"model\.init_args\.optimizer: Invalid learning rate: -0\.1; the learning rate must be a "
+        r"finite number >= 0",
+    ),
+    "nan_learning_rate": Case(
+        fit(LR, "--model.init_args.optimizer.lr=.nan"),
+        ConfigError,
+        r"model\.init_args\.optimizer: .*learning rate.*nan.*must be a finite number >= 0",
+    ),
+    "checkpoint_is_a_folder": Case(
+        evaluate("--ckpt_path={ckpt_dir}"),
+        ConfigFileNotFoundError,
+        r"ckpt_path '.*checkpoints' is a folder, not a checkpoint file; give one \.ckpt file \(its "
+        r"checkpoints: "
+        r"epoch=0-step=2\.ckpt\)",
+    ),
+    "checkpoint_is_a_bare_state_dict": Case(
+        evaluate("--ckpt_path={state_dict}"),
+        ConfigError,
+        r"ckpt_path '.*state_dict\.pt' holds a bare state_dict "
+        r"\(torch\.save\(model\.state_dict\(\)\)\), not a "
+        r"Lightning checkpoint",
     ),
     "nan_loss": Case(
         fit(f"--data.class_path={__name__}.NaNImages"),
@@ -210,8 +298,18 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     empty = base / "empty"
     empty.mkdir()
+    state_dict = base / "state_dict.pt"
+    torch.save(DMPOModule.load_from_checkpoint(ckpt).state_dict(), state_dict)
     assert (base / "report" / "report.json").is_file()
-    return {"base": base, "ckpt": ckpt, "corrupt": corrupt, "truncated": truncated, "empty": empty}
+    return {
+        "base": base,
+        "ckpt": ckpt,
+        "ckpt_dir": ckpt.parent,
+        "corrupt": corrupt,
+        "truncated": truncated,
+        "empty": empty,
+        "state_dict": state_dict,
+    }
 
 
 def _snapshot(*roots: Path) -> dict[Path, tuple[int, int, str]]:

@@ -6,14 +6,16 @@ https://arxiv.org/abs/2511.03245
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import inspect
 import math
 import os
 import pickle
 import warnings
-from collections.abc import Sequence
-from typing import IO, Any, Literal
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -47,9 +49,28 @@ from dmpo_lightning.serialization import (
     write_trainable,
 )
 
-__all__ = ["DMPOModule"]
+__all__ = ["DMPOModule", "weights_from_checkpoint"]
 
 PeftMethod = Literal["adaptformer", "lora", "vpt", "linear", "full"]
+
+_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dmpo_weights_from_checkpoint", default=False
+)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Modules built inside this context skip the backbone's pre-trained weights (no file, no download).
+
+    For rebuilding a module whose every weight is about to be loaded from its own Lightning checkpoint
+    (``load_from_checkpoint``, ``dmpo test --ckpt_path``): ``pretrained``/``checkpoint_path`` stay in the
+    hyperparameters, but the original weights file or the network is not needed.
+    """
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
 
 class DMPOModule(pl.LightningModule):
@@ -224,7 +245,8 @@ class DMPOModule(pl.LightningModule):
     def build_model(self) -> MultiExitViT:
         """Build the pure model from ``self.hparams``. Override to change the backbone or heads."""
         h = self.hparams
-        if not h.pretrained and h.checkpoint_path is None and h.peft != "full":
+        restoring = _WEIGHTS_FROM_CHECKPOINT.get()  # the checkpoint holds the backbone's weights too
+        if not restoring and not h.pretrained and h.checkpoint_path is None and h.peft != "full":
             rank_zero_warn(
                 f"peft={h.peft!r} freezes the trunk of backbone {h.backbone!r}, but pretrained=false and no "
                 "checkpoint_path is set: the frozen trunk keeps its random initial weights. Set "
@@ -234,8 +256,8 @@ class DMPOModule(pl.LightningModule):
             )
         backbone = build_backbone(
             h.backbone,
-            pretrained=h.pretrained,
-            checkpoint_path=h.checkpoint_path,
+            pretrained=h.pretrained and not restoring,
+            checkpoint_path=None if restoring else h.checkpoint_path,
             img_size=h.img_size,
             in_chans=h.in_chans,
             model_kwargs=h.backbone_kwargs,
@@ -349,6 +371,16 @@ class DMPOModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Per-exit loss and accuracy on the calibration split."""
         self._shared_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the last exit's calibration accuracy as ``val/acc_last`` too (a name for any exit count).
+
+        ``configs/trainer/default.yaml`` keeps the best checkpoint by it.
+        """
+        acc = self.metrics[f"val_exit{self.num_exits - 1}"]["acc"]
+        if acc.update_called:
+            # compute() syncs over ranks; Lightning's epoch-end compute of val/acc_exit<K-1> reuses it
+            self.log("val/acc_last", acc.compute(), add_dataloader_idx=False, sync_dist=True)
 
     def on_test_start(self) -> None:
         """Refuse to overwrite an earlier report before any work is done."""
@@ -820,25 +852,30 @@ class DMPOModule(pl.LightningModule):
         return module
 
     @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls,
-        checkpoint_path: str | os.PathLike | IO[bytes],
-        map_location: Any = None,
-        hparams_file: str | os.PathLike | None = None,
-        strict: bool | None = None,
-        weights_only: bool | None = True,
-        **kwargs: Any,
-    ) -> DMPOModule:
-        """Lightning's ``load_from_checkpoint``, reading the checkpoint with ``weights_only=True`` by default.
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> DMPOModule:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``: safe by default, and without the original backbone weights.
 
-        Lightning passes ``weights_only=None`` on to ``torch.load``, whose default depends on the torch
-        version (``False`` before 2.6) and on ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``; here it is ``True``
-        unless the caller passes ``weights_only=False`` explicitly (warns: that unpickles without
-        restrictions and can run code from the file). The other arguments are Lightning's.
+        - The checkpoint is read with ``weights_only=True`` unless the caller passes ``weights_only=False``
+          explicitly (warns: that unpickles without restrictions and can run code from the file). Lightning
+          itself passes ``weights_only=None`` on to ``torch.load``, whose default depends on the torch version
+          (``False`` before 2.6) and on ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``.
+        - Every weight comes from the checkpoint, so ``pretrained``/``checkpoint_path`` are not applied while
+          the module is rebuilt: neither the backbone's original weights file nor the network is needed.
+        - With the checkpoint file given positionally, a ``checkpoint_path=`` keyword is this module's
+          hyperparameter (the backbone weights file), e.g. ``checkpoint_path=None`` to forget a file that
+          moved; other keywords are Lightning's (``map_location``, ``strict``, ...) or hparam overrides.
 
         Raises:
             ValueError: If the checkpoint holds objects other than tensors and plain values.
         """
+        override: dict[str, Any] = {}
+        if args:
+            checkpoint_path, args = args[0], args[1:]
+            if "checkpoint_path" in kwargs:
+                override["checkpoint_path"] = kwargs.pop("checkpoint_path")
+        else:
+            checkpoint_path = kwargs.pop("checkpoint_path")
+        weights_only = kwargs.pop("weights_only", True)
         if weights_only is None:
             weights_only = True
         if not weights_only:
@@ -849,14 +886,13 @@ class DMPOModule(pl.LightningModule):
                 stacklevel=2,
             )
         try:
-            return super().load_from_checkpoint(
-                checkpoint_path,
-                map_location=map_location,
-                hparams_file=hparams_file,
-                strict=strict,
-                weights_only=weights_only,
-                **kwargs,
-            )
+            with weights_from_checkpoint():
+                module = super().load_from_checkpoint(
+                    checkpoint_path, *args, weights_only=weights_only, **kwargs
+                )
+            for key, value in override.items():
+                module.hparams[key] = value
+            return module
         except pickle.UnpicklingError as err:
             raise ValueError(
                 f"checkpoint {checkpoint_path} was not loaded: it holds Python objects other than tensors "

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
 from dmpo_lightning.evaluation.calibration import TemperatureCalibration, plot_reliability
 from dmpo_lightning.evaluation.flops import ExitCosts
 from dmpo_lightning.evaluation.protocol import budgeted_curve, operating_points
@@ -28,6 +32,7 @@ from dmpo_lightning.evaluation.report import (
 __all__ = [
     "REPORT_FILES",
     "check_budgets",
+    "check_output_file",
     "check_report_dir",
     "format_prediction_summary",
     "load_temperatures",
@@ -48,13 +53,75 @@ THRESHOLDS_FORMAT = "dmpo-thresholds-v1"
 
 
 def check_report_dir(path: str) -> None:
-    """Refuse to write a report where one already is (results are never overwritten by surprise)."""
+    """Refuse a report folder that holds a report, is a file, or cannot be written, before any work.
+
+    Results are never overwritten by surprise, and an unwritable target fails now, not after the evaluation.
+
+    Raises:
+        ConfigFileExistsError: If ``path`` already holds report files.
+        ConfigError: If ``path`` (or a parent) is a file, or the folder cannot be created or written.
+    """
     existing = [f for f in REPORT_FILES if os.path.exists(os.path.join(path, f))]
     if existing:
-        raise FileExistsError(
+        raise ConfigFileExistsError(
             f"{path} already holds a dmpo test report ({', '.join(existing)}); set "
-            "model.init_args.report_dir to a new folder, or move the old report away"
+            "model.init_args.report_dir to a new folder, or move the old report away",
+            option="model.init_args.report_dir",
         )
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(
+            f"report_dir {path} is a file; model.init_args.report_dir must be a folder (new or empty)",
+            option="model.init_args.report_dir",
+        )
+    # the report is first written to a temporary folder next to ``path``, so its parent must be writable
+    _check_writable(
+        os.path.dirname(os.path.abspath(path)), f"report_dir {path}", "model.init_args.report_dir"
+    )
+    if os.path.isdir(path):
+        _check_writable(path, f"report_dir {path}", "model.init_args.report_dir")
+
+
+def check_output_file(path: str, option: str = "model.init_args.predictions_file") -> None:
+    """Refuse an output file that exists, is a folder, or whose folder cannot be created or written.
+
+    Raises:
+        ConfigFileExistsError: If ``path`` exists (it is never overwritten).
+        ConfigError: If ``path`` is a folder or cannot be written.
+    """
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"{path} is a folder; {option} must name a new file (e.g. {path}/predictions.csv)", option
+        )
+    if os.path.exists(path):
+        raise ConfigFileExistsError(
+            f"{path} exists; set {option} to a new path or move the old file away", option=option
+        )
+    _check_writable(os.path.dirname(os.path.abspath(path)), f"{option} {path}", option)
+
+
+def _check_writable(folder: str, what: str, option: str) -> None:
+    """``folder`` exists and takes a new entry, or can be created (probed, then removed: nothing is left)."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(
+            f"{what} cannot be created: {probe} is a file, not a folder; {option} must be a path "
+            "under a folder",
+            option,
+        )
+    try:
+        created = tempfile.mkdtemp(prefix=".dmpo-write-check-", dir=probe)
+    except OSError as err:
+        raise ConfigError(
+            f"{what} cannot be written ({probe} is not writable: {err.strerror}); {option} must be a "
+            "writable location",
+            option,
+        ) from None
+    os.rmdir(created)
 
 
 def check_budgets(budgets: Sequence[float], unit: str, costs: ExitCosts) -> None:
@@ -64,10 +131,11 @@ def check_budgets(budgets: Sequence[float], unit: str, costs: ExitCosts) -> None
     what = "fraction of the full model's cost" if unit == "fraction" else "GFLOPs"
     for b in budgets:
         if not lo * (1 - 1e-9) <= float(b) <= hi * (1 + 1e-9):
-            raise ValueError(
+            raise ConfigError(
                 f"budget {b} ({what}) is outside the achievable range [{lo:.4g}, {hi:.4g}]: every sample "
                 f"leaving at the first exit costs {lo:.4g} and the full model {hi:.4g}; "
-                "fix model.init_args.budgets"
+                "fix model.init_args.budgets",
+                option="model.init_args.budgets",
             )
 
 
@@ -172,10 +240,10 @@ def run_test_protocol(
             summary[f"test/ece_exit{k}"] = float(temperature.ece_before[k])
             summary[f"test/ece_calibrated_exit{k}"] = float(temperature.ece_after[k])
     if is_global_zero:
+        print(format_report_table(report))  # first: a failing write must not cost the user the results
         _write_all(
             report_dir, report, curve, points, test, calibration, checkpoint_hash, fingerprint, weights_hash
         )
-        print(format_report_table(report))
         print(f"\nreport, curve, plot and thresholds written to {report_dir}")
     return report, summary
 
@@ -201,8 +269,56 @@ def _write_all(
     fingerprint: Mapping[str, Any],
     weights_hash: str | None = None,
 ) -> None:
-    os.makedirs(report_dir, exist_ok=True)
+    """Write every report file into a temporary folder next to ``report_dir``, then move it into place.
+
+    A report folder is complete or absent: a failure (full disk, a crash) leaves no partial report that
+    would block a rerun, only the temporary folder is removed.
+    """
     check_report_dir(report_dir)
+    target = os.path.abspath(report_dir)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the report folder gets the usual mode
+    try:
+        _write_report_files(
+            tmp, report, curve, points, test, calibration, checkpoint_hash, fingerprint, weights_hash
+        )
+        if not os.path.isdir(target) or not os.listdir(target):
+            os.replace(tmp, target)  # atomic; an existing empty folder is replaced
+        else:  # a folder the user made holds other files: move the report files in one by one
+            _move_files_into(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_files_into(src: str, dst: str) -> None:
+    """Move every file of ``src`` into ``dst``; on a failure the files already moved are taken out again."""
+    moved: list[str] = []
+    try:
+        for name in sorted(os.listdir(src)):
+            os.replace(os.path.join(src, name), os.path.join(dst, name))
+            moved.append(name)
+    except OSError:
+        for name in moved:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(dst, name))
+        raise
+
+
+def _write_report_files(
+    report_dir: str,
+    report: dict[str, Any],
+    curve: Any,
+    points: Sequence[Any],
+    test: Mapping[str, torch.Tensor],
+    calibration: Mapping[str, torch.Tensor] | None,
+    checkpoint_hash: str,
+    fingerprint: Mapping[str, Any],
+    weights_hash: str | None = None,
+) -> None:
     write_json(os.path.join(report_dir, "report.json"), report)
     if curve is not None:
         write_curve_csv(os.path.join(report_dir, "curve.csv"), curve)
