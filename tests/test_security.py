@@ -194,7 +194,8 @@ def test_dmpo_test_reads_a_good_checkpoint_with_weights_only_each_time(tmp_path,
 
     monkeypatch.setattr(torch, "load", spy)
     main(["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", f"--model.init_args.report_dir={tmp_path / 'r'}"])
-    assert seen == [True, True]
+    # the CLI reads the checkpoint more than once (hparams, class count, weights): every read is safe
+    assert len(seen) >= 2 and all(w is True for w in seen), seen
     assert (tmp_path / "r" / "report.json").is_file()
 
 
@@ -215,6 +216,7 @@ def test_dmpo_predict_refuses_a_pickled_thresholds_file(tmp_path, marker, kind):
                 "predict",
                 "-c",
                 TINY_CONFIG,
+                "--allow_untrained=true",
                 f"--model.init_args.thresholds_file={path}",
                 "--model.init_args.predict_budget=0.5",
                 f"--model.init_args.predictions_file={preds}",
