@@ -224,12 +224,28 @@ class DMPOModule(pl.LightningModule):
             parts.update({f"kd_exit{k}": kd[k] for k in range(len(logits) - 1)})
         return loss, parts
 
+    score_exits_is_local: bool = False
+    """``True`` if :meth:`score_exits` scores exit k from exit k's logits alone (e.g. a margin rule).
+
+    The real early exit then calls it with one exit's logits and skips the heads of disabled exits.
+    """
+
     def score_exits(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample, per-exit scores and predictions ``([B, K], [B, K])`` under ``exit_rule``.
 
-        Override together with :meth:`predict_step` to add a new exit rule.
+        The one scoring path: ``dmpo test``'s simulated protocol and the real early exit of
+        :meth:`forward_early_exit` / ``dmpo predict`` both call it (the latter with the logits of exits
+        ``0..k`` of the samples still active, so column ``k`` must not depend on later exits or on other
+        samples). Override to add a new exit rule; higher scores mean more confident.
         """
         return exit_scores(torch.stack(logits, dim=1), self.hparams.exit_rule)
+
+    def exit_scorer(self) -> Any:
+        """The scorer the real early exit uses: :meth:`score_exits` if a subclass overrides it.
+
+        ``None`` otherwise: the built-in incremental ``exit_rule`` (same result as :meth:`score_exits`).
+        """
+        return None if type(self).score_exits is DMPOModule.score_exits else self.score_exits
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -251,9 +267,18 @@ class DMPOModule(pl.LightningModule):
     def forward_early_exit(
         self, x: torch.Tensor, thresholds: Sequence[float] | None = None
     ) -> EarlyExitOutput:
-        """True early-exit inference with ``thresholds`` (default: the stored ``exit_thresholds``)."""
+        """True early-exit inference with ``thresholds`` (default: the stored ``exit_thresholds``).
+
+        Scores with :meth:`score_exits` (see :meth:`exit_scorer`), in eval mode whatever the module's mode.
+        """
         t = self.exit_thresholds if thresholds is None else thresholds
-        return self.model.forward_early_exit(x, t, self.hparams.exit_rule)
+        return self.model.forward_early_exit(
+            x,
+            t,
+            self.hparams.exit_rule,
+            self.exit_scorer(),
+            scorer_is_local=self.score_exits_is_local,
+        )
 
     # ----------------------------------------------------------------------------------------------
     def _shared_step(

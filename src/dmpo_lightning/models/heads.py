@@ -20,6 +20,11 @@ PREDICTOR_KINDS: tuple[str, ...] = get_args(PredictorKind)
 _TRACE_EPS = 1e-5
 
 
+def _moment_dtype(t: Tensor) -> torch.dtype:
+    """float32 for the covariance maths of low-precision inputs; float64 stays float64."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _check_sizes(dim: int, num_classes: int, num_prefix_tokens: int) -> None:
     for name, value in (("dim", dim), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -207,9 +212,10 @@ class MomentHead(nn.Module):
         p = self.proj(x[:, self.num_prefix_tokens :])
         with torch.autocast(device_type=x.device.type, enabled=False):
             b, n, _ = p.shape
-            p = p.float().reshape(b, n, self.groups, self.group_dim)
+            dtype = _moment_dtype(p)
+            p = p.to(dtype).reshape(b, n, self.groups, self.group_dim)
             gn = self.group_norm
-            p = F.layer_norm(p, (self.group_dim,), gn.weight.float(), gn.bias.float(), gn.eps)
+            p = F.layer_norm(p, (self.group_dim,), gn.weight.to(dtype), gn.bias.to(dtype), gn.eps)
             p = p - p.mean(dim=1, keepdim=True)
             p = p.permute(0, 2, 1, 3)  # [B, G, N, g]
             cov = p[:, :-1].transpose(-1, -2) @ p[:, 1:] / n  # [B, G-1, g, g]
@@ -309,7 +315,7 @@ class ISqrtCovHead(nn.Module):
         b, n, d = z.shape
         z = self.act(self.bn(z.reshape(b * n, d))).reshape(b, n, d)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            z = z.float()
+            z = z.to(_moment_dtype(z))
             z = z - z.mean(dim=1, keepdim=True)
             cov = z.transpose(1, 2) @ z / n
             root = newton_schulz_sqrt(cov, self.iterations)

@@ -1,0 +1,179 @@
+"""One scoring path, eval mode and skipped heads of the real early exit (issues 13 and 16)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_VIT_KWARGS, make_tiny_vit
+
+from dmpo_lightning import DMPOModule
+from dmpo_lightning.evaluation.exit_rules import exit_scores
+from dmpo_lightning.evaluation.protocol import assign_exits
+from dmpo_lightning.models import MultiExitViT
+
+TINY = dict(
+    num_classes=5,
+    backbone="vit_tiny_patch16_224",
+    img_size=32,
+    backbone_kwargs={k: v for k, v in TINY_VIT_KWARGS.items() if k != "img_size"},
+    exit_blocks=[1, 2, 3, 4],
+    adapter_dim=8,
+    moment_dim=32,
+    cov_dim=8,
+)
+
+
+def margin_scores(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 minus top-2 softmax probability per exit (a rule the package does not ship)."""
+    probs = torch.stack(logits, dim=1).float().softmax(dim=-1)
+    top = probs.topk(2, dim=-1)
+    return top.values[..., 0] - top.values[..., 1], top.indices[..., 0]
+
+
+class MarginModule(DMPOModule):
+    def score_exits(self, logits):
+        return margin_scores(logits)
+
+
+class LocalMarginModule(MarginModule):
+    score_exits_is_local = True
+
+
+def randomise(model: torch.nn.Module, std: float = 0.3) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+
+
+def between(column: torch.Tensor, q: float) -> float:
+    """A threshold strictly between two observed scores near quantile q (never equal to a score)."""
+    s = column.sort().values
+    i = min(max(int(q * len(s)), 1), len(s) - 1)
+    return float((s[i - 1] + s[i]) / 2)
+
+
+def simulated(scores: torch.Tensor, preds: torch.Tensor, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+    exits = assign_exits(scores, torch.tensor(thresholds, dtype=torch.float64))
+    return exits, preds.gather(1, exits[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("cls", [MarginModule, LocalMarginModule])
+def test_overridden_score_exits_drives_the_real_early_exit(cls):
+    module = cls(**TINY).double().eval()
+    randomise(module.model)
+    x = torch.randn(48, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        logits = module(x)
+    scores, preds = module.score_exits(logits)
+    thresholds = [between(scores[:, k], 0.5) for k in range(3)] + [-math.inf]
+    exits, pred = simulated(scores.double(), preds, thresholds)
+    out = module.forward_early_exit(x, thresholds)
+    assert torch.equal(out.exit_index, exits)
+    assert torch.equal(out.prediction, pred)
+    assert len(set(exits.tolist())) > 1
+    # The old path (max-softmax with the margin's thresholds) decides differently: the test can fail.
+    conf_exits, _ = simulated(*exit_scores(logits, "confidence"), thresholds)
+    assert not torch.equal(conf_exits, exits)
+
+
+def test_default_module_uses_the_builtin_incremental_rule():
+    module = DMPOModule(**TINY)
+    assert module.exit_scorer() is None
+    assert MarginModule(**TINY).exit_scorer() is not None
+
+
+@pytest.mark.parametrize("rule", ["confidence", "entropy", "patience"])
+def test_builtin_rules_match_the_protocol_with_disabled_exits(rule):
+    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).double().eval()
+    randomise(model)
+    x = torch.randn(40, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        scores, preds = exit_scores(model(x), rule)
+    if rule == "patience":
+        thresholds = [math.inf, 2.0, 2.0, 0.0]
+    else:
+        thresholds = [math.inf, between(scores[:, 1], 0.4), between(scores[:, 2], 0.4), 0.0]
+    exits, pred = simulated(scores.double(), preds, thresholds)
+    calls = [0] * model.num_exits
+    hooks = [
+        head.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+        for k, head in enumerate(model.exits)
+    ]
+    out = model.forward_early_exit(x, thresholds, rule)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out.exit_index, exits) and torch.equal(out.prediction, pred)
+    assert (exits == 0).sum() == 0 and len(set(exits.tolist())) > 1
+    # confidence/entropy score exit k from exit k alone: the disabled exit's head is never run;
+    # patience needs exit 0's prediction for the run length at exit 1, so every head runs
+    assert calls[0] == (1 if rule == "patience" else 0)
+    assert calls[1] == 1
+
+
+def test_last_score_off_keeps_predictions_and_leaves_nan_at_the_last_exit():
+    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).eval()
+    randomise(model)
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        scores, _ = exit_scores(model(x), "entropy")
+    thresholds = [between(scores[:, k], 0.6) for k in range(3)] + [-math.inf]
+    full = model.forward_early_exit(x, thresholds, "entropy")
+    lean = model.forward_early_exit(x, thresholds, "entropy", last_score=False)
+    assert torch.equal(full.prediction, lean.prediction) and torch.equal(full.exit_index, lean.exit_index)
+    last = full.exit_index == 3
+    assert last.any() and (~last).any()
+    assert torch.isnan(lean.score[last]).all()
+    assert torch.equal(lean.score[~last], full.score[~last])
+
+
+def test_local_scorer_skips_disabled_heads():
+    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).double().eval()
+    randomise(model)
+    x = torch.randn(24, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        scores, preds = margin_scores(model(x))
+    thresholds = [math.inf, math.inf, between(scores[:, 2], 0.5), -math.inf]
+    exits, pred = simulated(scores.double(), preds, thresholds)
+    seen = []
+    model.exits[0].register_forward_hook(lambda *_: seen.append(0))
+    out = model.forward_early_exit(x, thresholds, scorer=margin_scores, scorer_is_local=True)
+    assert torch.equal(out.exit_index, exits) and torch.equal(out.prediction, pred)
+    assert seen == []
+    # without the declaration the scorer gets every exit's logits, so every head runs
+    out = model.forward_early_exit(x, thresholds, scorer=margin_scores)
+    assert torch.equal(out.exit_index, exits) and seen == [0]
+
+
+def test_scorer_with_wrong_shapes_is_refused():
+    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).eval()
+
+    def bad(logits):
+        return torch.zeros(logits[0].shape[0]), torch.zeros(logits[0].shape[0], dtype=torch.long)
+
+    with pytest.raises(ValueError, match=r"scorer must return scores of shape \[B, 1\]"):
+        model.forward_early_exit(torch.randn(2, 3, 32, 32), [0.5] * 4, scorer=bad)
+
+
+def test_string_thresholds_give_one_clear_error():
+    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).eval()
+    with pytest.raises(ValueError, match="thresholds must be numbers, one per exit"):
+        model.forward_early_exit(torch.randn(2, 3, 32, 32), ["a", 0.5, 0.5, 0.5])
+
+
+def test_early_exit_runs_in_eval_mode_and_restores_the_mode():
+    module = DMPOModule(**TINY, early_head="isqrt_cov", head_dropout=0.5).train()
+    bn = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert bn
+    before = {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
+    x = torch.randn(8, 3, 32, 32)
+    thresholds = [0.3, 0.3, 0.3, -math.inf]
+    out_train = module.forward_early_exit(x, thresholds)
+    after = {k: v for k, v in module.state_dict().items() if k in before}
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), f"{k} changed during early exit"
+    assert module.training and all(m.training for m in module.modules())
+    out_eval = module.eval().forward_early_exit(x, thresholds)
+    assert torch.equal(out_train.prediction, out_eval.prediction)
+    assert torch.equal(out_train.logits, out_eval.logits)  # dropout was off as well
