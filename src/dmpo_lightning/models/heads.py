@@ -224,8 +224,8 @@ class MomentHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, C]`` from tokens ``[B, N, D]``."""
         _check_tokens(x, self.dim, self.num_prefix_tokens, need_patches=True)
-        xn = self.norm(x)
-        cls = xn[:, 0] if self.num_prefix_tokens > 0 else xn.mean(dim=1)
+        # LayerNorm is per token: normalise only the pooled token, not all N (same values, 1/N of the work)
+        cls = self.norm(x[:, 0]) if self.num_prefix_tokens > 0 else self.norm(x).mean(dim=1)
         first = self.fc_first(self.drop(cls))
         second = self.fc_second(self.drop(self.conv(self.second_order(x)).flatten(1)))
         return 0.5 * (first + second)
@@ -255,10 +255,13 @@ def newton_schulz_sqrt(a: Tensor, iterations: int = 5, eps: float = _TRACE_EPS) 
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
     trace = a.diagonal(dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1) + eps
-    y, z = a / trace, eye
-    for _ in range(iterations):
-        t = 0.5 * (3.0 * eye - z @ y)
-        y, z = y @ t, t @ z
+    y = a / trace
+    z: Tensor | None = None  # Z = I: the products with it are skipped (exact), 3 -> 2 matmuls at step 1
+    for i in range(iterations):
+        t = 0.5 * (3.0 * eye - (y if z is None else z @ y))
+        if i < iterations - 1:  # the last Z is never used
+            z = t if z is None else t @ z
+        y = y @ t
     return y * trace.sqrt()
 
 
