@@ -419,27 +419,32 @@ def build_synthetic(arch: str, overrides: Sequence[str], device: torch.device) -
 def thresholds_for_histogram(scores: torch.Tensor, shares: Sequence[float]) -> list[float]:
     """Thresholds under which ``round(share_k * N)`` samples leave at exit k (exits in order).
 
-    Each threshold lies half-way between two observed scores of the samples still active, so no sample sits
-    on a threshold (a last-bit difference between two forwards cannot flip its exit).
+    Each threshold lies strictly between two observed scores of the samples still active, in the scores'
+    own dtype (a real early exit compares a float32 score with the threshold in float32), so no sample sits
+    on a threshold and a last-bit difference between two forwards rarely flips an exit.
     """
     n, k_exits = scores.shape
     if len(shares) != k_exits:
-        raise ValueError(f"--histogram has {len(shares)} shares for a model with {k_exits} exits")
+        raise ValueError(f"got {len(shares)} histogram shares for a model with {k_exits} exits")
     total = float(sum(shares))
     wanted = [round(n * float(s) / total) for s in shares]
     active = torch.ones(n, dtype=torch.bool)
     thresholds: list[float] = []
     for k in range(k_exits - 1):
-        column = scores[active, k].double().sort(descending=True).values
+        column = scores[active, k].sort(descending=True).values
         m = min(wanted[k], column.numel())
         if m == 0:
             t = math.inf
         elif m == column.numel():
             t = -math.inf
         else:
-            t = float((column[m - 1] + column[m]) / 2)
+            above, below = column[m - 1], column[m]
+            mid = (above + below) / 2
+            if not mid > below:  # adjacent floating-point values: the next one up from `below`
+                mid = torch.nextafter(below, above)
+            t = float(mid)
         thresholds.append(t)
-        active &= ~(scores[:, k].double() >= t)
+        active &= ~(scores[:, k] >= t)
     return [*thresholds, -math.inf]
 
 
