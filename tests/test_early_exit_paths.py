@@ -273,3 +273,32 @@ def test_lean_newton_schulz_and_isqrt_head_equal_the_reference(iterations):
     x = torch.randn(5, 20, 32)
     with torch.no_grad():
         assert (head(x) - reference_isqrt_forward(head, x)).abs().max() <= 1e-5
+
+
+# --------------------------------------------------------------- dmpo test times the real early exit
+@pytest.mark.slow
+def test_dmpo_test_times_the_real_early_exit_into_the_report(tmp_path):
+    import json
+    from pathlib import Path
+
+    import lightning.pytorch as pl
+
+    from dmpo_lightning.cli import main
+
+    tiny = str(Path(__file__).parent / "configs" / "tiny.yaml")
+    args = ["-c", tiny, "--model.init_args.time_early_exit=16"]
+    cli = main([*args, f"--model.init_args.report_dir={tmp_path / 'r'}"], run=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer.test(cli.model, datamodule=cli.datamodule)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    speed = report["early_exit_speed"]
+    assert speed["images"] == 16 and speed["device"].startswith("cpu")
+    assert [r["budget"] for r in speed["budgets"]] == [b["budget"] for b in report["budgets"]] == [0.5, 0.75]
+    for r in speed["budgets"]:
+        assert r["full_ms_per_image"] > 0 and r["early_ms_per_image"] > 0 and r["engine_ms_per_image"] > 0
+        assert sum(r["exit_histogram"]) == 16 and r["flops_speedup"] >= 1
+
+
+def test_time_early_exit_option_is_validated():
+    with pytest.raises(ValueError, match="time_early_exit must be an integer >= 0"):
+        DMPOModule(**TINY, time_early_exit=-1)

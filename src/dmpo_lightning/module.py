@@ -96,6 +96,9 @@ class DMPOModule(pl.LightningModule):
         thresholds_file: ``thresholds.json`` written by ``dmpo test``, used by ``dmpo predict``.
         predict_budget: Budget whose thresholds ``dmpo predict`` uses (must be in ``thresholds_file``).
         predictions_file: CSV ``dmpo predict`` writes (``None`` = ``<log_dir>/predictions.csv``).
+        time_early_exit: ``dmpo test`` also times the real early exit at each budget's thresholds on the first
+            this many test images (full model vs per-batch early exit vs engine, ms/image with the device),
+            written to ``report.json`` under ``early_exit_speed`` beside the FLOPs speed-up; 0 = off.
         optimizer: Optimizer factory (default AdamW, lr 1e-3, weight decay 0.05).
         lr_scheduler: Scheduler factory; ``None`` = linear warm-up then cosine, stepped per batch.
         warmup_fraction: Warm-up share of all steps for the default scheduler.
@@ -147,6 +150,7 @@ class DMPOModule(pl.LightningModule):
         thresholds_file: str | None = None,
         predict_budget: float | None = None,
         predictions_file: str | None = None,
+        time_early_exit: int = 0,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_fraction: float = 0.1,
@@ -164,6 +168,11 @@ class DMPOModule(pl.LightningModule):
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         if distill_weight < 0 or not math.isfinite(distill_weight):
             raise ValueError(f"distill_weight must be finite and >= 0, got {distill_weight}")
+        if isinstance(time_early_exit, bool) or not isinstance(time_early_exit, int) or time_early_exit < 0:
+            raise ValueError(
+                f"time_early_exit must be an integer >= 0 (test images to time, 0 = off); "
+                f"got {time_early_exit!r}"
+            )
         self.register_buffer("loss_weights", torch.tensor(preset_weights(weight_phase1, k)), persistent=True)
         # Thresholds used by predict (inf = exit disabled); saved with the checkpoint.
         self.register_buffer("exit_thresholds", torch.full((k,), math.inf), persistent=True)
@@ -185,6 +194,7 @@ class DMPOModule(pl.LightningModule):
         self._input_shape: tuple[int, ...] | None = None
         self._predictions: list[dict[str, torch.Tensor]] = []
         self.test_report: dict[str, Any] | None = None
+        self._timing_images: list[torch.Tensor] = []
 
     # ----------------------------------------------------------------------------------------------
     # Extension points
@@ -403,6 +413,31 @@ class DMPOModule(pl.LightningModule):
             summary.update({f"test/{name}_exit{k}": v for name, v in values.items()})
         # every rank holds the same gathered values, so the mean over ranks changes nothing
         self.log_dict(summary, add_dataloader_idx=False, sync_dist=True)
+
+    def on_test_batch_end(
+        self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """With ``time_early_exit``: keep the first test images for timing the real early exit."""
+        want = self.hparams.get("time_early_exit", 0)
+        have = sum(int(x.shape[0]) for x in self._timing_images)
+        if want and dataloader_idx == 0 and have < want:
+            self._timing_images.append(batch[IMAGE_KEY][: want - have].detach().clone())
+
+    def on_test_end(self) -> None:
+        """With ``time_early_exit``: time full vs real early exit per budget and add it to ``report.json``."""
+        images, self._timing_images = self._timing_images, []
+        report = self.test_report
+        if not images or report is None or not report.get("budgets") or not self.trainer.is_global_zero:
+            return
+        from dmpo_lightning.evaluation.report import write_json
+        from dmpo_lightning.evaluation.runner import format_speed_table, time_early_exit
+
+        speed = time_early_exit(self, images, report["budgets"])
+        report["early_exit_speed"] = speed
+        print(format_speed_table(speed))
+        path = os.path.join(self._report_dir(), "report.json")
+        if os.path.isfile(path):
+            write_json(path, report)
 
     def on_predict_start(self) -> None:
         """Load the thresholds ``dmpo test`` calibrated for ``predict_budget``."""
