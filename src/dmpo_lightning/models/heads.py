@@ -218,8 +218,10 @@ class MomentHead(nn.Module):
             p = F.layer_norm(p, (self.group_dim,), gn.weight.to(dtype), gn.bias.to(dtype), gn.eps)
             p = p - p.mean(dim=1, keepdim=True)
             p = p.permute(0, 2, 1, 3)  # [B, G, N, g]
-            cov = p[:, :-1].transpose(-1, -2) @ p[:, 1:] / n  # [B, G-1, g, g]
-            return F.normalize(cov, dim=-1, eps=1e-12)
+            # n * covariance [B, G-1, g, g]: the row normalisation removes the scale, so no division by n
+            # (the eps of the normalisation is scaled to match)
+            cov = p[:, :-1].transpose(-1, -2) @ p[:, 1:]
+            return F.normalize(cov, dim=-1, eps=1e-12 * n)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, C]`` from tokens ``[B, N, D]``."""
