@@ -302,3 +302,11 @@ def test_dmpo_test_times_the_real_early_exit_into_the_report(tmp_path):
 def test_time_early_exit_option_is_validated():
     with pytest.raises(ValueError, match="time_early_exit must be an integer >= 0"):
         DMPOModule(**TINY, time_early_exit=-1)
+
+
+def test_early_exit_restores_a_mixed_mode_exactly():
+    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).train()
+    model.exits[1].eval()  # e.g. a frozen head kept in eval mode by the user
+    before = [m.training for m in model.modules()]
+    model.forward_early_exit(torch.randn(2, 3, 32, 32), [0.5, 0.5, 0.5, -math.inf])
+    assert [m.training for m in model.modules()] == before

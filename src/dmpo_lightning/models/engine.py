@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from dmpo_lightning.constants import IMAGE_KEY
 from dmpo_lightning.evaluation.exit_rules import ExitRule
 from dmpo_lightning.models.exit_policy import Scorer
-from dmpo_lightning.models.multi_exit import EarlyExitOutput, MultiExitViT
+from dmpo_lightning.models.multi_exit import EarlyExitOutput, MultiExitViT, eval_mode
 
 __all__ = ["EarlyExitEngine"]
 
@@ -156,13 +156,8 @@ class EarlyExitEngine:
         The model runs in eval mode under ``torch.no_grad`` while the generator runs; its previous mode is
         restored when the generator finishes or is closed.
         """
-        model = self.model
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(self.model):
             yield from self._stream(batches)
-        finally:
-            model.train(was_training)
 
     # -------------------------------------------------------------------------------------------- core
     def _stream(self, batches: Iterable[Any]) -> Iterator[EarlyExitOutput]:

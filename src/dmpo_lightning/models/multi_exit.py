@@ -5,7 +5,8 @@ Pure ``nn.Module`` (no Lightning), so it can be used, exported and tested withou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +25,7 @@ from dmpo_lightning.models.backbone import (
 from dmpo_lightning.models.exit_policy import ExitPolicy, Scorer
 from dmpo_lightning.models.heads import Bypass, ExitHead, build_predictor
 
-__all__ = ["EarlyExitOutput", "ExitPolicy", "ExitRule", "HeadKind", "MultiExitViT", "Scorer"]
+__all__ = ["EarlyExitOutput", "ExitPolicy", "ExitRule", "HeadKind", "MultiExitViT", "Scorer", "eval_mode"]
 
 HeadKind = Literal["linear", "moment", "isqrt_cov"]
 
@@ -44,6 +45,24 @@ class EarlyExitOutput:
     exit_index: torch.Tensor
     score: torch.Tensor
     logits: torch.Tensor
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run a block with every sub-module in eval mode, then restore each one's own mode.
+
+    Costs one pass over the sub-modules when all are already in eval mode (``module.eval()`` and
+    ``module.train()`` walk the tree recursively, about 0.4 ms each for a small ViT: as much as a batch-1
+    early exit itself).
+    """
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
 
 
 class MultiExitViT(nn.Module):
@@ -298,12 +317,8 @@ class MultiExitViT(nn.Module):
         policy = self.early_exit_policy(
             thresholds, rule, scorer, scorer_is_local=scorer_is_local, last_score=last_score
         )
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return self._early_exit(x, policy)
-        finally:
-            self.train(was_training)
 
     def _early_exit(self, x: torch.Tensor, policy: ExitPolicy) -> EarlyExitOutput:
         batch = x.shape[0]
