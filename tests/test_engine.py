@@ -37,6 +37,7 @@ def check(model, x, thresholds, scores, preds, *, input_batch, engine_batch, **k
         x, thresholds, kwargs.get("rule", "confidence"), kwargs.get("scorer")
     )
     torch.testing.assert_close(out.logits, per_batch.logits, rtol=0, atol=1e-10)
+    assert torch.equal(per_batch.exit_index, exits) and torch.equal(per_batch.prediction, pred)
     return exits
 
 

@@ -323,10 +323,7 @@ class MultiExitViT(nn.Module):
     def _early_exit(self, x: torch.Tensor, policy: ExitPolicy) -> EarlyExitOutput:
         batch = x.shape[0]
         device = x.device
-        prediction = torch.empty(batch, dtype=torch.long, device=device)
-        exit_index = torch.empty(batch, dtype=torch.long, device=device)
-        score_out = torch.empty(batch, dtype=torch.float32, device=device)
-        logits_out = torch.empty(batch, self.num_classes, dtype=x.dtype, device=device)
+        buffers: list[torch.Tensor] | None = None  # allocated when the first samples leave, not all of them
         active: torch.Tensor | None = None  # None: every sample (no index bookkeeping until one leaves)
         carry: dict[str, torch.Tensor] = {}
         tokens = x
@@ -335,26 +332,37 @@ class MultiExitViT(nn.Module):
             if logits is None:
                 continue
             leave, score, pred, carry = policy.decide(k, logits, carry)
-            if leave is None:  # every sample leaves (last exit)
-                idx = torch.arange(batch, device=device) if active is None else active
-                prediction[idx], exit_index[idx] = pred, k
-                score_out[idx], logits_out[idx] = score.float(), logits.to(logits_out.dtype)
-                break
-            if not bool(leave.any()):
+            everyone = leave is None or bool(leave.all())
+            if everyone and active is None:  # the whole batch leaves here: no indexing at all
+                exit_index = torch.full((batch,), k, dtype=torch.long, device=device)
+                return EarlyExitOutput(pred, exit_index, score.float(), logits.to(x.dtype))
+            if not everyone and not bool(leave.any()):
                 continue  # nobody leaves: no compaction
+            if buffers is None:
+                buffers = [
+                    torch.empty(batch, dtype=torch.long, device=device),
+                    torch.empty(batch, dtype=torch.long, device=device),
+                    torch.empty(batch, dtype=torch.float32, device=device),
+                    torch.empty(batch, self.num_classes, dtype=x.dtype, device=device),
+                ]
+            prediction, exit_index, score_out, logits_out = buffers
             if active is None:
                 active = torch.arange(batch, device=device)
+            if everyone:
+                prediction[active], exit_index[active] = pred, k
+                score_out[active], logits_out[active] = score.float(), logits.to(logits_out.dtype)
+                break
+            assert leave is not None
             idx = active[leave]
             prediction[idx] = pred[leave]
             exit_index[idx] = k
             score_out[idx] = score[leave].float()
             logits_out[idx] = logits[leave].to(logits_out.dtype)
             stay = ~leave
-            if not bool(stay.any()):
-                break
             active, tokens = active[stay], tokens[stay]
             carry = {name: value[stay] for name, value in carry.items()}
-        return EarlyExitOutput(prediction, exit_index, score_out, logits_out)
+        assert buffers is not None  # the last exit takes every sample left
+        return EarlyExitOutput(*buffers)
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Trainable parameters by component: ``trunk`` (PEFT or full), ``bypass``, ``heads``."""
