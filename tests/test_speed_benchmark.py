@@ -74,3 +74,86 @@ def test_arguments_are_checked(bench):
         bench.parse_args(["--quick", "--ckpt", "x.ckpt"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--quick", "--thresholds", "t.json"])
+
+
+TINY_SYNTHETIC = [
+    "--synthetic-set",
+    "img_size=32",
+    "--synthetic-set",
+    'backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}',
+    "--synthetic-set",
+    "exit_blocks=[1, 2, 3, 4]",
+    "--synthetic-set",
+    "moment_dim=32",
+    "--synthetic-set",
+    "adapter_dim=8",
+]
+TINY_TRAIN = [
+    "--train-set",
+    'backbone_kwargs={"patch_size": 7, "embed_dim": 32, "depth": 4, "num_heads": 2}',
+    "--train-set",
+    "exit_blocks=[1, 2, 3, 4]",
+    "--train-set",
+    "moment_dim=32",
+    "--train-set",
+    "batch_size=8",
+]
+
+
+def test_synthetic_models_engine_targets_and_training_step(bench, tmp_path, capsys):
+    result = bench.main(
+        [
+            "--synthetic",
+            "vit_tiny_patch16_224",
+            *TINY_SYNTHETIC,
+            "--histogram",
+            "50",
+            "25",
+            "15",
+            "10",
+            "--min-samples",
+            "40",
+            "--batch-sizes",
+            "1",
+            "16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--train-step",
+            *TINY_TRAIN,
+            "--out",
+            str(tmp_path / "syn"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "engine x" in out
+    assert "Targets (issue 13):" in out
+    assert "vit_tiny_patch16_224 per-batch: measured >= 0.95 x FLOPs at every batch" in out
+    assert "vit_tiny_patch16_224 engine: measured >= 0.95 x FLOPs at every batch" in out
+    assert "training step DMPO / static PEFT <= 1.25" in out
+    assert "this script trains nothing" in out
+    (case,) = result["cases"]
+    for r in case["rows"]:
+        assert r["samples"] == 40
+        assert r["exit_histogram"] == [20, 10, 6, 4]  # the requested 50/25/15/10 %
+        assert r["prediction_mismatches"] == r["exit_mismatches"] == 0
+        assert r["engine_prediction_mismatches"] == r["engine_exit_mismatches"] == 0
+        assert r["engine_speedup"] > 0
+    assert result["training_step"]["ratio"] > 0
+    assert {t["met"] for t in result["targets"]} <= {True, False} and len(result["targets"]) == 3
+    assert (tmp_path / "syn.csv").read_text().splitlines()[0].startswith("model,batch_size")
+
+
+def test_thresholds_for_histogram_reproduce_it(bench):
+    torch = pytest.importorskip("torch")
+    scores = torch.rand(100, 4)
+    t = bench.thresholds_for_histogram(scores, [40, 30, 20, 10])
+    from dmpo_lightning.evaluation.protocol import assign_exits
+
+    exits = assign_exits(scores.double(), torch.tensor(t, dtype=torch.float64))
+    assert torch.bincount(exits, minlength=4).tolist() == [40, 30, 20, 10]
+    assert bench.thresholds_for_histogram(scores, [0, 0, 0, 1])[:3] == [float("inf")] * 3

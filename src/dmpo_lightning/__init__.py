@@ -1,31 +1,41 @@
-"""dmpo-lightning: inference-efficient tuning of pre-trained vision transformers (DMPO, ICCV 2025)."""
+"""dmpo-lightning: inference-efficient tuning of pre-trained vision transformers (DMPO, ICCV 2025).
+
+The top-level names are imported lazily, so the pure-torch parts (``dmpo_lightning.models``: the multi-exit
+model, the exit policy and the early-exit engine) import with only ``torch`` and ``timm`` installed, without
+Lightning, jsonargparse or torchmetrics.
+"""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Imported on first use, so that `dmpo_lightning.deploy.predictor` (inference) loads without Lightning,
-# jsonargparse or torchmetrics; `from dmpo_lightning import DMPOModule` works as before.
-_LAZY = {
+_EXPORTS = {
     "BenchmarkDataModule": "dmpo_lightning.data",
-    "MultiExitViT": "dmpo_lightning.models",
     "DMPOModule": "dmpo_lightning.module",
+    "MultiExitViT": "dmpo_lightning.models",
     "TwoPhaseSchedule": "dmpo_lightning.schedules",
 }
 
-__all__ = ["BenchmarkDataModule", "DMPOModule", "MultiExitViT", "TwoPhaseSchedule", "__version__"]
+if TYPE_CHECKING:
+    from dmpo_lightning.data import BenchmarkDataModule
+    from dmpo_lightning.models import MultiExitViT
+    from dmpo_lightning.module import DMPOModule
+    from dmpo_lightning.schedules import TwoPhaseSchedule
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'dmpo_lightning' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = ["BenchmarkDataModule", "DMPOModule", "MultiExitViT", "TwoPhaseSchedule", "__version__"]

@@ -139,6 +139,9 @@ class DMPOModule(pl.LightningModule):
         allow_other_checkpoint_thresholds: Let ``dmpo predict`` use a ``thresholds_file`` fitted on other
             weights of the same architecture (warns, naming both hashes); by default they are refused.
         predictions_file: CSV ``dmpo predict`` writes (``None`` = ``<log_dir>/predictions.csv``).
+        time_early_exit: ``dmpo test`` also times the real early exit at each budget's thresholds on the first
+            this many test images (full model vs per-batch early exit vs engine, ms/image with the device),
+            written to ``report.json`` under ``early_exit_speed`` beside the FLOPs speed-up; 0 = off.
         optimizer: Optimizer factory (default AdamW, lr 1e-3, weight decay 0.05).
         lr_scheduler: Scheduler factory; ``None`` = linear warm-up then cosine, stepped per batch.
         warmup_fraction: Warm-up share of all steps for the default scheduler.
@@ -195,6 +198,7 @@ class DMPOModule(pl.LightningModule):
         predict_budget: float | None = None,
         allow_other_checkpoint_thresholds: bool = False,
         predictions_file: str | None = None,
+        time_early_exit: int = 0,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_fraction: float = 0.1,
@@ -213,6 +217,11 @@ class DMPOModule(pl.LightningModule):
         check_calibration_method(calibration)
         if distill_weight < 0 or not math.isfinite(distill_weight):
             raise ValueError(f"distill_weight must be finite and >= 0, got {distill_weight}")
+        if isinstance(time_early_exit, bool) or not isinstance(time_early_exit, int) or time_early_exit < 0:
+            raise ValueError(
+                f"time_early_exit must be an integer >= 0 (test images to time, 0 = off); "
+                f"got {time_early_exit!r}"
+            )
         self.register_buffer("loss_weights", torch.tensor(preset_weights(weight_phase1, k)), persistent=True)
         # Thresholds used by predict (inf = exit disabled); saved with the checkpoint.
         self.register_buffer("exit_thresholds", torch.full((k,), math.inf), persistent=True)
@@ -239,6 +248,7 @@ class DMPOModule(pl.LightningModule):
         self._input_shape: tuple[int, ...] | None = None
         self._predictions: list[dict[str, torch.Tensor]] = []
         self.test_report: dict[str, Any] | None = None
+        self._timing_images: list[torch.Tensor] = []
 
     # ----------------------------------------------------------------------------------------------
     # Extension points
@@ -287,12 +297,28 @@ class DMPOModule(pl.LightningModule):
             parts.update({f"kd_exit{k}": kd[k] for k in range(len(logits) - 1)})
         return loss, parts
 
+    score_exits_is_local: bool = False
+    """``True`` if :meth:`score_exits` scores exit k from exit k's logits alone (e.g. a margin rule).
+
+    The real early exit then calls it with one exit's logits and skips the heads of disabled exits.
+    """
+
     def score_exits(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample, per-exit scores and predictions ``([B, K], [B, K])`` under ``exit_rule``.
 
-        Override together with :meth:`predict_step` to add a new exit rule.
+        The one scoring path: ``dmpo test``'s simulated protocol and the real early exit of
+        :meth:`forward_early_exit` / ``dmpo predict`` both call it (the latter with the logits of exits
+        ``0..k`` of the samples still active, so column ``k`` must not depend on later exits or on other
+        samples). Override to add a new exit rule; higher scores mean more confident.
         """
         return exit_scores(torch.stack(logits, dim=1), self.hparams.exit_rule)
+
+    def exit_scorer(self) -> Any:
+        """The scorer the real early exit uses: :meth:`score_exits` if a subclass overrides it.
+
+        ``None`` otherwise: the built-in incremental ``exit_rule`` (same result as :meth:`score_exits`).
+        """
+        return None if type(self).score_exits is DMPOModule.score_exits else self.score_exits
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -314,10 +340,20 @@ class DMPOModule(pl.LightningModule):
     def forward_early_exit(
         self, x: torch.Tensor, thresholds: Sequence[float] | None = None
     ) -> EarlyExitOutput:
-        """True early-exit inference with ``thresholds`` (default: the stored ``exit_thresholds``)."""
+        """True early-exit inference with ``thresholds`` (default: the stored ``exit_thresholds``).
+
+        Scores with :meth:`score_exits` (see :meth:`exit_scorer`), in eval mode whatever the module's mode.
+        """
         t = self.exit_thresholds if thresholds is None else thresholds
         temps = None if bool((self.exit_temperatures == 1).all()) else self.exit_temperatures
-        return self.model.forward_early_exit(x, t, self.hparams.exit_rule, temps)
+        return self.model.forward_early_exit(
+            x,
+            t,
+            self.hparams.exit_rule,
+            self.exit_scorer(),
+            scorer_is_local=self.score_exits_is_local,
+            temperatures=temps,
+        )
 
     # ----------------------------------------------------------------------------------------------
     def _shared_step(
@@ -546,6 +582,32 @@ class DMPOModule(pl.LightningModule):
             cal_z["logits"], cal_z["target"], test_z["logits"], test_z["target"], self.score_exits
         )
         return result
+
+    def on_test_batch_end(
+        self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """With ``time_early_exit``: keep the first test images for timing the real early exit."""
+        want = self.hparams.get("time_early_exit", 0)
+        have = sum(int(x.shape[0]) for x in self._timing_images)
+        split = getattr(self, "_test_split_of_loader", {}).get(dataloader_idx)
+        if want and split == "test" and have < want:
+            self._timing_images.append(batch[IMAGE_KEY][: want - have].detach().clone())
+
+    def on_test_end(self) -> None:
+        """With ``time_early_exit``: time full vs real early exit per budget and add it to ``report.json``."""
+        images, self._timing_images = self._timing_images, []
+        report = self.test_report
+        if not images or report is None or not report.get("budgets") or not self.trainer.is_global_zero:
+            return
+        from dmpo_lightning.evaluation.report import write_json
+        from dmpo_lightning.evaluation.runner import format_speed_table, time_early_exit
+
+        speed = time_early_exit(self, images, report["budgets"])
+        report["early_exit_speed"] = speed
+        print(format_speed_table(speed))
+        path = os.path.join(self._report_dir(), "report.json")
+        if os.path.isfile(path):
+            write_json(path, report)
 
     def on_predict_start(self) -> None:
         """Load the thresholds ``dmpo test`` calibrated for ``predict_budget``."""

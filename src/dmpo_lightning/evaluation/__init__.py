@@ -1,19 +1,60 @@
-"""Early-exit evaluation: exit rules, the budgeted-batch protocol, counted costs, metrics and reports."""
+"""Early-exit evaluation: exit rules, the budgeted-batch protocol, counted costs, metrics and reports.
 
-from typing import Any
+Names are imported lazily: ``exit_rules``, ``protocol`` and ``flops`` need only torch (and timm), while
+``metrics`` needs torchmetrics and ``report`` matplotlib.
+"""
 
-from dmpo_lightning.evaluation.exit_rules import ExitRule, exit_score_step, exit_scores
-from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
-from dmpo_lightning.evaluation.protocol import (
-    area_under_curve,
-    assign_exits,
-    budgeted_curve,
-    calibrate_thresholds,
-    evaluate_thresholds,
-    operating_points,
-    select_budgets,
-)
-from dmpo_lightning.evaluation.report import build_report, format_report_table
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ExitRule": "exit_rules",
+    "exit_score_step": "exit_rules",
+    "exit_scores": "exit_rules",
+    "ExitCosts": "flops",
+    "count_exit_costs": "flops",
+    "BudgetedAccuracy": "metrics",
+    "ExitOutputsCollector": "metrics",
+    "area_under_curve": "protocol",
+    "assign_exits": "protocol",
+    "budgeted_curve": "protocol",
+    "calibrate_thresholds": "protocol",
+    "evaluate_thresholds": "protocol",
+    "operating_points": "protocol",
+    "select_budgets": "protocol",
+    "build_report": "report",
+    "format_report_table": "report",
+}
+
+if TYPE_CHECKING:
+    from dmpo_lightning.evaluation.exit_rules import ExitRule, exit_score_step, exit_scores
+    from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
+    from dmpo_lightning.evaluation.metrics import BudgetedAccuracy, ExitOutputsCollector
+    from dmpo_lightning.evaluation.protocol import (
+        area_under_curve,
+        assign_exits,
+        budgeted_curve,
+        calibrate_thresholds,
+        evaluate_thresholds,
+        operating_points,
+        select_budgets,
+    )
+    from dmpo_lightning.evaluation.report import build_report, format_report_table
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "BudgetedAccuracy",
@@ -33,13 +74,3 @@ __all__ = [
     "operating_points",
     "select_budgets",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # The torchmetrics-based collectors load on first use, so inference code that only needs the exit
-    # rules (dmpo_lightning.deploy.predictor) does not import torchmetrics.
-    if name in ("BudgetedAccuracy", "ExitOutputsCollector"):
-        from dmpo_lightning.evaluation import metrics
-
-        return getattr(metrics, name)
-    raise AttributeError(f"module 'dmpo_lightning.evaluation' has no attribute {name!r}")

@@ -20,6 +20,11 @@ PREDICTOR_KINDS: tuple[str, ...] = get_args(PredictorKind)
 _TRACE_EPS = 1e-5
 
 
+def _moment_dtype(t: Tensor) -> torch.dtype:
+    """float32 for the covariance maths of low-precision inputs; float64 stays float64."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _check_sizes(dim: int, num_classes: int, num_prefix_tokens: int) -> None:
     for name, value in (("dim", dim), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -219,19 +224,25 @@ class MomentHead(nn.Module):
         p = self.proj(x[:, self.num_prefix_tokens :])
         with torch.autocast(device_type=x.device.type, enabled=False):
             b, n, _ = p.shape
-            p = p.float().reshape(b, n, self.groups, self.group_dim)
+            dtype = _moment_dtype(p)
+            p = p.to(dtype).reshape(b, n, self.groups, self.group_dim)
             gn = self.group_norm
-            p = F.layer_norm(p, (self.group_dim,), gn.weight.float(), gn.bias.float(), gn.eps)
+            p = F.layer_norm(p, (self.group_dim,), gn.weight.to(dtype), gn.bias.to(dtype), gn.eps)
             p = p - p.mean(dim=1, keepdim=True)
             p = p.permute(0, 2, 1, 3)  # [B, G, N, g]
-            cov = p[:, :-1].transpose(-1, -2) @ p[:, 1:] / n  # [B, G-1, g, g]
-            return F.normalize(cov, dim=-1, eps=1e-12)
+            # n * covariance [B, G-1, g, g]: the row normalisation removes the scale, so no division by n
+            # (the eps of the normalisation is scaled to match)
+            cov = p[:, :-1].transpose(-1, -2) @ p[:, 1:]
+            return F.normalize(cov, dim=-1, eps=1e-12 * n)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, C]`` from tokens ``[B, N, D]``."""
         _check_tokens(x, self.dim, self.num_prefix_tokens, need_patches=True)
-        xn = self.norm(x)
-        cls = xn[:, 0] if self.class_token else xn[:, self.num_prefix_tokens :].mean(dim=1)
+        # LayerNorm is per token: normalise only the class token, not all N (same values, 1/N of the work)
+        if self.class_token:
+            cls = self.norm(x[:, 0])
+        else:
+            cls = self.norm(x[:, self.num_prefix_tokens :]).mean(dim=1)
         first = self.fc_first(self.drop(cls))
         second = self.fc_second(self.drop(self.conv(self.second_order(x)).flatten(1)))
         return 0.5 * (first + second)
@@ -261,10 +272,13 @@ def newton_schulz_sqrt(a: Tensor, iterations: int = 5, eps: float = _TRACE_EPS) 
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
     trace = a.diagonal(dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1) + eps
-    y, z = a / trace, eye
-    for _ in range(iterations):
-        t = 0.5 * (3.0 * eye - z @ y)
-        y, z = y @ t, t @ z
+    y = a / trace
+    z: Tensor | None = None  # Z = I: the products with it are skipped (exact), 3 -> 2 matmuls at step 1
+    for i in range(iterations):
+        t = 0.5 * (3.0 * eye - (y if z is None else z @ y))
+        if i < iterations - 1:  # the last Z is never used
+            z = t if z is None else t @ z
+        y = y @ t
     return y * trace.sqrt()
 
 
@@ -321,7 +335,7 @@ class ISqrtCovHead(nn.Module):
         b, n, d = z.shape
         z = self.act(self.bn(z.reshape(b * n, d))).reshape(b, n, d)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            z = z.float()
+            z = z.to(_moment_dtype(z))
             z = z - z.mean(dim=1, keepdim=True)
             cov = z.transpose(1, 2) @ z / n
             root = newton_schulz_sqrt(cov, self.iterations)

@@ -5,8 +5,8 @@ Pure ``nn.Module`` (no Lightning), so it can be used, exported and tested withou
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dmpo_lightning.constants import EXITS_ATTR, PEFT_PREFIX
-from dmpo_lightning.evaluation.exit_rules import ExitRule, exit_score_step
+from dmpo_lightning.evaluation.exit_rules import ExitRule
 from dmpo_lightning.models.adapters import PeftMethod, inject_peft, num_prompt_tokens
 from dmpo_lightning.models.backbone import (
     backbone_depth,
@@ -22,9 +22,10 @@ from dmpo_lightning.models.backbone import (
     num_prefix_tokens,
     resolve_exit_blocks,
 )
+from dmpo_lightning.models.exit_policy import ExitPolicy, Scorer
 from dmpo_lightning.models.heads import Bypass, ExitHead, build_predictor
 
-__all__ = ["EarlyExitOutput", "ExitRule", "HeadKind", "MultiExitViT"]
+__all__ = ["EarlyExitOutput", "ExitPolicy", "ExitRule", "HeadKind", "MultiExitViT", "Scorer", "eval_mode"]
 
 HeadKind = Literal["linear", "moment", "isqrt_cov"]
 
@@ -44,6 +45,24 @@ class EarlyExitOutput:
     exit_index: torch.Tensor
     score: torch.Tensor
     logits: torch.Tensor
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run a block with every sub-module in eval mode, then restore each one's own mode.
+
+    Costs one pass over the sub-modules when all are already in eval mode (``module.eval()`` and
+    ``module.train()`` walk the tree recursively, about 0.4 ms each for a small ViT: as much as a batch-1
+    early exit itself).
+    """
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
 
 
 class MultiExitViT(nn.Module):
@@ -230,70 +249,150 @@ class MultiExitViT(nn.Module):
         tokens = self._trunk(embed_tokens(self.backbone, x), 0, self.exit_blocks[-1])
         return self.exits[-1](tokens)
 
+    def run_stage(
+        self, k: int, inputs: torch.Tensor, *, head: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stage ``k`` of an early exit: the blocks from exit ``k - 1`` to exit ``k``, then head ``k``.
+
+        Stage 0 starts from images (patch embedding included); later stages from the tokens stage ``k - 1``
+        returned. A chain of stages 0..K-1 computes exactly what :meth:`forward` computes.
+
+        Args:
+            k: 0-based exit index.
+            inputs: Images ``[B, C, H, W]`` for ``k == 0``, trunk tokens ``[B, N, D]`` otherwise.
+            head: Run exit ``k``'s head; ``False`` returns ``None`` logits (an exit its threshold disables).
+
+        Returns:
+            ``(tokens after block e_k, logits of exit k or None)``.
+        """
+        tokens = embed_tokens(self.backbone, inputs) if k == 0 else inputs
+        start = 0 if k == 0 else self.exit_blocks[k - 1]
+        tokens = self._trunk(tokens, start, self.exit_blocks[k])
+        return tokens, (self.exits[k](tokens) if head else None)
+
+    def early_exit_policy(
+        self,
+        thresholds: Sequence[float] | torch.Tensor,
+        rule: ExitRule = "confidence",
+        scorer: Scorer | None = None,
+        *,
+        scorer_is_local: bool = False,
+        last_score: bool = True,
+        temperatures: Sequence[float] | torch.Tensor | None = None,
+    ) -> ExitPolicy:
+        """The exit decisions of :meth:`forward_early_exit` (and of the batching engine) as an object.
+
+        Args: as :meth:`forward_early_exit`.
+
+        Returns:
+            An :class:`ExitPolicy` for this model's exits.
+        """
+        return ExitPolicy(
+            thresholds,
+            self.num_exits,
+            rule=rule,
+            scorer=scorer,
+            scorer_is_local=scorer_is_local,
+            last_score=last_score,
+            temperatures=temperatures,
+        )
+
     @torch.no_grad()
     def forward_early_exit(
         self,
         x: torch.Tensor,
         thresholds: Sequence[float] | torch.Tensor,
         rule: ExitRule = "confidence",
+        scorer: Scorer | None = None,
+        *,
+        scorer_is_local: bool = False,
+        last_score: bool = True,
         temperatures: Sequence[float] | torch.Tensor | None = None,
     ) -> EarlyExitOutput:
         """True early exit: later blocks run only on samples that have not left yet (batch compaction).
 
-        A sample leaves at the first exit ``k`` whose score (see ``rule``) is ``>= thresholds[k]``; the last
-        exit takes every sample left. Predictions equal those of the protocol simulated from
-        :meth:`forward`'s outputs with the same thresholds.
+        A sample leaves at the first exit ``k`` whose score is ``>= thresholds[k]``; the last exit takes
+        every sample left. Predictions equal those of the protocol simulated from :meth:`forward`'s outputs
+        with the same thresholds and the same scoring function (``scorer`` or ``rule``). The model runs in
+        eval mode for the call (dropout off, BatchNorm statistics frozen); its previous mode is restored.
+
+        Heads that cannot change the answer are not run: with a rule whose score at exit ``k`` depends
+        only on exit ``k``'s logits (``confidence``, ``entropy``, or a ``scorer`` with
+        ``scorer_is_local=True``), the head of an exit whose threshold is ``+inf`` is skipped. ``patience``
+        and other scorers need every earlier exit's prediction, so every head runs.
 
         Args:
             x: Images ``[B, C, H, W]``.
             thresholds: One threshold per exit (the last one is ignored); ``inf`` disables an exit.
-            rule: ``confidence`` (max softmax), ``entropy`` (negative entropy) or ``patience``.
+            rule: ``confidence`` (max softmax), ``entropy`` (negative entropy) or ``patience``; ignored when
+                ``scorer`` is given.
+            scorer: A scoring function with the contract of ``DMPOModule.score_exits``: called with the
+                list of logits ``[B', C]`` of exits ``0..k`` for the ``B'`` samples still active, it returns
+                ``(scores [B', k + 1], preds [B', k + 1])``; column ``k`` decides at exit ``k``.
+            scorer_is_local: Declare that ``scorer``'s column ``k`` depends only on exit ``k``'s logits;
+                then it is called with ``[logits_k]`` alone and disabled exits' heads are skipped.
+            last_score: Compute the score of samples that reach the last exit (``False``: ``NaN`` there,
+                for the built-in rules; the prediction is unchanged).
             temperatures: One per exit: scores come from ``logits / T_k`` (float32), as ``dmpo test`` with
                 ``calibration: temperature`` scores them; ``None`` = raw logits. Returned logits are raw.
 
         Returns:
             Per-sample prediction, exit index, score and logits.
         """
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float64).flatten().tolist()
-        if len(thresholds) != self.num_exits:
-            raise ValueError(
-                f"got {len(thresholds)} thresholds for a model with {self.num_exits} exits; give one per exit"
-            )
-        if any(math.isnan(t) for t in thresholds):
-            raise ValueError(f"thresholds contain NaN: {thresholds}")
-        temps = None if temperatures is None else torch.as_tensor(temperatures, dtype=torch.float32).flatten()
-        if temps is not None and (temps.numel() != self.num_exits or not bool((temps > 0).all())):
-            raise ValueError(f"need {self.num_exits} temperatures > 0 (one per exit); got {temps.tolist()}")
+        policy = self.early_exit_policy(
+            thresholds,
+            rule,
+            scorer,
+            scorer_is_local=scorer_is_local,
+            last_score=last_score,
+            temperatures=temperatures,
+        )
+        with eval_mode(self):
+            return self._early_exit(x, policy)
+
+    def _early_exit(self, x: torch.Tensor, policy: ExitPolicy) -> EarlyExitOutput:
         batch = x.shape[0]
-        prediction = torch.empty(batch, dtype=torch.long, device=x.device)
-        exit_index = torch.empty(batch, dtype=torch.long, device=x.device)
-        score_out = torch.empty(batch, dtype=torch.float32, device=x.device)
-        logits_out = torch.empty(batch, self.num_classes, dtype=x.dtype, device=x.device)
-        active = torch.arange(batch, device=x.device)
-        tokens = embed_tokens(self.backbone, x)
-        prev_pred: torch.Tensor | None = None
-        prev_run: torch.Tensor | None = None
-        start = 0
+        device = x.device
+        buffers: list[torch.Tensor] | None = None  # allocated when the first samples leave, not all of them
+        active: torch.Tensor | None = None  # None: every sample (no index bookkeeping until one leaves)
+        carry: dict[str, torch.Tensor] = {}
+        tokens = x
         for k in range(self.num_exits):
-            tokens = self._trunk(tokens, start, self.exit_blocks[k])
-            start = self.exit_blocks[k]
-            logits = self.exits[k](tokens)
-            scaled = logits if temps is None else logits.float() / temps[k].to(logits.device)
-            score, pred, run = exit_score_step(scaled, rule, prev_pred, prev_run)
-            if k == self.num_exits - 1:
-                leave = torch.ones_like(pred, dtype=torch.bool)
-            else:
-                leave = score >= thresholds[k]
+            tokens, logits = self.run_stage(k, tokens, head=policy.needs_head(k))
+            if logits is None:
+                continue
+            leave, score, pred, carry = policy.decide(k, logits, carry)
+            everyone = leave is None or bool(leave.all())
+            if everyone and active is None:  # the whole batch leaves here: no indexing at all
+                exit_index = torch.full((batch,), k, dtype=torch.long, device=device)
+                return EarlyExitOutput(pred, exit_index, score.float(), logits.to(x.dtype))
+            if not everyone and not bool(leave.any()):
+                continue  # nobody leaves: no compaction
+            if buffers is None:
+                buffers = [
+                    torch.empty(batch, dtype=torch.long, device=device),
+                    torch.empty(batch, dtype=torch.long, device=device),
+                    torch.empty(batch, dtype=torch.float32, device=device),
+                    torch.empty(batch, self.num_classes, dtype=x.dtype, device=device),
+                ]
+            prediction, exit_index, score_out, logits_out = buffers
+            if active is None:
+                active = torch.arange(batch, device=device)
+            if everyone:
+                prediction[active], exit_index[active] = pred, k
+                score_out[active], logits_out[active] = score.float(), logits.to(logits_out.dtype)
+                break
+            assert leave is not None
             idx = active[leave]
             prediction[idx] = pred[leave]
             exit_index[idx] = k
             score_out[idx] = score[leave].float()
             logits_out[idx] = logits[leave].to(logits_out.dtype)
             stay = ~leave
-            if not bool(stay.any()):
-                break
-            active, tokens, prev_pred, prev_run = active[stay], tokens[stay], pred[stay], run[stay]
-        return EarlyExitOutput(prediction, exit_index, score_out, logits_out)
+            active, tokens = active[stay], tokens[stay]
+            carry = {name: value[stay] for name, value in carry.items()}
+        assert buffers is not None  # the last exit takes every sample left
+        return EarlyExitOutput(*buffers)
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Trainable parameters by component: ``trunk`` (PEFT or full), ``bypass``, ``heads``."""

@@ -1,0 +1,261 @@
+"""An early-exit engine that keeps every stage's batch full (throughput mode).
+
+A per-batch early-exit forward (:meth:`~dmpo_lightning.models.MultiExitViT.forward_early_exit`) runs the
+blocks after exit 1 only on the samples of *that* batch that continue: with half of them leaving at each
+exit, the last stages run on a handful of samples, where per-operation overhead (and on a GPU kernel-launch
+latency), not arithmetic, sets the time. The engine pools the samples that continue after exit ``k`` from
+several input batches (one queue per stage) and runs stage ``k + 1`` only when its queue holds a full batch,
+or when the input is exhausted. Results come back in input order, and every decision is taken by the
+same :class:`~dmpo_lightning.models.exit_policy.ExitPolicy` as ``forward_early_exit``, so predictions and
+exits equal the protocol simulated from all-exit outputs (``exit_rules.exit_scores`` +
+``protocol.assign_exits``, or the module's ``score_exits``) with the same thresholds.
+
+Example::
+
+    engine = EarlyExitEngine(model, thresholds, batch_size=64)
+    out = engine.run(loader_of_image_batches)  # EarlyExitOutput over all samples, in input order
+    for batch_out in engine.stream(batches):   # or one EarlyExitOutput per input batch, in order
+        ...
+
+Pure torch (no Lightning): usable with only ``torch`` and ``timm`` installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dmpo_lightning.constants import IMAGE_KEY
+from dmpo_lightning.evaluation.exit_rules import ExitRule
+from dmpo_lightning.models.exit_policy import Scorer
+from dmpo_lightning.models.multi_exit import EarlyExitOutput, MultiExitViT, eval_mode
+
+__all__ = ["EarlyExitEngine"]
+
+
+class _Queue:
+    """Samples waiting for one stage: a list of chunks (dicts of tensors with a common first dimension)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[dict[str, Tensor]] = []
+        self.size = 0
+
+    def push(self, chunk: dict[str, Tensor]) -> None:
+        n = int(chunk["id"].shape[0])
+        if n:
+            self.chunks.append(chunk)
+            self.size += n
+
+    def pop(self, n: int) -> dict[str, Tensor]:
+        taken: list[dict[str, Tensor]] = []
+        have = 0
+        while have < n:
+            chunk = self.chunks[0]
+            size = int(chunk["id"].shape[0])
+            if have + size <= n:
+                taken.append(self.chunks.pop(0))
+                have += size
+            else:
+                cut = n - have
+                taken.append({k: v[:cut] for k, v in chunk.items()})
+                self.chunks[0] = {k: v[cut:] for k, v in chunk.items()}
+                have = n
+        self.size -= n
+        if len(taken) == 1:
+            return taken[0]
+        return {k: torch.cat([c[k] for c in taken]) for k in taken[0]}
+
+
+@dataclass
+class _Pending:
+    """Output buffers of one input batch until all of its samples have left."""
+
+    start: int
+    size: int
+    prediction: Tensor
+    exit_index: Tensor
+    score: Tensor
+    logits: Tensor
+    remaining: int
+
+    def output(self) -> EarlyExitOutput:
+        return EarlyExitOutput(self.prediction, self.exit_index, self.score, self.logits)
+
+
+class EarlyExitEngine:
+    """Early exit over a stream of image batches with full batches at every stage.
+
+    Args:
+        model: A :class:`~dmpo_lightning.models.MultiExitViT`, or a ``DMPOModule`` (then its model, its
+            ``exit_rule`` and its :meth:`score_exits` when a subclass overrides it are used).
+        thresholds: One per exit (the last is ignored; ``+inf`` disables an exit).
+        scorer: Scoring function with the contract of ``DMPOModule.score_exits`` (``None``: ``rule``).
+        batch_size: Samples per stage call (the last calls of a stream may be smaller).
+        rule: Built-in exit rule when there is no scorer.
+        scorer_is_local: ``scorer`` scores exit k from exit k's logits alone (see ``forward_early_exit``).
+        last_score: Compute the score of samples that reach the last exit.
+
+    Raises:
+        ValueError: For bad thresholds, rule or batch size.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        thresholds: Sequence[float] | Tensor,
+        scorer: Scorer | None = None,
+        batch_size: int = 64,
+        *,
+        rule: ExitRule = "confidence",
+        scorer_is_local: bool = False,
+        last_score: bool = True,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(model, MultiExitViT) and isinstance(getattr(model, "model", None), MultiExitViT):
+            module: Any = model
+            if scorer is None:
+                scorer = module.exit_scorer()
+                scorer_is_local = bool(getattr(module, "score_exits_is_local", False))
+            rule = module.hparams.exit_rule
+            model = module.model
+        if not isinstance(model, MultiExitViT):
+            raise ValueError(f"model must be a MultiExitViT or a DMPOModule; got {type(model).__name__}")
+        self.model = model
+        self.batch_size = batch_size
+        self.policy = model.early_exit_policy(
+            thresholds, rule, scorer, scorer_is_local=scorer_is_local, last_score=last_score
+        )
+
+    # ------------------------------------------------------------------------------------------ public
+    def run(self, batches: Iterable[Any]) -> EarlyExitOutput:
+        """Early exit over every batch; one :class:`EarlyExitOutput` for all samples, in input order.
+
+        Args:
+            batches: Image tensors ``[B, C, H, W]`` (or mappings with an ``"image"`` entry, or tuples whose
+                first item is the images), of any sizes.
+        """
+        outs = list(self.stream(batches))
+        if not outs:
+            device = _device_of(self.model)
+            return EarlyExitOutput(
+                torch.empty(0, dtype=torch.long, device=device),
+                torch.empty(0, dtype=torch.long, device=device),
+                torch.empty(0, dtype=torch.float32, device=device),
+                torch.empty(0, self.model.num_classes, device=device),
+            )
+        return EarlyExitOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in _FIELDS))
+
+    def stream(self, batches: Iterable[Any]) -> Iterator[EarlyExitOutput]:
+        """Yield one :class:`EarlyExitOutput` per input batch, in input order, as soon as it is complete.
+
+        The model runs in eval mode under ``torch.no_grad`` while the generator runs; its previous mode is
+        restored when the generator finishes or is closed.
+        """
+        with eval_mode(self.model):
+            yield from self._stream(batches)
+
+    # -------------------------------------------------------------------------------------------- core
+    def _stream(self, batches: Iterable[Any]) -> Iterator[EarlyExitOutput]:
+        device = _device_of(self.model)
+        queues = [_Queue() for _ in range(self.model.num_exits)]
+        pending: list[_Pending] = []
+        next_id = 0
+        for batch in batches:
+            x = _images(batch).to(device, non_blocking=True)
+            n = int(x.shape[0])
+            pending.append(
+                _Pending(
+                    start=next_id,
+                    size=n,
+                    prediction=torch.empty(n, dtype=torch.long, device=device),
+                    exit_index=torch.empty(n, dtype=torch.long, device=device),
+                    score=torch.empty(n, dtype=torch.float32, device=device),
+                    logits=torch.empty(n, self.model.num_classes, dtype=x.dtype, device=device),
+                    remaining=n,
+                )
+            )
+            queues[0].push({"id": torch.arange(next_id, next_id + n, device=device), "x": x})
+            next_id += n
+            with torch.no_grad():
+                self._drain(queues, pending, flush=False)
+            while pending and pending[0].remaining == 0:
+                yield pending.pop(0).output()
+        with torch.no_grad():
+            self._drain(queues, pending, flush=True)
+        for p in pending:
+            if p.remaining:  # cannot happen: every sample leaves at the last exit at the latest
+                raise RuntimeError(f"early-exit engine lost {p.remaining} samples of a batch")
+            yield p.output()
+
+    def _drain(self, queues: list[_Queue], pending: list[_Pending], flush: bool) -> None:
+        """Run stages in order while they hold a full batch (``flush``: until every queue is empty)."""
+        for k, queue in enumerate(queues):
+            while queue.size >= self.batch_size or (flush and queue.size > 0):
+                self._run_stage(k, queue.pop(min(self.batch_size, queue.size)), queues, pending)
+
+    def _run_stage(
+        self, k: int, items: dict[str, Tensor], queues: list[_Queue], pending: list[_Pending]
+    ) -> None:
+        ids, x = items.pop("id"), items.pop("x")
+        tokens, logits = self.model.run_stage(k, x, head=self.policy.needs_head(k))
+        if logits is None:  # disabled exit of a local rule: everyone continues, state unchanged
+            queues[k + 1].push({"id": ids, "x": tokens, **items})
+            return
+        leave, score, pred, carry = self.policy.decide(k, logits, items)
+        if leave is None:
+            self._record(pending, ids, pred, k, score, logits)
+            return
+        if bool(leave.any()):
+            self._record(pending, ids[leave], pred[leave], k, score[leave], logits[leave])
+            stay = ~leave
+            ids, tokens = ids[stay], tokens[stay]
+            carry = {name: value[stay] for name, value in carry.items()}
+        queues[k + 1].push({"id": ids, "x": tokens, **carry})
+
+    @staticmethod
+    def _record(
+        pending: list[_Pending], ids: Tensor, pred: Tensor, k: int, score: Tensor, logits: Tensor
+    ) -> None:
+        if ids.numel() == 0:
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        for p in pending:
+            if p.start > hi or p.start + p.size <= lo:
+                continue
+            sel = (ids >= p.start) & (ids < p.start + p.size)
+            local = ids[sel] - p.start
+            p.prediction[local] = pred[sel]
+            p.exit_index[local] = k
+            p.score[local] = score[sel].float()
+            p.logits[local] = logits[sel].to(p.logits.dtype)
+            p.remaining -= int(local.numel())
+
+
+_FIELDS = ("prediction", "exit_index", "score", "logits")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _images(batch: Any) -> Tensor:
+    if isinstance(batch, Tensor):
+        x = batch
+    elif isinstance(batch, Mapping) and IMAGE_KEY in batch:
+        x = batch[IMAGE_KEY]
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        x = batch[0]
+    else:
+        raise ValueError(
+            f"each batch must be an image tensor [B, C, H, W], a mapping with an {IMAGE_KEY!r} entry or a "
+            f"tuple (images, ...); got {type(batch).__name__}"
+        )
+    if x.ndim != 4:
+        raise ValueError(f"images must be [B, C, H, W]; got shape {tuple(x.shape)}")
+    return x
