@@ -1,11 +1,11 @@
 """Budgeted-batch evaluation protocol (MSDNet's): thresholds from a calibration split, curve, budgets, AUC.
 
 Everything here is pure torch on cached per-exit outputs, vectorised over samples and over values of q
-(chunked over q only to bound memory); the only Python loop is over the K exits. Notation follows
-``shared/design/EVALUATION.md``: ``scores [N, K]`` (higher = more confident, see
+(chunked over q only to bound memory); the only Python loop is over the K exits. Notation (MSDNet's
+budgeted-batch evaluation): ``scores [N, K]`` (higher = more confident, see
 :mod:`~dmpo_lightning.evaluation.exit_rules`), ``correct [N, K]`` (bool, prediction == label),
 ``costs [K]`` (``C_k``, the cumulative cost of a sample leaving at exit k, any unit) and ``full_cost``
-(``F_full``, same unit). Exits are 0-based in tensors and 1-based in the design document's formulas.
+(``F_full``, same unit). Exits are 0-based in tensors and 1-based in formulas and printed tables.
 """
 
 from __future__ import annotations
