@@ -70,7 +70,8 @@ class AdaptFormerBlock(nn.Module):
         # wrapper can only reach by re-running the block's own submodules; that is only correct for blocks
         # whose forward is exactly timm's Block.forward (pinned by the identity test).
         self.eva = isinstance(base_layer, EvaBlock) and type(base_layer).forward is EvaBlock.forward
-        if not self.eva and (not isinstance(base_layer, Block) or type(base_layer).forward is not Block.forward):
+        plain = isinstance(base_layer, Block) and type(base_layer).forward is Block.forward
+        if not self.eva and not plain:
             raise TypeError(
                 "AdaptFormerBlock wraps the pre-norm blocks timm.models.vision_transformer.Block and "
                 f"timm.models.eva.EvaBlock only, got {type(base_layer).__name__}"
@@ -131,7 +132,9 @@ class EvaAdaptFormerBlock(AdaptFormerBlock):
         self, base_layer: nn.Module, rank: int = 64, scale: float = 0.1, dropout: float = 0.0
     ) -> None:
         if not isinstance(base_layer, EvaBlock) or type(base_layer).forward is not EvaBlock.forward:
-            raise TypeError(f"EvaAdaptFormerBlock wraps timm.models.eva.EvaBlock only, got {type(base_layer).__name__}")
+            raise TypeError(
+                f"EvaAdaptFormerBlock wraps timm.models.eva.EvaBlock only, got {type(base_layer).__name__}"
+            )
         super().__init__(base_layer, rank=rank, scale=scale, dropout=dropout)
 
     def forward(  # type: ignore[override]

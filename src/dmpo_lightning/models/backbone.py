@@ -252,12 +252,12 @@ def _check_supported_class(name: str, model: nn.Module) -> None:
     if not hasattr(model, "patch_embed") and not hasattr(model, "blocks"):
         why = "it is not a vision transformer (no patch tokens; a CNN works on feature maps)"
     elif hasattr(model, "layers") or "Swin" in kind:
-        why = "it is hierarchical (stages of shrinking token grids, no single token sequence for exits to read)"
+        why = "it is hierarchical (stages of shrinking token grids, no one token sequence for exits to read)"
     else:
         why = "its token path differs from VisionTransformer's and Eva's, which MultiExitViT reproduces"
     raise ValueError(
         f"backbone {name!r} is a {kind}, not a token-based vision transformer MultiExitViT supports: {why}; "
-        "supported are timm VisionTransformer models (ViT, DeiT, DINOv2, SigLIP, *_gap_*, ...) and Eva (EVA02)"
+        "supported are timm VisionTransformer (ViT, DeiT, DINOv2, SigLIP, *_gap_*, ...) and Eva (EVA02)"
     )
 
 

@@ -160,8 +160,9 @@ class LinearHead(nn.Module):
 
 
 class DistilledHead(LinearHead):
-    """The head of timm's distilled DeiT: the mean of a classifier on the class token and one on the
-    distillation token (the second prefix token), both after the final LayerNorm.
+    """The head of timm's distilled DeiT: the mean of a class-token and a distillation-token classifier.
+
+    Both read the tokens after the final LayerNorm; the distillation token is the second prefix token.
 
     This is what ``VisionTransformerDistilled.forward_head`` returns in eval mode and in training without
     ``set_distilled_training`` (``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``); there is no separate
@@ -194,9 +195,10 @@ class DistilledHead(LinearHead):
 
 
 class AttentionPoolHead(nn.Module):
-    """The head of timm models with attention pooling (``global_pool='map'``, SigLIP): final LayerNorm,
-    the backbone's own attention pool (``attn_pool``, a latent query attending to the tokens), ``fc_norm``,
-    then a Linear, as ``VisionTransformer.forward_features`` + ``forward_head``.
+    """The head of timm models with attention pooling (``global_pool='map'``, SigLIP).
+
+    Final LayerNorm, the backbone's own attention pool (``attn_pool``, a latent query attending to the
+    tokens), ``fc_norm``, then a Linear, as ``VisionTransformer.forward_features`` + ``forward_head``.
 
     Args:
         attn_pool: The backbone's attention-pool module (moved here with its weights).

@@ -235,7 +235,7 @@ class MultiExitViT(nn.Module):
         head_pool: str,
         options: dict,
     ) -> nn.Module:
-        """The last exit's ``linear`` predictor: the backbone's own head with pre-trained norms, new Linear(s).
+        """The last exit's ``linear`` predictor: the backbone's own head (pre-trained norms, new Linear).
 
         - attention pooling (``global_pool='map'``, SigLIP): the final norm, the backbone's ``attn_pool``
           (moved out of the backbone into the head; it trains with the trunk: only for ``peft='full'``),
@@ -251,7 +251,8 @@ class MultiExitViT(nn.Module):
                 dim,
                 num_classes,
                 prefix,
-                include_prefix=bool(getattr(backbone, "pool_include_prefix", type(backbone).__name__ == "Eva")),
+                # timm's Eva pools over every token; VisionTransformer skips the prefix tokens by default
+                include_prefix=bool(getattr(backbone, "pool_include_prefix", hasattr(backbone, "rope"))),
                 fc_norm=not isinstance(fc_norm, nn.Identity),
                 dropout=options["dropout"],
             )
