@@ -341,7 +341,8 @@ def test_fit_and_test_through_the_cli(family, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("onnx", [False, True])
-def test_deploy_export_and_predictor_on_dinov2_registers(tmp_path, onnx):
+@pytest.mark.parametrize("family", ["dinov2_reg4", "eva02_rope", "siglip_map"])
+def test_deploy_export_and_predictor(tmp_path, family, onnx):
     from test_deploy import make_run
     from test_deploy import simulated as deploy_simulated
 
@@ -350,10 +351,14 @@ def test_deploy_export_and_predictor_on_dinov2_registers(tmp_path, onnx):
 
     if onnx:
         pytest.importorskip("onnxruntime")
+    name, _, pool, _ = FAMILIES[family]
+    peft = "lora" if family == "eva02_rope" else "adaptformer"  # EVA02: the LoRA merge on its fused-bias qkv
     r = make_run(
         tmp_path,
-        backbone="vit_small_patch14_reg4_dinov2",
-        backbone_kwargs=dict(SMALL),
+        backbone=name,
+        backbone_kwargs=timm_kwargs(family),
+        head_pool=pool,
+        peft=peft,
         quantiles=(0.3, 0.6),
     )
     out = export_artefact(str(tmp_path / "art"), run=str(r["run"]), onnx=onnx)
