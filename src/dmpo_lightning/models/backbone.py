@@ -1,8 +1,9 @@
 """timm ViT backbones: building by name or local checkpoint, exit indices, and token-level access.
 
 This is the only module that touches timm internals (``_pos_embed`` and the embedding sub-modules of
-``VisionTransformer``). ``tests/test_backbone.py`` pins the manual block loop to timm's own
-``forward_features`` so a timm change that breaks it is caught at once.
+``VisionTransformer`` and ``Eva``, and the rotary embedding Eva blocks take). ``tests/test_backbone.py`` and
+``tests/test_backbones.py`` pin the manual block loop to timm's own ``forward_features`` /
+``forward_intermediates`` so a timm change that breaks it is caught at once.
 """
 
 from __future__ import annotations
@@ -159,8 +160,10 @@ def build_backbone(
     """Create a timm vision transformer without a classifier.
 
     Args:
-        name: Any ``timm.create_model`` name of the ViT/DeiT family, with an optional pretrained tag
-            (``vit_base_patch16_224.augreg_in21k``).
+        name: A ``timm.create_model`` name of a ``VisionTransformer`` (ViT, DeiT incl. distilled, DINOv2
+            with or without registers, SigLIP, ``*_gap_*``, ``class_token=False``) or ``Eva`` (EVA02, RoPE
+            ViTs) model, with an optional pretrained tag (``vit_base_patch16_224.augreg_in21k``); see
+            docs/backbones.md.
         pretrained: Load the pretrained weights of ``name`` (downloads through timm / the HF hub).
         checkpoint_path: A local timm checkpoint file (``.pth``/``.bin``/``.safetensors``/``.npz``) to load
             instead of downloading; implies ``pretrained``. The classifier is dropped and position embeddings
@@ -175,8 +178,9 @@ def build_backbone(
         The timm model with ``num_classes=0`` (its ``head`` is an identity).
 
     Raises:
-        ValueError: If the name is unknown to timm, the model is not a token-based ViT with ``blocks``, or
-            ``img_size`` is not a multiple of the patch size.
+        ValueError: If the name is unknown to timm, the model is not one of the supported classes
+            (hierarchical Swin, NaFlexViT and CNNs are refused), or ``img_size`` is not a multiple of the
+            patch size.
         FileNotFoundError: If ``checkpoint_path`` does not exist.
     """
     kwargs: dict[str, Any] = dict(model_kwargs or {})

@@ -82,8 +82,8 @@ class MultiExitViT(nn.Module):
     from the unmodified tokens (the decoupling of DMPO).
 
     Args:
-        backbone: A timm ``VisionTransformer`` built with ``num_classes=0``
-            (:func:`~dmpo_lightning.models.backbone.build_backbone`).
+        backbone: A timm ``VisionTransformer`` or ``Eva`` built with ``num_classes=0``
+            (:func:`~dmpo_lightning.models.backbone.build_backbone`; families in docs/backbones.md).
         num_classes: Classes of every exit.
         exit_blocks: Exit positions (see :func:`~dmpo_lightning.models.backbone.resolve_exit_blocks`).
         require_last_exit: Require the last exit after the last block.
@@ -100,8 +100,11 @@ class MultiExitViT(nn.Module):
         bypass_dim: Bypass bottleneck width (``None`` = D / 4).
         detach_trunk: Stop early exits' gradients from reaching the trunk (ablation).
         early_head: Predictor of the early exits.
-        final_head: Predictor of the last exit (``linear`` = the backbone's LayerNorm + Linear).
-        head_pool: Pooling of ``linear`` predictors: class token or mean of patch tokens.
+        final_head: Predictor of the last exit (``linear`` = the backbone's own head: its final norm, then
+            SigLIP's attention pool, DeiT's class + distillation token classifiers, or the pooling of
+            ``head_pool`` (``avg`` with timm's ``fc_norm`` after the mean), then a new Linear).
+        head_pool: Pooling of ``linear`` predictors: class token or mean of patch tokens (not used by an
+            attention-pool final head).
         moment_dim: Projection width of the ``moment`` predictor.
         moment_groups: Channel groups of the ``moment`` predictor.
         cov_dim: Reduced width d of the ``isqrt_cov`` predictor.
