@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from timm.models.eva import EvaBlock
@@ -83,8 +83,9 @@ class AdaptFormerBlock(nn.Module):
         if not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         _check_dropout(dropout)
-        dim = base_layer.norm1.weight.shape[0]
-        factory = {"device": base_layer.norm1.weight.device, "dtype": base_layer.norm1.weight.dtype}
+        norm1: nn.LayerNorm = base_layer.norm1  # type: ignore[assignment]
+        dim = int(norm1.weight.shape[0])
+        factory: dict[str, Any] = {"device": norm1.weight.device, "dtype": norm1.weight.dtype}
         self.base_layer = base_layer
         self.rank = rank
         self.scale = float(scale)
@@ -102,7 +103,7 @@ class AdaptFormerBlock(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """Run the block with the adapter beside its MLP (same arguments as timm's ``Block.forward``)."""
-        b = self.base_layer
+        b: Any = self.base_layer
         if self.eva:
             return self._eva_forward(x, None, attn_mask, is_causal)
         x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
@@ -114,7 +115,7 @@ class AdaptFormerBlock(nn.Module):
         self, x: Tensor, rope: Tensor | None, attn_mask: Tensor | None, is_causal: bool
     ) -> Tensor:
         """``EvaBlock.forward`` with the adapter beside the MLP (layer scales ``gamma_1``/``gamma_2``)."""
-        b = self.base_layer
+        b: Any = self.base_layer
         x_attn = b.attn(b.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         x = x + b.drop_path1(x_attn if b.gamma_1 is None else b.gamma_1 * x_attn)
         x_mlp = b.mlp(b.norm2(x))
@@ -444,7 +445,7 @@ def inject_peft(
                         )
                     _set_submodule(model, full_name, LoRALinear(sub, lora_rank, lora_alpha, dropout))
                     replaced.append(full_name)
-                    parent = model.get_submodule(full_name.rpartition(".")[0])
+                    parent: Any = model.get_submodule(full_name.rpartition(".")[0])
                     if sub_name.rpartition(".")[2] == "qkv" and getattr(parent, "q_bias", None) is not None:
                         # timm's EvaAttention calls F.linear(x, qkv.weight, q/k/v bias), bypassing the qkv
                         # module (and LoRA's update); its separate-bias path calls qkv(x) and adds the same
@@ -470,7 +471,7 @@ def inject_peft(
         for i in range(chosen[0], len(trunk)):
             for sub in trunk[i].modules():
                 if isinstance(getattr(sub, "num_prefix_tokens", None), int) and sub is not trunk[i]:
-                    sub.num_prefix_tokens = npt + num_prompts
+                    sub.num_prefix_tokens = npt + num_prompts  # type: ignore[assignment]
         for j, i in enumerate(chosen):
             trunk[i] = PromptedBlock(
                 trunk[i], dim, num_prompts, npt, insert=j == 0, init_bound=bound, dropout=dropout

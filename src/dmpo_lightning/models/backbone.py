@@ -281,12 +281,13 @@ def rope_embedding(backbone: nn.Module) -> torch.Tensor | None:
 
     What timm's ``Eva._pos_embed`` returns without patch dropout (eval mode); ``None`` without RoPE.
     """
-    rope = getattr(backbone, "rope", None)
+    rope: Any = getattr(backbone, "rope", None)
     if rope is None:
         return None
     if hasattr(rope, "feat_shape"):
         return rope.get_embed()
-    return rope.get_embed(shape=backbone.patch_embed.grid_size)
+    model: Any = backbone
+    return rope.get_embed(shape=model.patch_embed.grid_size)
 
 
 def embed_tokens_and_rope(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -296,9 +297,10 @@ def embed_tokens_and_rope(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.T
     (timm 1.0): the rotary embedding is ``None`` for backbones without RoPE.
     """
     if _is_eva(backbone):
-        x = backbone.patch_embed(x)
-        x, rope = backbone._pos_embed(x)  # Eva: patch dropout is applied inside, to tokens and rope
-        return backbone.norm_pre(x), rope
+        model: Any = backbone
+        x = model.patch_embed(x)
+        x, rope = model._pos_embed(x)  # Eva: patch dropout is applied inside, to tokens and rope
+        return model.norm_pre(x), rope
     return embed_tokens(backbone, x), None
 
 
@@ -310,13 +312,14 @@ def run_blocks(
     Reproduces the block loop of timm's ``forward_features`` (``rope_mixed`` Eva models: one embedding
     per block, ``rope[i]``).
     """
+    blocks: Any = backbone.blocks
     if rope is None:
-        for block in backbone.blocks[start:stop]:
+        for block in blocks[start:stop]:
             tokens = block(tokens)
         return tokens
     mixed = bool(getattr(backbone, "rope_mixed", False))
     for i in range(start, stop):
-        tokens = backbone.blocks[i](tokens, rope=rope[i] if mixed else rope)
+        tokens = blocks[i](tokens, rope=rope[i] if mixed else rope)
     return tokens
 
 

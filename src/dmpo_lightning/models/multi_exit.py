@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -223,8 +223,9 @@ class MultiExitViT(nn.Module):
             p.requires_grad_(False)
         for p in backbone.fc_norm.parameters():
             p.requires_grad_(False)
-        if getattr(backbone, "attn_pool", None) is not None:  # unused: the final exit is not the linear head
-            for p in backbone.attn_pool.parameters():
+        unused_pool: nn.Module | None = getattr(backbone, "attn_pool", None)
+        if unused_pool is not None:  # still in the backbone: the final exit is not the linear head
+            for p in unused_pool.parameters():
                 p.requires_grad_(False)
 
     @staticmethod
@@ -247,9 +248,11 @@ class MultiExitViT(nn.Module):
         - ``head_pool='avg'`` with timm's ``fc_norm`` (``*_gap_*``, ``class_token=False``, EVA02): mean of the
           patch tokens, then ``fc_norm``; otherwise the final norm, then the class token or the mean.
         """
-        fc_norm = backbone.fc_norm
+        fc_norm: Any = backbone.fc_norm
+        model: Any = backbone
+        head: Any
         if attn_pool is not None:
-            head: nn.Module = AttentionPoolHead(
+            head = AttentionPoolHead(
                 attn_pool,
                 dim,
                 num_classes,
@@ -259,7 +262,7 @@ class MultiExitViT(nn.Module):
                 fc_norm=not isinstance(fc_norm, nn.Identity),
                 dropout=options["dropout"],
             )
-            backbone.attn_pool = None  # one owner: the head (the backbone's forward_head is never used)
+            model.attn_pool = None  # one owner: the head (the backbone's forward_head is never used)
             if isinstance(fc_norm, nn.LayerNorm):
                 head.fc_norm.load_state_dict(fc_norm.state_dict())
                 head.fc_norm.eps = fc_norm.eps
