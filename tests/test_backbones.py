@@ -384,3 +384,37 @@ def test_dinov2_experiment_config_parses(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["backbone"] == init["backbone"]
     assert printed["data"]["init_args"]["dataset"] == "cifar100"
+
+
+@pytest.mark.parametrize(
+    ("peft", "final_head", "trains"),
+    [("full", "linear", True), ("adaptformer", "linear", False), ("full", "moment", False)],
+)
+def test_siglip_attention_pool_trains_with_the_trunk_and_only_when_used(peft, final_head, trains):
+    model = multi_exit("siglip_map", peft=peft, final_head=final_head)
+    head = model.exits[-1].predictor
+    pool = head.attn_pool if final_head == "linear" else model.backbone.attn_pool
+    assert all(p.requires_grad is trains for p in pool.parameters())
+    trainable = {n for group in model.parameter_groups().values() for n, _ in group}
+    assert any("attn_pool" in n for n in trainable) is trains
+
+
+def test_pretrained_attention_pool_weights_reach_the_final_head(tmp_path):
+    """The attention pool comes from the weights file (as with pretrained=true), not a fresh random init."""
+    from safetensors.torch import save_file
+
+    ref = reference("siglip_map")
+    path = tmp_path / "siglip.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    backbone = build_backbone(
+        FAMILIES["siglip_map"][0],
+        checkpoint_path=str(path),
+        img_size=SIZE,
+        model_kwargs=timm_kwargs("siglip_map"),
+    )
+    model = multi_exit("siglip_map", backbone)
+    ours = model.exits[-1].predictor.attn_pool.state_dict()
+    assert ours.keys() == ref.attn_pool.state_dict().keys()
+    for k, v in ref.attn_pool.state_dict().items():
+        assert torch.equal(ours[k], v), k
+    assert torch.equal(model.exits[-1].predictor.norm.weight, ref.norm.weight)
