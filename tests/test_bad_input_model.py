@@ -415,35 +415,86 @@ def test_full_training_from_scratch_is_silent():
 
 
 # ----------------------------------------------------------------------------------------------------- 7
-@pytest.mark.parametrize("peft", ["lora", "linear", "full", "vpt", "adaptformer"])
-def test_rope_vit_is_refused_at_construction(peft):
-    backbone = build_backbone(
-        "eva02_tiny_patch14_224",
-        img_size=32,
-        model_kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2),
-    )
+# RoPE ViTs (EVA02) are supported now (tests/test_backbones.py); what stays refused says so in one sentence.
+_SMALL = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks"),
+    [("eva02_enormous_patch14_clip_224", "EvaBlockPostNorm"), ("vit_base_patch16_rpn_224", "ResPostBlock")],
+)
+def test_adaptformer_on_post_norm_blocks_is_refused_naming_method_and_backbone(name, blocks):
+    backbone = build_backbone(name, img_size=32, model_kwargs=_SMALL)
     with pytest.raises(
         ValueError,
-        match=rf"peft='{peft}' is not supported on backbone 'eva02_tiny_patch14_224': "
-        r"it uses rotary position embeddings \(RoPE\)",
+        match=rf"peft='adaptformer' is not supported on backbone '{name}' \({blocks} blocks\): "
+        r"AdaptFormerBlock wraps the pre-norm blocks .*; choose another peft method or backbone",
     ):
-        MultiExitViT(backbone, 3, [1, 2], peft=peft, moment_dim=16)
+        MultiExitViT(backbone, 3, [1, 2], peft="adaptformer", moment_dim=16, head_pool="avg")
+    for peft in ("lora", "linear", "full", "vpt"):  # the other methods do not depend on the block's layout
+        model = MultiExitViT(
+            build_backbone(name, img_size=32, model_kwargs=_SMALL),
+            3,
+            [1, 2],
+            peft=peft,
+            moment_dim=16,
+            head_pool="avg",
+            vpt_prompts=2,
+        )
+        assert [z.shape for z in model(torch.randn(2, 3, 32, 32))] == [(2, 3), (2, 3)]
 
 
-def test_rope_vit_through_the_cli(tmp_path, monkeypatch):
+def test_rope_vit_with_dynamic_img_size_is_refused():
+    with pytest.raises(
+        ValueError,
+        match=r"backbone 'eva02_tiny_patch14_224' with dynamic_img_size=True is not supported: its rotary "
+        r"position embedding depends on each input's grid",
+    ):
+        build_backbone(
+            "eva02_tiny_patch14_224", img_size=32, model_kwargs={**_SMALL, "dynamic_img_size": True}
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "why"),
+    [
+        (
+            "swin_tiny_patch4_window7_224",
+            {"img_size": 32},
+            r"it is hierarchical \(stages of shrinking token grids",
+        ),
+        ("naflexvit_base_patch16_gap", {"img_size": 32}, r"its token path differs from VisionTransformer's"),
+        ("resnet18", {}, r"it is not a vision transformer \(no patch tokens; a CNN works on feature maps\)"),
+        ("convnext_atto", {}, r"it is not a vision transformer"),
+    ],
+)
+def test_hierarchical_naflex_and_cnn_backbones_are_refused_in_one_sentence(name, kwargs, why):
+    with pytest.raises(ValueError) as info:
+        build_backbone(name, **kwargs)
+    message = str(info.value)
+    assert re.search(
+        rf"^backbone '{name}' is a \w+, not a token-based vision transformer MultiExitViT supports: ", message
+    )
+    assert re.search(why, message) and "supported are timm VisionTransformer" in message
+    assert "\n" not in message
+
+
+def test_unsupported_peft_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(
-        ValueError, match=r"peft='lora' is not supported on backbone 'eva02_tiny_patch14_224'"
+        ValueError, match=r"peft='adaptformer' is not supported on backbone 'eva02_enormous_patch14_clip_224'"
     ):
         main(
             [
                 "fit",
                 "-c",
                 TINY,
-                "--model.init_args.backbone=eva02_tiny_patch14_224",
-                "--model.init_args.peft=lora",
+                "--model.init_args.backbone=eva02_enormous_patch14_clip_224",
+                "--model.init_args.peft=adaptformer",
+                "--model.init_args.head_pool=avg",
             ]
         )
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_cnn_with_img_size_is_refused():

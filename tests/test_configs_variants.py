@@ -201,9 +201,13 @@ def test_data_config_builds_loaders_on_fake_files(path, tmp_path, monkeypatch):
         assert int(batch[LABEL_KEY].max()) < dm.num_classes
 
 
+# Experiments that run a variant on another backbone (docs/backbones.md): stem -> timm backbone name.
+BACKBONE_EXPERIMENTS = {"cifar100_dmpo_dinov2_vits14": "vit_small_patch14_dinov2.lvd142m"}
+
+
 def _variant_of(path: Path) -> str:
     name = path.stem.removeprefix("cifar100_")
-    return "dmpo" if name == "dmpo_multinode" else name
+    return "dmpo" if name in ("dmpo_multinode", "dmpo_dinov2_vits14") else name
 
 
 def test_every_variant_has_a_cifar100_experiment():
@@ -216,6 +220,8 @@ def test_every_variant_has_a_cifar100_experiment():
 def test_experiment_is_its_model_variant_with_the_paper_recipe(path):
     config = yaml.safe_load(path.read_text())
     variant = yaml.safe_load((ROOT / "configs" / "model" / f"{_variant_of(path)}.yaml").read_text())
+    backbone = BACKBONE_EXPERIMENTS.get(path.stem, "vit_base_patch16_224.augreg_in21k")
+    variant["model"]["init_args"]["backbone"] = backbone
     assert config["model"] == variant["model"], (
         "an experiment's model must equal configs/model/<variant>.yaml"
     )
@@ -231,7 +237,7 @@ def test_experiment_is_its_model_variant_with_the_paper_recipe(path):
     optimizer = config["model"]["init_args"]["optimizer"]
     assert optimizer["class_path"] == "torch.optim.AdamW"
     assert optimizer["init_args"] == {"lr": 0.0005, "weight_decay": 0.05}
-    assert config["model"]["init_args"]["backbone"] == "vit_base_patch16_224.augreg_in21k"
+    assert config["model"]["init_args"]["backbone"] == backbone
 
 
 @pytest.mark.parametrize("name", ["cifar100_dmpo_multinode", "cifar100_static_peft"])

@@ -21,7 +21,7 @@ from torch import nn
 
 from dmpo_lightning.deploy.format import ArtefactError
 from dmpo_lightning.evaluation.exit_rules import exit_score_step
-from dmpo_lightning.models.backbone import embed_tokens, explicit_attention
+from dmpo_lightning.models.backbone import explicit_attention
 
 __all__ = ["OPSET", "OnnxStages", "export_stages", "stage_file"]
 
@@ -43,10 +43,8 @@ class _Stage(nn.Module):
         self.last = k == model.num_exits - 1
 
     def forward(self, x: torch.Tensor) -> Any:
-        tokens = embed_tokens(self.model.backbone, x) if self.k == 0 else x
-        for block in self.model.backbone.blocks[self.start : self.stop]:
-            tokens = block(tokens)
-        logits = self.model.exits[self.k](tokens)
+        # the model's own stage: RoPE backbones (EVA02) need their rotary embedding passed to every block
+        tokens, logits = self.model.run_stage(self.k, x)
         return logits if self.last else (tokens, logits)
 
 

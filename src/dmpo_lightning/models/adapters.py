@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
+from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -25,6 +26,7 @@ PeftMethod = Literal["adaptformer", "lora", "vpt", "linear", "full"]
 PEFT_METHODS: tuple[str, ...] = get_args(PeftMethod)
 
 _BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+_EVA_BLOCK_ATTRS = ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma_2", "drop_path2")
 
 
 def _check_positive_int(value: int, name: str) -> None:
@@ -44,11 +46,13 @@ class AdaptFormerBlock(nn.Module):
     ``x <- x + drop_path2(ls2(mlp(norm2(x)))) + scale * peft_up(dropout(relu(peft_down(x))))``.
     The adapter reads the residual stream (not ``norm2(x)``), as in AdaptFormer (Chen et al., NeurIPS 2022).
     ``peft_down`` keeps ``nn.Linear``'s Kaiming-uniform init with a zero bias and ``peft_up`` is all zeros,
-    exactly AdaptFormer's "lora" init, so the wrapped block equals the base block at step 0.
+    exactly AdaptFormer's "lora" init, so the wrapped block equals the base block at step 0. timm's
+    ``EvaBlock`` (EVA02: layer scale ``gamma_1``/``gamma_2``, rotary embedding ``rope``) is wrapped the same
+    way.
 
     Args:
-        base_layer: The timm :class:`~timm.models.vision_transformer.Block` to wrap (kept, frozen by
-            :func:`inject_peft`).
+        base_layer: The timm :class:`~timm.models.vision_transformer.Block` or ``EvaBlock`` to wrap (kept,
+            frozen by :func:`inject_peft`).
         rank: Bottleneck width ``r``.
         scale: Multiplier ``s`` of the adapter branch.
         dropout: Dropout after the ReLU (AdaptFormer's placement).
@@ -65,20 +69,23 @@ class AdaptFormerBlock(nn.Module):
         # A parallel branch needs the residual stream between the attention and MLP halves, which a
         # wrapper can only reach by re-running the block's own submodules; that is only correct for blocks
         # whose forward is exactly timm's Block.forward (pinned by the identity test).
-        if not isinstance(base_layer, Block) or type(base_layer).forward is not Block.forward:
+        self.eva = isinstance(base_layer, EvaBlock) and type(base_layer).forward is EvaBlock.forward
+        plain = isinstance(base_layer, Block) and type(base_layer).forward is Block.forward
+        if not self.eva and not plain:
             raise TypeError(
-                "AdaptFormerBlock wraps timm.models.vision_transformer.Block (pre-norm ViT block) only, "
-                f"got {type(base_layer).__name__}"
+                "AdaptFormerBlock wraps the pre-norm blocks timm.models.vision_transformer.Block and "
+                f"timm.models.eva.EvaBlock only, got {type(base_layer).__name__}"
             )
-        missing = [a for a in _BLOCK_ATTRS if not hasattr(base_layer, a)]
+        missing = [a for a in (_EVA_BLOCK_ATTRS if self.eva else _BLOCK_ATTRS) if not hasattr(base_layer, a)]
         if missing:
             raise TypeError(f"block lacks the submodules AdaptFormer needs: {missing}")
         _check_positive_int(rank, "rank")
         if not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         _check_dropout(dropout)
-        dim = base_layer.norm1.weight.shape[0]
-        factory = {"device": base_layer.norm1.weight.device, "dtype": base_layer.norm1.weight.dtype}
+        norm1: nn.LayerNorm = base_layer.norm1  # type: ignore[assignment]
+        dim = int(norm1.weight.shape[0])
+        factory: dict[str, Any] = {"device": norm1.weight.device, "dtype": norm1.weight.dtype}
         self.base_layer = base_layer
         self.rank = rank
         self.scale = float(scale)
@@ -96,10 +103,50 @@ class AdaptFormerBlock(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """Run the block with the adapter beside its MLP (same arguments as timm's ``Block.forward``)."""
-        b = self.base_layer
+        b: Any = self.base_layer
+        if self.eva:
+            return self._eva_forward(x, None, attn_mask, is_causal)
         x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         x = x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))) + self.adapter(x)
         return x
+
+
+    def _eva_forward(
+        self, x: Tensor, rope: Tensor | None, attn_mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """``EvaBlock.forward`` with the adapter beside the MLP (layer scales ``gamma_1``/``gamma_2``)."""
+        b: Any = self.base_layer
+        x_attn = b.attn(b.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        x = x + b.drop_path1(x_attn if b.gamma_1 is None else b.gamma_1 * x_attn)
+        x_mlp = b.mlp(b.norm2(x))
+        return x + b.drop_path2(x_mlp if b.gamma_2 is None else b.gamma_2 * x_mlp) + self.adapter(x)
+
+
+class EvaAdaptFormerBlock(AdaptFormerBlock):
+    """:class:`AdaptFormerBlock` around timm's ``EvaBlock`` (EVA02), with its arguments (``rope`` first).
+
+    Raises:
+        TypeError: If ``base_layer`` is not a plain timm ``EvaBlock``.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, rank: int = 64, scale: float = 0.1, dropout: float = 0.0
+    ) -> None:
+        if not isinstance(base_layer, EvaBlock) or type(base_layer).forward is not EvaBlock.forward:
+            raise TypeError(
+                f"EvaAdaptFormerBlock wraps timm.models.eva.EvaBlock only, got {type(base_layer).__name__}"
+            )
+        super().__init__(base_layer, rank=rank, scale=scale, dropout=dropout)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        rope: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """Run the block with the adapter beside its MLP (same arguments as timm's ``EvaBlock.forward``)."""
+        return self._eva_forward(x, rope, attn_mask, is_causal)
 
 
 class LoRALinear(nn.Module):
@@ -197,8 +244,17 @@ class PromptedBlock(nn.Module):
         self.peft_dropout = nn.Dropout(dropout)
         nn.init.uniform_(self.peft_prompts, -init_bound, init_bound)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        rope: Tensor | None = None,
+    ) -> Tensor:
         """Insert or replace the prompts after the prefix tokens, then run the wrapped block.
+
+        ``rope`` (RoPE backbones, EVA02) is passed on to the wrapped block; it covers the patch tokens only,
+        and :func:`inject_peft` counts the prompts among the attention's prefix tokens, which RoPE skips.
 
         Raises:
             ValueError: If the sequence is too short to hold the prompts (replace mode), or an attention
@@ -217,6 +273,8 @@ class PromptedBlock(nn.Module):
                     f"got {x.shape[1]}; was an inserting PromptedBlock run before this one?"
                 )
             x = torch.cat([x[:, :npt], prompts, x[:, npt + p :]], dim=1)
+        if rope is not None:
+            return self.base_layer(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is None and not is_causal:
             return self.base_layer(x)
         return self.base_layer(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -370,7 +428,8 @@ def inject_peft(
 
     if method == "adaptformer":
         for i in indices:
-            trunk[i] = AdaptFormerBlock(trunk[i], rank=rank, scale=scale, dropout=dropout)
+            kind = EvaAdaptFormerBlock if isinstance(trunk[i], EvaBlock) else AdaptFormerBlock
+            trunk[i] = kind(trunk[i], rank=rank, scale=scale, dropout=dropout)
             replaced.append(f"blocks.{i}")
     elif method == "lora":
         if isinstance(lora_targets, str) or not lora_targets:
@@ -386,6 +445,12 @@ def inject_peft(
                         )
                     _set_submodule(model, full_name, LoRALinear(sub, lora_rank, lora_alpha, dropout))
                     replaced.append(full_name)
+                    parent: Any = model.get_submodule(full_name.rpartition(".")[0])
+                    if sub_name.rpartition(".")[2] == "qkv" and getattr(parent, "q_bias", None) is not None:
+                        # timm's EvaAttention calls F.linear(x, qkv.weight, q/k/v bias), bypassing the qkv
+                        # module (and LoRA's update); its separate-bias path calls qkv(x) and adds the same
+                        # bias after, which equals the fused path exactly.
+                        parent.qkv_bias_separate = True
         if not replaced:
             linears = sorted({n for n, m in trunk[indices[0]].named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(
@@ -401,6 +466,12 @@ def inject_peft(
         dim = _token_dim(model, trunk[indices[0]])
         bound = _vpt_init_bound(model, dim)
         chosen = indices if deep_prompts else indices[:1]
+        # Attention layers that count prefix tokens themselves (timm's EvaAttention: RoPE rotates only the
+        # tokens after them) must count the prompts too, from the inserting block on.
+        for i in range(chosen[0], len(trunk)):
+            for sub in trunk[i].modules():
+                if isinstance(getattr(sub, "num_prefix_tokens", None), int) and sub is not trunk[i]:
+                    sub.num_prefix_tokens = npt + num_prompts  # type: ignore[assignment]
         for j, i in enumerate(chosen):
             trunk[i] = PromptedBlock(
                 trunk[i], dim, num_prompts, npt, insert=j == 0, init_bound=bound, dropout=dropout
@@ -445,6 +516,7 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
 __all__ = [
     "PEFT_METHODS",
     "AdaptFormerBlock",
+    "EvaAdaptFormerBlock",
     "LoRALinear",
     "PeftMethod",
     "PromptedBlock",

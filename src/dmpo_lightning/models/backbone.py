@@ -1,8 +1,9 @@
 """timm ViT backbones: building by name or local checkpoint, exit indices, and token-level access.
 
 This is the only module that touches timm internals (``_pos_embed`` and the embedding sub-modules of
-``VisionTransformer``). ``tests/test_backbone.py`` pins the manual block loop to timm's own
-``forward_features`` so a timm change that breaks it is caught at once.
+``VisionTransformer`` and ``Eva``, and the rotary embedding Eva blocks take). ``tests/test_backbone.py`` and
+``tests/test_backbones.py`` pin the manual block loop to timm's own ``forward_features`` /
+``forward_intermediates`` so a timm change that breaks it is caught at once.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ __all__ = [
     "check_backbone_name",
     "describe_checkpoint",
     "embed_tokens",
+    "embed_tokens_and_rope",
     "explicit_attention",
     "num_prefix_tokens",
     "resolve_exit_blocks",
+    "rope_embedding",
+    "run_blocks",
+    "uses_rope",
 ]
 
 
@@ -155,8 +160,10 @@ def build_backbone(
     """Create a timm vision transformer without a classifier.
 
     Args:
-        name: Any ``timm.create_model`` name of the ViT/DeiT family, with an optional pretrained tag
-            (``vit_base_patch16_224.augreg_in21k``).
+        name: A ``timm.create_model`` name of a ``VisionTransformer`` (ViT, DeiT incl. distilled, DINOv2
+            with or without registers, SigLIP, ``*_gap_*``, ``class_token=False``) or ``Eva`` (EVA02, RoPE
+            ViTs) model, with an optional pretrained tag (``vit_base_patch16_224.augreg_in21k``); see
+            docs/backbones.md.
         pretrained: Load the pretrained weights of ``name`` (downloads through timm / the HF hub).
         checkpoint_path: A local timm checkpoint file (``.pth``/``.bin``/``.safetensors``/``.npz``) to load
             instead of downloading; implies ``pretrained``. The classifier is dropped and position embeddings
@@ -171,8 +178,9 @@ def build_backbone(
         The timm model with ``num_classes=0`` (its ``head`` is an identity).
 
     Raises:
-        ValueError: If the name is unknown to timm, the model is not a token-based ViT with ``blocks``, or
-            ``img_size`` is not a multiple of the patch size.
+        ValueError: If the name is unknown to timm, the model is not one of the supported classes
+            (hierarchical Swin, NaFlexViT and CNNs are refused), or ``img_size`` is not a multiple of the
+            patch size.
         FileNotFoundError: If ``checkpoint_path`` does not exist.
     """
     kwargs: dict[str, Any] = dict(model_kwargs or {})
@@ -226,13 +234,93 @@ def build_backbone(
         builds = _architecture(model)
         if (holds["depth"], holds["embed_dim"]) != (builds["depth"], builds["embed_dim"]):
             raise _checkpoint_mismatch(name, checkpoint_path, holds, builds)
-    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
-        raise ValueError(
-            f"backbone {name!r} is a {type(model).__name__}, not a token-based vision transformer; "
-            "supported are timm VisionTransformer models (ViT, DeiT, ...)"
-        )
+    _check_supported_class(name, model)
     _check_patch_divisibility(name, model)
     return model
+
+
+def _check_supported_class(name: str, model: nn.Module) -> None:
+    """Refuse timm models whose token path the manual block loop does not reproduce."""
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    kind = type(model).__name__
+    if isinstance(model, (VisionTransformer, Eva)):
+        if isinstance(model, Eva) and model.rope is not None and getattr(model, "dynamic_img_size", False):
+            raise ValueError(
+                f"backbone {name!r} with dynamic_img_size=True is not supported: its rotary position "
+                "embedding depends on each input's grid, which the later early-exit stages do not see; drop "
+                "dynamic_img_size from backbone_kwargs (images are resized to img_size anyway)"
+            )
+        return
+    if not hasattr(model, "patch_embed") and not hasattr(model, "blocks"):
+        why = "it is not a vision transformer (no patch tokens; a CNN works on feature maps)"
+    elif hasattr(model, "layers") or "Swin" in kind:
+        why = "it is hierarchical (stages of shrinking token grids, no one token sequence for exits to read)"
+    else:
+        why = "its token path differs from VisionTransformer's and Eva's, which MultiExitViT reproduces"
+    raise ValueError(
+        f"backbone {name!r} is a {kind}, not a token-based vision transformer MultiExitViT supports: {why}; "
+        "supported are timm VisionTransformer (ViT, DeiT, DINOv2, SigLIP, *_gap_*, ...) and Eva (EVA02)"
+    )
+
+
+def _is_eva(backbone: nn.Module) -> bool:
+    from timm.models.eva import Eva
+
+    return isinstance(backbone, Eva)
+
+
+def uses_rope(backbone: nn.Module) -> bool:
+    """Whether the backbone's blocks take a rotary position embedding (timm ``Eva`` with ``rope``)."""
+    return getattr(backbone, "rope", None) is not None
+
+
+def rope_embedding(backbone: nn.Module) -> torch.Tensor | None:
+    """The rotary position embedding every block of a RoPE backbone takes, for its fixed patch grid.
+
+    What timm's ``Eva._pos_embed`` returns without patch dropout (eval mode); ``None`` without RoPE.
+    """
+    rope: Any = getattr(backbone, "rope", None)
+    if rope is None:
+        return None
+    if hasattr(rope, "feat_shape"):
+        return rope.get_embed()
+    model: Any = backbone
+    return rope.get_embed(shape=model.patch_embed.grid_size)
+
+
+def embed_tokens_and_rope(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image ``[B, C, H, W]`` to the tokens the first block sees ``[B, N, D]`` and the RoPE embedding.
+
+    Mirrors the first lines of ``VisionTransformer.forward_features`` and ``Eva.forward_features``
+    (timm 1.0): the rotary embedding is ``None`` for backbones without RoPE.
+    """
+    if _is_eva(backbone):
+        model: Any = backbone
+        x = model.patch_embed(x)
+        x, rope = model._pos_embed(x)  # Eva: patch dropout is applied inside, to tokens and rope
+        return model.norm_pre(x), rope
+    return embed_tokens(backbone, x), None
+
+
+def run_blocks(
+    backbone: nn.Module, tokens: torch.Tensor, start: int, stop: int, rope: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run blocks ``start..stop-1`` (0-based) on tokens, passing the RoPE embedding where blocks take it.
+
+    Reproduces the block loop of timm's ``forward_features`` (``rope_mixed`` Eva models: one embedding
+    per block, ``rope[i]``).
+    """
+    blocks: Any = backbone.blocks
+    if rope is None:
+        for block in blocks[start:stop]:
+            tokens = block(tokens)
+        return tokens
+    mixed = bool(getattr(backbone, "rope_mixed", False))
+    for i in range(start, stop):
+        tokens = blocks[i](tokens, rope=rope[i] if mixed else rope)
+    return tokens
 
 
 def backbone_depth(backbone: nn.Module) -> int:
@@ -248,8 +336,11 @@ def num_prefix_tokens(backbone: nn.Module) -> int:
 def embed_tokens(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Image ``[B, C, H, W]`` to the token sequence the first block sees ``[B, N, D]``.
 
-    Mirrors the first lines of ``VisionTransformer.forward_features`` (timm 1.0).
+    Mirrors the first lines of ``VisionTransformer.forward_features`` (timm 1.0); for RoPE backbones use
+    :func:`embed_tokens_and_rope`, whose embedding the blocks need too.
     """
+    if _is_eva(backbone):
+        return embed_tokens_and_rope(backbone, x)[0]
     x = backbone.patch_embed(x)
     x = backbone._pos_embed(x)
     x = backbone.patch_drop(x)

@@ -91,6 +91,8 @@ class LinearHead(nn.Module):
         dropout: Dropout before the classifier.
         class_token: Whether the first prefix token is a class token (``False`` for timm models built with
             ``class_token=False``, whose prefix tokens are registers or prompts).
+        norm_after_pool: ``"avg"`` only: pool first, then normalise the pooled token, as timm's ``fc_norm``
+            does in models that average-pool (``*_gap_*``, ``class_token=False``, EVA02).
 
     Raises:
         ValueError: For bad sizes, an unknown ``pool``, or ``"token"`` pooling without a class token.
@@ -105,6 +107,7 @@ class LinearHead(nn.Module):
         norm: bool = True,
         dropout: float = 0.0,
         class_token: bool = True,
+        norm_after_pool: bool = False,
     ) -> None:
         super().__init__()
         _check_sizes(dim, num_classes, num_prefix_tokens)
@@ -121,6 +124,7 @@ class LinearHead(nn.Module):
         self.dim = dim
         self.num_prefix_tokens = num_prefix_tokens
         self.pool = pool
+        self.norm_after_pool = bool(norm_after_pool) and pool == "avg"
         self.norm: nn.Module = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(dim, num_classes)
@@ -148,9 +152,100 @@ class LinearHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, C]`` from tokens ``[B, N, D]``."""
         _check_tokens(x, self.dim, self.num_prefix_tokens, need_patches=self.pool == "avg")
+        if self.norm_after_pool:
+            return self.fc(self.drop(self.norm(x[:, self.num_prefix_tokens :].mean(dim=1))))
         x = self.norm(x)
         pooled = x[:, 0] if self.pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
         return self.fc(self.drop(pooled))
+
+
+class DistilledHead(LinearHead):
+    """The head of timm's distilled DeiT: the mean of a class-token and a distillation-token classifier.
+
+    Both read the tokens after the final LayerNorm; the distillation token is the second prefix token.
+
+    This is what ``VisionTransformerDistilled.forward_head`` returns in eval mode and in training without
+    ``set_distilled_training`` (``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``); there is no separate
+    distillation-token loss.
+
+    Args:
+        dim: Token width ``D``.
+        num_classes: Number of classes ``C``.
+        num_prefix_tokens: Leading non-patch tokens (class, distillation, prompts); at least 2.
+        dropout: Dropout before both classifiers.
+
+    Raises:
+        ValueError: For bad sizes or fewer than two prefix tokens.
+    """
+
+    def __init__(self, dim: int, num_classes: int, num_prefix_tokens: int, dropout: float = 0.0) -> None:
+        super().__init__(dim, num_classes, num_prefix_tokens, pool="token", dropout=dropout)
+        if num_prefix_tokens < 2:
+            raise ValueError(
+                f"a distilled head reads the class and distillation tokens, but num_prefix_tokens="
+                f"{num_prefix_tokens}; it needs at least 2"
+            )
+        self.fc_dist = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, C]``: mean of the class-token and distillation-token classifiers."""
+        _check_tokens(x, self.dim, self.num_prefix_tokens, need_patches=False)
+        x = self.norm(x[:, :2])
+        return 0.5 * (self.fc(self.drop(x[:, 0])) + self.fc_dist(self.drop(x[:, 1])))
+
+
+class AttentionPoolHead(nn.Module):
+    """The head of timm models with attention pooling (``global_pool='map'``, SigLIP).
+
+    Final LayerNorm, the backbone's own attention pool (``attn_pool``, a latent query attending to the
+    tokens), ``fc_norm``, then a Linear, as ``VisionTransformer.forward_features`` + ``forward_head``.
+
+    Args:
+        attn_pool: The backbone's attention-pool module (moved here with its weights).
+        dim: Token width ``D``.
+        num_classes: Number of classes ``C``.
+        num_prefix_tokens: Leading non-patch tokens (registers, prompts); excluded from the pool unless
+            ``include_prefix``.
+        include_prefix: Pool over all tokens (timm's ``pool_include_prefix``).
+        fc_norm: Apply a LayerNorm to the pooled token (timm's ``fc_norm``).
+        dropout: Dropout before the classifier.
+
+    Raises:
+        ValueError: For bad sizes.
+    """
+
+    def __init__(
+        self,
+        attn_pool: nn.Module,
+        dim: int,
+        num_classes: int,
+        num_prefix_tokens: int,
+        *,
+        include_prefix: bool = False,
+        fc_norm: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_sizes(dim, num_classes, num_prefix_tokens)
+        _check_dropout(dropout)
+        self.dim = dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.include_prefix = include_prefix
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.attn_pool = attn_pool
+        self.fc_norm: nn.Module = nn.LayerNorm(dim, eps=1e-6) if fc_norm else nn.Identity()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+
+    init_norm_from = LinearHead.init_norm_from
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from tokens ``[B, N, D]``."""
+        _check_tokens(x, self.dim, self.num_prefix_tokens, need_patches=not self.include_prefix)
+        x = self.norm(x)
+        if not self.include_prefix:
+            x = x[:, self.num_prefix_tokens :]
+        return self.fc(self.drop(self.fc_norm(self.attn_pool(x))))
 
 
 def _conv_out(size: int) -> int:
@@ -433,7 +528,9 @@ class ExitHead(nn.Module):
 
 __all__ = [
     "PREDICTOR_KINDS",
+    "AttentionPoolHead",
     "Bypass",
+    "DistilledHead",
     "ExitHead",
     "ISqrtCovHead",
     "LinearHead",

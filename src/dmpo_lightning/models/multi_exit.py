@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -18,12 +18,21 @@ from dmpo_lightning.evaluation.exit_rules import ExitRule
 from dmpo_lightning.models.adapters import PeftMethod, inject_peft, num_prompt_tokens
 from dmpo_lightning.models.backbone import (
     backbone_depth,
-    embed_tokens,
+    embed_tokens_and_rope,
     num_prefix_tokens,
     resolve_exit_blocks,
+    rope_embedding,
+    run_blocks,
 )
 from dmpo_lightning.models.exit_policy import ExitPolicy, Scorer
-from dmpo_lightning.models.heads import Bypass, ExitHead, build_predictor
+from dmpo_lightning.models.heads import (
+    AttentionPoolHead,
+    Bypass,
+    DistilledHead,
+    ExitHead,
+    LinearHead,
+    build_predictor,
+)
 
 __all__ = ["EarlyExitOutput", "ExitPolicy", "ExitRule", "HeadKind", "MultiExitViT", "Scorer", "eval_mode"]
 
@@ -73,8 +82,8 @@ class MultiExitViT(nn.Module):
     from the unmodified tokens (the decoupling of DMPO).
 
     Args:
-        backbone: A timm ``VisionTransformer`` built with ``num_classes=0``
-            (:func:`~dmpo_lightning.models.backbone.build_backbone`).
+        backbone: A timm ``VisionTransformer`` or ``Eva`` built with ``num_classes=0``
+            (:func:`~dmpo_lightning.models.backbone.build_backbone`; families in docs/backbones.md).
         num_classes: Classes of every exit.
         exit_blocks: Exit positions (see :func:`~dmpo_lightning.models.backbone.resolve_exit_blocks`).
         require_last_exit: Require the last exit after the last block.
@@ -91,8 +100,11 @@ class MultiExitViT(nn.Module):
         bypass_dim: Bypass bottleneck width (``None`` = D / 4).
         detach_trunk: Stop early exits' gradients from reaching the trunk (ablation).
         early_head: Predictor of the early exits.
-        final_head: Predictor of the last exit (``linear`` = the backbone's LayerNorm + Linear).
-        head_pool: Pooling of ``linear`` predictors: class token or mean of patch tokens.
+        final_head: Predictor of the last exit (``linear`` = the backbone's own head: its final norm, then
+            SigLIP's attention pool, DeiT's class + distillation token classifiers, or the pooling of
+            ``head_pool`` (``avg`` with timm's ``fc_norm`` after the mean), then a new Linear).
+        head_pool: Pooling of ``linear`` predictors: class token or mean of patch tokens (not used by an
+            attention-pool final head).
         moment_dim: Projection width of the ``moment`` predictor.
         moment_groups: Channel groups of the ``moment`` predictor.
         cov_dim: Reduced width d of the ``isqrt_cov`` predictor.
@@ -134,32 +146,32 @@ class MultiExitViT(nn.Module):
                 f"num_classes must be an integer >= 2 (a classifier needs at least two classes), got "
                 f"{num_classes!r}; set num_classes to the dataset's class count"
             )
-        if getattr(backbone, "rope", None) is not None:
-            name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
-            raise ValueError(
-                f"peft={peft!r} is not supported on backbone {name!r}: it uses rotary position embeddings "
-                "(RoPE), which every block needs as an extra input that MultiExitViT's block loop does not "
-                "pass; use a ViT/DeiT backbone with learned position embeddings (e.g. vit_base_patch16_224)"
-            )
         self.backbone = backbone
         self.num_classes = num_classes
         self.exit_blocks = resolve_exit_blocks(
             exit_blocks, backbone_depth(backbone), require_last=require_last_exit
         )
         self.peft_method = peft
-        self.peft_modules = inject_peft(
-            backbone,
-            peft,
-            rank=adapter_dim,
-            scale=adapter_scale,
-            dropout=adapter_dropout,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_targets=tuple(lora_targets),
-            num_prompts=vpt_prompts,
-            deep_prompts=vpt_deep,
-            num_prefix_tokens=num_prefix_tokens(backbone),
-        )
+        try:
+            self.peft_modules = inject_peft(
+                backbone,
+                peft,
+                rank=adapter_dim,
+                scale=adapter_scale,
+                dropout=adapter_dropout,
+                lora_rank=lora_rank,
+                lora_alpha=lora_alpha,
+                lora_targets=tuple(lora_targets),
+                num_prompts=vpt_prompts,
+                deep_prompts=vpt_deep,
+                num_prefix_tokens=num_prefix_tokens(backbone),
+            )
+        except TypeError as err:  # a block or layer kind the method cannot wrap
+            name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
+            raise ValueError(
+                f"peft={peft!r} is not supported on backbone {name!r} ({type(backbone.blocks[0]).__name__} "
+                f"blocks): {err}; choose another peft method or backbone"
+            ) from err
         dim = int(backbone.embed_dim)
         # VPT prompt tokens travel with the class token; heads must treat them as prefix tokens.
         prefix = num_prefix_tokens(backbone) + num_prompt_tokens(backbone)
@@ -167,7 +179,12 @@ class MultiExitViT(nn.Module):
         # Models without a class token (timm's *_gap_* models, e.g. with register tokens) have no token to
         # pool: their prefix tokens are registers or prompts. Heads pool the patch tokens there, as timm does.
         class_token = getattr(backbone, "cls_token", None) is not None
-        if head_pool == "token" and not class_token and (early_head == "linear" or final_head == "linear"):
+        # The final linear exit is the backbone's own head: attention pooling (SigLIP's attn_pool) and
+        # DeiT's class + distillation token classifiers are kept; otherwise the final norm + a new Linear.
+        attn_pool = getattr(backbone, "attn_pool", None) if final_head == "linear" else None
+        distilled = getattr(backbone, "dist_token", None) is not None and head_pool == "token"
+        token_pooled = early_head == "linear" or (final_head == "linear" and attn_pool is None)
+        if head_pool == "token" and not class_token and token_pooled:
             raise ValueError(
                 f"head_pool='token' needs a class token, but the backbone has none (its "
                 f"{num_prefix_tokens(backbone)} prefix token(s) are registers, and VPT prompts follow them); "
@@ -186,16 +203,12 @@ class MultiExitViT(nn.Module):
         for k in range(len(self.exit_blocks)):
             last = k == len(self.exit_blocks) - 1
             kind = final_head if last else early_head
-            predictor = build_predictor(kind, dim, num_classes, prefix, **predictor_options)
             if last and kind == "linear":
-                # The final exit is the backbone's own head: its final LayerNorm (pre-trained) + a new Linear.
-                norm = (
-                    backbone.fc_norm
-                    if head_pool == "avg" and not isinstance(backbone.fc_norm, nn.Identity)
-                    else backbone.norm
+                predictor = self._final_linear_head(
+                    backbone, attn_pool, distilled, dim, num_classes, prefix, head_pool, predictor_options
                 )
-                if isinstance(norm, nn.LayerNorm):
-                    predictor.init_norm_from(norm)
+            else:
+                predictor = build_predictor(kind, dim, num_classes, prefix, **predictor_options)
             exits.append(
                 ExitHead(
                     predictor,
@@ -210,16 +223,78 @@ class MultiExitViT(nn.Module):
             p.requires_grad_(False)
         for p in backbone.fc_norm.parameters():
             p.requires_grad_(False)
+        unused_pool: nn.Module | None = getattr(backbone, "attn_pool", None)
+        if unused_pool is not None:  # still in the backbone: the final exit is not the linear head
+            for p in unused_pool.parameters():
+                p.requires_grad_(False)
+
+    @staticmethod
+    def _final_linear_head(
+        backbone: nn.Module,
+        attn_pool: nn.Module | None,
+        distilled: bool,
+        dim: int,
+        num_classes: int,
+        prefix: int,
+        head_pool: str,
+        options: dict,
+    ) -> nn.Module:
+        """The last exit's ``linear`` predictor: the backbone's own head (pre-trained norms, new Linear).
+
+        - attention pooling (``global_pool='map'``, SigLIP): the final norm, the backbone's ``attn_pool``
+          (moved out of the backbone into the head; it trains with the trunk: only for ``peft='full'``),
+          ``fc_norm``, Linear;
+        - distilled DeiT with ``head_pool='token'``: mean of the class- and distillation-token classifiers;
+        - ``head_pool='avg'`` with timm's ``fc_norm`` (``*_gap_*``, ``class_token=False``, EVA02): mean of the
+          patch tokens, then ``fc_norm``; otherwise the final norm, then the class token or the mean.
+        """
+        fc_norm: Any = backbone.fc_norm
+        model: Any = backbone
+        head: Any
+        if attn_pool is not None:
+            head = AttentionPoolHead(
+                attn_pool,
+                dim,
+                num_classes,
+                prefix,
+                # timm's Eva pools over every token; VisionTransformer skips the prefix tokens by default
+                include_prefix=bool(getattr(backbone, "pool_include_prefix", hasattr(backbone, "rope"))),
+                fc_norm=not isinstance(fc_norm, nn.Identity),
+                dropout=options["dropout"],
+            )
+            model.attn_pool = None  # one owner: the head (the backbone's forward_head is never used)
+            if isinstance(fc_norm, nn.LayerNorm):
+                head.fc_norm.load_state_dict(fc_norm.state_dict())
+                head.fc_norm.eps = fc_norm.eps
+            norm = backbone.norm
+        elif distilled:
+            head, norm = DistilledHead(dim, num_classes, prefix, dropout=options["dropout"]), backbone.norm
+        elif head_pool == "avg" and not isinstance(fc_norm, nn.Identity):
+            head = LinearHead(
+                dim,
+                num_classes,
+                prefix,
+                pool="avg",
+                dropout=options["dropout"],
+                class_token=options["class_token"],
+                norm_after_pool=True,
+            )
+            norm = fc_norm
+        else:
+            head, norm = build_predictor("linear", dim, num_classes, prefix, **options), backbone.norm
+        if isinstance(norm, nn.LayerNorm):
+            head.init_norm_from(norm)
+        return head
 
     @property
     def num_exits(self) -> int:
         """Number of exits K."""
         return len(self.exit_blocks)
 
-    def _trunk(self, tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        for block in self.backbone.blocks[start:stop]:
-            tokens = block(tokens)
-        return tokens
+    def _trunk(
+        self, tokens: torch.Tensor, start: int, stop: int, rope: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return run_blocks(self.backbone, tokens, start, stop, rope)
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """Logits of every exit (training and evaluation).
@@ -235,18 +310,19 @@ class MultiExitViT(nn.Module):
         last = self.num_exits - 1 if upto is None else upto
         if not 0 <= last < self.num_exits:
             raise ValueError(f"upto={upto} is out of range: allowed are 0..{self.num_exits - 1} or None")
-        tokens = embed_tokens(self.backbone, x)
+        tokens, rope = embed_tokens_and_rope(self.backbone, x)
         outputs = []
         start = 0
         for k in range(last + 1):
-            tokens = self._trunk(tokens, start, self.exit_blocks[k])
+            tokens = self._trunk(tokens, start, self.exit_blocks[k], rope)
             start = self.exit_blocks[k]
             outputs.append(self.exits[k](tokens))
         return outputs
 
     def forward_static(self, x: torch.Tensor) -> torch.Tensor:
         """The full model without early exits: all blocks and the final head only (cost F_full)."""
-        tokens = self._trunk(embed_tokens(self.backbone, x), 0, self.exit_blocks[-1])
+        tokens, rope = embed_tokens_and_rope(self.backbone, x)
+        tokens = self._trunk(tokens, 0, self.exit_blocks[-1], rope)
         return self.exits[-1](tokens)
 
     def run_stage(
@@ -265,9 +341,12 @@ class MultiExitViT(nn.Module):
         Returns:
             ``(tokens after block e_k, logits of exit k or None)``.
         """
-        tokens = embed_tokens(self.backbone, inputs) if k == 0 else inputs
+        if k == 0:
+            tokens, rope = embed_tokens_and_rope(self.backbone, inputs)
+        else:  # RoPE backbones: the embedding of the fixed patch grid (stages run in eval mode)
+            tokens, rope = inputs, rope_embedding(self.backbone)
         start = 0 if k == 0 else self.exit_blocks[k - 1]
-        tokens = self._trunk(tokens, start, self.exit_blocks[k])
+        tokens = self._trunk(tokens, start, self.exit_blocks[k], rope)
         return tokens, (self.exits[k](tokens) if head else None)
 
     def early_exit_policy(
