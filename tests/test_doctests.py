@@ -14,7 +14,7 @@ MODULES = [
     "dmpo_lightning.models.heads",
     "dmpo_lightning.models.adapters",
     "dmpo_lightning.evaluation.protocol",
-    "dmpo_lightning.evaluation.exit_rules",
+    "dmpo_lightning.models.exit_rules",
     "dmpo_lightning.evaluation.metrics",
     "dmpo_lightning.evaluation.report",
 ]

@@ -27,7 +27,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_calibration_error
 from torchmetrics.utilities import dim_zero_cat
 
-from dmpo_lightning.evaluation.exit_rules import stack_exit_logits
+from dmpo_lightning.models.exit_rules import stack_exit_logits
 
 __all__ = [
     "CALIBRATION_METHODS",

@@ -3,7 +3,7 @@
 Everything here is pure torch on cached per-exit outputs, vectorised over samples and over values of q
 (chunked over q only to bound memory); the only Python loop is over the K exits. Notation follows
 ``shared/design/EVALUATION.md``: ``scores [N, K]`` (higher = more confident, see
-:mod:`~dmpo_lightning.evaluation.exit_rules`), ``correct [N, K]`` (bool, prediction == label),
+:mod:`~dmpo_lightning.models.exit_rules`), ``correct [N, K]`` (bool, prediction == label),
 ``costs [K]`` (``C_k``, the cumulative cost of a sample leaving at exit k, any unit) and ``full_cost``
 (``F_full``, same unit). Exits are 0-based in tensors and 1-based in the design document's formulas.
 """
@@ -403,7 +403,7 @@ def topk_correct(logits: Tensor | Sequence[Tensor], labels: Tensor, k: int = 5) 
     Returns:
         ``[N, K]`` bool.
     """
-    from dmpo_lightning.evaluation.exit_rules import stack_exit_logits
+    from dmpo_lightning.models.exit_rules import stack_exit_logits
 
     stacked = stack_exit_logits(logits)
     if labels.shape != stacked.shape[:1]:

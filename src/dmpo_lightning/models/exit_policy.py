@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from dmpo_lightning.evaluation.exit_rules import EXIT_RULES, ExitRule, exit_score_step
+from dmpo_lightning.models.exit_rules import EXIT_RULES, ExitRule, exit_score_step
 
 __all__ = ["ExitPolicy", "Scorer", "check_thresholds"]
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dmpo_lightning.constants import EXITS_ATTR, PEFT_PREFIX
-from dmpo_lightning.evaluation.exit_rules import ExitRule
+from dmpo_lightning.models.exit_rules import ExitRule
 from dmpo_lightning.models.adapters import PeftMethod, inject_peft, num_prompt_tokens
 from dmpo_lightning.models.backbone import (
     backbone_depth,
