@@ -38,6 +38,7 @@ from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
 from dmpo_lightning.evaluation.metrics import ExitOutputsCollector
 from dmpo_lightning.losses import distillation_losses, exit_cross_entropies, weighted_sum
+from dmpo_lightning.models.adapters import PeftMethod
 from dmpo_lightning.models.backbone import build_backbone
 from dmpo_lightning.models.multi_exit import EarlyExitOutput, ExitRule, HeadKind, MultiExitViT
 from dmpo_lightning.optim import default_optimizer, param_groups, warmup_cosine
@@ -51,7 +52,6 @@ from dmpo_lightning.serialization import (
 
 __all__ = ["DMPOModule", "weights_from_checkpoint"]
 
-PeftMethod = Literal["adaptformer", "lora", "vpt", "linear", "full"]
 
 _WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "dmpo_weights_from_checkpoint", default=False

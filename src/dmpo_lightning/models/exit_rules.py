@@ -2,27 +2,97 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, get_args
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["EXIT_RULES", "ExitRule", "exit_score_step", "exit_scores", "stack_exit_logits"]
+from dmpo_lightning.models.registry import Registry
 
-ExitRule = Literal["confidence", "entropy", "patience"]
-"""How an exit's confidence is scored (higher = more confident; a sample leaves when score >= threshold)."""
-
-EXIT_RULES: tuple[str, ...] = get_args(ExitRule)
-"""The allowed values of :data:`ExitRule`."""
+__all__ = [
+    "EXIT_RULES",
+    "EXIT_RULE_REGISTRY",
+    "ExitRule",
+    "ExitRuleSpec",
+    "exit_score_step",
+    "exit_scores",
+    "is_local_rule",
+    "register_exit_rule",
+    "stack_exit_logits",
+]
 
 _LOG_CLAMP = 1e-30
 """Probabilities are clamped to this before the log of the entropy, so ``0 * log 0`` counts as 0."""
 
+RuleScore = Callable[[Tensor, Tensor], Tensor]
+"""``score(probs [B, C] float32, run [B] float) -> score [B]`` (higher = more confident)."""
+
+
+@dataclass(frozen=True)
+class ExitRuleSpec:
+    """A registered exit rule.
+
+    Attributes:
+        score: ``score(probs, run)``: the exit's score from its softmax ``probs [B, C]`` (float32) and
+            ``run [B]``, the number of consecutive exits up to this one whose prediction equals this one's.
+        local: The score depends on this exit's logits only (not on ``run``); a real early exit may then
+            skip the heads of disabled exits.
+    """
+
+    score: RuleScore
+    local: bool = True
+
+
+EXIT_RULE_REGISTRY: Registry[ExitRuleSpec] = Registry("exit rule")
+"""Every exit rule by name; add one with :func:`register_exit_rule` in this file."""
+
+
+def register_exit_rule(name: str, *, local: bool = True) -> Callable[[RuleScore], RuleScore]:
+    """Decorator registering ``score(probs, run) -> [B]`` as exit rule ``name`` (see :class:`ExitRuleSpec`).
+
+    The rule then serves the simulated protocol (:func:`exit_scores`), the real early exit and predict,
+    which all score through :func:`exit_score_step`. Register it in this file to make it one of the CLI's
+    ``exit_rule`` choices (the :data:`ExitRule` literal is built at the end of this file).
+    """
+
+    def add(score: RuleScore) -> RuleScore:
+        EXIT_RULE_REGISTRY.register(name)(ExitRuleSpec(score, local))
+        return score
+
+    return add
+
+
+@register_exit_rule("confidence")
+def _confidence(probs: Tensor, run: Tensor) -> Tensor:
+    """Maximum softmax probability, in ``(0, 1]`` (MSDNet's rule)."""
+    return probs.max(dim=-1).values
+
+
+@register_exit_rule("entropy")
+def _negative_entropy(probs: Tensor, run: Tensor) -> Tensor:
+    """Negative entropy ``sum_c p_c log p_c``, in ``[-log C, 0]`` (``0 log 0`` counts as 0)."""
+    return (probs * probs.clamp_min(_LOG_CLAMP).log()).sum(dim=-1)
+
+
+@register_exit_rule("patience", local=False)
+def _patience(probs: Tensor, run: Tensor) -> Tensor:
+    """Consecutive agreeing exits ending here (PABEE's rule)."""
+    return run
+
+
+def is_local_rule(rule: str) -> bool:
+    """Whether the rule's score at exit k depends on exit k's logits only.
+
+    Raises:
+        ValueError: If the rule is unknown.
+    """
+    return EXIT_RULE_REGISTRY.get(rule).local
+
 
 def _check_rule(rule: str) -> None:
-    if rule not in EXIT_RULES:
-        raise ValueError(f"unknown exit rule {rule!r}; allowed: {', '.join(repr(r) for r in EXIT_RULES)}")
+    EXIT_RULE_REGISTRY.check(rule)
 
 
 def stack_exit_logits(logits: Tensor | Sequence[Tensor]) -> Tensor:
@@ -83,7 +153,7 @@ def exit_score_step(
 
     Args:
         logits: Logits of one exit ``[B, C]``.
-        rule: ``confidence``, ``entropy`` or ``patience`` (see :func:`exit_scores`).
+        rule: A registered rule: ``confidence``, ``entropy``, ``patience`` (see :func:`exit_scores`), ...
         previous_pred: Prediction of the previous exit ``[B]`` (``None`` at the first exit).
         previous_run: ``run`` returned for the previous exit ``[B]`` (``None`` at the first exit).
 
@@ -110,12 +180,7 @@ def exit_score_step(
                 f"{tuple(previous_pred.shape)} and {tuple(previous_run.shape)}"
             )
         run = torch.where(pred == previous_pred, previous_run + 1, torch.ones_like(previous_run))
-    if rule == "confidence":
-        score = conf
-    elif rule == "entropy":
-        score = (probs * probs.clamp_min(_LOG_CLAMP).log()).sum(dim=-1)
-    else:
-        score = run
+    score = EXIT_RULE_REGISTRY.get(rule).score(probs, run)
     return score, pred, run
 
 
@@ -169,3 +234,14 @@ def exit_scores(logits: Tensor | Sequence[Tensor], rule: ExitRule = "confidence"
         scores.append(score)
         preds.append(prev_pred)
     return torch.stack(scores, dim=1), torch.stack(preds, dim=1)
+
+
+EXIT_RULES: tuple[str, ...] = EXIT_RULE_REGISTRY.names()
+"""The exit rules registered in this file (the CLI's choices)."""
+
+if TYPE_CHECKING:
+    ExitRule = str
+else:
+    ExitRule = EXIT_RULE_REGISTRY.literal()
+"""How an exit's confidence is scored (higher = more confident; a sample leaves when score >= threshold):
+``Literal`` of the rules registered above, so ``--help`` lists them and a typo is rejected."""

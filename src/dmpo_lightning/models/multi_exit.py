@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from dmpo_lightning.constants import EXITS_ATTR, PEFT_PREFIX
-from dmpo_lightning.models.exit_rules import ExitRule
 from dmpo_lightning.models.adapters import PeftMethod, inject_peft, num_prompt_tokens
 from dmpo_lightning.models.backbone import (
     backbone_depth,
@@ -23,11 +22,13 @@ from dmpo_lightning.models.backbone import (
     resolve_exit_blocks,
 )
 from dmpo_lightning.models.exit_policy import ExitPolicy, Scorer
-from dmpo_lightning.models.heads import Bypass, ExitHead, build_predictor
+from dmpo_lightning.models.exit_rules import ExitRule
+from dmpo_lightning.models.heads import Bypass, ExitHead, PredictorKind, build_predictor
 
 __all__ = ["EarlyExitOutput", "ExitPolicy", "ExitRule", "HeadKind", "MultiExitViT", "Scorer", "eval_mode"]
 
-HeadKind = Literal["linear", "moment", "isqrt_cov"]
+HeadKind = PredictorKind
+"""The registered predictors (:data:`~dmpo_lightning.models.heads.PredictorKind`; kept under this name)."""
 
 
 @dataclass
