@@ -176,3 +176,11 @@ def test_cli_help_lists_the_registered_names_and_rejects_a_typo():
     )
     assert typo.returncode != 0
     assert "Got value: lroa" in typo.stderr
+
+
+def test_dataset_literal_is_built_from_the_dataset_table():
+    from dmpo_lightning.data import BenchmarkDataModule
+    from dmpo_lightning.data.registry import DATASETS, DatasetName
+
+    assert get_args(DatasetName) == tuple(DATASETS)
+    assert get_type_hints(BenchmarkDataModule.__init__)["dataset"] is DatasetName
