@@ -397,6 +397,14 @@ def inject_peft(
         ValueError: For an unknown method, out-of-range options, a model that already carries PEFT
             wrappers, or targets that match nothing.
         TypeError: If the model has no ``blocks`` or a matched module cannot be wrapped.
+
+    Example:
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+        >>> inject_peft(vit, "lora", lora_rank=4)
+        ['blocks.0.attn.qkv', 'blocks.1.attn.qkv']
+        >>> sorted({n.split(".", 2)[2] for n, p in vit.named_parameters() if p.requires_grad})
+        ['attn.qkv.peft_lora_a.weight', 'attn.qkv.peft_lora_b.weight']
     """
     spec = PEFT_REGISTRY.get(method)
     _check_positive_int(rank, "rank")

@@ -412,6 +412,15 @@ def build_predictor(
 
     Raises:
         ValueError: For an unknown ``kind`` or invalid options.
+
+    Example:
+        >>> head = build_predictor("moment", 32, 10, 1, proj_dim=32, groups=4)
+        >>> head(torch.randn(2, 5, 32)).shape
+        torch.Size([2, 10])
+        >>> build_predictor("mlp", 32, 10, 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown predictor kind 'mlp'; allowed: linear, moment, isqrt_cov
     """
     spec = PREDICTOR_REGISTRY.get(kind)
     given = {
