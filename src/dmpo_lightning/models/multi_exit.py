@@ -407,6 +407,17 @@ class MultiExitViT(nn.Module):
                 groups["trunk"].append((name, p))
         return groups
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (``fnmatch`` patterns) trained without weight decay, besides 1-d ones and biases.
+
+        The trunk's own list (timm's ``no_weight_decay()``: position embedding, class/register tokens) and the
+        VPT prompts; read by :func:`dmpo_lightning.optim.param_groups` through timm's
+        ``param_groups_weight_decay``.
+        """
+        trunk = getattr(self.backbone, "no_weight_decay", None)
+        names = {f"backbone.{n}" for n in trunk()} if callable(trunk) else set()
+        return names | {f"*.{PEFT_PREFIX}prompts"}
+
     def count_parameters(self) -> dict[str, int]:
         """Trainable parameter counts per component, plus ``trainable`` and ``total``."""
         counts = {k: sum(p.numel() for _, p in v) for k, v in self.parameter_groups().items()}
