@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_data_fakes import write_food101, write_stanford_cars
+from support.fakes import write_food101, write_stanford_cars
 
 from dmpo_lightning.data import formats
 from dmpo_lightning.data.datasets import ImageListDataset
