@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -28,7 +28,11 @@ class _NamedParameters:
         return self._named
 
 
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+class _HasParameterGroups(Protocol):
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]: ...
+
+
+def param_groups(model: _HasParameterGroups) -> list[dict[str, Any]]:
     """Trainable parameters in groups by component (``trunk``, ``bypass``, ``heads``).
 
     Which parameters get no weight decay is timm's rule (:func:`timm.optim.param_groups_weight_decay`):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -600,6 +601,10 @@ def format_prediction_summary(summary: Mapping[str, Any], costs: ExitCosts, in_c
     return "\n".join(text)
 
 
+def _early_exit_all(module: Any, images: Sequence[torch.Tensor], thresholds: list[float]) -> list[Any]:
+    return [module.forward_early_exit(x, thresholds) for x in images]
+
+
 def time_early_exit(
     module: Any,
     images: Sequence[torch.Tensor],
@@ -658,10 +663,10 @@ def time_early_exit(
             for entry in budgets:
                 thresholds = [decode_float(t) for t in entry["thresholds"]]
                 engine = EarlyExitEngine(module, thresholds, batch_size=max(batch, 1))
-                paths = {
+                paths: dict[str, Callable[[], object]] = {
                     "full": lambda: [model.forward_static(x) for x in images],
-                    "early": lambda t=thresholds: [module.forward_early_exit(x, t) for x in images],
-                    "engine": lambda e=engine: e.run(images),
+                    "early": functools.partial(_early_exit_all, module, images, thresholds),
+                    "engine": functools.partial(engine.run, images),
                 }
                 exits = torch.cat([module.forward_early_exit(x, thresholds).exit_index for x in images])
                 for _ in range(warmup):

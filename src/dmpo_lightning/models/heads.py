@@ -349,6 +349,7 @@ class ISqrtCovHead(nn.Module):
             raise ValueError(f"reduce_dim must be a positive integer, got {reduce_dim!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        self.triu_index: Tensor
         self.dim = dim
         self.num_prefix_tokens = num_prefix_tokens
         self.iterations = iterations
