@@ -9,8 +9,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest
-import timm
 import torch
+from support.builders import TINY_VIT_KWARGS, make_tiny_vit  # noqa: F401  (TINY_VIT_KWARGS: old imports)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,13 +42,6 @@ def _isolate(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
 
 
-TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0)
-
-
-def make_tiny_vit(**overrides: object) -> torch.nn.Module:
-    """A depth-4, dim-32 timm ViT at 32x32 with random weights and no classifier."""
-    kwargs = {**TINY_VIT_KWARGS, **overrides}
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs)
 
 
 @pytest.fixture

@@ -101,8 +101,16 @@ def test_trainable_set_is_exactly_peft(tiny_vit, method):
     elif method == "full":
         assert _trainable(tiny_vit) == everything and peft == set()
     else:
-        assert peft and _trainable(tiny_vit) == peft
-        assert all(any(part.startswith(PEFT_PREFIX) for part in n.split(".")) for n in peft)
+        blocks = range(DEPTH)
+        expected = {
+            "adaptformer": {
+                f"blocks.{i}.peft_{a}.{w}" for i in blocks for a in ("down", "up") for w in ("weight", "bias")
+            },
+            "lora": {f"blocks.{i}.attn.qkv.peft_lora_{x}.weight" for i in blocks for x in "ab"},
+            "vpt": {f"blocks.{i}.peft_prompts" for i in blocks},  # deep VPT by default
+        }[method]
+        assert peft == expected and _trainable(tiny_vit) == expected
+        assert all(any(part.startswith(PEFT_PREFIX) for part in n.split(".")) for n in expected)
 
 
 def test_parameter_counts_match_formula(tiny_vit):

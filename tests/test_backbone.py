@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import TINY_VIT_KWARGS
+from support.builders import TINY_VIT_KWARGS
 
 from dmpo_lightning.models.backbone import (
     build_backbone,

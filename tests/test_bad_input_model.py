@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 from lightning.pytorch import Trainer
-from test_data_fakes import write_image_folder
+from support.fakes import write_image_folder
 from torch.utils.data import DataLoader
 
 from dmpo_lightning import BenchmarkDataModule, DMPOModule

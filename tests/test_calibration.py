@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_vit
+from support.builders import make_tiny_vit
 from torchmetrics.classification import MulticlassCalibrationError
 
 from dmpo_lightning.evaluation.calibration import (

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_fakes import write_cifar
+from support.fakes import write_cifar
 
 from dmpo_lightning.cli import main
 from dmpo_lightning.module import DMPOModule
@@ -103,7 +103,7 @@ def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
 def test_vit_cifar_recipe_runs_with_a_tiny_backbone_on_fake_cifar100(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = write_cifar(tmp_path / "cifar", "cifar100", per_batch=8)
-    main(
+    cli = main(
         [
             "fit",
             "-c",
@@ -121,6 +121,10 @@ def test_vit_cifar_recipe_runs_with_a_tiny_backbone_on_fake_cifar100(tmp_path, m
             "--test_after_fit=false",
         ]
     )
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert cli.datamodule.num_classes == cli.model.hparams.num_classes == 100
+    assert all(torch.isfinite(v) for k, v in cli.trainer.callback_metrics.items() if "loss" in k)
+    assert any("loss" in k for k in cli.trainer.callback_metrics)
 
 
 def _run(*args):

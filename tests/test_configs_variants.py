@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_data_fakes import (
+from support.fakes import (
     write_cifar,
     write_cub,
     write_fashion_mnist,
@@ -245,7 +245,7 @@ def test_experiment_trains_a_batch_on_cpu_with_the_tiny_backbone(name, tmp_path,
     monkeypatch.chdir(tmp_path)
     path = ROOT / "configs" / "experiments" / f"{name}.yaml"
     root = write_cifar(tmp_path / "cifar", "cifar100", per_batch=8)
-    main(
+    cli = main(
         [
             "fit",
             "-c",
@@ -261,3 +261,9 @@ def test_experiment_trains_a_batch_on_cpu_with_the_tiny_backbone(name, tmp_path,
             "--test_after_fit=false",
         ]
     )
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert cli.datamodule.num_classes == cli.model.hparams.num_classes == 100
+    expected_peft = _init_args(path).get("peft", "adaptformer")
+    assert cli.model.hparams.peft == expected_peft
+    losses = {k: v for k, v in cli.trainer.callback_metrics.items() if "loss" in k}
+    assert losses and all(bool(torch.isfinite(v)) for v in losses.values())

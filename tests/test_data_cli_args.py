@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torchvision.datasets
 from jsonargparse import ArgumentParser
-from test_data_fakes import write_cifar
+from support.fakes import write_cifar
 
 from dmpo_lightning.data import BenchmarkDataModule
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from test_data_fakes import write_cifar
+from support.fakes import write_cifar
 
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
 from dmpo_lightning.data import BenchmarkDataModule

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_data_fakes import write_cifar, write_cub, write_image_folder
+from support.fakes import write_cifar, write_cub, write_image_folder
 
 from dmpo_lightning.data import BenchmarkDataModule, DatasetLayoutError
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_fakes import fashion_arrays, write_fashion_mnist, write_idx
+from support.fakes import fashion_arrays, write_fashion_mnist, write_idx
 
 from dmpo_lightning.data import DatasetLayoutError, load_fashion_mnist, load_fashion_mnist_subset, read_idx
 from dmpo_lightning.data.fashion_mnist import (

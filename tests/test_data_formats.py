@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data_fakes import (
+from support.fakes import (
     decode_label,
     write_cifar,
     write_cub,

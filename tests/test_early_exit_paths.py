@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VIT_KWARGS, make_tiny_vit
+from support.builders import TINY_VIT_KWARGS, make_tiny_vit
 
 from dmpo_lightning import DMPOModule
 from dmpo_lightning.evaluation.exit_rules import exit_scores

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_vit
+from support.builders import make_tiny_vit
 from test_early_exit_paths import TINY, MarginModule, between, margin_scores, randomise, simulated
 
 from dmpo_lightning.evaluation.exit_rules import exit_scores

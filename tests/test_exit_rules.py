@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dmpo_lightning.evaluation.exit_rules import EXIT_RULES, exit_score_step, exit_scores, stack_exit_logits
+from dmpo_lightning.models.exit_rules import EXIT_RULES, exit_score_step, exit_scores, stack_exit_logits
 
 LN3 = math.log(3.0)
 

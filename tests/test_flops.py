@@ -1,5 +1,5 @@
 import torch
-from conftest import make_tiny_vit
+from support.builders import make_tiny_vit
 
 from dmpo_lightning.evaluation.flops import count_exit_costs
 from dmpo_lightning.models import MultiExitViT, build_backbone

@@ -4,7 +4,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VIT_KWARGS
+from support.builders import TINY_VIT_KWARGS
 
 from dmpo_lightning import DMPOModule
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY

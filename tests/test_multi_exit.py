@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_vit
+from support.builders import make_tiny_vit
 
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.models import MultiExitViT
@@ -63,10 +63,13 @@ def test_trainable_parameters_are_exactly_the_named_ones(peft, trunk_prefixes):
     assert bool(groups["trunk"]) == bool(trunk_prefixes)
     assert all(".bypass." in n for n, _ in groups["bypass"])
     assert len({n.split(".")[1] for n, _ in groups["bypass"]}) == 3  # early exits only
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for g in groups.values() for n, _ in g}
+    # independent of parameter_groups(): by name, every exit parameter and the trunk's PEFT ones train
+    names = dict(model.named_parameters())
+    expected = {n for n in names if n.startswith("exits.") or any(p in n for p in trunk_prefixes)}
+    assert {n for n, p in names.items() if p.requires_grad} == expected
     counts = model.count_parameters()
-    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["trainable"] == sum(names[n].numel() for n in expected)
+    assert counts["trunk"] == sum(names[n].numel() for n in expected if n.startswith("backbone."))
 
 
 def test_full_finetuning_trains_every_used_trunk_parameter():

@@ -25,7 +25,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from test_data_fakes import write_image_folder
+from support.fakes import write_image_folder
 
 from dmpo_lightning.cli import main
 from dmpo_lightning.data import BenchmarkDataModule

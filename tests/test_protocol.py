@@ -321,7 +321,7 @@ def test_absolute_and_fraction_budgets_agree():
 @pytest.mark.parametrize(
     ("budget", "unit", "pattern"),
     [
-        (0.1, "fraction", r"budget 0.1 \(fraction of the full cost\) is outside .*\[0.25, 1\]"),
+        (0.1, "fraction", r"budget 0.1 \(fraction of the full model's cost\) is outside .*\[0.25, 1\]"),
         (1.5, "fraction", r"outside .*\[0.25, 1\]"),
         (0.5, "absolute", r"budget 0.5 \(absolute cost, unit of costs\) is outside .*\[1, 4\]"),
         (4.5, "absolute", r"\[1, 4\]"),

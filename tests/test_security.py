@@ -24,9 +24,9 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
-from conftest import TINY_VIT_KWARGS
 from safetensors import safe_open
 from safetensors.torch import save_file
+from support.builders import TINY_VIT_KWARGS
 
 from dmpo_lightning import DMPOModule, __version__
 from dmpo_lightning.cli import main

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
 from dmpo_lightning.schedules import TwoPhaseSchedule, WeightSpec
+
+if TYPE_CHECKING:
+    from dmpo_lightning.module import DMPOModule
 
 __all__ = ["EpochSeed", "LossWeightScheduler", "epoch_seed"]
 
@@ -53,12 +56,13 @@ class LossWeightScheduler(pl.Callback):
         """Build (and so validate) the schedule for this run."""
         if stage != "fit":
             return
-        self._num_exits = pl_module.num_exits
+        self._num_exits = cast("DMPOModule", pl_module).num_exits
         # fast_dev_run forces one epoch: a real run's switch epoch must not be rejected for it
-        self._max_epochs = None if trainer.fast_dev_run else trainer.max_epochs
+        self._max_epochs = None if getattr(trainer, "fast_dev_run", False) else trainer.max_epochs
         self._build()
 
     def _build(self) -> None:
+        assert self._num_exits is not None, "LossWeightScheduler.setup was not called"
         switch = self.switch_epoch
         if switch is None and self._max_epochs is None:
             switch = 1  # fast_dev_run: one epoch, phase 1
@@ -75,7 +79,8 @@ class LossWeightScheduler(pl.Callback):
         """Write this epoch's weights into the module and log them."""
         assert self.schedule is not None, "LossWeightScheduler.setup was not called"
         weights = self.schedule.weights(trainer.current_epoch)
-        pl_module.loss_weights.copy_(torch.tensor(weights, dtype=pl_module.loss_weights.dtype))
+        buffer = pl_module.get_buffer("loss_weights")
+        buffer.copy_(torch.tensor(weights, dtype=buffer.dtype))
         self.applied_epoch = trainer.current_epoch
         pl_module.log_dict(
             {f"loss_weight/exit_{k}": w for k, w in enumerate(weights)},

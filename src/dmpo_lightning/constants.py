@@ -18,3 +18,15 @@ EXITS_ATTR = "exits"
 SPLIT_KEY = "split"
 """Batch key naming each sample's split (``"train"``, ``"calibration"`` or ``"test"``; a list of ``str``
 after collation). ``DMPOModule.test_step`` tells the test and calibration loaders apart by it."""
+
+ARCHITECTURE_KEYS = ("num_classes", "exit_blocks", "early_head", "final_head", "peft")
+"""Hyperparameters a checkpoint must share with the model it is loaded into (else: a clear error)."""
+
+MODEL_FINGERPRINT_KEYS = ("backbone", *ARCHITECTURE_KEYS)
+"""The hyperparameters that identify a trained model's architecture in thresholds files and exports."""
+
+THRESHOLDS_FINGERPRINT_KEYS = (*MODEL_FINGERPRINT_KEYS, "exit_rule")
+"""What a ``thresholds.json`` records and must match to be reused (the thresholds are of one exit rule)."""
+
+THRESHOLDS_FORMAT = "dmpo-thresholds-v1"
+"""The ``format`` field of a ``thresholds.json`` written by ``dmpo test``."""

@@ -26,7 +26,14 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from dmpo_lightning.callbacks import EpochSeed, LossWeightScheduler
-from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
+from dmpo_lightning.constants import (
+    ARCHITECTURE_KEYS,
+    IMAGE_KEY,
+    INDEX_KEY,
+    LABEL_KEY,
+    SPLIT_KEY,
+    THRESHOLDS_FINGERPRINT_KEYS,
+)
 from dmpo_lightning.evaluation.calibration import (
     CalibrationMethod,
     ExitLogitsCollector,
@@ -37,7 +44,9 @@ from dmpo_lightning.evaluation.calibration import (
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
 from dmpo_lightning.evaluation.metrics import ExitOutputsCollector
+from dmpo_lightning.evaluation.protocol import BudgetUnitOption
 from dmpo_lightning.losses import distillation_losses, exit_cross_entropies, weighted_sum
+from dmpo_lightning.models.adapters import PeftMethod
 from dmpo_lightning.models.backbone import build_backbone
 from dmpo_lightning.models.multi_exit import EarlyExitOutput, ExitRule, HeadKind, MultiExitViT
 from dmpo_lightning.optim import default_optimizer, param_groups, warmup_cosine
@@ -51,7 +60,6 @@ from dmpo_lightning.serialization import (
 
 __all__ = ["DMPOModule", "weights_from_checkpoint"]
 
-PeftMethod = Literal["adaptformer", "lora", "vpt", "linear", "full"]
 
 _WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "dmpo_weights_from_checkpoint", default=False
@@ -192,7 +200,7 @@ class DMPOModule(pl.LightningModule):
         exit_rule: ExitRule = "confidence",
         calibration: CalibrationMethod = "none",
         budgets: Sequence[float] = (0.33, 0.5, 0.75, 1.0),
-        budget_unit: Literal["fraction", "gflops"] = "fraction",
+        budget_unit: BudgetUnitOption = "fraction",
         report_dir: str | None = None,
         thresholds_file: str | None = None,
         predict_budget: float | None = None,
@@ -763,7 +771,7 @@ class DMPOModule(pl.LightningModule):
         """Refuse a checkpoint of another architecture with a message instead of a size mismatch."""
         saved = checkpoint.get("hyper_parameters", {})
         mine = self.model_fingerprint()
-        for key in ("num_classes", "exit_blocks", "early_head", "final_head", "peft"):
+        for key in ARCHITECTURE_KEYS:
             if key not in saved:
                 continue
             theirs = saved[key]
@@ -801,16 +809,9 @@ class DMPOModule(pl.LightningModule):
 
     def model_fingerprint(self) -> dict[str, Any]:
         """What a thresholds file must match to be reused with this model."""
-        h = self.hparams
-        return {
-            "backbone": h.backbone,
-            "num_classes": h.num_classes,
-            "exit_blocks": list(self.model.exit_blocks),
-            "exit_rule": h.exit_rule,
-            "early_head": h.early_head,
-            "final_head": h.final_head,
-            "peft": h.peft,
-        }
+        fingerprint = {key: self.hparams[key] for key in THRESHOLDS_FINGERPRINT_KEYS}
+        fingerprint["exit_blocks"] = list(self.model.exit_blocks)  # resolved (e.g. a count -> positions)
+        return fingerprint
 
     def _log_dir(self) -> str:
         trainer = self._trainer

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import pickle
-import secrets
 import struct
 import warnings
 import zipfile
@@ -29,6 +28,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
+
+from dmpo_lightning.files import atomic_write_bytes
 
 __all__ = [
     "LEGACY_TRAINABLE_FORMAT",
@@ -112,39 +113,8 @@ def write_trainable(
         "hyper_parameters": json.dumps(hparams, sort_keys=True),
         "tensors_sha256": _digest(state),
     }
-    _write_atomic(path, safetensors_save(state, metadata=metadata), overwrite=overwrite)
+    atomic_write_bytes(path, safetensors_save(state, metadata=metadata), overwrite=overwrite)
     return path
-
-
-def _write_atomic(path: str, data: bytes, *, overwrite: bool) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then move it into place.
-
-    Without ``overwrite`` the move is a hard link, which fails if ``path`` appeared in the meantime (on file
-    systems without hard links: a last existence check, then a rename).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-            return
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path") from None
-        except OSError:  # no hard links here (some network or FAT file systems)
-            if os.path.exists(path):
-                raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path") from None
-            os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------------- reading

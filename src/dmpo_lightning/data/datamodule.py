@@ -417,14 +417,17 @@ class BenchmarkDataModule(LightningDataModule):
 
     def _check_labels(self, name: str, part: Dataset | None) -> None:
         labels = getattr(part, "labels", None)
+        num_classes = self.num_classes
+        if num_classes is None:  # unlabelled predict images: the classes come from the checkpoint
+            return
         if (
             labels is not None
             and len(labels)
-            and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes
+            and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes
         ):
             raise ValueError(
                 f"{self.dataset!r} {name} split has labels in [{int(labels.min())}, {int(labels.max())}] but "
-                f"the dataset has {self.num_classes} classes (allowed 0..{self.num_classes - 1}); "
+                f"the dataset has {num_classes} classes (allowed 0..{num_classes - 1}); "
                 f"check the files under {self.root}"
             )
 

@@ -1,6 +1,8 @@
 """Readers of the on-disk formats users have.
 
 CIFAR pickles, CUB-200-2011, Flowers102, Food-101, Stanford Cars, ImageNet and generic class-folder trees.
+Food-101 and Stanford Cars are indexed by ``torchvision.datasets`` (its errors become ours); the images are
+then read by :class:`ImageListDataset` like every other file-based split.
 
 Each reader checks the layout first and raises :class:`DatasetLayoutError` naming the files or folders
 it expected, and where. None of them downloads anything; the DataModule's ``prepare_data`` does.
@@ -8,7 +10,6 @@ it expected, and where. None of them downloads anything; the DataModule's ``prep
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -208,42 +209,71 @@ def load_flowers102(root: str | Path) -> DatasetSplits:
     return DatasetSplits(split("trnid"), split("tstid"), split("valid"))
 
 
+def _torchvision_base(root: Path, folder: str, marker: str, what: str) -> Path:
+    """The parent torchvision expects (``<parent>/<folder>/...``), accepting ``root`` one level deep."""
+    base = _find_base(root, folder, marker)
+    if base.name != folder:
+        raise DatasetLayoutError(
+            f"{what}: torchvision reads <root>/{folder}/...; root={str(root)!r} holds {marker} itself but is "
+            f"named {base.name!r}; pass its parent as root with the folder named {folder!r}"
+        )
+    return base.parent
+
+
+def _torchvision_split(cls_name: str, parent: Path, split: str, what: str, layout: str) -> Any:
+    """``torchvision.datasets.<cls_name>(parent, split=split)``, its errors turned into ours."""
+    import torchvision.datasets as tvd
+
+    try:
+        return getattr(tvd, cls_name)(str(parent), split=split, download=False)
+    except RuntimeError as err:
+        if "scipy" in str(err).lower():
+            raise ImportError(
+                f"reading {what} (MATLAB .mat labels) needs scipy, which is not installed: pip install scipy"
+            ) from err
+        raise DatasetLayoutError(
+            f"{what} not found under root={str(parent)!r}: expected {layout} (torchvision: {err})"
+        ) from err
+    except Exception as err:  # unreadable index files: bad JSON, a truncated .mat (scipy's MatReadError), ...
+        if isinstance(err, (DatasetLayoutError, ImportError)):
+            raise
+        raise DatasetLayoutError(
+            f"{what} under root={str(parent)!r} could not be read as {layout}: {type(err).__name__}: {err}"
+        ) from err
+
+
 def load_food101(root: str | Path) -> DatasetSplits:
-    """Read Food-101 in torchvision's layout (``root/food-101/{meta/train.json, meta/test.json, images/}``).
+    """Read Food-101 with ``torchvision.datasets.Food101`` (``root/food-101/{meta/*.json, images/}``).
 
     Args:
         root: Folder holding ``food-101`` (or that folder itself).
 
     Returns:
-        Train and test splits; labels follow the sorted class names.
+        Train and test splits; labels follow the sorted class names (the same in both splits).
 
     Raises:
-        DatasetLayoutError: If a file is missing.
+        DatasetLayoutError: If a file is missing or the two splits list different classes.
     """
     root = Path(root)
-    base = _find_base(root, "food-101", "meta")
+    parent = _torchvision_base(root, "food-101", "meta", "Food-101")
+    base = parent / "food-101"
     _require(base, ["meta/train.json", "meta/test.json", "images"], "Food-101", root)
-    metadata = {
-        split: json.loads((base / "meta" / f"{split}.json").read_text()) for split in ("train", "test")
-    }
-    classes = sorted(metadata["train"])
-    label_of = {name: label for label, name in enumerate(classes)}
-
-    def split(name: str) -> ImageListDataset:
-        unknown = sorted(set(metadata[name]) - set(classes))
-        if unknown:
-            raise DatasetLayoutError(
-                f"{base}/meta/{name}.json has classes missing from train.json: {unknown[:10]}"
-            )
-        items = [(c, rel) for c in classes for rel in metadata[name].get(c, [])]
-        paths = [base / "images" / f"{rel}.jpg" for _, rel in items]
-        return ImageListDataset(paths, [label_of[c] for c, _ in items], classes)
-
-    return DatasetSplits(split("train"), split("test"))
+    layout = "root/food-101/{meta/train.json, meta/test.json, images/<class>/<id>.jpg}"
+    train, test = (_torchvision_split("Food101", parent, s, "Food-101", layout) for s in ("train", "test"))
+    if train.classes != test.classes:
+        unknown = sorted(set(test.classes) ^ set(train.classes))
+        raise DatasetLayoutError(
+            f"{base}/meta/train.json and test.json must list the same classes (labels follow their sorted "
+            f"names); they differ in {unknown[:10]}"
+        )
+    return DatasetSplits(
+        ImageListDataset(list(train._image_files), list(train._labels), train.classes),
+        ImageListDataset(list(test._image_files), list(test._labels), test.classes),
+    )
 
 
 def load_stanford_cars(root: str | Path) -> DatasetSplits:
-    """Read Stanford Cars in torchvision's layout (needs scipy).
+    """Read Stanford Cars with ``torchvision.datasets.StanfordCars`` (needs scipy).
 
     ``root/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/,
     cars_test_annos_withlabels.mat, cars_test/}``. The original download URL is gone, so the files must
@@ -260,7 +290,7 @@ def load_stanford_cars(root: str | Path) -> DatasetSplits:
         ImportError: If scipy is not installed.
     """
     root = Path(root)
-    base = _find_base(root, "stanford_cars", "devkit")
+    parent = _torchvision_base(root, "stanford_cars", "devkit", "Stanford Cars")
     names = [
         "devkit/cars_meta.mat",
         "devkit/cars_train_annos.mat",
@@ -268,19 +298,15 @@ def load_stanford_cars(root: str | Path) -> DatasetSplits:
         "cars_test_annos_withlabels.mat",
         "cars_test",
     ]
-    _require(base, names, "Stanford Cars", root)
-    classes = [str(c) for c in np.atleast_1d(_loadmat(base / "devkit" / "cars_meta.mat")["class_names"])]
+    _require(parent / "stanford_cars", names, "Stanford Cars", root)
+    layout = "root/stanford_cars/{devkit/, cars_train/, cars_test_annos_withlabels.mat, cars_test/}"
 
-    def split(annotations: Path, images: Path) -> ImageListDataset:
-        records = np.atleast_1d(_loadmat(annotations)["annotations"])
-        return ImageListDataset(
-            [images / str(r["fname"]) for r in records], [int(r["class"]) - 1 for r in records], classes
-        )
+    def split(name: str) -> ImageListDataset:
+        tv = _torchvision_split("StanfordCars", parent, name, "Stanford Cars", layout)
+        paths = [Path(p) for p, _ in tv._samples]
+        return ImageListDataset(paths, [int(c) for _, c in tv._samples], tv.classes)
 
-    return DatasetSplits(
-        split(base / "devkit" / "cars_train_annos.mat", base / "cars_train"),
-        split(base / "cars_test_annos_withlabels.mat", base / "cars_test"),
-    )
+    return DatasetSplits(split("train"), split("test"))
 
 
 def image_folder_classes(root: str | Path) -> list[str]:

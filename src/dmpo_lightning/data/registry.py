@@ -5,26 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal
 
 from dmpo_lightning.data import fashion_mnist, formats
 from dmpo_lightning.data.datasets import ArrayImageDataset, DatasetSplits, SyntheticImageDataset
 from dmpo_lightning.data.errors import DatasetLayoutError
-
-DatasetName = Literal[
-    "cifar10",
-    "cifar100",
-    "fashion_mnist",
-    "fashion_mnist_subset",
-    "food101",
-    "flowers102",
-    "cub200",
-    "stanford_cars",
-    "imagenet",
-    "image_folder",
-    "synthetic",
-]
-"""Names accepted by :class:`~dmpo_lightning.data.BenchmarkDataModule`'s ``dataset`` argument."""
 
 
 @dataclass(frozen=True)
@@ -270,7 +255,12 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 """Every dataset the DataModule can load, by name."""
 
-assert set(DATASETS) == set(get_args(DatasetName)), "DatasetName and DATASETS must list the same names"
+if TYPE_CHECKING:
+    DatasetName = str
+else:
+    DatasetName = Literal[tuple(DATASETS)]
+"""Names accepted by :class:`~dmpo_lightning.data.BenchmarkDataModule`'s ``dataset`` argument: ``Literal`` of
+the :data:`DATASETS` above (add a dataset there)."""
 
 
 def get_spec(name: str) -> DatasetSpec:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dmpo_lightning.constants import MODEL_FINGERPRINT_KEYS, THRESHOLDS_FORMAT
 from dmpo_lightning.deploy.build import build_model, model_options
 from dmpo_lightning.deploy.format import (
     FORMAT_NAME,
@@ -34,8 +35,7 @@ from dmpo_lightning.deploy.format import (
 
 __all__ = ["ExportInputs", "export_artefact", "resolve_run"]
 
-THRESHOLDS_FORMAT = "dmpo-thresholds-v1"
-FINGERPRINT_KEYS = ("backbone", "num_classes", "exit_blocks", "early_head", "final_head", "peft")
+FINGERPRINT_KEYS = MODEL_FINGERPRINT_KEYS
 
 
 class ExportInputs(dict):

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from dmpo_lightning.deploy.format import ArtefactError
-from dmpo_lightning.evaluation.exit_rules import exit_score_step
 from dmpo_lightning.models.backbone import explicit_attention
+from dmpo_lightning.models.exit_rules import exit_score_step
 
 __all__ = ["OPSET", "OnnxStages", "export_stages", "stage_file"]
 

@@ -27,7 +27,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_calibration_error
 from torchmetrics.utilities import dim_zero_cat
 
-from dmpo_lightning.evaluation.exit_rules import stack_exit_logits
+from dmpo_lightning.models.exit_rules import stack_exit_logits
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -401,7 +401,7 @@ def plot_reliability(path: str | os.PathLike[str], calibration: Mapping[str, Any
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from dmpo_lightning.evaluation.report import _atomic_write
+    from dmpo_lightning.files import atomic_write as _atomic_write
 
     before, after = calibration["reliability"]["before"], calibration["reliability"]["after"]
     k = len(before)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dmpo_lightning.models.backbone import explicit_attention
+
+if TYPE_CHECKING:
+    from dmpo_lightning.models.multi_exit import MultiExitViT
 
 __all__ = ["GIGA", "ExitCosts", "count_exit_costs", "count_macs"]
 
@@ -66,7 +70,7 @@ def count_macs(fn: nn.Module, *args: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def count_exit_costs(model: nn.Module, input_shape: Sequence[int]) -> ExitCosts:
+def count_exit_costs(model: MultiExitViT, input_shape: Sequence[int]) -> ExitCosts:
     """Count ``C_k`` for every exit and ``F_full`` of a :class:`~dmpo_lightning.models.MultiExitViT`.
 
     Each exit's cost comes from a forward truncated at that exit (``model(x, upto=k)``), with attention
@@ -95,7 +99,7 @@ def count_exit_costs(model: nn.Module, input_shape: Sequence[int]) -> ExitCosts:
 
 
 class _Truncated(nn.Module):
-    def __init__(self, model: nn.Module, upto: int) -> None:
+    def __init__(self, model: MultiExitViT, upto: int) -> None:
         super().__init__()
         self.model = model
         self.upto = upto
@@ -105,7 +109,7 @@ class _Truncated(nn.Module):
 
 
 class _Static(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: MultiExitViT) -> None:
         super().__init__()
         self.model = model
 

@@ -3,7 +3,7 @@
 Everything here is pure torch on cached per-exit outputs, vectorised over samples and over values of q
 (chunked over q only to bound memory); the only Python loop is over the K exits. Notation (MSDNet's
 budgeted-batch evaluation): ``scores [N, K]`` (higher = more confident, see
-:mod:`~dmpo_lightning.evaluation.exit_rules`), ``correct [N, K]`` (bool, prediction == label),
+:mod:`~dmpo_lightning.models.exit_rules`), ``correct [N, K]`` (bool, prediction == label),
 ``costs [K]`` (``C_k``, the cumulative cost of a sample leaving at exit k, any unit) and ``full_cost``
 (``F_full``, same unit). Exits are 0-based in tensors and 1-based in formulas and printed tables.
 """
@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BUDGET_UNIT_OPTIONS",
     "BudgetChoice",
     "BudgetUnit",
+    "BudgetUnitOption",
     "BudgetedCurve",
     "OperatingPoint",
     "ThresholdEvaluation",
@@ -28,10 +30,12 @@ __all__ = [
     "assign_exits",
     "budgeted_curve",
     "calibrate_thresholds",
+    "check_budget_range",
     "default_qs",
     "evaluate_thresholds",
     "exit_quotas",
     "operating_points",
+    "protocol_budget_unit",
     "search_qs",
     "select_budgets",
     "target_exit_distribution",
@@ -39,7 +43,76 @@ __all__ = [
 ]
 
 BudgetUnit = Literal["fraction", "absolute"]
-"""``fraction``: a budget is a fraction of ``full_cost``; ``absolute``: in the unit of ``costs`` (GFLOPs)."""
+"""``fraction``: a budget is a fraction of ``full_cost``; ``absolute``: in the unit of ``costs`` (GFLOPs).
+These words are also the ``unit`` stored in reports and ``thresholds.json``."""
+
+BudgetUnitOption = Literal["fraction", "gflops"]
+"""The user's ``budget_unit`` option (``DMPOModule``): the costs are counted in GFLOPs, so an absolute budget
+is named ``gflops`` there. :data:`BUDGET_UNIT_OPTIONS` translates it to :data:`BudgetUnit`."""
+
+BUDGET_UNIT_OPTIONS: dict[str, BudgetUnit] = {"fraction": "fraction", "gflops": "absolute"}
+"""``budget_unit`` option -> the protocol's :data:`BudgetUnit` (the one translation between the two)."""
+
+
+def protocol_budget_unit(option: str) -> BudgetUnit:
+    """The protocol's unit for a ``budget_unit`` option (``fraction`` or ``gflops``).
+
+    Raises:
+        ValueError: If ``option`` is neither.
+    """
+    if option not in BUDGET_UNIT_OPTIONS:
+        raise ValueError(f"budget_unit must be one of {tuple(BUDGET_UNIT_OPTIONS)}; got {option!r}")
+    return BUDGET_UNIT_OPTIONS[option]
+
+
+def check_budget_range(
+    budgets: Sequence[float],
+    cheapest_cost: float,
+    full_cost: float,
+    budget_unit: BudgetUnit,
+    cost_unit: str = "unit of costs",
+) -> list[float]:
+    """Check that every budget lies in the achievable range; return the budgets as costs.
+
+    The cheapest policy sends every sample out at the first exit (``cheapest_cost``, the first exit's
+    cumulative cost); the dearest runs the full model (``full_cost``). Both ends are allowed, with a relative
+    slack of :data:`BUDGET_TOLERANCE`.
+
+    Args:
+        budgets: Budgets in ``budget_unit``.
+        cheapest_cost: Cost of the first exit.
+        full_cost: Cost of the full model (the ``fraction`` unit's 1.0).
+        budget_unit: ``fraction`` of ``full_cost`` or ``absolute`` (unit of the costs).
+        cost_unit: Name of the costs' unit in the message (e.g. ``GFLOPs``).
+
+    Returns:
+        The budgets in the unit of the costs.
+
+    Raises:
+        ValueError: For a budget out of range (stated in the unit used) or an unknown ``budget_unit``.
+
+    Example:
+        >>> check_budget_range([0.5, 1.0], 1.0, 4.0, "fraction")
+        [2.0, 4.0]
+        >>> check_budget_range([0.1], 1.0, 4.0, "fraction")
+        Traceback (most recent call last):
+        ...
+        ValueError: budget 0.1 (fraction of the full model's cost) is outside the achievable range ...
+    """
+    if budget_unit not in get_args(BudgetUnit):
+        raise ValueError(f"budget_unit must be one of {get_args(BudgetUnit)}; got {budget_unit!r}")
+    scale = full_cost if budget_unit == "fraction" else 1.0
+    lo, hi = cheapest_cost / scale, full_cost / scale
+    what = "fraction of the full model's cost" if budget_unit == "fraction" else f"absolute cost, {cost_unit}"
+    out = []
+    for b in budgets:
+        if not lo * (1 - BUDGET_TOLERANCE) <= float(b) <= hi * (1 + BUDGET_TOLERANCE):
+            raise ValueError(
+                f"budget {b} ({what}) is outside the achievable range [{lo:.6g}, {hi:.6g}]: the cheapest "
+                f"policy (every sample at the first exit) costs {lo:.6g} and the full model {hi:.6g}"
+            )
+        out.append(float(b) * scale)
+    return out
 
 QUOTA_TOLERANCE = 1e-9
 """``m_k = floor(n * pi_k(q) + QUOTA_TOLERANCE * max(1, n * pi_k(q) / 1e5))``.
@@ -403,7 +476,7 @@ def topk_correct(logits: Tensor | Sequence[Tensor], labels: Tensor, k: int = 5) 
     Returns:
         ``[N, K]`` bool.
     """
-    from dmpo_lightning.evaluation.exit_rules import stack_exit_logits
+    from dmpo_lightning.models.exit_rules import stack_exit_logits
 
     stacked = stack_exit_logits(logits)
     if labels.shape != stacked.shape[:1]:
@@ -584,18 +657,7 @@ def select_budgets(
     full = _check_full_cost(full_cost)
     costs_t = _check_costs(costs, cal_scores.shape[1])
     scale = full if budget_unit == "fraction" else 1.0
-    lo, hi = costs_t[0].item() / scale, full / scale
-    budget_costs = []
-    for b in budgets:
-        if not lo * (1 - BUDGET_TOLERANCE) <= float(b) <= hi * (1 + BUDGET_TOLERANCE):
-            what = (
-                "fraction of the full cost" if budget_unit == "fraction" else "absolute cost, unit of costs"
-            )
-            raise ValueError(
-                f"budget {b} ({what}) is outside the achievable range [{lo:.6g}, {hi:.6g}]: the cheapest "
-                f"policy (every sample at the first exit) costs {lo:.6g} and the full model {hi:.6g}"
-            )
-        budget_costs.append(float(b) * scale)
+    budget_costs = check_budget_range(budgets, costs_t[0].item(), full, budget_unit)
     q = _as_qs(search_qs() if qs is None else qs, cal_scores.device)
     thresholds = calibrate_thresholds(cal_scores, q)
     cal = evaluate_thresholds(cal_scores, cal_correct, thresholds, costs_t)

@@ -8,22 +8,21 @@ caller's decision; these functions write to the path they are given.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dmpo_lightning.evaluation.protocol import BudgetedCurve, OperatingPoint, area_under_curve
+from dmpo_lightning.files import atomic_write
 
 __all__ = [
     "GFLOPS_UNIT",
@@ -291,24 +290,7 @@ def format_report_table(report: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Write via a temporary file in the target's folder and ``os.replace`` it into place."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp creates 0600
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return target
+_atomic_write = atomic_write  # the package's one atomic write (dmpo_lightning.files)
 
 
 def write_json(path: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:

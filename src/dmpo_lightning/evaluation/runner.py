@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import contextlib
-import csv
+import functools
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dmpo_lightning.constants import THRESHOLDS_FORMAT
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
 from dmpo_lightning.evaluation.calibration import TemperatureCalibration, plot_reliability
 from dmpo_lightning.evaluation.flops import ExitCosts
-from dmpo_lightning.evaluation.protocol import budgeted_curve, operating_points
+from dmpo_lightning.evaluation.protocol import (
+    BudgetUnitOption,
+    budgeted_curve,
+    check_budget_range,
+    operating_points,
+    protocol_budget_unit,
+)
 from dmpo_lightning.evaluation.report import (
     build_report,
     decode_float,
@@ -28,6 +35,7 @@ from dmpo_lightning.evaluation.report import (
     write_curve_csv,
     write_json,
 )
+from dmpo_lightning.files import atomic_write, atomic_write_text, csv_text
 
 __all__ = [
     "REPORT_FILES",
@@ -51,7 +59,6 @@ REPORT_FILES = (
     "exit_outputs.pt",
     "reliability.png",
 )
-THRESHOLDS_FORMAT = "dmpo-thresholds-v1"
 
 
 def check_report_dir(path: str) -> None:
@@ -128,17 +135,12 @@ def _check_writable(folder: str, what: str, option: str) -> None:
 
 def check_budgets(budgets: Sequence[float], unit: str, costs: ExitCosts) -> None:
     """Fail before any work on budgets no early-exit policy can meet (below exit 1's cost or above 1.0)."""
-    scale = costs.full_gflops if unit == "fraction" else 1.0
-    lo, hi = costs.exit_gflops[0] / scale, costs.full_gflops / scale
-    what = "fraction of the full model's cost" if unit == "fraction" else "GFLOPs"
-    for b in budgets:
-        if not lo * (1 - 1e-9) <= float(b) <= hi * (1 + 1e-9):
-            raise ConfigError(
-                f"budget {b} ({what}) is outside the achievable range [{lo:.4g}, {hi:.4g}]: every sample "
-                f"leaving at the first exit costs {lo:.4g} and the full model {hi:.4g}; "
-                "fix model.init_args.budgets",
-                option="model.init_args.budgets",
-            )
+    try:
+        check_budget_range(
+            budgets, costs.exit_gflops[0], costs.full_gflops, protocol_budget_unit(unit), "GFLOPs"
+        )
+    except ValueError as err:
+        raise ConfigError(f"{err}; fix model.init_args.budgets", option="model.init_args.budgets") from None
 
 
 def _correct(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -152,7 +154,7 @@ def run_test_protocol(
     costs: ExitCosts,
     exit_blocks: Sequence[int],
     budgets: Sequence[float],
-    budget_unit: Literal["fraction", "gflops"],
+    budget_unit: BudgetUnitOption,
     exit_rule: str,
     hparams: Mapping[str, Any],
     checkpoint_hash: str,
@@ -194,7 +196,7 @@ def run_test_protocol(
     full_g = costs.full_gflops
     top1 = [m["acc"] for m in anytime_metrics]
     top5 = [m["acc_top5"] for m in anytime_metrics] if all("acc_top5" in m for m in anytime_metrics) else None
-    unit = "fraction" if budget_unit == "fraction" else "absolute"
+    unit = protocol_budget_unit(budget_unit)
     curve, points = None, []
     if calibration is None or calibration["scores"].shape[0] == 0:
         rank_zero_warn(
@@ -353,9 +355,7 @@ def _write_report_files(
         "calibration": calibration,
         "temperatures": report["calibration"].get("temperatures"),  # the scores are of logits / T_k
     }
-    tmp = os.path.join(report_dir, ".exit_outputs.pt.tmp")
-    torch.save(cache, tmp)
-    os.replace(tmp, os.path.join(report_dir, "exit_outputs.pt"))
+    atomic_write(os.path.join(report_dir, "exit_outputs.pt"), lambda f: torch.save(cache, f))
 
 
 def load_thresholds(
@@ -410,7 +410,7 @@ def load_thresholds(
             f"choose one of the budgets in {path} with model.init_args.predict_budget: "
             f"{[e['budget'] for e in entries]}"
         )
-    want = "fraction" if unit == "fraction" else "absolute"
+    want = protocol_budget_unit(unit)
     for e in entries:
         if abs(float(e["budget"]) - float(budget)) < 1e-9 and e.get("unit", want) == want:
             return _check_threshold_list(path, budget, e.get("thresholds"), num_exits)
@@ -554,13 +554,7 @@ def write_predictions(
         if images:
             line.append(errors[i])
         lines.append(line)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(lines)
-    os.replace(tmp, path)
+    atomic_write_text(path, csv_text([header, *lines]))
     failed = [(ids[i] if ids is not None else i, errors[i]) for i in range(len(pred)) if errors[i]]
     converted: dict[str, int] = {}
     for m in modes:
@@ -605,6 +599,10 @@ def format_prediction_summary(summary: Mapping[str, Any], costs: ExitCosts, in_c
             f"layout ({modes}) for the model's {in_chans} input channels, as the training images are"
         )
     return "\n".join(text)
+
+
+def _early_exit_all(module: Any, images: Sequence[torch.Tensor], thresholds: list[float]) -> list[Any]:
+    return [module.forward_early_exit(x, thresholds) for x in images]
 
 
 def time_early_exit(
@@ -665,10 +663,10 @@ def time_early_exit(
             for entry in budgets:
                 thresholds = [decode_float(t) for t in entry["thresholds"]]
                 engine = EarlyExitEngine(module, thresholds, batch_size=max(batch, 1))
-                paths = {
+                paths: dict[str, Callable[[], object]] = {
                     "full": lambda: [model.forward_static(x) for x in images],
-                    "early": lambda t=thresholds: [module.forward_early_exit(x, t) for x in images],
-                    "engine": lambda e=engine: e.run(images),
+                    "early": functools.partial(_early_exit_all, module, images, thresholds),
+                    "engine": functools.partial(engine.run, images),
                 }
                 exits = torch.cat([module.forward_early_exit(x, thresholds).exit_index for x in images])
                 for _ in range(warmup):

@@ -9,8 +9,9 @@ pre-trained one at step 0; VPT prompts change the output from the start (they ar
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from timm.models.eva import EvaBlock
@@ -19,24 +20,69 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dmpo_lightning.constants import PEFT_PREFIX
-
-PeftMethod = Literal["adaptformer", "lora", "vpt", "linear", "full"]
-"""PEFT methods: three adapter kinds, a frozen trunk (``linear``) and full fine-tuning (``full``)."""
-
-PEFT_METHODS: tuple[str, ...] = get_args(PeftMethod)
+from dmpo_lightning.models.checks import check_dropout as _check_dropout
+from dmpo_lightning.models.checks import check_positive_int as _check_positive_int
+from dmpo_lightning.models.registry import Registry
 
 _BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _EVA_BLOCK_ATTRS = ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma_2", "drop_path2")
 
 
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+@dataclass(frozen=True)
+class PeftOptions:
+    """The options of :func:`inject_peft` that a PEFT method's injector reads (see there)."""
+
+    rank: int = 64
+    scale: float = 0.1
+    dropout: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: Sequence[str] = ("qkv",)
+    num_prompts: int = 10
+    deep_prompts: bool = True
+    num_prefix_tokens: int | None = None
 
 
-def _check_dropout(value: float, name: str = "dropout") -> None:
-    if not (0.0 <= float(value) < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+PeftInjector = Callable[[nn.Module, "nn.Sequential | nn.ModuleList", list[int], PeftOptions], list[str]]
+"""``inject(model, trunk, block_indices, options) -> replaced module names``: wraps modules in place."""
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    """A registered PEFT method.
+
+    Attributes:
+        inject: See :data:`PeftInjector`.
+        trains: Which trunk parameters train: ``"peft"`` (those whose name has a ``peft_`` component),
+            ``"all"`` or ``"none"``.
+    """
+
+    inject: PeftInjector
+    trains: Literal["peft", "all", "none"] = "peft"
+
+
+PEFT_REGISTRY: Registry[PeftSpec] = Registry("PEFT method")
+"""Every PEFT method by name; add one with :func:`register_peft` in this file."""
+
+
+def register_peft(
+    name: str, *, trains: Literal["peft", "all", "none"] = "peft"
+) -> Callable[[PeftInjector], PeftInjector]:
+    """Decorator registering ``inject(model, trunk, indices, options) -> list[str]`` as PEFT method ``name``.
+
+    The injector wraps modules of ``trunk`` (the model's ``blocks``) at the selected block ``indices`` in
+    place and returns the replaced modules' names relative to ``model``; parameters it adds must have a
+    name component starting with ``peft_`` (:data:`~dmpo_lightning.constants.PEFT_PREFIX`), so
+    ``trains="peft"`` trains exactly them.
+    """
+    if trains not in ("peft", "all", "none"):
+        raise ValueError(f"trains must be 'peft', 'all' or 'none', got {trains!r}")
+
+    def add(inject: PeftInjector) -> PeftInjector:
+        PEFT_REGISTRY.register(name)(PeftSpec(inject, trains))
+        return inject
+
+    return add
 
 
 class AdaptFormerBlock(nn.Module):
@@ -354,10 +400,9 @@ def mark_trainable(model: nn.Module, method: PeftMethod) -> None:
     Raises:
         ValueError: If ``method`` is unknown.
     """
-    if method not in PEFT_METHODS:
-        raise ValueError(f"unknown PEFT method {method!r}; allowed: {', '.join(PEFT_METHODS)}")
+    trains = PEFT_REGISTRY.get(method).trains
     for name, param in model.named_parameters():
-        param.requires_grad_(method == "full" or (method not in ("linear", "full") and _is_peft_name(name)))
+        param.requires_grad_(trains == "all" or (trains == "peft" and _is_peft_name(name)))
 
 
 def _is_peft_name(name: str) -> bool:
@@ -410,76 +455,129 @@ def inject_peft(
         ValueError: For an unknown method, out-of-range options, a model that already carries PEFT
             wrappers, or targets that match nothing.
         TypeError: If the model has no ``blocks`` or a matched module cannot be wrapped.
+
+    Example:
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+        >>> inject_peft(vit, "lora", lora_rank=4)
+        ['blocks.0.attn.qkv', 'blocks.1.attn.qkv']
+        >>> sorted({n.split(".", 2)[2] for n, p in vit.named_parameters() if p.requires_grad})
+        ['attn.qkv.peft_lora_a.weight', 'attn.qkv.peft_lora_b.weight']
     """
-    if method not in PEFT_METHODS:
-        raise ValueError(f"unknown PEFT method {method!r}; allowed: {', '.join(PEFT_METHODS)}")
+    spec = PEFT_REGISTRY.get(method)
     _check_positive_int(rank, "rank")
     _check_positive_int(lora_rank, "lora_rank")
     _check_positive_int(num_prompts, "num_prompts")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     _check_dropout(dropout)
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, _WRAPPERS)]
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, _WRAPPERS)] or peft_parameter_names(model)
     if wrapped:
         raise ValueError(f"model already has PEFT wrappers (e.g. {wrapped[0]!r}); inject_peft must run once")
     trunk = _get_blocks(model)
     indices = _normalise_block_indices(blocks, len(trunk))
-    replaced: list[str] = []
-
-    if method == "adaptformer":
-        for i in indices:
-            kind = EvaAdaptFormerBlock if isinstance(trunk[i], EvaBlock) else AdaptFormerBlock
-            trunk[i] = kind(trunk[i], rank=rank, scale=scale, dropout=dropout)
-            replaced.append(f"blocks.{i}")
-    elif method == "lora":
-        if isinstance(lora_targets, str) or not lora_targets:
-            raise ValueError(f"lora_targets must be a non-empty sequence of names, got {lora_targets!r}")
-        for i in indices:
-            for sub_name, sub in list(trunk[i].named_modules()):
-                if sub_name and any(_name_matches(sub_name, t) for t in lora_targets):
-                    full_name = f"blocks.{i}.{sub_name}"
-                    if not isinstance(sub, nn.Linear):
-                        raise TypeError(
-                            f"LoRA target {full_name!r} is a {type(sub).__name__}, not nn.Linear; "
-                            "choose linear layers (e.g. 'qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')"
-                        )
-                    _set_submodule(model, full_name, LoRALinear(sub, lora_rank, lora_alpha, dropout))
-                    replaced.append(full_name)
-                    parent: Any = model.get_submodule(full_name.rpartition(".")[0])
-                    if sub_name.rpartition(".")[2] == "qkv" and getattr(parent, "q_bias", None) is not None:
-                        # timm's EvaAttention calls F.linear(x, qkv.weight, q/k/v bias), bypassing the qkv
-                        # module (and LoRA's update); its separate-bias path calls qkv(x) and adds the same
-                        # bias after, which equals the fused path exactly.
-                        parent.qkv_bias_separate = True
-        if not replaced:
-            linears = sorted({n for n, m in trunk[indices[0]].named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(
-                f"LoRA targets {list(lora_targets)} matched no module in blocks {indices}; "
-                f"linear layers in block {indices[0]}: {linears}"
-            )
-    elif method == "vpt":
-        npt = getattr(model, "num_prefix_tokens", None) if num_prefix_tokens is None else num_prefix_tokens
-        if not isinstance(npt, int) or npt < 0:
-            raise ValueError(
-                f"num_prefix_tokens must be an int >= 0 (the model has no `num_prefix_tokens`), got {npt!r}"
-            )
-        dim = _token_dim(model, trunk[indices[0]])
-        bound = _vpt_init_bound(model, dim)
-        chosen = indices if deep_prompts else indices[:1]
-        # Attention layers that count prefix tokens themselves (timm's EvaAttention: RoPE rotates only the
-        # tokens after them) must count the prompts too, from the inserting block on.
-        for i in range(chosen[0], len(trunk)):
-            for sub in trunk[i].modules():
-                if isinstance(getattr(sub, "num_prefix_tokens", None), int) and sub is not trunk[i]:
-                    sub.num_prefix_tokens = npt + num_prompts  # type: ignore[assignment]
-        for j, i in enumerate(chosen):
-            trunk[i] = PromptedBlock(
-                trunk[i], dim, num_prompts, npt, insert=j == 0, init_bound=bound, dropout=dropout
-            )
-            replaced.append(f"blocks.{i}")
-
+    options = PeftOptions(
+        rank=rank,
+        scale=scale,
+        dropout=dropout,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        num_prompts=num_prompts,
+        deep_prompts=deep_prompts,
+        num_prefix_tokens=num_prefix_tokens,
+    )
+    replaced = spec.inject(model, trunk, indices, options)
     mark_trainable(model, method)
     return replaced
+
+
+@register_peft("adaptformer")
+def _inject_adaptformer(
+    model: nn.Module, trunk: nn.Sequential | nn.ModuleList, indices: list[int], o: PeftOptions
+) -> list[str]:
+    """Wrap each selected block in an :class:`AdaptFormerBlock`."""
+    for i in indices:
+        kind = EvaAdaptFormerBlock if isinstance(trunk[i], EvaBlock) else AdaptFormerBlock
+        trunk[i] = kind(trunk[i], rank=o.rank, scale=o.scale, dropout=o.dropout)
+    return [f"blocks.{i}" for i in indices]
+
+
+@register_peft("lora")
+def _inject_lora(
+    model: nn.Module, trunk: nn.Sequential | nn.ModuleList, indices: list[int], o: PeftOptions
+) -> list[str]:
+    """Wrap each matching ``nn.Linear`` of the selected blocks in a :class:`LoRALinear`."""
+    lora_targets = o.lora_targets
+    if isinstance(lora_targets, str) or not lora_targets:
+        raise ValueError(f"lora_targets must be a non-empty sequence of names, got {lora_targets!r}")
+    replaced: list[str] = []
+    for i in indices:
+        for sub_name, sub in list(trunk[i].named_modules()):
+            if sub_name and any(_name_matches(sub_name, t) for t in lora_targets):
+                full_name = f"blocks.{i}.{sub_name}"
+                if not isinstance(sub, nn.Linear):
+                    raise TypeError(
+                        f"LoRA target {full_name!r} is a {type(sub).__name__}, not nn.Linear; "
+                        "choose linear layers (e.g. 'qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')"
+                    )
+                _set_submodule(model, full_name, LoRALinear(sub, o.lora_rank, o.lora_alpha, o.dropout))
+                replaced.append(full_name)
+                parent: Any = model.get_submodule(full_name.rpartition(".")[0])
+                if sub_name.rpartition(".")[2] == "qkv" and getattr(parent, "q_bias", None) is not None:
+                    # timm's EvaAttention calls F.linear(x, qkv.weight, q/k/v bias), bypassing the qkv
+                    # module (and LoRA's update); its separate-bias path calls qkv(x) and adds the same
+                    # bias after, which equals the fused path exactly.
+                    parent.qkv_bias_separate = True
+    if not replaced:
+        linears = sorted({n for n, m in trunk[indices[0]].named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"LoRA targets {list(lora_targets)} matched no module in blocks {indices}; "
+            f"linear layers in block {indices[0]}: {linears}"
+        )
+    return replaced
+
+
+@register_peft("vpt")
+def _inject_vpt(
+    model: nn.Module, trunk: nn.Sequential | nn.ModuleList, indices: list[int], o: PeftOptions
+) -> list[str]:
+    """Wrap the first selected block as the inserting :class:`PromptedBlock` (and later ones, if deep)."""
+    npt = getattr(model, "num_prefix_tokens", None) if o.num_prefix_tokens is None else o.num_prefix_tokens
+    if not isinstance(npt, int) or npt < 0:
+        raise ValueError(
+            f"num_prefix_tokens must be an int >= 0 (the model has no `num_prefix_tokens`), got {npt!r}"
+        )
+    dim = _token_dim(model, trunk[indices[0]])
+    bound = _vpt_init_bound(model, dim)
+    chosen = indices if o.deep_prompts else indices[:1]
+    # Attention layers that count prefix tokens themselves (timm's EvaAttention: RoPE rotates only the
+    # tokens after them) must count the prompts too, from the inserting block on.
+    for i in range(chosen[0], len(trunk)):
+        for sub in trunk[i].modules():
+            if isinstance(getattr(sub, "num_prefix_tokens", None), int) and sub is not trunk[i]:
+                sub.num_prefix_tokens = npt + o.num_prompts  # type: ignore[assignment]
+    for j, i in enumerate(chosen):
+        trunk[i] = PromptedBlock(
+            trunk[i], dim, o.num_prompts, npt, insert=j == 0, init_bound=bound, dropout=o.dropout
+        )
+    return [f"blocks.{i}" for i in chosen]
+
+
+@register_peft("linear", trains="none")
+def _inject_nothing_frozen(
+    model: nn.Module, trunk: nn.Sequential | nn.ModuleList, indices: list[int], o: PeftOptions
+) -> list[str]:
+    """``linear``: a frozen trunk (only the exit heads train)."""
+    return []
+
+
+@register_peft("full", trains="all")
+def _inject_nothing_all_trained(
+    model: nn.Module, trunk: nn.Sequential | nn.ModuleList, indices: list[int], o: PeftOptions
+) -> list[str]:
+    """``full``: full fine-tuning of the trunk."""
+    return []
 
 
 def num_prompt_tokens(model: nn.Module, after_block: int | None = None) -> int:
@@ -513,16 +611,30 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+PEFT_METHODS: tuple[str, ...] = PEFT_REGISTRY.names()
+"""The PEFT methods registered in this file (the CLI's ``peft`` choices)."""
+
+if TYPE_CHECKING:
+    PeftMethod = str
+else:
+    PeftMethod = PEFT_REGISTRY.literal()
+"""PEFT methods: three adapter kinds, a frozen trunk (``linear``) and full fine-tuning (``full``), ...
+(``Literal`` of the methods registered above)."""
+
 __all__ = [
     "PEFT_METHODS",
+    "PEFT_REGISTRY",
     "AdaptFormerBlock",
     "EvaAdaptFormerBlock",
     "LoRALinear",
     "PeftMethod",
+    "PeftOptions",
+    "PeftSpec",
     "PromptedBlock",
     "count_parameters",
     "inject_peft",
     "mark_trainable",
     "num_prompt_tokens",
     "peft_parameter_names",
+    "register_peft",
 ]

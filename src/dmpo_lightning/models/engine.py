@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from dmpo_lightning.constants import IMAGE_KEY
-from dmpo_lightning.evaluation.exit_rules import ExitRule
 from dmpo_lightning.models.exit_policy import Scorer
+from dmpo_lightning.models.exit_rules import ExitRule
 from dmpo_lightning.models.multi_exit import EarlyExitOutput, MultiExitViT, eval_mode
 
 __all__ = ["EarlyExitEngine"]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from dmpo_lightning.evaluation.exit_rules import EXIT_RULES, ExitRule, exit_score_step
+from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY, ExitRule, exit_score_step, is_local_rule
 
 __all__ = ["ExitPolicy", "Scorer", "check_thresholds"]
 
@@ -90,13 +90,13 @@ class ExitPolicy:
                 raise ValueError(f"need {num_exits} finite temperatures > 0 (one per exit); got {temps}")
             self.temperatures = None if all(t == 1.0 for t in temps) else temps
         self.num_exits = num_exits
-        if scorer is None and rule not in EXIT_RULES:
-            raise ValueError(f"unknown exit rule {rule!r}; allowed: {', '.join(repr(r) for r in EXIT_RULES)}")
+        if scorer is None:
+            EXIT_RULE_REGISTRY.check(rule)
         if scorer is not None and not callable(scorer):
             raise ValueError(f"scorer must be callable (like DMPOModule.score_exits); got {scorer!r}")
         self.rule = rule
         self.scorer = scorer
-        self.local = scorer_is_local if scorer is not None else rule != "patience"
+        self.local = scorer_is_local if scorer is not None else is_local_rule(rule)
         self.last_score = last_score
         self._skip = [self.local and t == math.inf for t in self.thresholds[:-1]] + [False]
 
@@ -128,7 +128,7 @@ class ExitPolicy:
                 score = torch.full(pred.shape, math.nan, device=logits.device)
                 return None, score, pred, {}
             score, pred, run = exit_score_step(logits, self.rule, carry.get("pred"), carry.get("run"))
-            carry = {"pred": pred, "run": run} if self.rule == "patience" and not last else {}
+            carry = {"pred": pred, "run": run} if not self.local and not last else {}
         else:
             if self.local:
                 history = [logits]

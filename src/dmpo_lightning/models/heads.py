@@ -6,16 +6,50 @@ register or VPT prompt tokens, the rest patch tokens) to logits ``[B, C]``.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-PredictorKind = Literal["linear", "moment", "isqrt_cov"]
-"""Predictor families: plain linear, Moment Probing (first + second order) and iSQRT-COV."""
+from dmpo_lightning.models.checks import check_dropout as _check_dropout
+from dmpo_lightning.models.registry import Registry
 
-PREDICTOR_KINDS: tuple[str, ...] = get_args(PredictorKind)
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """A registered predictor: ``build(dim, num_classes, num_prefix_tokens, **{o: ... for o in options})``."""
+
+    build: Callable[..., nn.Module]
+    options: tuple[str, ...]
+
+
+PREDICTOR_REGISTRY: Registry[PredictorSpec] = Registry("predictor kind")
+"""Every predictor (exit head) by name; add one with :func:`register_predictor` in this file."""
+
+
+def register_predictor(name: str, *, options: Sequence[str]) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator registering a predictor as ``name``.
+
+    The class is built as ``cls(dim, num_classes, num_prefix_tokens, **chosen)`` where ``chosen`` holds the
+    :func:`build_predictor` keyword options named in ``options`` (the others do not apply to it).
+
+    Raises:
+        TypeError: If the class does not accept one of the named options.
+    """
+
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        params = inspect.signature(cls).parameters
+        missing = [o for o in options if o not in params]
+        if missing:
+            raise TypeError(f"predictor {name!r} ({cls.__name__}) does not accept the options {missing}")
+        PREDICTOR_REGISTRY.register(name)(PredictorSpec(cls, tuple(options)))
+        return cls
+
+    return add
 
 _TRACE_EPS = 1e-5
 
@@ -31,11 +65,6 @@ def _check_sizes(dim: int, num_classes: int, num_prefix_tokens: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
-
-
-def _check_dropout(dropout: float) -> None:
-    if not (0.0 <= float(dropout) < 1.0):
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
 def _check_tokens(x: Tensor, dim: int, num_prefix_tokens: int, need_patches: bool) -> None:
@@ -78,6 +107,7 @@ class Bypass(nn.Module):
         return x + self.up(self.act(self.down(self.norm(x))))
 
 
+@register_predictor("linear", options=("pool", "norm", "dropout", "class_token"))
 class LinearHead(nn.Module):
     """LayerNorm, then the class token (``"token"``) or the mean patch token (``"avg"``), then Linear.
 
@@ -253,6 +283,7 @@ def _conv_out(size: int) -> int:
     return (size + 2 - 3) // 2 + 1
 
 
+@register_predictor("moment", options=("proj_dim", "groups", "dropout", "class_token"))
 class MomentHead(nn.Module):
     """Moment Probing predictor (Tao et al., ICCV 2023): mean of first- and second-order logits.
 
@@ -377,6 +408,7 @@ def newton_schulz_sqrt(a: Tensor, iterations: int = 5, eps: float = _TRACE_EPS) 
     return y * trace.sqrt()
 
 
+@register_predictor("isqrt_cov", options=("reduce_dim", "iterations", "dropout"))
 class ISqrtCovHead(nn.Module):
     """iSQRT-COV predictor (Li et al., CVPR 2018): matrix-square-root-normalised covariance of patch tokens.
 
@@ -412,6 +444,7 @@ class ISqrtCovHead(nn.Module):
             raise ValueError(f"reduce_dim must be a positive integer, got {reduce_dim!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        self.triu_index: Tensor
         self.dim = dim
         self.num_prefix_tokens = num_prefix_tokens
         self.iterations = iterations
@@ -439,7 +472,7 @@ class ISqrtCovHead(nn.Module):
 
 
 def build_predictor(
-    kind: PredictorKind,
+    kind: str,
     dim: int,
     num_classes: int,
     num_prefix_tokens: int,
@@ -456,8 +489,8 @@ def build_predictor(
     """Build a predictor by name; options that do not apply to ``kind`` are ignored.
 
     Args:
-        kind: ``"linear"`` (:class:`LinearHead`), ``"moment"`` (:class:`MomentHead`) or ``"isqrt_cov"``
-            (:class:`ISqrtCovHead`).
+        kind: A registered predictor: ``"linear"`` (:class:`LinearHead`), ``"moment"``
+            (:class:`MomentHead`), ``"isqrt_cov"`` (:class:`ISqrtCovHead`), ...
         dim: Token width ``D``.
         num_classes: Number of classes ``C``.
         num_prefix_tokens: Leading non-patch tokens (class/register/VPT prompt).
@@ -475,32 +508,28 @@ def build_predictor(
 
     Raises:
         ValueError: For an unknown ``kind`` or invalid options.
+
+    Example:
+        >>> head = build_predictor("moment", 32, 10, 1, proj_dim=32, groups=4)
+        >>> head(torch.randn(2, 5, 32)).shape
+        torch.Size([2, 10])
+        >>> build_predictor("mlp", 32, 10, 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown predictor kind 'mlp'; allowed: linear, moment, isqrt_cov
     """
-    if kind == "linear":
-        return LinearHead(
-            dim,
-            num_classes,
-            num_prefix_tokens,
-            pool=pool,
-            norm=norm,
-            dropout=dropout,
-            class_token=class_token,
-        )
-    if kind == "moment":
-        return MomentHead(
-            dim,
-            num_classes,
-            num_prefix_tokens,
-            proj_dim=proj_dim,
-            groups=groups,
-            dropout=dropout,
-            class_token=class_token,
-        )
-    if kind == "isqrt_cov":
-        return ISqrtCovHead(
-            dim, num_classes, num_prefix_tokens, reduce_dim=reduce_dim, iterations=iterations, dropout=dropout
-        )
-    raise ValueError(f"unknown predictor kind {kind!r}; allowed: {', '.join(PREDICTOR_KINDS)}")
+    spec = PREDICTOR_REGISTRY.get(kind)
+    given = {
+        "pool": pool,
+        "norm": norm,
+        "proj_dim": proj_dim,
+        "groups": groups,
+        "reduce_dim": reduce_dim,
+        "iterations": iterations,
+        "dropout": dropout,
+        "class_token": class_token,
+    }
+    return spec.build(dim, num_classes, num_prefix_tokens, **{o: given[o] for o in spec.options})
 
 
 class ExitHead(nn.Module):
@@ -526,8 +555,19 @@ class ExitHead(nn.Module):
         return self.predictor(self.bypass(tokens.detach() if self.detach_input else tokens))
 
 
+PREDICTOR_KINDS: tuple[str, ...] = PREDICTOR_REGISTRY.names()
+"""The predictors registered in this file (the CLI's ``early_head`` / ``final_head`` choices)."""
+
+if TYPE_CHECKING:
+    PredictorKind = str
+else:
+    PredictorKind = PREDICTOR_REGISTRY.literal()
+"""Predictor families: plain linear, Moment Probing (first + second order), iSQRT-COV, ... (``Literal`` of
+the predictors registered above)."""
+
 __all__ = [
     "PREDICTOR_KINDS",
+    "PREDICTOR_REGISTRY",
     "AttentionPoolHead",
     "Bypass",
     "DistilledHead",
@@ -536,6 +576,8 @@ __all__ = [
     "LinearHead",
     "MomentHead",
     "PredictorKind",
+    "PredictorSpec",
     "build_predictor",
     "newton_schulz_sqrt",
+    "register_predictor",
 ]

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from dmpo_lightning.constants import EXITS_ATTR, PEFT_PREFIX
-from dmpo_lightning.evaluation.exit_rules import ExitRule
 from dmpo_lightning.models.adapters import PeftMethod, inject_peft, num_prompt_tokens
 from dmpo_lightning.models.backbone import (
     backbone_depth,
@@ -25,18 +24,21 @@ from dmpo_lightning.models.backbone import (
     run_blocks,
 )
 from dmpo_lightning.models.exit_policy import ExitPolicy, Scorer
+from dmpo_lightning.models.exit_rules import ExitRule
 from dmpo_lightning.models.heads import (
     AttentionPoolHead,
     Bypass,
     DistilledHead,
     ExitHead,
     LinearHead,
+    PredictorKind,
     build_predictor,
 )
 
 __all__ = ["EarlyExitOutput", "ExitPolicy", "ExitRule", "HeadKind", "MultiExitViT", "Scorer", "eval_mode"]
 
-HeadKind = Literal["linear", "moment", "isqrt_cov"]
+HeadKind = PredictorKind
+"""The registered predictors (:data:`~dmpo_lightning.models.heads.PredictorKind`; kept under this name)."""
 
 
 @dataclass
@@ -484,6 +486,17 @@ class MultiExitViT(nn.Module):
             else:
                 groups["trunk"].append((name, p))
         return groups
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (``fnmatch`` patterns) trained without weight decay, besides 1-d ones and biases.
+
+        The trunk's own list (timm's ``no_weight_decay()``: position embedding, class/register tokens) and the
+        VPT prompts; read by :func:`dmpo_lightning.optim.param_groups` through timm's
+        ``param_groups_weight_decay``.
+        """
+        trunk = getattr(self.backbone, "no_weight_decay", None)
+        names = {f"backbone.{n}" for n in trunk()} if callable(trunk) else set()
+        return names | {f"*.{PEFT_PREFIX}prompts"}
 
     def count_parameters(self) -> dict[str, int]:
         """Trainable parameter counts per component, plus ``trainable`` and ``total``."""

@@ -1,0 +1,14 @@
+"""Tiny model builders shared by the tests (random weights, CPU, milliseconds)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0)
+
+
+def make_tiny_vit(**overrides: object) -> torch.nn.Module:
+    """A depth-4, dim-32 timm ViT at 32x32 with random weights and no classifier."""
+    kwargs = {**TINY_VIT_KWARGS, **overrides}
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs)

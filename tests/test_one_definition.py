@@ -1,0 +1,149 @@
+"""Items that used to be written twice now have one definition, used by every caller."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from dmpo_lightning import constants, files
+from dmpo_lightning.errors import ConfigError
+from dmpo_lightning.evaluation import protocol, report, runner
+from dmpo_lightning.evaluation.flops import ExitCosts
+from dmpo_lightning.models import adapters, checks, heads
+
+
+def _costs(exit_gflops, full):
+    return ExitCosts(tuple(g * 1e9 for g in exit_gflops), full * 1e9, (3, 32, 32))
+
+
+@pytest.mark.parametrize(("budget", "option"), [(0.1, "fraction"), (1.5, "fraction"), (0.5, "gflops")])
+def test_config_check_and_protocol_refuse_a_budget_with_the_same_sentence(budget, option):
+    costs = _costs([1.0, 2.0, 4.0], 4.0)
+    with pytest.raises(ConfigError) as config_err:
+        runner.check_budgets([budget], option, costs)
+    scores = torch.rand(20, 3)
+    correct = torch.rand(20, 3) > 0.5
+    unit = protocol.protocol_budget_unit(option)
+    with pytest.raises(ValueError) as protocol_err:
+        protocol.select_budgets(
+            scores, correct, costs.exit_gflops, 4.0, [budget], unit, protocol.search_qs(5)
+        )
+    same = str(protocol_err.value).replace("unit of costs", "GFLOPs")  # the config check names the cost unit
+    assert str(config_err.value) == f"{same}; fix model.init_args.budgets"
+    assert "outside the achievable range" in str(config_err.value)
+
+
+def test_budgets_at_both_ends_of_the_range_pass_both_checks():
+    costs = _costs([1.0, 2.0, 4.0], 4.0)
+    runner.check_budgets([0.25, 1.0], "fraction", costs)
+    runner.check_budgets([1.0, 4.0], "gflops", costs)
+    assert protocol.check_budget_range([1.0, 4.0], 1.0, 4.0, "absolute", "GFLOPs") == [1.0, 4.0]
+
+
+def test_budget_unit_option_and_protocol_unit_are_translated_in_one_place():
+    assert protocol.protocol_budget_unit("gflops") == "absolute"
+    assert protocol.protocol_budget_unit("fraction") == "fraction"
+    with pytest.raises(
+        ValueError, match=r"budget_unit must be one of \('fraction', 'gflops'\); got 'absolute'"
+    ):
+        protocol.protocol_budget_unit("absolute")
+    from typing import get_args
+
+    assert tuple(protocol.BUDGET_UNIT_OPTIONS) == get_args(protocol.BudgetUnitOption)
+    assert set(protocol.BUDGET_UNIT_OPTIONS.values()) == set(get_args(protocol.BudgetUnit))
+
+
+def test_a_thresholds_file_of_an_absolute_budget_is_found_with_the_gflops_option(tmp_path):
+    path = tmp_path / "thresholds.json"
+    entry = {"budget": 2.0, "unit": "absolute", "thresholds": [0.5, 0.6, float("-inf")]}
+    path.write_text(
+        json.dumps(report.to_jsonable({"format": constants.THRESHOLDS_FORMAT, "budgets": [entry]}))
+    )
+    got = runner.load_thresholds(str(path), 2.0, {}, unit="gflops", num_exits=3)
+    assert got[:2] == [0.5, 0.6]
+    with pytest.raises(ValueError, match=r"budget 2.0 \(fraction\) is not in"):
+        runner.load_thresholds(str(path), 2.0, {}, unit="fraction", num_exits=3)
+
+
+def test_one_atomic_write_serves_reports_predictions_and_exports():
+    import dmpo_lightning.serialization as serialization
+
+    assert report._atomic_write is files.atomic_write
+
+    assert not hasattr(serialization, "_write_atomic")
+    assert serialization.atomic_write_bytes is files.atomic_write_bytes
+
+
+def test_predictions_csv_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "preds.csv"
+    path.write_text("old\n")
+    rows = [
+        {
+            "prediction": torch.tensor([1]),
+            "exit_index": torch.tensor([0]),
+            "score": torch.tensor([0.9]),
+            "confidence": torch.tensor([0.9]),
+            "index": torch.tensor([0]),
+        }
+    ]
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        runner.write_predictions(str(path), rows, exit_gflops=[1.0, 2.0], class_names=["a", "b"])
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["preds.csv"]
+    monkeypatch.undo()
+    runner.write_predictions(str(path), rows, exit_gflops=[1.0, 2.0], class_names=["a", "b"])
+    assert path.read_text().splitlines()[1].startswith("0,1,b,1,")
+
+
+def test_atomic_write_without_overwrite_refuses_and_leaves_nothing(tmp_path):
+    target = tmp_path / "x.bin"
+    files.atomic_write_bytes(target, b"1", overwrite=False)
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        files.atomic_write_bytes(target, b"2", overwrite=False)
+    assert target.read_bytes() == b"1"
+    files.atomic_write_bytes(target, b"3")
+    assert target.read_bytes() == b"3" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_fingerprint_keys_are_defined_once():
+    from dmpo_lightning.deploy import export
+
+    assert export.FINGERPRINT_KEYS is constants.MODEL_FINGERPRINT_KEYS
+    assert export.THRESHOLDS_FORMAT is constants.THRESHOLDS_FORMAT is runner.THRESHOLDS_FORMAT
+    assert set(constants.ARCHITECTURE_KEYS) < set(constants.MODEL_FINGERPRINT_KEYS)
+    assert set(constants.THRESHOLDS_FINGERPRINT_KEYS) - set(constants.MODEL_FINGERPRINT_KEYS) == {"exit_rule"}
+
+
+def test_the_module_fingerprint_has_exactly_the_fingerprint_keys():
+    from dmpo_lightning.module import DMPOModule
+
+    module = DMPOModule(
+        backbone="vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        num_classes=3,
+        exit_blocks=2,
+        peft="full",
+        early_head="linear",
+    )
+    fingerprint = module.model_fingerprint()
+    assert tuple(fingerprint) == constants.THRESHOLDS_FINGERPRINT_KEYS
+    assert fingerprint["exit_blocks"] == list(module.model.exit_blocks)
+    assert fingerprint["peft"] == "full" and fingerprint["early_head"] == "linear"
+
+
+def test_dropout_and_positive_int_checks_are_one_function():
+    assert heads._check_dropout is checks.check_dropout is adapters._check_dropout
+    assert adapters._check_positive_int is checks.check_positive_int
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+            heads.build_predictor("linear", 8, 2, 1, dropout=bad)
+        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+            adapters.LoRALinear(torch.nn.Linear(4, 4), dropout=bad)

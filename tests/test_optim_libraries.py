@@ -1,0 +1,107 @@
+"""The LR schedule is torch's SequentialLR(LinearLR, CosineAnnealingLR); weight-decay groups are timm's."""
+
+import math
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from dmpo_lightning.models.multi_exit import MultiExitViT
+from dmpo_lightning.optim import default_optimizer, param_groups, warmup_cosine
+
+
+def reference_factor(total_steps, warmup_fraction, min_factor, step):
+    """The closed form the schedule had when it was hand-written (LambdaLR)."""
+    total_steps = max(int(total_steps), 1)
+    warmup = round(total_steps * warmup_fraction)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _lrs(scheduler, optimizer, steps):
+    out = []
+    for _ in range(steps):
+        out.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 10, 137])
+@pytest.mark.parametrize("warmup_fraction", [0.0, 0.05, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("min_factor", [0.0, 0.1])
+def test_schedule_equals_the_hand_written_curve(total, warmup_fraction, min_factor):
+    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=3e-4)
+    sched = warmup_cosine(opt, total, warmup_fraction, min_factor)
+    got = _lrs(sched, opt, total + 1)
+    want = [[3e-4 * reference_factor(total, warmup_fraction, min_factor, s)] * 2 for s in range(total + 1)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-9, atol=1e-15)
+
+
+def test_schedule_is_torch_and_resumes_from_its_state_dict():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, 20, 0.2)
+    assert isinstance(sched, torch.optim.lr_scheduler.SequentialLR)
+    _lrs(sched, opt, 7)
+    state, opt_state = sched.state_dict(), opt.state_dict()
+    expected = _lrs(sched, opt, 10)
+    opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched2 = warmup_cosine(opt2, 20, 0.2)
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(state)
+    torch.testing.assert_close(torch.tensor(_lrs(sched2, opt2, 10)), torch.tensor(expected))
+
+
+def test_min_factor_with_per_group_learning_rates_is_refused():
+    opt = torch.optim.SGD(
+        [{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0}, {"params": [nn.Parameter(torch.zeros(1))]}],
+        lr=0.1,
+    )
+    with pytest.raises(ValueError, match=r"min_factor=0\.1 needs one learning rate"):
+        warmup_cosine(opt, 10, 0.1, min_factor=0.1)
+
+
+def _model(peft):
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    return MultiExitViT(vit, 3, [1, 2], peft=peft, vpt_prompts=2, early_head="linear")
+
+
+def _names(model, group):
+    ids = {id(p) for p in group["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_full_fine_tuning_does_not_decay_position_embedding_class_token_norms_and_biases():
+    model = _model("full")
+    groups = {g["name"]: g for g in param_groups(model)}
+    assert set(groups) == {f"{c}{s}" for c in ("trunk", "bypass", "heads") for s in ("", "_no_decay")}
+    trunk_no_decay = _names(model, groups["trunk_no_decay"])
+    assert {"backbone.pos_embed", "backbone.cls_token"} <= trunk_no_decay
+    assert (
+        "backbone.blocks.0.norm1.weight" in trunk_no_decay
+        and "backbone.blocks.0.attn.qkv.bias" in trunk_no_decay
+    )
+    trunk_decay = _names(model, groups["trunk"])
+    assert "backbone.blocks.0.attn.qkv.weight" in trunk_decay and "backbone.pos_embed" not in trunk_decay
+    assert all(p.ndim > 1 for p in groups["trunk"]["params"])
+    assert "weight_decay" not in groups["trunk"] and groups["trunk_no_decay"]["weight_decay"] == 0.0
+    # every trainable parameter in exactly one group
+    listed = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(listed) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    opt = default_optimizer(list(groups.values()))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0] * 3
+
+
+def test_vpt_prompts_get_no_weight_decay():
+    model = _model("vpt")
+    groups = {g["name"]: g for g in param_groups(model)}
+    assert "trunk" not in groups  # prompts are the only trunk parameters, and they are not decayed
+    assert _names(model, groups["trunk_no_decay"]) == {
+        n for n, _ in model.named_parameters() if "peft_prompts" in n
+    }
+    assert model.no_weight_decay() >= {"backbone.pos_embed", "backbone.cls_token", "*.peft_prompts"}
