@@ -326,3 +326,19 @@ def test_cli_keeps_predict_engine_and_time_early_exit_given_with_a_checkpoint(tm
     )
     assert pushes, "predict_engine given on the command line was dropped"
     assert (tmp_path / "p.csv").exists()
+
+
+def test_predict_command_engine_flag_writes_the_same_csv(artefact, tmp_path, monkeypatch):
+    from dmpo_lightning.deploy.predict_cli import main as predict_main
+
+    _, out = artefact
+    paths = _write_images(tmp_path / "images", 11)
+    Path(paths[3]).write_bytes(b"broken")
+    predict_main([out, str(tmp_path / "images"), "--output", str(tmp_path / "a.csv"), "--batch-size", "4"])
+    pushes: list[int] = []
+    original = EngineSession.push
+    monkeypatch.setattr(EngineSession, "push", lambda s, b: pushes.append(len(b)) or original(s, b))
+    args = [out, str(tmp_path / "images"), "--output", str(tmp_path / "b.csv"), "--batch-size", "4"]
+    predict_main([*args, "--engine"])
+    assert pushes == [3, 4, 3]
+    _same_csv((tmp_path / "b.csv").read_text(), (tmp_path / "a.csv").read_text())
