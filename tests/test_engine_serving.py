@@ -342,3 +342,29 @@ def test_predict_command_engine_flag_writes_the_same_csv(artefact, tmp_path, mon
     predict_main([*args, "--engine"])
     assert pushes == [3, 4, 3]
     _same_csv((tmp_path / "b.csv").read_text(), (tmp_path / "a.csv").read_text())
+
+
+# ------------------------------------------------------------------------------------------ EngineSession
+def test_session_push_and_flush_return_every_batch_once_in_order(module):
+    from dmpo_lightning.models.engine import EarlyExitEngine
+
+    torch.manual_seed(3)
+    x = torch.randn(29, 3, 32, 32)
+    thresholds = module.exit_thresholds.tolist()
+    expected = module.model.forward_early_exit(x, thresholds, temperatures=TEMPERATURES)
+    module.model.train()
+    try:
+        session = EarlyExitEngine(module.model, thresholds, batch_size=8, temperatures=TEMPERATURES).session()
+        done = []
+        for part in torch.split(x, [3, 0, 9, 1, 16]):
+            done += session.push(part)
+            assert module.model.training, "each push restores the model's mode"
+        assert session.waiting == 29 - sum(o.prediction.shape[0] for o in done)
+        done += session.flush()
+    finally:
+        module.model.eval()
+    assert [o.prediction.shape[0] for o in done] == [3, 0, 9, 1, 16]
+    assert torch.equal(torch.cat([o.exit_index for o in done]), expected.exit_index)
+    assert torch.equal(torch.cat([o.prediction for o in done]), expected.prediction)
+    raw = module.model.forward_early_exit(x, thresholds)
+    assert not torch.equal(raw.exit_index, expected.exit_index), "the temperatures should matter here"
