@@ -141,8 +141,9 @@ class DMPOModule(pl.LightningModule):
         predictions_file: CSV ``dmpo predict`` writes (``None`` = ``<log_dir>/predictions.csv``).
         predict_engine: Throughput mode of ``dmpo predict``: the samples that continue after each exit are
             pooled across predict batches, so every stage runs on full batches (of the data's batch size;
-            :class:`~dmpo_lightning.models.engine.EarlyExitEngine`). Same CSV rows, same order; each batch's
-            result is filled in once all its samples have left (by the end of the epoch at the latest).
+            :class:`~dmpo_lightning.models.engine.EarlyExitEngine`). Same CSV rows, same order, same
+            predictions and exits (confidence and score within float32 rounding); each batch's result is
+            filled in once all its samples have left (by the end of the epoch at the latest).
         time_early_exit: ``dmpo test`` also times the real early exit at each budget's thresholds on the first
             this many test images (full model vs per-batch early exit vs engine, ms/image with the device),
             written to ``report.json`` under ``early_exit_speed`` beside the FLOPs speed-up; 0 = off.

@@ -10,7 +10,8 @@ Example:
 
 Throughput mode (``engine=True`` / :meth:`EarlyExitPredictor.predict_batches`): the samples that continue
 after an exit are pooled across input batches, so every stage runs on full batches
-(:class:`~dmpo_lightning.models.engine.EarlyExitEngine`); results are identical and in input order.
+(:class:`~dmpo_lightning.models.engine.EarlyExitEngine`); same predictions and exits, in input order (logits
+and scores within float32 rounding: other batch compositions can change some kernels' summation order).
 """
 
 from __future__ import annotations
@@ -299,8 +300,9 @@ class EarlyExitPredictor:
 
         The samples that continue after each exit are pooled across batches (per-stage queues), so every
         stage runs on ``engine_batch_size`` samples (default: the first batch's size) until the input ends.
-        Predictions, exits, scores and logits equal those of calling the predictor on each batch. A batch is
-        yielded once all its samples have left, so the generator runs ahead of the caller by a few batches.
+        Predictions and exits equal those of calling the predictor on each batch (logits and scores within
+        float32 rounding, tested to 1e-5). A batch is yielded once all its samples have left, so the
+        generator runs ahead of the caller by a few batches.
 
         Raises:
             ValueError: For a batch the model cannot take (checked as it arrives), the ONNX backend or a bad
