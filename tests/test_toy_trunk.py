@@ -213,3 +213,57 @@ def test_printed_summary_puts_each_budget_next_to_the_full_model():
         assert f"{100 * (1 - p.test_cost / full):.1f}" in row
     no_full = build_report(costs=costs, full_cost=full, anytime_top1=[0.5, 0.6, 0.7], operating_points=points)
     assert "What early exit buys" not in format_report_table(no_full)
+
+
+def test_an_artefact_of_the_toy_trunk_loads_offline_without_embedding_the_trunk(tmp_path):
+    from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT, export_artefact
+    from dmpo_lightning.deploy.format import MANIFEST_FILE, file_sha256
+    from dmpo_lightning.deploy.predictor import EarlyExitPredictor
+
+    torch.manual_seed(0)
+    module = DMPOModule(
+        backbone=toy_backbone.TOY_TRUNK_NAME, pretrained=True, img_size=28, in_chans=1, exit_blocks=[4, 8],
+        adapter_dim=4, moment_dim=16, budgets=[0.75],
+    )  # fmt: skip
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "dmpo_test").mkdir()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    dm = {
+        "dataset": "fashion_mnist_subset",
+        "image_size": 28,
+        "in_chans": 1,
+        "timm_model": module.hparams.backbone,
+    }
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+         "datamodule_hyper_parameters": dm},
+        ckpt,
+    )  # fmt: skip
+    (run / "dmpo_test" / "thresholds.json").write_text(
+        json.dumps(
+            {
+                "format": THRESHOLDS_FORMAT,
+                "fingerprint": module.model_fingerprint(),
+                "checkpoint_hash": f"file:{file_sha256(str(ckpt))}",
+                "budgets": [
+                    {
+                        "budget": 0.75,
+                        "unit": "fraction",
+                        "thresholds": [0.5, "-inf"],
+                        "cal_cost_fraction": 0.7,
+                    }
+                ],
+            }
+        )
+    )
+    out = Path(export_artefact(str(tmp_path / "art"), run=str(run)))
+    reference = json.loads((out / MANIFEST_FILE).read_text())["weights"]["reference"]
+    assert reference["timm_name"] == toy_backbone.TOY_TRUNK_NAME and reference["pretrained"]
+    x = torch.randn(8, 1, 28, 28)
+    got = EarlyExitPredictor.load(out, budget=0.75)(x)  # the packaged file, not a download
+    module.eval()
+    with torch.no_grad():
+        expected = module.model(x)[-1]
+    late = got.exit == 1
+    torch.testing.assert_close(got.logits[late], expected[late], atol=1e-5, rtol=0)
