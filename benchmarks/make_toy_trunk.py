@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(
             f"epoch {epoch + 1}/{args.epochs}: loss {running / steps_per_epoch:.4f}, "
-            f"held-out {args.labels} top-1 {100 * acc:.2f} %, {time.perf_counter() - start:.0f} s"
+            f"held-out {args.labels} top-1 {100 * acc:.2f} %, {time.perf_counter() - start:.0f} s",
+            flush=True,
         )
 
     state = trunk_state(model)
