@@ -521,6 +521,20 @@ def _describe_source(options: Mapping[str, Any], backbone_weights: str | None) -
     return f"timm's pretrained {options['backbone']!r}"
 
 
+def _local_pretrained_file(name: str) -> bool:
+    """Whether timm's pretrained weights of ``name`` are a local file that exists (no download needed).
+
+    True for the packaged trunk ``dmpo_toy_vit_fmnist``.
+    """
+    import timm
+
+    try:
+        cfg = timm.get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:
+        return False
+    return bool(cfg is not None and cfg.file and os.path.isfile(cfg.file))
+
+
 def _build_with_reference(
     path: str,
     options: Mapping[str, Any],
@@ -538,7 +552,7 @@ def _build_with_reference(
     local = ref.get("checkpoint_path") or options.get("checkpoint_path")
     if local and os.path.isfile(local):
         return build_model(options, checkpoint_path=local)
-    if allow_download:
+    if allow_download or _local_pretrained_file(options["backbone"]):
         return build_model(options, pretrained=True)
     where = (
         f"the local file {local!r} (not found here)"
