@@ -725,6 +725,7 @@ def run_job(
                         "test_accuracy": report["curve"]["test_accuracy"],
                     },
                     "first_exit_cost_fraction": lowest,
+                    "full_cost": report["full_model"]["cost"],
                     "trainable_parameters": counts["trainable"],
                     "total_parameters": counts["total"],
                     "epoch_seconds": timer.times,
@@ -751,6 +752,46 @@ MATCHED_COSTS = (0.3, 0.4, 0.5, 0.75, 1.0)
 FAIR_BASELINES = ("static_peft", "static_peft_moment", "sdn_linear", "sdn_moment", "dmpo_final_moment")
 """Baselines the paired table compares ``dmpo`` with first (others present follow)."""
 REFERENCE = "dmpo"
+
+
+def _full_cost(run: dict[str, Any]) -> float:
+    """GFLOPs of the run's own full path (all blocks and its last head), the denominator of its fractions."""
+    if run.get("full_cost") is not None:
+        return float(run["full_cost"])
+    path = Path(run["report_dir"]) / "report.json"
+    if not path.is_file():
+        raise SystemExit(f"{run['variant']} seed {run['seed']}: {path} is missing; cannot read its full cost")
+    return float(json.loads(path.read_text())["full_model"]["cost"])
+
+
+def common_cost_reference(runs: list[dict[str, Any]]) -> tuple[float, str]:
+    """GFLOPs every cost fraction of the tables is relative to, and what they are.
+
+    Each ``dmpo test`` report measures cost as a fraction of its own model's full path, whose last head
+    differs between variants (a moment head costs more than a linear one), so fractions of different
+    variants are not comparable as they are. The tables use one reference: ``static_peft``'s full model
+    (the frozen trunk, its adapters and a linear head), else the cheapest full path among the runs.
+    """
+    static = [_full_cost(r) for r in runs if r["variant"] == STATIC_REFERENCE]
+    if static:
+        return static[0], f"{STATIC_REFERENCE}'s full model"
+    return min(_full_cost(r) for r in runs), "the cheapest full model among the runs"
+
+
+def rescale_costs(runs: list[dict[str, Any]], reference: float) -> list[dict[str, Any]]:
+    """Copies of ``runs`` with every cost fraction re-expressed relative to ``reference`` GFLOPs."""
+    out = []
+    for r in runs:
+        factor = _full_cost(r) / reference
+        r = dict(r)
+        r["exits"] = [{**e, "cost_fraction": e["cost_fraction"] * factor} for e in r["exits"]]
+        if r.get("curve"):
+            c = dict(r["curve"])
+            c["test_cost_fraction"] = [x * factor for x in c["test_cost_fraction"]]
+            r["curve"] = c
+        r["cost_scale"] = factor
+        out.append(r)
+    return out
 
 
 def test_curve(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -961,11 +1002,14 @@ def write_summary(payload: dict[str, Any], out: Path, *, quick: bool) -> dict[st
     results = payload["results"]
     variants = payload["variants"]
     settings = payload["settings"]
-    sections, all_rows = [], {}
+    sections, all_rows, rescaled = [], {}, []
     for proxy in payload["proxies"]:
         runs = [r for r in results if r.get("proxy", "same-labels") == proxy]
         if not runs:
             continue
+        reference, reference_name = common_cost_reference(runs)
+        runs = rescale_costs(runs, reference)
+        rescaled.extend(runs)
         rows = summarise(runs, variants)
         all_rows[proxy] = rows
         pre = payload["pretrain"][proxy]
@@ -985,8 +1029,9 @@ def write_summary(payload: dict[str, Any], out: Path, *, quick: bool) -> dict[st
             f"Target: tuned for {settings['epochs']} epochs on {settings['train_size']:,} images of half B "
             f"(10 labels), thresholds from {settings['calibration_size']:,} calibration images of half B, "
             f"tested on {sizes['test']:,} test images.",
-            "Columns 30-100%: test top-1 (%) at that test cost (fraction of the full model's FLOPs), read "
-            "off "
+            f"Costs are fractions of {reference:.4g} GFLOPs per image, {reference_name} (a moment head at "
+            "the last exit makes a model's own full path dearer than that).",
+            "Columns 30-100%: test top-1 (%) at that test cost, read off "
             "the variant's test curve (threshold sweep chosen on the calibration split, measured on the test "
             "split) by linear interpolation between neighbouring points; — = below its cheapest point. First "
             "/ last exit: every test image through that exit, with its cost. "
@@ -1021,7 +1066,7 @@ def write_summary(payload: dict[str, Any], out: Path, *, quick: bool) -> dict[st
         plot(out / f"accuracy_vs_cost_{proxy}.png", runs, variants, title)
     table = "\n".join(sections)
     (out / "table.md").write_text(table)
-    write_curves(out / "curves.csv", results)
+    write_curves(out / "curves.csv", rescaled)  # costs relative to each proxy's common reference
     payload["rows"] = all_rows
     _write_json(out / "results.json", payload)
     print()
