@@ -218,3 +218,18 @@ def test_variant_settings_come_from_the_config_files_scaled_to_the_benchmark():
         ("dmpo", {"confidence": ["dmpo", "switch_50"], "patience": ["exit_patience"]}),
         ("sdn_moment", {"confidence": ["sdn_moment", "phase2_only"]}),
     ]
+
+
+def test_compare_curves_never_mixes_proxies(tmp_path):
+    spec = importlib.util.spec_from_file_location("compare_curves", ROOT / "benchmarks" / "compare_curves.py")
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    path = tmp_path / "curves.csv"
+    rows = ["proxy,variant,seed,kind,point,test_cost_fraction,test_accuracy"]
+    for proxy, acc in (("same-labels", 0.9), ("coarse-to-fine", 0.7)):
+        rows += [f"{proxy},dmpo,0,dynamic,{q},{c},{acc}" for q, c in ((0, 0.3), (1, 1.0))]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(SystemExit, match="choose one with --proxy"):
+        cc.read_curves(path)
+    cost, acc = cc.read_curves(path, "coarse-to-fine")["dmpo"][0]
+    assert list(acc) == [0.7, 0.7] and list(cost) == [0.3, 1.0]
