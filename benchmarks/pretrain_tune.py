@@ -3,26 +3,43 @@
 No pre-trained ViT can be downloaded here, so the benchmark makes its own "pre-trained backbone":
 
 1. **Source** (cached): a ViT (timm ``vit_tiny_patch16_224`` architecture: 12 blocks, D = 192, 3 heads, 7x7
-   patches on 28x28 grey images) is trained from scratch on a fixed, seeded, class-balanced half (30,000
-   images) of the Fashion-MNIST training set. Its weights are saved as a timm state dict, the format
+   patches on 28x28 grey images) is trained from scratch on a fixed, seeded, class-balanced half (half A)
+   of the Fashion-MNIST training set. Its weights are saved as a timm state dict, the format
    ``DMPOModule(checkpoint_path=...)`` loads, in ``<cache>/pretrain_<key>/backbone.pth`` (key = hash of
-   every setting), and reused by later runs.
+   every setting, the proxy included), and reused by later runs.
 2. **Target**: every method variant in ``configs/model/<variant>.yaml`` (the same files a GPU user trains
-   with) is tuned from that checkpoint on the *other* half: a seeded subset of training images, a
-   calibration split held out from the same half, and tested on the 10,000 test images. Runs go through
+   with) is tuned from that checkpoint on the *other* half (half B): a seeded subset of training images, a
+   calibration split held out from the same half, and tested on the test images. Runs go through
    the package's own code path: ``DMPOModule`` + ``BenchmarkDataModule`` + a Lightning ``Trainer``, then
    ``trainer.test`` (the ``dmpo test`` protocol: thresholds from the calibration split, ``report.json``).
    Only sizes are scaled to the small backbone (exit blocks, adapter / moment / covariance widths, switch
    epochs from the files' 100-epoch schedule to this one's); everything else is read from the file.
 
-Prints ONE markdown table (rows = variants; test accuracy at 25/33/50/75/100% of the full cost, AUC,
-trainable parameters, training time per epoch relative to static PEFT) and writes it with the curves (CSV),
-one accuracy-vs-cost plot (PNG) and the raw results (JSON) to a new output folder.
+Two proxies (``--proxy``, both by default), differing only in the source's labels:
+
+- ``same-labels``: the source learns half A's 10 labels, the target's own. Frozen features already fit
+  the target, so methods end within about a point of each other (an easy proxy).
+- ``coarse-to-fine``: the source learns 5 garment families of half A (:data:`COARSE_LABELS`: tops =
+  T-shirt, pullover, coat, shirt; trousers; dresses; footwear = sandal, sneaker, ankle boot; bags), then is
+  tuned on the 10 fine labels of half B. The families group exactly the classes Fashion-MNIST confuses
+  (the upper-body garments, the shoes), so the source never needs the features that tell them apart and
+  tuning must create them: the situation of a generic pre-trained trunk tuned to a fine-grained target.
+  It pre-trains for ``--coarse-pretrain-epochs`` on ``--coarse-source-size`` images (default 6 on 20,000,
+  the setting the issue measured).
+
+Writes, per proxy, ONE main table (rows = variants; test top-1 at matched test cost 30/40/50/75/100 %,
+read off each variant's test curve by linear interpolation; the first and the last exit with their costs;
+the mean top-1 over the cost range every multi-exit variant reaches; trainable parameters; training time
+relative to static PEFT), a paired table (per-seed differences dmpo - baseline, mean ± s.d.: the same seed
+shares the target subset, the calibration split and the initialisation) and a per-exit table; costs are
+fractions of one reference, static PEFT's full model. Also the curves (CSV), an accuracy-vs-cost plot per
+proxy (PNG) and the raw results (JSON), in a new output folder.
 
     python benchmarks/pretrain_tune.py                 # full benchmark (see benchmarks/README.md)
     python benchmarks/pretrain_tune.py --quick         # smoke test: tiny model, a few hundred images
     python benchmarks/pretrain_tune.py --estimate      # time a few steps of each planned model; no training
-    python benchmarks/pretrain_tune.py --variants dmpo,sdn_linear --seeds 5
+    python benchmarks/pretrain_tune.py --proxy coarse-to-fine --variants dmpo,sdn_linear --seeds 5
+    python benchmarks/pretrain_tune.py --summarise OUT1 OUT2 --output MERGED   # tables of several runs
 """
 
 from __future__ import annotations
