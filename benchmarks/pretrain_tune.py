@@ -93,7 +93,7 @@ REFERENCE_EPOCHS = 100
 REFERENCE_DEPTH = 12
 """Depth of the backbone the variant files' ``exit_blocks`` are written for (ViT-B/16)."""
 TABLE_BUDGETS = (0.25, 0.33, 0.5, 0.75, 1.0)
-"""Columns of the table: fractions of the full model's cost."""
+"""Budgets each run's ``dmpo test`` calibrates for (in results.json and curves.csv, not in the tables)."""
 PREFERRED_ORDER = tuple(
     "static_peft static_peft_moment linear_probe full_finetune sdn_linear sdn_bypass sdn_moment "
     "sdn_isqrt_cov dmpo dmpo_final_moment dmpo_isqrt_cov phase1_only phase2_only switch_25 switch_50 "
@@ -1231,9 +1231,11 @@ def plot(path: Path, results: list[dict[str, Any]], variants: Sequence[str], tit
             ax.plot(100 * xs, 100 * ys, "D", ms=7, **style)
         else:
             ax.plot(100 * xs, 100 * ys, "-" if i < 10 else "--", **style)
-    for b in TABLE_BUDGETS:
+    for b in MATCHED_COSTS:
         ax.axvline(100 * b, color="0.85", lw=0.8, zorder=0)
-    ax.set_xlabel("test cost, % of the full model's FLOPs (thresholds from the calibration split)")
+    ax.set_xlabel(
+        "test cost, % of static_peft's full model FLOPs (thresholds from the calibration split)"
+    )
     ax.set_ylabel("test top-1 accuracy, %")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
