@@ -1344,9 +1344,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Defaults, measured on an idle 2-core machine with --threads 2: 42 min of pre-training (once, "
-        "cached), then 29 min of tuning and testing. With 1 thread: about 95 and 48 min. "
-        "See benchmarks/README.md.",
+        epilog="Same-labels proxy at default sizes, measured on an idle 2-core machine with --threads 2: 42 "
+        "min of pre-training (once, cached), then 29 min of tuning and testing (1 thread: about 95 and 48 "
+        "min). The coarse-to-fine proxy adds its own source model and the same tuning runs; its default "
+        "sizes were not timed on an idle machine. See benchmarks/README.md.",
     )
     p.add_argument(
         "--variants", default="all", help="comma-separated names of configs/model/*.yaml, or 'all'"
