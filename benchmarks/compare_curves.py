@@ -29,15 +29,29 @@ from pathlib import Path
 import numpy as np
 
 
-def read_curves(path: Path) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """``{variant: {seed: (cost, accuracy)}}`` from the ``dynamic`` rows, sorted by cost."""
+def read_curves(
+    path: Path, proxy: str | None = None
+) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """``{variant: {seed: (cost, accuracy)}}`` from the ``dynamic`` rows, sorted by cost.
+
+    A CSV with a ``proxy`` column (several pre-train-then-tune proxies) needs ``proxy`` when it holds more
+    than one; the curves of different proxies are never mixed.
+    """
     rows: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if row["kind"] == "dynamic":
-                rows[row["variant"]][int(row["seed"])].append(
-                    (float(row["test_cost_fraction"]), float(row["test_accuracy"]))
-                )
+        records = list(csv.DictReader(f))
+    proxies = sorted({r["proxy"] for r in records if r.get("proxy")})
+    if proxy is None and len(proxies) > 1:
+        raise SystemExit(f"{path} holds the proxies {proxies}; choose one with --proxy")
+    if proxy is not None and proxy not in proxies:
+        raise SystemExit(f"--proxy {proxy!r}: {path} holds {proxies or 'no proxy column'}")
+    for row in records:
+        if proxy is not None and row.get("proxy") != proxy:
+            continue
+        if row["kind"] == "dynamic":
+            rows[row["variant"]][int(row["seed"])].append(
+                (float(row["test_cost_fraction"]), float(row["test_accuracy"]))
+            )
     out = {}
     for variant, seeds in rows.items():
         out[variant] = {}
@@ -103,12 +117,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--variants", default=None, help="comma-separated (default: every variant in the CSV)")
     p.add_argument("--costs", default="0.3,0.35,0.4,0.5", help="cost fractions (default 0.3,0.35,0.4,0.5)")
     p.add_argument("--auc-from", type=float, default=None, help="start of the common cost range")
+    p.add_argument("--proxy", default=None, help="proxy to compare when the CSV holds several")
     args = p.parse_args(argv)
     if not args.csv.is_file():
         raise SystemExit(
             f"{args.csv} does not exist; give the curves.csv of a pretrain_tune.py output folder"
         )
-    curves = read_curves(args.csv)
+    curves = read_curves(args.csv, args.proxy)
     variants = args.variants.split(",") if args.variants else list(curves)
     costs = [float(c) for c in args.costs.split(",")]
     bad = [c for c in costs if not 0 < c <= 1]

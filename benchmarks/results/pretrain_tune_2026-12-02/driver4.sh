@@ -1,0 +1,13 @@
+#!/bin/bash
+# Fourth plan (helper "bench"): candidate causes of the coarse-to-fine shape (longer tuning, larger adapter).
+# Waits for driver.sh (pid 4746) to finish. Same FLAGS except the one changed setting.
+while kill -0 4746 2>/dev/null; do sleep 10; done
+cd /work/wt/bench
+. /work/main/.venv/bin/activate
+export PYTHONPATH=/work/wt/bench/src OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
+CACHE=/tmp/bench_runs/cache
+FLAGS="--coarse-source-size 10000 --coarse-pretrain-epochs 4 --source-size 10000 --pretrain-epochs 4 --train-size 3000 --calibration-size 1000 --test-size 5000"
+B="python benchmarks/pretrain_tune.py --threads 1 --cache-dir $CACHE $FLAGS"
+step() { name=$1; shift; echo "=== $name start $(date -u +%FT%T) load $(cut -d' ' -f1-3 /proc/loadavg)"; /usr/bin/time -v $B --output /tmp/bench_runs/$name "$@" > /tmp/bench_runs/$name.log 2>&1; echo "=== $name end rc=$? $(date -u +%FT%T) load $(cut -d' ' -f1-3 /proc/loadavg)"; }
+step c2f_adapter64 --epochs 3 --adapter-dim 64 --proxy coarse-to-fine --variants dmpo,sdn_linear --seeds 1
+step c2f_epochs6 --epochs 6 --proxy coarse-to-fine --variants dmpo,sdn_linear --seeds 1
