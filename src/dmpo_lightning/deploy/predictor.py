@@ -15,10 +15,9 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import nn
 
 from dmpo_lightning.deploy.format import (
     MANIFEST_FILE,
@@ -31,6 +30,9 @@ from dmpo_lightning.deploy.format import (
     tensors_sha256,
 )
 from dmpo_lightning.deploy.preprocess import build_eval_transform, list_images, load_image
+
+if TYPE_CHECKING:
+    from dmpo_lightning.models.multi_exit import MultiExitViT
 
 __all__ = ["BatchPrediction", "EarlyExitPredictor", "ImagePrediction"]
 
@@ -100,7 +102,7 @@ class EarlyExitPredictor:
     def __init__(
         self,
         manifest: Mapping[str, Any],
-        model: nn.Module | None,
+        model: MultiExitViT | None,
         *,
         budget: float,
         device: str | torch.device = "cpu",
@@ -305,9 +307,9 @@ class EarlyExitPredictor:
             good = [t for t in tensors if t is not None]
             result = self(torch.stack(good)) if good else None
             j = 0
-            for p, t, err in zip(chunk, tensors, errors, strict=True):
+            for p, t, error in zip(chunk, tensors, errors, strict=True):
                 if t is None or result is None:
-                    yield ImagePrediction(p, None, None, None, None, None, error=err)
+                    yield ImagePrediction(p, None, None, None, None, None, error=error)
                     continue
                 c = int(result.prediction[j])
                 yield ImagePrediction(
@@ -323,7 +325,7 @@ class EarlyExitPredictor:
 
 def _load_model(
     path: str, manifest: Mapping[str, Any], *, backbone_weights: str | None, allow_download: bool
-) -> nn.Module:
+) -> MultiExitViT:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -393,7 +395,7 @@ def _build_with_reference(
     ref: Mapping[str, Any],
     backbone_weights: str | None,
     allow_download: bool,
-) -> nn.Module:
+) -> MultiExitViT:
     from dmpo_lightning.deploy.build import build_model
 
     if backbone_weights is not None:
