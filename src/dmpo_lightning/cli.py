@@ -69,6 +69,8 @@ EVALUATION_OPTIONS = (
     "predict_budget",
     "allow_other_checkpoint_thresholds",
     "predictions_file",
+    "predict_engine",
+    "time_early_exit",
 )
 """Model options that only affect evaluation; ``dmpo test/predict --ckpt_path`` keeps the user's values."""
 

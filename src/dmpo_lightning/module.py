@@ -147,6 +147,11 @@ class DMPOModule(pl.LightningModule):
         allow_other_checkpoint_thresholds: Let ``dmpo predict`` use a ``thresholds_file`` fitted on other
             weights of the same architecture (warns, naming both hashes); by default they are refused.
         predictions_file: CSV ``dmpo predict`` writes (``None`` = ``<log_dir>/predictions.csv``).
+        predict_engine: Throughput mode of ``dmpo predict``: the samples that continue after each exit are
+            pooled across predict batches, so every stage runs on full batches (of the data's batch size;
+            :class:`~dmpo_lightning.models.engine.EarlyExitEngine`). Same CSV rows, same order, same
+            predictions and exits (confidence and score within float32 rounding); each batch's result is
+            filled in once all its samples have left (by the end of the epoch at the latest).
         time_early_exit: ``dmpo test`` also times the real early exit at each budget's thresholds on the first
             this many test images (full model vs per-batch early exit vs engine, ms/image with the device),
             written to ``report.json`` under ``early_exit_speed`` beside the FLOPs speed-up; 0 = off.
@@ -215,6 +220,7 @@ class DMPOModule(pl.LightningModule):
         predict_budget: float | None = None,
         allow_other_checkpoint_thresholds: bool = False,
         predictions_file: str | None = None,
+        predict_engine: bool = False,
         time_early_exit: int = 0,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -264,6 +270,8 @@ class DMPOModule(pl.LightningModule):
         self._costs: ExitCosts | None = None
         self._input_shape: tuple[int, ...] | None = None
         self._predictions: list[dict[str, torch.Tensor]] = []
+        self._predict_session: Any = None  # predict_engine: the engine pass and the rows it still owes
+        self._predict_waiting: list[tuple[dict[str, Any], torch.Tensor]] = []
         self.test_report: dict[str, Any] | None = None
         self._timing_images: list[torch.Tensor] = []
 
@@ -682,11 +690,11 @@ class DMPOModule(pl.LightningModule):
         }
         rows = valid if valid is not None else torch.ones(n, dtype=torch.bool)
         if bool(rows.any()):
-            out = self.forward_early_exit(x if valid is None else x[valid.to(x.device)])
-            result["prediction"][rows] = out.prediction.cpu()
-            result["exit_index"][rows] = out.exit_index.cpu()
-            result["score"][rows] = out.score.float().cpu()
-            result["confidence"][rows] = out.logits.float().softmax(dim=-1).amax(dim=-1).cpu()
+            images = x if valid is None else x[valid.to(x.device)]
+            if self.hparams.get("predict_engine", False):
+                self._predict_push(images, result, rows, batch_size=n)
+            else:
+                self._fill_predictions(result, rows, self.forward_early_exit(images))
         for key in (INDEX_KEY, LABEL_KEY):
             if key in batch:
                 result[key] = batch[key].cpu()
@@ -696,10 +704,42 @@ class DMPOModule(pl.LightningModule):
         self._predictions.append(result)
         return result
 
+    @staticmethod
+    def _fill_predictions(result: dict[str, Any], rows: torch.Tensor, out: EarlyExitOutput) -> None:
+        result["prediction"][rows] = out.prediction.cpu()
+        result["exit_index"][rows] = out.exit_index.cpu()
+        result["score"][rows] = out.score.float().cpu()
+        result["confidence"][rows] = out.logits.float().softmax(dim=-1).amax(dim=-1).cpu()
+
+    def _predict_push(
+        self, images: torch.Tensor, result: dict[str, Any], rows: torch.Tensor, batch_size: int
+    ) -> None:
+        """``predict_engine``: queue a batch's readable images; fill in every batch the engine completes."""
+        from dmpo_lightning.models.engine import EarlyExitEngine
+
+        if self._predict_session is None:
+            engine = EarlyExitEngine(self, self.exit_thresholds, batch_size=batch_size)
+            self._predict_session = engine.session()
+            self._predict_waiting = []
+        self._predict_waiting.append((result, rows))
+        for out in self._predict_session.push(images):
+            self._fill_predictions(*self._predict_waiting.pop(0), out)
+
+    def _predict_flush(self) -> None:
+        """``predict_engine``: run the samples still queued and fill in the rest of the batches."""
+        if self._predict_session is None:
+            return
+        for out in self._predict_session.flush():
+            self._fill_predictions(*self._predict_waiting.pop(0), out)
+        if self._predict_waiting:  # cannot happen: the engine returns every pushed batch
+            raise RuntimeError(f"the early-exit engine lost {len(self._predict_waiting)} predict batches")
+        self._predict_session = None
+
     def on_predict_epoch_end(self) -> None:
         """Write the predictions CSV (one file per rank under DDP) and print a summary of it."""
         from dmpo_lightning.evaluation.runner import format_prediction_summary, write_predictions
 
+        self._predict_flush()
         path = self._predictions_path()
         summary = write_predictions(
             path,

@@ -241,3 +241,33 @@ def default_root() -> Path | None:
     except DatasetLayoutError:
         return None
     return DEBIAN_FASHION_MNIST_DIR
+
+
+def indices_outside_subset(split: str, total: int) -> np.ndarray:
+    """Positions in a full Fashion-MNIST split of the images that are *not* in the embedded subset.
+
+    Read from the subset's own provenance arrays (``train_source_indices``/``test_source_indices``), so the
+    exclusion is exact, by index. Used to pre-train the packaged toy trunk on images the quickstart never
+    tunes or tests on.
+
+    Args:
+        split: ``train`` or ``test``.
+        total: Number of images of that split in the full dataset (60,000 / 10,000).
+
+    Returns:
+        The sorted int64 indices in ``range(total)`` that the subset does not hold.
+
+    Raises:
+        ValueError: If ``split`` is unknown or the subset holds an index outside ``range(total)``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    blob = resources.files("dmpo_lightning.data").joinpath(SUBSET_ASSET).read_bytes()
+    with np.load(io.BytesIO(blob)) as npz:
+        taken = npz[f"{split}_source_indices"].astype(np.int64)
+    if taken.size and (taken.min() < 0 or taken.max() >= total):
+        raise ValueError(
+            f"the embedded subset's {split} indices reach {int(taken.max())}, outside a {split} split of "
+            f"{total} images: pass the size of the full split (60000 train / 10000 test)"
+        )
+    return np.setdiff1d(np.arange(total, dtype=np.int64), taken)

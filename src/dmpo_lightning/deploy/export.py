@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -224,6 +225,20 @@ def _class_names(ckpt: Mapping[str, Any], num_classes: int, given: Sequence[str]
     return names
 
 
+def _temperatures(th: Mapping[str, Any], path: str, num_exits: int) -> list[float]:
+    """The thresholds file's per-exit temperatures (all 1.0 without calibration), checked."""
+    temps = th.get("temperatures")
+    if temps is None:
+        return [1.0] * num_exits
+    try:
+        values = [float(t) for t in temps]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} holds temperatures {temps!r} that are not numbers") from err
+    if len(values) != num_exits or not all(math.isfinite(t) and t > 0 for t in values):
+        raise ValueError(f"{path} holds temperatures {temps!r}; need {num_exits} finite values > 0")
+    return values
+
+
 def _operating_points(
     thresholds: Mapping[str, Any], report: Mapping[str, Any] | None
 ) -> list[dict[str, Any]]:
@@ -369,6 +384,7 @@ def export_artefact(
         raise ValueError(f"{thresholds} was calibrated for another model ({details})")
     exit_rule = fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or hparams.get("exit_rule")
     points = _operating_points(th, rep)
+    temperatures = _temperatures(th, thresholds, model.num_exits)
     units = {p["unit"] for p in points}
     budget_unit = "gflops" if units == {"absolute"} else "fraction"
     names = _class_names(ckpt, int(options["num_classes"]), class_names)
@@ -420,6 +436,8 @@ def export_artefact(
         "num_exits": model.num_exits,
         "exit_blocks": list(model.exit_blocks),
         "exit_rule": exit_rule,
+        # the thresholds score logits / T_k (calibration: temperature); the predictor applies them
+        "temperatures": temperatures,
         "budget_unit": budget_unit,
         "class_names": names,
         "preprocessing": preprocessing,

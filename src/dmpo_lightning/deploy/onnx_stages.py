@@ -170,9 +170,16 @@ class OnnxStages:
         return [torch.from_numpy(o) for o in outs]
 
     def run(
-        self, x: torch.Tensor, thresholds: Sequence[float], rule: str
+        self,
+        x: torch.Tensor,
+        thresholds: Sequence[float],
+        rule: str,
+        temperatures: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Early exit on ``x``: ``(prediction, 0-based exit, score, logits)`` per sample."""
+        """Early exit on ``x``: ``(prediction, 0-based exit, score, logits)`` per sample.
+
+        ``temperatures`` (one per exit): exit k is scored on ``logits / T_k``; the logits returned are raw.
+        """
         k_total = len(self.sessions)
         if len(thresholds) != k_total:
             raise ValueError(f"got {len(thresholds)} thresholds for {k_total} stages")
@@ -188,7 +195,8 @@ class OnnxStages:
         for k in range(k_total):
             outs = self.stage_outputs(k, current)
             tokens, logits = (None, outs[0]) if k == k_total - 1 else (outs[0], outs[1])
-            score, pred, run = exit_score_step(logits, rule, prev_pred, prev_run)  # type: ignore[arg-type]
+            scaled = logits if temperatures is None else logits.float() / float(temperatures[k])
+            score, pred, run = exit_score_step(scaled, rule, prev_pred, prev_run)  # type: ignore[arg-type]
             leave = torch.ones_like(pred, dtype=torch.bool) if k == k_total - 1 else score >= thresholds[k]
             idx = active[leave]
             prediction[idx] = pred[leave]

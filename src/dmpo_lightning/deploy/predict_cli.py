@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     parser.add_argument("--device", default="cpu", help="torch device (torch backend)")
     parser.add_argument("--backbone-weights", help="local timm weights file of a referenced backbone")
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="throughput mode (torch backend): pool the samples that continue after each exit across "
+        "batches so every stage runs full batches; same rows, same order",
+    )
     return parser
 
 
@@ -55,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             backend=args.backend,
             backbone_weights=args.backbone_weights,
         )
-        rows = predictor.predict_paths(args.images, batch_size=args.batch_size, on_error="report")
+        rows = predictor.predict_paths(
+            args.images, batch_size=args.batch_size, on_error="report", engine=args.engine
+        )
     except (FileExistsError, FileNotFoundError, ValueError, ImportError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     parent = os.path.dirname(os.path.abspath(args.output))

@@ -7,6 +7,11 @@ Example:
     >>> predictor = EarlyExitPredictor.load("artefacts/quickstart", budget=0.5)  # doctest: +SKIP
     >>> for row in predictor.predict_paths("new_images/"):  # doctest: +SKIP
     ...     print(row.path, row.class_name, row.exit, f"{row.confidence:.3f}", row.gflops)
+
+Throughput mode (``engine=True`` / :meth:`EarlyExitPredictor.predict_batches`): the samples that continue
+after an exit are pooled across input batches, so every stage runs on full batches
+(:class:`~dmpo_lightning.models.engine.EarlyExitEngine`); same predictions and exits, in input order (logits
+and scores within float32 rounding: other batch compositions can change some kernels' summation order).
 """
 
 from __future__ import annotations
@@ -119,6 +124,7 @@ class EarlyExitPredictor:
         self.transform = build_eval_transform(manifest["preprocessing"])
         self.input_size = tuple(int(s) for s in manifest["preprocessing"]["input_size"])
         self._thresholds: list[float] = []
+        self.temperatures: list[float] | None = _manifest_temperatures(manifest, len(self.exit_gflops))
         self.budget: float = float("nan")
         self.set_budget(budget)
         if self.model is not None:
@@ -221,18 +227,14 @@ class EarlyExitPredictor:
     def _run_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One early-exit batch: ``(prediction, 0-based exit, score, logits)``; the only backend switch."""
         if self.onnx_stages is not None:
-            return self.onnx_stages.run(x, self._thresholds, self.exit_rule)
+            return self.onnx_stages.run(x, self._thresholds, self.exit_rule, temperatures=self.temperatures)
         assert self.model is not None
-        out = self.model.forward_early_exit(x.to(self.device), self._thresholds, self.exit_rule)
+        out = self.model.forward_early_exit(
+            x.to(self.device), self._thresholds, self.exit_rule, temperatures=self.temperatures
+        )
         return out.prediction, out.exit_index, out.score, out.logits
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> BatchPrediction:
-        """Early-exit predictions for a preprocessed batch ``[B, C, H, W]`` (see :attr:`transform`).
-
-        Raises:
-            ValueError: If the batch does not have the model's input shape.
-        """
+    def _check_images(self, images: Any) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a tensor [B, C, H, W] = [B, {self.input_size}]; got {shape}")
@@ -247,11 +249,81 @@ class EarlyExitPredictor:
             raise ValueError(
                 f"images must be float (normalised), got {images.dtype}; use predictor.transform"
             )
-        pred, exit_index, score, logits = self._run_batch(images.float())
+        return images.float()
+
+    def _result(
+        self, pred: torch.Tensor, exit_index: torch.Tensor, score: torch.Tensor, logits: torch.Tensor
+    ) -> BatchPrediction:
         pred, exit_index, score, logits = pred.cpu(), exit_index.cpu(), score.cpu(), logits.cpu()
         confidence = logits.float().softmax(dim=-1).max(dim=-1).values
         gflops = torch.tensor(self.exit_gflops, dtype=torch.float64)[exit_index]
         return BatchPrediction(pred, exit_index + 1, confidence, score, gflops, logits)
+
+    def _as_prediction(self, out: Any) -> BatchPrediction:
+        return self._result(out.prediction, out.exit_index, out.score, out.logits)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> BatchPrediction:
+        """Early-exit predictions for a preprocessed batch ``[B, C, H, W]`` (see :attr:`transform`).
+
+        Raises:
+            ValueError: If the batch does not have the model's input shape.
+        """
+        return self._result(*self._run_batch(self._check_images(images)))
+
+    def engine(self, batch_size: int = 64) -> Any:
+        """The batching engine of throughput mode (torch backend only).
+
+        An :class:`~dmpo_lightning.models.engine.EarlyExitEngine` with this predictor's model, the current
+        budget's thresholds, the exit rule and the temperatures.
+
+        Raises:
+            ValueError: For the ONNX backend or a bad ``batch_size``.
+        """
+        from dmpo_lightning.models.engine import EarlyExitEngine
+
+        if self.model is None:
+            raise ValueError(
+                "throughput mode (engine) needs the torch backend; the ONNX backend runs batch by batch: "
+                "load with backend='torch' or call the predictor per batch"
+            )
+        return EarlyExitEngine(
+            self.model,
+            self._thresholds,
+            batch_size=batch_size,
+            rule=self.exit_rule,  # type: ignore[arg-type]
+            temperatures=self.temperatures,
+        )
+
+    def predict_batches(
+        self, batches: Iterable[torch.Tensor], engine_batch_size: int | None = None
+    ) -> Iterator[BatchPrediction]:
+        """Throughput mode: one :class:`BatchPrediction` per preprocessed batch, in input order.
+
+        The samples that continue after each exit are pooled across batches (per-stage queues), so every
+        stage runs on ``engine_batch_size`` samples (default: the first batch's size) until the input ends.
+        Predictions and exits equal those of calling the predictor on each batch (logits and scores within
+        float32 rounding, tested to 1e-5). A batch is yielded once all its samples have left, so the
+        generator runs ahead of the caller by a few batches.
+
+        Raises:
+            ValueError: For a batch the model cannot take (checked as it arrives), the ONNX backend or a bad
+                ``engine_batch_size``.
+        """
+        if engine_batch_size is not None:
+            self.engine(engine_batch_size)  # a bad size or backend fails before the first batch is read
+        elif self.model is None:
+            self.engine()
+        session = None
+        for images in batches:
+            x = self._check_images(images).to(self.device)
+            if session is None:
+                session = self.engine(engine_batch_size or int(x.shape[0])).session()
+            for out in session.push(x):
+                yield self._as_prediction(out)
+        if session is not None:
+            for out in session.flush():
+                yield self._as_prediction(out)
 
     def preprocess(self, paths: Sequence[str]) -> torch.Tensor:
         """Read and preprocess image files into one batch (raises on the first unreadable file)."""
@@ -262,6 +334,7 @@ class EarlyExitPredictor:
         paths_or_folder: str | os.PathLike | Iterable[str | os.PathLike],
         batch_size: int = 64,
         on_error: Literal["raise", "report"] = "raise",
+        engine: bool = False,
     ) -> Iterator[ImagePrediction]:
         """Predict image files: a folder (recursive), a ``.txt`` list of paths, or a list of files/folders.
 
@@ -273,23 +346,34 @@ class EarlyExitPredictor:
             batch_size: Images per forward.
             on_error: ``raise`` (default) stops at an unreadable image or one the model cannot take, naming
                 it; ``report`` yields an :class:`ImagePrediction` with ``error`` set and continues.
+            engine: Throughput mode (torch backend): pool the samples that continue after each exit across
+                batches so every stage runs on ``batch_size`` samples; same results, same order, yielded
+                a few batches later.
 
         Yields:
             One :class:`ImagePrediction` per image, in the resolved order.
 
         Raises:
             FileNotFoundError: If a path does not exist.
-            ValueError: If no image is found, ``batch_size`` is not positive, or (``raise``) an image cannot
-                be read or preprocessed.
+            ValueError: If no image is found, ``batch_size`` is not positive, ``engine`` is asked of the
+                ONNX backend, or (``raise``) an image cannot be read or preprocessed.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if on_error not in ("raise", "report"):
             raise ValueError(f"on_error must be 'raise' or 'report', got {on_error!r}")
+        if engine:
+            self.engine(batch_size)  # the ONNX backend is refused before any file is read
         files = list_images(paths_or_folder)
-        return self._predict_files(files, batch_size, on_error)
+        chunks = self._read_chunks(files, batch_size, on_error)
+        if engine:
+            return self._predict_chunks_engine(chunks, batch_size)
+        return self._predict_chunks(chunks)
 
-    def _predict_files(self, files: list[str], batch_size: int, on_error: str) -> Iterator[ImagePrediction]:
+    def _read_chunks(
+        self, files: list[str], batch_size: int, on_error: str
+    ) -> Iterator[tuple[list[str], list[torch.Tensor | None], list[str | None]]]:
+        """``(paths, tensors or None, errors or None)`` per chunk of ``batch_size`` files."""
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
             tensors: list[torch.Tensor | None] = []
@@ -304,23 +388,73 @@ class EarlyExitPredictor:
                         raise ValueError(f"cannot use image {p}: {reason}") from err
                     tensors.append(None)
                     errors.append(reason)
+            yield chunk, tensors, errors
+
+    def _predict_chunks(self, chunks: Iterable[Any]) -> Iterator[ImagePrediction]:
+        for chunk, tensors, errors in chunks:
             good = [t for t in tensors if t is not None]
             result = self(torch.stack(good)) if good else None
-            j = 0
-            for p, t, error in zip(chunk, tensors, errors, strict=True):
-                if t is None or result is None:
-                    yield ImagePrediction(p, None, None, None, None, None, error=error)
-                    continue
-                c = int(result.prediction[j])
-                yield ImagePrediction(
-                    path=p,
-                    class_index=c,
-                    class_name=self.class_names[c],
-                    exit=int(result.exit[j]),
-                    confidence=float(result.confidence[j]),
-                    gflops=float(result.gflops[j]),
-                )
-                j += 1
+            yield from self._rows(chunk, tensors, errors, result)
+
+    def _predict_chunks_engine(self, chunks: Iterable[Any], batch_size: int) -> Iterator[ImagePrediction]:
+        """Throughput mode: chunks wait (in order) for their batch to come back from the engine."""
+        session = self.engine(batch_size).session()
+        waiting: list[tuple[Any, bool]] = []  # (chunk, whether its images were pushed), in input order
+        results: list[BatchPrediction] = []
+
+        def ready() -> Iterator[ImagePrediction]:
+            while waiting and (not waiting[0][1] or results):
+                (chunk, tensors, errors), pushed = waiting.pop(0)
+                yield from self._rows(chunk, tensors, errors, results.pop(0) if pushed else None)
+
+        for item in chunks:
+            good = [t for t in item[1] if t is not None]
+            waiting.append((item, bool(good)))
+            if good:
+                x = self._check_images(torch.stack(good)).to(self.device)
+                results += [self._as_prediction(o) for o in session.push(x)]
+            yield from ready()
+        results += [self._as_prediction(o) for o in session.flush()]
+        yield from ready()
+
+    def _rows(
+        self,
+        chunk: list[str],
+        tensors: list[torch.Tensor | None],
+        errors: list[str | None],
+        result: BatchPrediction | None,
+    ) -> Iterator[ImagePrediction]:
+        j = 0
+        for p, t, err in zip(chunk, tensors, errors, strict=True):
+            if t is None or result is None:
+                yield ImagePrediction(p, None, None, None, None, None, error=err)
+                continue
+            c = int(result.prediction[j])
+            yield ImagePrediction(
+                path=p,
+                class_index=c,
+                class_name=self.class_names[c],
+                exit=int(result.exit[j]),
+                confidence=float(result.confidence[j]),
+                gflops=float(result.gflops[j]),
+            )
+            j += 1
+
+
+def _manifest_temperatures(manifest: Mapping[str, Any], num_exits: int) -> list[float] | None:
+    """The per-exit temperatures the thresholds were calibrated with (``None``: raw logits)."""
+    temps = manifest.get("temperatures")
+    if temps is None:
+        return None
+    try:
+        values = [float(t) for t in temps]
+    except (TypeError, ValueError) as err:
+        raise ArtefactError(f"the manifest's temperatures {temps!r} are not numbers; it is corrupt") from err
+    if len(values) != num_exits or not all(math.isfinite(t) and t > 0 for t in values):
+        raise ArtefactError(
+            f"the manifest holds temperatures {temps!r}; need {num_exits} finite values > 0 (one per exit)"
+        )
+    return None if all(t == 1.0 for t in values) else values
 
 
 def _load_model(
@@ -389,6 +523,20 @@ def _describe_source(options: Mapping[str, Any], backbone_weights: str | None) -
     return f"timm's pretrained {options['backbone']!r}"
 
 
+def _local_pretrained_file(name: str) -> bool:
+    """Whether timm's pretrained weights of ``name`` are a local file that exists (no download needed).
+
+    True for the packaged trunk ``dmpo_toy_vit_fmnist``.
+    """
+    import timm
+
+    try:
+        cfg = timm.get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:
+        return False
+    return bool(cfg is not None and cfg.file and os.path.isfile(cfg.file))
+
+
 def _build_with_reference(
     path: str,
     options: Mapping[str, Any],
@@ -406,7 +554,7 @@ def _build_with_reference(
     local = ref.get("checkpoint_path") or options.get("checkpoint_path")
     if local and os.path.isfile(local):
         return build_model(options, checkpoint_path=local)
-    if allow_download:
+    if allow_download or _local_pretrained_file(options["backbone"]):
         return build_model(options, pretrained=True)
     where = (
         f"the local file {local!r} (not found here)"

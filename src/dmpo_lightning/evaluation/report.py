@@ -198,6 +198,30 @@ def _q(q: Any) -> str:
     return q if isinstance(q, str) else f"{q:.4g}"
 
 
+def _savings_table(report: Mapping[str, Any]) -> list[str]:
+    """Per budget: test top-1 next to the full model's, the difference, and the share of its FLOPs saved."""
+    full = report["full_model"]
+    if full.get("top1") is None or not report["budgets"]:
+        return []
+    rows = [
+        [
+            _pct(b["budget_fraction"], 1),
+            _pct(b["test_accuracy"]),
+            _pct(full["top1"]),
+            f"{100 * (b['test_accuracy'] - full['top1']):+.2f}",
+            _pct(1.0 - b["test_cost_fraction"], 1),
+        ]
+        for b in report["budgets"]
+    ]
+    headers = ["budget %", "test top-1 %", "full model top-1 %", "difference (points)", "FLOPs saved %"]
+    return [
+        "",
+        f"What early exit buys (full model = last exit, {full['cost']:.4f} GFLOPs per image; "
+        "FLOPs saved = 1 - test cost / full cost)",
+        *_table(headers, rows),
+    ]
+
+
 def format_report_table(report: Mapping[str, Any]) -> str:
     """The printed summary of a report from :func:`build_report`: per exit, per budget, and totals.
 
@@ -256,6 +280,7 @@ def format_report_table(report: Mapping[str, Any]) -> str:
                 ]
             )
         out += _table(headers, rows)
+        out += _savings_table(report)
     calibration = report.get("calibration") or {}
     if calibration.get("ece_before") is not None:
         ece = calibration["ece"]

@@ -12,8 +12,10 @@ from dmpo_lightning.models.heads import (
     newton_schulz_sqrt,
 )
 from dmpo_lightning.models.multi_exit import EarlyExitOutput, MultiExitViT
+from dmpo_lightning.models.toy_backbone import TOY_TRUNK_NAME, toy_trunk_file  # registers it with timm
 
 __all__ = [
+    "TOY_TRUNK_NAME",
     "Bypass",
     "EarlyExitOutput",
     "ExitHead",
@@ -29,4 +31,5 @@ __all__ = [
     "newton_schulz_sqrt",
     "num_prompt_tokens",
     "resolve_exit_blocks",
+    "toy_trunk_file",
 ]

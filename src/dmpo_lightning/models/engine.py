@@ -16,12 +16,16 @@ Example::
     out = engine.run(loader_of_image_batches)  # EarlyExitOutput over all samples, in input order
     for batch_out in engine.stream(batches):   # or one EarlyExitOutput per input batch, in order
         ...
+    session = engine.session()                 # or push batches as they arrive (a serving loop):
+    done = session.push(images)                # the input batches completed so far, in order
+    done += session.flush()                    # at the end of the input: all the rest
 
 Pure torch (no Lightning): usable with only ``torch`` and ``timm`` installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +38,7 @@ from dmpo_lightning.models.exit_policy import Scorer
 from dmpo_lightning.models.exit_rules import ExitRule
 from dmpo_lightning.models.multi_exit import EarlyExitOutput, MultiExitViT, eval_mode
 
-__all__ = ["EarlyExitEngine"]
+__all__ = ["EarlyExitEngine", "EngineSession"]
 
 
 class _Queue:
@@ -98,9 +102,12 @@ class EarlyExitEngine:
         rule: Built-in exit rule when there is no scorer.
         scorer_is_local: ``scorer`` scores exit k from exit k's logits alone (see ``forward_early_exit``).
         last_score: Compute the score of samples that reach the last exit.
+        temperatures: One per exit (``calibration: temperature``): scores come from ``logits / T_k``, as in
+            ``forward_early_exit``; ``None``: a ``DMPOModule``'s ``exit_temperatures`` (those ``dmpo
+            predict`` loaded with the thresholds), raw logits for a bare model.
 
     Raises:
-        ValueError: For bad thresholds, rule or batch size.
+        ValueError: For bad thresholds, temperatures, rule or batch size.
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class EarlyExitEngine:
         rule: ExitRule = "confidence",
         scorer_is_local: bool = False,
         last_score: bool = True,
+        temperatures: Sequence[float] | Tensor | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -122,13 +130,21 @@ class EarlyExitEngine:
                 scorer = module.exit_scorer()
                 scorer_is_local = bool(getattr(module, "score_exits_is_local", False))
             rule = module.hparams.exit_rule
+            stored = getattr(module, "exit_temperatures", None)
+            if temperatures is None and isinstance(stored, Tensor) and not bool((stored == 1).all()):
+                temperatures = stored
             model = module.model
         if not isinstance(model, MultiExitViT):
             raise ValueError(f"model must be a MultiExitViT or a DMPOModule; got {type(model).__name__}")
         self.model = model
         self.batch_size = batch_size
         self.policy = model.early_exit_policy(
-            thresholds, rule, scorer, scorer_is_local=scorer_is_local, last_score=last_score
+            thresholds,
+            rule,
+            scorer,
+            scorer_is_local=scorer_is_local,
+            last_score=last_score,
+            temperatures=temperatures,
         )
 
     # ------------------------------------------------------------------------------------------ public
@@ -157,74 +173,105 @@ class EarlyExitEngine:
         restored when the generator finishes or is closed.
         """
         with eval_mode(self.model):
-            yield from self._stream(batches)
+            session = EngineSession(self, _switch_mode=False)
+            for batch in batches:
+                yield from session.push(batch)
+            yield from session.flush()
 
-    # -------------------------------------------------------------------------------------------- core
-    def _stream(self, batches: Iterable[Any]) -> Iterator[EarlyExitOutput]:
-        device = _device_of(self.model)
-        queues = [_Queue() for _ in range(self.model.num_exits)]
-        pending: list[_Pending] = []
-        next_id = 0
-        for batch in batches:
-            x = _images(batch).to(device, non_blocking=True)
-            n = int(x.shape[0])
-            pending.append(
-                _Pending(
-                    start=next_id,
-                    size=n,
-                    prediction=torch.empty(n, dtype=torch.long, device=device),
-                    exit_index=torch.empty(n, dtype=torch.long, device=device),
-                    score=torch.empty(n, dtype=torch.float32, device=device),
-                    logits=torch.empty(n, self.model.num_classes, dtype=x.dtype, device=device),
-                    remaining=n,
-                )
+    def session(self) -> EngineSession:
+        """An empty :class:`EngineSession`: push batches one by one, then flush (for serving loops)."""
+        return EngineSession(self)
+
+
+class EngineSession:
+    """One pass of an :class:`EarlyExitEngine` over input batches that arrive one at a time.
+
+    :meth:`push` queues a batch and runs every stage that holds a full batch; it returns the input batches
+    that are complete (all their samples have left), oldest first. :meth:`flush` runs the remaining samples
+    through partial batches. Every pushed batch comes back exactly once, in push order, also empty ones.
+    Each call runs in eval mode (the model's previous mode restored) without gradients.
+    """
+
+    def __init__(self, engine: EarlyExitEngine, *, _switch_mode: bool = True) -> None:
+        self.engine = engine
+        self._switch_mode = _switch_mode  # False inside ``stream``, which holds eval mode itself
+        self.model = engine.model
+        self.device = _device_of(engine.model)
+        self.queues = [_Queue() for _ in range(engine.model.num_exits)]
+        self.pending: list[_Pending] = []
+        self.next_id = 0
+
+    def push(self, batch: Any) -> list[EarlyExitOutput]:
+        """Add one input batch (see :meth:`EarlyExitEngine.run`); return the batches now complete."""
+        x = _images(batch).to(self.device, non_blocking=True)
+        n = int(x.shape[0])
+        device = self.device
+        self.pending.append(
+            _Pending(
+                start=self.next_id,
+                size=n,
+                prediction=torch.empty(n, dtype=torch.long, device=device),
+                exit_index=torch.empty(n, dtype=torch.long, device=device),
+                score=torch.empty(n, dtype=torch.float32, device=device),
+                logits=torch.empty(n, self.model.num_classes, dtype=x.dtype, device=device),
+                remaining=n,
             )
-            queues[0].push({"id": torch.arange(next_id, next_id + n, device=device), "x": x})
-            next_id += n
-            with torch.no_grad():
-                self._drain(queues, pending, flush=False)
-            while pending and pending[0].remaining == 0:
-                yield pending.pop(0).output()
-        with torch.no_grad():
-            self._drain(queues, pending, flush=True)
-        for p in pending:
+        )
+        self.queues[0].push({"id": torch.arange(self.next_id, self.next_id + n, device=device), "x": x})
+        self.next_id += n
+        self._drain(flush=False)
+        done = []
+        while self.pending and self.pending[0].remaining == 0:
+            done.append(self.pending.pop(0).output())
+        return done
+
+    def flush(self) -> list[EarlyExitOutput]:
+        """Run every queued sample to its exit; return all batches not returned yet, in order."""
+        self._drain(flush=True)
+        for p in self.pending:
             if p.remaining:  # cannot happen: every sample leaves at the last exit at the latest
                 raise RuntimeError(f"early-exit engine lost {p.remaining} samples of a batch")
-            yield p.output()
+        done = [p.output() for p in self.pending]
+        self.pending = []
+        return done
 
-    def _drain(self, queues: list[_Queue], pending: list[_Pending], flush: bool) -> None:
+    @property
+    def waiting(self) -> int:
+        """Samples pushed whose batch has not been returned yet."""
+        return sum(p.size for p in self.pending)
+
+    def _drain(self, flush: bool) -> None:
         """Run stages in order while they hold a full batch (``flush``: until every queue is empty)."""
-        for k, queue in enumerate(queues):
-            while queue.size >= self.batch_size or (flush and queue.size > 0):
-                self._run_stage(k, queue.pop(min(self.batch_size, queue.size)), queues, pending)
+        size = self.engine.batch_size
+        mode = eval_mode(self.model) if self._switch_mode else contextlib.nullcontext()
+        with mode, torch.no_grad():
+            for k, queue in enumerate(self.queues):
+                while queue.size >= size or (flush and queue.size > 0):
+                    self._run_stage(k, queue.pop(min(size, queue.size)))
 
-    def _run_stage(
-        self, k: int, items: dict[str, Tensor], queues: list[_Queue], pending: list[_Pending]
-    ) -> None:
+    def _run_stage(self, k: int, items: dict[str, Tensor]) -> None:
         ids, x = items.pop("id"), items.pop("x")
-        tokens, logits = self.model.run_stage(k, x, head=self.policy.needs_head(k))
+        policy = self.engine.policy
+        tokens, logits = self.model.run_stage(k, x, head=policy.needs_head(k))
         if logits is None:  # disabled exit of a local rule: everyone continues, state unchanged
-            queues[k + 1].push({"id": ids, "x": tokens, **items})
+            self.queues[k + 1].push({"id": ids, "x": tokens, **items})
             return
-        leave, score, pred, carry = self.policy.decide(k, logits, items)
+        leave, score, pred, carry = policy.decide(k, logits, items)
         if leave is None:
-            self._record(pending, ids, pred, k, score, logits)
+            self._record(ids, pred, k, score, logits)
             return
         if bool(leave.any()):
-            self._record(pending, ids[leave], pred[leave], k, score[leave], logits[leave])
+            self._record(ids[leave], pred[leave], k, score[leave], logits[leave])
             stay = ~leave
             ids, tokens = ids[stay], tokens[stay]
             carry = {name: value[stay] for name, value in carry.items()}
-        queues[k + 1].push({"id": ids, "x": tokens, **carry})
+        self.queues[k + 1].push({"id": ids, "x": tokens, **carry})
 
-    @staticmethod
-    def _record(
-        pending: list[_Pending], ids: Tensor, pred: Tensor, k: int, score: Tensor, logits: Tensor
-    ) -> None:
+    def _record(self, ids: Tensor, pred: Tensor, k: int, score: Tensor, logits: Tensor) -> None:
         if ids.numel() == 0:
             return
         lo, hi = int(ids.min()), int(ids.max())
-        for p in pending:
+        for p in self.pending:
             if p.start > hi or p.start + p.size <= lo:
                 continue
             sel = (ids >= p.start) & (ids < p.start + p.size)
