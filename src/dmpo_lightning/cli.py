@@ -368,10 +368,12 @@ class DMPOCLI(LightningCLI):
             save_dir = getattr(first, "save_dir", None) or "runs"
             name = getattr(first, "name", None) or "dmpo"
             trainer.loggers = [CSVLogger(save_dir, name=str(name)), *trainer.loggers]
-        trainer.callbacks.append(SigtermCheckpoint())
+        # Trainer.callbacks is assigned at runtime by Lightning's callback connector, not declared on Trainer
+        trainer.callbacks.append(SigtermCheckpoint())  # type: ignore[attr-defined]
         loop = trainer.test_loop
         print_results = loop._print_results
-        loop._print_results = lambda results, stage: print_results(_drop_repeated_columns(results), stage)
+        # a deliberate per-instance patch of Lightning's results table printer
+        loop._print_results = lambda results, stage: print_results(_drop_repeated_columns(results), stage)  # type: ignore[method-assign]
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -550,8 +552,9 @@ class DMPOCLI(LightningCLI):
             return
         ckpt = None
         callback = self.trainer.checkpoint_callback
-        if callback is not None and getattr(callback, "best_model_path", ""):
-            ckpt = callback.best_model_path
+        best: str = getattr(callback, "best_model_path", "") if callback is not None else ""
+        if best:  # ModelCheckpoint's best file (Lightning's Checkpoint base type does not declare it)
+            ckpt = best
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
 
 

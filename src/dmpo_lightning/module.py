@@ -163,6 +163,15 @@ class DMPOModule(pl.LightningModule):
     class_names: list[str] | None = None
     """Class names in label order, restored from ``checkpoint["class_names"]`` (``None`` if unknown)."""
 
+    # Static types only (no values): nn.Module attribute access is typed ``Tensor | Module`` otherwise.
+    hparams: Any  # Lightning's AttributeDict of the __init__ arguments (save_hyperparameters)
+    model: MultiExitViT
+    loss_weights: torch.Tensor
+    exit_thresholds: torch.Tensor
+    exit_temperatures: torch.Tensor
+    metrics: Any  # nn.ModuleDict of MetricCollection per f"{stage}_exit{k}"
+    test_collectors: Any  # nn.ModuleDict of ExitOutputsCollector / ExitLogitsCollector
+
     def __init__(
         self,
         num_classes: int = 10,
@@ -818,10 +827,10 @@ class DMPOModule(pl.LightningModule):
             ours = mine.get(key, self.hparams.get(key))
             if key == "exit_blocks":
                 try:
-                    from dmpo_lightning.models.backbone import resolve_exit_blocks
+                    from dmpo_lightning.models.backbone import backbone_depth, resolve_exit_blocks
 
                     theirs = list(
-                        resolve_exit_blocks(theirs, len(self.model.backbone.blocks), require_last=False)
+                        resolve_exit_blocks(theirs, backbone_depth(self.model.backbone), require_last=False)
                     )
                 except ValueError:
                     pass
@@ -843,8 +852,8 @@ class DMPOModule(pl.LightningModule):
             self._costs = count_exit_costs(self.model, shape)
         return self._costs
 
-    def _default_input_shape(self) -> tuple[int, int, int]:
-        pe = self.model.backbone.patch_embed
+    def _default_input_shape(self) -> tuple[int, ...]:
+        pe: Any = self.model.backbone.patch_embed
         return (int(pe.proj.in_channels), *(int(s) for s in pe.img_size))
 
     def model_fingerprint(self) -> dict[str, Any]:
@@ -988,10 +997,11 @@ class DMPOModule(pl.LightningModule):
                 UnsafeLoadWarning,
                 stacklevel=2,
             )
+        kwargs["weights_only"] = weights_only
         try:
             with weights_from_checkpoint():
                 module = super().load_from_checkpoint(
-                    checkpoint_path, *args, weights_only=weights_only, **kwargs
+                    checkpoint_path, *args, **kwargs
                 )
             for key, value in override.items():
                 module.hparams[key] = value

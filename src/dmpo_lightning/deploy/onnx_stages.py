@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from torch import nn
 from dmpo_lightning.deploy.format import ArtefactError
 from dmpo_lightning.models.backbone import explicit_attention
 from dmpo_lightning.models.exit_rules import exit_score_step
+
+if TYPE_CHECKING:
+    from dmpo_lightning.models.multi_exit import MultiExitViT
 
 __all__ = ["OPSET", "OnnxStages", "export_stages", "stage_file"]
 
@@ -34,7 +37,7 @@ def stage_file(k: int) -> str:
 
 
 class _Stage(nn.Module):
-    def __init__(self, model: nn.Module, k: int) -> None:
+    def __init__(self, model: MultiExitViT, k: int) -> None:
         super().__init__()
         self.model = model
         self.k = k
@@ -59,7 +62,7 @@ def _require_onnx(what: str) -> None:
 
 
 @torch.no_grad()
-def export_stages(model: nn.Module, directory: str, input_shape: Sequence[int]) -> list[str]:
+def export_stages(model: MultiExitViT, directory: str, input_shape: Sequence[int]) -> list[str]:
     """Write one ONNX graph per stage of a :class:`~dmpo_lightning.models.MultiExitViT` into ``directory``.
 
     Args:

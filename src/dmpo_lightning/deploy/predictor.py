@@ -20,10 +20,9 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import nn
 
 from dmpo_lightning.deploy.format import (
     MANIFEST_FILE,
@@ -36,6 +35,9 @@ from dmpo_lightning.deploy.format import (
     tensors_sha256,
 )
 from dmpo_lightning.deploy.preprocess import build_eval_transform, list_images, load_image
+
+if TYPE_CHECKING:
+    from dmpo_lightning.models.multi_exit import MultiExitViT
 
 __all__ = ["BatchPrediction", "EarlyExitPredictor", "ImagePrediction"]
 
@@ -105,7 +107,7 @@ class EarlyExitPredictor:
     def __init__(
         self,
         manifest: Mapping[str, Any],
-        model: nn.Module | None,
+        model: MultiExitViT | None,
         *,
         budget: float,
         device: str | torch.device = "cpu",
@@ -457,7 +459,7 @@ def _manifest_temperatures(manifest: Mapping[str, Any], num_exits: int) -> list[
 
 def _load_model(
     path: str, manifest: Mapping[str, Any], *, backbone_weights: str | None, allow_download: bool
-) -> nn.Module:
+) -> MultiExitViT:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -541,7 +543,7 @@ def _build_with_reference(
     ref: Mapping[str, Any],
     backbone_weights: str | None,
     allow_download: bool,
-) -> nn.Module:
+) -> MultiExitViT:
     from dmpo_lightning.deploy.build import build_model
 
     if backbone_weights is not None:

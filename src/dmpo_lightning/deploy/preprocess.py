@@ -46,7 +46,7 @@ def build_eval_transform(pre: Mapping[str, Any]) -> Callable[[Image.Image], torc
     """PIL image -> normalised ``[C, H, W]`` tensor, from an artefact's ``preprocessing`` entry."""
     channels, size = int(pre["input_size"][0]), int(pre["input_size"][-1])
     mode = "L" if channels == 1 else "RGB"
-    resize = pre.get("resize")
+    resize: Any = pre.get("resize")
     steps: list[Callable[[Any], Any]] = []
     if pre.get("crop_mode") == "center":
         interp = _INTERPOLATIONS[pre["interpolation"]]

@@ -281,7 +281,7 @@ class PromptedBlock(nn.Module):
             raise ValueError(f"init_bound must be a positive finite number, got {init_bound!r}")
         _check_dropout(dropout)
         ref = next(base_layer.parameters(), None)
-        factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        factory: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
         self.base_layer = base_layer
         self.num_prompts = num_prompts
         self.num_prefix_tokens = num_prefix_tokens

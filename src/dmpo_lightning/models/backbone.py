@@ -12,7 +12,7 @@ import contextlib
 import difflib
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -126,7 +126,8 @@ def describe_checkpoint(path: str) -> dict[str, Any] | None:
     }
 
 
-def _architecture(model: nn.Module) -> dict[str, Any]:
+def _architecture(module: nn.Module) -> dict[str, Any]:
+    model: Any = module
     patch = tuple(int(p) for p in model.patch_embed.patch_size)
     return {
         "depth": len(model.blocks),
@@ -325,7 +326,7 @@ def run_blocks(
 
 def backbone_depth(backbone: nn.Module) -> int:
     """Number of transformer blocks."""
-    return len(backbone.blocks)
+    return len(cast(nn.Sequential, backbone.blocks))
 
 
 def num_prefix_tokens(backbone: nn.Module) -> int:
@@ -341,10 +342,11 @@ def embed_tokens(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if _is_eva(backbone):
         return embed_tokens_and_rope(backbone, x)[0]
-    x = backbone.patch_embed(x)
-    x = backbone._pos_embed(x)
-    x = backbone.patch_drop(x)
-    return backbone.norm_pre(x)
+    model: Any = backbone
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
 
 
 def resolve_exit_blocks(
@@ -427,7 +429,7 @@ def explicit_attention(module: nn.Module) -> Iterator[None]:
     ``FlopCounterMode`` does not count fused scaled-dot-product attention on CPU, so FLOPs are counted with
     the explicit ``q @ k^T`` / ``attn @ v`` path. The result is numerically the same computation.
     """
-    switched = []
+    switched: list[tuple[Any, bool]] = []
     for m in module.modules():
         if hasattr(m, "fused_attn") and isinstance(m.fused_attn, bool):
             switched.append((m, m.fused_attn))
@@ -435,5 +437,5 @@ def explicit_attention(module: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, value in switched:
-            m.fused_attn = value
+        for layer, value in switched:
+            layer.fused_attn = value

@@ -114,6 +114,8 @@ class MultiExitViT(nn.Module):
         head_dropout: Dropout before the classifier of every predictor.
     """
 
+    exits: nn.ModuleList  # registered under EXITS_ATTR in __init__
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -149,6 +151,7 @@ class MultiExitViT(nn.Module):
                 f"{num_classes!r}; set num_classes to the dataset's class count"
             )
         self.backbone = backbone
+        vit: Any = backbone  # timm ViT / Eva: its attributes are not typed on nn.Module
         self.num_classes = num_classes
         self.exit_blocks = resolve_exit_blocks(
             exit_blocks, backbone_depth(backbone), require_last=require_last_exit
@@ -171,10 +174,10 @@ class MultiExitViT(nn.Module):
         except TypeError as err:  # a block or layer kind the method cannot wrap
             name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
             raise ValueError(
-                f"peft={peft!r} is not supported on backbone {name!r} ({type(backbone.blocks[0]).__name__} "
+                f"peft={peft!r} is not supported on backbone {name!r} ({type(vit.blocks[0]).__name__} "
                 f"blocks): {err}; choose another peft method or backbone"
             ) from err
-        dim = int(backbone.embed_dim)
+        dim = int(vit.embed_dim)
         # VPT prompt tokens travel with the class token; heads must treat them as prefix tokens.
         prefix = num_prefix_tokens(backbone) + num_prompt_tokens(backbone)
         self.num_prefix_tokens = prefix
@@ -192,7 +195,7 @@ class MultiExitViT(nn.Module):
                 f"{num_prefix_tokens(backbone)} prefix token(s) are registers, and VPT prompts follow them); "
                 "set head_pool='avg' (mean of the patch tokens, as timm pools such models)"
             )
-        predictor_options = dict(
+        predictor_options: dict[str, Any] = dict(
             class_token=class_token,
             pool=head_pool,
             proj_dim=moment_dim,
@@ -221,9 +224,9 @@ class MultiExitViT(nn.Module):
         setattr(self, EXITS_ATTR, nn.ModuleList(exits))
         # The backbone's own final norm and head are replaced by the last exit head; keep them out of the
         # trainable set in every mode so "full" fine-tuning does not carry dead parameters.
-        for p in backbone.norm.parameters():
+        for p in vit.norm.parameters():
             p.requires_grad_(False)
-        for p in backbone.fc_norm.parameters():
+        for p in vit.fc_norm.parameters():
             p.requires_grad_(False)
         unused_pool: nn.Module | None = getattr(backbone, "attn_pool", None)
         if unused_pool is not None:  # still in the backbone: the final exit is not the linear head
@@ -447,7 +450,7 @@ class MultiExitViT(nn.Module):
             if everyone and active is None:  # the whole batch leaves here: no indexing at all
                 exit_index = torch.full((batch,), k, dtype=torch.long, device=device)
                 return EarlyExitOutput(pred, exit_index, score.float(), logits.to(x.dtype))
-            if not everyone and not bool(leave.any()):
+            if not everyone and leave is not None and not bool(leave.any()):
                 continue  # nobody leaves: no compaction
             if buffers is None:
                 buffers = [
