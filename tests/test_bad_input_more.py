@@ -204,3 +204,32 @@ def test_readme_focal_loss_example_runs_as_printed():
     )
     loss, parts = module.compute_loss(module(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2]))
     assert loss.ndim == 0 and torch.isfinite(loss) and parts == {}
+
+
+# ------------------------------------------------------------------------------------------ broken image
+def test_an_unreadable_image_ends_the_run_with_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    from test_data_fakes import write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", ["a", "b"], {"train": 6, "test": 6})
+    broken = root / "train" / "a" / "a_1.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated JPEG
+    argv = [
+        "dmpo",
+        "fit",
+        "-c",
+        TINY,
+        "--data.init_args.dataset=image_folder",
+        f"--data.init_args.root={root}",
+        "--data.init_args.calibration_size=2",
+        "--trainer.limit_train_batches=null",
+        "--trainer.max_epochs=1",
+        "--model.init_args.switch_epoch=0",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as info:
+        console_main()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"^dmpo fit: error: cannot read image file {re.escape(str(broken))} ", err, re.M), err
+    assert "skip_unreadable_images=true" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt"))

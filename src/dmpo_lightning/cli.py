@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import dmpo_lightning
 from dmpo_lightning.callbacks import LossWeightScheduler
 from dmpo_lightning.data import BenchmarkDataModule
-from dmpo_lightning.data.errors import DatasetLayoutError
+from dmpo_lightning.data.errors import DatasetLayoutError, UnreadableImageError
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFileNotFoundError
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule, weights_from_checkpoint
@@ -355,7 +355,7 @@ class DMPOCLI(LightningCLI):
         except (FileNotFoundError, ValueError) as err:
             # jsonargparse wraps a constructor's error in a union error that dumps every model option
             inner = _constructor_error(err)
-            if isinstance(inner, (ConfigError, DatasetLayoutError)):
+            if isinstance(inner, ConfigError):
                 raise inner from err
             kind = ConfigFileNotFoundError if isinstance(inner, FileNotFoundError) else ConfigError
             raise kind(str(inner)) from err
@@ -749,7 +749,8 @@ def console_main() -> None:
 
     ``dmpo export ...`` is not a Lightning subcommand; it goes to :mod:`dmpo_lightning.deploy.cli`.
     A configuration error (:class:`~dmpo_lightning.errors.ConfigError`, a dataset-layout error) prints
-    ``dmpo <subcommand>: error: <message>`` and exits with status 2, as a parse error does; ``--debug``
+    ``dmpo <subcommand>: error: <message>`` and exits with status 2, as a parse error does (an image file
+    that cannot be read during the run: the same line naming the file, status 1); ``--debug``
     (anywhere on the command line) or ``DMPO_DEBUG=1`` shows the traceback instead.
     """
     if len(sys.argv) > 1 and sys.argv[1] == "export":
@@ -765,7 +766,7 @@ def console_main() -> None:
         os.environ.setdefault("JSONARGPARSE_DEBUG", "true")
     try:
         main()
-    except (ConfigError, DatasetLayoutError) as err:
+    except (ConfigError, DatasetLayoutError, UnreadableImageError) as err:
         if debug:
             raise
         sub = next((a for a in sys.argv[1:] if a in SUBCOMMANDS), None)
@@ -775,4 +776,5 @@ def console_main() -> None:
             message = f"{option}: {message}"
         sys.stderr.write(f"dmpo{' ' + sub if sub else ''}: error: {message}\n")
         sys.stderr.write(f"(--debug or {DEBUG_ENV}=1 shows the traceback)\n")
-        raise SystemExit(2) from None
+        # a broken image met during the run is a data error, not a usage error: status 1
+        raise SystemExit(1 if isinstance(err, UnreadableImageError) else 2) from None
