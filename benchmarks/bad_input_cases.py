@@ -49,6 +49,7 @@ class Case:
     line: str = r"error:"  # the printed line to record (first match)
     after: Callable[[dict], str] | None = None  # an observation after the command (files kept, ...)
     repeat: int = 1  # run the command this many times (the second run is the case)
+    cwd: str | None = None  # a fixture folder to run in (default: a fresh one)
     out: dict = field(default_factory=dict)
 
 
@@ -170,6 +171,7 @@ def make_fixtures(base: Path) -> dict:
     # the run a later command must not damage: a named logger version
     named = base / "named"
     ctx["named_ckpt"] = fit(named, "--trainer.logger.init_args.version=exp1")
+    ctx["named"] = named
     ctx["named_dir"] = named / "runs" / "dmpo" / "exp1"
     ctx["named_before"] = (ctx["named_dir"] / "metrics.csv").read_text()
     # a model trained from a backbone weights file that is then moved away
@@ -215,14 +217,15 @@ def check_score_exits(ctx: dict) -> str:
     import torch
 
     from dmpo_lightning import DMPOModule
+    from dmpo_lightning.evaluation.protocol import assign_exits
 
     class Margin(DMPOModule):
-        def score_exits(self, logits):
-            top2 = torch.stack(logits).softmax(-1).topk(2, dim=-1).values
-            return top2[..., 0] - top2[..., 1]
+        def score_exits(self, logits):  # top-1 minus top-2 probability, and the top-1 class, per exit
+            top = torch.stack(logits, dim=1).softmax(-1).topk(2, dim=-1)
+            return top.values[..., 0] - top.values[..., 1], top.indices[..., 0]
 
     module = Margin(
-        num_classes=4,
+        num_classes=5,
         backbone="vit_tiny_patch16_224",
         img_size=32,
         backbone_kwargs=TINY_KW,
@@ -230,15 +233,21 @@ def check_score_exits(ctx: dict) -> str:
         peft="full",
         moment_dim=16,
     ).eval()
-    x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
-        scores = module.score_exits(module(x))
-        threshold = float(scores[0].median())
-        out = module.model.forward_early_exit(x, thresholds=[threshold, float("-inf")])
-    expected = (scores[0] >= threshold).sum().item()
+        for p in module.model.parameters():
+            p.normal_(0, 0.3)
+        x = torch.randn(32, 3, 32, 32)
+        scores, _ = module.score_exits(module(x))
+        thresholds = [float(scores[:, 0].median()), float("-inf")]
+        protocol = assign_exits(scores.double(), torch.tensor(thresholds, dtype=torch.float64))
+        real = module.forward_early_exit(x, thresholds)
+        raw = module.model.forward_early_exit(x, thresholds=thresholds)
     return (
-        f"margin rule calibrated in test: {expected}/16 leave at exit 1 by the subclass's scores; "
-        f"forward_early_exit: {(out.exit_index == 0).sum().item()}/16"
+        f"margin subclass, threshold = median margin at exit 1: the `dmpo test` protocol sends "
+        f"{int((protocol == 0).sum())}/32 to exit 1, DMPOModule.forward_early_exit (dmpo predict) "
+        f"{int((real.exit_index == 0).sum())}/32, same exits: {torch.equal(real.exit_index, protocol)}; "
+        f"module.model.forward_early_exit (the MultiExitViT, built-in rule) "
+        f"{int((raw.exit_index == 0).sum())}/32"
     )
 
 
@@ -388,6 +397,7 @@ CASES = [
         fmt("fit", *T, "--trainer.logger.init_args.version=exp1"),
         line=r"error: log folder",
         after=named_run_kept,
+        cwd="named",
     ),
     Case(
         "named_version_readme_test",
@@ -403,6 +413,7 @@ CASES = [
         status=0,
         line=r"holds a training run; dmpo test logs to",
         after=named_run_kept,
+        cwd="named",
     ),
     Case(
         "wandb_two_runs",
@@ -768,7 +779,7 @@ CASES = [
         "a parse error: no ~1 KB Namespace(...) dump",
         "test_cli_process::test_a_parse_error_has_no_dump_of_the_parsed_values",
         fmt("fit", *T, "--data.init_args.dataset=imagenet22k"),
-        line=r"^error:",
+        line=r"Got value: imagenet22k",
     ),
     # --- also
     Case(
@@ -804,7 +815,7 @@ CASES = [
 
 
 def shorten(text: str, ctx: dict) -> str:
-    text = text.replace(str(ctx["base"]), "<tmp>")
+    text = text.replace(str(ctx["base"]), "<tmp>").replace(str(ROOT) + "/", "")
     return re.sub(r"/tmp/[\w./-]*?(?=[/'\"\s]|$)", "<tmp>", text) if "/tmp/" in text else text
 
 
@@ -822,7 +833,7 @@ def run_case(case: Case, ctx: dict) -> None:
         case.out = {"status": "—", "line": observed, "ok": "UNEXPECTED" not in observed}
         return
     for _ in range(case.repeat):
-        status, text = run_dmpo(case.argv(ctx), work)
+        status, text = run_dmpo(case.argv(ctx), ctx[case.cwd] if case.cwd else work)
     ctx["last_output"] = text
     match = next((line for line in text.splitlines() if re.search(case.line, line)), None)
     ok = status == case.status and match is not None

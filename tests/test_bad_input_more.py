@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -64,13 +65,33 @@ def test_num_classes_left_out_is_linked_silently():
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny one-epoch runs (seeds 0 and 1); the first also ran `dmpo test` (thresholds.json)."""
     base = tmp_path_factory.mktemp("fit")
+    out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(base)
-        cli = main(["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.switch_epoch=0"])
-    (ckpt,) = (base / cli.trainer.log_dir / "checkpoints").glob("*.ckpt")
-    return ckpt
+        for seed, name in ((0, "a"), (1, "b")):
+            cli = main(
+                [
+                    "fit",
+                    "-c",
+                    TINY,
+                    f"--seed_everything={seed}",
+                    "--trainer.max_epochs=1",
+                    "--model.init_args.switch_epoch=0",
+                    f"--test_after_fit={name == 'a'}",
+                    f"--model.init_args.report_dir={base / 'report'}",
+                ]
+            )
+            (out[name],) = (base / cli.trainer.log_dir / "checkpoints").glob("*.ckpt")
+    out["thresholds"] = base / "report" / "thresholds.json"
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(runs) -> Path:
+    return runs["a"]
 
 
 @pytest.mark.slow
@@ -233,3 +254,41 @@ def test_an_unreadable_image_ends_the_run_with_one_line_naming_the_file(tmp_path
     assert re.search(rf"^dmpo fit: error: cannot read image file {re.escape(str(broken))} ", err, re.M), err
     assert "skip_unreadable_images=true" in err and "Traceback" not in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# ------------------------------------------------------------------------------ thresholds in dmpo predict
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["other_checkpoint", "string", "wrong_length"])
+def test_bad_thresholds_in_predict_print_one_line_with_status_2(what, runs, tmp_path, monkeypatch, capsys):
+    """These were a ValueError traceback (status 1) from inside the predict loop."""
+    thresholds, ckpt = runs["thresholds"], runs["a"]
+    if what == "other_checkpoint":
+        ckpt, match = runs["b"], r"calibrated on other weights .*allow_other_checkpoint_thresholds=true"
+    else:
+        data = json.loads(thresholds.read_text())
+        for entry in data["budgets"]:
+            entry["thresholds"] = ["high", *entry["thresholds"][1:]] if what == "string" else [0.5]
+        thresholds = tmp_path / "bad.json"
+        thresholds.write_text(json.dumps(data))
+        match = r"threshold 'high' of exit 0 is not a number" if what == "string" else r"holds 1 thresholds"
+    preds = tmp_path / "preds.csv"
+    argv = [
+        "dmpo",
+        "predict",
+        "-c",
+        TINY,
+        f"--ckpt_path={ckpt}",
+        f"--model.init_args.thresholds_file={thresholds}",
+        "--model.init_args.predict_budget=0.5",
+        f"--model.init_args.predictions_file={preds}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as info:
+        console_main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("dmpo predict: error:")]
+    assert re.search(match, line), line
+    assert f"model.init_args.thresholds_file: thresholds file {thresholds}" in line
+    assert "Traceback" not in err
+    assert not preds.exists()
