@@ -832,8 +832,9 @@ def run_case(case: Case, ctx: dict) -> None:
                 observed = f"UNEXPECTED {type(err).__name__}: {err}"
         case.out = {"status": "—", "line": observed, "ok": "UNEXPECTED" not in observed}
         return
+    argv = case.argv(ctx)
     for _ in range(case.repeat):
-        status, text = run_dmpo(case.argv(ctx), ctx[case.cwd] if case.cwd else work)
+        status, text = run_dmpo(argv, ctx[case.cwd] if case.cwd else work)
     ctx["last_output"] = text
     match = next((line for line in text.splitlines() if re.search(case.line, line)), None)
     ok = status == case.status and match is not None
@@ -841,7 +842,7 @@ def run_case(case: Case, ctx: dict) -> None:
         lines = [x for x in text.splitlines() if x.strip()]
         match = "UNEXPECTED, last line: " + (lines[-1] if lines else "(nothing printed)")
     note = case.after(ctx) if case.after is not None else ""
-    case.out = {"status": status, "line": match.strip(), "ok": ok, "note": note}
+    case.out = {"status": status, "line": match.strip(), "ok": ok, "note": note, "argv": argv}
 
 
 def write_table(path: Path, ctx: dict) -> None:
@@ -856,7 +857,7 @@ def write_table(path: Path, ctx: dict) -> None:
             "Python check"
             if case.argv is None
             else "`dmpo "
-            + " ".join(shorten(a, ctx) for a in case.argv(ctx)).replace(TINY, "tiny.yaml").replace("|", "\\|")
+            + " ".join(shorten(a, ctx) for a in out["argv"]).replace(TINY, "tiny.yaml").replace("|", "\\|")
             + "`"
         )
         rows.append(f"| {i} | {case.bullet} | {case.tests} | {command} | {out['status']}{mark} | {line} |")
