@@ -588,6 +588,7 @@ class DMPOCLI(LightningCLI):
 JSONARGPARSE_WRAPPERS = (
     "Does not validate against any of the Union subtypes",
     "Problem with given class_path",
+    "Expected a <class 'NoneType'>",  # older jsonargparse reports the None alternative of the union first
 )
 
 
@@ -598,6 +599,16 @@ def _constructor_error(err: BaseException) -> BaseException:
         str(inner).startswith(JSONARGPARSE_WRAPPERS) or type(inner).__module__.startswith("jsonargparse")
     ):
         inner = inner.__cause__
+    if str(inner).startswith(JSONARGPARSE_WRAPPERS):  # older jsonargparse: only the union message has it
+        chain, e = [], err
+        while e is not None and e not in chain:
+            chain.append(e)
+            e = e.__cause__
+        for e in chain:
+            for line in str(e).splitlines():
+                reason = line.strip()[2:] if line.strip().startswith("- ") else ""
+                if reason and not reason.startswith(JSONARGPARSE_WRAPPERS):
+                    return ValueError(reason)
     return inner
 
 
