@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import inspect
+import io
 import math
 import netrc
 import os
@@ -19,6 +20,7 @@ from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import DefaultHelpFormatter, Namespace
 from jsonargparse._common import debug_mode_active
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -28,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import dmpo_lightning
 from dmpo_lightning.callbacks import LossWeightScheduler
 from dmpo_lightning.data import BenchmarkDataModule
-from dmpo_lightning.data.errors import DatasetLayoutError
+from dmpo_lightning.data.errors import DatasetLayoutError, UnreadableImageError
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFileNotFoundError
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule, weights_from_checkpoint
@@ -352,10 +354,13 @@ class DMPOCLI(LightningCLI):
                 super().instantiate_classes()
         except (ConfigError, DatasetLayoutError):
             raise
-        except FileNotFoundError as err:
-            raise ConfigFileNotFoundError(str(err)) from err
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+        except (FileNotFoundError, ValueError) as err:
+            # jsonargparse wraps a constructor's error in a union error that dumps every model option
+            inner = _constructor_error(err)
+            if isinstance(inner, ConfigError):
+                raise inner from err
+            kind = ConfigFileNotFoundError if isinstance(inner, FileNotFoundError) else ConfigError
+            raise kind(str(inner)) from err
         self._check_num_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -381,14 +386,41 @@ class DMPOCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=FIT_ONLY_CALLBACKS_WARNING)
             super()._run_subcommand(subcommand)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as LightningCLI does, and remember the ``num_classes`` the user wrote, if any.
+
+        The parsed config cannot tell a ``num_classes: 10`` the user wrote from the signature's default 10;
+        a second parse without defaults (jsonargparse's ``defaults=False``) holds only what the command line
+        and the config files set.
+        """
+        super().parse_arguments(parser, args)
+        self._explicit_num_classes = _explicit_num_classes(parser, args)
+
     def _check_num_classes(self) -> None:
-        given = getattr(self, "_given_num_classes", None)
-        default = inspect.signature(DMPOModule).parameters["num_classes"].default
+        """A ``num_classes`` the user wrote must equal the model's (from the data, else the checkpoint)."""
+        explicit = getattr(self, "_explicit_num_classes", _UNKNOWN)
         data = getattr(self.datamodule, "num_classes", None)
-        if isinstance(given, int) and isinstance(data, int) and given != default and given != data:
+        if explicit is _UNKNOWN:  # the second parse failed: only a non-default value is surely the user's
+            explicit = getattr(self, "_given_num_classes", None)
+            if explicit == inspect.signature(DMPOModule).parameters["num_classes"].default:
+                explicit = None
+        if explicit is None:
+            return
+        if isinstance(data, int):
+            if explicit != data:
+                raise ConfigError(
+                    f"model.init_args.num_classes={explicit} disagrees with the data, which has {data} "
+                    "classes; the model takes num_classes from the data module, so leave it out, set it to "
+                    f"{data}, or fix the data options",
+                    option="model.init_args.num_classes",
+                )
+            return
+        built = getattr(getattr(self.model, "hparams", None), "get", lambda _k: None)("num_classes")
+        if isinstance(built, int) and explicit != built:
             raise ConfigError(
-                f"model.init_args.num_classes={given} disagrees with the data, which has {data} classes; the "
-                "model takes num_classes from the data module, so leave it out (or fix the data options)",
+                f"model.init_args.num_classes={explicit} disagrees with the checkpoint, which was trained "
+                f"with {built} classes; the model takes num_classes from --ckpt_path when the data reads no "
+                f"dataset, so leave it out or set it to {built}",
                 option="model.init_args.num_classes",
             )
 
@@ -558,6 +590,53 @@ class DMPOCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
 
 
+JSONARGPARSE_WRAPPERS = (
+    "Does not validate against any of the Union subtypes",
+    "Problem with given class_path",
+    "Expected a <class 'NoneType'>",  # older jsonargparse reports the None alternative of the union first
+)
+
+
+def _constructor_error(err: BaseException) -> BaseException:
+    """The error a class's constructor raised, without jsonargparse's wrapping (which dumps the options)."""
+    inner = err
+    while isinstance(inner.__cause__, Exception) and (
+        str(inner).startswith(JSONARGPARSE_WRAPPERS) or type(inner).__module__.startswith("jsonargparse")
+    ):
+        inner = inner.__cause__
+    if str(inner).startswith(JSONARGPARSE_WRAPPERS):  # older jsonargparse: only the union message has it
+        chain: list[BaseException] = []
+        e: BaseException | None = err
+        while e is not None and e not in chain:
+            chain.append(e)
+            e = e.__cause__
+        for e in chain:
+            for line in str(e).splitlines():
+                reason = line.strip()[2:] if line.strip().startswith("- ") else ""
+                if reason and not reason.startswith(JSONARGPARSE_WRAPPERS):
+                    return ValueError(reason)
+    return inner
+
+
+_UNKNOWN = object()
+
+
+def _explicit_num_classes(parser: LightningArgumentParser, args: ArgsType) -> Any:
+    """``model.init_args.num_classes`` as the user gave it (None: not given; ``_UNKNOWN``: cannot tell)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            if isinstance(args, (dict, Namespace)):
+                given = parser.parse_object(args, defaults=False)
+            else:
+                given = parser.parse_args(args, defaults=False)
+        sub = given.get("subcommand")
+        config = given[sub] if sub else given
+        value = config.get("model.init_args.num_classes")
+    except (Exception, SystemExit):
+        return _UNKNOWN
+    return value if value is None or isinstance(value, int) else _UNKNOWN
+
+
 def _check_ramp(schedule: LossWeightScheduler, trainer: pl.Trainer) -> None:
     """A ramp that ends after the last epoch never reaches phase 2's weights: refuse it before training."""
     s = schedule.schedule
@@ -621,6 +700,24 @@ def _drop_repeated_columns(results: Sequence[dict[str, Any]]) -> list[dict[str, 
     return kept
 
 
+HELP_DESCRIPTION = """\
+dmpo: early-exit tuning of pre-trained vision transformers (DMPO) on Lightning.
+Subcommands: fit, validate, test, predict (below) and export (see the end of this help)."""
+
+HELP_EPILOG = """\
+other subcommands:
+  export                Write a deployable early-exit artefact (manifest, safetensors weights,
+                        calibrated thresholds, optional ONNX stages) from a trained run;
+                        options: dmpo export --help"""
+
+
+class _KeepLinesHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help layout, with the description and epilog printed as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
 def main(args: ArgsType = None, run: bool = True) -> DMPOCLI:
     """Entry point of ``dmpo`` and ``python -m dmpo_lightning``; ``args`` lets tests call it in-process.
 
@@ -641,7 +738,12 @@ def main(args: ArgsType = None, run: bool = True) -> DMPOCLI:
             auto_configure_optimizers=False,
             seed_everything_default=0,
             parser_class=DMPOArgumentParser,
-            parser_kwargs={"prog": "dmpo"},
+            parser_kwargs={
+                "prog": "dmpo",
+                "description": HELP_DESCRIPTION,
+                "epilog": HELP_EPILOG,
+                "formatter_class": _KeepLinesHelpFormatter,
+            },
             save_config_callback=SaveConfigNoOverwrite,
             trainer_defaults={
                 "logger": {
@@ -664,7 +766,8 @@ def console_main() -> None:
 
     ``dmpo export ...`` is not a Lightning subcommand; it goes to :mod:`dmpo_lightning.deploy.cli`.
     A configuration error (:class:`~dmpo_lightning.errors.ConfigError`, a dataset-layout error) prints
-    ``dmpo <subcommand>: error: <message>`` and exits with status 2, as a parse error does; ``--debug``
+    ``dmpo <subcommand>: error: <message>`` and exits with status 2, as a parse error does (an image file
+    that cannot be read during the run: the same line naming the file, status 1); ``--debug``
     (anywhere on the command line) or ``DMPO_DEBUG=1`` shows the traceback instead.
     """
     if len(sys.argv) > 1 and sys.argv[1] == "export":
@@ -680,7 +783,7 @@ def console_main() -> None:
         os.environ.setdefault("JSONARGPARSE_DEBUG", "true")
     try:
         main()
-    except (ConfigError, DatasetLayoutError) as err:
+    except (ConfigError, DatasetLayoutError, UnreadableImageError) as err:
         if debug:
             raise
         sub = next((a for a in sys.argv[1:] if a in SUBCOMMANDS), None)
@@ -690,4 +793,5 @@ def console_main() -> None:
             message = f"{option}: {message}"
         sys.stderr.write(f"dmpo{' ' + sub if sub else ''}: error: {message}\n")
         sys.stderr.write(f"(--debug or {DEBUG_ENV}=1 shows the traceback)\n")
-        raise SystemExit(2) from None
+        # a broken image met during the run is a data error, not a usage error: status 1
+        raise SystemExit(1 if isinstance(err, UnreadableImageError) else 2) from None

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dmpo_lightning.constants import THRESHOLDS_FORMAT
-from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
+from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFileNotFoundError
 from dmpo_lightning.evaluation.calibration import TemperatureCalibration, plot_reliability
 from dmpo_lightning.evaluation.flops import ExitCosts
 from dmpo_lightning.evaluation.protocol import (
@@ -358,7 +358,44 @@ def _write_report_files(
     atomic_write(os.path.join(report_dir, "exit_outputs.pt"), lambda f: torch.save(cache, f))
 
 
+THRESHOLDS_OPTION = "model.init_args.thresholds_file"
+
+
 def load_thresholds(
+    path: str,
+    budget: float | None,
+    fingerprint: Mapping[str, Any],
+    unit: str = "fraction",
+    *,
+    num_exits: int | None = None,
+    model_hashes: Sequence[str] = (),
+    allow_other_checkpoint: bool = False,
+) -> list[float]:
+    """Thresholds for ``budget`` from a ``thresholds.json`` of ``dmpo test`` (as :func:`_read_thresholds`).
+
+    Raises:
+        ConfigFileNotFoundError: If the file is missing.
+        ConfigError: If the file cannot be used (a :class:`ValueError`; ``dmpo`` prints it as one line).
+    """
+    try:
+        return _read_thresholds(
+            path,
+            budget,
+            fingerprint,
+            unit,
+            num_exits=num_exits,
+            model_hashes=model_hashes,
+            allow_other_checkpoint=allow_other_checkpoint,
+        )
+    except ConfigError:
+        raise
+    except FileNotFoundError as err:
+        raise ConfigFileNotFoundError(str(err), option=THRESHOLDS_OPTION) from None
+    except ValueError as err:
+        raise ConfigError(str(err), option=THRESHOLDS_OPTION) from None
+
+
+def _read_thresholds(
     path: str,
     budget: float | None,
     fingerprint: Mapping[str, Any],

@@ -1,0 +1,907 @@
+"""Run every case of issue 16 the way a user meets it and write what dmpo prints into docs/bad_input_cases.md.
+
+Usage (from the repository root, a few minutes on one CPU core)::
+
+    PYTHONPATH=src python benchmarks/bad_input_cases.py               # writes docs/bad_input_cases.md
+    PYTHONPATH=src python benchmarks/bad_input_cases.py --out /tmp/x.md --only thresholds
+
+Each CLI case calls :func:`dmpo_lightning.cli.console_main` (the ``dmpo`` console script) in this process with
+``sys.argv`` set, in a fresh working folder, capturing file descriptors 1 and 2 (everything dmpo, Lightning
+and Python's warnings print). The table records the exit status and the first printed line matching the case's
+pattern, verbatim (temporary paths shortened to ``<tmp>``). A case whose status or line differs from what it
+expects is marked ``UNEXPECTED`` and the script exits 1, so the table cannot silently go stale. Python-API
+cases (issue bullets about library behaviour, not the CLI) run their check in-process and print what they
+observed. The regression tests named in the table are the source of truth; this script documents them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY_KW = {"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0}
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@dataclass
+class Case:
+    name: str
+    bullet: str
+    tests: str
+    argv: Callable[[dict], list[str]] | None = None  # a dmpo command line
+    check: Callable[[dict], str] | None = None  # or a Python-API check returning what it observed
+    status: int = 2
+    line: str = r"error:"  # the printed line to record (first match)
+    after: Callable[[dict], str] | None = None  # an observation after the command (files kept, ...)
+    repeat: int = 1  # run the command this many times (the second run is the case)
+    cwd: str | None = None  # a fixture folder to run in (default: a fresh one)
+    out: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def captured_fds():
+    """Capture everything written to fd 1 and 2 (Python, C, logging handlers bound at import)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as buf:
+        os.dup2(buf.fileno(), 1)
+        os.dup2(buf.fileno(), 2)
+        result = {"text": ""}
+        try:
+            yield result
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            buf.seek(0)
+            result["text"] = buf.read().decode(errors="replace")
+
+
+def run_dmpo(argv: list[str], cwd: Path) -> tuple[int, str]:
+    """``dmpo <argv>`` in-process: (exit status, everything printed)."""
+    from dmpo_lightning.cli import console_main
+
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    os.chdir(cwd)
+    sys.argv = ["dmpo", *argv]
+    status = 0
+    try:
+        with captured_fds() as out, warnings.catch_warnings():
+            warnings.simplefilter("default")  # each case shows its warnings again
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            try:
+                console_main()
+            except SystemExit as err:
+                status = err.code if isinstance(err.code, int) else 1
+            except BaseException:  # what the console script would print: a traceback, status 1
+                sys.stderr.write(traceback.format_exc())
+                status = 1
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    return status, out["text"]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def fit(cwd: Path, *options: str) -> Path:
+    """A tiny one-epoch fit; returns its checkpoint."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    status, text = run_dmpo(
+        ["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.switch_epoch=0", *options], cwd
+    )
+    if status != 0:
+        raise RuntimeError(f"fixture fit {options} failed:\n{text[-3000:]}")
+    found = sorted(cwd.rglob("*.ckpt"), key=os.path.getmtime)
+    return found[-1]
+
+
+def make_fixtures(base: Path) -> dict:
+    import timm
+    import torch
+    from PIL import Image
+
+    from dmpo_lightning import DMPOModule
+
+    ctx: dict = {"base": base, "tiny": TINY}
+    ctx["ckpt"] = fit(
+        base / "a", "--test_after_fit=true", f"--model.init_args.report_dir={base / 'report_a'}"
+    )
+    ctx["thresholds"] = base / "report_a" / "thresholds.json"
+    ctx["report"] = base / "report_a"
+    ctx["ckpt_b"] = fit(base / "b", "--seed_everything=1")
+    ctx["ckpt_dir"] = ctx["ckpt"].parent
+    (base / "corrupt.ckpt").write_bytes(os.urandom(4096))
+    ctx["corrupt"] = base / "corrupt.ckpt"
+    ctx["afile"] = base / "a_file.txt"
+    ctx["afile"].write_text("a file\n")
+    (base / "empty").mkdir()
+    ctx["empty"] = base / "empty"
+    torch.save(DMPOModule.load_from_checkpoint(ctx["ckpt"]).state_dict(), base / "state_dict.pt")
+    ctx["state_dict"] = base / "state_dict.pt"
+    data = json.loads(ctx["thresholds"].read_text())
+    for name, edit in {
+        "short": lambda t: t[:1],
+        "string": lambda t: ["high", *t[1:]],
+        "null": lambda t: [t[0], None, *t[2:]],
+    }.items():
+        bad = json.loads(json.dumps(data))
+        for entry in bad["budgets"]:
+            entry["thresholds"] = edit(entry["thresholds"])
+        (base / f"thresholds_{name}.json").write_text(json.dumps(bad))
+        ctx[f"thresholds_{name}"] = base / f"thresholds_{name}.json"
+    for name, kw in {"depth6": {"depth": 6}, "width64": {"embed_dim": 64}}.items():
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, **{**TINY_KW, **kw})
+        torch.save(model.state_dict(), base / f"{name}.pth")
+        ctx[name] = base / f"{name}.pth"
+    images = base / "images"
+    for split in ("train", "test"):
+        for label, cls in enumerate(("a", "b")):
+            folder = images / split / cls
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (20, 20), (40 * i, 200 * label, 90)).save(folder / f"{cls}_{i}.jpg")
+    broken = images / "train" / "a" / "a_1.jpg"
+    broken.write_bytes(broken.read_bytes()[:120])
+    ctx["images"], ctx["broken"] = images, broken
+    one_class = base / "one_class"
+    (one_class / "train" / "only").mkdir(parents=True)
+    (one_class / "test" / "only").mkdir(parents=True)
+    for split in ("train", "test"):
+        Image.new("RGB", (20, 20)).save(one_class / split / "only" / "x.jpg")
+    ctx["one_class"] = one_class
+    # the run a later command must not damage: a named logger version
+    named = base / "named"
+    ctx["named_ckpt"] = fit(named, "--trainer.logger.init_args.version=exp1")
+    ctx["named"] = named
+    ctx["named_dir"] = named / "runs" / "dmpo" / "exp1"
+    ctx["named_before"] = (ctx["named_dir"] / "metrics.csv").read_text()
+    # a model trained from a backbone weights file that is then moved away
+    weights = base / "weights.pth"
+    torch.save(
+        timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, **TINY_KW).state_dict(), weights
+    )
+    ctx["from_file_ckpt"] = fit(
+        base / "from_file",
+        f"--model.init_args.checkpoint_path={weights}",
+        "--model.init_args.pretrained=true",
+    )
+    weights.rename(base / "weights_moved.pth")
+    return ctx
+
+
+def fmt(*options: str) -> Callable[[dict], list[str]]:
+    return lambda ctx: [o.format(**ctx) for o in options]
+
+
+def named_run_kept(ctx: dict) -> str:
+    run = ctx["named_dir"]
+    kept = (run / "metrics.csv").read_text() == ctx["named_before"]
+    configs = sorted(p.name for p in run.glob("config*.yaml"))
+    return f"training run's metrics.csv unchanged: {kept}; its folder holds {configs}"
+
+
+def wandb_folders(ctx: dict) -> str:
+    runs = sorted(p.name for p in (ctx["work"] / "runs").glob("*/*") if p.is_dir())
+    return f"run folders after two W&B runs: {runs}"
+
+
+def no_fit_only_warning(ctx: dict) -> str:
+    text = ctx["last_output"]
+    return (
+        f"'Please add the following callbacks' printed: {'Please add the following callbacks' in text}; "
+        f"'DataLoader 1' column printed: {'DataLoader 1' in text}"
+    )
+
+
+# ---------------------------------------------------------------------------------------- Python checks
+def check_score_exits(ctx: dict) -> str:
+    import torch
+
+    from dmpo_lightning import DMPOModule
+    from dmpo_lightning.evaluation.protocol import assign_exits
+
+    class Margin(DMPOModule):
+        def score_exits(self, logits):  # top-1 minus top-2 probability, and the top-1 class, per exit
+            top = torch.stack(logits, dim=1).softmax(-1).topk(2, dim=-1)
+            return top.values[..., 0] - top.values[..., 1], top.indices[..., 0]
+
+    module = Margin(
+        num_classes=5,
+        backbone="vit_tiny_patch16_224",
+        img_size=32,
+        backbone_kwargs=TINY_KW,
+        exit_blocks=[2, 4],
+        peft="full",
+        moment_dim=16,
+    ).eval()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.normal_(0, 0.3)
+        x = torch.randn(32, 3, 32, 32)
+        scores, _ = module.score_exits(module(x))
+        thresholds = [float(scores[:, 0].median()), float("-inf")]
+        protocol = assign_exits(scores.double(), torch.tensor(thresholds, dtype=torch.float64))
+        real = module.forward_early_exit(x, thresholds)
+        raw = module.model.forward_early_exit(x, thresholds=thresholds)
+    return (
+        f"margin subclass, threshold = median margin at exit 1: the `dmpo test` protocol sends "
+        f"{int((protocol == 0).sum())}/32 to exit 1, DMPOModule.forward_early_exit (dmpo predict) "
+        f"{int((real.exit_index == 0).sum())}/32, same exits: {torch.equal(real.exit_index, protocol)}; "
+        f"module.model.forward_early_exit (the MultiExitViT, built-in rule) "
+        f"{int((raw.exit_index == 0).sum())}/32"
+    )
+
+
+def check_eval_mode(ctx: dict) -> str:
+    import torch
+
+    from dmpo_lightning import DMPOModule
+
+    module = DMPOModule(
+        num_classes=4,
+        backbone="vit_tiny_patch16_224",
+        img_size=32,
+        backbone_kwargs=TINY_KW,
+        exit_blocks=[2, 4],
+        early_head="isqrt_cov",
+        cov_dim=8,
+        peft="full",
+    ).train()
+    bn = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    before = [m.running_mean.clone() for m in bn]
+    module.model.forward_early_exit(torch.randn(8, 3, 32, 32), thresholds=[0.5, 0.0])
+    same = all(torch.equal(a, m.running_mean) for a, m in zip(before, bn, strict=True))
+    return (
+        f"BatchNorm statistics unchanged: {same} ({len(bn)} BatchNorm layers); training mode restored: "
+        f"{module.training}"
+    )
+
+
+def check_splits(ctx: dict) -> str:
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from dmpo_lightning import BenchmarkDataModule, DMPOModule
+    from dmpo_lightning.constants import SPLIT_KEY
+
+    dm = BenchmarkDataModule(
+        dataset="synthetic",
+        synthetic_sizes=(40, 12),
+        synthetic_num_classes=4,
+        calibration_size=8,
+        batch_size=8,
+        num_workers=0,
+        image_size=32,
+    )
+    dm.setup()
+
+    class Untagged(list):
+        pass
+
+    untagged = Untagged(
+        {k: v for k, v in dm.split_dataset("test")[i].items() if k != SPLIT_KEY} for i in range(12)
+    )
+    model = DMPOModule(
+        num_classes=4,
+        backbone="vit_tiny_patch16_224",
+        img_size=32,
+        backbone_kwargs=TINY_KW,
+        exit_blocks=[2, 4],
+        peft="full",
+        moment_dim=16,
+        budgets=[0.75],
+        report_dir=str(ctx["work"] / "report"),
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=ctx["work"],
+    )
+    try:
+        trainer.test(model, dataloaders=[DataLoader(untagged, batch_size=8), dm.dataloader("calibration")])
+    except ValueError as err:
+        return f"ValueError: {str(err).splitlines()[0]}"
+    return "accepted (UNEXPECTED)"
+
+
+def check_reg_gap(ctx: dict) -> str:
+    from dmpo_lightning import DMPOModule
+
+    try:
+        DMPOModule(
+            num_classes=4,
+            backbone="vit_betwixt_patch16_reg4_gap_256",
+            img_size=32,
+            backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+            exit_blocks=[1, 2],
+            moment_dim=16,
+            peft="vpt",
+            head_pool="token",
+        )
+    except ValueError as err:
+        return f"ValueError: {str(err).splitlines()[0]}"
+    return "accepted (UNEXPECTED)"
+
+
+def check_load_from_checkpoint(ctx: dict) -> str:
+    from dmpo_lightning import DMPOModule
+
+    module = DMPOModule.load_from_checkpoint(ctx["from_file_ckpt"], checkpoint_path=None)
+    return f"loaded after the weights file moved; hparams.checkpoint_path = {module.hparams.checkpoint_path}"
+
+
+def check_monitor(ctx: dict) -> str:
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "configs" / "trainer" / "default.yaml").read_text())
+    (ckpt,) = [c for c in conf["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    return f"ModelCheckpoint monitor={ckpt['init_args']['monitor']!r} mode={ckpt['init_args']['mode']!r}"
+
+
+def check_readme_focal(ctx: dict) -> str:
+    text = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "FocalDMPO" in b]
+    exec(block, {})
+    return "the README's focal-loss block runs as printed (imports torch, F, DMPOModule, weighted_sum)"
+
+
+def check_timm_bound(ctx: dict) -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    pins = re.findall(r'"((?:timm|lightning|torchmetrics|jsonargparse)(?:\[\w+\])?>=[\d.]+)"', text)
+    return f"pyproject bounds {pins}; tested by .ci/lowest_versions (docs/dependency_bounds.md)"
+
+
+def check_sigterm(ctx: dict) -> str:
+    return (
+        "not re-run here (needs a subprocess and a signal): tests/test_cli_process.py asserts status 143 "
+        "and 'dmpo: stopped by SIGTERM; resume with --ckpt_path .../interrupted.ckpt'"
+    )
+
+
+def check_full_disk(ctx: dict) -> str:
+    return (
+        "not re-run here (needs a failing write): the test makes the 4th report file fail with ENOSPC and "
+        "asserts the results table was printed, no report folder is left and a rerun succeeds"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- cases
+T = "-c", "{tiny}"
+CASES = [
+    # --- data lost
+    Case(
+        "named_version_second_fit",
+        "A second `dmpo fit` into a named logger version",
+        "test_cli_safety::test_a_named_logger_version_never_loses_the_training_run",
+        fmt("fit", *T, "--trainer.logger.init_args.version=exp1"),
+        line=r"error: log folder",
+        after=named_run_kept,
+        cwd="named",
+    ),
+    Case(
+        "named_version_readme_test",
+        "README's `dmpo test -c <run>/config.yaml --ckpt_path` into that run",
+        "test_cli_safety::test_a_named_logger_version_never_loses_the_training_run",
+        fmt(
+            "test",
+            "-c",
+            "{named_dir}/config.yaml",
+            "--ckpt_path={named_ckpt}",
+            "--model.init_args.report_dir={work}/report",
+        ),
+        status=0,
+        line=r"holds a training run; dmpo test logs to",
+        after=named_run_kept,
+        cwd="named",
+    ),
+    Case(
+        "wandb_two_runs",
+        "configs/trainer/wandb.yaml: a second run (FileExistsError before)",
+        "test_cli_safety::test_every_logger_gives_each_run_its_own_folder[wandb]",
+        fmt(
+            "fit",
+            *T,
+            "-c",
+            str(ROOT / "configs" / "trainer" / "wandb.yaml"),
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.max_epochs=1",
+            "--model.init_args.switch_epoch=0",
+        ),
+        status=0,
+        line=r"calibration split \(\d+ images\) saved to",
+        after=wandb_folders,
+        repeat=2,
+    ),
+    # --- silently wrong results
+    Case(
+        "thresholds_of_another_checkpoint",
+        "thresholds.json of another checkpoint (same architecture)",
+        "test_bad_input_model::test_predict_refuses_thresholds_of_another_checkpoint",
+        fmt(
+            "predict",
+            *T,
+            "--ckpt_path={ckpt_b}",
+            "--model.init_args.thresholds_file={thresholds}",
+            "--model.init_args.predict_budget=0.5",
+            "--model.init_args.predictions_file={work}/p.csv",
+        ),
+    ),
+    Case(
+        "thresholds_override",
+        "... with the explicit override (warns naming both hashes)",
+        "test_bad_input_model::test_predict_with_override_warns_naming_both_hashes",
+        fmt(
+            "predict",
+            *T,
+            "--ckpt_path={ckpt_b}",
+            "--model.init_args.thresholds_file={thresholds}",
+            "--model.init_args.predict_budget=0.5",
+            "--model.init_args.predictions_file={work}/p.csv",
+            "--model.init_args.allow_other_checkpoint_thresholds=true",
+        ),
+        status=0,
+        line=r"using them anyway",
+    ),
+    Case(
+        "thresholds_wrong_length",
+        "thresholds list of the wrong length (was broadcast)",
+        "test_bad_input_model::test_predict_accepts_its_own_thresholds_and_refuses_a_wrong_length",
+        fmt(
+            "predict",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--model.init_args.thresholds_file={thresholds_short}",
+            "--model.init_args.predict_budget=0.5",
+            "--model.init_args.predictions_file={work}/p.csv",
+        ),
+    ),
+    Case(
+        "thresholds_string",
+        "a string threshold (was a conversion traceback)",
+        "test_bad_input_model::test_threshold_lists_are_validated",
+        fmt(
+            "predict",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--model.init_args.thresholds_file={thresholds_string}",
+            "--model.init_args.predict_budget=0.5",
+            "--model.init_args.predictions_file={work}/p.csv",
+        ),
+    ),
+    Case(
+        "thresholds_null",
+        "a null/NaN threshold",
+        "test_bad_input_model::test_threshold_lists_are_validated",
+        fmt(
+            "predict",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--model.init_args.thresholds_file={thresholds_null}",
+            "--model.init_args.predict_budget=0.5",
+            "--model.init_args.predictions_file={work}/p.csv",
+        ),
+    ),
+    Case(
+        "score_exits_subclass",
+        "a subclass's `score_exits` drives the real early exit too",
+        "test_early_exit_paths::test_overridden_score_exits_drives_the_real_early_exit",
+        check=check_score_exits,
+    ),
+    Case(
+        "test_without_checkpoint",
+        "`dmpo test` without --ckpt_path (untrained weights)",
+        "test_bad_input::...[test_without_checkpoint]; "
+        "test_cli_safety::test_untrained_evaluation_only_on_request",
+        fmt("test", *T, "--model.init_args.report_dir={work}/report"),
+    ),
+    Case(
+        "splits_by_position",
+        "test loaders told apart by position (custom / untagged loaders)",
+        "test_bad_input_model::test_ambiguous_test_loaders_are_refused, "
+        "::test_test_splits_are_identified_by_name_not_position",
+        check=check_splits,
+    ),
+    Case(
+        "checkpoint_path_depth",
+        "depth-6 timm checkpoint into a depth-4 model (trained truncated)",
+        "test_bad_input_model::test_checkpoint_path_mismatch_through_the_cli",
+        fmt("fit", *T, "--model.init_args.checkpoint_path={depth6}"),
+    ),
+    Case(
+        "checkpoint_path_width",
+        "width mismatch of checkpoint_path (was 108 size-mismatch lines)",
+        "test_bad_input_model::test_checkpoint_path_of_another_architecture_is_refused",
+        fmt("fit", *T, "--model.init_args.checkpoint_path={width64}"),
+    ),
+    Case(
+        "register_tokens_token_pool",
+        "`head_pool: token` on a `*_gap_*` register model (CLI)",
+        "test_bad_input_model::test_token_pooling_without_a_class_token_is_refused",
+        fmt(
+            "fit",
+            *T,
+            "--model.init_args.backbone=vit_betwixt_patch16_reg4_gap_256",
+            "--model.init_args.backbone_kwargs={{patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2}}",
+        ),
+    ),
+    Case(
+        "register_tokens_vpt",
+        "... VPT on a model without class token (API)",
+        "test_bad_input_model::test_heads_of_a_model_without_class_token_pool_patch_tokens",
+        check=check_reg_gap,
+    ),
+    Case(
+        "early_exit_eval_mode",
+        "`forward_early_exit` on a training-mode module",
+        "test_early_exit_paths::test_early_exit_runs_in_eval_mode_and_restores_the_mode",
+        check=check_eval_mode,
+    ),
+    Case(
+        "frozen_random_trunk",
+        "`pretrained: false` with a frozen-trunk PEFT (warning)",
+        "test_bad_input_model::test_frozen_random_trunk_warns; "
+        "test_bad_input_more::test_frozen_random_trunk_warns_through_the_cli",
+        fmt("validate", *T),
+        status=0,
+        line=r"frozen trunk keeps its random initial weights",
+    ),
+    Case(
+        "num_classes_explicit_default",
+        "`num_classes: 10` (the default) written explicitly, data has 4",
+        "test_bad_input_more::test_explicit_num_classes_that_disagrees_with_the_data_is_refused[10]",
+        fmt("fit", *T, "--model.init_args.num_classes=10"),
+    ),
+    Case(
+        "num_classes_explicit",
+        "`--model.init_args.num_classes=7`, data has 4",
+        "test_bad_input::...[num_classes_disagrees_with_data]",
+        fmt("fit", *T, "--model.init_args.num_classes=7"),
+    ),
+    Case(
+        "num_classes_equal",
+        "`num_classes` equal to the data's (accepted)",
+        "test_bad_input_more::test_explicit_num_classes_equal_to_the_data_is_accepted",
+        fmt("validate", *T, "--model.init_args.num_classes=4"),
+        status=0,
+        line=r"val/acc_last|Validate metric",
+    ),
+    Case(
+        "num_classes_vs_checkpoint",
+        "`num_classes` vs the checkpoint when the data reads no dataset",
+        "test_bad_input_more::test_explicit_num_classes_must_match_the_checkpoint_when_no_dataset_is_read",
+        fmt(
+            "predict",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--data.init_args.predict_paths={images}/test",
+            "--model.init_args.predictions_file={work}/p.csv",
+            "--model.init_args.num_classes=10",
+        ),
+    ),
+    Case(
+        "ramp_beyond_training",
+        "`ramp_epochs` longer than training (never reached phase 2)",
+        "test_bad_input::...[ramp_beyond_max_epochs]",
+        fmt(
+            "fit",
+            *T,
+            "--trainer.max_epochs=3",
+            "--model.init_args.switch_epoch=1",
+            "--model.init_args.ramp_epochs=2",
+        ),
+    ),
+    # --- late or wrong-signal failures
+    Case(
+        "budget_zero_after_fit",
+        "`budgets=[0]` with test_after_fit (was after training)",
+        "test_bad_input::...[budget_zero_with_test_after_fit]",
+        fmt("fit", *T, "--model.init_args.budgets=[0]", "--test_after_fit=true"),
+    ),
+    Case(
+        "budget_above_one",
+        "a budget above the full model's cost in `dmpo test`",
+        "test_bad_input::...[budget_above_full_model]",
+        fmt(
+            "test",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--model.init_args.budgets=[0.5, 1.5]",
+            "--model.init_args.report_dir={work}/report",
+        ),
+    ),
+    Case(
+        "report_dir_is_a_file",
+        "a file-typed report_dir (was a raw OSError after the evaluation)",
+        "test_bad_input::...[report_dir_is_a_file_with_test_after_fit]",
+        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.report_dir={afile}"),
+    ),
+    Case(
+        "report_dir_exists",
+        "a report folder that already holds a report",
+        "test_bad_input::...[existing_report]",
+        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.report_dir={report}"),
+    ),
+    Case(
+        "predictions_file_is_a_folder",
+        "a folder as predictions_file",
+        "test_bad_input::...[predictions_file_is_a_folder]",
+        fmt("predict", *T, "--ckpt_path={ckpt}", "--model.init_args.predictions_file={empty}"),
+    ),
+    Case(
+        "predictions_file_exists",
+        "an existing predictions_file (never overwritten)",
+        "test_bad_input::...[predictions_file_exists]",
+        fmt("predict", *T, "--ckpt_path={ckpt}", "--model.init_args.predictions_file={afile}"),
+    ),
+    Case(
+        "read_only_report_dir",
+        "read-only report_dir (fails before the evaluation)",
+        "test_cli_safety::test_a_read_only_report_dir_fails_before_the_evaluation, "
+        "::test_an_unwritable_report_dir_fails_before_the_evaluation",
+        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.report_dir=/proc/dmpo_report"),
+    ),
+    Case(
+        "full_disk",
+        "full disk during `dmpo test` (partial report folder)",
+        "test_cli_safety::test_a_failed_report_write_leaves_no_partial_folder_and_the_table_is_printed",
+        check=check_full_disk,
+    ),
+    Case(
+        "sigterm",
+        "SIGTERM during fit (exited 0, no checkpoint)",
+        "test_cli_process::test_sigterm_during_fit_exits_non_zero_with_a_resumable_checkpoint",
+        check=check_sigterm,
+    ),
+    Case(
+        "truncated_jpeg",
+        "a truncated JPEG in the training data (no file name)",
+        "test_bad_input_model::test_unreadable_image_through_the_cli; "
+        "test_bad_input_more::test_an_unreadable_image_ends_the_run_with_one_line_naming_the_file",
+        fmt(
+            "fit",
+            *T,
+            "--data.init_args.dataset=image_folder",
+            "--data.init_args.root={images}",
+            "--data.init_args.calibration_size=2",
+            "--trainer.limit_train_batches=null",
+            "--trainer.max_epochs=1",
+            "--model.init_args.switch_epoch=0",
+        ),
+        status=1,
+        line=r"error: cannot read image file",
+    ),
+    Case(
+        "skip_unreadable",
+        "... the documented opt-in to skip unreadable images (counted, reported)",
+        "test_bad_input_model::test_skip_unreadable_images_leaves_them_out_and_reports_them",
+        fmt(
+            "validate",
+            *T,
+            "--data.init_args.dataset=image_folder",
+            "--data.init_args.root={images}",
+            "--data.init_args.calibration_size=2",
+            "--data.init_args.skip_unreadable_images=true",
+        ),
+        status=0,
+        line=r"left out \d+ unreadable image",
+    ),
+    Case(
+        "offline_rebuild",
+        "test a checkpoint trained from a weights file after the file moved",
+        "test_cli_safety::test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_file_moved",
+        fmt("test", *T, "--ckpt_path={from_file_ckpt}", "--model.init_args.report_dir={work}/report"),
+        status=0,
+        line=r"report written to|test/acc|Test metric",
+    ),
+    Case(
+        "load_from_checkpoint_none",
+        "`DMPOModule.load_from_checkpoint(p, checkpoint_path=None)`",
+        "test_cli_safety::test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_file_moved",
+        check=check_load_from_checkpoint,
+    ),
+    Case(
+        "negative_lr",
+        "a negative learning rate",
+        "test_bad_input::...[negative_learning_rate]",
+        fmt("fit", *T, "--model.init_args.optimizer=AdamW", "--model.init_args.optimizer.lr=-0.1"),
+    ),
+    Case(
+        "nan_lr",
+        "a NaN learning rate",
+        "test_bad_input::...[nan_learning_rate]",
+        fmt("fit", *T, "--model.init_args.optimizer=AdamW", "--model.init_args.optimizer.lr=.nan"),
+    ),
+    Case(
+        "ckpt_path_folder",
+        "a directory as --ckpt_path",
+        "test_bad_input::...[checkpoint_is_a_folder]",
+        fmt("test", *T, "--ckpt_path={ckpt_dir}"),
+    ),
+    Case(
+        "ckpt_path_state_dict",
+        "a bare state_dict as --ckpt_path",
+        "test_bad_input::...[checkpoint_is_a_bare_state_dict]",
+        fmt("test", *T, "--ckpt_path={state_dict}"),
+    ),
+    Case(
+        "one_class_synthetic",
+        "a one-class dataset (synthetic)",
+        "test_bad_input_model::test_one_class_data_through_the_cli",
+        fmt("fit", *T, "--data.init_args.synthetic_num_classes=1"),
+    ),
+    Case(
+        "one_class_folder",
+        "a one-class dataset (image folder)",
+        "test_bad_input_model::test_one_class_data_and_model_are_refused",
+        fmt("fit", *T, "--data.init_args.dataset=image_folder", "--data.init_args.root={one_class}"),
+    ),
+    Case(
+        "rope_lora",
+        "EVA02/RoPE ViT with lora",
+        "test_bad_input_model::test_rope_vit_through_the_cli",
+        fmt("fit", *T, "--model.init_args.backbone=eva02_tiny_patch14_224", "--model.init_args.peft=lora"),
+    ),
+    Case(
+        "rope_full",
+        "EVA02/RoPE ViT with full",
+        "test_bad_input_model::test_rope_vit_is_refused_at_construction",
+        fmt("fit", *T, "--model.init_args.backbone=eva02_tiny_patch14_224", "--model.init_args.peft=full"),
+    ),
+    Case(
+        "resnet_img_size",
+        "ResNet with img_size",
+        "test_bad_input_more::test_constructor_errors_print_one_sentence_without_the_option_dump",
+        fmt("fit", *T, "--model.init_args.backbone=resnet18"),
+    ),
+    Case(
+        "parse_error_no_dump",
+        "a parse error: no ~1 KB Namespace(...) dump",
+        "test_cli_process::test_a_parse_error_has_no_dump_of_the_parsed_values",
+        fmt("fit", *T, "--data.init_args.dataset=imagenet22k"),
+        line=r"Got value: imagenet22k",
+    ),
+    # --- also
+    Case(
+        "lowest_dependencies",
+        "real lower bound of every dependency, lowest tested in CI",
+        ".ci/lowest_versions (run by .ci/run)",
+        check=check_timm_bound,
+    ),
+    Case(
+        "fit_only_callbacks_warning",
+        "`dmpo test --ckpt_path`: no warning asking for LossWeightScheduler/EpochSeed, "
+        "no 'DataLoader 1' column",
+        "test_cli_safety::test_a_checkpoint_trained_from_a_weights_file_is_tested_"
+        "offline_after_the_file_moved",
+        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.report_dir={work}/report"),
+        status=0,
+        line=r"DataLoader 0",
+        after=no_fit_only_warning,
+    ),
+    Case(
+        "default_monitor",
+        "configs/trainer/default.yaml keeps the best checkpoint by calibration accuracy",
+        "test_cli_safety::test_the_best_checkpoint_is_chosen_by_calibration_accuracy_of_the_last_exit",
+        check=check_monitor,
+    ),
+    Case(
+        "readme_focal_loss",
+        "README focal-loss example lacks `import torch`",
+        "test_bad_input_more::test_readme_focal_loss_example_runs_as_printed",
+        check=check_readme_focal,
+    ),
+]
+
+
+def shorten(text: str, ctx: dict) -> str:
+    text = text.replace(str(ctx["base"]), "<tmp>").replace(str(ROOT) + "/", "")
+    return re.sub(r"/tmp/[\w./-]*?(?=[/'\"\s]|$)", "<tmp>", text) if "/tmp/" in text else text
+
+
+def run_case(case: Case, ctx: dict) -> None:
+    work = ctx["base"] / "work" / case.name
+    work.mkdir(parents=True)
+    ctx["work"] = work
+    if case.check is not None:
+        with captured_fds(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                observed = case.check(ctx)
+            except Exception as err:
+                observed = f"UNEXPECTED {type(err).__name__}: {err}"
+        case.out = {"status": "—", "line": observed, "ok": "UNEXPECTED" not in observed}
+        return
+    argv = case.argv(ctx)
+    for _ in range(case.repeat):
+        status, text = run_dmpo(argv, ctx[case.cwd] if case.cwd else work)
+    ctx["last_output"] = text
+    match = next((line for line in text.splitlines() if re.search(case.line, line)), None)
+    ok = status == case.status and match is not None
+    if match is None:
+        lines = [x for x in text.splitlines() if x.strip()]
+        match = "UNEXPECTED, last line: " + (lines[-1] if lines else "(nothing printed)")
+    note = case.after(ctx) if case.after is not None else ""
+    case.out = {"status": status, "line": match.strip(), "ok": ok, "note": note, "argv": argv}
+
+
+def write_table(path: Path, ctx: dict) -> None:
+    rows = []
+    for i, case in enumerate(CASES, 1):
+        out = case.out
+        line = shorten(out["line"], ctx).replace("|", "\\|")
+        if out.get("note"):
+            line += f" *(after: {shorten(out['note'], ctx)})*"
+        mark = "" if out["ok"] else " **UNEXPECTED**"
+        command = (
+            "Python check"
+            if case.argv is None
+            else "`dmpo "
+            + " ".join(shorten(a, ctx) for a in out["argv"]).replace(TINY, "tiny.yaml").replace("|", "\\|")
+            + "`"
+        )
+        rows.append(f"| {i} | {case.bullet} | {case.tests} | {command} | {out['status']}{mark} | {line} |")
+    header = (
+        "# Issue 16: every case, its regression test and what dmpo prints now\n\n"
+        "Generated by `PYTHONPATH=src python benchmarks/bad_input_cases.py` (do not edit by hand): "
+        "each CLI case runs the `dmpo` console entry point (`dmpo_lightning.cli.console_main`) in a fresh "
+        "folder; *status* is its exit status, the last column the first printed line matching the case "
+        "(verbatim, temporary paths "
+        "as `<tmp>`, `tiny.yaml` = `tests/configs/tiny.yaml`). Python checks run the library call the issue "
+        "names and print what they observed. Test names are `tests/<file>.py::<test>`; "
+        "`test_bad_input::...[x]` is `test_bad_input_fails_clearly_and_writes_nothing[x]`, which also checks "
+        "that no file was written or changed. Configuration errors exit with status 2 and print one line "
+        "`dmpo <subcommand>: error: ...` (plus a hint that `--debug` shows the traceback), no traceback.\n\n"
+        f"{len(CASES)} cases, {sum(c.out['ok'] for c in CASES)} as expected.\n\n"
+        "| # | issue 16 case | regression test | command | status | what dmpo prints (first line) |\n"
+        "|---|---|---|---|---|---|\n"
+    )
+    path.write_text(header + "\n".join(rows) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bad_input_cases.md"))
+    parser.add_argument("--only", nargs="*", help="run the cases whose name contains one of these words")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="dmpo_cases_"))
+    try:
+        ctx = make_fixtures(base)
+        cases = [c for c in CASES if not args.only or any(w in c.name for w in args.only)]
+        for case in cases:
+            run_case(case, ctx)
+            print(
+                f"{case.name}: {case.out['status']} {'ok' if case.out['ok'] else 'UNEXPECTED'}: "
+                f"{shorten(case.out['line'], ctx)[:150]}",
+                flush=True,
+            )
+        if not args.only:
+            write_table(Path(args.out), ctx)
+        return 0 if all(c.out["ok"] for c in cases) else 1
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
