@@ -29,9 +29,7 @@ from pathlib import Path
 import numpy as np
 
 
-def read_curves(
-    path: Path, proxy: str | None = None
-) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
+def read_curves(path: Path, proxy: str | None = None) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """``{variant: {seed: (cost, accuracy)}}`` from the ``dynamic`` rows, sorted by cost.
 
     A CSV with a ``proxy`` column (several pre-train-then-tune proxies) needs ``proxy`` when it holds more

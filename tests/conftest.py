@@ -42,8 +42,6 @@ def _isolate(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
 
 
-
-
 @pytest.fixture
 def tiny_vit() -> torch.nn.Module:
     return make_tiny_vit().eval()

@@ -1000,9 +1000,7 @@ class DMPOModule(pl.LightningModule):
         kwargs["weights_only"] = weights_only
         try:
             with weights_from_checkpoint():
-                module = super().load_from_checkpoint(
-                    checkpoint_path, *args, **kwargs
-                )
+                module = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
             for key, value in override.items():
                 module.hparams[key] = value
             return module

@@ -114,6 +114,7 @@ def check_budget_range(
         out.append(float(b) * scale)
     return out
 
+
 QUOTA_TOLERANCE = 1e-9
 """``m_k = floor(n * pi_k(q) + QUOTA_TOLERANCE * max(1, n * pi_k(q) / 1e5))``.
 

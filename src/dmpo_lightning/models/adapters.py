@@ -156,7 +156,6 @@ class AdaptFormerBlock(nn.Module):
         x = x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))) + self.adapter(x)
         return x
 
-
     def _eva_forward(
         self, x: Tensor, rope: Tensor | None, attn_mask: Tensor | None, is_causal: bool
     ) -> Tensor:

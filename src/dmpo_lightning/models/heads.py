@@ -51,6 +51,7 @@ def register_predictor(name: str, *, options: Sequence[str]) -> Callable[[type[n
 
     return add
 
+
 _TRACE_EPS = 1e-5
 
 
