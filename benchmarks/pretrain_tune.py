@@ -1233,9 +1233,7 @@ def plot(path: Path, results: list[dict[str, Any]], variants: Sequence[str], tit
             ax.plot(100 * xs, 100 * ys, "-" if i < 10 else "--", **style)
     for b in MATCHED_COSTS:
         ax.axvline(100 * b, color="0.85", lw=0.8, zorder=0)
-    ax.set_xlabel(
-        "test cost, % of static_peft's full model FLOPs (thresholds from the calibration split)"
-    )
+    ax.set_xlabel("test cost, % of static_peft's full model FLOPs (thresholds from the calibration split)")
     ax.set_ylabel("test top-1 accuracy, %")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
