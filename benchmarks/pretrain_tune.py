@@ -77,6 +77,7 @@ from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
 from dmpo_lightning.data import BenchmarkDataModule
 from dmpo_lightning.data.fashion_mnist import find_fashion_mnist_files, load_fashion_mnist
 from dmpo_lightning.data.registry import DATASETS, resolve_root
+from dmpo_lightning.evaluation.calibration import ExitLogitsCollector
 from dmpo_lightning.models.backbone import resolve_exit_blocks
 from dmpo_lightning.optim import param_groups
 from dmpo_lightning.schedules import TwoPhaseSchedule
@@ -707,14 +708,24 @@ def run_job(
     fit_seconds = time.perf_counter() - fit_start
     counts = module.model.count_parameters()
     results = []
+    calibration = getattr(args, "calibration", "none")
     for rule, names in job.rules.items():
         module.hparams.exit_rule = rule
         module.hparams.report_dir = str(run_dir / f"test_{rule}")
+        set_calibration(module, "temperature" if calibration == "temperature" else "none")
         if bar is not None:
             bar.set_postfix_str(f"{job.name} seed {job.seed} test ({rule})")
         with contextlib.redirect_stdout(log):
             trainer.test(module, datamodule=dm, verbose=False)
         report = module.test_report
+        calibrated = None
+        if calibration == "both":  # the same trained weights, tested again with per-exit temperatures
+            module.hparams.report_dir = str(run_dir / f"test_{rule}_temperature")
+            set_calibration(module, "temperature")
+            with contextlib.redirect_stdout(log):
+                trainer.test(module, datamodule=dm, verbose=False)
+            calibrated = _calibration_result(module.test_report, module.hparams.report_dir)
+            set_calibration(module, "none")
         for name in names:
             results.append(
                 {
@@ -750,8 +761,83 @@ def run_job(
                     "module_kwargs": job.kwargs,
                 }
             )
+            if calibration != "none":  # today's results.json stays as it was without the option
+                plain = _calibration_result(report, str(run_dir / f"test_{rule}"))
+                results[-1]["calibration"] = (
+                    plain if calibrated is None else {"none": plain, "temperature": calibrated}
+                )
     (run_dir / "log.txt").write_text(log.getvalue())
     return results
+
+
+def set_calibration(module: DMPOModule, method: str) -> None:
+    """Switch a trained module's test-time ``calibration`` the way its constructor sets it up.
+
+    ``DMPOModule`` creates the logit collectors temperature scaling needs in ``__init__`` (only with
+    ``calibration: temperature``); changing the hyperparameter alone would test without temperatures.
+    """
+    module.hparams.calibration = method
+    names = ("test_logits", "calibration_logits")
+    for name in names:
+        if method == "temperature" and name not in module.test_collectors:
+            module.test_collectors[name] = ExitLogitsCollector().to(module.device)
+        elif method != "temperature" and name in module.test_collectors:
+            del module.test_collectors[name]
+
+
+def _calibration_result(report: dict[str, Any], report_dir: str) -> dict[str, Any]:
+    """Budgets, test curve, per-exit top-1 and (with temperatures) ECE of one ``dmpo test`` report."""
+    cal = report.get("calibration") or {"method": "none"}
+    return {
+        "method": cal.get("method", "none"),
+        "report_dir": report_dir,
+        "budgets": {f"{b['budget']:g}": b["test_accuracy"] for b in report["budgets"]},
+        "budget_cost_fraction": {f"{b['budget']:g}": b["test_cost_fraction"] for b in report["budgets"]},
+        "curve": None
+        if report["curve"] is None
+        else {
+            "q": report["curve"]["qs"],
+            "test_cost_fraction": report["curve"]["test_cost_fraction"],
+            "test_accuracy": report["curve"]["test_accuracy"],
+        },
+        "exit_top1": [e["top1"] for e in report["exits"]],
+        "temperatures": cal.get("temperatures"),
+        "ece_before": cal.get("ece_before"),
+        "ece_after": cal.get("ece_after"),
+    }
+
+
+def calibration_table(results: list[dict[str, Any]]) -> str:
+    """Markdown: per run, top-1 at each budget and matched cost without and with temperatures, and ECE."""
+    lines = []
+    for r in results:
+        cal = r.get("calibration")
+        if not cal or "temperature" not in cal:
+            continue
+        none, temp = cal["none"], cal["temperature"]
+        lines += [
+            f"### {r['proxy']} {r['variant']} seed {r['seed']} ({r['exit_rule']})",
+            "",
+            "| | "
+            + " | ".join(f"budget {b}" for b in none["budgets"])
+            + " | "
+            + " | ".join(f"cost {c:g}" for c in MATCHED_COSTS)
+            + " |",
+            "|---" * (1 + len(none["budgets"]) + len(MATCHED_COSTS)) + "|",
+        ]
+        for name, res in (("none", none), ("temperature", temp)):
+            at = [accuracy_at_cost(res, c) for c in MATCHED_COSTS]
+            cells = [
+                f"{100 * res['budgets'][b]:.2f} ({100 * res['budget_cost_fraction'][b]:.1f} %)"
+                for b in none["budgets"]
+            ] + ["—" if a is None else f"{100 * a:.2f}" for a in at]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "| exit | T | ECE before | ECE after |", "|---|---|---|---|"]
+        rows = zip(temp["temperatures"], temp["ece_before"], temp["ece_after"], strict=True)
+        for k, (t, b, a) in enumerate(rows):
+            lines.append(f"| {k + 1} | {t:.3f} | {100 * b:.2f} % | {100 * a:.2f} % |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -1410,6 +1496,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "several times slower; try 2 on an idle 2-core machine; 0 = torch's default)",
     )
     p.add_argument("--progress", action="store_true", help="show Lightning's per-run progress bars")
+    p.add_argument(
+        "--calibration",
+        choices=("none", "temperature", "both"),
+        default="none",
+        help="test-time calibration of every run (default none); both: test each trained model twice, "
+        "without and with per-exit temperatures, and write calibration.md",
+    )
     return p.parse_args(argv)
 
 
@@ -1538,6 +1631,10 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     payload["total_seconds"] = time.perf_counter() - started
     payload["environment"]["load_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     _write_json(out / "results.json", payload)
+    if args.calibration == "both":
+        text = calibration_table(results)
+        (out / "calibration.md").write_text(text)
+        print(text)
     return write_summary(payload, out, quick=args.quick)
 
 

@@ -233,3 +233,27 @@ def test_compare_curves_never_mixes_proxies(tmp_path):
         cc.read_curves(path)
     cost, acc = cc.read_curves(path, "coarse-to-fine")["dmpo"][0]
     assert list(acc) == [0.7, 0.7] and list(cost) == [0.3, 1.0]
+
+
+@pytest.mark.slow
+def test_calibration_both_tests_the_same_model_without_and_with_temperatures(tmp_path):
+    bench = _load_benchmark()
+    out = tmp_path / "out"
+    args = [*SMALL, "--cache-dir", str(tmp_path / "cache"), "--proxy", "coarse-to-fine", "--seeds", "1"]
+    payload = bench.main([*args, "--variants", "dmpo", "--calibration", "both", "--output", str(out)])
+    (run,) = payload["results"]
+    none, temp = run["calibration"]["none"], run["calibration"]["temperature"]
+    assert none["report_dir"] != temp["report_dir"]
+    # the plain run is the one the tables use; the second one really fitted a temperature per exit
+    assert none["method"] == "none" and none["budgets"] == run["budgets"]
+    plain = json.loads((Path(none["report_dir"]) / "report.json").read_text())
+    scaled = json.loads((Path(temp["report_dir"]) / "report.json").read_text())
+    assert plain["calibration"] == {"method": "none"}
+    k = len(run["exits"])
+    assert scaled["calibration"]["method"] == "temperature"
+    assert len(scaled["calibration"]["temperatures"]) == k
+    assert len(temp["ece_before"]) == len(temp["ece_after"]) == k
+    # same weights: the per-exit top-1 of the argmax does not depend on a temperature
+    assert temp["exit_top1"] == none["exit_top1"]
+    table = (out / "calibration.md").read_text()
+    assert "| none |" in table and "| temperature |" in table and table.count("| 1 |") == 1
