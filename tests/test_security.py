@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from support.builders import TINY_VIT_KWARGS
+from support.fakes import write_cifar
 
 from dmpo_lightning import DMPOModule, __version__
 from dmpo_lightning.cli import main
@@ -137,6 +138,15 @@ def test_from_trainable_refuses_a_crafted_pt(tmp_path, marker, kind):
     with pytest.raises(ValueError, match=r"was not loaded: it is a pickle holding Python objects") as err:
         DMPOModule.from_trainable(str(path))
     assert "GLOBAL io.open" in str(err.value) and "allow_pickle=True" in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["export", "checkpoint", "pickle"])
+def test_from_trainable_refuses_a_crafted_pt_even_with_the_opt_in(tmp_path, marker, kind):
+    path = torch_file(tmp_path / "adapter.pt", marker, kind)
+    with pytest.raises(ValueError, match=r"was not loaded, even with allow_pickle=True") as err:
+        DMPOModule.from_trainable(str(path), allow_pickle=True)
+    assert "GLOBAL io.open" in str(err.value) and "nothing in the file was executed" in str(err.value)
     assert not marker.exists()
 
 
@@ -289,8 +299,7 @@ def test_opt_in_loads_an_old_pickle_export_and_warns(tmp_path):
     with pytest.raises(ValueError, match=r"pickle holding Python objects .*PurePosixPath.*allow_pickle=True"):
         DMPOModule.from_trainable(str(path))
     torch.manual_seed(1)
-    unsafe = r"allow_pickle=True: unpickling .*old\.pt without restrictions"
-    with pytest.warns(UnsafeLoadWarning, match=unsafe):
+    with pytest.warns(UserWarning, match=r"old\.pt is an old pickle-based dmpo export; re-export it"):
         restored = DMPOModule.from_trainable(str(path), allow_pickle=True)
     assert restored.hparams.report_dir == PurePosixPath(tmp_path / "r")
     assert_same_outputs(module, restored)
@@ -398,15 +407,26 @@ def _weights_only_calls(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def test_no_unrestricted_torch_load_outside_the_documented_opt_in():
-    """Every ``weights_only`` other than True in src/ and benchmarks/ is one of the two documented opt-ins."""
+    """Each ``weights_only`` other than True in src and benchmarks is load_from_checkpoint passing it on."""
     found = [
         f"{path.relative_to(ROOT)}:{line} in {function}"
         for folder in ("src", "benchmarks")
         for path in sorted((ROOT / folder).rglob("*.py"))
         for line, function in _weights_only_calls(ast.parse(path.read_text(), filename=str(path)))
     ]
-    # from_trainable(allow_pickle=True) -> _unrestricted_torch_load; load_from_checkpoint forwards its
-    # argument (True unless the caller passes weights_only=False)
-    allowed = {"_unrestricted_torch_load", "load_from_checkpoint"}
-    assert [f for f in found if f.rsplit(" in ", 1)[1] not in allowed] == []
-    assert any(f.endswith(" in _unrestricted_torch_load") for f in found)
+    # load_from_checkpoint forwards its argument (True unless the caller passes weights_only=False
+    # to it explicitly, as with torch.load itself); no loader of the package unpickles without restrictions
+    assert [f for f in found if f.rsplit(" in ", 1)[1] != "load_from_checkpoint"] == []
+
+
+# ------------------------------------------------------------------------------------------ CIFAR batch files
+def test_a_crafted_cifar_batch_is_refused_without_running_code(tmp_path, marker):
+    from dmpo_lightning.data.formats import load_cifar
+
+    write_cifar(tmp_path, "cifar10")
+    splits = load_cifar(tmp_path, "cifar10")  # the genuine layout (numpy arrays, lists, strings) still loads
+    assert len(splits.test) == 4
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps(Payload(marker), protocol=2))
+    with pytest.raises(ValueError, match=r"data_batch_3 was not loaded: global .*open is not allowed"):
+        load_cifar(tmp_path, "cifar10")
+    assert not marker.exists()

@@ -939,10 +939,10 @@ class DMPOModule(pl.LightningModule):
 
         Args:
             path: The export.
-            allow_pickle: Opt-in for old ``.pt`` exports that ``weights_only=True`` refuses: unpickle them
-                without restrictions, with an :class:`~dmpo_lightning.serialization.UnsafeLoadWarning`. A
-                pickle can run arbitrary code when loaded; use this only for files you made or trust, and
-                re-export them to ``.safetensors``.
+            allow_pickle: Opt-in for old ``.pt`` exports that ``weights_only=True`` refuses because their
+                hyper-parameters hold ``pathlib`` paths: rebuild those too, still with torch's restricted
+                unpickler (nothing in the file is executed; any other object is refused). Warns that the
+                format is old; re-export such files to ``.safetensors``.
             **overrides: Hyper-parameters that replace the saved ones.
 
         Raises:

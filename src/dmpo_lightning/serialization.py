@@ -9,8 +9,9 @@ module keeps every file the package loads on the safe side of that line (``docs/
 - Lightning checkpoints (``.ckpt``) are read with ``torch.load(..., weights_only=True)``, which only rebuilds
   tensors and plain containers/values and refuses any other object;
 - old pickle-based exports (format ``dmpo-trainable-v1``) load with ``weights_only=True`` when they hold only
-  tensors and plain values; anything else needs the explicit opt-in ``allow_pickle=True``, which warns with
-  :class:`UnsafeLoadWarning`.
+  tensors and plain values; the opt-in ``allow_pickle=True`` also rebuilds the ``pathlib`` paths such exports
+  stored in their hyper-parameters (still torch's restricted unpickler, with exactly those classes allowed:
+  nothing in the file is executed), and anything else is refused, naming what the file asked for.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 import pickle
 import struct
 import warnings
@@ -158,13 +160,15 @@ def read_trainable(
 
     Args:
         path: The export.
-        allow_pickle: Only for old pickle-based exports that ``weights_only=True`` refuses: unpickle them
-            without restrictions (warns with :class:`UnsafeLoadWarning`). This runs any code the file holds;
-            use it only for a file you made yourself or whose source you trust.
+        allow_pickle: Only for old pickle-based exports that ``weights_only=True`` refuses: also rebuild the
+            ``pathlib`` paths (:data:`LEGACY_SAFE_GLOBALS`) they stored, with torch's restricted unpickler;
+            nothing in the file is executed, and any other object is still refused. Warns that the format is
+            old.
 
     Raises:
         ValueError: Corrupt or truncated file, not a dmpo export, a format version newer than this package
-            reads, or a pickle holding objects beyond tensors and plain values (without ``allow_pickle``).
+            reads, or a pickle holding objects beyond tensors and plain values (and, with
+            ``allow_pickle``, the paths of :data:`LEGACY_SAFE_GLOBALS`).
     """
     kind = _sniff(path)
     if kind == "safetensors":
@@ -246,17 +250,18 @@ def _read_legacy(path: str, *, allow_pickle: bool) -> tuple[dict[str, Any], dict
             raise ValueError(
                 f"{path} was not loaded: it is a pickle holding Python objects other than tensors and "
                 f"plain values ({weights_only_refusal(err)}), and unpickling such a file can run arbitrary "
-                "code. It may be an old pickle-based dmpo export or a crafted file. Only if you made it "
-                "yourself or trust its source: DMPOModule.from_trainable(path, allow_pickle=True), then "
-                "re-export it with export_trainable('<name>.safetensors')"
+                "code. It may be an old pickle-based dmpo export or a crafted file. An old export whose "
+                "hyper-parameters hold pathlib paths loads with DMPOModule.from_trainable(path, "
+                "allow_pickle=True) (still restricted: nothing in the file is executed); then re-export it "
+                "with export_trainable('<name>.safetensors')"
             ) from None
+        payload = _legacy_torch_load(path)
         warnings.warn(
-            f"allow_pickle=True: unpickling {path} without restrictions; this runs any code the file holds. "
-            "Re-export it with export_trainable('<name>.safetensors') to drop the pickle.",
-            UnsafeLoadWarning,
+            f"{path} is an old pickle-based dmpo export; re-export it with "
+            "export_trainable('<name>.safetensors') so that it loads without allow_pickle",
+            UserWarning,
             stacklevel=4,  # the caller of DMPOModule.from_trainable
         )
-        payload = _unrestricted_torch_load(path)
     except Exception as err:
         raise ValueError(f"{path} is not a readable dmpo export ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or payload.get("format") != LEGACY_TRAINABLE_FORMAT:
@@ -270,9 +275,31 @@ def _read_legacy(path: str, *, allow_pickle: bool) -> tuple[dict[str, Any], dict
     return dict(hparams), dict(state)
 
 
-def _unrestricted_torch_load(path: str) -> Any:
-    """The documented opt-in (``from_trainable(..., allow_pickle=True)``): a plain, code-running unpickle."""
+LEGACY_SAFE_GLOBALS: tuple[type, ...] = (
+    pathlib.PurePath,
+    pathlib.PurePosixPath,
+    pathlib.PureWindowsPath,
+    pathlib.Path,
+    pathlib.PosixPath,
+    pathlib.WindowsPath,
+)
+"""The classes beyond tensors and plain values that ``allow_pickle=True`` lets an old export rebuild."""
+
+
+def _legacy_torch_load(path: str) -> Any:
+    """``allow_pickle=True``: torch's restricted unpickler with :data:`LEGACY_SAFE_GLOBALS` allowed.
+
+    Nothing the file names is executed; a pickle that asks for any other global is refused.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(list(LEGACY_SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} was not loaded, even with allow_pickle=True: it holds Python objects beyond tensors, "
+            f"plain values and pathlib paths ({weights_only_refusal(err)}); unpickling them could run "
+            "arbitrary code, so nothing in the file was executed. If you made the file yourself, load it in "
+            "a process you trust with torch.load and save its tensors and plain hyper-parameters again"
+        ) from None
     except Exception as err:
         raise ValueError(f"{path} is not a readable dmpo export ({type(err).__name__}: {err})") from err

@@ -64,8 +64,8 @@ def _require(base: Path, names: Sequence[str], what: str, root: Path) -> None:
 def load_cifar(root: str | Path, name: str) -> DatasetSplits:
     """Read CIFAR-10 or CIFAR-100 from torchvision's python-pickle files (no checksum is verified).
 
-    The batch files are Python pickles, unpickled as torchvision does: a crafted file runs code. Only point
-    ``root`` at CIFAR downloaded from its official archive (``download=True``) or a copy you trust.
+    The batch files are Python pickles; they are read with a restricted unpickler that rebuilds only plain
+    values and numpy arrays, so a crafted file is refused instead of running code.
 
     Args:
         root: Folder holding ``cifar-10-batches-py`` / ``cifar-100-python`` (or that folder itself).
@@ -76,7 +76,8 @@ def load_cifar(root: str | Path, name: str) -> DatasetSplits:
 
     Raises:
         DatasetLayoutError: If a batch file is missing.
-        ValueError: If a batch does not hold ``[N, 3072]`` uint8 data with ``N`` labels.
+        ValueError: If a batch does not hold ``[N, 3072]`` uint8 data with ``N`` labels, or names any Python
+            object other than plain values and numpy arrays.
     """
     layout = CIFAR_LAYOUTS[name]
     root = Path(root)
@@ -107,12 +108,43 @@ def load_cifar(root: str | Path, name: str) -> DatasetSplits:
     return DatasetSplits(read(layout["train"]), read(layout["test"]))
 
 
+# What CIFAR's python batch files need beyond plain values: numpy arrays (rebuilt from bytes, nothing called
+# that the file chooses). Under numpy 2, ``numpy.core`` names resolve to ``numpy._core``.
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain values and numpy arrays only; any other global the file names is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch file")
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
-    # CIFAR's python version *is* a set of pickles (torchvision reads them the same way), so these files are
-    # unpickled without restrictions and can run code: only use CIFAR folders from the official archive or
-    # your own download (docs/security.md).
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    # CIFAR's python version *is* a set of pickles. They are read with a restricted unpickler (plain values
+    # and numpy arrays), so a crafted file cannot run code (docs/security.md).
+    try:
+        with open(path, "rb") as f:
+            data = _CifarUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} was not loaded: {err}; a CIFAR python batch holds only plain values and numpy arrays, "
+            "so this file is corrupt or crafted (nothing in it was executed)"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a CIFAR batch (a dict), got {type(data).__name__}")
+    return data
 
 
 def load_cub200(root: str | Path) -> DatasetSplits:
