@@ -1,5 +1,4 @@
-"""Typed option groups, each declared once and shared by the module, the model, the PEFT methods and the
-evaluator.
+"""Typed option groups, each declared once and shared by the module, the model, PEFT and the evaluator.
 
 A group is a frozen dataclass of plain values. ``DMPOModule`` takes one argument per group (``peft``,
 ``exits``, ``schedule``, ``evaluation``), so jsonargparse/LightningCLI shows ``--help`` for every field
@@ -14,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-__all__ = ["OptionGroup"]
+__all__ = ["LEGACY_FLAT_OPTIONS", "OptionGroup", "group_legacy_hparams"]
 
 _G = TypeVar("_G", bound="OptionGroup")
 
@@ -41,7 +40,8 @@ class OptionGroup:
             unknown = sorted(str(k) for k in value if k not in allowed)
             if unknown:
                 raise ValueError(
-                    f"{label} has no option {', '.join(map(repr, unknown))}; its options are {', '.join(allowed)}"
+                    f"{label} has no option {', '.join(map(repr, unknown))}; "
+                    f"its options are {', '.join(allowed)}"
                 )
             return cls(**dict(value))
         raise TypeError(
@@ -59,3 +59,32 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+LEGACY_FLAT_OPTIONS: dict[str, tuple[str, str]] = {}
+"""Flat hyperparameter names of checkpoints written before the option groups: ``old name -> (group, field)``.
+
+Each group's module adds its own entries next to the group's definition.
+"""
+
+
+def group_legacy_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """``hparams`` with every flat legacy name moved into its group (for old checkpoints).
+
+    Raises:
+        ValueError: A legacy flat name and its group both set the same field to different values.
+    """
+    out = dict(hparams)
+    for old, (group, field) in LEGACY_FLAT_OPTIONS.items():
+        if old not in out or (old == group and isinstance(out[old], Mapping)):
+            continue
+        value = out.pop(old)
+        grouped = dict(out.get(group) or {})
+        if field in grouped and grouped[field] != value:
+            raise ValueError(
+                f"hyperparameters set {old}={value!r} (old flat form) and "
+                f"{group}.{field}={grouped[field]!r}; keep one"
+            )
+        grouped[field] = value
+        out[group] = grouped
+    return out
