@@ -11,6 +11,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest
 import torch
 from support.builders import TINY_VIT_KWARGS, make_tiny_vit  # noqa: F401  (TINY_VIT_KWARGS: old imports)
+from support.fakes import isolate_torchvision_checksums
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,7 +29,7 @@ def accelerator(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Seed everything, run in a temporary folder and send every cache dir there.
+    """Seed everything, run in a temporary folder, send every cache dir there, isolate fake checksums.
 
     Tests use absolute paths for the project's files; anything a Trainer or data module writes relative to the
     working directory (runs/, calibration_indices.json) lands in tmp_path, never in the checkout.
@@ -40,6 +41,7 @@ def _isolate(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    isolate_torchvision_checksums(monkeypatch)  # fake Flowers-102 files enter their MD5 sums per test
 
 
 @pytest.fixture

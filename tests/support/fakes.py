@@ -7,6 +7,7 @@ stay aligned through the loaders.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import pickle
@@ -171,7 +172,32 @@ def write_food101(root: Path, num_classes: int = 3, per_class: int = 3) -> Path:
     return root
 
 
+def isolate_torchvision_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give this test its own copy of the MD5 table torchvision checks Flowers-102's ``.mat`` files against.
+
+    Fake files are not the official ones; :func:`write_flowers102` enters their MD5 sums in the copy, so
+    torchvision's check still runs (a fake edited after writing fails it) and nothing leaks into other tests.
+    Called for every test by ``conftest._isolate``.
+    """
+    from torchvision.datasets.flowers102 import Flowers102
+
+    monkeypatch.setattr(Flowers102, "_file_dict", dict(Flowers102._file_dict))
+
+
+def accept_as_official_flowers102(base: Path) -> None:
+    """Enter the MD5 sums of ``base/{imagelabels.mat, setid.mat}`` as the official ones (this test only)."""
+    from torchvision.datasets.flowers102 import Flowers102
+
+    for key, name in (("label", "imagelabels.mat"), ("setid", "setid.mat")):
+        Flowers102._file_dict[key] = (name, hashlib.md5((base / name).read_bytes()).hexdigest())
+
+
 def write_flowers102(root: Path, n_images: int = 12) -> Path:
+    """Flowers-102 in torchvision's layout, its ``.mat`` checksums accepted for this test.
+
+    Image ``i`` has label ``(i - 1) % 3`` (0-based); ``trnid`` = images 1, 4, 7, ...,
+    ``valid`` = 2, 5, 8, ..., ``tstid`` = 3, 6, 9, ...
+    """
     savemat = pytest.importorskip("scipy.io").savemat
     base = root / "flowers-102"
     labels = np.array([i % 3 + 1 for i in range(n_images)], dtype=np.uint8)  # 1-based, as the real file
@@ -183,6 +209,7 @@ def write_flowers102(root: Path, n_images: int = 12) -> Path:
         base / "setid.mat",
         {"trnid": ids[0::3][None, :], "valid": ids[1::3][None, :], "tstid": ids[2::3][None, :]},
     )
+    accept_as_official_flowers102(base)
     return root
 
 

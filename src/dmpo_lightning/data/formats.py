@@ -1,8 +1,15 @@
 """Readers of the on-disk formats users have.
 
-CIFAR pickles, CUB-200-2011, Flowers102, Food-101, Stanford Cars, ImageNet and generic class-folder trees.
-Food-101 and Stanford Cars are indexed by ``torchvision.datasets`` (its errors become ours); the images are
-then read by :class:`ImageListDataset` like every other file-based split.
+Food-101, Flowers-102 and Stanford Cars are indexed by ``torchvision.datasets`` (its errors become ours);
+the images are then read by :class:`ImageListDataset` like every other file-based split. The readers kept
+here cover what torchvision does not read the way we need:
+
+- CIFAR-10/100 python batches: torchvision unpickles them with plain ``pickle.load`` once their MD5 sums
+  match the official release; ours uses a restricted unpickler instead (see :func:`load_cifar`).
+- CUB-200-2011 (not in torchvision).
+- The ImageNet train/val class-folder layout and generic class-folder trees: every split is labelled by
+  the training split's class folders (torchvision's ``ImageNet`` needs the devkit archive, and
+  ``ImageFolder`` labels each split by its own folders).
 
 Each reader checks the layout first and raises :class:`DatasetLayoutError` naming the files or folders
 it expected, and where. None of them downloads anything; the DataModule's ``prepare_data`` does.
@@ -11,7 +18,7 @@ it expected, and where. None of them downloads anything; the DataModule's ``prep
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +73,15 @@ def load_cifar(root: str | Path, name: str) -> DatasetSplits:
 
     The batch files are Python pickles; they are read with a restricted unpickler that rebuilds only plain
     values and numpy arrays, so a crafted file is refused instead of running code.
+
+    Why not ``torchvision.datasets.CIFAR10/100``: torchvision checks every batch file against the MD5 sum
+    of the official release and then reads it with plain ``pickle.load``, which runs whatever code the
+    file names. The check refuses a crafted file, but only because of the order of two steps inside
+    torchvision's ``__init__`` (check, then re-open and unpickle), and the unpickling cannot be replaced
+    without copying that ``__init__`` (it calls ``pickle.load`` inline, for the batches and for the meta
+    file). Reading the batches ourselves keeps the protection in the unpickler itself, accepts
+    re-packaged but well-formed batches, and checks their shapes with a clear message.
+    (``download=True`` still uses torchvision, which verifies the archive's MD5.)
 
     Args:
         root: Folder holding ``cifar-10-batches-py`` / ``cifar-100-python`` (or that folder itself).
@@ -199,46 +215,69 @@ def _read_id_table(path: Path) -> dict[int, str]:
     return table
 
 
-def _loadmat(path: Path) -> dict[str, Any]:
-    """``scipy.io.loadmat(path, squeeze_me=True)``; scipy is imported lazily, only for .mat datasets."""
+def _require_scipy(what: str) -> None:
+    """Raise our ImportError if scipy (which torchvision needs for the .mat label files) is missing."""
     try:
-        from scipy.io import loadmat
+        import scipy.io  # noqa: F401
     except ImportError as error:
         raise ImportError(
-            f"reading {path.name} (MATLAB .mat labels of flowers102 / stanford_cars) needs scipy, which is "
-            "not installed: pip install scipy"
+            f"reading {what} (MATLAB .mat labels) needs scipy, which is not installed: pip install scipy"
         ) from error
-    return loadmat(path, squeeze_me=True)
+
+
+FLOWERS102_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 
 
 def load_flowers102(root: str | Path) -> DatasetSplits:
-    """Read Oxford Flowers-102 in torchvision's layout: root/flowers-102/{jpg/, imagelabels.mat, setid.mat}.
+    """Read Oxford Flowers-102 with ``torchvision.datasets.Flowers102`` (needs scipy).
 
-    Needs scipy. Train, validation and test follow ``setid.mat`` (``trnid``, ``valid``, ``tstid``).
+    Layout: ``root/flowers-102/{jpg/image_00001.jpg ..., imagelabels.mat, setid.mat}``. Train, validation
+    and test follow ``setid.mat`` (``trnid``, ``valid``, ``tstid``) in its order. torchvision checks the
+    two ``.mat`` files against the MD5 sums of the official release, so a corrupt or edited one is refused.
 
     Args:
         root: Folder holding ``flowers-102`` (or that folder itself).
 
     Returns:
-        Train, test and validation splits; labels are 0-based.
+        Train, test and validation splits; labels are 0-based, class names are torchvision's.
 
     Raises:
-        DatasetLayoutError: If a file is missing.
+        DatasetLayoutError: If a file is missing, or a ``.mat`` file is not the official one.
         ImportError: If scipy is not installed.
     """
     root = Path(root)
-    base = _find_base(root, "flowers-102", "imagelabels.mat")
+    parent = _torchvision_base(root, "flowers-102", "imagelabels.mat", "Flowers102")
+    base = parent / "flowers-102"
     _require(base, ["jpg", "imagelabels.mat", "setid.mat"], "Flowers102", root)
-    labels = np.atleast_1d(_loadmat(base / "imagelabels.mat")["labels"]).astype(np.int64)
-    set_ids = _loadmat(base / "setid.mat")
+    _require_scipy("Flowers102")
+    layout = "root/flowers-102/{jpg/image_00001.jpg ..., imagelabels.mat, setid.mat}"
 
-    def split(key: str) -> ImageListDataset:
-        ids = np.atleast_1d(set_ids[key]).astype(np.int64)
-        return ImageListDataset(
-            [base / "jpg" / f"image_{i:05d}.jpg" for i in ids], [int(labels[i - 1]) - 1 for i in ids]
+    def split(name: str) -> ImageListDataset:
+        # every file is there (checked above), so torchvision's "not found or corrupted" means its MD5 check
+        tv = _torchvision_split(
+            "Flowers102", parent, name, "Flowers102", layout, lambda: _flowers102_checksum_message(base)
         )
+        return ImageListDataset(list(tv._image_files), list(tv._labels), getattr(tv, "classes", None))
 
-    return DatasetSplits(split("trnid"), split("tstid"), split("valid"))
+    return DatasetSplits(split("train"), split("test"), split("val"))
+
+
+def _flowers102_checksum_message(base: Path) -> str:
+    """Which of Flowers-102's ``.mat`` files fails torchvision's MD5 check, and what to do."""
+    from torchvision.datasets.flowers102 import Flowers102
+    from torchvision.datasets.utils import check_integrity
+
+    md5 = dict(getattr(Flowers102, "_file_dict", {}).values())  # file name -> MD5 of the official file
+    bad = [
+        n for n in ("imagelabels.mat", "setid.mat") if n in md5 and not check_integrity(str(base / n), md5[n])
+    ]
+    files = " and ".join(bad) or "imagelabels.mat or setid.mat"
+    verb, pronoun = ("do", "they are") if len(bad) > 1 else ("does", "it is")
+    return (
+        f"Flowers102 under {base}: {files} {verb} not match the official release (torchvision checks the "
+        f"MD5 sums of imagelabels.mat and setid.mat), so {pronoun} corrupt or edited; download "
+        f"{'them' if len(bad) > 1 else 'it'} again from {FLOWERS102_URL} or set download=true"
+    )
 
 
 def _torchvision_base(root: Path, folder: str, marker: str, what: str) -> Path:
@@ -252,17 +291,26 @@ def _torchvision_base(root: Path, folder: str, marker: str, what: str) -> Path:
     return base.parent
 
 
-def _torchvision_split(cls_name: str, parent: Path, split: str, what: str, layout: str) -> Any:
-    """``torchvision.datasets.<cls_name>(parent, split=split)``, its errors turned into ours."""
+def _torchvision_split(
+    cls_name: str,
+    parent: Path,
+    split: str,
+    what: str,
+    layout: str,
+    corrupted: Callable[[], str] | None = None,
+) -> Any:
+    """``torchvision.datasets.<cls_name>(parent, split=split)``, its errors turned into ours.
+
+    torchvision raises ``RuntimeError`` for files it does not find or whose checksum differs; with every file
+    already checked present, ``corrupted()`` (if given) words the checksum case.
+    """
     import torchvision.datasets as tvd
 
     try:
         return getattr(tvd, cls_name)(str(parent), split=split, download=False)
     except RuntimeError as err:
-        if "scipy" in str(err).lower():
-            raise ImportError(
-                f"reading {what} (MATLAB .mat labels) needs scipy, which is not installed: pip install scipy"
-            ) from err
+        if corrupted is not None:
+            raise DatasetLayoutError(corrupted()) from err
         raise DatasetLayoutError(
             f"{what} not found under root={str(parent)!r}: expected {layout} (torchvision: {err})"
         ) from err
@@ -331,6 +379,7 @@ def load_stanford_cars(root: str | Path) -> DatasetSplits:
         "cars_test",
     ]
     _require(parent / "stanford_cars", names, "Stanford Cars", root)
+    _require_scipy("Stanford Cars")
     layout = "root/stanford_cars/{devkit/, cars_train/, cars_test_annos_withlabels.mat, cars_test/}"
 
     def split(name: str) -> ImageListDataset:
