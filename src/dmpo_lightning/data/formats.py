@@ -33,23 +33,24 @@ from dmpo_lightning.data.datasets import (
 )
 from dmpo_lightning.data.errors import DatasetLayoutError
 
-CIFAR_LAYOUTS: dict[str, dict[str, Any]] = {
-    "cifar10": {
-        "folder": "cifar-10-batches-py",
-        "train": [f"data_batch_{i}" for i in range(1, 6)],
-        "test": ["test_batch"],
-        "meta": ("batches.meta", "label_names"),
-        "label_key": "labels",
-    },
-    "cifar100": {
-        "folder": "cifar-100-python",
-        "train": ["train"],
-        "test": ["test"],
-        "meta": ("meta", "fine_label_names"),
-        "label_key": "fine_labels",
-    },
-}
-"""torchvision's CIFAR python-pickle layouts (``root/<folder>/<batch files>``)."""
+
+def cifar_layout(name: str) -> dict[str, Any]:
+    """The files of ``name`` (``"cifar10"`` or ``"cifar100"``) as torchvision downloads them.
+
+    The names come from ``torchvision.datasets.CIFAR10/100`` (``base_folder``, ``train_list``,
+    ``test_list``, ``meta``), so what ``download=True`` fetches is what is read; only the reading is ours
+    (see :func:`load_cifar`).
+    """
+    from torchvision.datasets.cifar import CIFAR10, CIFAR100
+
+    tv = {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
+    return {
+        "folder": tv.base_folder,
+        "train": [file for file, _md5 in tv.train_list],
+        "test": [file for file, _md5 in tv.test_list],
+        "meta": (tv.meta["filename"], tv.meta["key"]),
+        "label_key": "labels" if name == "cifar10" else "fine_labels",
+    }
 
 
 def _find_base(root: Path, folder: str, marker: str) -> Path:
@@ -95,7 +96,7 @@ def load_cifar(root: str | Path, name: str) -> DatasetSplits:
         ValueError: If a batch does not hold ``[N, 3072]`` uint8 data with ``N`` labels, or names any Python
             object other than plain values and numpy arrays.
     """
-    layout = CIFAR_LAYOUTS[name]
+    layout = cifar_layout(name)
     root = Path(root)
     base = _find_base(root, layout["folder"], layout["test"][0])
     _require(base, layout["train"] + layout["test"], name, root)
