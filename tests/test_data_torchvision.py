@@ -155,7 +155,7 @@ def test_flowers102_mat_file_that_is_not_the_official_one_is_named(tmp_path: Pat
         DatasetLayoutError,
         match=rf"Flowers102 under .*flowers-102: {edited} does not match the official release "
         r"\(torchvision checks the MD5 sums.*download it again from https://www\.robots\.ox\.ac\.uk/.* "
-        r"or set download=true",
+        r"\(download=true makes torchvision replace it there\)",
     ):
         formats.load_flowers102(tmp_path)
 

@@ -273,11 +273,11 @@ def _flowers102_checksum_message(base: Path) -> str:
         n for n in ("imagelabels.mat", "setid.mat") if n in md5 and not check_integrity(str(base / n), md5[n])
     ]
     files = " and ".join(bad) or "imagelabels.mat or setid.mat"
-    verb, pronoun = ("do", "they are") if len(bad) > 1 else ("does", "it is")
+    verb, pronoun, them = ("do", "they are", "them") if len(bad) > 1 else ("does", "it is", "it")
     return (
         f"Flowers102 under {base}: {files} {verb} not match the official release (torchvision checks the "
-        f"MD5 sums of imagelabels.mat and setid.mat), so {pronoun} corrupt or edited; download "
-        f"{'them' if len(bad) > 1 else 'it'} again from {FLOWERS102_URL} or set download=true"
+        f"MD5 sums of imagelabels.mat and setid.mat), so {pronoun} corrupt or edited; download {them} again "
+        f"from {FLOWERS102_URL} (download=true makes torchvision replace {them} there)"
     )
 
 
