@@ -795,3 +795,7 @@ def console_main() -> None:
         sys.stderr.write(f"(--debug or {DEBUG_ENV}=1 shows the traceback)\n")
         # a broken image met during the run is a data error, not a usage error: status 1
         raise SystemExit(1 if isinstance(err, UnreadableImageError) else 2) from None
+
+
+if __name__ == "__main__":  # python -m dmpo_lightning.cli, the same as python -m dmpo_lightning
+    console_main()
