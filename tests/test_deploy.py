@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dmpo_lightning.checkpointing import checkpoint_hash
 from dmpo_lightning.deploy.build import build_model, model_options
 from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT, export_artefact
 from dmpo_lightning.deploy.format import MANIFEST_FILE, WEIGHTS_FILE, ArtefactError, file_sha256
@@ -336,7 +337,7 @@ def test_build_model_rebuilds_the_modules_network():
 def test_thresholds_hashed_from_in_memory_weights_are_matched_against_the_checkpoint(tmp_path):
     r = make_run(tmp_path)
     th = json.loads(r["thresholds"].read_text())
-    th["checkpoint_hash"] = r["module"]._checkpoint_hash()  # `dmpo test` without a checkpoint file
+    th["checkpoint_hash"] = checkpoint_hash(r["module"].model, None)  # `dmpo test` without a checkpoint file
     assert th["checkpoint_hash"].startswith("weights:")
     r["thresholds"].write_text(json.dumps(th))
     out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))

@@ -6,15 +6,10 @@ https://arxiv.org/abs/2511.03245
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import hashlib
 import inspect
 import math
 import os
-import pickle
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -26,8 +21,16 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from dmpo_lightning.callbacks import EpochSeed, LossWeightScheduler
+from dmpo_lightning.checkpointing import (
+    check_architecture,
+    checkpoint_hash,
+    load_checkpoint_safely,
+    restoring_from_checkpoint,
+    weight_hashes,
+    weights_from_checkpoint,
+    weights_hash,
+)
 from dmpo_lightning.constants import (
-    ARCHITECTURE_KEYS,
     IMAGE_KEY,
     INDEX_KEY,
     LABEL_KEY,
@@ -52,33 +55,11 @@ from dmpo_lightning.models.multi_exit import EarlyExitOutput, ExitRule, HeadKind
 from dmpo_lightning.optim import default_optimizer, param_groups, warmup_cosine
 from dmpo_lightning.schedules import WeightSpec, preset_weights
 from dmpo_lightning.serialization import (
-    UnsafeLoadWarning,
     read_trainable,
-    weights_only_refusal,
     write_trainable,
 )
 
 __all__ = ["DMPOModule", "weights_from_checkpoint"]
-
-
-_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "dmpo_weights_from_checkpoint", default=False
-)
-
-
-@contextlib.contextmanager
-def weights_from_checkpoint() -> Iterator[None]:
-    """Modules built inside this context skip the backbone's pre-trained weights (no file, no download).
-
-    For rebuilding a module whose every weight is about to be loaded from its own Lightning checkpoint
-    (``load_from_checkpoint``, ``dmpo test --ckpt_path``): ``pretrained``/``checkpoint_path`` stay in the
-    hyperparameters, but the original weights file or the network is not needed.
-    """
-    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
-    try:
-        yield
-    finally:
-        _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
 
 class DMPOModule(pl.LightningModule):
@@ -280,7 +261,7 @@ class DMPOModule(pl.LightningModule):
     def build_model(self) -> MultiExitViT:
         """Build the pure model from ``self.hparams``. Override to change the backbone or heads."""
         h = self.hparams
-        restoring = _WEIGHTS_FROM_CHECKPOINT.get()  # the checkpoint holds the backbone's weights too
+        restoring = restoring_from_checkpoint()  # the checkpoint holds the backbone's weights too
         if not restoring and not h.pretrained and h.checkpoint_path is None and h.peft != "full":
             rank_zero_warn(
                 f"peft={h.peft!r} freezes the trunk of backbone {h.backbone!r}, but pretrained=false and no "
@@ -571,13 +552,13 @@ class DMPOModule(pl.LightningModule):
             budget_unit=self.hparams.budget_unit,
             exit_rule=self.hparams.exit_rule,
             hparams=dict(self.hparams),
-            checkpoint_hash=self._checkpoint_hash(),
+            checkpoint_hash=checkpoint_hash(self.model, self._ckpt_path()),
             report_dir=self._report_dir(),
             is_global_zero=self.trainer.is_global_zero,
             split_file=self._split_file(),
             anytime_metrics=anytime,
             fingerprint=self.model_fingerprint(),
-            weights_hash=self._weights_hash(),
+            weights_hash=weights_hash(self.model),
             temperature=temperature,
         )
         self.test_report = report
@@ -661,7 +642,7 @@ class DMPOModule(pl.LightningModule):
             self.model_fingerprint(),
             unit=h.budget_unit,
             num_exits=self.num_exits,
-            model_hashes=self._weight_hashes(),
+            model_hashes=weight_hashes(self.model, self._ckpt_path()),
             allow_other_checkpoint=bool(h.get("allow_other_checkpoint_thresholds", False)),
         )
         self.exit_thresholds.copy_(torch.tensor(thresholds, dtype=self.exit_thresholds.dtype))
@@ -819,27 +800,7 @@ class DMPOModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture with a message instead of a size mismatch."""
         saved = checkpoint.get("hyper_parameters", {})
-        mine = self.model_fingerprint()
-        for key in ARCHITECTURE_KEYS:
-            if key not in saved:
-                continue
-            theirs = saved[key]
-            ours = mine.get(key, self.hparams.get(key))
-            if key == "exit_blocks":
-                try:
-                    from dmpo_lightning.models.backbone import backbone_depth, resolve_exit_blocks
-
-                    theirs = list(
-                        resolve_exit_blocks(theirs, backbone_depth(self.model.backbone), require_last=False)
-                    )
-                except ValueError:
-                    pass
-            if theirs != ours:
-                raise ValueError(
-                    f"checkpoint was trained with {key}={theirs!r} but this model has {key}={ours!r}; "
-                    "use the checkpoint's own config (dmpo test --config <run>/config.yaml) or load it with "
-                    "DMPOModule.load_from_checkpoint(path)"
-                )
+        check_architecture(saved, self.model_fingerprint(), self.hparams, self.model.backbone)
         names = checkpoint.get("class_names")
         if isinstance(names, (list, tuple)) and len(names) == self.hparams.num_classes:
             self.class_names = [str(c) for c in names]
@@ -882,32 +843,8 @@ class DMPOModule(pl.LightningModule):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return getattr(dm, "calibration_indices_path", None)
 
-    def _checkpoint_hash(self) -> str:
-        """sha256 of the checkpoint file under test, or of the in-memory weights if none was given."""
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        digest = hashlib.sha256()
-        if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-            return f"file:{digest.hexdigest()}"
-        return self._weights_hash()
-
-    def _weights_hash(self) -> str:
-        """sha256 of the trained weights in memory (the same however they were loaded)."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.model.trainable_state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        return f"weights:{digest.hexdigest()}"
-
-    def _weight_hashes(self) -> list[str]:
-        """Every hash ``dmpo test`` may have stored for the current weights: in-memory and checkpoint file."""
-        hashes = [self._weights_hash()]
-        file_hash = self._checkpoint_hash()
-        if file_hash not in hashes:
-            hashes.append(file_hash)
-        return hashes
+    def _ckpt_path(self) -> str | None:
+        return getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
 
     # ----------------------------------------------------------------------------------------------
     def export_trainable(self, path: str, *, overwrite: bool = False) -> str:
@@ -980,34 +917,4 @@ class DMPOModule(pl.LightningModule):
         Raises:
             ValueError: If the checkpoint holds objects other than tensors and plain values.
         """
-        override: dict[str, Any] = {}
-        if args:
-            checkpoint_path, args = args[0], args[1:]
-            if "checkpoint_path" in kwargs:
-                override["checkpoint_path"] = kwargs.pop("checkpoint_path")
-        else:
-            checkpoint_path = kwargs.pop("checkpoint_path")
-        weights_only = kwargs.pop("weights_only", True)
-        if weights_only is None:
-            weights_only = True
-        if not weights_only:
-            warnings.warn(
-                f"weights_only=False: unpickling {checkpoint_path} without restrictions; this runs any code "
-                "the file holds. Only do this for checkpoints you made yourself or trust.",
-                UnsafeLoadWarning,
-                stacklevel=2,
-            )
-        kwargs["weights_only"] = weights_only
-        try:
-            with weights_from_checkpoint():
-                module = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-            for key, value in override.items():
-                module.hparams[key] = value
-            return module
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"checkpoint {checkpoint_path} was not loaded: it holds Python objects other than tensors "
-                f"and plain values ({weights_only_refusal(err)}), and unpickling it could run arbitrary "
-                "code. Checkpoints written by `dmpo fit` load with weights_only=True; only if you made this "
-                "file yourself or trust its source, pass weights_only=False"
-            ) from None
+        return load_checkpoint_safely(super().load_from_checkpoint, args, kwargs)  # type: ignore[no-any-return]

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from dmpo_lightning.checkpointing import weights_hash
 from dmpo_lightning.constants import MODEL_FINGERPRINT_KEYS, THRESHOLDS_FORMAT
 from dmpo_lightning.deploy.build import build_model, model_options
 from dmpo_lightning.deploy.format import (
@@ -115,17 +116,6 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{path} is not a DMPOModule checkpoint (no state_dict / hyper_parameters)")
     return ckpt
-
-
-def _weights_hash(model: torch.nn.Module) -> str:
-    """``DMPOModule._checkpoint_hash`` for in-memory weights (sha256 of the trained tensors as float32)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.trainable_state_dict().items()):  # type: ignore[operator]
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return f"weights:{digest.hexdigest()}"
 
 
 def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: Any) -> dict[str, Any]:
@@ -356,7 +346,7 @@ def export_artefact(
     except RuntimeError as err:
         raise ValueError(f"{ckpt_path} does not fit the model its hyper_parameters describe: {err}") from err
     model.eval()
-    actual = actual_file if wanted.startswith("file:") else _weights_hash(model)
+    actual = actual_file if wanted.startswith("file:") else weights_hash(model)
     if wanted != actual:
         raise ValueError(
             f"{thresholds} was calibrated on another checkpoint (checkpoint_hash {wanted[:17]}...) than "

@@ -1,0 +1,172 @@
+"""Checkpoint safety and identity for :class:`~dmpo_lightning.module.DMPOModule`, kept out of the module.
+
+- :func:`weights_from_checkpoint`: rebuild a module without its backbone's original weights (every weight
+  comes from the checkpoint about to be loaded);
+- :func:`load_checkpoint_safely`: Lightning's ``load_from_checkpoint`` with ``weights_only=True`` by default
+  and a one-sentence refusal of checkpoints that hold arbitrary objects;
+- :func:`check_architecture`: refuse a checkpoint of another architecture with a message instead of a
+  tensor-size mismatch;
+- :func:`weights_hash`, :func:`checkpoint_hash`, :func:`weight_hashes`: what ``dmpo test`` stores in
+  ``thresholds.json`` and what ``dmpo predict`` and the deployment artefact compare it with.
+
+The module's ``load_from_checkpoint``, ``on_load_checkpoint`` and ``export_trainable``/``from_trainable`` are
+thin delegations to this file and to :mod:`dmpo_lightning.serialization`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from dmpo_lightning.constants import ARCHITECTURE_KEYS
+from dmpo_lightning.serialization import UnsafeLoadWarning, weights_only_refusal
+
+__all__ = [
+    "check_architecture",
+    "checkpoint_hash",
+    "load_checkpoint_safely",
+    "restoring_from_checkpoint",
+    "weight_hashes",
+    "weights_from_checkpoint",
+    "weights_hash",
+]
+
+_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dmpo_weights_from_checkpoint", default=False
+)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Modules built inside this context skip the backbone's pre-trained weights (no file, no download).
+
+    For rebuilding a module whose every weight is about to be loaded from its own Lightning checkpoint
+    (``load_from_checkpoint``, ``dmpo test --ckpt_path``): ``pretrained``/``checkpoint_path`` stay in the
+    hyperparameters, but the original weights file or the network is not needed.
+    """
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
+
+def restoring_from_checkpoint() -> bool:
+    """Whether the caller runs inside :func:`weights_from_checkpoint`."""
+    return _WEIGHTS_FROM_CHECKPOINT.get()
+
+
+def load_checkpoint_safely(load: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """Run Lightning's ``load_from_checkpoint`` (``load``) safely, with the module's argument conventions.
+
+    - The checkpoint is read with ``weights_only=True`` unless the caller passes ``weights_only=False``
+      explicitly (warns: that unpickles without restrictions and can run code from the file).
+    - Inside :func:`weights_from_checkpoint`, so the backbone's original weights are not needed.
+    - With the checkpoint file given positionally, a ``checkpoint_path=`` keyword is the module's
+      hyperparameter (the backbone weights file), applied to the loaded module's hparams.
+
+    Raises:
+        ValueError: If the checkpoint holds objects other than tensors and plain values.
+    """
+    override: dict[str, Any] = {}
+    if args:
+        checkpoint_path, args = args[0], tuple(args[1:])
+        if "checkpoint_path" in kwargs:
+            override["checkpoint_path"] = kwargs.pop("checkpoint_path")
+    else:
+        checkpoint_path = kwargs.pop("checkpoint_path")
+    weights_only = kwargs.pop("weights_only", True)
+    if weights_only is None:
+        weights_only = True
+    if not weights_only:
+        warnings.warn(
+            f"weights_only=False: unpickling {checkpoint_path} without restrictions; this runs any code "
+            "the file holds. Only do this for checkpoints you made yourself or trust.",
+            UnsafeLoadWarning,
+            stacklevel=3,
+        )
+    kwargs["weights_only"] = weights_only
+    try:
+        with weights_from_checkpoint():
+            module = load(checkpoint_path, *args, **kwargs)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"checkpoint {checkpoint_path} was not loaded: it holds Python objects other than tensors "
+            f"and plain values ({weights_only_refusal(err)}), and unpickling it could run arbitrary "
+            "code. Checkpoints written by `dmpo fit` load with weights_only=True; only if you made this "
+            "file yourself or trust its source, pass weights_only=False"
+        ) from None
+    for key, value in override.items():
+        module.hparams[key] = value
+    return module
+
+
+def check_architecture(
+    saved: Mapping[str, Any],
+    fingerprint: Mapping[str, Any],
+    hparams: Mapping[str, Any],
+    backbone: torch.nn.Module,
+) -> None:
+    """Refuse saved hyperparameters of another architecture than ``fingerprint``/``hparams`` describe.
+
+    Raises:
+        ValueError: One of the architecture keys differs (both values are named).
+    """
+    for key in ARCHITECTURE_KEYS:
+        if key not in saved:
+            continue
+        theirs = saved[key]
+        ours = fingerprint.get(key, hparams.get(key))
+        if key == "exit_blocks":
+            try:
+                from dmpo_lightning.models.backbone import backbone_depth, resolve_exit_blocks
+
+                theirs = list(resolve_exit_blocks(theirs, backbone_depth(backbone), require_last=False))
+            except ValueError:
+                pass
+        if theirs != ours:
+            raise ValueError(
+                f"checkpoint was trained with {key}={theirs!r} but this model has {key}={ours!r}; "
+                "use the checkpoint's own config (dmpo test --config <run>/config.yaml) or load it with "
+                "DMPOModule.load_from_checkpoint(path)"
+            )
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 of a model's trained weights in memory (the same however they were loaded).
+
+    ``model`` is a :class:`~dmpo_lightning.models.multi_exit.MultiExitViT` (its ``trainable_state_dict``).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.trainable_state_dict().items()):  # type: ignore[operator]
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return f"weights:{digest.hexdigest()}"
+
+
+def checkpoint_hash(model: torch.nn.Module, ckpt_path: str | None) -> str:
+    """sha256 of the checkpoint file ``ckpt_path``, or :func:`weights_hash` if there is no such file."""
+    if ckpt_path and os.path.isfile(ckpt_path):
+        digest = hashlib.sha256()
+        with open(ckpt_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"file:{digest.hexdigest()}"
+    return weights_hash(model)
+
+
+def weight_hashes(model: torch.nn.Module, ckpt_path: str | None) -> list[str]:
+    """Every hash ``dmpo test`` may have stored for these weights: in memory and of the checkpoint file."""
+    hashes = [weights_hash(model)]
+    file_hash = checkpoint_hash(model, ckpt_path)
+    if file_hash not in hashes:
+        hashes.append(file_hash)
+    return hashes

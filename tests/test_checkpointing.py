@@ -1,0 +1,81 @@
+"""checkpointing.py: the checkpoint-identity hashes and the architecture check have one definition."""
+
+import pickle
+
+import pytest
+import torch
+from support.builders import make_tiny_vit
+
+from dmpo_lightning import checkpointing
+from dmpo_lightning.deploy import export
+from dmpo_lightning.models.multi_exit import MultiExitViT
+
+
+def tiny_model() -> MultiExitViT:
+    torch.manual_seed(0)
+    return MultiExitViT(make_tiny_vit(), 3, [2, 4], peft="adaptformer", adapter_dim=4, moment_dim=16)
+
+
+def test_deploy_uses_the_same_weights_hash():
+    assert export.weights_hash is checkpointing.weights_hash
+
+
+def test_weights_hash_follows_trained_weights_only():
+    model = tiny_model()
+    before = checkpointing.weights_hash(model)
+    assert before.startswith("weights:")
+    frozen = next(p for p in model.backbone.parameters() if not p.requires_grad)
+    with torch.no_grad():
+        frozen.add_(1.0)
+    assert checkpointing.weights_hash(model) == before  # the frozen trunk is not part of what was trained
+    trained = next(p for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        trained.add_(1.0)
+    assert checkpointing.weights_hash(model) != before
+
+
+def test_checkpoint_hash_is_the_file_hash_when_the_file_exists(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "x.ckpt"
+    path.write_bytes(b"abc")
+    file_hash = checkpointing.checkpoint_hash(model, str(path))
+    assert (
+        file_hash == "file:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )  # sha256("abc")
+    assert checkpointing.checkpoint_hash(model, str(tmp_path / "missing.ckpt")) == checkpointing.weights_hash(
+        model
+    )
+    assert checkpointing.weight_hashes(model, str(path)) == [checkpointing.weights_hash(model), file_hash]
+    assert checkpointing.weight_hashes(model, None) == [checkpointing.weights_hash(model)]
+
+
+def test_check_architecture_names_both_values():
+    model = tiny_model()
+    with pytest.raises(
+        ValueError, match=r"trained with exit_blocks=\[1, 4\] but this model has exit_blocks=\[2, 4\]"
+    ):
+        checkpointing.check_architecture({"exit_blocks": [1, 4]}, {"exit_blocks": [2, 4]}, {}, model.backbone)
+    # a count is resolved against the trunk's depth before comparing: 2 = the last two blocks
+    checkpointing.check_architecture({"exit_blocks": 2}, {"exit_blocks": [3, 4]}, {}, model.backbone)
+
+
+def test_load_checkpoint_safely_refuses_pickled_objects_in_one_sentence():
+    def load(path, *args, **kwargs):
+        assert kwargs["weights_only"] is True
+        assert checkpointing.restoring_from_checkpoint()
+        raise pickle.UnpicklingError("Weights only load failed. Unsupported global: GLOBAL os.system")
+
+    with pytest.raises(ValueError, match="holds Python objects other than tensors and plain values"):
+        checkpointing.load_checkpoint_safely(load, ["run.ckpt"], {})
+    assert not checkpointing.restoring_from_checkpoint()
+
+
+def test_load_checkpoint_safely_applies_the_backbone_checkpoint_path_override():
+    class Loaded:
+        def __init__(self) -> None:
+            self.hparams = {"checkpoint_path": "old.pth"}
+
+    loaded = checkpointing.load_checkpoint_safely(
+        lambda path, **kw: Loaded(), ["run.ckpt"], {"checkpoint_path": None}
+    )
+    assert loaded.hparams["checkpoint_path"] is None
