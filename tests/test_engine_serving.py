@@ -368,3 +368,24 @@ def test_session_push_and_flush_return_every_batch_once_in_order(module):
     assert torch.equal(torch.cat([o.prediction for o in done]), expected.prediction)
     raw = module.model.forward_early_exit(x, thresholds)
     assert not torch.equal(raw.exit_index, expected.exit_index), "the temperatures should matter here"
+
+
+def test_predict_io_is_the_prediction_writer_the_module_brings_along(module, tmp_path):
+    from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter
+
+    module.hparams.predict_engine = False
+    module.hparams.predictions_file = str(tmp_path / "w.csv")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    loader = torch.utils.data.DataLoader(_Images(torch.randn(5, 3, 32, 32), frozenset()), batch_size=2)
+    trainer.predict(module, dataloaders=loader)
+    writers = [c for c in trainer.callbacks if isinstance(c, DMPOPredictionWriter)]
+    assert len(writers) == 1
+    assert len((tmp_path / "w.csv").read_text().splitlines()) == 1 + 5  # header + one row per image
+    # fit brings the schedule and re-seeding, not the writer
+    trainer.state.fn = "fit"
+    module.trainer = trainer
+    assert not any(isinstance(c, DMPOPredictionWriter) for c in module.configure_callbacks())
+    with pytest.raises(TypeError, match="serves a DMPOModule, not a LightningModule"):
+        DMPOPredictionWriter().on_predict_start(trainer, pl.LightningModule())

@@ -26,7 +26,6 @@ from dmpo_lightning.checkpointing import (
     checkpoint_hash,
     load_checkpoint_safely,
     restoring_from_checkpoint,
-    weight_hashes,
     weights_from_checkpoint,
     weights_hash,
 )
@@ -47,6 +46,7 @@ from dmpo_lightning.evaluation.calibration import (
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
 from dmpo_lightning.evaluation.metrics import ExitOutputsCollector
+from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter
 from dmpo_lightning.evaluation.protocol import BudgetUnitOption
 from dmpo_lightning.losses import distillation_losses, exit_cross_entropies, weighted_sum
 from dmpo_lightning.models.adapters import PeftMethod
@@ -250,7 +250,6 @@ class DMPOModule(pl.LightningModule):
             self.test_collectors["calibration_logits"] = ExitLogitsCollector()
         self._costs: ExitCosts | None = None
         self._input_shape: tuple[int, ...] | None = None
-        self._predictions: list[dict[str, torch.Tensor]] = []
         self._predict_session: Any = None  # predict_engine: the engine pass and the rows it still owes
         self._predict_waiting: list[tuple[dict[str, Any], torch.Tensor]] = []
         self.test_report: dict[str, Any] | None = None
@@ -615,41 +614,6 @@ class DMPOModule(pl.LightningModule):
         if os.path.isfile(path):
             write_json(path, report)
 
-    def on_predict_start(self) -> None:
-        """Load the thresholds ``dmpo test`` calibrated for ``predict_budget``."""
-        from dmpo_lightning.evaluation.runner import load_temperatures, load_thresholds
-
-        h = self.hparams
-        path = self._predictions_path()
-        if os.path.exists(path):
-            raise FileExistsError(
-                f"{path} exists; set model.init_args.predictions_file to a new path or move the old file away"
-            )
-        if h.thresholds_file is None:
-            if h.predict_budget is not None:
-                raise ValueError(
-                    "predict_budget needs model.thresholds_file (the thresholds.json written by `dmpo test`)"
-                )
-            if bool(torch.isinf(self.exit_thresholds[:-1]).all()):
-                rank_zero_warn(
-                    "dmpo predict runs without thresholds (no model.thresholds_file): every sample goes to "
-                    "the last exit. Run `dmpo test` first and pass its thresholds.json and a predict_budget."
-                )
-            return
-        thresholds = load_thresholds(
-            h.thresholds_file,
-            h.predict_budget,
-            self.model_fingerprint(),
-            unit=h.budget_unit,
-            num_exits=self.num_exits,
-            model_hashes=weight_hashes(self.model, self._ckpt_path()),
-            allow_other_checkpoint=bool(h.get("allow_other_checkpoint_thresholds", False)),
-        )
-        self.exit_thresholds.copy_(torch.tensor(thresholds, dtype=self.exit_thresholds.dtype))
-        temperatures = load_temperatures(h.thresholds_file, self.num_exits)
-        self.exit_temperatures.copy_(torch.tensor(temperatures, dtype=self.exit_temperatures.dtype))
-        rank_zero_info(f"early-exit thresholds for budget {h.predict_budget}: {thresholds}")
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """True early exit (batch compaction): prediction, 0-based exit, score and confidence per sample.
 
@@ -682,7 +646,6 @@ class DMPOModule(pl.LightningModule):
         for key in (PATH_KEY, ERROR_KEY, SOURCE_MODE_KEY):
             if key in batch:
                 result[key] = list(batch[key])
-        self._predictions.append(result)
         return result
 
     @staticmethod
@@ -716,49 +679,6 @@ class DMPOModule(pl.LightningModule):
             raise RuntimeError(f"the early-exit engine lost {len(self._predict_waiting)} predict batches")
         self._predict_session = None
 
-    def on_predict_epoch_end(self) -> None:
-        """Write the predictions CSV (one file per rank under DDP) and print a summary of it."""
-        from dmpo_lightning.evaluation.runner import format_prediction_summary, write_predictions
-
-        self._predict_flush()
-        path = self._predictions_path()
-        summary = write_predictions(
-            path,
-            self._predictions,
-            exit_gflops=self.exit_costs().exit_gflops,
-            class_names=self._prediction_class_names(),
-        )
-        self._predictions = []
-        if summary is None:
-            return
-        text = format_prediction_summary(summary, self.exit_costs(), self.hparams.in_chans)
-        if self.trainer.world_size > 1:
-            print(f"[rank {self.trainer.global_rank}] {text}")
-        else:
-            print(text)
-
-    def _prediction_class_names(self) -> list[str]:
-        """Names for the CSV: the checkpoint's, else the data module's, else ``class_<i>``."""
-        n = int(self.hparams.num_classes)
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        classes = getattr(dm, "classes", None)
-        data_names = [str(c) for c in classes] if classes is not None and len(classes) == n else None
-        if self.class_names is not None and len(self.class_names) == n:
-            if data_names is not None and data_names != list(self.class_names):
-                rank_zero_warn(
-                    f"the checkpoint's class names {list(self.class_names)[:5]} differ from the data "
-                    f"module's {data_names[:5]}: the model predicts its training classes, so the CSV uses "
-                    "the checkpoint's names; check that the labels of this dataset mean the same classes"
-                )
-            return list(self.class_names)
-        if data_names is not None:
-            return data_names
-        rank_zero_warn(
-            "the model has no class names (its checkpoint was saved before they were stored, or its data had "
-            "none), so the predictions CSV names classes class_0, class_1, ..."
-        )
-        return [f"class_{i}" for i in range(n)]
-
     def configure_optimizers(self) -> Any:
         """AdamW (or the injected optimizer) over trainable parameters; warm-up + cosine by default."""
         optimizer = self.optimizer_factory(param_groups(self.model))
@@ -769,8 +689,14 @@ class DMPOModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """The loss-weight schedule and per-epoch re-seeding (exact resume) ride along in ``fit``."""
+        """Callbacks the module brings along: schedule and re-seeding in ``fit``, the writer in ``predict``.
+
+        ``fit``: the loss-weight schedule and per-epoch re-seeding (exact resume); ``predict``:
+        :class:`~dmpo_lightning.evaluation.prediction_writer.DMPOPredictionWriter` (thresholds in, CSV out).
+        """
         h = self.hparams
+        if self._trainer is not None and self.trainer.state.fn == "predict":
+            return [DMPOPredictionWriter()]  # thresholds in, predictions CSV out
         if self._trainer is not None and self.trainer.state.fn not in (None, "fit"):
             return []  # only training uses loss weights
         return [
