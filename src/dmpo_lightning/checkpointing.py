@@ -9,8 +9,8 @@
 - :func:`weights_hash`, :func:`checkpoint_hash`, :func:`weight_hashes`: what ``dmpo test`` stores in
   ``thresholds.json`` and what ``dmpo predict`` and the deployment artefact compare it with.
 
-The module's ``load_from_checkpoint``, ``on_load_checkpoint`` and ``export_trainable``/``from_trainable`` are
-thin delegations to this file and to :mod:`dmpo_lightning.serialization`.
+The module's ``load_from_checkpoint`` and ``on_load_checkpoint`` are thin delegations to this file (its
+``export_trainable``/``from_trainable`` to :mod:`dmpo_lightning.serialization`).
 """
 
 from __future__ import annotations
@@ -152,21 +152,22 @@ def weights_hash(model: torch.nn.Module) -> str:
     return f"weights:{digest.hexdigest()}"
 
 
+def _file_hash(path: str | None) -> str | None:
+    if not path or not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"file:{digest.hexdigest()}"
+
+
 def checkpoint_hash(model: torch.nn.Module, ckpt_path: str | None) -> str:
     """sha256 of the checkpoint file ``ckpt_path``, or :func:`weights_hash` if there is no such file."""
-    if ckpt_path and os.path.isfile(ckpt_path):
-        digest = hashlib.sha256()
-        with open(ckpt_path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return f"file:{digest.hexdigest()}"
-    return weights_hash(model)
+    return _file_hash(ckpt_path) or weights_hash(model)
 
 
 def weight_hashes(model: torch.nn.Module, ckpt_path: str | None) -> list[str]:
     """Every hash ``dmpo test`` may have stored for these weights: in memory and of the checkpoint file."""
-    hashes = [weights_hash(model)]
-    file_hash = checkpoint_hash(model, ckpt_path)
-    if file_hash not in hashes:
-        hashes.append(file_hash)
-    return hashes
+    file_hash = _file_hash(ckpt_path)
+    return [weights_hash(model)] + ([file_hash] if file_hash else [])
