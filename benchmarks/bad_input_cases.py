@@ -106,7 +106,7 @@ def fit(cwd: Path, *options: str) -> Path:
     """A tiny one-epoch fit; returns its checkpoint."""
     cwd.mkdir(parents=True, exist_ok=True)
     status, text = run_dmpo(
-        ["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.switch_epoch=0", *options], cwd
+        ["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0", *options], cwd
     )
     if status != 0:
         raise RuntimeError(f"fixture fit {options} failed:\n{text[-3000:]}")
@@ -123,7 +123,7 @@ def make_fixtures(base: Path) -> dict:
 
     ctx: dict = {"base": base, "tiny": TINY}
     ctx["ckpt"] = fit(
-        base / "a", "--test_after_fit=true", f"--model.init_args.report_dir={base / 'report_a'}"
+        base / "a", "--test_after_fit=true", f"--model.init_args.evaluation.report_dir={base / 'report_a'}"
     )
     ctx["thresholds"] = base / "report_a" / "thresholds.json"
     ctx["report"] = base / "report_a"
@@ -408,7 +408,7 @@ CASES = [
             "-c",
             "{named_dir}/config.yaml",
             "--ckpt_path={named_ckpt}",
-            "--model.init_args.report_dir={work}/report",
+            "--model.init_args.evaluation.report_dir={work}/report",
         ),
         status=0,
         line=r"holds a training run; dmpo test logs to",
@@ -427,7 +427,7 @@ CASES = [
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",
             "--trainer.max_epochs=1",
-            "--model.init_args.switch_epoch=0",
+            "--model.init_args.schedule.switch_epoch=0",
         ),
         status=0,
         line=r"calibration split \(\d+ images\) saved to",
@@ -443,9 +443,9 @@ CASES = [
             "predict",
             *T,
             "--ckpt_path={ckpt_b}",
-            "--model.init_args.thresholds_file={thresholds}",
-            "--model.init_args.predict_budget=0.5",
-            "--model.init_args.predictions_file={work}/p.csv",
+            "--model.init_args.evaluation.thresholds_file={thresholds}",
+            "--model.init_args.evaluation.predict_budget=0.5",
+            "--model.init_args.evaluation.predictions_file={work}/p.csv",
         ),
     ),
     Case(
@@ -456,10 +456,10 @@ CASES = [
             "predict",
             *T,
             "--ckpt_path={ckpt_b}",
-            "--model.init_args.thresholds_file={thresholds}",
-            "--model.init_args.predict_budget=0.5",
-            "--model.init_args.predictions_file={work}/p.csv",
-            "--model.init_args.allow_other_checkpoint_thresholds=true",
+            "--model.init_args.evaluation.thresholds_file={thresholds}",
+            "--model.init_args.evaluation.predict_budget=0.5",
+            "--model.init_args.evaluation.predictions_file={work}/p.csv",
+            "--model.init_args.evaluation.allow_other_checkpoint_thresholds=true",
         ),
         status=0,
         line=r"using them anyway",
@@ -472,9 +472,9 @@ CASES = [
             "predict",
             *T,
             "--ckpt_path={ckpt}",
-            "--model.init_args.thresholds_file={thresholds_short}",
-            "--model.init_args.predict_budget=0.5",
-            "--model.init_args.predictions_file={work}/p.csv",
+            "--model.init_args.evaluation.thresholds_file={thresholds_short}",
+            "--model.init_args.evaluation.predict_budget=0.5",
+            "--model.init_args.evaluation.predictions_file={work}/p.csv",
         ),
     ),
     Case(
@@ -485,9 +485,9 @@ CASES = [
             "predict",
             *T,
             "--ckpt_path={ckpt}",
-            "--model.init_args.thresholds_file={thresholds_string}",
-            "--model.init_args.predict_budget=0.5",
-            "--model.init_args.predictions_file={work}/p.csv",
+            "--model.init_args.evaluation.thresholds_file={thresholds_string}",
+            "--model.init_args.evaluation.predict_budget=0.5",
+            "--model.init_args.evaluation.predictions_file={work}/p.csv",
         ),
     ),
     Case(
@@ -498,9 +498,9 @@ CASES = [
             "predict",
             *T,
             "--ckpt_path={ckpt}",
-            "--model.init_args.thresholds_file={thresholds_null}",
-            "--model.init_args.predict_budget=0.5",
-            "--model.init_args.predictions_file={work}/p.csv",
+            "--model.init_args.evaluation.thresholds_file={thresholds_null}",
+            "--model.init_args.evaluation.predict_budget=0.5",
+            "--model.init_args.evaluation.predictions_file={work}/p.csv",
         ),
     ),
     Case(
@@ -514,7 +514,7 @@ CASES = [
         "`dmpo test` without --ckpt_path (untrained weights)",
         "test_bad_input::...[test_without_checkpoint]; "
         "test_cli_safety::test_untrained_evaluation_only_on_request",
-        fmt("test", *T, "--model.init_args.report_dir={work}/report"),
+        fmt("test", *T, "--model.init_args.evaluation.report_dir={work}/report"),
     ),
     Case(
         "splits_by_position",
@@ -596,7 +596,7 @@ CASES = [
             *T,
             "--ckpt_path={ckpt}",
             "--data.init_args.predict_paths={images}/test",
-            "--model.init_args.predictions_file={work}/p.csv",
+            "--model.init_args.evaluation.predictions_file={work}/p.csv",
             "--model.init_args.num_classes=10",
         ),
     ),
@@ -608,8 +608,8 @@ CASES = [
             "fit",
             *T,
             "--trainer.max_epochs=3",
-            "--model.init_args.switch_epoch=1",
-            "--model.init_args.ramp_epochs=2",
+            "--model.init_args.schedule.switch_epoch=1",
+            "--model.init_args.schedule.ramp_epochs=2",
         ),
     ),
     # --- late or wrong-signal failures
@@ -617,7 +617,7 @@ CASES = [
         "budget_zero_after_fit",
         "`budgets=[0]` with test_after_fit (was after training)",
         "test_bad_input::...[budget_zero_with_test_after_fit]",
-        fmt("fit", *T, "--model.init_args.budgets=[0]", "--test_after_fit=true"),
+        fmt("fit", *T, "--model.init_args.evaluation.budgets=[0]", "--test_after_fit=true"),
     ),
     Case(
         "budget_above_one",
@@ -627,40 +627,40 @@ CASES = [
             "test",
             *T,
             "--ckpt_path={ckpt}",
-            "--model.init_args.budgets=[0.5, 1.5]",
-            "--model.init_args.report_dir={work}/report",
+            "--model.init_args.evaluation.budgets=[0.5, 1.5]",
+            "--model.init_args.evaluation.report_dir={work}/report",
         ),
     ),
     Case(
         "report_dir_is_a_file",
         "a file-typed report_dir (was a raw OSError after the evaluation)",
         "test_bad_input::...[report_dir_is_a_file_with_test_after_fit]",
-        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.report_dir={afile}"),
+        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={afile}"),
     ),
     Case(
         "report_dir_exists",
         "a report folder that already holds a report",
         "test_bad_input::...[existing_report]",
-        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.report_dir={report}"),
+        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={report}"),
     ),
     Case(
         "predictions_file_is_a_folder",
         "a folder as predictions_file",
         "test_bad_input::...[predictions_file_is_a_folder]",
-        fmt("predict", *T, "--ckpt_path={ckpt}", "--model.init_args.predictions_file={empty}"),
+        fmt("predict", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.predictions_file={empty}"),
     ),
     Case(
         "predictions_file_exists",
         "an existing predictions_file (never overwritten)",
         "test_bad_input::...[predictions_file_exists]",
-        fmt("predict", *T, "--ckpt_path={ckpt}", "--model.init_args.predictions_file={afile}"),
+        fmt("predict", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.predictions_file={afile}"),
     ),
     Case(
         "read_only_report_dir",
         "read-only report_dir (fails before the evaluation)",
         "test_cli_safety::test_a_read_only_report_dir_fails_before_the_evaluation, "
         "::test_an_unwritable_report_dir_fails_before_the_evaluation",
-        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.report_dir=/proc/dmpo_report"),
+        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir=/proc/dmpo_report"),
     ),
     Case(
         "full_disk",
@@ -687,7 +687,7 @@ CASES = [
             "--data.init_args.calibration_size=2",
             "--trainer.limit_train_batches=null",
             "--trainer.max_epochs=1",
-            "--model.init_args.switch_epoch=0",
+            "--model.init_args.schedule.switch_epoch=0",
         ),
         status=1,
         line=r"error: cannot read image file",
@@ -711,7 +711,7 @@ CASES = [
         "offline_rebuild",
         "test a checkpoint trained from a weights file after the file moved",
         "test_cli_safety::test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_file_moved",
-        fmt("test", *T, "--ckpt_path={from_file_ckpt}", "--model.init_args.report_dir={work}/report"),
+        fmt("test", *T, "--ckpt_path={from_file_ckpt}", "--model.init_args.evaluation.report_dir={work}/report"),
         status=0,
         line=r"report written to|test/acc|Test metric",
     ),
@@ -761,13 +761,13 @@ CASES = [
         "rope_lora",
         "EVA02/RoPE ViT with lora",
         "test_bad_input_model::test_rope_vit_through_the_cli",
-        fmt("fit", *T, "--model.init_args.backbone=eva02_tiny_patch14_224", "--model.init_args.peft=lora"),
+        fmt("fit", *T, "--model.init_args.backbone=eva02_tiny_patch14_224", "--model.init_args.peft.method=lora"),
     ),
     Case(
         "rope_full",
         "EVA02/RoPE ViT with full",
         "test_bad_input_model::test_rope_vit_is_refused_at_construction",
-        fmt("fit", *T, "--model.init_args.backbone=eva02_tiny_patch14_224", "--model.init_args.peft=full"),
+        fmt("fit", *T, "--model.init_args.backbone=eva02_tiny_patch14_224", "--model.init_args.peft.method=full"),
     ),
     Case(
         "resnet_img_size",
@@ -795,7 +795,7 @@ CASES = [
         "no 'DataLoader 1' column",
         "test_cli_safety::test_a_checkpoint_trained_from_a_weights_file_is_tested_"
         "offline_after_the_file_moved",
-        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.report_dir={work}/report"),
+        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={work}/report"),
         status=0,
         line=r"DataLoader 0",
         after=no_fit_only_warning,

@@ -318,7 +318,7 @@ def _cli_args(family: str) -> list[str]:
     return [
         f"--model.init_args.backbone={name}",
         f"--model.init_args.backbone_kwargs={json.dumps(kwargs)}",
-        f"--model.init_args.head_pool={pool}",
+        f"--model.init_args.exits.head_pool={pool}",
     ]
 
 
@@ -328,7 +328,7 @@ def test_fit_and_test_through_the_cli(family, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["-c", TINY, *_cli_args(family)]
     cli = main(
-        ["fit", *args, "--trainer.max_epochs=1", "--model.init_args.switch_epoch=0", "--test_after_fit=true"]
+        ["fit", *args, "--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0", "--test_after_fit=true"]
     )
     log_dir = Path(cli.trainer.log_dir)
     report = json.loads((log_dir / "dmpo_test" / "report.json").read_text())
@@ -336,7 +336,7 @@ def test_fit_and_test_through_the_cli(family, tmp_path, monkeypatch):
     # a separate `dmpo test` rebuilds the model from the checkpoint and reproduces the report
     ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
     second = tmp_path / "second"
-    main(["test", *args, f"--ckpt_path={ckpt}", f"--model.init_args.report_dir={second}"])
+    main(["test", *args, f"--ckpt_path={ckpt}", f"--model.init_args.evaluation.report_dir={second}"])
     assert json.loads((second / "report.json").read_text())["exits"] == report["exits"]
 
 

@@ -68,32 +68,32 @@ LR = "--model.init_args.optimizer=AdamW"
 
 CASES = {
     "exit_block_out_of_range": Case(
-        fit("--model.init_args.exit_blocks=[1, 2, 5]"),
+        fit("--model.init_args.exits.blocks=[1, 2, 5]"),
         ValueError,
         r"exit block 5 is out of range: allowed are 1\.\.4 .* or -4\.\.-1",
     ),
     "exit_blocks_unsorted": Case(
-        fit("--model.init_args.exit_blocks=[2, 1, 3, 4]"),
+        fit("--model.init_args.exits.blocks=[2, 1, 3, 4]"),
         ValueError,
         r"exit_blocks \[2, 1, 3, 4\] must be sorted in increasing order",
     ),
     "loss_weights_wrong_length": Case(
-        fit("--model.init_args.weight_phase1=[1.0, 1.0]"),
+        fit("--model.init_args.schedule.weight_phase1=[1.0, 1.0]"),
         ValueError,
         r"weight_phase1 has 2 entries but the model has 4 exits; give one weight per exit",
     ),
     "loss_weight_negative": Case(
-        fit("--model.init_args.weight_phase2=[1.0, -1.0, 1.0, 1.0]"),
+        fit("--model.init_args.schedule.weight_phase2=[1.0, -1.0, 1.0, 1.0]"),
         ValueError,
         r"weight_phase2 must be finite and >= 0; got \[1\.0, -1\.0, 1\.0, 1\.0\]",
     ),
     "loss_weights_all_zero": Case(
-        fit("--model.init_args.weight_phase1=[0, 0, 0, 0]"),
+        fit("--model.init_args.schedule.weight_phase1=[0, 0, 0, 0]"),
         ValueError,
         r"weight_phase1 are all zero; at least one exit needs a positive weight",
     ),
     "switch_epoch_beyond_max_epochs": Case(
-        fit("--model.init_args.switch_epoch=5"),
+        fit("--model.init_args.schedule.switch_epoch=5"),
         ValueError,
         r"switch_epoch=5 is at or after the last epoch \(max_epochs=2.*allowed: 0\.\.1",
     ),
@@ -115,7 +115,7 @@ CASES = {
         r"Got value: imagenet22k",
     ),
     "unknown_early_head": Case(
-        fit("--model.init_args.early_head=mlp"),
+        fit("--model.init_args.exits.early_head=mlp"),
         SystemExit,
         r"(?s)Parser key \"early_head\".*Literal\['linear', 'moment', 'isqrt_cov'\]\. Got value: mlp",
     ),
@@ -159,7 +159,7 @@ CASES = {
         evaluate(
             "--ckpt_path={ckpt}",
             "--data.init_args.synthetic_num_classes=5",
-            "--model.init_args.report_dir={tmp}/new_report",
+            "--model.init_args.evaluation.report_dir={tmp}/new_report",
         ),
         ValueError,
         r"checkpoint was trained with num_classes=4 but this model has num_classes=5",
@@ -168,8 +168,8 @@ CASES = {
     "budget_below_first_exit": Case(
         evaluate(
             "--ckpt_path={ckpt}",
-            "--model.init_args.budgets=[0.01, 0.5]",
-            "--model.init_args.report_dir={tmp}/new_report",
+            "--model.init_args.evaluation.budgets=[0.01, 0.5]",
+            "--model.init_args.evaluation.report_dir={tmp}/new_report",
         ),
         ValueError,
         r"budget 0\.01 \(fraction of the full model's cost\) is outside the achievable range \[0\.\d+, 1\].*"
@@ -178,46 +178,46 @@ CASES = {
     "budget_above_full_model": Case(
         evaluate(
             "--ckpt_path={ckpt}",
-            "--model.init_args.budgets=[0.5, 1.5]",
-            "--model.init_args.report_dir={tmp}/new_report",
+            "--model.init_args.evaluation.budgets=[0.5, 1.5]",
+            "--model.init_args.evaluation.report_dir={tmp}/new_report",
         ),
         ValueError,
         r"budget 1\.5 \(fraction of the full model's cost\) is outside the achievable range \[0\.\d+, 1\]",
     ),
     # budgets and the report folder are checked before training when fit ends with a test
     "budget_zero_with_test_after_fit": Case(
-        fit("--model.init_args.budgets=[0]", "--test_after_fit=true"),
+        fit("--model.init_args.evaluation.budgets=[0]", "--test_after_fit=true"),
         ConfigError,
         r"budget 0\.0 \(fraction of the full model's cost\) is outside the achievable range",
     ),
     "report_dir_is_a_file_with_test_after_fit": Case(
-        fit("--test_after_fit=true", "--model.init_args.report_dir={corrupt}"),
+        fit("--test_after_fit=true", "--model.init_args.evaluation.report_dir={corrupt}"),
         ConfigError,
         r"report_dir .*corrupt\.ckpt is a file; model\.init_args\.report_dir must be a folder",
     ),
     "report_dir_under_a_file": Case(
-        evaluate("--ckpt_path={ckpt}", "--model.init_args.report_dir={corrupt}/report"),
+        evaluate("--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={corrupt}/report"),
         ConfigError,
         r"report_dir .*corrupt\.ckpt/report cannot be created: .*corrupt\.ckpt is a file, not a folder",
     ),
     "existing_report": Case(
-        evaluate("--ckpt_path={ckpt}", "--model.init_args.report_dir={base}/report"),
+        evaluate("--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={base}/report"),
         ConfigFileExistsError,
         r"report already holds a dmpo test report \(report\.json, .*set "
         r"model\.init_args\.report_dir to a new",
     ),
     "predictions_file_is_a_folder": Case(
-        predict("--ckpt_path={ckpt}", "--model.init_args.predictions_file={empty}"),
+        predict("--ckpt_path={ckpt}", "--model.init_args.evaluation.predictions_file={empty}"),
         ConfigError,
         r"empty is a folder; model\.init_args\.predictions_file must name a new file",
     ),
     "predictions_file_exists": Case(
-        predict("--ckpt_path={ckpt}", "--model.init_args.predictions_file={corrupt}"),
+        predict("--ckpt_path={ckpt}", "--model.init_args.evaluation.predictions_file={corrupt}"),
         ConfigFileExistsError,
         r"corrupt\.ckpt exists; set model\.init_args\.predictions_file to a new path",
     ),
     "test_without_checkpoint": Case(
-        evaluate("--model.init_args.report_dir={tmp}/new_report"),
+        evaluate("--model.init_args.evaluation.report_dir={tmp}/new_report"),
         ConfigError,
         r"dmpo test without --ckpt_path would evaluate freshly built, untrained weights "
         r".*--allow_untrained true",
@@ -233,7 +233,7 @@ CASES = {
         r"model\.init_args\.num_classes=7 disagrees with the data, which has 4 classes",
     ),
     "ramp_beyond_max_epochs": Case(
-        fit("--trainer.max_epochs=3", "--model.init_args.switch_epoch=1", "--model.init_args.ramp_epochs=2"),
+        fit("--trainer.max_epochs=3", "--model.init_args.schedule.switch_epoch=1", "--model.init_args.schedule.ramp_epochs=2"),
         ConfigError,
         r"switch_epoch=1 with ramp_epochs=2 reaches phase 2's weights only at epoch 3, after the "
         r"last epoch 2 "
@@ -285,9 +285,9 @@ def trained(tmp_path_factory) -> dict[str, Path]:
                 "-c",
                 TINY,
                 "--trainer.max_epochs=1",
-                "--model.init_args.switch_epoch=0",
+                "--model.init_args.schedule.switch_epoch=0",
                 "--test_after_fit=true",
-                f"--model.init_args.report_dir={base / 'report'}",
+                f"--model.init_args.evaluation.report_dir={base / 'report'}",
             ]
         )
     (ckpt,) = (base / cli.trainer.log_dir / "checkpoints").glob("*.ckpt")

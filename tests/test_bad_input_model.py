@@ -67,9 +67,9 @@ def two_checkpoints(tmp_path_factory) -> dict[str, Path]:
                     TINY,
                     f"--seed_everything={seed}",
                     "--trainer.max_epochs=1",
-                    "--model.init_args.switch_epoch=0",
+                    "--model.init_args.schedule.switch_epoch=0",
                     f"--test_after_fit={name == 'a'}",
-                    f"--model.init_args.report_dir={base / ('report_' + name)}",
+                    f"--model.init_args.evaluation.report_dir={base / ('report_' + name)}",
                 ]
             )
             (ckpt,) = (base / cli.trainer.log_dir / "checkpoints").glob("*.ckpt")
@@ -86,9 +86,9 @@ def _predict(ckpt: Path, thresholds: Path, preds: Path, *extra: str) -> None:
             "-c",
             TINY,
             f"--ckpt_path={ckpt}",
-            f"--model.init_args.thresholds_file={thresholds}",
-            "--model.init_args.predict_budget=0.5",
-            f"--model.init_args.predictions_file={preds}",
+            f"--model.init_args.evaluation.thresholds_file={thresholds}",
+            "--model.init_args.evaluation.predict_budget=0.5",
+            f"--model.init_args.evaluation.predictions_file={preds}",
             *extra,
         ]
     )
@@ -114,7 +114,7 @@ def test_predict_with_override_warns_naming_both_hashes(two_checkpoints, tmp_pat
             two_checkpoints["b"],
             two_checkpoints["thresholds"],
             preds,
-            "--model.init_args.allow_other_checkpoint_thresholds=true",
+            "--model.init_args.evaluation.allow_other_checkpoint_thresholds=true",
         )
     message = next(str(w.message) for w in caught if "using them anyway" in str(w.message))
     assert stored["checkpoint_hash"] in message and stored["weights_hash"] in message
@@ -490,8 +490,8 @@ def test_unsupported_peft_through_the_cli(tmp_path, monkeypatch):
                 "-c",
                 TINY,
                 "--model.init_args.backbone=eva02_enormous_patch14_clip_224",
-                "--model.init_args.peft=adaptformer",
-                "--model.init_args.head_pool=avg",
+                "--model.init_args.peft.method=adaptformer",
+                "--model.init_args.exits.head_pool=avg",
             ]
         )
     assert not list(tmp_path.rglob("*.ckpt"))
@@ -592,7 +592,7 @@ def test_unreadable_image_through_the_cli(broken_folder, tmp_path, monkeypatch):
         "--data.init_args.calibration_size=2",
         "--trainer.limit_train_batches=null",
         "--trainer.max_epochs=1",
-        "--model.init_args.switch_epoch=0",
+        "--model.init_args.schedule.switch_epoch=0",
     ]
     with pytest.raises(UnreadableImageError, match=r"cannot read image file .*a_1\.jpg"):
         main(args)

@@ -79,9 +79,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                     TINY,
                     f"--seed_everything={seed}",
                     "--trainer.max_epochs=1",
-                    "--model.init_args.switch_epoch=0",
+                    "--model.init_args.schedule.switch_epoch=0",
                     f"--test_after_fit={name == 'a'}",
-                    f"--model.init_args.report_dir={base / 'report'}",
+                    f"--model.init_args.evaluation.report_dir={base / 'report'}",
                 ]
             )
             (out[name],) = (base / cli.trainer.log_dir / "checkpoints").glob("*.ckpt")
@@ -105,7 +105,7 @@ def test_explicit_num_classes_is_checked_with_a_checkpoint(tiny_checkpoint, tmp_
                 TINY,
                 f"--ckpt_path={tiny_checkpoint}",
                 "--model.init_args.num_classes=10",
-                f"--model.init_args.report_dir={report}",
+                f"--model.init_args.evaluation.report_dir={report}",
             ]
         )
     assert not report.exists()
@@ -125,7 +125,7 @@ def test_explicit_num_classes_must_match_the_checkpoint_when_no_dataset_is_read(
         TINY,
         f"--ckpt_path={tiny_checkpoint}",
         f"--data.init_args.predict_paths={images}",
-        f"--model.init_args.predictions_file={preds}",
+        f"--model.init_args.evaluation.predictions_file={preds}",
     ]
     with pytest.raises(
         ConfigError,
@@ -176,7 +176,7 @@ def test_export_help_is_reachable(monkeypatch, capsys):
     ("option", "message"),
     [
         ("--model.init_args.backbone=resnet18", r"backbone 'resnet18' does not accept \[.*'img_size'"),
-        ("--model.init_args.exit_blocks=[1, 2, 5]", r"exit block 5 is out of range: allowed are 1\.\.4"),
+        ("--model.init_args.exits.blocks=[1, 2, 5]", r"exit block 5 is out of range: allowed are 1\.\.4"),
         ("--data.init_args.dataset=cifar10", r"dataset 'cifar10' needs root=<folder>"),
         (
             "--model.init_args.checkpoint_path=missing.pth",
@@ -206,7 +206,7 @@ def test_frozen_random_trunk_warns_through_the_cli():
         main(["-c", TINY], run=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*frozen trunk keeps its random")
-        main(["-c", TINY, "--model.init_args.peft=full"], run=False)
+        main(["-c", TINY, "--model.init_args.peft.method=full"], run=False)
 
 
 # --------------------------------------------------------------------------------------------- README
@@ -244,7 +244,7 @@ def test_an_unreadable_image_ends_the_run_with_one_line_naming_the_file(tmp_path
         "--data.init_args.calibration_size=2",
         "--trainer.limit_train_batches=null",
         "--trainer.max_epochs=1",
-        "--model.init_args.switch_epoch=0",
+        "--model.init_args.schedule.switch_epoch=0",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as info:
@@ -278,9 +278,9 @@ def test_bad_thresholds_in_predict_print_one_line_with_status_2(what, runs, tmp_
         "-c",
         TINY,
         f"--ckpt_path={ckpt}",
-        f"--model.init_args.thresholds_file={thresholds}",
-        "--model.init_args.predict_budget=0.5",
-        f"--model.init_args.predictions_file={preds}",
+        f"--model.init_args.evaluation.thresholds_file={thresholds}",
+        "--model.init_args.evaluation.predict_budget=0.5",
+        f"--model.init_args.evaluation.predictions_file={preds}",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as info:
@@ -289,6 +289,6 @@ def test_bad_thresholds_in_predict_print_one_line_with_status_2(what, runs, tmp_
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("dmpo predict: error:")]
     assert re.search(match, line), line
-    assert f"model.init_args.thresholds_file: thresholds file {thresholds}" in line
+    assert f"model.init_args.evaluation.thresholds_file: thresholds file {thresholds}" in line
     assert "Traceback" not in err
     assert not preds.exists()

@@ -280,7 +280,7 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     cli = main(
-        ["fit", "-c", TINY, "--test_after_fit", "true", "--model.init_args.calibration", "temperature"]
+        ["fit", "-c", TINY, "--test_after_fit", "true", "--model.init_args.evaluation.calibration", "temperature"]
     )
     report_dir = Path(cli.trainer.log_dir) / "dmpo_test"
     report = json.loads((report_dir / "report.json").read_text())
@@ -298,9 +298,9 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
     preds = tmp_path / "preds.csv"
     predict = main(
         [
-            "predict", "-c", TINY, f"--ckpt_path={ckpt}", "--model.init_args.predict_budget=0.5",
-            f"--model.init_args.thresholds_file={report_dir / 'thresholds.json'}",
-            f"--model.init_args.predictions_file={preds}",
+            "predict", "-c", TINY, f"--ckpt_path={ckpt}", "--model.init_args.evaluation.predict_budget=0.5",
+            f"--model.init_args.evaluation.thresholds_file={report_dir / 'thresholds.json'}",
+            f"--model.init_args.evaluation.predictions_file={preds}",
         ]
     )  # fmt: skip
     assert predict.model.exit_temperatures.tolist() == pytest.approx(calib["temperatures"], rel=1e-6)
@@ -316,8 +316,8 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
     none_dir = tmp_path / "none"
     main(
         [
-            "test", "-c", TINY, f"--ckpt_path={ckpt}", "--model.init_args.calibration=none",
-            f"--model.init_args.report_dir={none_dir}",
+            "test", "-c", TINY, f"--ckpt_path={ckpt}", "--model.init_args.evaluation.calibration=none",
+            f"--model.init_args.evaluation.report_dir={none_dir}",
         ]
     )  # fmt: skip
     none = json.loads((none_dir / "report.json").read_text())

@@ -18,9 +18,9 @@ TINY_BACKBONE = [
     "--model.init_args.pretrained=false",
     "--model.init_args.img_size=32",
     "--model.init_args.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2}",
-    "--model.init_args.exit_blocks=[1, 2, 3, 4]",
-    "--model.init_args.adapter_dim=8",
-    "--model.init_args.moment_dim=32",
+    "--model.init_args.exits.blocks=[1, 2, 3, 4]",
+    "--model.init_args.peft.adapter_dim=8",
+    "--model.init_args.exits.moment_dim=32",
 ]
 FULL_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
@@ -74,9 +74,9 @@ def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
 
     # A separate `dmpo test` process reloads the checkpoint without extra arguments but refuses to overwrite.
     with pytest.raises(FileExistsError, match="already holds a dmpo test report"):
-        main(["test", "-c", TINY, f"--ckpt_path={ckpts[0]}", f"--model.init_args.report_dir={report_dir}"])
+        main(["test", "-c", TINY, f"--ckpt_path={ckpts[0]}", f"--model.init_args.evaluation.report_dir={report_dir}"])
     second = tmp_path / "second"
-    main(["test", "-c", TINY, f"--ckpt_path={ckpts[0]}", f"--model.init_args.report_dir={second}"])
+    main(["test", "-c", TINY, f"--ckpt_path={ckpts[0]}", f"--model.init_args.evaluation.report_dir={second}"])
     assert json.loads((second / "report.json").read_text())["exits"] == report["exits"]
 
     # dmpo predict with a calibrated budget: real early exit, per-sample CSV.
@@ -87,9 +87,9 @@ def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
             "-c",
             TINY,
             f"--ckpt_path={ckpts[0]}",
-            f"--model.init_args.thresholds_file={report_dir / 'thresholds.json'}",
-            "--model.init_args.predict_budget=0.5",
-            f"--model.init_args.predictions_file={preds}",
+            f"--model.init_args.evaluation.thresholds_file={report_dir / 'thresholds.json'}",
+            "--model.init_args.evaluation.predict_budget=0.5",
+            f"--model.init_args.evaluation.predictions_file={preds}",
         ]
     )
     lines = preds.read_text().splitlines()
@@ -145,7 +145,7 @@ def test_console_script_exits_zero_after_a_run(tmp_path):
             "-c",
             TINY,
             "--trainer.max_epochs=1",
-            "--model.init_args.switch_epoch=0",
+            "--model.init_args.schedule.switch_epoch=0",
             "--trainer.limit_train_batches=1",
         ],
         cwd=tmp_path,
@@ -170,7 +170,7 @@ def test_help_and_version_in_a_subprocess():
 
 def test_num_classes_mismatch_between_checkpoint_and_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.switch_epoch=0"])
+    cli = main(["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0"])
     ckpt = next((Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
     with pytest.raises(
         ValueError, match="checkpoint was trained with num_classes=4 but this model has num_classes=5"

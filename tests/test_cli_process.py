@@ -78,7 +78,7 @@ def test_a_parse_error_has_no_dump_of_the_parsed_values(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_during_fit_exits_non_zero_with_a_resumable_checkpoint(tmp_path):
-    args = ["fit", "-c", TINY, "--trainer.max_epochs=50", "--model.init_args.switch_epoch=1"]
+    args = ["fit", "-c", TINY, "--trainer.max_epochs=50", "--model.init_args.schedule.switch_epoch=1"]
     args += ["--trainer.limit_train_batches=4", f"--trainer.callbacks+={__name__}.SlowAfterFirstBatch"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "dmpo_lightning", *args],

@@ -23,7 +23,7 @@ from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
-ONE_EPOCH = ["--trainer.max_epochs=1", "--model.init_args.switch_epoch=0"]
+ONE_EPOCH = ["--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0"]
 EXP1 = "--trainer.logger.init_args.version=exp1"
 
 
@@ -77,7 +77,7 @@ def test_a_named_logger_version_never_loses_the_training_run(tmp_path):
             "-c",
             TINY,
             "--trainer.max_epochs=2",
-            "--model.init_args.switch_epoch=1",
+            "--model.init_args.schedule.switch_epoch=1",
             EXP1,
             f"--ckpt_path={ckpt}",
         ]
@@ -113,7 +113,7 @@ def test_a_failed_report_write_leaves_no_partial_folder_and_the_table_is_printed
     cli = main(["fit", "-c", TINY, *ONE_EPOCH])
     (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
     report = tmp_path / "report"
-    args = ["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.report_dir={report}"]
+    args = ["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.evaluation.report_dir={report}"]
 
     def disk_full(*args, **kwargs):  # the plot is the 4th of 5 files: report.json, curve.csv, thresholds.json
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -143,7 +143,7 @@ def test_report_goes_into_an_existing_empty_folder(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("mine")
     for folder in ("empty", "notes"):
-        main(["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.report_dir={tmp_path / folder}"])
+        main(["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.evaluation.report_dir={tmp_path / folder}"])
         written = {p.name for p in (tmp_path / folder).iterdir()}
         assert set(runner.REPORT_FILES) - {"reliability.png"} <= written
     assert (tmp_path / "notes" / "readme.txt").read_text() == "mine"
@@ -160,14 +160,14 @@ def test_a_read_only_report_dir_fails_before_the_evaluation(tmp_path):
     locked.chmod(0o500)
     try:
         with pytest.raises(ValueError, match=r"report_dir .*locked/report cannot be written .*not writable"):
-            main(["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.report_dir={locked}/report"])
+            main(["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.evaluation.report_dir={locked}/report"])
     finally:
         locked.chmod(0o700)
 
 
 def test_untrained_evaluation_only_on_request(tmp_path):
     report = tmp_path / "untrained"
-    main(["test", "-c", TINY, "--allow_untrained=true", f"--model.init_args.report_dir={report}"])
+    main(["test", "-c", TINY, "--allow_untrained=true", f"--model.init_args.evaluation.report_dir={report}"])
     assert json.loads((report / "report.json").read_text())["checkpoint_hash"].startswith("weights:")
 
 
@@ -178,7 +178,7 @@ def test_the_best_checkpoint_is_chosen_by_calibration_accuracy_of_the_last_exit(
         assert ckpt["init_args"]["monitor"] == "val/acc_last" and ckpt["init_args"]["mode"] == "max", name
     args = ["fit", "-c", TINY, "-c", str(ROOT / "configs" / "trainer" / "default.yaml")]
     args += ["--trainer.max_epochs=3", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
-    args += ["--trainer.log_every_n_steps=1", "--model.init_args.exit_blocks=[2, 4]"]  # 2 exits: any K works
+    args += ["--trainer.log_every_n_steps=1", "--model.init_args.exits.blocks=[2, 4]"]  # 2 exits: any K works
     cli = main(args)
     callback = cli.trainer.checkpoint_callback
     rows = _rows(Path(cli.trainer.log_dir) / "metrics.csv")
@@ -216,7 +216,7 @@ def test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_fi
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        main(["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.report_dir={tmp_path / 'r'}"])
+        main(["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.evaluation.report_dir={tmp_path / 'r'}"])
     assert (tmp_path / "r" / "report.json").is_file()
     # test needs neither the fit-only callbacks' states (no warning asking for them) ...
     assert not [w for w in caught if "Please add the following callbacks" in str(w.message)]
@@ -249,7 +249,7 @@ def test_an_unwritable_report_dir_fails_before_the_evaluation(tmp_path, monkeypa
                 "-c",
                 TINY,
                 f"--ckpt_path={ckpt}",
-                f"--model.init_args.report_dir={tmp_path}/locked/report",
+                f"--model.init_args.evaluation.report_dir={tmp_path}/locked/report",
             ]
         )
     assert "Early-exit evaluation" not in capsys.readouterr().out  # failed before the evaluation ran

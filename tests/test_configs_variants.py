@@ -49,9 +49,9 @@ TINY_BACKBONE = [
     "--model.init_args.checkpoint_path=null",
     "--model.init_args.img_size=32",
     "--model.init_args.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, mlp_ratio: 2}",
-    "--model.init_args.adapter_dim=8",
-    "--model.init_args.moment_dim=32",
-    "--model.init_args.cov_dim=8",
+    "--model.init_args.peft.adapter_dim=8",
+    "--model.init_args.exits.moment_dim=32",
+    "--model.init_args.exits.cov_dim=8",
 ]
 CPU_TRAINER = [
     "--trainer.accelerator=cpu",
@@ -72,7 +72,7 @@ def _tiny_overrides(init: dict) -> list[str]:
     exits = init.get("exit_blocks")
     if isinstance(exits, int):
         return list(TINY_BACKBONE)  # "the last n blocks" works for any depth
-    return [*TINY_BACKBONE, "--model.init_args.exit_blocks=[1, 2, 3, 4]"]
+    return [*TINY_BACKBONE, "--model.init_args.exits.blocks=[1, 2, 3, 4]"]
 
 
 def test_there_is_a_model_config_per_variant():

@@ -26,7 +26,7 @@ ODD_SPLITS = [
     "--data.init_args.calibration_size=15",
     "--data.init_args.synthetic_num_classes=7",  # > 5 classes: top-5 accuracy is reported too
     "--trainer.max_epochs=1",
-    "--model.init_args.switch_epoch=0",
+    "--model.init_args.schedule.switch_epoch=0",
 ]
 NUM_TEST, NUM_CAL, NUM_EXITS = 23, 15, 4
 
@@ -95,7 +95,7 @@ def test_ddp_fit_and_test_match_a_single_process_on_the_whole_dataset(tmp_path):
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",
         "--test_after_fit=true",
-        "--model.init_args.report_dir=report_ddp",
+        "--model.init_args.evaluation.report_dir=report_ddp",
     )
     (ckpt,) = (tmp_path / "runs" / "dmpo" / "version_0" / "checkpoints").glob("*.ckpt")
     # the same checkpoint tested by one process
@@ -108,7 +108,7 @@ def test_ddp_fit_and_test_match_a_single_process_on_the_whole_dataset(tmp_path):
         "--trainer.devices=1",
         "--trainer.accelerator=cpu",
         f"--ckpt_path={ckpt}",
-        "--model.init_args.report_dir=report_single",
+        "--model.init_args.evaluation.report_dir=report_single",
     )
 
     ddp = json.loads((tmp_path / "report_ddp" / "report.json").read_text())

@@ -286,8 +286,8 @@ def test_dmpo_test_times_the_real_early_exit_into_the_report(tmp_path):
     from dmpo_lightning.cli import main
 
     tiny = str(Path(__file__).parent / "configs" / "tiny.yaml")
-    args = ["-c", tiny, "--model.init_args.time_early_exit=16"]
-    cli = main([*args, f"--model.init_args.report_dir={tmp_path / 'r'}"], run=False)
+    args = ["-c", tiny, "--model.init_args.evaluation.time_early_exit=16"]
+    cli = main([*args, f"--model.init_args.evaluation.report_dir={tmp_path / 'r'}"], run=False)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     trainer.test(cli.model, datamodule=cli.datamodule)
     report = json.loads((tmp_path / "r" / "report.json").read_text())

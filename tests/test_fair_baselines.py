@@ -30,8 +30,8 @@ TINY_BACKBONE = [
     "--model.init_args.pretrained=false",
     "--model.init_args.img_size=32",
     "--model.init_args.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, mlp_ratio: 2}",
-    "--model.init_args.adapter_dim=8",
-    "--model.init_args.moment_dim=32",
+    "--model.init_args.peft.adapter_dim=8",
+    "--model.init_args.exits.moment_dim=32",
 ]
 
 
@@ -58,7 +58,7 @@ def test_fair_variant_fits_and_tests_with_the_tiny_backbone(name, tmp_path, monk
         []
         if init["exit_blocks"] == 1
         # on the tiny model the first exit (bypass + moment head) costs more than a third of the full model
-        else ["--model.init_args.exit_blocks=[1, 2, 3, 4]", "--model.init_args.budgets=[0.5, 0.75, 1.0]"]
+        else ["--model.init_args.exits.blocks=[1, 2, 3, 4]", "--model.init_args.evaluation.budgets=[0.5, 0.75, 1.0]"]
     )
     cli = main(
         [

@@ -164,7 +164,7 @@ def test_bf16_mixed_fit_and_test_end_to_end(tmp_path, monkeypatch):
             TINY,
             "--trainer.precision=bf16-mixed",
             "--trainer.max_epochs=2",
-            "--model.init_args.early_head=isqrt_cov",
+            "--model.init_args.exits.early_head=isqrt_cov",
             "--test_after_fit=true",
         ]
     )

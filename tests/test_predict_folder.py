@@ -77,9 +77,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 "predict",
                 f"--config={log_dir / 'config.yaml'}",
                 f"--ckpt_path={ckpt}",
-                f"--model.init_args.thresholds_file={thresholds}",
-                f"--model.init_args.predict_budget={BUDGET}",
-                f"--model.init_args.predictions_file={split_csv}",
+                f"--model.init_args.evaluation.thresholds_file={thresholds}",
+                f"--model.init_args.evaluation.predict_budget={BUDGET}",
+                f"--model.init_args.evaluation.predictions_file={split_csv}",
             ]
         )
         shutil.rmtree(data)  # from here on no training, calibration or test image exists
@@ -144,9 +144,9 @@ def _predict(run: dict[str, Path], source: Path, out: Path, *extra: str) -> None
             f"--config={run['config']}",
             f"--ckpt_path={run['ckpt']}",
             f"--data.init_args.predict_paths={source}",
-            f"--model.init_args.thresholds_file={run['thresholds']}",
-            f"--model.init_args.predict_budget={BUDGET}",
-            f"--model.init_args.predictions_file={out}",
+            f"--model.init_args.evaluation.thresholds_file={run['thresholds']}",
+            f"--model.init_args.evaluation.predict_budget={BUDGET}",
+            f"--model.init_args.evaluation.predictions_file={out}",
             *extra,
         ]
     )
@@ -230,7 +230,7 @@ def test_predicting_another_labelled_tree_skips_the_calibration_split_and_warns_
                 f"--ckpt_path={run['ckpt']}",
                 f"--data.init_args.root={other}",
                 "--data.init_args.calibration_size=4",
-                f"--model.init_args.predictions_file={out}",
+                f"--model.init_args.evaluation.predictions_file={out}",
             ]
         )
     _, rows = _read_csv(out)
@@ -405,9 +405,9 @@ def test_ddp_writes_one_file_per_rank_covering_every_image_once(run, new_images,
         f"--config={run['config']}",
         f"--ckpt_path={run['ckpt']}",
         f"--data.init_args.predict_paths={folder}",
-        f"--model.init_args.thresholds_file={run['thresholds']}",
-        f"--model.init_args.predict_budget={BUDGET}",
-        f"--model.init_args.predictions_file={out}",
+        f"--model.init_args.evaluation.thresholds_file={run['thresholds']}",
+        f"--model.init_args.evaluation.predict_budget={BUDGET}",
+        f"--model.init_args.evaluation.predictions_file={out}",
         "--trainer.strategy=ddp",
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",

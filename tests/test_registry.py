@@ -169,7 +169,7 @@ def test_cli_help_lists_the_registered_names_and_rejects_a_typo():
     assert "--model.early_head {linear,moment,isqrt_cov}" in helped.stdout
     assert "--model.exit_rule {confidence,entropy,patience}" in helped.stdout
     typo = subprocess.run(
-        [*env_cmd, "-c", TINY, "--model.init_args.peft=lroa", "--print_config"],
+        [*env_cmd, "-c", TINY, "--model.init_args.peft.method=lroa", "--print_config"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -31,7 +31,7 @@ COMMON = [
     "-c",
     TINY,
     "--trainer.max_epochs=4",
-    "--model.init_args.switch_epoch=2",
+    "--model.init_args.schedule.switch_epoch=2",
     "--trainer.callbacks+=LearningRateMonitor",
     "--trainer.callbacks.logging_interval=step",
     f"--trainer.callbacks+={__name__}.RecordLossWeights",
@@ -178,7 +178,7 @@ def test_epoch_seed_depends_on_seed_epoch_and_rank(monkeypatch):
 @pytest.mark.slow
 def test_checkpoint_loads_for_test_and_predict_in_a_fresh_process(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.switch_epoch=0"])
+    cli = main(["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0"])
     log_dir = Path(cli.trainer.log_dir)
     (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
     config = log_dir / "config.yaml"

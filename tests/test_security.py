@@ -184,7 +184,7 @@ def test_dmpo_test_ckpt_path_refuses_a_crafted_ckpt(tmp_path, marker):
     path = torch_file(tmp_path / "evil.ckpt", marker, "checkpoint")
     report = tmp_path / "report"
     with pytest.raises(ValueError, match=r"ckpt_path '.*evil\.ckpt' is not a readable Lightning checkpoint"):
-        main(["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", f"--model.init_args.report_dir={report}"])
+        main(["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", f"--model.init_args.evaluation.report_dir={report}"])
     assert not marker.exists()
     assert not report.exists()
 
@@ -203,7 +203,7 @@ def test_dmpo_test_reads_a_good_checkpoint_with_weights_only_each_time(tmp_path,
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    main(["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", f"--model.init_args.report_dir={tmp_path / 'r'}"])
+    main(["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", f"--model.init_args.evaluation.report_dir={tmp_path / 'r'}"])
     # the CLI reads the checkpoint more than once (hparams, class count, weights): every read is safe
     assert len(seen) >= 2 and all(w is True for w in seen), seen
     assert (tmp_path / "r" / "report.json").is_file()
@@ -227,9 +227,9 @@ def test_dmpo_predict_refuses_a_pickled_thresholds_file(tmp_path, marker, kind):
                 "-c",
                 TINY_CONFIG,
                 "--allow_untrained=true",
-                f"--model.init_args.thresholds_file={path}",
-                "--model.init_args.predict_budget=0.5",
-                f"--model.init_args.predictions_file={preds}",
+                f"--model.init_args.evaluation.thresholds_file={path}",
+                "--model.init_args.evaluation.predict_budget=0.5",
+                f"--model.init_args.evaluation.predictions_file={preds}",
             ]
         )
     assert not marker.exists()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from dmpo_lightning.schedules import TwoPhaseSchedule, WeightSpec
+from dmpo_lightning.schedules import ScheduleOptions, TwoPhaseSchedule
 
 if TYPE_CHECKING:
     from dmpo_lightning.module import DMPOModule
@@ -30,23 +32,12 @@ class LossWeightScheduler(pl.Callback):
     you do not add it yourself.
 
     Args:
-        phase1: Phase-1 weights (preset name or list).
-        phase2: Phase-2 weights (preset name or list).
-        switch_epoch: First epoch of phase 2 (``None`` = half of ``max_epochs``).
-        ramp_epochs: Linear transition length in epochs.
+        options: The module's :class:`~dmpo_lightning.schedules.ScheduleOptions` (or a mapping of them).
     """
 
-    def __init__(
-        self,
-        phase1: WeightSpec = "depth_increasing",
-        phase2: WeightSpec = "uniform",
-        switch_epoch: int | None = None,
-        ramp_epochs: int = 0,
-    ) -> None:
-        self.phase1 = phase1
-        self.phase2 = phase2
-        self.switch_epoch = switch_epoch
-        self.ramp_epochs = ramp_epochs
+    def __init__(self, options: ScheduleOptions | Mapping[str, Any] | None = None) -> None:
+        self.options = ScheduleOptions.coerce(options, name="schedule")
+        self.switch_epoch = self.options.switch_epoch  # resolved from the interrupted run on resume
         self.schedule: TwoPhaseSchedule | None = None
         self.applied_epoch: int | None = None
         self._num_exits: int | None = None
@@ -66,14 +57,8 @@ class LossWeightScheduler(pl.Callback):
         switch = self.switch_epoch
         if switch is None and self._max_epochs is None:
             switch = 1  # fast_dev_run: one epoch, phase 1
-        self.schedule = TwoPhaseSchedule(
-            self._num_exits,
-            self.phase1,
-            self.phase2,
-            switch_epoch=switch,
-            ramp_epochs=self.ramp_epochs,
-            max_epochs=self._max_epochs,
-        )
+        options = dataclasses.replace(self.options, switch_epoch=switch)
+        self.schedule = TwoPhaseSchedule(self._num_exits, options, max_epochs=self._max_epochs)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write this epoch's weights into the module and log them."""
@@ -92,10 +77,8 @@ class LossWeightScheduler(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """Schedule settings and the last epoch applied (for inspection; weights follow from the epoch)."""
         return {
-            "phase1": self.phase1 if isinstance(self.phase1, str) else list(self.phase1),
-            "phase2": self.phase2 if isinstance(self.phase2, str) else list(self.phase2),
+            **self.options.to_dict(),
             "switch_epoch": None if self.schedule is None else self.schedule.switch_epoch,
-            "ramp_epochs": self.ramp_epochs,
             "applied_epoch": self.applied_epoch,
         }
 

@@ -94,6 +94,8 @@ def load_checkpoint_safely(load: Callable[..., Any], args: Sequence[Any], kwargs
             stacklevel=3,
         )
     kwargs["weights_only"] = weights_only
+    for group, values in _legacy_groups(checkpoint_path).items():
+        kwargs.setdefault(group, values)  # a checkpoint with the flat options of an older version
     try:
         with weights_from_checkpoint():
             module = load(checkpoint_path, *args, **kwargs)
@@ -107,6 +109,29 @@ def load_checkpoint_safely(load: Callable[..., Any], args: Sequence[Any], kwargs
     for key, value in override.items():
         module.hparams[key] = value
     return module
+
+
+def _legacy_groups(path: Any) -> dict[str, Any]:
+    """The option groups of a local checkpoint whose hyperparameters use the flat names of older versions.
+
+    Lightning passes the saved hyperparameters on as they are; the old flat ``peft: lora`` would not parse
+    as the ``peft`` group, so the groups built from the flat names are passed as explicit arguments.
+    Empty for checkpoints with the groups, and for paths that are not local files.
+    """
+    from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, group_legacy_hparams
+
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return {}
+    try:  # mmap: only the pickled dict is read, not the tensors
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters")
+    except Exception:  # unreadable here: Lightning's own load reports it
+        return {}
+    if not isinstance(saved, Mapping) or not any(
+        k in saved and not (k in ("peft",) and isinstance(saved[k], Mapping)) for k in LEGACY_FLAT_OPTIONS
+    ):
+        return {}
+    grouped = group_legacy_hparams(saved)
+    return {g: grouped[g] for g in {group for group, _ in LEGACY_FLAT_OPTIONS.values()} if g in grouped}
 
 
 def check_architecture(

@@ -35,6 +35,7 @@ from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFile
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule, weights_from_checkpoint
 from dmpo_lightning.optim import param_groups
+from dmpo_lightning.options import group_legacy_hparams
 from dmpo_lightning.serialization import UnsafeLoadWarning
 
 __all__ = ["DMPOCLI", "console_main", "main"]
@@ -60,21 +61,6 @@ def _wandb_logged_in() -> bool:
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 
-
-EVALUATION_OPTIONS = (
-    "exit_rule",
-    "calibration",
-    "budgets",
-    "budget_unit",
-    "report_dir",
-    "thresholds_file",
-    "predict_budget",
-    "allow_other_checkpoint_thresholds",
-    "predictions_file",
-    "predict_engine",
-    "time_early_exit",
-)
-"""Model options that only affect evaluation; ``dmpo test/predict --ckpt_path`` keeps the user's values."""
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 """``ckpt_path`` values Lightning resolves itself (no file to check)."""
@@ -249,7 +235,8 @@ class DMPOCLI(LightningCLI):
     """
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Add ``--version`` to the main parser."""
+        """Add ``--version`` to the main parser; read the option groups' field docstrings for ``--help``."""
+        _read_attribute_docstrings()
         parser = super().init_parser(**kwargs)
         parser.add_argument(
             "--version", action="version", version=f"dmpo-lightning {dmpo_lightning.__version__}"
@@ -427,12 +414,11 @@ class DMPOCLI(LightningCLI):
     def before_fit(self) -> None:
         """Validate schedule, optimizer, budgets and outputs before anything is written or trained."""
         if isinstance(self.model, DMPOModule):
-            h = self.model.hparams
-            schedule = LossWeightScheduler(h.weight_phase1, h.weight_phase2, h.switch_epoch, h.ramp_epochs)
+            schedule = LossWeightScheduler(self.model.schedule_options)
             try:
                 schedule.setup(self.trainer, self.model, "fit")
             except ValueError as err:
-                raise ConfigError(str(err), option="model.init_args.switch_epoch") from err
+                raise ConfigError(str(err), option="model.init_args.schedule.switch_epoch") from err
             _check_ramp(schedule, self.trainer)
             self._check_optimizer()
             if self.config[self.subcommand].get("test_after_fit"):
@@ -452,21 +438,24 @@ class DMPOCLI(LightningCLI):
 
     def before_predict(self) -> None:
         """Refuse untrained weights and an existing or unwritable predictions file before the first batch."""
+        from dmpo_lightning.evaluation.prediction_writer import predictions_path
         from dmpo_lightning.evaluation.runner import check_output_file
 
         self._refuse_untrained()
         self._protect_run_folders()
         if isinstance(self.model, DMPOModule):
             self.model.trainer = self.trainer
-            check_output_file(self.model._predictions_path())
+            check_output_file(predictions_path(self.model))
 
     def _check_test_outputs(self) -> None:
+        from dmpo_lightning.evaluation.evaluator import report_dir
         from dmpo_lightning.evaluation.runner import check_budgets, check_report_dir
 
         model = self.model
         model.trainer = self.trainer  # the default report folder is under the trainer's log folder
-        check_budgets(model.hparams.budgets, model.hparams.budget_unit, model.exit_costs())
-        check_report_dir(model._report_dir())
+        o = model.evaluation_options
+        check_budgets(o.budgets, o.budget_unit, model.exit_costs())
+        check_report_dir(report_dir(model))
 
     def _check_optimizer(self) -> None:
         """A negative, infinite or NaN learning rate fails here, before the run folder exists."""
@@ -543,26 +532,27 @@ class DMPOCLI(LightningCLI):
             )
 
     def _parse_ckpt_path(self) -> None:
-        """Take the architecture from ``--ckpt_path``'s hyperparameters, but keep evaluation options.
+        """Take the architecture from ``--ckpt_path``'s hyperparameters, but keep the ``evaluation`` group.
 
-        LightningCLI (>= 2.3) replaces the model config by the checkpoint's hyperparameters, which would
-        silently drop ``--model.init_args.budgets``/``report_dir``/``thresholds_file``... given to
-        ``dmpo test`` or ``dmpo predict``. Those options do not change the weights, so the user's values win.
+        As LightningCLI (>= 2.3) does, the model config is replaced by the checkpoint's hyperparameters,
+        which would silently drop ``--model.init_args.evaluation.budgets``/``report_dir``/``thresholds_file``
+        given to ``dmpo test`` or ``dmpo predict``; those options do not change the weights, so the user's
+        values win. Checkpoints of older versions (flat option names) have their options moved into the
+        groups first.
         """
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if isinstance(ckpt_path, str) and ckpt_path:
             _check_ckpt_file(ckpt_path)
-        kept: dict[str, Any] = {}
-        init = None
         config = self.config[sub] if sub else self.config
-        if config.get("model") is not None:
-            init = config["model"].get("init_args")
-            if init is not None:
-                kept = {k: init[k] for k in EVALUATION_OPTIONS if k in init}
-                self._given_num_classes = init.get("num_classes")  # before the checkpoint's value replaces it
+        init = config["model"].get("init_args") if config.get("model") is not None else None
+        kept = init.get("evaluation") if init is not None else None
+        if init is not None:
+            self._given_num_classes = init.get("num_classes")  # before the checkpoint's value replaces it
+        if not (sub and isinstance(ckpt_path, str) and os.path.isfile(ckpt_path)):
+            return
         try:
-            super()._parse_ckpt_path()
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
         except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile) as err:
             raise ConfigError(
                 f"ckpt_path {ckpt_path!r} is not a readable Lightning checkpoint (torch.load failed with "
@@ -570,13 +560,21 @@ class DMPOCLI(LightningCLI):
                 "weights_only=True, so a file holding arbitrary pickled objects is refused as well)",
                 option="ckpt_path",
             ) from err
-        if kept and sub:
-            init = self.config[sub]["model"]["init_args"]
-            for key, value in kept.items():
-                init[key] = value
-        if isinstance(ckpt_path, str) and os.path.isfile(ckpt_path) and self.config[sub].get("model"):
-            model_init = self.config[sub]["model"].get("init_args")
-            self._checkpoint_num_classes = model_init.get("num_classes") if model_init is not None else None
+        hparams = group_legacy_hparams(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if hparams:
+            if "_class_path" in hparams:  # as LightningCLI passes a subclass's saved init args
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            try:
+                self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+            except SystemExit:
+                sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+                raise
+        model_init = self.config[sub]["model"].get("init_args") if self.config[sub].get("model") else None
+        if model_init is not None:
+            if kept is not None:
+                model_init["evaluation"] = kept
+            self._checkpoint_num_classes = model_init.get("num_classes")
 
     def after_fit(self) -> None:
         """Optionally evaluate the model just trained."""
@@ -595,6 +593,16 @@ JSONARGPARSE_WRAPPERS = (
     "Problem with given class_path",
     "Expected a <class 'NoneType'>",  # older jsonargparse reports the None alternative of the union first
 )
+
+
+def _read_attribute_docstrings() -> None:
+    """Let jsonargparse show the option groups' field docstrings (``peft.adapter_dim: ...``) in ``--help``."""
+    import jsonargparse
+
+    try:
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    except (AttributeError, TypeError):  # older jsonargparse
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
 
 
 def _constructor_error(err: BaseException) -> BaseException:
@@ -651,7 +659,7 @@ def _check_ramp(schedule: LossWeightScheduler, trainer: pl.Trainer) -> None:
             f"epoch {full}, after the last epoch {max_epochs - 1} (max_epochs={max_epochs}); allowed: "
             f"ramp_epochs <= {max(max_epochs - 1 - s.switch_epoch, 0)}, an earlier switch_epoch or "
             "more epochs",
-            option="model.init_args.ramp_epochs",
+            option="model.init_args.schedule.ramp_epochs",
         )
 
 

@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal, Union
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Union
 
-__all__ = ["PRESETS", "TwoPhaseSchedule", "WeightSpec", "preset_weights"]
+from dmpo_lightning.options import OptionGroup, register_legacy_names
+
+__all__ = ["PRESETS", "ScheduleOptions", "TwoPhaseSchedule", "WeightSpec", "preset_weights"]
 
 Preset = Literal["depth_increasing", "uniform", "early_emphasis"]
 # A runtime alias used in signatures jsonargparse parses; left as typing.Union rather than rewritten to X | Y.
 WeightSpec = Union[Preset, Sequence[float]]  # noqa: UP007
 PRESETS = ("depth_increasing", "uniform", "early_emphasis")
+
+
+@dataclass(frozen=True)
+class ScheduleOptions(OptionGroup):
+    """DMPO's two-phase loss-weight schedule: ``DMPOModule(schedule=...)``, :class:`TwoPhaseSchedule`.
+
+    In a config: ``model.init_args.schedule.switch_epoch: 5``. Equal phases switch the schedule off (the
+    ablation "no two-phase schedule").
+    """
+
+    weight_phase1: WeightSpec = "depth_increasing"
+    """Loss weights before ``switch_epoch``: ``depth_increasing`` (k / K), ``uniform``, ``early_emphasis``
+    ((K - k + 1) / K) or one non-negative weight per exit."""
+    weight_phase2: WeightSpec = "uniform"
+    """Loss weights from ``switch_epoch`` on (same choices)."""
+    switch_epoch: int | None = None
+    """First epoch of phase 2 (``None`` = half of ``max_epochs``)."""
+    ramp_epochs: int = 0
+    """Epochs over which the weights move linearly from phase 1 to phase 2 (0 = hard switch)."""
+
+
+register_legacy_names("schedule", ScheduleOptions)
 
 
 def preset_weights(spec: WeightSpec, num_exits: int, *, name: str = "weights") -> tuple[float, ...]:
@@ -74,11 +99,9 @@ class TwoPhaseSchedule:
 
     Args:
         num_exits: K.
-        phase1: Weights before the switch (preset or explicit list).
-        phase2: Weights after the switch (preset or explicit list).
-        switch_epoch: First epoch of phase 2. ``None`` = ``max_epochs // 2``.
-        ramp_epochs: Epochs over which weights move linearly from phase 1 to phase 2 (0 = hard switch):
-            at epoch ``switch_epoch + i`` the mix is ``(i + 1) / (ramp_epochs + 1)`` of phase 2.
+        options: The :class:`ScheduleOptions` (or a mapping of them): the phases' weights, the switch epoch
+            (``None`` = ``max_epochs // 2``) and the ramp: at epoch ``switch_epoch + i`` the mix is
+            ``(i + 1) / (ramp_epochs + 1)`` of phase 2.
         max_epochs: Length of training, used to resolve and check ``switch_epoch`` (``None`` = unknown).
 
     Raises:
@@ -86,27 +109,26 @@ class TwoPhaseSchedule:
             at or after the last epoch while the two phases differ (phase 2 would never run).
 
     Examples:
-        >>> s = TwoPhaseSchedule(4, switch_epoch=2, max_epochs=4)
+        >>> s = TwoPhaseSchedule(4, ScheduleOptions(switch_epoch=2), max_epochs=4)
         >>> s.weights(0), s.weights(1)
         ((0.25, 0.5, 0.75, 1.0), (0.25, 0.5, 0.75, 1.0))
         >>> s.weights(2)
         (1.0, 1.0, 1.0, 1.0)
-        >>> TwoPhaseSchedule(2, switch_epoch=1, ramp_epochs=1, max_epochs=4).weights(1)
+        >>> TwoPhaseSchedule(2, {"switch_epoch": 1, "ramp_epochs": 1}, max_epochs=4).weights(1)
         (0.75, 1.0)
     """
 
     def __init__(
         self,
         num_exits: int,
-        phase1: WeightSpec = "depth_increasing",
-        phase2: WeightSpec = "uniform",
-        switch_epoch: int | None = None,
-        ramp_epochs: int = 0,
+        options: ScheduleOptions | Mapping[str, Any] | None = None,
         max_epochs: int | None = None,
     ) -> None:
+        o = self.options = ScheduleOptions.coerce(options, name="schedule")
+        switch_epoch, ramp_epochs = o.switch_epoch, o.ramp_epochs
         self.num_exits = num_exits
-        self.phase1 = preset_weights(phase1, num_exits, name="weight_phase1")
-        self.phase2 = preset_weights(phase2, num_exits, name="weight_phase2")
+        self.phase1 = preset_weights(o.weight_phase1, num_exits, name="weight_phase1")
+        self.phase2 = preset_weights(o.weight_phase2, num_exits, name="weight_phase2")
         if max_epochs is not None and max_epochs < 1:
             max_epochs = None  # Lightning's max_epochs=-1 means "unbounded"
         if switch_epoch is None:

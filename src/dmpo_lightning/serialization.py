@@ -39,6 +39,8 @@ __all__ = [
     "TRAINABLE_FORMAT_VERSION",
     "TRAINABLE_SUFFIX",
     "UnsafeLoadWarning",
+    "export_trainable",
+    "module_from_trainable",
     "read_trainable",
     "weights_only_refusal",
     "write_trainable",
@@ -303,3 +305,63 @@ def _legacy_torch_load(path: str) -> Any:
         ) from None
     except Exception as err:
         raise ValueError(f"{path} is not a readable dmpo export ({type(err).__name__}: {err})") from err
+
+
+def export_trainable(module: Any, path: str, *, overwrite: bool = False) -> str:
+    """Save a ``DMPOModule``'s trained part (PEFT, bypasses, heads, thresholds) and config, safely loadable.
+
+    A few MB instead of a full backbone; :func:`module_from_trainable` rebuilds the module (the backbone's
+    base weights come from ``pretrained``/``checkpoint_path`` as configured). The file is a single
+    ``.safetensors`` file: the tensors, and in its header metadata (JSON text) the format tag
+    ``dmpo-trainable``, the format version, the package version, the hyper-parameters and a sha256 of
+    the tensor data. Loading it never runs code (``docs/security.md``). Written atomically.
+
+    Raises:
+        ValueError: If ``path`` does not end in ``.safetensors``.
+        FileExistsError: If ``path`` exists and ``overwrite`` is false.
+        TypeError: If a hyper-parameter is not JSON-serialisable (nothing is written).
+    """
+    state = {f"model.{k}": v for k, v in module.model.trainable_state_dict().items()}
+    state["loss_weights"] = module.loss_weights
+    state["exit_thresholds"] = module.exit_thresholds
+    return write_trainable(path, state, dict(module.hparams), overwrite=overwrite)
+
+
+def module_from_trainable(
+    cls: Any, path: str, *, allow_pickle: bool = False, overrides: Mapping[str, Any] | None = None
+) -> Any:
+    """Rebuild a ``DMPOModule`` (class ``cls``) from :func:`export_trainable` output.
+
+    Reads the ``.safetensors`` export without unpickling anything. An old pickle-based ``.pt`` export
+    (format ``dmpo-trainable-v1``) is read with ``torch.load(weights_only=True)``, which loads it when it
+    holds only tensors and plain values. Exports written before the option groups (flat hyperparameters)
+    are rebuilt with their options moved into the groups.
+
+    Args:
+        cls: ``DMPOModule`` or a subclass.
+        path: The export.
+        allow_pickle: Opt-in for old ``.pt`` exports that ``weights_only=True`` refuses because their
+            hyper-parameters hold ``pathlib`` paths: rebuild those too, still with torch's restricted
+            unpickler (nothing in the file is executed; any other object is refused). Warns that the
+            format is old; re-export such files to ``.safetensors``.
+        overrides: Hyper-parameters that replace the saved ones.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: Corrupt or truncated file, not a dmpo export, an export format newer than this
+            package, a pickle that needs ``allow_pickle``, or tensors that do not fit the rebuilt model.
+    """
+    from dmpo_lightning.options import group_legacy_hparams
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no trainable-parameter export at {path}")
+    hparams, state_dict = read_trainable(path, allow_pickle=allow_pickle)
+    module = cls(**{**group_legacy_hparams(hparams), **(overrides or {})})
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    if unexpected:
+        raise ValueError(f"export {path} has parameters this model lacks: {unexpected[:5]}")
+    expected = set(state_dict)
+    not_loaded = [k for k in module.state_dict() if k in expected and k in missing]
+    if not_loaded:
+        raise ValueError(f"export {path} could not restore: {not_loaded[:5]}")
+    return module

@@ -7,32 +7,30 @@ caller allows it, from timm's pretrained download.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from dmpo_lightning.models.backbone import build_backbone
 from dmpo_lightning.models.multi_exit import MultiExitViT
+from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, flat_options, group_legacy_hparams
 
 __all__ = ["MODEL_KEYS", "build_model", "model_options"]
 
 BACKBONE_KEYS = ("backbone", "pretrained", "checkpoint_path", "img_size", "in_chans", "backbone_kwargs")
+MODEL_GROUPS = ("peft", "exits")
+"""The option groups of ``DMPOModule`` that define the network (the others are training / evaluation)."""
 MODEL_KEYS = (
     "num_classes",
-    "exit_blocks",
     *BACKBONE_KEYS,
-    *(
-        n
-        for n in inspect.signature(MultiExitViT).parameters
-        if n not in ("backbone", "num_classes", "exit_blocks")
-    ),
+    *(old for old, (group, _) in LEGACY_FLAT_OPTIONS.items() if group in MODEL_GROUPS),
 )
-"""The hyperparameters of ``DMPOModule`` that define the network (the rest are training/evaluation)."""
+"""The network-defining options under their flat names, as artefact manifests store them."""
 
 
 def model_options(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The network-defining subset of a checkpoint's ``hyper_parameters``."""
-    return {k: hparams[k] for k in MODEL_KEYS if k in hparams}
+    """The network-defining subset of a checkpoint's ``hyper_parameters`` (grouped or flat), flat."""
+    flat = flat_options(hparams)
+    return {k: flat[k] for k in MODEL_KEYS if k in flat}
 
 
 def build_model(
@@ -59,10 +57,6 @@ def build_model(
         in_chans=options.get("in_chans"),
         model_kwargs=options.get("backbone_kwargs"),
     )
-    extra = {
-        k: options[k]
-        for k in inspect.signature(MultiExitViT).parameters
-        if k not in ("backbone", "num_classes", "exit_blocks") and k in options
-    }
-    model = MultiExitViT(backbone, int(options["num_classes"]), options.get("exit_blocks"), **extra)
+    grouped = group_legacy_hparams(options)
+    model = MultiExitViT(backbone, int(options["num_classes"]), grouped.get("exits"), grouped.get("peft"))
     return model.eval()

@@ -34,6 +34,7 @@ from dmpo_lightning.deploy.format import (
     file_sha256,
     tensors_sha256,
 )
+from dmpo_lightning.options import flat_options
 
 __all__ = ["ExportInputs", "export_artefact", "resolve_run"]
 
@@ -361,7 +362,7 @@ def export_artefact(
         # the report's config is the tested model's: options that change outputs without changing weights
         # (adapter_scale, lora_alpha, ...) are only caught here
         mine = json.loads(json.dumps(_jsonable(options)))
-        theirs = json.loads(json.dumps(_jsonable(dict(rep["config"]))))
+        theirs = json.loads(json.dumps(_jsonable(flat_options(dict(rep["config"])))))
         differ = {k: (theirs[k], v) for k, v in mine.items() if k in theirs and theirs[k] != v}
         if differ:
             details = "; ".join(f"{k}: report {a!r} vs checkpoint {b!r}" for k, (a, b) in differ.items())
@@ -372,7 +373,9 @@ def export_artefact(
     if diff:
         details = "; ".join(f"{k}: thresholds {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{thresholds} was calibrated for another model ({details})")
-    exit_rule = fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or hparams.get("exit_rule")
+    exit_rule = (
+        fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or flat_options(hparams).get("exit_rule")
+    )
     points = _operating_points(th, rep)
     temperatures = _temperatures(th, thresholds, model.num_exits)
     units = {p["unit"] for p in points}

@@ -2,12 +2,15 @@
 
 The module returns :class:`DMPOPredictionWriter` from ``configure_callbacks`` in ``predict``; you do not
 add it yourself. The module's ``predict_step`` runs the real early exit and returns one result dict per
-batch; this callback loads the thresholds ``dmpo test`` calibrated before the first batch, collects the
-results and, at the end of the epoch, writes the CSV (one file per rank under DDP) and prints its summary.
+batch (with ``evaluation.predict_engine`` it leaves the images to this callback, whose engine session runs
+them on full batches and fills the dicts in once their samples have left); this callback loads the
+thresholds ``dmpo test`` calibrated before the first batch, collects the results and, at the end of the
+epoch, writes the CSV (one file per rank under DDP) and prints its summary.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +19,24 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dmpo_lightning.checkpointing import weight_hashes
+from dmpo_lightning.evaluation.evaluator import as_dmpo_module, log_dir
 
 if TYPE_CHECKING:
+    from dmpo_lightning.models.multi_exit import EarlyExitOutput
     from dmpo_lightning.module import DMPOModule
 
-__all__ = ["DMPOPredictionWriter", "load_predict_thresholds", "prediction_class_names"]
+__all__ = [
+    "PENDING_KEY",
+    "DMPOPredictionWriter",
+    "fill_predictions",
+    "load_predict_thresholds",
+    "predict_batch",
+    "prediction_class_names",
+    "predictions_path",
+]
+
+PENDING_KEY = "_pending_images"
+"""Key of a ``predict_step`` result whose readable images wait for the engine (``predict_engine``)."""
 
 
 class DMPOPredictionWriter(pl.Callback):
@@ -28,11 +44,13 @@ class DMPOPredictionWriter(pl.Callback):
 
     def __init__(self) -> None:
         self._results: list[dict[str, Any]] = []
+        self._session: Any = None  # predict_engine: the engine pass and the rows it still owes
+        self._waiting: list[tuple[dict[str, Any], torch.Tensor]] = []
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse an existing CSV and load the thresholds before the first batch."""
-        self._results = []
-        load_predict_thresholds(_dmpo(pl_module))
+        self._results, self._session, self._waiting = [], None, []
+        load_predict_thresholds(as_dmpo_module(pl_module))
 
     def on_predict_batch_end(
         self,
@@ -43,19 +61,41 @@ class DMPOPredictionWriter(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Keep the batch's result dict (``predict_step``'s output)."""
-        # With predict_engine the dict is filled in later, once its samples have left (flush at the end).
+        """Keep the batch's result dict (``predict_step``'s output); queue its images for the engine."""
         self._results.append(outputs)
+        pending = outputs.pop(PENDING_KEY, None)
+        if pending is None:
+            return
+        images, rows = pending  # filled in later, once its samples have left (flush at the end)
+        if self._session is None:
+            from dmpo_lightning.models.engine import EarlyExitEngine
+
+            module = as_dmpo_module(pl_module)
+            engine = EarlyExitEngine(module, module.exit_thresholds, batch_size=int(rows.numel()))
+            self._session = engine.session()
+        self._waiting.append((outputs, rows))
+        for out in self._session.push(images):
+            fill_predictions(*self._waiting.pop(0), out)
+
+    def _flush(self) -> None:
+        """``predict_engine``: run the samples still queued and fill in the rest of the batches."""
+        if self._session is None:
+            return
+        for out in self._session.flush():
+            fill_predictions(*self._waiting.pop(0), out)
+        if self._waiting:  # cannot happen: the engine returns every pushed batch
+            raise RuntimeError(f"the early-exit engine lost {len(self._waiting)} predict batches")
+        self._session = None
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the predictions CSV (one file per rank under DDP) and print a summary of it."""
         from dmpo_lightning.evaluation.runner import format_prediction_summary, write_predictions
 
-        module = _dmpo(pl_module)
-        module._predict_flush()
+        module = as_dmpo_module(pl_module)
+        self._flush()
         results, self._results = self._results, []
         summary = write_predictions(
-            module._predictions_path(),
+            predictions_path(module),
             results,
             exit_gflops=module.exit_costs().exit_gflops,
             class_names=prediction_class_names(module),
@@ -69,48 +109,99 @@ class DMPOPredictionWriter(pl.Callback):
             print(text)
 
 
-def _dmpo(pl_module: pl.LightningModule) -> DMPOModule:
-    from dmpo_lightning.module import DMPOModule
+def predict_batch(module: DMPOModule, batch: dict[str, Any]) -> dict[str, Any]:
+    """``DMPOModule.predict_step``: the real early exit of a batch's readable images, one row per sample.
 
-    if not isinstance(pl_module, DMPOModule):
-        raise TypeError(f"DMPOPredictionWriter serves a DMPOModule, not a {type(pl_module).__name__}")
-    return pl_module
+    Rows: prediction, 0-based exit, score and confidence; images the data module could not read (a
+    non-empty ``error`` entry, from ``data.predict_paths``) are not run and keep prediction -1 and the
+    reason. With ``evaluation.predict_engine`` the images wait under :data:`PENDING_KEY` for this file's
+    :class:`DMPOPredictionWriter`, whose engine session fills the rows in.
+    """
+    from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
+    from dmpo_lightning.data.predict_images import ERROR_KEY, PATH_KEY, SOURCE_MODE_KEY
+
+    x = batch[IMAGE_KEY]
+    module._input_shape = tuple(x.shape[1:])
+    errors = batch.get(ERROR_KEY)
+    valid = torch.tensor([not e for e in errors], dtype=torch.bool) if errors is not None else None
+    n = x.shape[0]
+    result: dict[str, Any] = {
+        "prediction": torch.full((n,), -1, dtype=torch.long),
+        "exit_index": torch.full((n,), -1, dtype=torch.long),
+        "score": torch.full((n,), math.nan),
+        "confidence": torch.full((n,), math.nan),
+    }
+    rows = valid if valid is not None else torch.ones(n, dtype=torch.bool)
+    if bool(rows.any()):
+        images = x if valid is None else x[valid.to(x.device)]
+        if module.evaluation_options.predict_engine:
+            result[PENDING_KEY] = (images, rows)
+        else:
+            fill_predictions(result, rows, module.forward_early_exit(images))
+    for key in (INDEX_KEY, LABEL_KEY):
+        if key in batch:
+            result[key] = batch[key].cpu()
+    for key in (PATH_KEY, ERROR_KEY, SOURCE_MODE_KEY):
+        if key in batch:
+            result[key] = list(batch[key])
+    return result
+
+
+def fill_predictions(result: dict[str, Any], rows: torch.Tensor, out: EarlyExitOutput) -> None:
+    """Write an early exit's outputs into the ``rows`` of a ``predict_step`` result dict."""
+    result["prediction"][rows] = out.prediction.cpu()
+    result["exit_index"][rows] = out.exit_index.cpu()
+    result["score"][rows] = out.score.float().cpu()
+    result["confidence"][rows] = out.logits.float().softmax(dim=-1).amax(dim=-1).cpu()
+
+
+def predictions_path(module: DMPOModule) -> str:
+    """``evaluation.predictions_file`` (else ``<log_dir>/predictions.csv``), one per rank under DDP."""
+    path = module.evaluation_options.predictions_file or os.path.join(log_dir(module), "predictions.csv")
+    trainer = module._trainer
+    if trainer is not None and trainer.world_size > 1:
+        root, ext = os.path.splitext(path)
+        path = f"{root}.rank{trainer.global_rank}{ext}"
+    return path
 
 
 def load_predict_thresholds(module: DMPOModule) -> None:
     """Refuse an existing predictions file; load the thresholds calibrated for ``predict_budget``."""
     from dmpo_lightning.evaluation.runner import load_temperatures, load_thresholds
 
-    h = module.hparams
-    path = module._predictions_path()
+    o = module.evaluation_options
+    path = predictions_path(module)
     if os.path.exists(path):
         raise FileExistsError(
-            f"{path} exists; set model.init_args.predictions_file to a new path or move the old file away"
+            f"{path} exists; set model.init_args.evaluation.predictions_file to a new path or move the old "
+            "file away"
         )
-    if h.thresholds_file is None:
-        if h.predict_budget is not None:
+    if o.thresholds_file is None:
+        if o.predict_budget is not None:
             raise ValueError(
-                "predict_budget needs model.thresholds_file (the thresholds.json written by `dmpo test`)"
+                "evaluation.predict_budget needs evaluation.thresholds_file (the thresholds.json written by "
+                "`dmpo test`)"
             )
         if bool(torch.isinf(module.exit_thresholds[:-1]).all()):
             rank_zero_warn(
-                "dmpo predict runs without thresholds (no model.thresholds_file): every sample goes to "
+                "dmpo predict runs without thresholds (no evaluation.thresholds_file): every sample goes to "
                 "the last exit. Run `dmpo test` first and pass its thresholds.json and a predict_budget."
             )
         return
+    trainer = module._trainer
     thresholds = load_thresholds(
-        h.thresholds_file,
-        h.predict_budget,
+        o.thresholds_file,
+        o.predict_budget,
         module.model_fingerprint(),
-        unit=h.budget_unit,
+        unit=o.budget_unit,
         num_exits=module.num_exits,
-        model_hashes=weight_hashes(module.model, module._ckpt_path()),
-        allow_other_checkpoint=bool(h.get("allow_other_checkpoint_thresholds", False)),
+        model_hashes=weight_hashes(module.model, getattr(trainer, "ckpt_path", None)),
+        allow_other_checkpoint=o.allow_other_checkpoint_thresholds,
     )
     module.exit_thresholds.copy_(torch.tensor(thresholds, dtype=module.exit_thresholds.dtype))
-    temperatures = load_temperatures(h.thresholds_file, module.num_exits)
+    temperatures = load_temperatures(o.thresholds_file, module.num_exits)
     module.exit_temperatures.copy_(torch.tensor(temperatures, dtype=module.exit_temperatures.dtype))
-    rank_zero_info(f"early-exit thresholds for budget {h.predict_budget}: {thresholds}")
+    rank_zero_info(f"early-exit thresholds for budget {o.predict_budget}: {thresholds}")
 
 
 def prediction_class_names(module: DMPOModule) -> list[str]:

@@ -74,23 +74,23 @@ def check_report_dir(path: str) -> None:
     if existing:
         raise ConfigFileExistsError(
             f"{path} already holds a dmpo test report ({', '.join(existing)}); set "
-            "model.init_args.report_dir to a new folder, or move the old report away",
-            option="model.init_args.report_dir",
+            "model.init_args.evaluation.report_dir to a new folder, or move the old report away",
+            option="model.init_args.evaluation.report_dir",
         )
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(
-            f"report_dir {path} is a file; model.init_args.report_dir must be a folder (new or empty)",
-            option="model.init_args.report_dir",
+            f"report_dir {path} is a file; model.init_args.evaluation.report_dir must be a folder (new or empty)",
+            option="model.init_args.evaluation.report_dir",
         )
     # the report is first written to a temporary folder next to ``path``, so its parent must be writable
     _check_writable(
-        os.path.dirname(os.path.abspath(path)), f"report_dir {path}", "model.init_args.report_dir"
+        os.path.dirname(os.path.abspath(path)), f"report_dir {path}", "model.init_args.evaluation.report_dir"
     )
     if os.path.isdir(path):
-        _check_writable(path, f"report_dir {path}", "model.init_args.report_dir")
+        _check_writable(path, f"report_dir {path}", "model.init_args.evaluation.report_dir")
 
 
-def check_output_file(path: str, option: str = "model.init_args.predictions_file") -> None:
+def check_output_file(path: str, option: str = "model.init_args.evaluation.predictions_file") -> None:
     """Refuse an output file that exists, is a folder, or whose folder cannot be created or written.
 
     Raises:
@@ -140,7 +140,7 @@ def check_budgets(budgets: Sequence[float], unit: str, costs: ExitCosts) -> None
             budgets, costs.exit_gflops[0], costs.full_gflops, protocol_budget_unit(unit), "GFLOPs"
         )
     except ValueError as err:
-        raise ConfigError(f"{err}; fix model.init_args.budgets", option="model.init_args.budgets") from None
+        raise ConfigError(f"{err}; fix model.init_args.evaluation.budgets", option="model.init_args.evaluation.budgets") from None
 
 
 def _correct(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -358,7 +358,7 @@ def _write_report_files(
     atomic_write(os.path.join(report_dir, "exit_outputs.pt"), lambda f: torch.save(cache, f))
 
 
-THRESHOLDS_OPTION = "model.init_args.thresholds_file"
+THRESHOLDS_OPTION = "model.init_args.evaluation.thresholds_file"
 
 
 def load_thresholds(
@@ -444,7 +444,7 @@ def _read_thresholds(
     entries = data.get("budgets", [])
     if budget is None:
         raise ValueError(
-            f"choose one of the budgets in {path} with model.init_args.predict_budget: "
+            f"choose one of the budgets in {path} with model.init_args.evaluation.predict_budget: "
             f"{[e['budget'] for e in entries]}"
         )
     want = protocol_budget_unit(unit)
@@ -453,7 +453,7 @@ def _read_thresholds(
             return _check_threshold_list(path, budget, e.get("thresholds"), num_exits)
     raise ValueError(
         f"budget {budget} ({unit}) is not in {path}; available: {[e['budget'] for e in entries]} "
-        "(run `dmpo test` with it in model.init_args.budgets)"
+        "(run `dmpo test` with it in model.init_args.evaluation.budgets)"
     )
 
 
@@ -491,14 +491,14 @@ def _check_weights(path: str, data: Mapping[str, Any], mine: list[str], allow: b
     )
     if allow:
         rank_zero_warn(
-            f"{what}; using them anyway because model.init_args.allow_other_checkpoint_thresholds=true: the "
+            f"{what}; using them anyway because model.init_args.evaluation.allow_other_checkpoint_thresholds=true: the "
             "budgets and accuracies in that file do not hold for these weights"
         )
         return
     raise ValueError(
         f"{what}: early-exit thresholds only fit the weights they were fitted on. Run `dmpo test` with this "
         "checkpoint and use its thresholds.json, or set "
-        "model.init_args.allow_other_checkpoint_thresholds=true to use them anyway"
+        "model.init_args.evaluation.allow_other_checkpoint_thresholds=true to use them anyway"
     )
 
 

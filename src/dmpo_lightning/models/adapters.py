@@ -23,28 +23,50 @@ from dmpo_lightning.constants import PEFT_PREFIX
 from dmpo_lightning.models.checks import check_dropout as _check_dropout
 from dmpo_lightning.models.checks import check_positive_int as _check_positive_int
 from dmpo_lightning.models.registry import Registry
+from dmpo_lightning.options import OptionGroup, register_legacy_names
 
 _BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _EVA_BLOCK_ATTRS = ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma_2", "drop_path2")
 
 
 @dataclass(frozen=True)
-class PeftOptions:
-    """The options of :func:`inject_peft` that a PEFT method's injector reads (see there)."""
+class PeftOptions(OptionGroup):
+    """How the trunk is tuned: ``DMPOModule(peft=...)``, ``MultiExitViT(peft=...)``, :func:`inject_peft`.
 
-    rank: int = 64
-    scale: float = 0.1
-    dropout: float = 0.0
+    In a config: ``model.init_args.peft.method: lora``; on the command line
+    ``--model.init_args.peft.lora_rank 4``.
+    """
+
+    method: PeftMethod = "adaptformer"
+    """Trunk tuning: ``adaptformer``, ``lora``, ``vpt``, ``linear`` (frozen trunk) or ``full``."""
+    adapter_dim: int = 64
+    """AdaptFormer bottleneck width r."""
+    adapter_scale: float = 0.1
+    """AdaptFormer branch scale s."""
+    adapter_dropout: float = 0.0
+    """Dropout inside the adapter branch (AdaptFormer after ReLU, LoRA on its input, VPT on the prompts)."""
     lora_rank: int = 8
+    """LoRA rank."""
     lora_alpha: float = 16.0
-    lora_targets: Sequence[str] = ("qkv",)
-    num_prompts: int = 10
-    deep_prompts: bool = True
-    num_prefix_tokens: int | None = None
+    """LoRA alpha (the update is scaled by ``lora_alpha / lora_rank``)."""
+    lora_targets: tuple[str, ...] = ("qkv",)
+    """Names (or dotted suffixes) of the linear layers LoRA wraps (``qkv``, ``attn.proj``, ``mlp.fc1``)."""
+    vpt_prompts: int = 10
+    """VPT prompt tokens per prompted block."""
+    vpt_deep: bool = True
+    """Deep VPT (own prompts in every block) instead of shallow (first block only)."""
 
 
-PeftInjector = Callable[[nn.Module, "nn.Sequential | nn.ModuleList", list[int], PeftOptions], list[str]]
-"""``inject(model, trunk, block_indices, options) -> replaced module names``: wraps modules in place."""
+register_legacy_names("peft", PeftOptions, {"method": "peft"})
+
+
+PeftInjector = Callable[
+    [nn.Module, "nn.Sequential | nn.ModuleList", list[int], "PeftOptions", "int | None"], list[str]
+]
+"""``inject(model, trunk, block_indices, options, num_prefix_tokens) -> replaced module names``.
+
+Wraps modules in place; ``num_prefix_tokens`` counts the class/register tokens ahead of the patch tokens
+(for methods that add tokens, as VPT does)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +90,7 @@ PEFT_REGISTRY: Registry[PeftSpec] = Registry("PEFT method")
 def register_peft(
     name: str, *, trains: Literal["peft", "all", "none"] = "peft"
 ) -> Callable[[PeftInjector], PeftInjector]:
-    """Decorator registering ``inject(model, trunk, indices, options) -> list[str]`` as PEFT method ``name``.
+    """Decorator registering ``inject(model, trunk, indices, options, num_prefix_tokens)`` as PEFT ``name``.
 
     The injector wraps modules of ``trunk`` (the model's ``blocks``) at the selected block ``indices`` in
     place and returns the replaced modules' names relative to ``model``; parameters it adds must have a
@@ -410,16 +432,8 @@ def _is_peft_name(name: str) -> bool:
 
 def inject_peft(
     model: nn.Module,
-    method: PeftMethod,
+    options: PeftOptions | str = "adaptformer",
     *,
-    rank: int = 64,
-    scale: float = 0.1,
-    dropout: float = 0.0,
-    lora_rank: int = 8,
-    lora_alpha: float = 16.0,
-    lora_targets: Sequence[str] = ("qkv",),
-    num_prompts: int = 10,
-    deep_prompts: bool = True,
     num_prefix_tokens: int | None = None,
     blocks: Sequence[int] | None = None,
 ) -> list[str]:
@@ -429,21 +443,12 @@ def inject_peft(
     :class:`AdaptFormerBlock`; ``lora`` wraps each ``nn.Linear`` inside the selected blocks whose name
     equals or ends with ``"." + target`` for a target in ``lora_targets`` (e.g. ``"qkv"``, ``"attn.proj"``,
     ``"mlp.fc1"``); ``vpt`` wraps the first selected block as the inserting :class:`PromptedBlock` and, if
-    ``deep_prompts``, every later selected block as a replacing one. ``linear`` and ``full`` wrap nothing.
+    ``vpt_deep``, every later selected block as a replacing one. ``linear`` and ``full`` wrap nothing.
     Load pre-trained weights *before* injecting: wrapping moves weights under ``base_layer``.
 
     Args:
         model: A timm ``VisionTransformer`` or any module with a ``blocks`` Sequential/ModuleList.
-        method: PEFT method, one of ``adaptformer``, ``lora``, ``vpt``, ``linear``, ``full``.
-        rank: AdaptFormer bottleneck width.
-        scale: AdaptFormer branch scale.
-        dropout: Dropout inside the adapter branch (AdaptFormer after ReLU, LoRA on its input, VPT on
-            the prompts).
-        lora_rank: LoRA rank.
-        lora_alpha: LoRA alpha (update scaled by ``lora_alpha / lora_rank``).
-        lora_targets: Names (or dotted suffixes of names) of linear layers to adapt with LoRA.
-        num_prompts: VPT prompts per prompted block.
-        deep_prompts: Deep VPT (own prompts in every selected block) or shallow (first block only).
+        options: The :class:`PeftOptions` (or a mapping of them), or just a method name with the defaults.
         num_prefix_tokens: Prefix tokens ahead of the prompts; defaults to ``model.num_prefix_tokens``.
         blocks: Block indices to adapt (negative from the end); ``None`` for all.
 
@@ -458,53 +463,52 @@ def inject_peft(
     Example:
         >>> from timm.models.vision_transformer import VisionTransformer
         >>> vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-        >>> inject_peft(vit, "lora", lora_rank=4)
+        >>> inject_peft(vit, PeftOptions(method="lora", lora_rank=4))
         ['blocks.0.attn.qkv', 'blocks.1.attn.qkv']
         >>> sorted({n.split(".", 2)[2] for n, p in vit.named_parameters() if p.requires_grad})
         ['attn.qkv.peft_lora_a.weight', 'attn.qkv.peft_lora_b.weight']
     """
-    spec = PEFT_REGISTRY.get(method)
-    _check_positive_int(rank, "rank")
-    _check_positive_int(lora_rank, "lora_rank")
-    _check_positive_int(num_prompts, "num_prompts")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    _check_dropout(dropout)
+    o = PeftOptions(method=options) if isinstance(options, str) else PeftOptions.coerce(options, name="peft")
+    spec = PEFT_REGISTRY.get(o.method)
+    _check_positive_int(o.adapter_dim, "adapter_dim")
+    _check_positive_int(o.lora_rank, "lora_rank")
+    _check_positive_int(o.vpt_prompts, "vpt_prompts")
+    if not math.isfinite(o.adapter_scale):
+        raise ValueError(f"adapter_scale must be a finite number, got {o.adapter_scale!r}")
+    _check_dropout(o.adapter_dropout, "adapter_dropout")
     wrapped = [n for n, m in model.named_modules() if isinstance(m, _WRAPPERS)] or peft_parameter_names(model)
     if wrapped:
         raise ValueError(f"model already has PEFT wrappers (e.g. {wrapped[0]!r}); inject_peft must run once")
     trunk = _get_blocks(model)
     indices = _normalise_block_indices(blocks, len(trunk))
-    options = PeftOptions(
-        rank=rank,
-        scale=scale,
-        dropout=dropout,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_targets=lora_targets,
-        num_prompts=num_prompts,
-        deep_prompts=deep_prompts,
-        num_prefix_tokens=num_prefix_tokens,
-    )
-    replaced = spec.inject(model, trunk, indices, options)
-    mark_trainable(model, method)
+    npt = getattr(model, "num_prefix_tokens", None) if num_prefix_tokens is None else num_prefix_tokens
+    replaced = spec.inject(model, trunk, indices, o, npt)
+    mark_trainable(model, o.method)
     return replaced
 
 
 @register_peft("adaptformer")
 def _inject_adaptformer(
-    model: nn.Module, trunk: nn.Sequential | nn.ModuleList, indices: list[int], o: PeftOptions
+    model: nn.Module,
+    trunk: nn.Sequential | nn.ModuleList,
+    indices: list[int],
+    o: PeftOptions,
+    npt: int | None,
 ) -> list[str]:
     """Wrap each selected block in an :class:`AdaptFormerBlock`."""
     for i in indices:
         kind = EvaAdaptFormerBlock if isinstance(trunk[i], EvaBlock) else AdaptFormerBlock
-        trunk[i] = kind(trunk[i], rank=o.rank, scale=o.scale, dropout=o.dropout)
+        trunk[i] = kind(trunk[i], rank=o.adapter_dim, scale=o.adapter_scale, dropout=o.adapter_dropout)
     return [f"blocks.{i}" for i in indices]
 
 
 @register_peft("lora")
 def _inject_lora(
-    model: nn.Module, trunk: nn.Sequential | nn.ModuleList, indices: list[int], o: PeftOptions
+    model: nn.Module,
+    trunk: nn.Sequential | nn.ModuleList,
+    indices: list[int],
+    o: PeftOptions,
+    npt: int | None,
 ) -> list[str]:
     """Wrap each matching ``nn.Linear`` of the selected blocks in a :class:`LoRALinear`."""
     lora_targets = o.lora_targets
@@ -520,7 +524,9 @@ def _inject_lora(
                         f"LoRA target {full_name!r} is a {type(sub).__name__}, not nn.Linear; "
                         "choose linear layers (e.g. 'qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')"
                     )
-                _set_submodule(model, full_name, LoRALinear(sub, o.lora_rank, o.lora_alpha, o.dropout))
+                _set_submodule(
+                    model, full_name, LoRALinear(sub, o.lora_rank, o.lora_alpha, o.adapter_dropout)
+                )
                 replaced.append(full_name)
                 parent: Any = model.get_submodule(full_name.rpartition(".")[0])
                 if sub_name.rpartition(".")[2] == "qkv" and getattr(parent, "q_bias", None) is not None:
@@ -539,33 +545,40 @@ def _inject_lora(
 
 @register_peft("vpt")
 def _inject_vpt(
-    model: nn.Module, trunk: nn.Sequential | nn.ModuleList, indices: list[int], o: PeftOptions
+    model: nn.Module,
+    trunk: nn.Sequential | nn.ModuleList,
+    indices: list[int],
+    o: PeftOptions,
+    npt: int | None,
 ) -> list[str]:
     """Wrap the first selected block as the inserting :class:`PromptedBlock` (and later ones, if deep)."""
-    npt = getattr(model, "num_prefix_tokens", None) if o.num_prefix_tokens is None else o.num_prefix_tokens
     if not isinstance(npt, int) or npt < 0:
         raise ValueError(
             f"num_prefix_tokens must be an int >= 0 (the model has no `num_prefix_tokens`), got {npt!r}"
         )
     dim = _token_dim(model, trunk[indices[0]])
     bound = _vpt_init_bound(model, dim)
-    chosen = indices if o.deep_prompts else indices[:1]
+    chosen = indices if o.vpt_deep else indices[:1]
     # Attention layers that count prefix tokens themselves (timm's EvaAttention: RoPE rotates only the
     # tokens after them) must count the prompts too, from the inserting block on.
     for i in range(chosen[0], len(trunk)):
         for sub in trunk[i].modules():
             if isinstance(getattr(sub, "num_prefix_tokens", None), int) and sub is not trunk[i]:
-                sub.num_prefix_tokens = npt + o.num_prompts  # type: ignore[assignment]
+                sub.num_prefix_tokens = npt + o.vpt_prompts  # type: ignore[assignment]
     for j, i in enumerate(chosen):
         trunk[i] = PromptedBlock(
-            trunk[i], dim, o.num_prompts, npt, insert=j == 0, init_bound=bound, dropout=o.dropout
+            trunk[i], dim, o.vpt_prompts, npt, insert=j == 0, init_bound=bound, dropout=o.adapter_dropout
         )
     return [f"blocks.{i}" for i in chosen]
 
 
 @register_peft("linear", trains="none")
 def _inject_nothing_frozen(
-    model: nn.Module, trunk: nn.Sequential | nn.ModuleList, indices: list[int], o: PeftOptions
+    model: nn.Module,
+    trunk: nn.Sequential | nn.ModuleList,
+    indices: list[int],
+    o: PeftOptions,
+    npt: int | None,
 ) -> list[str]:
     """``linear``: a frozen trunk (only the exit heads train)."""
     return []
@@ -573,7 +586,11 @@ def _inject_nothing_frozen(
 
 @register_peft("full", trains="all")
 def _inject_nothing_all_trained(
-    model: nn.Module, trunk: nn.Sequential | nn.ModuleList, indices: list[int], o: PeftOptions
+    model: nn.Module,
+    trunk: nn.Sequential | nn.ModuleList,
+    indices: list[int],
+    o: PeftOptions,
+    npt: int | None,
 ) -> list[str]:
     """``full``: full fine-tuning of the trunk."""
     return []

@@ -129,7 +129,7 @@ class EarlyExitEngine:
             if scorer is None:
                 scorer = module.exit_scorer()
                 scorer_is_local = bool(getattr(module, "score_exits_is_local", False))
-            rule = module.hparams.exit_rule
+            rule = module.evaluation_options.rule
             stored = getattr(module, "exit_temperatures", None)
             if temperatures is None and isinstance(stored, Tensor) and not bool((stored == 1).all()):
                 temperatures = stored

@@ -6,7 +6,7 @@ Pure ``nn.Module`` (no Lightning), so it can be used, exported and tested withou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dmpo_lightning.constants import EXITS_ATTR, PEFT_PREFIX
-from dmpo_lightning.models.adapters import PeftMethod, inject_peft, num_prompt_tokens
+from dmpo_lightning.models.adapters import PeftOptions, inject_peft, num_prompt_tokens
 from dmpo_lightning.models.backbone import (
     backbone_depth,
     embed_tokens_and_rope,
@@ -34,8 +34,19 @@ from dmpo_lightning.models.heads import (
     PredictorKind,
     build_predictor,
 )
+from dmpo_lightning.options import OptionGroup, register_legacy_names
 
-__all__ = ["EarlyExitOutput", "ExitPolicy", "ExitRule", "HeadKind", "MultiExitViT", "Scorer", "eval_mode"]
+__all__ = [
+    "EarlyExitOutput",
+    "ExitOptions",
+    "ExitPolicy",
+    "ExitRule",
+    "HeadKind",
+    "MultiExitViT",
+    "PeftOptions",
+    "Scorer",
+    "eval_mode",
+]
 
 HeadKind = PredictorKind
 """The registered predictors (:data:`~dmpo_lightning.models.heads.PredictorKind`; kept under this name)."""
@@ -76,6 +87,49 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = True
 
 
+@dataclass(frozen=True)
+class ExitOptions(OptionGroup):
+    """Where the exits sit and what each one is: ``DMPOModule(exits=...)``, ``MultiExitViT(exits=...)``.
+
+    In a config: ``model.init_args.exits.blocks: [3, 6, 9, 12]``; on the command line
+    ``--model.init_args.exits.early_head linear``. Each DMPO component can be switched off for ablations:
+    ``bypass: false``, ``early_head: linear``.
+    """
+
+    blocks: int | tuple[int, ...] | None = None
+    """Exit positions: 1-based block numbers, negative from the end; an int n = the last n blocks;
+    ``None`` = 4 evenly spaced exits ({3, 6, 9, 12} for 12 blocks)."""
+    require_last_exit: bool = True
+    """Require the last exit after the last block."""
+    bypass: bool = True
+    """A bypass module in front of each early exit's predictor."""
+    bypass_dim: int | None = None
+    """Bypass bottleneck width (``None`` = D / 4)."""
+    detach_trunk: bool = False
+    """Early exits' gradients do not reach the trunk (ablation)."""
+    early_head: PredictorKind = "moment"
+    """Predictor of the early exits: ``moment`` (default), ``isqrt_cov`` or ``linear``."""
+    final_head: PredictorKind = "linear"
+    """Predictor of the last exit (``linear`` = the backbone's own head: its final norm, then SigLIP's
+    attention pool, DeiT's class + distillation token classifiers, or the pooling of ``head_pool``, then a
+    new Linear)."""
+    head_pool: Literal["token", "avg"] = "token"
+    """Pooling of ``linear`` predictors: class token or mean of the patch tokens."""
+    moment_dim: int = 512
+    """Projection width of ``moment`` predictors."""
+    moment_groups: int = 4
+    """Channel groups of ``moment`` predictors."""
+    cov_dim: int = 64
+    """Reduced width d of ``isqrt_cov`` predictors."""
+    cov_iterations: int = 5
+    """Newton-Schulz iterations of ``isqrt_cov`` predictors."""
+    head_dropout: float = 0.0
+    """Dropout before the classifier of every predictor."""
+
+
+register_legacy_names("exits", ExitOptions, {"blocks": "exit_blocks"})
+
+
 class MultiExitViT(nn.Module):
     """A timm vision transformer with parameter-efficient tuning and early-exit heads.
 
@@ -87,31 +141,17 @@ class MultiExitViT(nn.Module):
         backbone: A timm ``VisionTransformer`` or ``Eva`` built with ``num_classes=0``
             (:func:`~dmpo_lightning.models.backbone.build_backbone`; families in docs/backbones.md).
         num_classes: Classes of every exit.
-        exit_blocks: Exit positions (see :func:`~dmpo_lightning.models.backbone.resolve_exit_blocks`).
-        require_last_exit: Require the last exit after the last block.
-        peft: How the trunk is tuned: ``adaptformer``, ``lora``, ``vpt``, ``linear`` (frozen) or ``full``.
-        adapter_dim: AdaptFormer bottleneck width r.
-        adapter_scale: AdaptFormer scale s.
-        adapter_dropout: Dropout inside adapters.
-        lora_rank: LoRA rank.
-        lora_alpha: LoRA alpha (scale alpha / rank).
-        lora_targets: Module names (or dotted suffixes) LoRA wraps.
-        vpt_prompts: VPT prompt tokens per block.
-        vpt_deep: Deep VPT (new prompts at every block) instead of shallow (first block only).
-        bypass: Give each early exit a bypass module.
-        bypass_dim: Bypass bottleneck width (``None`` = D / 4).
-        detach_trunk: Stop early exits' gradients from reaching the trunk (ablation).
-        early_head: Predictor of the early exits.
-        final_head: Predictor of the last exit (``linear`` = the backbone's own head: its final norm, then
-            SigLIP's attention pool, DeiT's class + distillation token classifiers, or the pooling of
-            ``head_pool`` (``avg`` with timm's ``fc_norm`` after the mean), then a new Linear).
-        head_pool: Pooling of ``linear`` predictors: class token or mean of patch tokens (not used by an
-            attention-pool final head).
-        moment_dim: Projection width of the ``moment`` predictor.
-        moment_groups: Channel groups of the ``moment`` predictor.
-        cov_dim: Reduced width d of the ``isqrt_cov`` predictor.
-        cov_iterations: Newton-Schulz iterations of the ``isqrt_cov`` predictor.
-        head_dropout: Dropout before the classifier of every predictor.
+        exits: The exits (:class:`ExitOptions`, or a mapping of its fields); ``None`` = the defaults.
+        peft: How the trunk is tuned (:class:`~dmpo_lightning.models.adapters.PeftOptions`, a mapping of
+            its fields, or a method name); ``None`` = AdaptFormer with the defaults.
+
+    Example:
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+        >>> exits = ExitOptions(blocks=(2, 4), early_head="linear")
+        >>> model = MultiExitViT(vit, 5, exits, PeftOptions("lora"))
+        >>> model.exit_blocks, [tuple(z.shape) for z in model(torch.randn(3, 3, 16, 16))]
+        ((2, 4), [(3, 5), (3, 5)])
     """
 
     exits: nn.ModuleList  # registered under EXITS_ATTR in __init__
@@ -120,29 +160,8 @@ class MultiExitViT(nn.Module):
         self,
         backbone: nn.Module,
         num_classes: int,
-        exit_blocks: int | Sequence[int] | None = None,
-        *,
-        require_last_exit: bool = True,
-        peft: PeftMethod = "adaptformer",
-        adapter_dim: int = 64,
-        adapter_scale: float = 0.1,
-        adapter_dropout: float = 0.0,
-        lora_rank: int = 8,
-        lora_alpha: float = 16.0,
-        lora_targets: Sequence[str] = ("qkv",),
-        vpt_prompts: int = 10,
-        vpt_deep: bool = True,
-        bypass: bool = True,
-        bypass_dim: int | None = None,
-        detach_trunk: bool = False,
-        early_head: HeadKind = "moment",
-        final_head: HeadKind = "linear",
-        head_pool: Literal["token", "avg"] = "token",
-        moment_dim: int = 512,
-        moment_groups: int = 4,
-        cov_dim: int = 64,
-        cov_iterations: int = 5,
-        head_dropout: float = 0.0,
+        exits: ExitOptions | Mapping[str, Any] | None = None,
+        peft: PeftOptions | Mapping[str, Any] | str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -150,31 +169,23 @@ class MultiExitViT(nn.Module):
                 f"num_classes must be an integer >= 2 (a classifier needs at least two classes), got "
                 f"{num_classes!r}; set num_classes to the dataset's class count"
             )
+        e = self.exit_options = ExitOptions.coerce(exits, name="exits")
+        p = self.peft_options = (
+            PeftOptions(method=peft) if isinstance(peft, str) else PeftOptions.coerce(peft, name="peft")
+        )
         self.backbone = backbone
         vit: Any = backbone  # timm ViT / Eva: its attributes are not typed on nn.Module
         self.num_classes = num_classes
         self.exit_blocks = resolve_exit_blocks(
-            exit_blocks, backbone_depth(backbone), require_last=require_last_exit
+            e.blocks, backbone_depth(backbone), require_last=e.require_last_exit
         )
-        self.peft_method = peft
+        self.peft_method = p.method
         try:
-            self.peft_modules = inject_peft(
-                backbone,
-                peft,
-                rank=adapter_dim,
-                scale=adapter_scale,
-                dropout=adapter_dropout,
-                lora_rank=lora_rank,
-                lora_alpha=lora_alpha,
-                lora_targets=tuple(lora_targets),
-                num_prompts=vpt_prompts,
-                deep_prompts=vpt_deep,
-                num_prefix_tokens=num_prefix_tokens(backbone),
-            )
+            self.peft_modules = inject_peft(backbone, p, num_prefix_tokens=num_prefix_tokens(backbone))
         except TypeError as err:  # a block or layer kind the method cannot wrap
             name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
             raise ValueError(
-                f"peft={peft!r} is not supported on backbone {name!r} ({type(vit.blocks[0]).__name__} "
+                f"peft={p.method!r} is not supported on backbone {name!r} ({type(vit.blocks[0]).__name__} "
                 f"blocks): {err}; choose another peft method or backbone"
             ) from err
         dim = int(vit.embed_dim)
@@ -186,9 +197,10 @@ class MultiExitViT(nn.Module):
         class_token = getattr(backbone, "cls_token", None) is not None
         # The final linear exit is the backbone's own head: attention pooling (SigLIP's attn_pool) and
         # DeiT's class + distillation token classifiers are kept; otherwise the final norm + a new Linear.
-        attn_pool = getattr(backbone, "attn_pool", None) if final_head == "linear" else None
+        head_pool = e.head_pool
+        attn_pool = getattr(backbone, "attn_pool", None) if e.final_head == "linear" else None
         distilled = getattr(backbone, "dist_token", None) is not None and head_pool == "token"
-        token_pooled = early_head == "linear" or (final_head == "linear" and attn_pool is None)
+        token_pooled = e.early_head == "linear" or (e.final_head == "linear" and attn_pool is None)
         if head_pool == "token" and not class_token and token_pooled:
             raise ValueError(
                 f"head_pool='token' needs a class token, but the backbone has none (its "
@@ -198,40 +210,38 @@ class MultiExitViT(nn.Module):
         predictor_options: dict[str, Any] = dict(
             class_token=class_token,
             pool=head_pool,
-            proj_dim=moment_dim,
-            groups=moment_groups,
-            reduce_dim=cov_dim,
-            iterations=cov_iterations,
-            dropout=head_dropout,
+            proj_dim=e.moment_dim,
+            groups=e.moment_groups,
+            reduce_dim=e.cov_dim,
+            iterations=e.cov_iterations,
+            dropout=e.head_dropout,
         )
-        exits = []
+        heads = []
         for k in range(len(self.exit_blocks)):
             last = k == len(self.exit_blocks) - 1
-            kind = final_head if last else early_head
+            kind = e.final_head if last else e.early_head
             if last and kind == "linear":
                 predictor = self._final_linear_head(
                     backbone, attn_pool, distilled, dim, num_classes, prefix, head_pool, predictor_options
                 )
             else:
                 predictor = build_predictor(kind, dim, num_classes, prefix, **predictor_options)
-            exits.append(
+            heads.append(
                 ExitHead(
                     predictor,
-                    bypass=Bypass(dim, bypass_dim) if bypass and not last else None,
-                    detach_input=detach_trunk and not last,
+                    bypass=Bypass(dim, e.bypass_dim) if e.bypass and not last else None,
+                    detach_input=e.detach_trunk and not last,
                 )
             )
-        setattr(self, EXITS_ATTR, nn.ModuleList(exits))
+        setattr(self, EXITS_ATTR, nn.ModuleList(heads))
         # The backbone's own final norm and head are replaced by the last exit head; keep them out of the
         # trainable set in every mode so "full" fine-tuning does not carry dead parameters.
-        for p in vit.norm.parameters():
-            p.requires_grad_(False)
-        for p in vit.fc_norm.parameters():
-            p.requires_grad_(False)
+        for param in (*vit.norm.parameters(), *vit.fc_norm.parameters()):
+            param.requires_grad_(False)
         unused_pool: nn.Module | None = getattr(backbone, "attn_pool", None)
         if unused_pool is not None:  # still in the backbone: the final exit is not the linear head
-            for p in unused_pool.parameters():
-                p.requires_grad_(False)
+            for param in unused_pool.parameters():
+                param.requires_grad_(False)
 
     @staticmethod
     def _final_linear_head(
