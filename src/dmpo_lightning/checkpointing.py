@@ -26,14 +26,17 @@ from typing import Any
 
 import torch
 
-from dmpo_lightning.constants import ARCHITECTURE_KEYS
+from dmpo_lightning.constants import ARCHITECTURE_KEYS, THRESHOLDS_FINGERPRINT_KEYS
 from dmpo_lightning.serialization import UnsafeLoadWarning, weights_only_refusal
 
 __all__ = [
     "check_architecture",
+    "check_checkpoint",
     "checkpoint_hash",
     "load_checkpoint_safely",
+    "model_fingerprint",
     "restoring_from_checkpoint",
+    "store_class_names",
     "weight_hashes",
     "weights_from_checkpoint",
     "weights_hash",
@@ -196,3 +199,42 @@ def weight_hashes(model: torch.nn.Module, ckpt_path: str | None) -> list[str]:
     """Every hash ``dmpo test`` may have stored for these weights: in memory and of the checkpoint file."""
     file_hash = _file_hash(ckpt_path)
     return [weights_hash(model)] + ([file_hash] if file_hash else [])
+
+
+def model_fingerprint(hparams: Mapping[str, Any], exit_blocks: Sequence[int]) -> dict[str, Any]:
+    """What a ``thresholds.json`` records and must match (:data:`THRESHOLDS_FINGERPRINT_KEYS`, flat names).
+
+    ``exit_blocks`` are the resolved positions (a count such as ``blocks: 2`` becomes the block numbers).
+    """
+    from dmpo_lightning.options import flat_options
+
+    flat = flat_options(hparams)
+    fingerprint = {key: flat[key] for key in THRESHOLDS_FINGERPRINT_KEYS}
+    fingerprint["exit_blocks"] = list(exit_blocks)
+    return fingerprint
+
+
+def store_class_names(module: Any, checkpoint: dict[str, Any]) -> None:
+    """``checkpoint["class_names"]``: the data module's class names, else the module's, when known."""
+    names = module.class_names
+    trainer = module._trainer
+    classes = getattr(getattr(trainer, "datamodule", None), "classes", None) if trainer is not None else None
+    if classes is not None and len(classes) == module.hparams.num_classes:
+        names = [str(c) for c in classes]
+    if names is not None:
+        checkpoint["class_names"] = list(names)
+
+
+def check_checkpoint(module: Any, checkpoint: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint of another architecture than ``module``'s; restore its class names.
+
+    Raises:
+        ValueError: See :func:`check_architecture` (grouped and flat hyperparameters are both understood).
+    """
+    from dmpo_lightning.options import flat_options
+
+    saved = flat_options(checkpoint.get("hyper_parameters", {}))
+    check_architecture(saved, module.model_fingerprint(), flat_options(module.hparams), module.model.backbone)
+    names = checkpoint.get("class_names")
+    if isinstance(names, (list, tuple)) and len(names) == module.hparams.num_classes:
+        module.class_names = [str(c) for c in names]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["distillation_losses", "exit_cross_entropies", "weighted_sum"]
+__all__ = ["check_finite_loss", "distillation_losses", "exit_cross_entropies", "weighted_sum"]
 
 
 def exit_cross_entropies(
@@ -45,3 +45,13 @@ def distillation_losses(logits: Sequence[torch.Tensor], temperature: float = 4.0
 def weighted_sum(per_exit: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_k weights[k] * per_exit[k]``."""
     return (per_exit * weights.to(per_exit)).sum()
+
+
+def check_finite_loss(loss: torch.Tensor, parts: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    """Raise ``FloatingPointError`` (naming the per-exit parts and what to try) if ``loss`` is not finite."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"training loss is {loss.detach().item()} at epoch {epoch}, global step {step} "
+            f"(per-exit parts: { {k: round(float(v), 4) for k, v in parts.items()} }); "
+            "lower the learning rate, check the inputs for NaN/inf, or use precision 32"
+        )

@@ -13,40 +13,30 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
+from dmpo_lightning import checkpointing
 from dmpo_lightning.callbacks import EpochSeed, LossWeightScheduler
-from dmpo_lightning.checkpointing import (
-    check_architecture,
-    load_checkpoint_safely,
-    restoring_from_checkpoint,
-    weights_from_checkpoint,
-)
-from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, THRESHOLDS_FINGERPRINT_KEYS
-from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions, split_of_batch
-from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
+from dmpo_lightning.checkpointing import restoring_from_checkpoint, weights_from_checkpoint
+from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
+from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions, test_outputs
+from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs, default_input_shape
+from dmpo_lightning.evaluation.metrics import exit_accuracy
 from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter, predict_batch
-from dmpo_lightning.losses import distillation_losses, exit_cross_entropies, weighted_sum
+from dmpo_lightning.losses import check_finite_loss, distillation_losses, exit_cross_entropies, weighted_sum
 from dmpo_lightning.models.adapters import PeftOptions
-from dmpo_lightning.models.backbone import build_backbone
+from dmpo_lightning.models.backbone import build_backbone, warn_if_frozen_random_trunk
 from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.models.multi_exit import EarlyExitOutput, ExitOptions, MultiExitViT
-from dmpo_lightning.optim import default_optimizer, param_groups, warmup_cosine
-from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, OptionGroup, flat_options, merge_legacy_options
+from dmpo_lightning.optim import default_optimizer, format_parameter_budget, param_groups, warmup_cosine
+from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, merge_legacy_options
 from dmpo_lightning.schedules import ScheduleOptions, preset_weights
 from dmpo_lightning.serialization import export_trainable, module_from_trainable
 
 __all__ = ["DMPOModule", "weights_from_checkpoint"]
 
-_GROUPS: dict[str, type[OptionGroup]] = {
-    "peft": PeftOptions,
-    "exits": ExitOptions,
-    "schedule": ScheduleOptions,
-    "evaluation": EvaluationOptions,
-}
+_GROUPS = dict(peft=PeftOptions, exits=ExitOptions, schedule=ScheduleOptions, evaluation=EvaluationOptions)
 
 
 class DMPOModule(pl.LightningModule):
@@ -67,8 +57,7 @@ class DMPOModule(pl.LightningModule):
         checkpoint_path: Local timm checkpoint file for the backbone (no download; implies pretrained).
         img_size: Input resolution (``None`` = the backbone's default).
         in_chans: Input channels (1 for grey images; pre-trained patch embeddings are adapted by timm).
-        backbone_kwargs: Extra timm constructor arguments (``depth``, ``embed_dim``, ``patch_size``,
-            ``num_heads``, ``drop_path_rate``...), for small models.
+        backbone_kwargs: Extra timm constructor arguments (``depth``, ``embed_dim``, ``patch_size``...).
         peft: Trunk tuning (:class:`~dmpo_lightning.models.adapters.PeftOptions`: method, AdaptFormer /
             LoRA / VPT settings); a mapping of its fields works too.
         exits: Exit positions, bypasses and predictors
@@ -83,9 +72,8 @@ class DMPOModule(pl.LightningModule):
         optimizer: Optimizer factory (default AdamW, lr 1e-3, weight decay 0.05).
         lr_scheduler: Scheduler factory; ``None`` = linear warm-up then cosine, stepped per batch.
         warmup_fraction: Warm-up share of all steps for the default scheduler.
-        **legacy_options: The flat names of checkpoints and scripts from before the option groups
-            (``exit_blocks=``, ``adapter_dim=``, ``exit_rule=``...): each is moved into its group, with a
-            ``FutureWarning`` from Python (checkpoints load silently). Any other name is refused.
+        **legacy_options: Flat names of older versions (``exit_blocks=``, ``exit_rule=``...), moved into
+            their groups (``FutureWarning`` from Python; checkpoints load silently); other names are refused.
     """
 
     class_names: list[str] | None = None
@@ -129,11 +117,10 @@ class DMPOModule(pl.LightningModule):
         # plain dicts for save_hyperparameters (it reads these locals)
         peft, exits, schedule, evaluation = groups.values()  # type: ignore[assignment]
         legacy_options = {}  # moved into the groups: not hyperparameters of their own
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        for name in LEGACY_FLAT_OPTIONS:  # the CLI's given hparams of an old checkpoint may still hold them
-            if name not in _GROUPS:
-                self.hparams.pop(name, None)
-        self.hparams.update(groups)
+        self.save_hyperparameters(
+            ignore=["optimizer", "lr_scheduler", *LEGACY_FLAT_OPTIONS.keys() - _GROUPS.keys()]
+        )
+        self.hparams.update(groups)  # the CLI's given hparams (of an old checkpoint too) hold other forms
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.model = self.build_model()
@@ -155,7 +142,7 @@ class DMPOModule(pl.LightningModule):
         self.register_buffer("exit_temperatures", torch.ones(k), persistent=False)
         self.metrics = nn.ModuleDict(
             {
-                f"{stage}_exit{i}": self._exit_metrics(num_classes).clone(prefix=f"{stage}/")
+                f"{stage}_exit{i}": exit_accuracy(num_classes).clone(prefix=f"{stage}/")
                 for stage in ("train", "val")
                 for i in range(k)
             }
@@ -184,21 +171,14 @@ class DMPOModule(pl.LightningModule):
         """Exit rule, calibration, budgets and the files of ``dmpo test`` / ``dmpo predict``."""
         return EvaluationOptions.coerce(self.hparams.evaluation, name="evaluation")
 
-    # ----------------------------------------------------------------------------------------------
     # Extension points
     def build_model(self) -> MultiExitViT:
         """Build the pure model from ``self.hparams``. Override to change the backbone or heads."""
         h = self.hparams
         peft = self.peft_options
         restoring = restoring_from_checkpoint()  # the checkpoint holds the backbone's weights too
-        if not restoring and not h.pretrained and h.checkpoint_path is None and peft.method != "full":
-            rank_zero_warn(
-                f"peft.method={peft.method!r} freezes the trunk of backbone {h.backbone!r}, but "
-                "pretrained=false and no checkpoint_path is set: the frozen trunk keeps its random initial "
-                "weights. Set pretrained=true (or checkpoint_path=<timm weights file>), or use "
-                "peft.method='full' to train from scratch",
-                category=UserWarning,
-            )
+        if not restoring:
+            warn_if_frozen_random_trunk(h.backbone, h.pretrained, h.checkpoint_path, peft.method)
         backbone = build_backbone(
             h.backbone,
             pretrained=h.pretrained and not restoring,
@@ -227,10 +207,7 @@ class DMPOModule(pl.LightningModule):
         return loss, parts
 
     score_exits_is_local: bool = False
-    """``True`` if :meth:`score_exits` scores exit k from exit k's logits alone (e.g. a margin rule).
-
-    The real early exit then calls it with one exit's logits and skips the heads of disabled exits.
-    """
+    """``True`` if :meth:`score_exits` scores exit k from its own logits (the early exit then skips heads)."""
 
     def score_exits(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample, per-exit scores and predictions ``([B, K], [B, K])`` under ``evaluation.rule``.
@@ -249,18 +226,10 @@ class DMPOModule(pl.LightningModule):
         """
         return None if type(self).score_exits is DMPOModule.score_exits else self.score_exits
 
-    # ----------------------------------------------------------------------------------------------
     @property
     def num_exits(self) -> int:
         """Number of exits K."""
         return self.model.num_exits
-
-    @staticmethod
-    def _exit_metrics(num_classes: int) -> MetricCollection:
-        metrics: dict[str, Any] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
-        if num_classes > 5:
-            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        return MetricCollection(metrics)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit ``[B, num_classes]`` (a list of K tensors)."""
@@ -275,16 +244,9 @@ class DMPOModule(pl.LightningModule):
         """
         t = self.exit_thresholds if thresholds is None else thresholds
         temps = None if bool((self.exit_temperatures == 1).all()) else self.exit_temperatures
-        return self.model.forward_early_exit(
-            x,
-            t,
-            self.evaluation_options.rule,
-            self.exit_scorer(),
-            scorer_is_local=self.score_exits_is_local,
-            temperatures=temps,
-        )
+        rule, scorer, local = self.evaluation_options.rule, self.exit_scorer(), self.score_exits_is_local
+        return self.model.forward_early_exit(x, t, rule, scorer, scorer_is_local=local, temperatures=temps)
 
-    # ----------------------------------------------------------------------------------------------
     def _shared_step(
         self, batch: dict[str, torch.Tensor], stage: str
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -292,30 +254,14 @@ class DMPOModule(pl.LightningModule):
         logits = self(x)
         loss, parts = self.compute_loss(logits, y)
         bs = x.shape[0]
-        if stage == "train" and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.detach().item()} at epoch {self.current_epoch}, "
-                f"global step {self.global_step} "
-                f"(per-exit parts: { {k: round(float(v), 4) for k, v in parts.items()} }); "
-                "lower the learning rate, check the inputs for NaN/inf, or use precision 32"
-            )
-        self.log(
-            f"{stage}/loss",
-            loss,
-            batch_size=bs,
-            prog_bar=stage != "test",
-            add_dataloader_idx=False,
-            sync_dist=stage != "train",
-        )
-        self.log_dict(
-            {f"{stage}/{k}": v for k, v in parts.items()},
-            batch_size=bs,
-            add_dataloader_idx=False,
-            sync_dist=stage != "train",
-        )
+        if stage == "train":
+            check_finite_loss(loss, parts, self.current_epoch, self.global_step)
+        log: dict[str, Any] = {"batch_size": bs, "add_dataloader_idx": False, "sync_dist": stage != "train"}
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", **log)
+        self.log_dict({f"{stage}/{k}": v for k, v in parts.items()}, **log)
         for k, z in enumerate(logits):
             if stage == "test":
-                break  # test accuracies come from the de-duplicated per-sample outputs (on_test_epoch_end)
+                break  # test accuracies come from the de-duplicated per-sample outputs (the evaluator)
             metrics = self.metrics[f"{stage}_exit{k}"]
             metrics.update(z.detach(), y)
             self.log_dict(
@@ -350,30 +296,11 @@ class DMPOModule(pl.LightningModule):
     def test_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, torch.Tensor]:
-        """Every exit's logits ``[B, K, C]``, scores, predictions ``[B, K]`` of a test or calibration batch.
+        """Every exit's logits ``[B, K, C]``, scores, predictions ``[B, K]`` (the evaluator collects them).
 
-        The evaluator (:class:`~dmpo_lightning.evaluation.evaluator.DMPOEvaluator`) collects them per split;
-        the test split also logs the loss.
+        See :func:`~dmpo_lightning.evaluation.evaluator.test_outputs`; the test split also logs the loss.
         """
-        x, y = batch[IMAGE_KEY], batch[LABEL_KEY]
-        self._input_shape = tuple(x.shape[1:])
-        index = batch.get(INDEX_KEY)
-        if index is None:
-            raise KeyError(
-                f"test batches need an {INDEX_KEY!r} entry (sample index) for the early-exit protocol"
-            )
-        if split_of_batch(batch) == "test":
-            _, logits = self._shared_step(batch, "test")
-        else:
-            logits = self(x)
-        scores, preds = self.score_exits(logits)
-        return {
-            "index": index,
-            "scores": scores,
-            "preds": preds,
-            "target": y,
-            "logits": torch.stack(logits, 1),
-        }
+        return test_outputs(self, batch)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """True early exit: prediction, 0-based exit, score and confidence per sample (``predict_batch``).
@@ -410,51 +337,27 @@ class DMPOModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         """Report the trainable-parameter budget per component."""
-        counts = self.model.count_parameters()
-        rank_zero_info(
-            "trainable parameters: "
-            + ", ".join(f"{k} {v:,}" for k, v in counts.items())
-            + f" ({100 * counts['trainable'] / max(counts['total'], 1):.2f}% of all)"
-        )
+        rank_zero_info(format_parameter_budget(self.model.count_parameters()))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the class names (``checkpoint["class_names"]``, list of str) when they are known."""
-        names = self.class_names
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        classes = getattr(dm, "classes", None)
-        if classes is not None and len(classes) == self.hparams.num_classes:
-            names = [str(c) for c in classes]
-        if names is not None:
-            checkpoint["class_names"] = list(names)
+        checkpointing.store_class_names(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture with a message instead of a size mismatch."""
-        saved = flat_options(checkpoint.get("hyper_parameters", {}))
-        check_architecture(saved, self.model_fingerprint(), flat_options(self.hparams), self.model.backbone)
-        names = checkpoint.get("class_names")
-        if isinstance(names, (list, tuple)) and len(names) == self.hparams.num_classes:
-            self.class_names = [str(c) for c in names]
+        checkpointing.check_checkpoint(self, checkpoint)
 
-    # ----------------------------------------------------------------------------------------------
     def exit_costs(self) -> ExitCosts:
         """Counted per-exit cost at the input size seen in test (cached; depends on architecture only)."""
-        shape = self._input_shape or self._default_input_shape()
+        shape = self._input_shape or default_input_shape(self.model)
         if self._costs is None or self._costs.input_shape != tuple(shape):
             self._costs = count_exit_costs(self.model, shape)
         return self._costs
 
-    def _default_input_shape(self) -> tuple[int, ...]:
-        pe: Any = self.model.backbone.patch_embed
-        return (int(pe.proj.in_channels), *(int(s) for s in pe.img_size))
-
     def model_fingerprint(self) -> dict[str, Any]:
         """What a thresholds file must match to be reused with this model (under the flat option names)."""
-        flat = flat_options(self.hparams)
-        fingerprint = {key: flat[key] for key in THRESHOLDS_FINGERPRINT_KEYS}
-        fingerprint["exit_blocks"] = list(self.model.exit_blocks)  # resolved (e.g. a count -> positions)
-        return fingerprint
+        return checkpointing.model_fingerprint(self.hparams, self.model.exit_blocks)
 
-    # ----------------------------------------------------------------------------------------------
     def export_trainable(self, path: str, *, overwrite: bool = False) -> str:
         """Save what was trained, the thresholds and the config as one ``.safetensors`` file (a few MB).
 
@@ -480,4 +383,4 @@ class DMPOModule(pl.LightningModule):
         Raises:
             ValueError: If the checkpoint holds objects other than tensors and plain values.
         """
-        return load_checkpoint_safely(super().load_from_checkpoint, args, kwargs)  # type: ignore[no-any-return]
+        return checkpointing.load_checkpoint_safely(super().load_from_checkpoint, args, kwargs)  # type: ignore[no-any-return]

@@ -10,7 +10,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
-__all__ = ["default_optimizer", "param_groups", "warmup_cosine"]
+__all__ = ["default_optimizer", "format_parameter_budget", "param_groups", "warmup_cosine"]
 
 
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
@@ -110,3 +110,13 @@ def warmup_cosine(
 
 def _cosine(optimizer: torch.optim.Optimizer, steps: int, eta_min: float) -> CosineAnnealingLR:
     return CosineAnnealingLR(optimizer, T_max=steps, eta_min=eta_min)
+
+
+def format_parameter_budget(counts: dict[str, int]) -> str:
+    """``trainable parameters: trunk 2,208, ..., total 49,708 (17.53% of all)`` (``count_parameters()``)."""
+    share = 100 * counts["trainable"] / max(counts["total"], 1)
+    return (
+        "trainable parameters: "
+        + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        + f" ({share:.2f}% of all)"
+    )

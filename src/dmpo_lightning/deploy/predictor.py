@@ -91,8 +91,8 @@ def _check_budget_choice(manifest: Mapping[str, Any], budget: float) -> Mapping[
     unit = manifest.get("budget_unit", "fraction")
     raise ValueError(
         f"the artefact has no thresholds for budget {budget} ({unit}); it has: "
-        f"{[p['budget'] for p in points]} (calibrate more with `dmpo test --model.init_args.evaluation.budgets=[...]` "
-        "and export again)"
+        f"{[p['budget'] for p in points]} (calibrate more with `dmpo test "
+        "--model.init_args.evaluation.budgets=[...]` and export again)"
     )
 
 

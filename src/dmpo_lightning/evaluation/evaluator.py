@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from dmpo_lightning.checkpointing import checkpoint_hash, weights_hash
-from dmpo_lightning.constants import IMAGE_KEY, SPLIT_KEY
+from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
 from dmpo_lightning.evaluation.calibration import (
     CalibrationMethod,
     ExitLogitsCollector,
@@ -36,7 +36,15 @@ from dmpo_lightning.options import OptionGroup, register_legacy_names
 if TYPE_CHECKING:
     from dmpo_lightning.module import DMPOModule
 
-__all__ = ["DMPOEvaluator", "EvaluationOptions", "as_dmpo_module", "log_dir", "report_dir", "split_of_batch"]
+__all__ = [
+    "DMPOEvaluator",
+    "EvaluationOptions",
+    "as_dmpo_module",
+    "log_dir",
+    "report_dir",
+    "split_of_batch",
+    "test_outputs",
+]
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,24 @@ def log_dir(module: pl.LightningModule) -> str:
 def report_dir(module: DMPOModule) -> str:
     """Where ``dmpo test`` writes: ``evaluation.report_dir``, else ``<log_dir>/dmpo_test``."""
     return module.evaluation_options.report_dir or os.path.join(log_dir(module), "dmpo_test")
+
+
+def test_outputs(module: DMPOModule, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``DMPOModule.test_step``: every exit's logits ``[B, K, C]``, scores and predictions ``[B, K]``.
+
+    Scores come from ``module.score_exits`` (the one scoring path); the test split also logs the loss.
+    """
+    x, y = batch[IMAGE_KEY], batch[LABEL_KEY]
+    module._input_shape = tuple(x.shape[1:])
+    index = batch.get(INDEX_KEY)
+    if index is None:
+        raise KeyError(f"test batches need an {INDEX_KEY!r} entry (sample index) for the early-exit protocol")
+    if split_of_batch(batch) == "test":
+        _, logits = module._shared_step(batch, "test")
+    else:
+        logits = module(x)
+    scores, preds = module.score_exits(logits)
+    return {"index": index, "scores": scores, "preds": preds, "target": y, "logits": torch.stack(logits, 1)}
 
 
 def split_of_batch(batch: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -115,3 +115,9 @@ class _Static(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_static(x)
+
+
+def default_input_shape(model: Any) -> tuple[int, ...]:
+    """``(C, H, W)`` the model's patch embedding was built for (``MultiExitViT``)."""
+    pe: Any = model.backbone.patch_embed
+    return (int(pe.proj.in_channels), *(int(s) for s in pe.img_size))

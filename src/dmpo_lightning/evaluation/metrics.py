@@ -6,12 +6,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.utilities import dim_zero_cat
 
 from dmpo_lightning.evaluation.protocol import assign_exits
 
-__all__ = ["BudgetedAccuracy", "ExitOutputsCollector"]
+__all__ = ["BudgetedAccuracy", "ExitOutputsCollector", "exit_accuracy"]
 
 
 def _check_batch(scores: Tensor, preds: Tensor, target: Tensor, num_exits: int | None = None) -> None:
@@ -187,3 +188,11 @@ class ExitOutputsCollector(Metric):
         keep[1:] = index[1:] != index[:-1]
         order = order[keep]
         return {"index": index[keep], "scores": scores[order], "preds": preds[order], "target": target[order]}
+
+
+def exit_accuracy(num_classes: int) -> MetricCollection:
+    """One exit's accuracy metrics: ``acc`` (top-1) and, for more than 5 classes, ``acc_top5``."""
+    metrics: dict[str, Metric | MetricCollection] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)

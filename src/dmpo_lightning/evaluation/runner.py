@@ -79,7 +79,8 @@ def check_report_dir(path: str) -> None:
         )
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(
-            f"report_dir {path} is a file; model.init_args.evaluation.report_dir must be a folder (new or empty)",
+            f"report_dir {path} is a file; model.init_args.evaluation.report_dir must be a folder (new or "
+            "empty)",
             option="model.init_args.evaluation.report_dir",
         )
     # the report is first written to a temporary folder next to ``path``, so its parent must be writable
@@ -140,7 +141,9 @@ def check_budgets(budgets: Sequence[float], unit: str, costs: ExitCosts) -> None
             budgets, costs.exit_gflops[0], costs.full_gflops, protocol_budget_unit(unit), "GFLOPs"
         )
     except ValueError as err:
-        raise ConfigError(f"{err}; fix model.init_args.evaluation.budgets", option="model.init_args.evaluation.budgets") from None
+        raise ConfigError(
+            f"{err}; fix model.init_args.evaluation.budgets", option="model.init_args.evaluation.budgets"
+        ) from None
 
 
 def _correct(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -491,8 +494,9 @@ def _check_weights(path: str, data: Mapping[str, Any], mine: list[str], allow: b
     )
     if allow:
         rank_zero_warn(
-            f"{what}; using them anyway because model.init_args.evaluation.allow_other_checkpoint_thresholds=true: the "
-            "budgets and accuracies in that file do not hold for these weights"
+            f"{what}; using them anyway because "
+            "model.init_args.evaluation.allow_other_checkpoint_thresholds=true: the budgets and accuracies "
+            "in that file do not hold for these weights"
         )
         return
     raise ValueError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -31,6 +32,7 @@ __all__ = [
     "rope_embedding",
     "run_blocks",
     "uses_rope",
+    "warn_if_frozen_random_trunk",
 ]
 
 
@@ -439,3 +441,18 @@ def explicit_attention(module: nn.Module) -> Iterator[None]:
     finally:
         for layer, value in switched:
             layer.fused_attn = value
+
+
+def warn_if_frozen_random_trunk(
+    name: str, pretrained: bool, checkpoint_path: str | None, peft_method: str
+) -> None:
+    """Warn that a PEFT method other than ``full`` freezes a trunk that has no pre-trained weights."""
+    if pretrained or checkpoint_path is not None or peft_method == "full":
+        return
+    warnings.warn(
+        f"peft.method={peft_method!r} freezes the trunk of backbone {name!r}, but pretrained=false and no "
+        "checkpoint_path is set: the frozen trunk keeps its random initial weights. Set pretrained=true (or "
+        "checkpoint_path=<timm weights file>), or use peft.method='full' to train from scratch",
+        UserWarning,
+        stacklevel=3,
+    )
