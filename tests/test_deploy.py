@@ -23,6 +23,7 @@ from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.flops import count_exit_costs
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.module import DMPOModule
+from dmpo_lightning.options import LEGACY_FLAT_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_HP = dict(
@@ -32,13 +33,22 @@ TINY_HP = dict(
     img_size=32,
     in_chans=3,
     backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
-    exit_blocks=[1, 2, 3, 4],
-    adapter_dim=8,
-    moment_dim=32,
-    cov_dim=8,
-    lora_rank=4,
-    budgets=[0.5, 0.75],
+    exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
+    peft={"adapter_dim": 8, "lora_rank": 4},
+    evaluation={"budgets": [0.5, 0.75]},
 )
+
+
+def tiny_hparams(**overrides) -> dict:
+    """``TINY_HP`` with ``overrides``: top-level options, whole groups, or group fields by their flat name."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_HP.items()}
+    for name, value in overrides.items():
+        if name in LEGACY_FLAT_OPTIONS and not (name == "peft" and isinstance(value, dict)):
+            group, field = LEGACY_FLAT_OPTIONS[name]
+            out.setdefault(group, {})[field] = value
+        else:
+            out[name] = value
+    return out
 SYNTHETIC_DM = {"dataset": "synthetic", "image_size": 32, "in_chans": 3, "timm_model": "vit_tiny_patch16_224"}
 
 
@@ -59,7 +69,7 @@ def make_run(
     not trivially zero; thresholds are score quantiles on random images, so several exits are used.
     """
     torch.manual_seed(seed)
-    module = DMPOModule(**{**TINY_HP, **overrides})
+    module = DMPOModule(**tiny_hparams(**overrides))
     with torch.no_grad():
         for p in module.model.parameters():
             if p.requires_grad:
@@ -78,7 +88,7 @@ def make_run(
     torch.save(payload, ckpt)
     x = torch.randn(64, module.hparams.in_chans, 32, 32)
     with torch.no_grad():
-        scores, _ = exit_scores(module.model(x), module.hparams.exit_rule)
+        scores, _ = exit_scores(module.model(x), module.evaluation_options.rule)
     budgets = []
     for i, (budget, q) in enumerate(zip((0.5, 0.75), quantiles, strict=True)):
         t = (

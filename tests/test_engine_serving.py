@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_deploy import TINY_HP, make_run
+from test_deploy import TINY_HP, make_run, tiny_hparams
 
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
 from dmpo_lightning.data.predict_images import ERROR_KEY
@@ -152,7 +152,7 @@ def _simulated(module, x, thresholds, temperatures):
     with torch.no_grad():
         logits = torch.stack(module.model(x), dim=1)
     scaled = logits / torch.tensor(temperatures).view(1, -1, 1)
-    scores, preds = exit_scores(scaled, module.hparams.exit_rule)
+    scores, preds = exit_scores(scaled, module.hparams.evaluation["rule"])
     exits = assign_exits(scores, torch.tensor(thresholds, dtype=scores.dtype))
     rows = torch.arange(x.shape[0])
     return preds[rows, exits], exits
@@ -220,8 +220,8 @@ def _same_csv(a: str | None, b: str | None) -> None:
 
 
 def _predict_csv(module, x, tmp_path, name, *, batch_size, engine, bad=frozenset()):
-    module.hparams.predict_engine = engine
-    module.hparams.predictions_file = str(tmp_path / f"{name}.csv")
+    module.hparams.evaluation["predict_engine"] = engine
+    module.hparams.evaluation["predictions_file"] = str(tmp_path / f"{name}.csv")
     loader = torch.utils.data.DataLoader(_Images(x, bad), batch_size=batch_size, shuffle=False)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
@@ -241,7 +241,7 @@ def module():
                 p.add_(torch.randn_like(p) * 0.2)
     x = torch.randn(64, 3, 32, 32)
     with torch.no_grad():
-        scores, _ = exit_scores(m.model(x), m.hparams.exit_rule)
+        scores, _ = exit_scores(m.model(x), m.evaluation_options.rule)
     m.exit_thresholds.copy_(torch.tensor([float(scores[:, k].quantile(0.5)) for k in range(3)] + [-math.inf]))
     return m
 
@@ -373,8 +373,8 @@ def test_session_push_and_flush_return_every_batch_once_in_order(module):
 def test_predict_io_is_the_prediction_writer_the_module_brings_along(module, tmp_path):
     from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter
 
-    module.hparams.predict_engine = False
-    module.hparams.predictions_file = str(tmp_path / "w.csv")
+    module.hparams.evaluation["predict_engine"] = False
+    module.hparams.evaluation["predictions_file"] = str(tmp_path / "w.csv")
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
     )

@@ -112,9 +112,10 @@ def flat_options(hparams: Mapping[str, Any]) -> dict[str, Any]:
     Fingerprints of trained models (``thresholds.json``, exports, the architecture check) keep the flat
     names (``exit_blocks``, ``peft``, ``exit_rule``...), so files written before the groups still match.
     """
-    out = dict(group_legacy_hparams(hparams))
+    grouped = group_legacy_hparams(hparams)
+    out = dict(grouped)
     for old, (group, field) in LEGACY_FLAT_OPTIONS.items():
-        values = out.get(group)
+        values = grouped.get(group)  # not `out`: the flat `peft` (the method) replaces the group there
         if isinstance(values, Mapping) and field in values:
             out[old] = _plain(values[field])
         elif isinstance(values, OptionGroup):
