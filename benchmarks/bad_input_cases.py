@@ -106,7 +106,8 @@ def fit(cwd: Path, *options: str) -> Path:
     """A tiny one-epoch fit; returns its checkpoint."""
     cwd.mkdir(parents=True, exist_ok=True)
     status, text = run_dmpo(
-        ["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0", *options], cwd
+        ["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0", *options],
+        cwd,
     )
     if status != 0:
         raise RuntimeError(f"fixture fit {options} failed:\n{text[-3000:]}")
@@ -229,9 +230,8 @@ def check_score_exits(ctx: dict) -> str:
         backbone="vit_tiny_patch16_224",
         img_size=32,
         backbone_kwargs=TINY_KW,
-        exit_blocks=[2, 4],
-        peft="full",
-        moment_dim=16,
+        peft={"method": "full"},
+        exits={"blocks": [2, 4], "moment_dim": 16},
     ).eval()
     with torch.no_grad():
         for p in module.model.parameters():
@@ -261,10 +261,8 @@ def check_eval_mode(ctx: dict) -> str:
         backbone="vit_tiny_patch16_224",
         img_size=32,
         backbone_kwargs=TINY_KW,
-        exit_blocks=[2, 4],
-        early_head="isqrt_cov",
-        cov_dim=8,
-        peft="full",
+        peft={"method": "full"},
+        exits={"blocks": [2, 4], "early_head": "isqrt_cov", "cov_dim": 8},
     ).train()
     bn = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     before = [m.running_mean.clone() for m in bn]
@@ -305,11 +303,9 @@ def check_splits(ctx: dict) -> str:
         backbone="vit_tiny_patch16_224",
         img_size=32,
         backbone_kwargs=TINY_KW,
-        exit_blocks=[2, 4],
-        peft="full",
-        moment_dim=16,
-        budgets=[0.75],
-        report_dir=str(ctx["work"] / "report"),
+        peft={"method": "full"},
+        exits={"blocks": [2, 4], "moment_dim": 16},
+        evaluation={"budgets": [0.75], "report_dir": str(ctx["work"] / "report")},
     )
     trainer = Trainer(
         accelerator="cpu",
@@ -334,10 +330,8 @@ def check_reg_gap(ctx: dict) -> str:
             backbone="vit_betwixt_patch16_reg4_gap_256",
             img_size=32,
             backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-            exit_blocks=[1, 2],
-            moment_dim=16,
-            peft="vpt",
-            head_pool="token",
+            peft={"method": "vpt"},
+            exits={"blocks": [1, 2], "moment_dim": 16, "head_pool": "token"},
         )
     except ValueError as err:
         return f"ValueError: {str(err).splitlines()[0]}"
@@ -711,7 +705,12 @@ CASES = [
         "offline_rebuild",
         "test a checkpoint trained from a weights file after the file moved",
         "test_cli_safety::test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_file_moved",
-        fmt("test", *T, "--ckpt_path={from_file_ckpt}", "--model.init_args.evaluation.report_dir={work}/report"),
+        fmt(
+            "test",
+            *T,
+            "--ckpt_path={from_file_ckpt}",
+            "--model.init_args.evaluation.report_dir={work}/report",
+        ),
         status=0,
         line=r"report written to|test/acc|Test metric",
     ),
@@ -761,13 +760,23 @@ CASES = [
         "rope_lora",
         "EVA02/RoPE ViT with lora",
         "test_bad_input_model::test_rope_vit_through_the_cli",
-        fmt("fit", *T, "--model.init_args.backbone=eva02_tiny_patch14_224", "--model.init_args.peft.method=lora"),
+        fmt(
+            "fit",
+            *T,
+            "--model.init_args.backbone=eva02_tiny_patch14_224",
+            "--model.init_args.peft.method=lora",
+        ),
     ),
     Case(
         "rope_full",
         "EVA02/RoPE ViT with full",
         "test_bad_input_model::test_rope_vit_is_refused_at_construction",
-        fmt("fit", *T, "--model.init_args.backbone=eva02_tiny_patch14_224", "--model.init_args.peft.method=full"),
+        fmt(
+            "fit",
+            *T,
+            "--model.init_args.backbone=eva02_tiny_patch14_224",
+            "--model.init_args.peft.method=full",
+        ),
     ),
     Case(
         "resnet_img_size",

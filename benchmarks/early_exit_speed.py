@@ -74,11 +74,8 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "num_classes": 100,
     "pretrained": False,
     "img_size": 224,
-    "exit_blocks": [3, 6, 9, 12],
-    "peft": "adaptformer",
-    "bypass": True,
-    "early_head": "moment",
-    "final_head": "linear",
+    "peft": {"method": "adaptformer"},
+    "exits": {"blocks": [3, 6, 9, 12], "bypass": True, "early_head": "moment", "final_head": "linear"},
 }
 """The 224 models of ``--synthetic``: defaults of ``DMPOModule`` otherwise (moment heads 512 wide, r = 64)."""
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -88,9 +85,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "img_size": 28,
     "in_chans": 1,
     "backbone_kwargs": {"patch_size": 7, "embed_dim": 192, "depth": 12, "num_heads": 3},
-    "adapter_dim": 16,
-    "moment_dim": 256,
-    "cov_dim": 32,
+    "peft": {"adapter_dim": 16},
+    "exits": {"moment_dim": 256, "cov_dim": 32},
 }
 """``--train-step``: the pre-train-then-tune benchmark's scale (``benchmarks/pretrain_tune.py``)."""
 
@@ -138,7 +134,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=JSON",
-        help="DMPOModule argument of the --synthetic models, e.g. moment_dim=256 (repeatable)",
+        help="DMPOModule argument of the --synthetic models, an option group's field as GROUP.FIELD, e.g. "
+        "exits.moment_dim=256 (repeatable)",
     )
     src.add_argument(
         "--histogram",
@@ -163,7 +160,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=JSON",
-        help="DMPOModule argument of the --train-step models (repeatable)",
+        help="DMPOModule argument of the --train-step models, e.g. exits.blocks=[1,2,3,4] (repeatable)",
     )
     src.add_argument(
         "--set",
@@ -239,7 +236,34 @@ def _key_value(item: str) -> tuple[str, Any]:
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
-        return key, value  # a bare string such as early_head=linear
+        return key, value  # a bare string such as exits.early_head=linear
+
+
+GROUPS = ("peft", "exits", "schedule", "evaluation")
+"""DMPOModule's option groups: ``--synthetic-set exits.moment_dim=256`` sets one field of one."""
+
+
+def with_options(base: dict[str, Any], items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """``base`` DMPOModule kwargs with ``KEY=value`` items applied; ``GROUP.FIELD`` sets a group's field.
+
+    A flat name of the options from before the groups (``exit_blocks``, ``adapter_dim``...) is moved into
+    its group (``dmpo_lightning.options.LEGACY_FLAT_OPTIONS``).
+    """
+    import dmpo_lightning.module  # noqa: F401 (registers the groups' legacy names)
+    from dmpo_lightning.options import LEGACY_FLAT_OPTIONS
+
+    kwargs = {k: dict(v) if k in GROUPS else v for k, v in base.items()}
+    for key, value in items:
+        group, dot, field = key.partition(".")
+        if not dot and key in LEGACY_FLAT_OPTIONS and key not in GROUPS:
+            group, field = LEGACY_FLAT_OPTIONS[key]
+        elif not dot:
+            kwargs[key] = value
+            continue
+        if group not in GROUPS:
+            raise ValueError(f"{key!r}: {group!r} is not an option group ({', '.join(GROUPS)})")
+        kwargs[group] = {**kwargs.get(group, {}), field: value}
+    return kwargs
 
 
 def output_paths(out: str | None) -> tuple[Path, Path] | None:
@@ -284,12 +308,15 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, lis
         info.update(checkpoint=None, trained=False)
     module.eval().to(device)
     dm.setup("test")
-    rule = module.hparams.exit_rule
+    rule = module.evaluation_options.rule
     if args.thresholds:
         from dmpo_lightning.evaluation.runner import load_thresholds
 
         thresholds = load_thresholds(
-            args.thresholds, args.budget, module.model_fingerprint(), unit=module.hparams.budget_unit
+            args.thresholds,
+            args.budget,
+            module.model_fingerprint(),
+            unit=module.evaluation_options.budget_unit,
         )
         info.update(thresholds_source=os.path.abspath(args.thresholds))
         calibrated_for = json.loads(Path(args.thresholds).read_text()).get("checkpoint_hash")
@@ -303,7 +330,7 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, lis
     else:
         thresholds, cal = calibrate(module, dm, args.budget, device, rule)
         info.update(thresholds_source="calibration pass of this model", calibration=cal)
-    info.update(exit_rule=rule, budget=args.budget, budget_unit=module.hparams.budget_unit)
+    info.update(exit_rule=rule, budget=args.budget, budget_unit=module.evaluation_options.budget_unit)
     return module, dm, thresholds, info
 
 
@@ -331,7 +358,7 @@ def calibrate(
         scores.append(s.cpu())
         correct.append((p == y[:, None]).cpu())
     costs = module.exit_costs()
-    unit = "fraction" if module.hparams.budget_unit == "fraction" else "absolute"
+    unit = "fraction" if module.evaluation_options.budget_unit == "fraction" else "absolute"
     choice = select_budgets(
         torch.cat(scores).double(), torch.cat(correct), costs.exit_gflops, costs.full_gflops, [budget], unit
     )[0]
@@ -411,7 +438,7 @@ def build_synthetic(arch: str, overrides: Sequence[str], device: torch.device) -
     """A ``DMPOModule`` of ``arch`` with random weights (eval mode, on ``device``)."""
     from dmpo_lightning.module import DMPOModule
 
-    kwargs = {**SYNTHETIC_DEFAULTS, "backbone": arch, **dict(_key_value(o) for o in overrides)}
+    kwargs = with_options({**SYNTHETIC_DEFAULTS, "backbone": arch}, [_key_value(o) for o in overrides])
     torch.manual_seed(0)
     return DMPOModule(**kwargs).eval().to(device)
 
@@ -463,9 +490,9 @@ def synthetic_case(arch: str, args: argparse.Namespace, device: torch.device) ->
         "checkpoint": None,
         "trained": False,
         "thresholds_source": f"chosen on the {n} timed images to reproduce the histogram {args.histogram} %",
-        "exit_rule": module.hparams.exit_rule,
+        "exit_rule": module.evaluation_options.rule,
         "budget": None,
-        "budget_unit": module.hparams.budget_unit,
+        "budget_unit": module.evaluation_options.budget_unit,
         "synthetic_set": list(args.synthetic_set),
     }
     y = torch.zeros(n, dtype=torch.long)  # random images: no labels, accuracies are meaningless
@@ -496,7 +523,7 @@ def _compiled_early(module: Any, thresholds: Sequence[float]) -> Callable[[torch
 
     policy = model.early_exit_policy(
         thresholds,
-        module.hparams.exit_rule,
+        module.evaluation_options.rule,
         module.exit_scorer(),
         scorer_is_local=module.score_exits_is_local,
     )
@@ -536,7 +563,7 @@ def measure(
     costs = module.exit_costs()
     c_k = torch.tensor(costs.exit_macs, dtype=torch.float64)
     scorer = module.exit_scorer()
-    rule = module.hparams.exit_rule
+    rule = module.evaluation_options.rule
 
     def early(c: torch.Tensor) -> Any:
         return model.forward_early_exit(
@@ -654,12 +681,16 @@ def train_step_ratio(args: argparse.Namespace, device: torch.device) -> dict[str
     """
     from dmpo_lightning.module import DMPOModule
 
-    overrides = dict(_key_value(o) for o in args.train_set)
-    batch = int(overrides.pop("batch_size", 64))
-    base = {**TRAIN_DEFAULTS, **overrides}
+    items = [_key_value(o) for o in args.train_set]
+    batch = int(dict(items).get("batch_size", 64))
+    base = with_options(TRAIN_DEFAULTS, [(k, v) for k, v in items if k != "batch_size"])
+    exits = base.get("exits", {})
     variants = {
-        "dmpo": {**base, "exit_blocks": base.get("exit_blocks", [3, 6, 9, 12])},
-        "static_peft": {**base, "exit_blocks": 1, "bypass": False, "early_head": "linear"},
+        "dmpo": {**base, "exits": {**exits, "blocks": exits.get("blocks", [3, 6, 9, 12])}},
+        "static_peft": {
+            **base,
+            "exits": {**exits, "blocks": 1, "bypass": False, "early_head": "linear"},
+        },
     }
     steps: dict[str, Callable[[], None]] = {}
     info: dict[str, Any] = {}

@@ -35,8 +35,9 @@ import torch
 
 from dmpo_lightning.evaluation.flops import count_exit_costs
 from dmpo_lightning.evaluation.protocol import assign_exits, target_exit_distribution
+from dmpo_lightning.models.adapters import PeftOptions
 from dmpo_lightning.models.engine import EarlyExitEngine
-from dmpo_lightning.models.multi_exit import MultiExitViT
+from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
 
 TARGET_ENGINE_RATIO = 0.85
 """Issue 13's GPU target: engine speed-up >= 0.85 x FLOPs speed-up at batch 256."""
@@ -72,10 +73,13 @@ def build_model(args: argparse.Namespace) -> tuple[MultiExitViT, tuple[int, int,
     if args.quick:
         kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2)
         backbone = timm.create_model(args.arch, pretrained=False, num_classes=0, **kwargs)
-        model = MultiExitViT(backbone, 100, [1, 2, 3, 4], adapter_dim=8, moment_dim=64)
+        model = MultiExitViT(
+            backbone, 100, ExitOptions(blocks=(1, 2, 3, 4), moment_dim=64), PeftOptions(adapter_dim=8)
+        )
         return model, (3, 32, 32)
     backbone = timm.create_model(args.arch, pretrained=False, num_classes=0)
-    model = MultiExitViT(backbone, 100, [3, 6, 9, 12], peft="adaptformer", early_head="moment")
+    exits = ExitOptions(blocks=(3, 6, 9, 12), early_head="moment")
+    model = MultiExitViT(backbone, 100, exits, PeftOptions(method="adaptformer"))
     size = backbone.patch_embed.img_size
     return model, (3, int(size[0]), int(size[1]))
 

@@ -77,7 +77,6 @@ from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
 from dmpo_lightning.data import BenchmarkDataModule
 from dmpo_lightning.data.fashion_mnist import find_fashion_mnist_files, load_fashion_mnist
 from dmpo_lightning.data.registry import DATASETS, resolve_root
-from dmpo_lightning.evaluation.calibration import ExitLogitsCollector
 from dmpo_lightning.models.backbone import resolve_exit_blocks
 from dmpo_lightning.optim import param_groups
 from dmpo_lightning.schedules import TwoPhaseSchedule
@@ -90,9 +89,10 @@ DEFAULT_OUTPUT_PARENT = ROOT / "benchmarks" / "output" / "pretrain_tune"
 BACKBONE = "vit_tiny_patch16_224"
 """timm architecture of the source model (its pretrained config supplies mean/std = 0.5; no weights)."""
 REFERENCE_EPOCHS = 100
-"""Length of the schedule the variant files' ``switch_epoch``/``ramp_epochs`` are written for (METHOD.md)."""
+"""Length of the schedule the variant files' ``schedule.switch_epoch``/``ramp_epochs`` are written for
+(METHOD.md)."""
 REFERENCE_DEPTH = 12
-"""Depth of the backbone the variant files' ``exit_blocks`` are written for (ViT-B/16)."""
+"""Depth of the backbone the variant files' ``exits.blocks`` are written for (ViT-B/16)."""
 TABLE_BUDGETS = (0.25, 0.33, 0.5, 0.75, 1.0)
 """Budgets each run's ``dmpo test`` calibrates for (in results.json and curves.csv, not in the tables)."""
 PREFERRED_ORDER = tuple(
@@ -114,15 +114,21 @@ classes the fine-grained confusions of Fashion-MNIST happen inside (the four upp
 shoes): a source trained on them needs features that tell a shoe from a shirt but not a shirt from a
 pullover or a sneaker from a sandal, so the target's fine labels need features the source never learned,
 as when ImageNet features are tuned to a fine-grained target."""
-EVALUATION_KEYS = set(
-    "exit_rule budgets budget_unit report_dir thresholds_file predict_budget predictions_file".split()
-)
-"""Options that change the evaluation, not the trained weights (dmpo_lightning.cli.EVALUATION_OPTIONS)."""
-SCALED_KEYS = (EVALUATION_KEYS - {"exit_rule"}) | set(
+GROUPS = ("peft", "exits", "schedule", "evaluation")
+"""DMPOModule's option groups (``model.init_args.<group>.<field>`` in the variant files)."""
+SCALED_KEYS = set(
     "backbone pretrained checkpoint_path img_size in_chans backbone_kwargs num_classes optimizer "
-    "lr_scheduler warmup_fraction adapter_dim moment_dim cov_dim".split()
+    "lr_scheduler warmup_fraction".split()
 )
-"""Set by the benchmark from the source model and its own options, not read from the variant files."""
+"""Module arguments the benchmark sets from the source model and its own options (not read from the files)."""
+SCALED_FIELDS = {
+    "peft": {"adapter_dim"},
+    "exits": {"moment_dim", "cov_dim"},
+    "evaluation": set(
+        "budgets budget_unit report_dir thresholds_file predict_budget predictions_file".split()
+    ),
+}
+"""Group fields the benchmark sets itself (sizes of the source model, the budgets and files of each test)."""
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -483,15 +489,11 @@ def pretrain(
         img_size=settings.img_size,
         in_chans=1,
         backbone_kwargs={**settings.arch_kwargs(), "drop_path_rate": settings.pretrain_drop_path},
-        exit_blocks=1,
-        peft="full",
-        bypass=False,
-        early_head="linear",
-        final_head="linear",
-        weight_phase1="uniform",
-        weight_phase2="uniform",
+        peft={"method": "full"},
+        exits={"blocks": 1, "bypass": False, "early_head": "linear", "final_head": "linear"},
+        schedule={"weight_phase1": "uniform", "weight_phase2": "uniform"},
+        evaluation={"budgets": [1.0]},
         label_smoothing=settings.pretrain_label_smoothing,
-        budgets=[1.0],
         optimizer=_optimizer(settings.pretrain_lr, settings.weight_decay),
     )
     dm = _datamodule(
@@ -597,15 +599,29 @@ def _scale_exits(exits: Any, depth: int) -> Any:
 
 
 def module_kwargs(name: str, settings: Settings, configs: Path) -> dict[str, Any]:
-    """The variant file's init_args with sizes scaled to the source model and this schedule."""
+    """The variant file's init_args with sizes scaled to the source model and this schedule.
+
+    The option groups stay groups (``kwargs["exits"]["blocks"]``), each a dict of the fields the file sets
+    plus the ones the benchmark scales or sets (exit blocks, switch and ramp epochs, widths).
+    """
     init = load_variant(name, configs)
-    kwargs = {k: v for k, v in init.items() if k not in SCALED_KEYS}
-    kwargs["exit_blocks"] = _scale_exits(init.get("exit_blocks"), settings.depth)
-    if kwargs.get("switch_epoch") is not None:
-        kwargs["switch_epoch"] = _scale_epoch(kwargs["switch_epoch"], settings.epochs)
-    if kwargs.get("ramp_epochs"):
-        kwargs["ramp_epochs"] = _scale_epoch(kwargs["ramp_epochs"], settings.epochs, at_least_one=True)
-    kwargs.update(adapter_dim=settings.adapter_dim, moment_dim=settings.moment_dim, cov_dim=settings.cov_dim)
+    kwargs = {k: v for k, v in init.items() if k not in SCALED_KEYS and k not in GROUPS}
+    for group in GROUPS:
+        given = init.get(group) or {}
+        if not isinstance(given, dict):
+            raise SystemExit(
+                f"{configs / f'{name}.yaml'}: model.init_args.{group} must be a mapping of its options "
+                f"(e.g. {group}: {{...}}), got {given!r}"
+            )
+        kwargs[group] = {k: v for k, v in given.items() if k not in SCALED_FIELDS.get(group, ())}
+    exits, schedule = kwargs["exits"], kwargs["schedule"]
+    exits["blocks"] = _scale_exits(exits.get("blocks"), settings.depth)
+    if schedule.get("switch_epoch") is not None:
+        schedule["switch_epoch"] = _scale_epoch(schedule["switch_epoch"], settings.epochs)
+    if schedule.get("ramp_epochs"):
+        schedule["ramp_epochs"] = _scale_epoch(schedule["ramp_epochs"], settings.epochs, at_least_one=True)
+    kwargs["peft"]["adapter_dim"] = settings.adapter_dim
+    exits.update(moment_dim=settings.moment_dim, cov_dim=settings.cov_dim)
     return kwargs
 
 
@@ -615,22 +631,18 @@ def training_key(kwargs: dict[str, Any], settings: Settings) -> str:
     Variants with the same key (e.g. ``switch_50`` and ``dmpo``, ``phase2_only`` and ``sdn_moment``, the exit
     rules and ``dmpo``) share one training run per seed.
     """
-    k = len(resolve_exit_blocks(kwargs.get("exit_blocks"), settings.depth))
-    schedule = TwoPhaseSchedule(
-        k,
-        kwargs.get("weight_phase1", "depth_increasing"),
-        kwargs.get("weight_phase2", "uniform"),
-        kwargs.get("switch_epoch"),
-        kwargs.get("ramp_epochs", 0),
-        max_epochs=settings.epochs,
-    )
-    rest = {
-        key: v
-        for key, v in kwargs.items()
-        if key not in EVALUATION_KEYS | {"weight_phase1", "weight_phase2", "switch_epoch", "ramp_epochs"}
-    }
+    exits = kwargs.get("exits") or {}
+    k = len(resolve_exit_blocks(exits.get("blocks"), settings.depth))
+    schedule = TwoPhaseSchedule(k, kwargs.get("schedule"), max_epochs=settings.epochs)
+    rest = {key: v for key, v in kwargs.items() if key not in ("evaluation", "schedule")}
     rest["weights_per_epoch"] = [schedule.weights(e) for e in range(settings.epochs)]
     return _hash(rest)
+
+
+def without_rule(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without ``evaluation.rule`` (each job tests its trained model once per exit rule)."""
+    evaluation = {k: v for k, v in (kwargs.get("evaluation") or {}).items() if k != "rule"}
+    return {**kwargs, "evaluation": evaluation}
 
 
 @dataclasses.dataclass
@@ -650,7 +662,7 @@ def plan(
     for name in variants:
         kwargs = module_kwargs(name, settings, configs)
         key = training_key(kwargs, settings)
-        rule = kwargs.get("exit_rule", "confidence")
+        rule = kwargs["evaluation"].get("rule", "confidence")
         for seed in seeds[name]:
             job = jobs.setdefault((key, seed), Job(name, seed, kwargs, {}))
             job.rules.setdefault(rule, []).append(name)
@@ -673,7 +685,8 @@ def run_job(
     run_dir = out / "runs" / proxy / job.name / f"seed{job.seed}"
     run_dir.mkdir(parents=True)
     pl.seed_everything(job.seed, workers=True, verbose=False)
-    kwargs = {k: v for k, v in job.kwargs.items() if k != "exit_rule"}
+    kwargs = without_rule(job.kwargs)
+    kwargs["evaluation"] = {**kwargs["evaluation"], "budgets": [1.0]}
     module = DMPOModule(
         num_classes=10,
         backbone=BACKBONE,
@@ -681,7 +694,6 @@ def run_job(
         img_size=settings.img_size,
         in_chans=1,
         backbone_kwargs=settings.arch_kwargs(),
-        budgets=[1.0],
         optimizer=_optimizer(settings.lr, settings.weight_decay),
         **kwargs,
     )
@@ -689,7 +701,7 @@ def run_job(
     costs = module.exit_costs()
     lowest = costs.exit_gflops[0] / costs.full_gflops
     budgets = [b for b in TABLE_BUDGETS if b >= lowest * (1 - 1e-9)]
-    module.hparams.budgets = budgets
+    set_evaluation(module, budgets=budgets)
     dm = _datamodule(
         settings,
         args,
@@ -710,9 +722,12 @@ def run_job(
     results = []
     calibration = getattr(args, "calibration", "none")
     for rule, names in job.rules.items():
-        module.hparams.exit_rule = rule
-        module.hparams.report_dir = str(run_dir / f"test_{rule}")
-        set_calibration(module, "temperature" if calibration == "temperature" else "none")
+        set_evaluation(
+            module,
+            rule=rule,
+            report_dir=str(run_dir / f"test_{rule}"),
+            calibration="temperature" if calibration == "temperature" else "none",
+        )
         if bar is not None:
             bar.set_postfix_str(f"{job.name} seed {job.seed} test ({rule})")
         with contextlib.redirect_stdout(log):
@@ -720,12 +735,13 @@ def run_job(
         report = module.test_report
         calibrated = None
         if calibration == "both":  # the same trained weights, tested again with per-exit temperatures
-            module.hparams.report_dir = str(run_dir / f"test_{rule}_temperature")
-            set_calibration(module, "temperature")
+            set_evaluation(
+                module, report_dir=str(run_dir / f"test_{rule}_temperature"), calibration="temperature"
+            )
             with contextlib.redirect_stdout(log):
                 trainer.test(module, datamodule=dm, verbose=False)
-            calibrated = _calibration_result(module.test_report, module.hparams.report_dir)
-            set_calibration(module, "none")
+            calibrated = _calibration_result(module.test_report, module.evaluation_options.report_dir)
+            set_evaluation(module, calibration="none")
         for name in names:
             results.append(
                 {
@@ -770,19 +786,19 @@ def run_job(
     return results
 
 
-def set_calibration(module: DMPOModule, method: str) -> None:
-    """Switch a trained module's test-time ``calibration`` the way its constructor sets it up.
+def set_evaluation(module: DMPOModule, **fields: Any) -> None:
+    """Change a trained module's evaluation options (``rule``, ``calibration``, ``report_dir``...) for the
+    next ``trainer.test``.
 
-    ``DMPOModule`` creates the logit collectors temperature scaling needs in ``__init__`` (only with
-    ``calibration: temperature``); changing the hyperparameter alone would test without temperatures.
+    The options live in ``module.hparams.evaluation`` (a dict); the test protocol's callback
+    (``DMPOEvaluator``) reads them through ``module.evaluation_options`` when the test starts and builds its
+    collectors then (the logit collectors of ``calibration: temperature`` included). The fields are checked
+    here, so a misspelt one fails before any test runs.
     """
-    module.hparams.calibration = method
-    names = ("test_logits", "calibration_logits")
-    for name in names:
-        if method == "temperature" and name not in module.test_collectors:
-            module.test_collectors[name] = ExitLogitsCollector().to(module.device)
-        elif method != "temperature" and name in module.test_collectors:
-            del module.test_collectors[name]
+    from dmpo_lightning.evaluation.evaluator import EvaluationOptions
+
+    evaluation = {**module.hparams.evaluation, **fields}
+    module.hparams.evaluation = EvaluationOptions.coerce(evaluation, name="evaluation").to_dict()
 
 
 def _calibration_result(report: dict[str, Any], report_dir: str) -> dict[str, Any]:
@@ -1375,14 +1391,14 @@ def estimate(
         f"({torch.get_num_threads()} threads):"
     )
     for job in jobs:
-        kwargs = {k: v for k, v in job.kwargs.items() if k != "exit_rule"}
+        kwargs = without_rule(job.kwargs)
+        kwargs["evaluation"] = {**kwargs["evaluation"], "budgets": [1.0]}
         module = DMPOModule(
             num_classes=10,
             backbone=BACKBONE,
             img_size=settings.img_size,
             in_chans=1,
             backbone_kwargs=settings.arch_kwargs(),
-            budgets=[1.0],
             **kwargs,
         )
         train_s = per_image_train(module, settings.batch_size)
@@ -1403,12 +1419,10 @@ def estimate(
         img_size=settings.img_size,
         in_chans=1,
         backbone_kwargs=settings.arch_kwargs(),
-        exit_blocks=1,
-        peft="full",
-        bypass=False,
-        early_head="linear",
-        weight_phase1="uniform",
-        budgets=[1.0],
+        peft={"method": "full"},
+        exits={"blocks": 1, "bypass": False, "early_head": "linear"},
+        schedule={"weight_phase1": "uniform"},
+        evaluation={"budgets": [1.0]},
     )
     pre_s = per_image_train(module, settings.pretrain_batch_size)
     for proxy in proxies:

@@ -67,9 +67,14 @@ def _init_args(path: Path, section: str = "model") -> dict:
     return yaml.safe_load(path.read_text())[section]["init_args"]
 
 
+def _opt(init: dict, group: str, field: str, default=None):
+    """A grouped option of a config's ``model.init_args`` (``exits.blocks``), or ``default`` if unset."""
+    return (init.get(group) or {}).get(field, default)
+
+
 def _tiny_overrides(init: dict) -> list[str]:
     """Tiny-backbone overrides that keep the variant's exit layout (single exit or four exits)."""
-    exits = init.get("exit_blocks")
+    exits = _opt(init, "exits", "blocks")
     if isinstance(exits, int):
         return list(TINY_BACKBONE)  # "the last n blocks" works for any depth
     return [*TINY_BACKBONE, "--model.init_args.exits.blocks=[1, 2, 3, 4]"]
@@ -118,10 +123,10 @@ def test_model_variant_trains_a_batch_with_the_tiny_backbone(path, tmp_path, mon
     module = cli.model
     assert cli.trainer.state.finished
     # The architecture is the one the file describes.
-    single = init.get("exit_blocks") == 1
+    single = _opt(init, "exits", "blocks") == 1
     k = module.num_exits
     assert k == (1 if single else 4)
-    peft = init.get("peft", "adaptformer")
+    peft = _opt(init, "peft", "method", "adaptformer")
     assert module.model.peft_method == peft
     has_adapters = any(isinstance(m, AdaptFormerBlock) for m in module.model.backbone.modules())
     assert has_adapters == (peft == "adaptformer")
@@ -129,28 +134,36 @@ def test_model_variant_trains_a_batch_with_the_tiny_backbone(path, tmp_path, mon
     assert (counts["trunk"] == 0) == (peft == "linear")
     if peft == "full":
         assert all(p.requires_grad for p in module.model.backbone.blocks.parameters())
-    bypass = bool(init.get("bypass", True))
+    bypass = bool(_opt(init, "exits", "bypass", True))
     for i in range(k - 1):
         assert isinstance(module.model.exits[i].bypass, torch.nn.Identity) != bypass
-        assert isinstance(module.model.exits[i].predictor, HEAD_CLASSES[init.get("early_head", "moment")])
-    assert isinstance(module.model.exits[-1].predictor, HEAD_CLASSES[init.get("final_head", "linear")])
+        assert isinstance(
+            module.model.exits[i].predictor, HEAD_CLASSES[_opt(init, "exits", "early_head", "moment")]
+        )
+    assert isinstance(
+        module.model.exits[-1].predictor, HEAD_CLASSES[_opt(init, "exits", "final_head", "linear")]
+    )
     assert isinstance(module.model.exits[-1].bypass, torch.nn.Identity)
     # The one epoch fast_dev_run trains is phase 1 (switch epochs in the files are >= 25 or half of training).
-    phase1 = preset_weights(init.get("weight_phase1", "depth_increasing"), k)
+    phase1 = preset_weights(_opt(init, "schedule", "weight_phase1", "depth_increasing"), k)
     assert module.loss_weights.tolist() == pytest.approx(list(phase1))
-    for key in ("distill", "exit_rule", "switch_epoch", "weight_phase2"):
-        if key in init:
-            assert module.hparams[key] == init[key], key
+    if "distill" in init:
+        assert module.hparams.distill == init["distill"]
+    for group, field in (("evaluation", "rule"), ("schedule", "switch_epoch"), ("schedule", "weight_phase2")):
+        if field in (init.get(group) or {}):
+            assert module.hparams[group][field] == init[group][field], f"{group}.{field}"
     # Budgets a model with this exit layout can meet (single exit: only the full cost).
-    budgets = init.get("budgets", [0.33, 0.5, 0.75, 1.0])
+    budgets = _opt(init, "evaluation", "budgets", [0.33, 0.5, 0.75, 1.0])
     assert budgets == ([1.0] if single else [0.33, 0.5, 0.75, 1.0])
 
 
 def test_variant_files_switch_where_their_names_say():
     for pct in (25, 50, 75):
-        assert _init_args(ROOT / "configs" / "model" / f"switch_{pct}.yaml")["switch_epoch"] == pct
-    one = _init_args(ROOT / "configs" / "model" / "phase1_only.yaml")
-    two = _init_args(ROOT / "configs" / "model" / "phase2_only.yaml")
+        assert (
+            _init_args(ROOT / "configs" / "model" / f"switch_{pct}.yaml")["schedule"]["switch_epoch"] == pct
+        )
+    one = _init_args(ROOT / "configs" / "model" / "phase1_only.yaml")["schedule"]
+    two = _init_args(ROOT / "configs" / "model" / "phase2_only.yaml")["schedule"]
     assert one["weight_phase1"] == one["weight_phase2"] == "depth_increasing"
     assert two["weight_phase1"] == two["weight_phase2"] == "uniform"
 
@@ -263,7 +276,8 @@ def test_experiment_trains_a_batch_on_cpu_with_the_tiny_backbone(name, tmp_path,
     )
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     assert cli.datamodule.num_classes == cli.model.hparams.num_classes == 100
-    expected_peft = _init_args(path).get("peft", "adaptformer")
-    assert cli.model.hparams.peft == expected_peft
+    expected_peft = _opt(_init_args(path), "peft", "method", "adaptformer")
+    assert cli.model.hparams.peft["method"] == expected_peft
+    assert cli.model.peft_options.method == expected_peft
     losses = {k: v for k, v in cli.trainer.callback_metrics.items() if "loss" in k}
     assert losses and all(bool(torch.isfinite(v)) for v in losses.values())

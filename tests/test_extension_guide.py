@@ -51,7 +51,7 @@ def test_exit_rule_example(scratch):
     run_example("exit-rule")
     assert "margin" in exit_rules.EXIT_RULE_REGISTRY
     vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-    model = MultiExitViT(vit, 3, [1, 2], peft="linear", early_head="linear").eval()
+    model = MultiExitViT(vit, 3, exits={"blocks": [1, 2], "early_head": "linear"}, peft="linear").eval()
     with torch.no_grad():
         out = model.forward_early_exit(torch.randn(4, 3, 16, 16), [0.0, -float("inf")], rule="margin")
     assert bool((out.exit_index == 0).all())  # every margin is >= 0
@@ -60,7 +60,7 @@ def test_exit_rule_example(scratch):
 def test_predictor_example(scratch):
     namespace = run_example("predictor")
     vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-    model = MultiExitViT(vit, 3, [1, 2], peft="linear", early_head="mean_max")
+    model = MultiExitViT(vit, 3, exits={"blocks": [1, 2], "early_head": "mean_max"}, peft="linear")
     assert isinstance(model.exits[0].predictor, namespace["MeanMaxHead"])
 
 

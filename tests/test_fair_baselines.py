@@ -42,10 +42,13 @@ def _init(name: str) -> dict:
 @pytest.mark.parametrize("name", sorted(FAIR))
 def test_fair_variant_changes_only_the_last_head(name):
     fair, base = _init(name), _init(FAIR[name])
-    assert fair["final_head"] == "moment" and base["final_head"] == "linear"
-    assert {k: v for k, v in fair.items() if k != "final_head"} == {
-        k: v for k, v in base.items() if k != "final_head"
-    }
+    assert fair["exits"]["final_head"] == "moment" and base["exits"]["final_head"] == "linear"
+
+    def without_final_head(init: dict) -> dict:
+        exits = {k: v for k, v in init["exits"].items() if k != "final_head"}
+        return {**init, "exits": exits}
+
+    assert without_final_head(fair) == without_final_head(base)
     experiment = ROOT / "configs" / "experiments" / f"cifar100_{name}.yaml"
     assert yaml.safe_load(experiment.read_text())["model"]["init_args"] == fair
 
@@ -56,9 +59,12 @@ def test_fair_variant_fits_and_tests_with_the_tiny_backbone(name, tmp_path, monk
     init = _init(name)
     exits = (
         []
-        if init["exit_blocks"] == 1
+        if init["exits"]["blocks"] == 1
         # on the tiny model the first exit (bypass + moment head) costs more than a third of the full model
-        else ["--model.init_args.exits.blocks=[1, 2, 3, 4]", "--model.init_args.evaluation.budgets=[0.5, 0.75, 1.0]"]
+        else [
+            "--model.init_args.exits.blocks=[1, 2, 3, 4]",
+            "--model.init_args.evaluation.budgets=[0.5, 0.75, 1.0]",
+        ]
     )
     cli = main(
         [
@@ -74,7 +80,7 @@ def test_fair_variant_fits_and_tests_with_the_tiny_backbone(name, tmp_path, monk
         ]
     )
     model = cli.model.model
-    k = 1 if init["exit_blocks"] == 1 else 4
+    k = 1 if init["exits"]["blocks"] == 1 else 4
     assert cli.model.num_exits == k
     assert isinstance(model.exits[-1].predictor, MomentHead)
     if k > 1:
@@ -113,5 +119,8 @@ def test_benchmark_trains_fair_variants_as_their_own_runs():
     names = ["static_peft", "static_peft_moment", "dmpo", "dmpo_final_moment"]
     jobs = bench.plan(names, settings, bench.MODEL_CONFIGS, {v: [0] for v in names})
     assert [j.name for j in jobs] == names  # none merged with the variant it derives from
-    assert bench.module_kwargs("static_peft_moment", settings, bench.MODEL_CONFIGS)["final_head"] == "moment"
+    assert (
+        bench.module_kwargs("static_peft_moment", settings, bench.MODEL_CONFIGS)["exits"]["final_head"]
+        == "moment"
+    )
     assert set(bench.FAIR_BASELINES) <= set(bench.available_variants(bench.MODEL_CONFIGS))

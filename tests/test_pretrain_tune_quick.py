@@ -203,14 +203,17 @@ def test_variant_settings_come_from_the_config_files_scaled_to_the_benchmark():
     bench = _load_benchmark()
     settings = bench.Settings()
     dmpo = bench.module_kwargs("dmpo", settings, bench.MODEL_CONFIGS)
-    assert dmpo["exit_blocks"] == [3, 6, 9, 12] and dmpo["early_head"] == "moment" and dmpo["bypass"] is True
-    assert dmpo["adapter_dim"] == settings.adapter_dim and "backbone" not in dmpo and "budgets" not in dmpo
+    exits = dmpo["exits"]
+    assert exits["blocks"] == [3, 6, 9, 12] and exits["early_head"] == "moment" and exits["bypass"] is True
+    assert dmpo["peft"]["adapter_dim"] == settings.adapter_dim and exits["moment_dim"] == settings.moment_dim
+    assert "backbone" not in dmpo and "budgets" not in dmpo["evaluation"]
+    assert dmpo["evaluation"]["rule"] == "confidence"
     switches = [
-        bench.module_kwargs(f"switch_{p}", settings, bench.MODEL_CONFIGS)["switch_epoch"]
+        bench.module_kwargs(f"switch_{p}", settings, bench.MODEL_CONFIGS)["schedule"]["switch_epoch"]
         for p in (25, 50, 75)
     ]
     assert switches == [1, 2, 3]  # 25/50/75 of 100 epochs -> of 4
-    assert bench.module_kwargs("static_peft", settings, bench.MODEL_CONFIGS)["exit_blocks"] == 1
+    assert bench.module_kwargs("static_peft", settings, bench.MODEL_CONFIGS)["exits"]["blocks"] == 1
     names = ["dmpo", "switch_50", "exit_patience", "sdn_moment", "phase2_only"]
     jobs = bench.plan(names, settings, bench.MODEL_CONFIGS, {v: [0] for v in names})
     # identical training settings share one run: switch_50 = dmpo (switch at half), phase2_only = sdn_moment

@@ -82,19 +82,19 @@ TINY_SYNTHETIC = [
     "--synthetic-set",
     'backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}',
     "--synthetic-set",
-    "exit_blocks=[1, 2, 3, 4]",
+    "exits.blocks=[1, 2, 3, 4]",
     "--synthetic-set",
-    "moment_dim=32",
+    "exits.moment_dim=32",
     "--synthetic-set",
-    "adapter_dim=8",
+    "peft.adapter_dim=8",
 ]
 TINY_TRAIN = [
     "--train-set",
     'backbone_kwargs={"patch_size": 7, "embed_dim": 32, "depth": 4, "num_heads": 2}',
     "--train-set",
-    "exit_blocks=[1, 2, 3, 4]",
+    "exits.blocks=[1, 2, 3, 4]",
     "--train-set",
-    "moment_dim=32",
+    "exits.moment_dim=32",
     "--train-set",
     "batch_size=8",
 ]
@@ -157,3 +157,18 @@ def test_thresholds_for_histogram_reproduce_it(bench):
     exits = assign_exits(scores.double(), torch.tensor(t, dtype=torch.float64))
     assert torch.bincount(exits, minlength=4).tolist() == [40, 30, 20, 10]
     assert bench.thresholds_for_histogram(scores, [0, 0, 0, 1])[:3] == [float("inf")] * 3
+
+
+def test_model_arguments_set_fields_of_the_option_groups(bench):
+    base = {"img_size": 224, "exits": {"blocks": [3, 6, 9, 12], "bypass": True}}
+    kwargs = bench.with_options(
+        base, [("exits.moment_dim", 32), ("peft.method", "lora"), ("img_size", 32), ("adapter_dim", 8)]
+    )
+    assert kwargs == {
+        "img_size": 32,
+        "exits": {"blocks": [3, 6, 9, 12], "bypass": True, "moment_dim": 32},
+        "peft": {"method": "lora", "adapter_dim": 8},  # a flat name of old commands moves into its group
+    }
+    assert base["exits"] == {"blocks": [3, 6, 9, 12], "bypass": True}  # the defaults are not changed
+    with pytest.raises(ValueError, match="'exit' is not an option group"):
+        bench.with_options(base, [("exit.blocks", 1)])
