@@ -117,7 +117,7 @@ CASES = {
     "unknown_early_head": Case(
         fit("--model.init_args.exits.early_head=mlp"),
         SystemExit,
-        r"(?s)Parser key \"early_head\".*Literal\['linear', 'moment', 'isqrt_cov'\]\. Got value: mlp",
+        r"(?s)Parser key \"exits\.early_head\".*Literal\['linear', 'moment', 'isqrt_cov'\]\. Got value: mlp",
     ),
     "missing_data_root": Case(
         fit("--data.init_args.dataset=cifar10", "--data.init_args.root={tmp}/no_such_dir"),
@@ -173,7 +173,7 @@ CASES = {
         ),
         ValueError,
         r"budget 0\.01 \(fraction of the full model's cost\) is outside the achievable range \[0\.\d+, 1\].*"
-        r"model\.init_args\.budgets",
+        r"model\.init_args\.evaluation\.budgets",
     ),
     "budget_above_full_model": Case(
         evaluate(
@@ -193,7 +193,7 @@ CASES = {
     "report_dir_is_a_file_with_test_after_fit": Case(
         fit("--test_after_fit=true", "--model.init_args.evaluation.report_dir={corrupt}"),
         ConfigError,
-        r"report_dir .*corrupt\.ckpt is a file; model\.init_args\.report_dir must be a folder",
+        r"report_dir .*corrupt\.ckpt is a file; model\.init_args\.evaluation\.report_dir must be a folder",
     ),
     "report_dir_under_a_file": Case(
         evaluate("--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={corrupt}/report"),
@@ -204,17 +204,17 @@ CASES = {
         evaluate("--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={base}/report"),
         ConfigFileExistsError,
         r"report already holds a dmpo test report \(report\.json, .*set "
-        r"model\.init_args\.report_dir to a new",
+        r"model\.init_args\.evaluation\.report_dir to a new",
     ),
     "predictions_file_is_a_folder": Case(
         predict("--ckpt_path={ckpt}", "--model.init_args.evaluation.predictions_file={empty}"),
         ConfigError,
-        r"empty is a folder; model\.init_args\.predictions_file must name a new file",
+        r"empty is a folder; model\.init_args\.evaluation\.predictions_file must name a new file",
     ),
     "predictions_file_exists": Case(
         predict("--ckpt_path={ckpt}", "--model.init_args.evaluation.predictions_file={corrupt}"),
         ConfigFileExistsError,
-        r"corrupt\.ckpt exists; set model\.init_args\.predictions_file to a new path",
+        r"corrupt\.ckpt exists; set model\.init_args\.evaluation\.predictions_file to a new path",
     ),
     "test_without_checkpoint": Case(
         evaluate("--model.init_args.evaluation.report_dir={tmp}/new_report"),

@@ -42,11 +42,9 @@ def tiny_module(**overrides) -> DMPOModule:
         backbone="vit_tiny_patch16_224",
         img_size=32,
         backbone_kwargs=TINY_KW,
-        exit_blocks=[2, 4],
-        adapter_dim=4,
-        moment_dim=16,
-        budgets=[0.75],
-        peft="full",
+        exits={"blocks": [2, 4], "moment_dim": 16},
+        peft={"method": "full", "adapter_dim": 4},
+        evaluation={"budgets": [0.75]},
     )
     return DMPOModule(**{**options, **overrides})
 
@@ -214,7 +212,7 @@ def _trainer(tmp_path: Path) -> Trainer:
 
 
 def test_test_splits_are_identified_by_name_not_position(data, tmp_path):
-    model = tiny_module(report_dir=str(tmp_path / "report"))
+    model = tiny_module(evaluation={"budgets": [0.75], "report_dir": str(tmp_path / "report")})
     # calibration first: the old positional rule fitted thresholds on the test split and tested on cal
     _trainer(tmp_path).test(model, dataloaders=[data.dataloader("calibration"), data.dataloader("test")])
     report = model.test_report
@@ -274,14 +272,14 @@ def _loader(dataset) -> DataLoader:
     ids=["untagged", "two_calibration_loaders", "calibration_only", "train_split"],
 )
 def test_ambiguous_test_loaders_are_refused(data, tmp_path, loaders, match):
-    model = tiny_module(report_dir=str(tmp_path / "report"))
+    model = tiny_module(evaluation={"budgets": [0.75], "report_dir": str(tmp_path / "report")})
     with pytest.raises(ValueError, match=match):
         _trainer(tmp_path).test(model, dataloaders=[_loader(d) for d in loaders(data)])
     assert not (tmp_path / "report" / "thresholds.json").exists()
 
 
 def test_split_tagged_wraps_custom_datasets(data, tmp_path):
-    model = tiny_module(report_dir=str(tmp_path / "report"))
+    model = tiny_module(evaluation={"budgets": [0.75], "report_dir": str(tmp_path / "report")})
     test = SplitTagged(_Untagged(data.split_dataset("test")), "test")
     cal = SplitTagged(_Untagged(data.split_dataset("calibration")), "calibration")
     _trainer(tmp_path).test(model, dataloaders=[_loader(cal), _loader(test)])
@@ -291,7 +289,7 @@ def test_split_tagged_wraps_custom_datasets(data, tmp_path):
 
 
 def test_a_single_untagged_test_loader_is_the_test_split(data, tmp_path):
-    model = tiny_module(report_dir=str(tmp_path / "report"))
+    model = tiny_module(evaluation={"budgets": [0.75], "report_dir": str(tmp_path / "report")})
     with pytest.warns(UserWarning, match="no calibration split was evaluated"):
         _trainer(tmp_path).test(model, dataloaders=_loader(_Untagged(data.split_dataset("test"))))
     assert model.test_report["num_test"] == 12 and model.test_report["num_calibration"] == 0
@@ -369,7 +367,7 @@ def test_token_pooling_without_a_class_token_is_refused():
         match=r"head_pool='token' needs a class token, but the backbone has none "
         r"\(its 4 prefix token\(s\) are registers.*set head_pool='avg'",
     ):
-        MultiExitViT(_reg_gap_vit(), 3, [1, 2], moment_dim=16)
+        MultiExitViT(_reg_gap_vit(), 3, {"blocks": [1, 2], "moment_dim": 16})
     with pytest.raises(
         ValueError,
         match=r"pool='token' needs a class token but the 4 prefix token\(s\) are "
@@ -380,7 +378,8 @@ def test_token_pooling_without_a_class_token_is_refused():
 
 @pytest.mark.parametrize("peft", ["adaptformer", "vpt"])
 def test_heads_of_a_model_without_class_token_pool_patch_tokens(peft):
-    model = MultiExitViT(_reg_gap_vit(), 3, [1, 2], peft=peft, head_pool="avg", moment_dim=16, vpt_prompts=2)
+    exits = {"blocks": [1, 2], "head_pool": "avg", "moment_dim": 16}
+    model = MultiExitViT(_reg_gap_vit(), 3, exits, {"method": peft, "vpt_prompts": 2})
     moment = model.exits[0].predictor
     assert isinstance(moment, MomentHead) and not moment.class_token
     assert moment.num_prefix_tokens == 4 + (2 if peft == "vpt" else 0)
@@ -402,16 +401,16 @@ def test_moment_head_without_class_token_ignores_register_tokens():
 def test_frozen_random_trunk_warns(peft):
     with pytest.warns(
         UserWarning,
-        match=rf"peft='{peft}' freezes the trunk .* pretrained=false and no "
+        match=rf"peft.method='{peft}' freezes the trunk .* pretrained=false and no "
         r"checkpoint_path is set: the frozen trunk keeps its random initial weights",
     ):
-        tiny_module(peft=peft, pretrained=False)
+        tiny_module(peft={"method": peft}, pretrained=False)
 
 
 def test_full_training_from_scratch_is_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        tiny_module(peft="full", pretrained=False)
+        tiny_module(peft={"method": "full"}, pretrained=False)
 
 
 # ----------------------------------------------------------------------------------------------------- 7
@@ -425,22 +424,16 @@ _SMALL = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
 )
 def test_adaptformer_on_post_norm_blocks_is_refused_naming_method_and_backbone(name, blocks):
     backbone = build_backbone(name, img_size=32, model_kwargs=_SMALL)
+    exits = {"blocks": [1, 2], "moment_dim": 16, "head_pool": "avg"}
     with pytest.raises(
         ValueError,
-        match=rf"peft='adaptformer' is not supported on backbone '{name}' \({blocks} blocks\): "
+        match=rf"peft.method='adaptformer' is not supported on backbone '{name}' \({blocks} blocks\): "
         r"AdaptFormerBlock wraps the pre-norm blocks .*; choose another peft method or backbone",
     ):
-        MultiExitViT(backbone, 3, [1, 2], peft="adaptformer", moment_dim=16, head_pool="avg")
+        MultiExitViT(backbone, 3, exits, "adaptformer")
     for peft in ("lora", "linear", "full", "vpt"):  # the other methods do not depend on the block's layout
-        model = MultiExitViT(
-            build_backbone(name, img_size=32, model_kwargs=_SMALL),
-            3,
-            [1, 2],
-            peft=peft,
-            moment_dim=16,
-            head_pool="avg",
-            vpt_prompts=2,
-        )
+        backbone = build_backbone(name, img_size=32, model_kwargs=_SMALL)
+        model = MultiExitViT(backbone, 3, exits, {"method": peft, "vpt_prompts": 2})
         assert [z.shape for z in model(torch.randn(2, 3, 32, 32))] == [(2, 3), (2, 3)]
 
 
@@ -615,10 +608,8 @@ def test_extending_examples_run():
         img_size=32,
         backbone="vit_tiny_patch16_224",
         backbone_kwargs=TINY_KW,
-        exit_blocks=[2, 4],
-        adapter_dim=4,
-        moment_dim=16,
-        peft="full",
+        exits={"blocks": [2, 4], "moment_dim": 16},
+        peft={"method": "full", "adapter_dim": 4},
     )
     focal = namespace["FocalDMPO"](**options)
     logits = focal(torch.randn(3, 3, 32, 32))

@@ -31,6 +31,7 @@ from support.fakes import write_cifar
 
 from dmpo_lightning import DMPOModule, __version__
 from dmpo_lightning.cli import main
+from dmpo_lightning.options import flat_options
 from dmpo_lightning.serialization import (
     LEGACY_TRAINABLE_FORMAT,
     TRAINABLE_FORMAT,
@@ -268,6 +269,11 @@ def test_benchmark_checkpoint_loader_refuses_a_crafted_ckpt(tmp_path, marker):
 
 
 # ------------------------------------------------------------------------------ opt-in for old exports
+def _flat(hparams) -> dict:
+    flat = flat_options(hparams)
+    return {k: v for k, v in flat.items() if k not in ("exits", "schedule", "evaluation")}
+
+
 def legacy_export(module: DMPOModule, path: Path, **hparams) -> Path:
     """What export_trainable wrote before format version 2: a torch.save dict."""
     state = {f"model.{k}": v for k, v in module.model.trainable_state_dict().items()}
@@ -275,7 +281,8 @@ def legacy_export(module: DMPOModule, path: Path, **hparams) -> Path:
     state["exit_thresholds"] = module.exit_thresholds
     payload = {
         "format": LEGACY_TRAINABLE_FORMAT,
-        "hyper_parameters": {**dict(module.hparams), **hparams},
+        # the flat hyperparameter names of that time (before the option groups)
+        "hyper_parameters": {**_flat(module.hparams), **hparams},
         "state_dict": state,
     }
     torch.save(payload, path)
@@ -316,7 +323,7 @@ def test_export_is_safetensors_with_json_metadata(tmp_path):
     assert meta["format"] == TRAINABLE_FORMAT == "dmpo-trainable"
     assert meta["format_version"] == str(TRAINABLE_FORMAT_VERSION) == "2"
     assert meta["dmpo_lightning_version"] == __version__
-    assert json.loads(meta["hyper_parameters"])["exit_blocks"] == [1, 2, 3, 4]
+    assert json.loads(meta["hyper_parameters"])["exits"]["blocks"] == [1, 2, 3, 4]
     assert {"loss_weights", "exit_thresholds"} <= keys
     assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]  # no temporary file left
 
@@ -344,7 +351,7 @@ def test_export_never_overwrites_and_refuses_bad_paths_and_values(tmp_path):
     with pytest.raises(ValueError, match=r"must end in \.safetensors"):
         module.export_trainable(str(tmp_path / "adapter.pt"))
     module.hparams.evaluation["report_dir"] = object()  # not JSON
-    with pytest.raises(TypeError, match="hyper-parameter 'report_dir' holds a object"):
+    with pytest.raises(TypeError, match="hyper-parameter 'evaluation' holds a object"):
         module.export_trainable(str(tmp_path / "other.safetensors"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
 

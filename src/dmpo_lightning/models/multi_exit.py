@@ -185,7 +185,7 @@ class MultiExitViT(nn.Module):
         except TypeError as err:  # a block or layer kind the method cannot wrap
             name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
             raise ValueError(
-                f"peft={p.method!r} is not supported on backbone {name!r} ({type(vit.blocks[0]).__name__} "
+                f"peft.method={p.method!r} is not supported on backbone {name!r} ({type(vit.blocks[0]).__name__} "
                 f"blocks): {err}; choose another peft method or backbone"
             ) from err
         dim = int(vit.embed_dim)
