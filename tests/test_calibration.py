@@ -329,6 +329,7 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
         ]
     )  # fmt: skip
     none = json.loads((none_dir / "report.json").read_text())
-    assert none["calibration"] == {"method": "none"} and none["config"]["calibration"] == "none"
+    assert none["calibration"] == {"method": "none"}
+    assert none["config"]["evaluation"]["calibration"] == "none"  # the report's config holds the groups
     assert not (none_dir / "reliability.png").exists()
     assert none["exits"] == report["exits"]  # anytime accuracy does not depend on the temperatures
