@@ -15,6 +15,7 @@ from dmpo_lightning.constants import PEFT_PREFIX
 from dmpo_lightning.models.adapters import (
     AdaptFormerBlock,
     LoRALinear,
+    PeftOptions,
     PromptedBlock,
     count_parameters,
     inject_peft,
@@ -82,13 +83,14 @@ def test_adaptformer_forward_signature_matches_timm_block():
             ["blocks.1.attn.proj", "blocks.1.mlp.fc2"],
         ),
         ("vpt", {}, [f"blocks.{i}" for i in range(DEPTH)]),
-        ("vpt", {"deep_prompts": False}, ["blocks.0"]),
+        ("vpt", {"vpt_deep": False}, ["blocks.0"]),
         ("linear", {}, []),
         ("full", {}, []),
     ],
 )
 def test_replaced_names(tiny_vit, method, options, expected):
-    assert inject_peft(tiny_vit, method, **options) == expected
+    blocks = options.pop("blocks", None)
+    assert inject_peft(tiny_vit, PeftOptions(method=method, **options), blocks=blocks) == expected
 
 
 @pytest.mark.parametrize("method", ["adaptformer", "lora", "vpt", "linear", "full"])
@@ -116,17 +118,17 @@ def test_trainable_set_is_exactly_peft(tiny_vit, method):
 def test_parameter_counts_match_formula(tiny_vit):
     r, lr = 8, 4
     am = copy.deepcopy(tiny_vit)
-    inject_peft(am, "adaptformer", rank=r)
+    inject_peft(am, PeftOptions(method="adaptformer", adapter_dim=r))
     assert count_parameters(am) == DEPTH * (2 * D * r + r + D)
     lm = copy.deepcopy(tiny_vit)
-    inject_peft(lm, "lora", lora_rank=lr)
+    inject_peft(lm, PeftOptions(method="lora", lora_rank=lr))
     assert count_parameters(lm) == DEPTH * lr * (D + 3 * D)  # qkv: D -> 3D, no LoRA bias
     total_base = count_parameters(tiny_vit, trainable_only=False)
     assert count_parameters(lm, trainable_only=False) == total_base + DEPTH * 4 * D * lr
 
 
 def test_only_peft_params_receive_gradients(tiny_vit, images):
-    inject_peft(tiny_vit, "adaptformer", rank=4)
+    inject_peft(tiny_vit, PeftOptions(adapter_dim=4))
     tiny_vit.train()
     for name, p in tiny_vit.named_parameters():
         if "peft_up" in name:
@@ -150,7 +152,7 @@ def test_mark_trainable_switches_methods(tiny_vit):
 @pytest.mark.parametrize("deep", [True, False])
 def test_vpt_sequence_grows_and_prompt_count(tiny_vit, images, deep):
     p = 3
-    inject_peft(tiny_vit, "vpt", num_prompts=p, deep_prompts=deep)
+    inject_peft(tiny_vit, PeftOptions(method="vpt", vpt_prompts=p, vpt_deep=deep))
     with torch.no_grad():
         out = tiny_vit.forward_features(images)
     assert out.shape == (2, 1 + p + N_PATCHES, D)
@@ -161,7 +163,7 @@ def test_vpt_sequence_grows_and_prompt_count(tiny_vit, images, deep):
 
 
 def test_vpt_prompt_count_per_block(tiny_vit):
-    inject_peft(tiny_vit, "vpt", num_prompts=2, blocks=[2, 3])
+    inject_peft(tiny_vit, PeftOptions(method="vpt", vpt_prompts=2), blocks=[2, 3])
     assert [num_prompt_tokens(tiny_vit, after_block=i) for i in range(DEPTH)] == [0, 0, 2, 2]
     assert tiny_vit.blocks[2].insert and not tiny_vit.blocks[3].insert
 
@@ -170,7 +172,7 @@ def test_vpt_init_bound_follows_vpt():
     vit_like = nn.Module()
     block = Block(D, num_heads=2)
     vit_like.blocks = nn.Sequential(block)
-    inject_peft(vit_like, "vpt", num_prompts=50, num_prefix_tokens=1)
+    inject_peft(vit_like, PeftOptions(method="vpt", vpt_prompts=50), num_prefix_tokens=1)
     bound = math.sqrt(6.0 / (3 * 16 * 16 + D))  # no patch_embed: VPT's 3x16x16 assumption
     prompts = vit_like.blocks[0].peft_prompts
     assert prompts.abs().max() <= bound
@@ -202,23 +204,24 @@ def test_vpt_insert_places_prompts_after_prefix():
     ("options", "match"),
     [
         ({"method": "prefix"}, "allowed: adaptformer, lora, vpt, linear, full"),
-        ({"method": "adaptformer", "rank": 0}, "rank must be a positive integer"),
-        ({"method": "adaptformer", "scale": float("nan")}, "scale must be a finite"),
-        ({"method": "vpt", "num_prompts": 0}, "num_prompts must be a positive integer"),
+        ({"method": "adaptformer", "adapter_dim": 0}, "adapter_dim must be a positive integer"),
+        ({"method": "adaptformer", "adapter_scale": float("nan")}, "adapter_scale must be a finite"),
+        ({"method": "vpt", "vpt_prompts": 0}, "vpt_prompts must be a positive integer"),
         ({"method": "lora", "lora_targets": ("nope",)}, r"matched no module.*attn\.qkv"),
         ({"method": "adaptformer", "blocks": [4]}, "out of range"),
         ({"method": "adaptformer", "blocks": [1, -3]}, "unique"),
-        ({"method": "adaptformer", "dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"method": "adaptformer", "adapter_dropout": 1.0}, r"adapter_dropout must be in \[0, 1\)"),
     ],
 )
 def test_bad_options_raise(tiny_vit, options, match):
+    blocks = options.pop("blocks", None)
     with pytest.raises(ValueError, match=match):
-        inject_peft(tiny_vit, **options)
+        inject_peft(tiny_vit, PeftOptions(**options), blocks=blocks)
 
 
 def test_lora_target_must_be_linear(tiny_vit):
     with pytest.raises(TypeError, match=r"not nn\.Linear"):
-        inject_peft(tiny_vit, "lora", lora_targets=("norm1",))
+        inject_peft(tiny_vit, PeftOptions(method="lora", lora_targets=("norm1",)))
 
 
 def test_inject_twice_raises(tiny_vit):

@@ -36,6 +36,7 @@ from dmpo_lightning.models.adapters import PEFT_METHODS
 from dmpo_lightning.models.backbone import build_backbone
 from dmpo_lightning.models.engine import EarlyExitEngine
 from dmpo_lightning.models.heads import AttentionPoolHead, DistilledHead, LinearHead
+from dmpo_lightning.options import group_legacy_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -107,7 +108,9 @@ def multi_exit(family: str, backbone: torch.nn.Module | None = None, **options) 
         "head_pool": FAMILIES[family][2],
         **options,
     }
-    return MultiExitViT(backbone, 5, EXITS, **options)
+    groups = group_legacy_hparams(options)  # field names of ExitOptions / PeftOptions -> the two groups
+    assert set(groups) == {"exits", "peft"}, groups
+    return MultiExitViT(backbone, 5, {"blocks": EXITS, **groups["exits"]}, groups["peft"])
 
 
 def stage_tokens(model: MultiExitViT, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -328,7 +331,13 @@ def test_fit_and_test_through_the_cli(family, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["-c", TINY, *_cli_args(family)]
     cli = main(
-        ["fit", *args, "--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0", "--test_after_fit=true"]
+        [
+            "fit",
+            *args,
+            "--trainer.max_epochs=1",
+            "--model.init_args.schedule.switch_epoch=0",
+            "--test_after_fit=true",
+        ]
     )
     log_dir = Path(cli.trainer.log_dir)
     report = json.loads((log_dir / "dmpo_test" / "report.json").read_text())

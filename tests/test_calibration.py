@@ -228,7 +228,7 @@ def test_patience_is_unchanged_by_any_temperature():
 # ------------------------------------------------------------------------- deploy path and collectors
 def test_early_exit_forward_with_temperatures_matches_the_simulated_protocol():
     torch.manual_seed(0)
-    model = MultiExitViT(make_tiny_vit(), num_classes=5, exit_blocks=[1, 2, 3, 4], early_head="linear").eval()
+    model = MultiExitViT(make_tiny_vit(), 5, {"blocks": [1, 2, 3, 4], "early_head": "linear"}).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.3)
     x = torch.randn(32, 3, 32, 32)
@@ -270,7 +270,7 @@ def test_unknown_calibration_is_refused():
     from dmpo_lightning.module import DMPOModule
 
     with pytest.raises(ValueError, match="unknown calibration 'platt'"):
-        DMPOModule(backbone="vit_tiny_patch16_224", calibration="platt")
+        DMPOModule(backbone="vit_tiny_patch16_224", evaluation={"calibration": "platt"})
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -280,7 +280,15 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     cli = main(
-        ["fit", "-c", TINY, "--test_after_fit", "true", "--model.init_args.evaluation.calibration", "temperature"]
+        [
+            "fit",
+            "-c",
+            TINY,
+            "--test_after_fit",
+            "true",
+            "--model.init_args.evaluation.calibration",
+            "temperature",
+        ]
     )
     report_dir = Path(cli.trainer.log_dir) / "dmpo_test"
     report = json.loads((report_dir / "report.json").read_text())
@@ -321,6 +329,7 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
         ]
     )  # fmt: skip
     none = json.loads((none_dir / "report.json").read_text())
-    assert none["calibration"] == {"method": "none"} and none["config"]["calibration"] == "none"
+    assert none["calibration"] == {"method": "none"}
+    assert none["config"]["evaluation"]["calibration"] == "none"  # the report's config holds the groups
     assert not (none_dir / "reliability.png").exists()
     assert none["exits"] == report["exits"]  # anytime accuracy does not depend on the temperatures

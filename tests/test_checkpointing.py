@@ -8,12 +8,18 @@ from support.builders import make_tiny_vit
 
 from dmpo_lightning import checkpointing
 from dmpo_lightning.deploy import export
-from dmpo_lightning.models.multi_exit import MultiExitViT
+from dmpo_lightning.models.adapters import PeftOptions
+from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
 
 
 def tiny_model() -> MultiExitViT:
     torch.manual_seed(0)
-    return MultiExitViT(make_tiny_vit(), 3, [2, 4], peft="adaptformer", adapter_dim=4, moment_dim=16)
+    return MultiExitViT(
+        make_tiny_vit(),
+        3,
+        ExitOptions(blocks=(2, 4), moment_dim=16),
+        PeftOptions("adaptformer", adapter_dim=4),
+    )
 
 
 def test_deploy_uses_the_same_weights_hash():

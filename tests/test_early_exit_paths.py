@@ -13,17 +13,17 @@ from dmpo_lightning import DMPOModule
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.models import ISqrtCovHead, MomentHead, MultiExitViT, newton_schulz_sqrt
+from dmpo_lightning.models.multi_exit import ExitOptions
 
 TINY = dict(
     num_classes=5,
     backbone="vit_tiny_patch16_224",
     img_size=32,
     backbone_kwargs={k: v for k, v in TINY_VIT_KWARGS.items() if k != "img_size"},
-    exit_blocks=[1, 2, 3, 4],
-    adapter_dim=8,
-    moment_dim=32,
-    cov_dim=8,
+    exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
+    peft={"adapter_dim": 8},
 )
+SMALL_HEADS = ExitOptions(moment_dim=32, cov_dim=8)
 
 
 def margin_scores(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +87,7 @@ def test_default_module_uses_the_builtin_incremental_rule():
 
 @pytest.mark.parametrize("rule", ["confidence", "entropy", "patience"])
 def test_builtin_rules_match_the_protocol_with_disabled_exits(rule):
-    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).double().eval()
+    model = MultiExitViT(make_tiny_vit(), 5, SMALL_HEADS).double().eval()
     randomise(model)
     x = torch.randn(40, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_builtin_rules_match_the_protocol_with_disabled_exits(rule):
 
 
 def test_last_score_off_keeps_predictions_and_leaves_nan_at_the_last_exit():
-    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).eval()
+    model = MultiExitViT(make_tiny_vit(), 5, SMALL_HEADS).eval()
     randomise(model)
     x = torch.randn(32, 3, 32, 32)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_last_score_off_keeps_predictions_and_leaves_nan_at_the_last_exit():
 
 
 def test_local_scorer_skips_disabled_heads():
-    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).double().eval()
+    model = MultiExitViT(make_tiny_vit(), 5, SMALL_HEADS).double().eval()
     randomise(model)
     x = torch.randn(24, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_local_scorer_skips_disabled_heads():
 
 
 def test_scorer_with_wrong_shapes_is_refused():
-    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).eval()
+    model = MultiExitViT(make_tiny_vit(), 5, SMALL_HEADS).eval()
 
     def bad(logits):
         return torch.zeros(logits[0].shape[0]), torch.zeros(logits[0].shape[0], dtype=torch.long)
@@ -158,13 +158,15 @@ def test_scorer_with_wrong_shapes_is_refused():
 
 
 def test_string_thresholds_give_one_clear_error():
-    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).eval()
+    model = MultiExitViT(make_tiny_vit(), 5, SMALL_HEADS).eval()
     with pytest.raises(ValueError, match="thresholds must be numbers, one per exit"):
         model.forward_early_exit(torch.randn(2, 3, 32, 32), ["a", 0.5, 0.5, 0.5])
 
 
 def test_early_exit_runs_in_eval_mode_and_restores_the_mode():
-    module = DMPOModule(**TINY, early_head="isqrt_cov", head_dropout=0.5).train()
+    module = DMPOModule(
+        **{**TINY, "exits": {**TINY["exits"], "early_head": "isqrt_cov", "head_dropout": 0.5}}
+    ).train()
     bn = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     assert bn
     before = {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
@@ -301,11 +303,11 @@ def test_dmpo_test_times_the_real_early_exit_into_the_report(tmp_path):
 
 def test_time_early_exit_option_is_validated():
     with pytest.raises(ValueError, match="time_early_exit must be an integer >= 0"):
-        DMPOModule(**TINY, time_early_exit=-1)
+        DMPOModule(**TINY, evaluation={"time_early_exit": -1})
 
 
 def test_early_exit_restores_a_mixed_mode_exactly():
-    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).train()
+    model = MultiExitViT(make_tiny_vit(), 5, SMALL_HEADS).train()
     model.exits[1].eval()  # e.g. a frozen head kept in eval mode by the user
     before = [m.training for m in model.modules()]
     model.forward_early_exit(torch.randn(2, 3, 32, 32), [0.5, 0.5, 0.5, -math.inf])

@@ -12,6 +12,7 @@ from test_early_exit_paths import TINY, MarginModule, between, margin_scores, ra
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.engine import EarlyExitEngine
+from dmpo_lightning.models.multi_exit import ExitOptions
 
 N = 37  # not a multiple of any engine batch size used below
 
@@ -19,7 +20,7 @@ N = 37  # not a multiple of any engine batch size used below
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    model = MultiExitViT(make_tiny_vit(), num_classes=5, moment_dim=32, cov_dim=8).double().eval()
+    model = MultiExitViT(make_tiny_vit(), 5, ExitOptions(moment_dim=32, cov_dim=8)).double().eval()
     randomise(model)
     x = torch.randn(N, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():

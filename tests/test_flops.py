@@ -3,6 +3,10 @@ from support.builders import make_tiny_vit
 
 from dmpo_lightning.evaluation.flops import count_exit_costs
 from dmpo_lightning.models import MultiExitViT, build_backbone
+from dmpo_lightning.models.adapters import PeftOptions
+from dmpo_lightning.models.multi_exit import ExitOptions
+
+LINEAR_EXITS = ExitOptions(blocks=(2, 4), bypass=False, early_head="linear")
 
 
 def analytic_vit_macs(blocks, tokens, dim, hidden, patches, patch_in):
@@ -16,9 +20,7 @@ def analytic_vit_macs(blocks, tokens, dim, hidden, patches, patch_in):
 def test_counted_costs_equal_the_analytic_formula():
     # depth 4, dim 32, 32x32 input, patch 8 -> 16 patches + cls; mlp hidden 64; 5 classes;
     # linear heads, no bypass
-    model = MultiExitViT(
-        make_tiny_vit(), num_classes=5, exit_blocks=[2, 4], peft="linear", bypass=False, early_head="linear"
-    )
+    model = MultiExitViT(make_tiny_vit(), 5, LINEAR_EXITS, "linear")
     costs = count_exit_costs(model, (3, 32, 32))
     n, d, h, c = 17, 32, 64, 5
     head = d * c
@@ -32,16 +34,12 @@ def test_counted_costs_equal_the_analytic_formula():
 
 
 def test_adapter_and_bypass_costs_are_counted():
-    plain = MultiExitViT(make_tiny_vit(), 5, [2, 4], peft="linear", bypass=False, early_head="linear")
+    plain = MultiExitViT(make_tiny_vit(), 5, LINEAR_EXITS, "linear")
     adapted = MultiExitViT(
         make_tiny_vit(),
         5,
-        [2, 4],
-        peft="adaptformer",
-        adapter_dim=8,
-        bypass=True,
-        bypass_dim=8,
-        early_head="linear",
+        ExitOptions(blocks=(2, 4), bypass=True, bypass_dim=8, early_head="linear"),
+        PeftOptions(method="adaptformer", adapter_dim=8),
     )
     a, b = count_exit_costs(plain, (3, 32, 32)), count_exit_costs(adapted, (3, 32, 32))
     adapter = 4 * 17 * (32 * 8 + 8 * 32)  # 4 blocks, down + up per token
@@ -53,6 +51,6 @@ def test_adapter_and_bypass_costs_are_counted():
 def test_vit_small_counts_4_6_gmacs():
     torch.manual_seed(0)
     backbone = build_backbone("vit_small_patch16_224", pretrained=False)
-    model = MultiExitViT(backbone, num_classes=1000, exit_blocks=[12], peft="linear", bypass=False)
+    model = MultiExitViT(backbone, 1000, ExitOptions(blocks=(12,), bypass=False), "linear")
     costs = count_exit_costs(model, (3, 224, 224))
     assert round(costs.full_gflops, 1) == 4.6

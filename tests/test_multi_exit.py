@@ -5,14 +5,15 @@ from support.builders import make_tiny_vit
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.backbone import embed_tokens
+from dmpo_lightning.models.multi_exit import ExitOptions
 
 SMALL_HEADS = dict(moment_dim=32, moment_groups=4, cov_dim=8)
 
 
-def make_model(**kwargs):
-    options = {**SMALL_HEADS, **kwargs}
+def make_model(peft="adaptformer", **exits):
+    """A tiny model with exits after every block; ``exits`` are :class:`ExitOptions` fields."""
     return MultiExitViT(
-        make_tiny_vit(), num_classes=5, exit_blocks=options.pop("exit_blocks", [1, 2, 3, 4]), **options
+        make_tiny_vit(), 5, ExitOptions(**{"blocks": (1, 2, 3, 4), **SMALL_HEADS, **exits}), peft
     )
 
 
@@ -29,7 +30,7 @@ def test_all_exit_shapes(peft, early_head):
 
 def test_adapted_trunk_equals_pretrained_at_step_zero():
     base = make_tiny_vit().eval()
-    model = MultiExitViT(make_tiny_vit(), num_classes=5, peft="adaptformer", **SMALL_HEADS).eval()
+    model = MultiExitViT(make_tiny_vit(), num_classes=5, exits=SMALL_HEADS, peft="adaptformer").eval()
     # Copy the "pre-trained" weights into the wrapped blocks (AdaptFormer keeps them under base_layer).
     wrapped = model.backbone.state_dict()
     for name, tensor in base.state_dict().items():

@@ -18,6 +18,7 @@ from support.builders import make_tiny_vit
 from dmpo_lightning.cli import main
 from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.heads import build_predictor
+from dmpo_lightning.models.multi_exit import ExitOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -52,11 +53,7 @@ def _model(early_head: str, constant_tokens: bool = False) -> MultiExitViT:
     model = MultiExitViT(
         make_tiny_vit(),
         NUM_CLASSES,
-        [1, 2, 3, 4],
-        early_head=early_head,
-        moment_dim=32,
-        moment_groups=4,
-        cov_dim=8,
+        ExitOptions(blocks=(1, 2, 3, 4), early_head=early_head, moment_dim=32, moment_groups=4, cov_dim=8),
     )
     if constant_tokens:  # without position embeddings a constant image gives identical patch tokens
         with torch.no_grad():

@@ -129,9 +129,8 @@ def test_the_module_fingerprint_has_exactly_the_fingerprint_keys():
         img_size=32,
         backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
         num_classes=3,
-        exit_blocks=2,
-        peft="full",
-        early_head="linear",
+        exits={"blocks": 2, "early_head": "linear"},
+        peft={"method": "full"},
     )
     fingerprint = module.model_fingerprint()
     assert tuple(fingerprint) == constants.THRESHOLDS_FINGERPRINT_KEYS

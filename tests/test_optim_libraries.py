@@ -7,7 +7,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from dmpo_lightning.models.multi_exit import MultiExitViT
+from dmpo_lightning.models.adapters import PeftOptions
+from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
 from dmpo_lightning.optim import default_optimizer, param_groups, warmup_cosine
 
 
@@ -68,7 +69,9 @@ def test_min_factor_with_per_group_learning_rates_is_refused():
 def _model(peft):
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-    return MultiExitViT(vit, 3, [1, 2], peft=peft, vpt_prompts=2, early_head="linear")
+    return MultiExitViT(
+        vit, 3, ExitOptions(blocks=(1, 2), early_head="linear"), PeftOptions(peft, vpt_prompts=2)
+    )
 
 
 def _names(model, group):

@@ -31,13 +31,20 @@ def test_literal_and_name_tuple_are_the_registry(kind):
 
 
 def test_the_model_and_module_signatures_use_the_same_literals():
+    from dmpo_lightning.evaluation.evaluator import EvaluationOptions
     from dmpo_lightning.module import DMPOModule
 
     module_hints = get_type_hints(DMPOModule.__init__)
     model_hints = get_type_hints(multi_exit.MultiExitViT.__init__)
-    assert module_hints["peft"] is model_hints["peft"] is adapters.PeftMethod
-    assert module_hints["early_head"] is model_hints["final_head"] is heads.PredictorKind
-    assert module_hints["exit_rule"] is exit_rules.ExitRule
+    # The module and the model take the same option groups; the groups' fields carry the literals.
+    assert module_hints["peft"] is adapters.PeftOptions and module_hints["exits"] is multi_exit.ExitOptions
+    assert adapters.PeftOptions in get_args(model_hints["peft"])
+    assert multi_exit.ExitOptions in get_args(model_hints["exits"])
+    peft_hints = get_type_hints(adapters.PeftOptions)
+    exit_hints = get_type_hints(multi_exit.ExitOptions)
+    assert peft_hints["method"] is adapters.PeftMethod
+    assert exit_hints["early_head"] is exit_hints["final_head"] is heads.PredictorKind
+    assert get_type_hints(EvaluationOptions)["rule"] is exit_rules.ExitRule
     assert multi_exit.HeadKind is heads.PredictorKind
 
 
@@ -81,7 +88,9 @@ def test_a_registered_exit_rule_reaches_the_protocol_and_the_real_early_exit(scr
     torch.testing.assert_close(scores, top2[..., 0] - top2[..., 1])
     assert exit_rules.is_local_rule("margin")
 
-    model = multi_exit.MultiExitViT(_tiny_vit(), 4, [1, 2, 3], peft="linear", early_head="linear").eval()
+    model = multi_exit.MultiExitViT(
+        _tiny_vit(), 4, multi_exit.ExitOptions(blocks=(1, 2, 3), early_head="linear"), "linear"
+    ).eval()
     x = torch.randn(16, 3, 16, 16)
     with torch.no_grad():
         all_logits = torch.stack(model(x), dim=1)
@@ -125,7 +134,7 @@ def test_a_registered_predictor_is_built_with_only_its_options(scratch):
 
     head = heads.build_predictor("first_token", 8, 3, 1, dropout=0.25, proj_dim=7)
     assert isinstance(head, FirstToken) and head.fc[0].p == 0.25
-    model = multi_exit.MultiExitViT(_tiny_vit(), 4, [2, 3], peft="linear", early_head="first_token")
+    model = multi_exit.MultiExitViT(_tiny_vit(), 4, {"blocks": [2, 3], "early_head": "first_token"}, "linear")
     assert isinstance(model.exits[0].predictor, FirstToken)
     assert [t.shape for t in model(torch.randn(2, 3, 16, 16))] == [(2, 4), (2, 4)]
 
@@ -143,7 +152,8 @@ def test_a_predictor_registration_naming_an_option_it_lacks_fails_at_once(scratc
 
 def test_a_registered_peft_method_is_injected_and_only_its_parameters_train(scratch):
     @adapters.register_peft("bias_shift")
-    def inject(model, trunk, indices, options):
+    def inject(model, trunk, indices, options, num_prefix_tokens):
+        assert isinstance(options, adapters.PeftOptions) and options.method == "bias_shift"
         for i in indices:
             trunk[i].register_parameter("peft_shift", nn.Parameter(torch.zeros(1)))
         return [f"blocks.{i}" for i in indices]
@@ -165,9 +175,9 @@ def test_cli_help_lists_the_registered_names_and_rejects_a_typo():
         [*env_cmd, "--model.help", "dmpo_lightning.DMPOModule"], capture_output=True, text=True, timeout=300
     )
     assert helped.returncode == 0, helped.stderr[-2000:]
-    assert "--model.peft {adaptformer,lora,vpt,linear,full}" in helped.stdout
-    assert "--model.early_head {linear,moment,isqrt_cov}" in helped.stdout
-    assert "--model.exit_rule {confidence,entropy,patience}" in helped.stdout
+    assert "--model.peft.method {adaptformer,lora,vpt,linear,full}" in helped.stdout
+    assert "--model.exits.early_head {linear,moment,isqrt_cov}" in helped.stdout
+    assert "--model.evaluation.rule {confidence,entropy,patience}" in helped.stdout
     typo = subprocess.run(
         [*env_cmd, "-c", TINY, "--model.init_args.peft.method=lroa", "--print_config"],
         capture_output=True,

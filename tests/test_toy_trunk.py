@@ -141,13 +141,15 @@ def test_subset_indices_are_those_of_the_full_files():
 def test_quickstart_builds_a_frozen_pretrained_trunk_with_adapters_and_heads():
     cli = main(["-c", str(QUICKSTART)], run=False)
     h = cli.model.hparams
-    assert (h.backbone, h.pretrained, h.checkpoint_path, h.peft) == (
+    assert (h.backbone, h.pretrained, h.checkpoint_path, h.peft["method"]) == (
         toy_backbone.TOY_TRUNK_NAME,
         True,
         None,
         "adaptformer",
     )
-    assert h.bypass and h.early_head == "moment" and h.weight_phase1 != h.weight_phase2
+    assert h.exits["bypass"] and h.exits["early_head"] == "moment"
+    assert h.schedule["weight_phase1"] != h.schedule["weight_phase2"]
+    assert cli.model.exit_options.bypass and cli.model.peft_options.method == "adaptformer"
     assert cli.datamodule.hparams.dataset == "fashion_mnist_subset"
     assert cli.datamodule.data_config.mean == toy_backbone.TOY_TRUNK_MEAN
     model = cli.model.model
@@ -162,8 +164,9 @@ def test_quickstart_builds_a_frozen_pretrained_trunk_with_adapters_and_heads():
 
 def test_checkpoint_rebuild_does_not_read_the_weights_file(monkeypatch, tmp_path):
     kwargs = dict(
-        backbone=toy_backbone.TOY_TRUNK_NAME, pretrained=True, img_size=28, in_chans=1, exit_blocks=[4, 8],
-        adapter_dim=4, moment_dim=16, budgets=[0.75, 1.0],
+        backbone=toy_backbone.TOY_TRUNK_NAME, pretrained=True, img_size=28, in_chans=1,
+        exits={"blocks": [4, 8], "moment_dim": 16}, peft={"adapter_dim": 4},
+        evaluation={"budgets": [0.75, 1.0]},
     )  # fmt: skip
     module = DMPOModule(**kwargs)
     ckpt = tmp_path / "toy.ckpt"
@@ -222,8 +225,8 @@ def test_an_artefact_of_the_toy_trunk_loads_offline_without_embedding_the_trunk(
 
     torch.manual_seed(0)
     module = DMPOModule(
-        backbone=toy_backbone.TOY_TRUNK_NAME, pretrained=True, img_size=28, in_chans=1, exit_blocks=[4, 8],
-        adapter_dim=4, moment_dim=16, budgets=[0.75],
+        backbone=toy_backbone.TOY_TRUNK_NAME, pretrained=True, img_size=28, in_chans=1,
+        exits={"blocks": [4, 8], "moment_dim": 16}, peft={"adapter_dim": 4}, evaluation={"budgets": [0.75]},
     )  # fmt: skip
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
