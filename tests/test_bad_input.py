@@ -233,7 +233,11 @@ CASES = {
         r"model\.init_args\.num_classes=7 disagrees with the data, which has 4 classes",
     ),
     "ramp_beyond_max_epochs": Case(
-        fit("--trainer.max_epochs=3", "--model.init_args.schedule.switch_epoch=1", "--model.init_args.schedule.ramp_epochs=2"),
+        fit(
+            "--trainer.max_epochs=3",
+            "--model.init_args.schedule.switch_epoch=1",
+            "--model.init_args.schedule.ramp_epochs=2",
+        ),
         ConfigError,
         r"switch_epoch=1 with ramp_epochs=2 reaches phase 2's weights only at epoch 3, after the "
         r"last epoch 2 "

@@ -475,7 +475,8 @@ def test_hierarchical_naflex_and_cnn_backbones_are_refused_in_one_sentence(name,
 def test_unsupported_peft_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(
-        ValueError, match=r"peft='adaptformer' is not supported on backbone 'eva02_enormous_patch14_clip_224'"
+        ValueError,
+        match=r"peft\.method='adaptformer' is not supported on backbone 'eva02_enormous_patch14_clip_224'",
     ):
         main(
             [

@@ -220,8 +220,8 @@ def test_readme_focal_loss_example_runs_as_printed():
         backbone="vit_tiny_patch16_224",
         img_size=32,
         backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-        exit_blocks=[1, 2],
-        peft="full",
+        exits={"blocks": [1, 2]},
+        peft={"method": "full"},
     )
     loss, parts = module.compute_loss(module(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2]))
     assert loss.ndim == 0 and torch.isfinite(loss) and parts == {}

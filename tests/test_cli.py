@@ -74,7 +74,15 @@ def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
 
     # A separate `dmpo test` process reloads the checkpoint without extra arguments but refuses to overwrite.
     with pytest.raises(FileExistsError, match="already holds a dmpo test report"):
-        main(["test", "-c", TINY, f"--ckpt_path={ckpts[0]}", f"--model.init_args.evaluation.report_dir={report_dir}"])
+        main(
+            [
+                "test",
+                "-c",
+                TINY,
+                f"--ckpt_path={ckpts[0]}",
+                f"--model.init_args.evaluation.report_dir={report_dir}",
+            ]
+        )
     second = tmp_path / "second"
     main(["test", "-c", TINY, f"--ckpt_path={ckpts[0]}", f"--model.init_args.evaluation.report_dir={second}"])
     assert json.loads((second / "report.json").read_text())["exits"] == report["exits"]

@@ -70,7 +70,8 @@ def test_a_parse_error_has_no_dump_of_the_parsed_values(tmp_path):
     out = _dmpo(tmp_path, "fit", "-c", str(bad))
     assert out.returncode == 2
     assert (
-        'Parser key "peft.adapter_dim":' in out.stderr and "Expected a <class 'int'>. Got value: abc" in out.stderr
+        'Parser key "peft.adapter_dim":' in out.stderr
+        and "Expected a <class 'int'>. Got value: abc" in out.stderr
     )
     assert "Given value" not in out.stderr and "'backbone_kwargs'" not in out.stderr  # the dump is gone
     assert len(out.stderr) < 800, out.stderr

@@ -143,7 +143,15 @@ def test_report_goes_into_an_existing_empty_folder(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("mine")
     for folder in ("empty", "notes"):
-        main(["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.evaluation.report_dir={tmp_path / folder}"])
+        main(
+            [
+                "test",
+                "-c",
+                TINY,
+                f"--ckpt_path={ckpt}",
+                f"--model.init_args.evaluation.report_dir={tmp_path / folder}",
+            ]
+        )
         written = {p.name for p in (tmp_path / folder).iterdir()}
         assert set(runner.REPORT_FILES) - {"reliability.png"} <= written
     assert (tmp_path / "notes" / "readme.txt").read_text() == "mine"
@@ -160,7 +168,15 @@ def test_a_read_only_report_dir_fails_before_the_evaluation(tmp_path):
     locked.chmod(0o500)
     try:
         with pytest.raises(ValueError, match=r"report_dir .*locked/report cannot be written .*not writable"):
-            main(["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.evaluation.report_dir={locked}/report"])
+            main(
+                [
+                    "test",
+                    "-c",
+                    TINY,
+                    f"--ckpt_path={ckpt}",
+                    f"--model.init_args.evaluation.report_dir={locked}/report",
+                ]
+            )
     finally:
         locked.chmod(0o700)
 
@@ -216,7 +232,15 @@ def test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_fi
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        main(["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.evaluation.report_dir={tmp_path / 'r'}"])
+        main(
+            [
+                "test",
+                "-c",
+                TINY,
+                f"--ckpt_path={ckpt}",
+                f"--model.init_args.evaluation.report_dir={tmp_path / 'r'}",
+            ]
+        )
     assert (tmp_path / "r" / "report.json").is_file()
     # test needs neither the fit-only callbacks' states (no warning asking for them) ...
     assert not [w for w in caught if "Please add the following callbacks" in str(w.message)]

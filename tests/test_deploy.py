@@ -49,6 +49,8 @@ def tiny_hparams(**overrides) -> dict:
         else:
             out[name] = value
     return out
+
+
 SYNTHETIC_DM = {"dataset": "synthetic", "image_size": 32, "in_chans": 3, "timm_model": "vit_tiny_patch16_224"}
 
 
@@ -211,7 +213,9 @@ def test_preprocessing_equals_the_data_modules_eval_transform(tmp_path, dataset,
 
 def test_lora_merge_is_exact_and_costs_the_base_model():
     torch.manual_seed(0)
-    module = DMPOModule(**{**TINY_HP, "peft": "lora", "lora_targets": ["qkv", "mlp.fc1"]})
+    module = DMPOModule(
+        **tiny_hparams(peft={"method": "lora", "lora_rank": 4, "lora_targets": ["qkv", "mlp.fc1"]})
+    )
     model = module.model.eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -227,7 +231,7 @@ def test_lora_merge_is_exact_and_costs_the_base_model():
         after = model(x)
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
-    base = DMPOModule(**{**TINY_HP, "peft": "linear"}).model
+    base = DMPOModule(**tiny_hparams(peft={"method": "linear"})).model
     costs_base = count_exit_costs(base, (3, 32, 32))
     assert count_exit_costs(model, (3, 32, 32)).exit_macs == costs_base.exit_macs
     assert all(a > b for a, b in zip(costs_lora.exit_macs, costs_base.exit_macs, strict=True))
@@ -338,7 +342,7 @@ def test_onnx_stages_agree_with_pytorch(tmp_path, case):
 
 
 def test_build_model_rebuilds_the_modules_network():
-    module = DMPOModule(**{**TINY_HP, "peft": "vpt", "vpt_prompts": 2})
+    module = DMPOModule(**tiny_hparams(peft={"method": "vpt", "vpt_prompts": 2}))
     rebuilt = build_model(model_options(dict(module.hparams)))
     assert rebuilt.state_dict().keys() == module.model.state_dict().keys()
     assert math.isclose(rebuilt.num_exits, module.model.num_exits)

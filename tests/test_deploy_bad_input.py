@@ -263,11 +263,11 @@ def test_report_of_another_model_configuration_is_refused(tmp_path):
     report = {"checkpoint_hash": th["checkpoint_hash"], "config": hparams, "budgets": []}
     (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
     export_artefact(str(tmp_path / "ok"), run=str(r["run"]))  # the matching report is accepted
-    report["config"]["lora_alpha"] = 4.0  # changes the outputs, not the weights
+    report["config"]["peft"]["lora_alpha"] = 4.0  # changes the outputs, not the weights
     (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match=r"another model configuration \(lora_alpha: report 4\.0 vs"):
         export_artefact(str(tmp_path / "art"), run=str(r["run"]))
-    report["config"]["lora_alpha"] = hparams["lora_alpha"]
+    report["config"]["peft"]["lora_alpha"] = hparams["peft"]["lora_alpha"]
     report["checkpoint_hash"] = "file:0123"
     (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match="belongs to another checkpoint"):

@@ -15,10 +15,8 @@ TINY = dict(
     backbone="vit_tiny_patch16_224",
     img_size=32,
     backbone_kwargs={k: v for k, v in TINY_VIT_KWARGS.items() if k != "img_size"},
-    exit_blocks=[1, 2, 3, 4],
-    adapter_dim=8,
-    moment_dim=32,
-    cov_dim=8,
+    exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
+    peft={"adapter_dim": 8},
 )
 
 
@@ -43,7 +41,7 @@ def test_loss_is_the_weighted_sum_of_exit_cross_entropies():
 
 
 def test_all_weight_on_the_last_exit_trains_only_the_final_head_and_trunk():
-    module = DMPOModule(**TINY, weight_phase1=[0, 0, 0, 1], peft="linear")
+    module = DMPOModule(**{**TINY, "peft": {"method": "linear"}}, schedule={"weight_phase1": [0, 0, 0, 1]})
     loss, _ = module.compute_loss(module(batch()[IMAGE_KEY]), batch()[LABEL_KEY])
     loss.backward()
     early = [
@@ -142,9 +140,9 @@ def test_readme_python_example_runs():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(weight_phase1=[1, 1]), "weight_phase1 has 2 entries but the model has 4 exits"),
-        (dict(weight_phase2=[1, -1, 1, 1]), "weight_phase2 must be finite and >= 0"),
-        (dict(exit_blocks=[2, 1, 4]), "must be sorted"),
+        (dict(schedule={"weight_phase1": [1, 1]}), "weight_phase1 has 2 entries but the model has 4 exits"),
+        (dict(schedule={"weight_phase2": [1, -1, 1, 1]}), "weight_phase2 must be finite and >= 0"),
+        (dict(exits={"blocks": [2, 1, 4]}), "must be sorted"),
         (dict(warmup_fraction=1.5), "warmup_fraction must be in"),
     ],
 )

@@ -46,10 +46,8 @@ TINY = dict(
     backbone="vit_tiny_patch16_224",
     img_size=32,
     backbone_kwargs={k: v for k, v in TINY_VIT_KWARGS.items() if k != "img_size"},
-    exit_blocks=[1, 2, 3, 4],
-    adapter_dim=8,
-    moment_dim=32,
-    cov_dim=8,
+    exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
+    peft={"adapter_dim": 8},
 )
 
 
@@ -185,7 +183,15 @@ def test_dmpo_test_ckpt_path_refuses_a_crafted_ckpt(tmp_path, marker):
     path = torch_file(tmp_path / "evil.ckpt", marker, "checkpoint")
     report = tmp_path / "report"
     with pytest.raises(ValueError, match=r"ckpt_path '.*evil\.ckpt' is not a readable Lightning checkpoint"):
-        main(["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", f"--model.init_args.evaluation.report_dir={report}"])
+        main(
+            [
+                "test",
+                "-c",
+                TINY_CONFIG,
+                f"--ckpt_path={path}",
+                f"--model.init_args.evaluation.report_dir={report}",
+            ]
+        )
     assert not marker.exists()
     assert not report.exists()
 
@@ -204,7 +210,15 @@ def test_dmpo_test_reads_a_good_checkpoint_with_weights_only_each_time(tmp_path,
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    main(["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", f"--model.init_args.evaluation.report_dir={tmp_path / 'r'}"])
+    main(
+        [
+            "test",
+            "-c",
+            TINY_CONFIG,
+            f"--ckpt_path={path}",
+            f"--model.init_args.evaluation.report_dir={tmp_path / 'r'}",
+        ]
+    )
     # the CLI reads the checkpoint more than once (hparams, class count, weights): every read is safe
     assert len(seen) >= 2 and all(w is True for w in seen), seen
     assert (tmp_path / "r" / "report.json").is_file()
@@ -331,10 +345,12 @@ def test_export_is_safetensors_with_json_metadata(tmp_path):
 def test_overrides_replace_saved_hparams(tmp_path):
     path = tmp_path / "adapter.safetensors"
     module = tiny_module()
+    module.hparams.evaluation["budgets"] = [0.5]  # saved; not among the overrides
     module.export_trainable(str(path))
     torch.manual_seed(1)
-    restored = DMPOModule.from_trainable(str(path), report_dir=str(tmp_path / "elsewhere"))
+    restored = DMPOModule.from_trainable(str(path), evaluation={"report_dir": str(tmp_path / "elsewhere")})
     assert restored.hparams.evaluation["report_dir"] == str(tmp_path / "elsewhere")
+    assert restored.hparams.evaluation["budgets"] == [0.5]  # the group's other fields are kept
     assert_same_outputs(module, restored)
 
 

@@ -344,7 +344,8 @@ def module_from_trainable(
             hyper-parameters hold ``pathlib`` paths: rebuild those too, still with torch's restricted
             unpickler (nothing in the file is executed; any other object is refused). Warns that the
             format is old; re-export such files to ``.safetensors``.
-        overrides: Hyper-parameters that replace the saved ones.
+        overrides: Hyper-parameters that replace the saved ones; an option group given as a mapping
+            (``evaluation={"report_dir": ...}``) replaces only the fields it names.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
@@ -356,7 +357,13 @@ def module_from_trainable(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no trainable-parameter export at {path}")
     hparams, state_dict = read_trainable(path, allow_pickle=allow_pickle)
-    module = cls(**{**group_legacy_hparams(hparams), **(overrides or {})})
+    merged = group_legacy_hparams(hparams)
+    for key, value in (overrides or {}).items():  # a group given as a mapping updates the fields it names
+        saved = merged.get(key)
+        merged[key] = (
+            {**saved, **value} if isinstance(value, Mapping) and isinstance(saved, Mapping) else value
+        )
+    module = cls(**merged)
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     if unexpected:
         raise ValueError(f"export {path} has parameters this model lacks: {unexpected[:5]}")

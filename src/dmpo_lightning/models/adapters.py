@@ -636,6 +636,9 @@ else:
     PeftMethod = PEFT_REGISTRY.literal()
 """PEFT methods: three adapter kinds, a frozen trunk (``linear``) and full fine-tuning (``full``), ...
 (``Literal`` of the methods registered above)."""
+# The CLI reads PeftOptions.method's type from this file, where the string annotation would resolve to the
+# TYPE_CHECKING alias (str): give it the registered methods' Literal itself.
+PeftOptions.__annotations__["method"] = PeftMethod
 
 __all__ = [
     "PEFT_METHODS",

@@ -185,8 +185,8 @@ class MultiExitViT(nn.Module):
         except TypeError as err:  # a block or layer kind the method cannot wrap
             name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
             raise ValueError(
-                f"peft.method={p.method!r} is not supported on backbone {name!r} ({type(vit.blocks[0]).__name__} "
-                f"blocks): {err}; choose another peft method or backbone"
+                f"peft.method={p.method!r} is not supported on backbone {name!r} "
+                f"({type(vit.blocks[0]).__name__} blocks): {err}; choose another peft method or backbone"
             ) from err
         dim = int(vit.embed_dim)
         # VPT prompt tokens travel with the class token; heads must treat them as prefix tokens.
