@@ -352,8 +352,8 @@ def test_fit_and_test_through_the_cli(family, tmp_path, monkeypatch):
 @pytest.mark.parametrize("onnx", [False, True])
 @pytest.mark.parametrize("family", ["dinov2_reg4", "eva02_rope", "siglip_map"])
 def test_deploy_export_and_predictor(tmp_path, family, onnx):
-    from test_deploy import make_run
-    from test_deploy import simulated as deploy_simulated
+    from support.runs import make_run
+    from support.runs import simulated as deploy_simulated
 
     from dmpo_lightning.deploy.export import export_artefact
     from dmpo_lightning.deploy.predictor import EarlyExitPredictor

@@ -229,7 +229,7 @@ def test_readme_focal_loss_example_runs_as_printed():
 
 # ------------------------------------------------------------------------------------------ broken image
 def test_an_unreadable_image_ends_the_run_with_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
-    from test_data_fakes import write_image_folder
+    from support.fakes import write_image_folder
 
     root = write_image_folder(tmp_path / "imgs", ["a", "b"], {"train": 6, "test": 6})
     broken = root / "train" / "a" / "a_1.jpg"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_deploy import SYNTHETIC_DM, make_run
+from support.runs import SYNTHETIC_DM, make_run
 
 from dmpo_lightning.deploy.cli import console_main
 from dmpo_lightning.deploy.export import export_artefact

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from support.builders import make_tiny_vit
-from test_early_exit_paths import TINY, MarginModule, between, margin_scores, randomise, simulated
+from support.early_exit import TINY, MarginModule, between, margin_scores, randomise, simulated
 
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.models import MultiExitViT

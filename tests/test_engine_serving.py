@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_deploy import TINY_HP, make_run
+from support.runs import TINY_HP, make_run
 
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
 from dmpo_lightning.data.predict_images import ERROR_KEY

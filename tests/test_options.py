@@ -113,3 +113,20 @@ def test_a_typo_key_in_a_group_is_refused_naming_the_allowed_fields():
     with pytest.raises(ValueError, match=r"exits has no option 'blockz'; its options are blocks, "):
         tiny_module(exits={"blockz": [2, 4]})
     assert ExitOptions.coerce({"blocks": 1}) == ExitOptions(blocks=1)
+
+
+def test_an_old_flat_config_is_refused_naming_the_new_options(tmp_path, capsys):
+    from pathlib import Path
+
+    from dmpo_lightning.cli import main
+
+    tiny = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+    old = tmp_path / "old.yaml"
+    # the model part of a config written before the groups: a flat option under init_args
+    old.write_text("model:\n  class_path: dmpo_lightning.DMPOModule\n  init_args:\n    exit_blocks: [2, 4]\n")
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(tiny), "--config", str(old), "--print_config"], run=False)
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert "Option 'exit_blocks' is not accepted" in err
+    assert err.count("the model options are grouped now") == 1 and "exit_blocks -> exits.blocks" in err

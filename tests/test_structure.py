@@ -73,3 +73,23 @@ def test_old_exit_rules_path_reexports_the_same_objects():
     evaluation = importlib.import_module("dmpo_lightning.evaluation")
     assert evaluation.exit_scores is new.exit_scores
     assert evaluation.exit_score_step is new.exit_score_step
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("path", sorted(TESTS.glob("test_*.py")), ids=lambda p: p.name)
+def test_test_modules_import_shared_helpers_from_support_only(path):
+    """Helpers live in tests/support; a test module importing another one would run its tests' imports."""
+    tree = ast.parse(path.read_text())
+    bad = [
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+        if ((node.module or "") if isinstance(node, ast.ImportFrom) else alias.name)
+        .split(".")[0]
+        .startswith("test")
+        or ((node.module or "") if isinstance(node, ast.ImportFrom) else alias.name) == "conftest"
+    ]
+    assert not bad, f"{path.name} imports {bad}; move the helpers to tests/support"

@@ -35,7 +35,7 @@ from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFile
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule, weights_from_checkpoint
 from dmpo_lightning.optim import param_groups
-from dmpo_lightning.options import group_legacy_hparams
+from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, group_legacy_hparams
 from dmpo_lightning.serialization import UnsafeLoadWarning
 
 __all__ = ["DMPOCLI", "console_main", "main"]
@@ -136,6 +136,16 @@ def _tidy_parse_error(message: str) -> str:
         if sep and len(value) > 80:  # a whole Namespace(...) / dict of the model's arguments
             line = f"{head}{sep}{value[:60]}..."
         keep.append(line)
+    old = [
+        name
+        for name in LEGACY_FLAT_OPTIONS
+        if f"Option '{name}' is not accepted" in message or f"unrecognized arguments: --{name}=" in message
+    ]
+    if (
+        old and "the model options are grouped now" not in message
+    ):  # a config or command line of an older version
+        moved = ", ".join(f"{name} -> {'.'.join(LEGACY_FLAT_OPTIONS[name])}" for name in old)
+        keep.append(f"  the model options are grouped now (peft, exits, schedule, evaluation): {moved}")
     return "\n".join(keep)
 
 

@@ -1,0 +1,124 @@
+"""A trained run as `dmpo fit` + `dmpo test` leave it (checkpoint + thresholds.json), without training.
+
+Shared by the deploy, serving and backbone tests: ``make_run`` builds a tiny module, perturbs its trainable
+parameters, writes the checkpoint and a thresholds file fitted on random images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT
+from dmpo_lightning.deploy.format import file_sha256
+from dmpo_lightning.evaluation.exit_rules import exit_scores
+from dmpo_lightning.evaluation.protocol import assign_exits
+from dmpo_lightning.module import DMPOModule
+from dmpo_lightning.options import LEGACY_FLAT_OPTIONS
+
+TINY_HP = dict(
+    num_classes=4,
+    backbone="vit_tiny_patch16_224",
+    pretrained=False,
+    img_size=32,
+    in_chans=3,
+    backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
+    exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
+    peft={"adapter_dim": 8, "lora_rank": 4},
+    evaluation={"budgets": [0.5, 0.75]},
+)
+
+
+def tiny_hparams(**overrides) -> dict:
+    """``TINY_HP`` with ``overrides``: top-level options, whole groups, or group fields by their flat name."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_HP.items()}
+    for name, value in overrides.items():
+        if name in LEGACY_FLAT_OPTIONS and not (name == "peft" and isinstance(value, dict)):
+            group, field = LEGACY_FLAT_OPTIONS[name]
+            out.setdefault(group, {})[field] = value
+        else:
+            out[name] = value
+    return out
+
+
+SYNTHETIC_DM = {"dataset": "synthetic", "image_size": 32, "in_chans": 3, "timm_model": "vit_tiny_patch16_224"}
+
+
+def make_run(
+    tmp_path: Path,
+    name: str = "run",
+    *,
+    dm: dict | None = None,
+    quantiles: tuple[float, float] = (0.5, 0.8),
+    fixed: list[list[float]] | None = None,
+    seed: int = 0,
+    extra: dict | None = None,
+    **overrides,
+) -> dict:
+    """A checkpoint as `dmpo fit` writes it and a thresholds.json as `dmpo test` writes it, for one model.
+
+    Trainable parameters are perturbed so that zero-initialised parts (LoRA B, adapter up, bypass up) are
+    not trivially zero; thresholds are score quantiles on random images, so several exits are used.
+    """
+    torch.manual_seed(seed)
+    module = DMPOModule(**tiny_hparams(**overrides))
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    module.eval()
+    folder = tmp_path / name
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "dmpo_test").mkdir()
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    payload = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "datamodule_hyper_parameters": dict(dm if dm is not None else SYNTHETIC_DM),
+        **({"class_names": ["cat", "dog", "owl", "fox"]} if extra is None else extra),
+    }
+    torch.save(payload, ckpt)
+    x = torch.randn(64, module.hparams.in_chans, 32, 32)
+    with torch.no_grad():
+        scores, _ = exit_scores(module.model(x), module.evaluation_options.rule)
+    budgets = []
+    for i, (budget, q) in enumerate(zip((0.5, 0.75), quantiles, strict=True)):
+        t = (
+            [float(scores[:, k].quantile(q)) for k in range(scores.shape[1] - 1)]
+            if fixed is None
+            else fixed[i]
+        )
+        budgets.append(
+            {
+                "budget": budget,
+                "unit": "fraction",
+                "thresholds": [*(v if math.isfinite(v) else str(v) for v in t), "-inf"],
+                "cal_cost_fraction": 0.4,
+                "test_accuracy": 0.5,
+            }
+        )
+    thresholds = folder / "dmpo_test" / "thresholds.json"
+    thresholds.write_text(
+        json.dumps(
+            {
+                "format": THRESHOLDS_FORMAT,
+                "fingerprint": module.model_fingerprint(),
+                "checkpoint_hash": f"file:{file_sha256(str(ckpt))}",
+                "budgets": budgets,
+            }
+        )
+    )
+    return {"run": folder, "ckpt": ckpt, "thresholds": thresholds, "module": module, "x": x}
+
+
+def simulated(model, x, thresholds, rule="confidence"):
+    """The simulated protocol: all-exit forward, exit scores, first exit whose score passes."""
+    with torch.no_grad():
+        logits = torch.stack(model(x), dim=1)
+    scores, preds = exit_scores(logits, rule)
+    exits = assign_exits(scores, torch.tensor(thresholds, dtype=scores.dtype))
+    rows = torch.arange(x.shape[0])
+    return preds[rows, exits], exits, logits[rows, exits]
