@@ -4,20 +4,13 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from support.builders import TINY_VIT_KWARGS
+from support.builders import TINY_MODULE
 
 from dmpo_lightning import DMPOModule
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
 from dmpo_lightning.losses import weighted_sum
 
-TINY = dict(
-    num_classes=4,
-    backbone="vit_tiny_patch16_224",
-    img_size=32,
-    backbone_kwargs={k: v for k, v in TINY_VIT_KWARGS.items() if k != "img_size"},
-    exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
-    peft={"adapter_dim": 8},
-)
+TINY = TINY_MODULE
 
 
 def batch(n=6):

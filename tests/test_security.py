@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from support.builders import TINY_VIT_KWARGS
+from support.builders import TINY_MODULE
 from support.fakes import write_cifar
 
 from dmpo_lightning import DMPOModule, __version__
@@ -41,14 +41,7 @@ from dmpo_lightning.serialization import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(ROOT / "tests" / "configs" / "tiny.yaml")
-TINY = dict(
-    num_classes=4,
-    backbone="vit_tiny_patch16_224",
-    img_size=32,
-    backbone_kwargs={k: v for k, v in TINY_VIT_KWARGS.items() if k != "img_size"},
-    exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
-    peft={"adapter_dim": 8},
-)
+TINY = TINY_MODULE
 
 
 class Payload:

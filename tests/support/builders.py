@@ -7,6 +7,16 @@ import torch
 
 TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0)
 
+TINY_MODULE = dict(
+    num_classes=4,
+    backbone="vit_tiny_patch16_224",
+    img_size=32,
+    backbone_kwargs={k: v for k, v in TINY_VIT_KWARGS.items() if k != "img_size"},
+    exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
+    peft={"adapter_dim": 8},
+)
+"""``DMPOModule(**TINY_MODULE)``: the tiny ViT with four exits and small heads (copy a group to change it)."""
+
 
 def make_tiny_vit(**overrides: object) -> torch.nn.Module:
     """A depth-4, dim-32 timm ViT at 32x32 with random weights and no classifier."""

@@ -7,16 +7,9 @@ import torch
 from dmpo_lightning import DMPOModule
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.models.multi_exit import ExitOptions
-from support.builders import TINY_VIT_KWARGS
+from support.builders import TINY_MODULE
 
-TINY = dict(
-    num_classes=5,
-    backbone="vit_tiny_patch16_224",
-    img_size=32,
-    backbone_kwargs={k: v for k, v in TINY_VIT_KWARGS.items() if k != "img_size"},
-    exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
-    peft={"adapter_dim": 8},
-)
+TINY = {**TINY_MODULE, "num_classes": 5}
 SMALL_HEADS = ExitOptions(moment_dim=32, cov_dim=8)
 
 
