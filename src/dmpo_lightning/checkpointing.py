@@ -8,6 +8,12 @@
   tensor-size mismatch;
 - :func:`weights_hash`, :func:`checkpoint_hash`, :func:`weight_hashes`: what ``dmpo test`` stores in
   ``thresholds.json`` and what ``dmpo predict`` and the deployment artefact compare it with.
+- :func:`model_fingerprint`: the architecture a ``thresholds.json`` records (under the flat option names);
+- :func:`store_class_names`, :func:`check_checkpoint`: the module's ``on_save_checkpoint`` /
+  ``on_load_checkpoint``.
+
+Checkpoints written before the option groups (flat hyperparameter names) load through
+:func:`load_checkpoint_safely` and :func:`check_checkpoint` as they are.
 
 The module's ``load_from_checkpoint`` and ``on_load_checkpoint`` are thin delegations to this file (its
 ``export_trainable``/``from_trainable`` to :mod:`dmpo_lightning.serialization`).

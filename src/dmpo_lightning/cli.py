@@ -141,9 +141,8 @@ def _tidy_parse_error(message: str) -> str:
         for name in LEGACY_FLAT_OPTIONS
         if f"Option '{name}' is not accepted" in message or f"unrecognized arguments: --{name}=" in message
     ]
-    if (
-        old and "the model options are grouped now" not in message
-    ):  # a config or command line of an older version
+    # a config or command line of an older version (said once: the message may hold the error twice)
+    if old and "the model options are grouped now" not in message:
         moved = ", ".join(f"{name} -> {'.'.join(LEGACY_FLAT_OPTIONS[name])}" for name in old)
         keep.append(f"  the model options are grouped now (peft, exits, schedule, evaluation): {moved}")
     return "\n".join(keep)

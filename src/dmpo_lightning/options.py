@@ -19,6 +19,7 @@ __all__ = [
     "OptionGroup",
     "flat_options",
     "group_legacy_hparams",
+    "merge_legacy_options",
     "register_legacy_names",
 ]
 
