@@ -178,6 +178,7 @@ def test_cli_help_lists_the_registered_names_and_rejects_a_typo():
     assert "--model.peft.method {adaptformer,lora,vpt,linear,full}" in helped.stdout
     assert "--model.exits.early_head {linear,moment,isqrt_cov}" in helped.stdout
     assert "--model.evaluation.rule {confidence,entropy,patience}" in helped.stdout
+    assert "AdaptFormer bottleneck width r." in helped.stdout  # the field's docstring is its help
     typo = subprocess.run(
         [*env_cmd, "-c", TINY, "--model.init_args.peft.method=lroa", "--print_config"],
         capture_output=True,
