@@ -75,7 +75,7 @@ CASES = {
     "exit_blocks_unsorted": Case(
         fit("--model.init_args.exits.blocks=[2, 1, 3, 4]"),
         ValueError,
-        r"exit_blocks \[2, 1, 3, 4\] must be sorted in increasing order",
+        r"exits\.blocks \[2, 1, 3, 4\] must be sorted in increasing order",
     ),
     "loss_weights_wrong_length": Case(
         fit("--model.init_args.schedule.weight_phase1=[1.0, 1.0]"),

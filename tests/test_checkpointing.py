@@ -1,5 +1,6 @@
 """checkpointing.py: the checkpoint-identity hashes and the architecture check have one definition."""
 
+import json
 import pickle
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 from support.builders import make_tiny_vit
 
 from dmpo_lightning import checkpointing
+from dmpo_lightning.constants import THRESHOLDS_FORMAT
 from dmpo_lightning.deploy import export
+from dmpo_lightning.evaluation.runner import load_thresholds
 from dmpo_lightning.models.adapters import PeftOptions
 from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
 
@@ -58,7 +61,7 @@ def test_checkpoint_hash_is_the_file_hash_when_the_file_exists(tmp_path):
 def test_check_architecture_names_both_values():
     model = tiny_model()
     with pytest.raises(
-        ValueError, match=r"trained with exit_blocks=\[1, 4\] but this model has exit_blocks=\[2, 4\]"
+        ValueError, match=r"trained with exits.blocks=\[1, 4\] but this model has exits.blocks=\[2, 4\]"
     ):
         checkpointing.check_architecture({"exit_blocks": [1, 4]}, {"exit_blocks": [2, 4]}, {}, model.backbone)
     # a count is resolved against the trunk's depth before comparing: 2 = the last two blocks
@@ -85,3 +88,10 @@ def test_load_checkpoint_safely_applies_the_backbone_checkpoint_path_override():
         lambda path, **kw: Loaded(), ["run.ckpt"], {"checkpoint_path": None}
     )
     assert loaded.hparams["checkpoint_path"] is None
+
+
+def test_thresholds_of_another_architecture_name_the_option_as_users_write_it(tmp_path):
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({"format": THRESHOLDS_FORMAT, "fingerprint": {"exit_blocks": [1, 4]}}))
+    with pytest.raises(ValueError, match=r"another model \(exits\.blocks: file \[1, 4\] vs model \[2, 4\]\)"):
+        load_thresholds(str(path), 0.5, {"exit_blocks": [2, 4]})

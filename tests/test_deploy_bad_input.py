@@ -100,7 +100,8 @@ def test_thresholds_of_another_architecture_are_refused(tmp_path):
     th = json.loads(a["thresholds"].read_text())
     th["fingerprint"]["early_head"] = "linear"
     a["thresholds"].write_text(json.dumps(th))
-    with pytest.raises(ValueError, match=r"calibrated for another model .*early_head"):
+    wrong = r"calibrated for another model \(exits\.early_head: thresholds .linear. vs checkpoint"
+    with pytest.raises(ValueError, match=wrong):
         export_artefact(str(tmp_path / "art"), run=str(a["run"]))
 
 
@@ -265,7 +266,7 @@ def test_report_of_another_model_configuration_is_refused(tmp_path):
     export_artefact(str(tmp_path / "ok"), run=str(r["run"]))  # the matching report is accepted
     report["config"]["peft"]["lora_alpha"] = 4.0  # changes the outputs, not the weights
     (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
-    with pytest.raises(ValueError, match=r"another model configuration \(lora_alpha: report 4\.0 vs"):
+    with pytest.raises(ValueError, match=r"another model configuration \(peft\.lora_alpha: report 4\.0 vs"):
         export_artefact(str(tmp_path / "art"), run=str(r["run"]))
     report["config"]["peft"]["lora_alpha"] = hparams["peft"]["lora_alpha"]
     report["checkpoint_hash"] = "file:0123"

@@ -20,6 +20,7 @@ MODULES = [
     "dmpo_lightning.models.registry",
     "dmpo_lightning.models.checks",
     "dmpo_lightning.files",
+    "dmpo_lightning.options",
 ]
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from dmpo_lightning.constants import ARCHITECTURE_KEYS, THRESHOLDS_FINGERPRINT_KEYS
+from dmpo_lightning.options import option_name
 from dmpo_lightning.serialization import UnsafeLoadWarning, weights_only_refusal
 
 __all__ = [
@@ -167,8 +168,9 @@ def check_architecture(
             except ValueError:
                 pass
         if theirs != ours:
+            name = option_name(key)
             raise ValueError(
-                f"checkpoint was trained with {key}={theirs!r} but this model has {key}={ours!r}; "
+                f"checkpoint was trained with {name}={theirs!r} but this model has {name}={ours!r}; "
                 "use the checkpoint's own config (dmpo test --config <run>/config.yaml) or load it with "
                 "DMPOModule.load_from_checkpoint(path)"
             )

@@ -52,6 +52,6 @@ def check_finite_loss(loss: torch.Tensor, parts: dict[str, torch.Tensor], epoch:
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"training loss is {loss.detach().item()} at epoch {epoch}, global step {step} "
-            f"(per-exit parts: { {k: round(float(v), 4) for k, v in parts.items()} }); "
+            f"(per-exit parts: { {k: round(float(v.detach()), 4) for k, v in parts.items()} }); "
             "lower the learning rate, check the inputs for NaN/inf, or use precision 32"
         )

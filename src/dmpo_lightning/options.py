@@ -20,6 +20,7 @@ __all__ = [
     "flat_options",
     "group_legacy_hparams",
     "merge_legacy_options",
+    "option_name",
     "register_legacy_names",
 ]
 
@@ -105,6 +106,19 @@ def register_legacy_names(
         raise ValueError(f"{cls.__name__} has no field {unknown[0]!r}")
     for field in sorted(fields):
         LEGACY_FLAT_OPTIONS[renamed.get(field, field)] = (group, field)
+
+
+def option_name(key: str) -> str:
+    """The name a user writes for the flat fingerprint ``key``: ``exit_blocks`` -> ``exits.blocks``.
+
+    Keys that are no group field (``num_classes``, ``backbone``) are returned as they are.
+
+    >>> import dmpo_lightning.module  # the groups register their flat names on import
+    >>> option_name("exit_blocks"), option_name("peft"), option_name("num_classes")
+    ('exits.blocks', 'peft.method', 'num_classes')
+    """
+    group, field = LEGACY_FLAT_OPTIONS.get(key, (None, key))
+    return f"{group}.{field}" if group else key
 
 
 def flat_options(hparams: Mapping[str, Any]) -> dict[str, Any]:

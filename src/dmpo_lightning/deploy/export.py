@@ -34,7 +34,7 @@ from dmpo_lightning.deploy.format import (
     file_sha256,
     tensors_sha256,
 )
-from dmpo_lightning.options import flat_options
+from dmpo_lightning.options import flat_options, option_name
 
 __all__ = ["ExportInputs", "export_artefact", "resolve_run"]
 
@@ -365,13 +365,17 @@ def export_artefact(
         theirs = json.loads(json.dumps(_jsonable(flat_options(dict(rep["config"])))))
         differ = {k: (theirs[k], v) for k, v in mine.items() if k in theirs and theirs[k] != v}
         if differ:
-            details = "; ".join(f"{k}: report {a!r} vs checkpoint {b!r}" for k, (a, b) in differ.items())
+            details = "; ".join(
+                f"{option_name(k)}: report {a!r} vs checkpoint {b!r}" for k, (a, b) in differ.items()
+            )
             raise ValueError(f"{report} was made with another model configuration ({details})")
     fingerprint = th.get("fingerprint") or {}
     ours = {**{k: options.get(k) for k in FINGERPRINT_KEYS}, "exit_blocks": list(model.exit_blocks)}
     diff = {k: (fingerprint.get(k), v) for k, v in ours.items() if k in fingerprint and fingerprint[k] != v}
     if diff:
-        details = "; ".join(f"{k}: thresholds {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items())
+        details = "; ".join(
+            f"{option_name(k)}: thresholds {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()
+        )
         raise ValueError(f"{thresholds} was calibrated for another model ({details})")
     exit_rule = (
         fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or flat_options(hparams).get("exit_rule")

@@ -36,6 +36,7 @@ from dmpo_lightning.evaluation.report import (
     write_json,
 )
 from dmpo_lightning.files import atomic_write, atomic_write_text, csv_text
+from dmpo_lightning.options import option_name
 
 __all__ = [
     "REPORT_FILES",
@@ -440,7 +441,7 @@ def _read_thresholds(
     theirs = data.get("fingerprint", {})
     diff = {k: (theirs.get(k), v) for k, v in fingerprint.items() if theirs.get(k) != v}
     if diff:
-        details = "; ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        details = "; ".join(f"{option_name(k)}: file {a!r} vs model {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"thresholds file {path} was calibrated for another model ({details})")
     if model_hashes:
         _check_weights(path, data, list(model_hashes), allow_other_checkpoint)

@@ -388,22 +388,22 @@ def resolve_exit_blocks(
         n = min(4, depth)
         blocks = tuple(round(depth * (i + 1) / n) for i in range(n))
     elif isinstance(exit_blocks, bool):
-        raise ValueError("exit_blocks must be an int, a list of block numbers or null, not a bool")
+        raise ValueError("exits.blocks must be an int, a list of block numbers or null, not a bool")
     elif isinstance(exit_blocks, int):
         if not 1 <= exit_blocks <= depth:
             raise ValueError(
-                f"exit_blocks={exit_blocks} asks for the last {exit_blocks} blocks; allowed is 1..{depth} "
+                f"exits.blocks={exit_blocks} asks for the last {exit_blocks} blocks; allowed is 1..{depth} "
                 f"for this {depth}-block backbone"
             )
         blocks = tuple(range(depth - exit_blocks + 1, depth + 1))
     else:
         raw = list(exit_blocks)
         if not raw:
-            raise ValueError(f"exit_blocks is empty; give at least one block number in 1..{depth}")
+            raise ValueError(f"exits.blocks is empty; give at least one block number in 1..{depth}")
         blocks_list = []
         for b in raw:
             if isinstance(b, bool) or not isinstance(b, int):
-                raise ValueError(f"exit_blocks entries must be integers, got {b!r}")
+                raise ValueError(f"exits.blocks entries must be integers, got {b!r}")
             resolved = depth + 1 + b if b < 0 else b
             if not 1 <= resolved <= depth:
                 raise ValueError(
@@ -412,14 +412,14 @@ def resolve_exit_blocks(
                 )
             blocks_list.append(resolved)
         if len(set(blocks_list)) != len(blocks_list):
-            raise ValueError(f"exit_blocks {raw} contains duplicates; each block may hold one exit")
+            raise ValueError(f"exits.blocks {raw} contains duplicates; each block may hold one exit")
         if blocks_list != sorted(blocks_list):
-            raise ValueError(f"exit_blocks {raw} must be sorted in increasing order (got {blocks_list})")
+            raise ValueError(f"exits.blocks {raw} must be sorted in increasing order (got {blocks_list})")
         blocks = tuple(blocks_list)
     if require_last and blocks[-1] != depth:
         raise ValueError(
             f"the last exit sits after block {blocks[-1]} but the backbone has {depth} blocks; add {depth} "
-            "(or -1) to exit_blocks, or set require_last_exit=False to truncate the backbone"
+            "(or -1) to exits.blocks, or set exits.require_last_exit=false to truncate the backbone"
         )
     return blocks
 
