@@ -75,14 +75,15 @@ def _flat_checkpoint(module: DMPOModule) -> dict:
     }
 
 
-def test_an_old_flat_checkpoint_loads_into_the_groups_without_a_warning(tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "pre-zip-format"])
+def test_an_old_flat_checkpoint_loads_into_the_groups_without_a_warning(tmp_path, zip_format):
     module = tiny_module()
     with torch.no_grad():
         for p in module.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p))
     path = tmp_path / "old.ckpt"
-    torch.save(_flat_checkpoint(module), path)
+    torch.save(_flat_checkpoint(module), path, _use_new_zipfile_serialization=zip_format)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         loaded = DMPOModule.load_from_checkpoint(path)
