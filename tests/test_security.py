@@ -19,7 +19,6 @@ import os
 import pickle
 import subprocess
 import sys
-import warnings
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -31,12 +30,12 @@ from support.fakes import write_cifar
 
 from dmpo_lightning import DMPOModule, __version__
 from dmpo_lightning.cli import main
+from dmpo_lightning.errors import ConfigError
 from dmpo_lightning.options import flat_options
 from dmpo_lightning.serialization import (
     LEGACY_TRAINABLE_FORMAT,
     TRAINABLE_FORMAT,
     TRAINABLE_FORMAT_VERSION,
-    UnsafeLoadWarning,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,14 +161,33 @@ def test_load_from_checkpoint_does_not_run_a_named_instantiator(tmp_path):
     assert not (tmp_path / "instantiator_ran").exists()
 
 
-def test_load_from_checkpoint_opt_out_warns(tmp_path):
-    path = tmp_path / "plain.ckpt"
-    module = tiny_module()
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    torch.save({**ckpt, "pytorch-lightning_version": "2.6.6"}, path)
-    with pytest.warns(UnsafeLoadWarning, match="weights_only=False: unpickling"):
-        loaded = DMPOModule.load_from_checkpoint(str(path), weights_only=False)
-    assert_same_outputs(module, loaded)
+def test_load_from_checkpoint_refuses_unrestricted_unpickling_before_reading(tmp_path, marker, monkeypatch):
+    path = torch_file(tmp_path / "evil.ckpt", marker, "checkpoint")
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(k) or real_load(*a, **k))
+    with pytest.raises(ValueError, match=r"weights_only must be true: checkpoints are read only with torch"):
+        DMPOModule.load_from_checkpoint(str(path), weights_only=False)
+    assert reads == [] and not marker.exists()
+
+
+def test_cli_refuses_weights_only_false_before_building_anything(tmp_path, monkeypatch):
+    module = main(["-c", TINY_CONFIG], run=False).model
+    path = tmp_path / "good.ckpt"
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}
+    torch.save({**ckpt, "global_step": 0, "pytorch-lightning_version": "2.6.6"}, path)
+    unrestricted = []
+    real_load = torch.load
+    monkeypatch.setattr(
+        torch,
+        "load",
+        lambda *a, **k: unrestricted.append(a) if k.get("weights_only") is not True else real_load(*a, **k),
+    )
+    report = tmp_path / "report"
+    args = ["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", "--weights_only=false"]
+    with pytest.raises(ConfigError, match=r"^--weights_only=false: weights_only must be true: checkpoints"):
+        main([*args, f"--model.init_args.evaluation.report_dir={report}"])
+    assert unrestricted == [] and not report.exists()
 
 
 def test_dmpo_test_ckpt_path_refuses_a_crafted_ckpt(tmp_path, marker):
@@ -300,9 +318,7 @@ def test_old_export_of_plain_values_loads_without_opt_in(tmp_path):
     module = tiny_module()
     path = legacy_export(module, tmp_path / "old.pt")
     torch.manual_seed(1)  # the random "pre-trained" trunk is rebuilt from the same seed
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnsafeLoadWarning)
-        restored = DMPOModule.from_trainable(str(path))
+    restored = DMPOModule.from_trainable(str(path))
     assert_same_outputs(module, restored)
 
 
@@ -422,17 +438,15 @@ def _weights_only_calls(tree: ast.AST) -> list[tuple[int, str]]:
     return found
 
 
-def test_no_unrestricted_torch_load_outside_the_documented_opt_in():
-    """Each ``weights_only`` other than True in src and benchmarks is load_from_checkpoint passing it on."""
+def test_no_unrestricted_torch_load_in_the_package_or_the_benchmarks():
+    """No call in src or benchmarks passes a ``weights_only`` other than the literal True."""
     found = [
         f"{path.relative_to(ROOT)}:{line} in {function}"
         for folder in ("src", "benchmarks")
         for path in sorted((ROOT / folder).rglob("*.py"))
         for line, function in _weights_only_calls(ast.parse(path.read_text(), filename=str(path)))
     ]
-    # load_from_checkpoint forwards its argument (True unless the caller passes weights_only=False
-    # to it explicitly, as with torch.load itself); no loader of the package unpickles without restrictions
-    assert [f for f in found if f.rsplit(" in ", 1)[1] != "load_from_checkpoint"] == []
+    assert found == []
 
 
 # ------------------------------------------------------------------------------------------ CIFAR batch files

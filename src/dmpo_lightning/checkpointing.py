@@ -26,7 +26,6 @@ import contextvars
 import hashlib
 import os
 import pickle
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +33,14 @@ import torch
 
 from dmpo_lightning.constants import ARCHITECTURE_KEYS, THRESHOLDS_FINGERPRINT_KEYS
 from dmpo_lightning.options import option_name
-from dmpo_lightning.serialization import UnsafeLoadWarning, weights_only_refusal
+from dmpo_lightning.serialization import weights_only_refusal
+
+UNRESTRICTED_UNPICKLING_REFUSED = (
+    "weights_only must be true: checkpoints are read only with torch's restricted unpickler (tensors and "
+    "plain values), because unrestricted unpickling runs any code the file holds; a checkpoint written by "
+    "`dmpo fit` loads that way, and one holding other Python objects must be re-saved with only its "
+    "state_dict and plain hyper-parameters"
+)
 
 __all__ = [
     "check_architecture",
@@ -77,14 +83,15 @@ def restoring_from_checkpoint() -> bool:
 def load_checkpoint_safely(load: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     """Run Lightning's ``load_from_checkpoint`` (``load``) safely, with the module's argument conventions.
 
-    - The checkpoint is read with ``weights_only=True`` unless the caller passes ``weights_only=False``
-      explicitly (warns: that unpickles without restrictions and can run code from the file).
+    - The checkpoint is always read with ``weights_only=True``: unpickling without restrictions could run
+      code from the file, so an explicit ``weights_only`` other than ``True`` (or ``None``) is refused.
     - Inside :func:`weights_from_checkpoint`, so the backbone's original weights are not needed.
     - With the checkpoint file given positionally, a ``checkpoint_path=`` keyword is the module's
       hyperparameter (the backbone weights file), applied to the loaded module's hparams.
 
     Raises:
-        ValueError: If the checkpoint holds objects other than tensors and plain values.
+        ValueError: If the checkpoint holds objects other than tensors and plain values, or the caller asks
+            for unrestricted unpickling.
     """
     override: dict[str, Any] = {}
     if args:
@@ -93,17 +100,9 @@ def load_checkpoint_safely(load: Callable[..., Any], args: Sequence[Any], kwargs
             override["checkpoint_path"] = kwargs.pop("checkpoint_path")
     else:
         checkpoint_path = kwargs.pop("checkpoint_path")
-    weights_only = kwargs.pop("weights_only", True)
-    if weights_only is None:
-        weights_only = True
-    if not weights_only:
-        warnings.warn(
-            f"weights_only=False: unpickling {checkpoint_path} without restrictions; this runs any code "
-            "the file holds. Only do this for checkpoints you made yourself or trust.",
-            UnsafeLoadWarning,
-            stacklevel=3,
-        )
-    kwargs["weights_only"] = weights_only
+    if kwargs.pop("weights_only", True) not in (True, None):
+        raise ValueError(UNRESTRICTED_UNPICKLING_REFUSED)
+    kwargs["weights_only"] = True
     for group, values in _legacy_groups(checkpoint_path).items():
         kwargs.setdefault(group, values)  # a checkpoint with the flat options of an older version
     try:
@@ -113,8 +112,8 @@ def load_checkpoint_safely(load: Callable[..., Any], args: Sequence[Any], kwargs
         raise ValueError(
             f"checkpoint {checkpoint_path} was not loaded: it holds Python objects other than tensors "
             f"and plain values ({weights_only_refusal(err)}), and unpickling it could run arbitrary "
-            "code. Checkpoints written by `dmpo fit` load with weights_only=True; only if you made this "
-            "file yourself or trust its source, pass weights_only=False"
+            "code. Checkpoints written by `dmpo fit` hold only those; re-save this one with only its "
+            "state_dict and plain hyper-parameters"
         ) from None
     for key, value in override.items():
         module.hparams[key] = value

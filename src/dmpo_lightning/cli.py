@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import dmpo_lightning
 from dmpo_lightning.callbacks import LossWeightScheduler
+from dmpo_lightning.checkpointing import UNRESTRICTED_UNPICKLING_REFUSED
 from dmpo_lightning.data import BenchmarkDataModule
 from dmpo_lightning.data.errors import DatasetLayoutError, UnreadableImageError
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFileNotFoundError
@@ -36,7 +37,6 @@ from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule, weights_from_checkpoint
 from dmpo_lightning.optim import param_groups
 from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, group_legacy_hparams
-from dmpo_lightning.serialization import UnsafeLoadWarning
 
 __all__ = ["DMPOCLI", "console_main", "main"]
 
@@ -289,18 +289,10 @@ class DMPOCLI(LightningCLI):
         return parser
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        """An explicit ``--weights_only null`` also reads the checkpoint safely; ``false`` warns."""
+        """An explicit ``--weights_only null`` also reads the checkpoint safely (``false`` is refused)."""
         fn_kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "weights_only" in fn_kwargs:
-            if fn_kwargs["weights_only"] is None:
-                fn_kwargs["weights_only"] = True
-            elif not fn_kwargs["weights_only"] and fn_kwargs.get("ckpt_path"):
-                warnings.warn(
-                    f"--weights_only=false: unpickling {fn_kwargs['ckpt_path']} without restrictions; this "
-                    "runs any code the file holds. Only do this for checkpoints you made yourself or trust.",
-                    UnsafeLoadWarning,
-                    stacklevel=2,
-                )
+            fn_kwargs["weights_only"] = True
         return fn_kwargs
 
     def _linked_num_classes(self, num_classes: int | None) -> int:
@@ -320,11 +312,17 @@ class DMPOCLI(LightningCLI):
         return int(known)
 
     def before_instantiate_classes(self) -> None:
-        """Check the backbone name before the data module reads its timm config.
+        """Refuse ``--weights_only false``; check the backbone name before the data module reads its config.
 
         Otherwise the data module's error would name the linked ``timm_model``, not the option the user set.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        weights_only = config.get("weights_only")
+        if weights_only not in (True, None):
+            raise ConfigError(
+                f"--weights_only={str(weights_only).lower()}: {UNRESTRICTED_UNPICKLING_REFUSED}",
+                option="weights_only",
+            )
         model = config.get("model")
         init = model.get("init_args") if model is not None and hasattr(model, "get") else None
         name = init.get("backbone") if init is not None else None

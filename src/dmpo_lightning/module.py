@@ -377,7 +377,7 @@ class DMPOModule(pl.LightningModule):
     def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> DMPOModule:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint`` with ``weights_only=True``, without the backbone's file.
 
-        Details (the ``weights_only=False`` opt-in, ``checkpoint_path=``, checkpoints with the flat options
+        Unrestricted unpickling is refused. Details (``checkpoint_path=``, checkpoints with the flat options
         of older versions): :func:`dmpo_lightning.checkpointing.load_checkpoint_safely`.
 
         Raises:

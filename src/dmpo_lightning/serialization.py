@@ -38,7 +38,6 @@ __all__ = [
     "TRAINABLE_FORMAT",
     "TRAINABLE_FORMAT_VERSION",
     "TRAINABLE_SUFFIX",
-    "UnsafeLoadWarning",
     "export_trainable",
     "module_from_trainable",
     "read_trainable",
@@ -55,10 +54,6 @@ LEGACY_TRAINABLE_FORMAT = "dmpo-trainable-v1"
 TRAINABLE_SUFFIX = ".safetensors"
 
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
-
-
-class UnsafeLoadWarning(UserWarning):
-    """A file is being unpickled without restrictions (an explicit opt-in): it can run arbitrary code."""
 
 
 # ------------------------------------------------------------------------------------------------- writing
