@@ -171,11 +171,16 @@ def test_load_from_checkpoint_refuses_unrestricted_unpickling_before_reading(tmp
     assert reads == [] and not marker.exists()
 
 
-def test_cli_refuses_weights_only_false_before_building_anything(tmp_path, monkeypatch):
+def good_cli_checkpoint(path: Path) -> Path:
+    """A genuine checkpoint of the tiny CLI config's model (tensors and plain values only)."""
     module = main(["-c", TINY_CONFIG], run=False).model
-    path = tmp_path / "good.ckpt"
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}
     torch.save({**ckpt, "global_step": 0, "pytorch-lightning_version": "2.6.6"}, path)
+    return path
+
+
+def test_cli_refuses_weights_only_false_before_building_anything(tmp_path, monkeypatch):
+    path = good_cli_checkpoint(tmp_path / "good.ckpt")
     unrestricted = []
     real_load = torch.load
     monkeypatch.setattr(
@@ -209,10 +214,7 @@ def test_dmpo_test_ckpt_path_refuses_a_crafted_ckpt(tmp_path, marker):
 
 def test_dmpo_test_reads_a_good_checkpoint_with_weights_only_each_time(tmp_path, monkeypatch):
     """Both reads of ``--ckpt_path`` (LightningCLI's hparams, then the Trainer's restore) pass True."""
-    module = main(["-c", TINY_CONFIG], run=False).model
-    path = tmp_path / "good.ckpt"
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}
-    torch.save({**ckpt, "global_step": 0, "pytorch-lightning_version": "2.6.6"}, path)
+    path = good_cli_checkpoint(tmp_path / "good.ckpt")
     seen = []
     real_load = torch.load
 
