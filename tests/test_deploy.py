@@ -78,7 +78,8 @@ def test_predictor_loads_without_lightning_torchmetrics_or_jsonargparse(tmp_path
 def test_preprocessing_equals_the_data_modules_eval_transform(tmp_path, dataset, crop):
     from dmpo_lightning.data.registry import get_spec
     from dmpo_lightning.data.transforms import build_transform, resolve_data_config
-    from dmpo_lightning.deploy.preprocess import build_eval_transform, load_image
+    from dmpo_lightning.deploy.preprocess import build_eval_transform
+    from dmpo_lightning.images import decode_image
 
     dm = {**SYNTHETIC_DM, "dataset": dataset}
     r = make_run(tmp_path, dm=dm)
@@ -100,7 +101,7 @@ def test_preprocessing_equals_the_data_modules_eval_transform(tmp_path, dataset,
         pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
         path = tmp_path / f"img{i}.png"
         Image.fromarray(pixels).save(path)
-        image = load_image(str(path))
+        image = decode_image(path).image
         assert torch.equal(ours(image), reference(image))
         grey = Image.fromarray(pixels[..., 0])  # a grey image for an RGB model: replicated like training
         assert torch.equal(ours(grey), reference(grey))

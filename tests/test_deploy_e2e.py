@@ -7,7 +7,6 @@ on both the PyTorch and the ONNX path.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.module import DMPOModule
+from dmpo_lightning.predictions import read_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -108,12 +108,9 @@ def test_fit_test_export_predict_a_folder_of_pngs(tmp_path, monkeypatch):
     from dmpo_lightning.deploy.predict_cli import main as predict_main
 
     csv_path = tmp_path / "predictions.csv"
-    summary = predict_main([str(art), str(folder), "--output", str(csv_path), "--budget", "0.5"])
-    assert summary["images"] == NUM_IMAGES and summary["unreadable"] == 0
+    assert predict_main([str(art), str(folder), "--output", str(csv_path), "--budget", "0.5"]) == 0
     predictor = EarlyExitPredictor.load(art, budget=0.5)
-    expected_rows = [
-        [r.path, str(r.class_index), r.class_name, str(r.exit)] for r in predictor.predict_paths(folder)
-    ]
-    with open(csv_path, newline="") as f:
-        got_rows = [row[:4] for row in list(csv.reader(f))[1:]]
+    expected_rows = list(predictor.predict_paths(folder))
+    got_rows = read_predictions(str(csv_path))
+    assert len(got_rows) == NUM_IMAGES and all(r.error is None for r in got_rows)
     assert got_rows == expected_rows

@@ -1,7 +1,6 @@
 """Items that used to be written twice now have one definition, used by every caller."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -73,32 +72,6 @@ def test_one_atomic_write_serves_reports_predictions_and_exports():
 
     assert not hasattr(serialization, "_write_atomic")
     assert serialization.atomic_write_bytes is files.atomic_write_bytes
-
-
-def test_predictions_csv_is_written_atomically(tmp_path, monkeypatch):
-    path = tmp_path / "preds.csv"
-    path.write_text("old\n")
-    rows = [
-        {
-            "prediction": torch.tensor([1]),
-            "exit_index": torch.tensor([0]),
-            "score": torch.tensor([0.9]),
-            "confidence": torch.tensor([0.9]),
-            "index": torch.tensor([0]),
-        }
-    ]
-
-    def boom(fd):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(OSError, match="disk full"):
-        runner.write_predictions(str(path), rows, exit_gflops=[1.0, 2.0], class_names=["a", "b"])
-    assert path.read_text() == "old\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["preds.csv"]
-    monkeypatch.undo()
-    runner.write_predictions(str(path), rows, exit_gflops=[1.0, 2.0], class_names=["a", "b"])
-    assert path.read_text().splitlines()[1].startswith("0,1,b,1,")
 
 
 def test_atomic_write_without_overwrite_refuses_and_leaves_nothing(tmp_path):

@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 CLASSES = ["ant", "bee", "cat", "dog"]
 BUDGET = 0.5
-SPLIT_HEADER = ["index", "label", "prediction", "class_name", "exit", "confidence", "score", "gflops"]
-IMAGE_HEADER = ["path", "prediction", "class_name", "exit", "confidence", "score", "gflops", "error"]
+PREDICTION_HEADER = ["class_index", "class_name", "exit", "confidence", "score", "gflops", "error"]
+SPLIT_HEADER = ["index", "label", *PREDICTION_HEADER]
+IMAGE_HEADER = ["path", *PREDICTION_HEADER]
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -203,7 +204,7 @@ def test_checkpoint_stores_class_names_and_split_predictions_are_numbered_as_the
     for r in rows:
         k = int(r["exit"])
         assert 1 <= k <= module.num_exits
-        assert r["class_name"] == CLASSES[int(r["prediction"])]
+        assert r["class_name"] == CLASSES[int(r["class_index"])]
         assert float(r["gflops"]) == gflops[k - 1]
     assert sorted(int(r["index"]) for r in rows) == list(range(len(rows)))
     # the same test split and thresholds as the `dmpo test` report: same exit histogram, accuracy and cost
@@ -211,7 +212,7 @@ def test_checkpoint_stores_class_names_and_split_predictions_are_numbered_as_the
     (point,) = [b for b in report["budgets"] if b["budget"] == BUDGET]
     histogram = [sum(int(r["exit"]) == k + 1 for r in rows) for k in range(module.num_exits)]
     assert histogram == point["test_histogram"]
-    accuracy = sum(r["prediction"] == r["label"] for r in rows) / len(rows)
+    accuracy = sum(r["class_index"] == r["label"] for r in rows) / len(rows)
     assert accuracy == pytest.approx(point["test_accuracy"])
     assert sum(float(r["gflops"]) for r in rows) / len(rows) == pytest.approx(point["test_cost"])
 
@@ -257,7 +258,7 @@ def test_predict_on_a_folder_without_the_dataset_matches_the_simulated_protocol(
         r = by_path[p]
         pred, exit_number, confidence = simulated[p]
         assert r["error"] == ""
-        assert (int(r["prediction"]), int(r["exit"])) == (pred, exit_number), p
+        assert (int(r["class_index"]), int(r["exit"])) == (pred, exit_number), p
         assert r["class_name"] == CLASSES[pred]
         assert float(r["gflops"]) == gflops[exit_number - 1]
         assert float(r["confidence"]) == pytest.approx(confidence, abs=1e-5)
@@ -265,8 +266,8 @@ def test_predict_on_a_folder_without_the_dataset_matches_the_simulated_protocol(
 
     (corrupt,) = kinds["corrupt"]
     bad = by_path[corrupt]
-    assert bad["error"] and bad["prediction"] == bad["exit"] == bad["gflops"] == bad["class_name"] == ""
-    assert "1 unreadable" in printed and corrupt in printed
+    assert bad["error"] and bad["class_index"] == bad["exit"] == bad["gflops"] == bad["class_name"] == ""
+    assert "1 not predicted" in printed and corrupt in printed
     assert f"{len(readable)} predicted" in printed
     assert "6 images converted to RGB from another channel layout (L: 5, RGBA: 1)" in printed
 
@@ -289,7 +290,7 @@ def test_predict_on_a_list_file_keeps_its_order_and_agrees_with_the_folder_run(r
     assert [r["path"] for r in rows] == chosen
     for r in rows:
         other = by_path[r["path"]]
-        for key in ("prediction", "class_name", "exit", "gflops", "error"):
+        for key in ("class_index", "class_name", "exit", "gflops", "error"):
             assert r[key] == other[key], (r["path"], key)
         for key in ("confidence", "score"):
             assert (r[key] == other[key] == "") or float(r[key]) == pytest.approx(float(other[key]), abs=1e-5)
@@ -429,6 +430,6 @@ def test_ddp_writes_one_file_per_rank_covering_every_image_once(run, new_images,
     assert sorted(r["path"] for r in ddp_rows) == [r["path"] for r in single_rows]
     single = {r["path"]: r for r in single_rows}
     for r in ddp_rows:
-        for key in ("prediction", "class_name", "exit", "gflops", "error"):
+        for key in ("class_index", "class_name", "exit", "gflops", "error"):
             assert r[key] == single[r["path"]][key], (r["path"], key)
     assert "[rank 0]" in done.stdout and "[rank 1]" in done.stdout

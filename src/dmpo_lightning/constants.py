@@ -9,6 +9,15 @@ LABEL_KEY = "label"
 INDEX_KEY = "index"
 """Batch key of each sample's index in its split ``[B]`` (used to drop DDP padding duplicates)."""
 
+PATH_KEY = "path"
+"""Batch key of each image file's absolute path (a list of ``str``; ``dmpo predict`` on image files)."""
+
+ERROR_KEY = "error"
+"""Batch key of why an image file could not be used (``""`` when it was read)."""
+
+SOURCE_MODE_KEY = "source_mode"
+"""Batch key of an image file's PIL mode when it was converted to the model's channels (``""`` otherwise)."""
+
 PEFT_PREFIX = "peft_"
 """Every trainable parameter PEFT adds inside the trunk has a name component starting with this."""
 

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning
 import torch
 
 from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT
@@ -75,6 +76,9 @@ def make_run(
     (folder / "dmpo_test").mkdir()
     ckpt = folder / "checkpoints" / "last.ckpt"
     payload = {
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 4,  # as after a few training steps (a checkpoint of step 0 is untrained)
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),
         "datamodule_hyper_parameters": dict(dm if dm is not None else SYNTHETIC_DM),

@@ -3,4 +3,4 @@
 from dmpo_lightning.deploy.predict_cli import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -8,6 +8,9 @@ Example:
     >>> for row in predictor.predict_paths("new_images/"):  # doctest: +SKIP
     ...     print(row.path, row.class_name, row.exit, f"{row.confidence:.3f}", row.gflops)
 
+Rows are :class:`~dmpo_lightning.predictions.PredictionRow` objects: the same schema as the CSV of
+``dmpo predict`` and ``python -m dmpo_lightning.deploy`` and the JSON of the server.
+
 Throughput mode (``engine=True`` / :meth:`EarlyExitPredictor.predict_batches`): the samples that continue
 after an exit are pooled across input batches, so every stage runs on full batches
 (:class:`~dmpo_lightning.models.engine.EarlyExitEngine`); same predictions and exits, in input order (logits
@@ -34,12 +37,14 @@ from dmpo_lightning.deploy.format import (
     read_manifest,
     tensors_sha256,
 )
-from dmpo_lightning.deploy.preprocess import build_eval_transform, list_images, load_image
+from dmpo_lightning.deploy.preprocess import build_eval_transform
+from dmpo_lightning.images import DEFAULT_MAX_PIXELS, check_max_pixels, decode_image, list_images
+from dmpo_lightning.predictions import PredictionRow, error_sentence
 
 if TYPE_CHECKING:
     from dmpo_lightning.models.multi_exit import MultiExitViT
 
-__all__ = ["BatchPrediction", "EarlyExitPredictor", "ImagePrediction"]
+__all__ = ["BatchPrediction", "EarlyExitPredictor"]
 
 Backend = Literal["torch", "onnx"]
 
@@ -64,23 +69,6 @@ class BatchPrediction:
     score: torch.Tensor
     gflops: torch.Tensor
     logits: torch.Tensor
-
-
-@dataclass
-class ImagePrediction:
-    """One image's result from :meth:`EarlyExitPredictor.predict_paths`.
-
-    ``error`` is set (and the other fields are ``None``) when the image could not be read and
-    ``on_error="report"`` was chosen.
-    """
-
-    path: str
-    class_index: int | None
-    class_name: str | None
-    exit: int | None
-    confidence: float | None
-    gflops: float | None
-    error: str | None = None
 
 
 def _check_budget_choice(manifest: Mapping[str, Any], budget: float) -> Mapping[str, Any]:
@@ -112,8 +100,10 @@ class EarlyExitPredictor:
         budget: float,
         device: str | torch.device = "cpu",
         onnx_stages: Any = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.manifest = dict(manifest)
+        self.max_pixels = check_max_pixels(max_pixels)
         self.model = model
         self.onnx_stages = onnx_stages
         self.backend: Backend = "onnx" if onnx_stages is not None else "torch"
@@ -123,6 +113,7 @@ class EarlyExitPredictor:
         self.exit_gflops: list[float] = [float(c) for c in manifest["costs"]["exit_gflops"]]
         self.transform = build_eval_transform(manifest["preprocessing"])
         self.input_size = tuple(int(s) for s in manifest["preprocessing"]["input_size"])
+        self.image_mode = "L" if self.input_size[0] == 1 else "RGB"
         self._thresholds: list[float] = []
         self.temperatures: list[float] | None = _manifest_temperatures(manifest, len(self.exit_gflops))
         self.budget: float = float("nan")
@@ -144,6 +135,7 @@ class EarlyExitPredictor:
         backbone_weights: str | None = None,
         allow_download: bool = False,
         num_threads: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> EarlyExitPredictor:
         """Load an artefact.
 
@@ -159,6 +151,7 @@ class EarlyExitPredictor:
                 is available.
             num_threads: onnxruntime intra-op threads (default: ``OMP_NUM_THREADS``, else onnxruntime's
                 choice); the torch backend uses ``torch.set_num_threads`` as set by the caller.
+            max_pixels: Image files whose header gives more pixels are refused before they are decoded.
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
@@ -171,15 +164,16 @@ class EarlyExitPredictor:
         if os.path.basename(path) == MANIFEST_FILE:
             path = os.path.dirname(path) or "."
         _check_budget_choice(manifest, budget)
+        check_max_pixels(max_pixels)
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         if backend == "onnx":
             from dmpo_lightning.deploy.onnx_stages import OnnxStages
 
             stages = OnnxStages.load(os.path.join(path, ONNX_DIR), manifest, num_threads=num_threads)
-            return cls(manifest, None, budget=budget, device="cpu", onnx_stages=stages)
+            return cls(manifest, None, budget=budget, device="cpu", onnx_stages=stages, max_pixels=max_pixels)
         model = _load_model(path, manifest, backbone_weights=backbone_weights, allow_download=allow_download)
-        return cls(manifest, model, budget=budget, device=device)
+        return cls(manifest, model, budget=budget, device=device, max_pixels=max_pixels)
 
     # ------------------------------------------------------------------------------------------ budgets
     @property
@@ -249,6 +243,14 @@ class EarlyExitPredictor:
             raise ValueError(
                 f"images must be float (normalised), got {images.dtype}; use predictor.transform"
             )
+        finite = torch.isfinite(images).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+            raise ValueError(
+                f"{len(bad)} of the {images.shape[0]} images in the batch (index {shown}) hold NaN or "
+                "infinite values; only finite inputs can be predicted"
+            )
         return images.float()
 
     def _result(
@@ -267,7 +269,7 @@ class EarlyExitPredictor:
         """Early-exit predictions for a preprocessed batch ``[B, C, H, W]`` (see :attr:`transform`).
 
         Raises:
-            ValueError: If the batch does not have the model's input shape.
+            ValueError: If the batch does not have the model's input shape or holds NaN or infinite values.
         """
         return self._result(*self._run_batch(self._check_images(images)))
 
@@ -325,9 +327,22 @@ class EarlyExitPredictor:
             for out in session.flush():
                 yield self._as_prediction(out)
 
+    def read_image(self, path: str | os.PathLike[str]) -> tuple[torch.Tensor, str]:
+        """One image file decoded and preprocessed: ``(tensor [C, H, W], source_mode)``.
+
+        ``source_mode`` is the file's own PIL mode when it was converted to the model's channels, else
+        ``""``. Decoding is :func:`dmpo_lightning.images.decode_image` (16-bit and float images scaled,
+        non-finite pixels and images over :attr:`max_pixels` refused), as for the training images.
+
+        Raises:
+            ValueError: With one sentence, if the image cannot be used.
+        """
+        image, mode = decode_image(path, max_pixels=self.max_pixels)
+        return self.transform(image), ("" if mode == self.image_mode else mode)
+
     def preprocess(self, paths: Sequence[str]) -> torch.Tensor:
         """Read and preprocess image files into one batch (raises on the first unreadable file)."""
-        return torch.stack([self.transform(load_image(p)) for p in paths])
+        return torch.stack([self.read_image(p)[0] for p in paths])
 
     def predict_paths(
         self,
@@ -335,7 +350,7 @@ class EarlyExitPredictor:
         batch_size: int = 64,
         on_error: Literal["raise", "report"] = "raise",
         engine: bool = False,
-    ) -> Iterator[ImagePrediction]:
+    ) -> Iterator[PredictionRow]:
         """Predict image files: a folder (recursive), a ``.txt`` list of paths, or a list of files/folders.
 
         The file list is resolved before anything is yielded, so a missing path or an empty folder fails
@@ -345,13 +360,13 @@ class EarlyExitPredictor:
             paths_or_folder: What to predict.
             batch_size: Images per forward.
             on_error: ``raise`` (default) stops at an unreadable image or one the model cannot take, naming
-                it; ``report`` yields an :class:`ImagePrediction` with ``error`` set and continues.
+                it; ``report`` yields a row with ``error`` set and continues.
             engine: Throughput mode (torch backend): pool the samples that continue after each exit across
                 batches so every stage runs on ``batch_size`` samples; same results, same order, yielded
                 a few batches later.
 
         Yields:
-            One :class:`ImagePrediction` per image, in the resolved order.
+            One :class:`~dmpo_lightning.predictions.PredictionRow` per image, in the resolved order.
 
         Raises:
             FileNotFoundError: If a path does not exist.
@@ -364,51 +379,48 @@ class EarlyExitPredictor:
             raise ValueError(f"on_error must be 'raise' or 'report', got {on_error!r}")
         if engine:
             self.engine(batch_size)  # the ONNX backend is refused before any file is read
-        files = list_images(paths_or_folder)
+        files = list_images(paths_or_folder, what="images")
         chunks = self._read_chunks(files, batch_size, on_error)
         if engine:
             return self._predict_chunks_engine(chunks, batch_size)
         return self._predict_chunks(chunks)
 
-    def _read_chunks(
-        self, files: list[str], batch_size: int, on_error: str
-    ) -> Iterator[tuple[list[str], list[torch.Tensor | None], list[str | None]]]:
-        """``(paths, tensors or None, errors or None)`` per chunk of ``batch_size`` files."""
+    def _read_chunks(self, files: list[str], batch_size: int, on_error: str) -> Iterator[_Chunk]:
+        """One :class:`_Chunk` per ``batch_size`` files."""
         for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            tensors: list[torch.Tensor | None] = []
-            errors: list[str | None] = []
-            for p in chunk:
+            chunk = _Chunk(files[start : start + batch_size], [], [], [])
+            for p in chunk.paths:
                 try:
-                    tensors.append(self.transform(load_image(p)))
-                    errors.append(None)
-                except Exception as err:  # an unreadable file: PIL raises many types
-                    reason = f"{type(err).__name__}: {err}"
+                    tensor, mode = self.read_image(p)
+                    error = None
+                except Exception as err:  # an unusable file: its row carries the reason
                     if on_error == "raise":
-                        raise ValueError(f"cannot use image {p}: {reason}") from err
-                    tensors.append(None)
-                    errors.append(reason)
-            yield chunk, tensors, errors
+                        raise ValueError(f"cannot use image {p}: {error_sentence(err)}") from err
+                    tensor, mode, error = None, "", error_sentence(err)
+                chunk.tensors.append(tensor)
+                chunk.errors.append(error)
+                chunk.modes.append(mode)
+            yield chunk
 
-    def _predict_chunks(self, chunks: Iterable[Any]) -> Iterator[ImagePrediction]:
-        for chunk, tensors, errors in chunks:
-            good = [t for t in tensors if t is not None]
+    def _predict_chunks(self, chunks: Iterable[_Chunk]) -> Iterator[PredictionRow]:
+        for chunk in chunks:
+            good = [t for t in chunk.tensors if t is not None]
             result = self(torch.stack(good)) if good else None
-            yield from self._rows(chunk, tensors, errors, result)
+            yield from self._rows(chunk, result)
 
-    def _predict_chunks_engine(self, chunks: Iterable[Any], batch_size: int) -> Iterator[ImagePrediction]:
+    def _predict_chunks_engine(self, chunks: Iterable[_Chunk], batch_size: int) -> Iterator[PredictionRow]:
         """Throughput mode: chunks wait (in order) for their batch to come back from the engine."""
         session = self.engine(batch_size).session()
-        waiting: list[tuple[Any, bool]] = []  # (chunk, whether its images were pushed), in input order
+        waiting: list[tuple[_Chunk, bool]] = []  # (chunk, whether its images were pushed), in input order
         results: list[BatchPrediction] = []
 
-        def ready() -> Iterator[ImagePrediction]:
+        def ready() -> Iterator[PredictionRow]:
             while waiting and (not waiting[0][1] or results):
-                (chunk, tensors, errors), pushed = waiting.pop(0)
-                yield from self._rows(chunk, tensors, errors, results.pop(0) if pushed else None)
+                chunk, pushed = waiting.pop(0)
+                yield from self._rows(chunk, results.pop(0) if pushed else None)
 
         for item in chunks:
-            good = [t for t in item[1] if t is not None]
+            good = [t for t in item.tensors if t is not None]
             waiting.append((item, bool(good)))
             if good:
                 x = self._check_images(torch.stack(good)).to(self.device)
@@ -417,28 +429,34 @@ class EarlyExitPredictor:
         results += [self._as_prediction(o) for o in session.flush()]
         yield from ready()
 
-    def _rows(
-        self,
-        chunk: list[str],
-        tensors: list[torch.Tensor | None],
-        errors: list[str | None],
-        result: BatchPrediction | None,
-    ) -> Iterator[ImagePrediction]:
+    def _rows(self, chunk: _Chunk, result: BatchPrediction | None) -> Iterator[PredictionRow]:
         j = 0
-        for p, t, err in zip(chunk, tensors, errors, strict=True):
+        for p, t, err, mode in zip(chunk.paths, chunk.tensors, chunk.errors, chunk.modes, strict=True):
             if t is None or result is None:
-                yield ImagePrediction(p, None, None, None, None, None, error=err)
+                yield PredictionRow.failed(err or "the image could not be read", path=p)
                 continue
             c = int(result.prediction[j])
-            yield ImagePrediction(
-                path=p,
+            yield PredictionRow(
                 class_index=c,
                 class_name=self.class_names[c],
                 exit=int(result.exit[j]),
                 confidence=float(result.confidence[j]),
+                score=float(result.score[j].float()),
                 gflops=float(result.gflops[j]),
+                path=p,
+                source_mode=mode,
             )
             j += 1
+
+
+@dataclass
+class _Chunk:
+    """Files read for one forward: their paths, tensors (``None``: unusable), errors and source modes."""
+
+    paths: list[str]
+    tensors: list[torch.Tensor | None]
+    errors: list[str | None]
+    modes: list[str]
 
 
 def _manifest_temperatures(manifest: Mapping[str, Any], num_exits: int) -> list[float] | None:

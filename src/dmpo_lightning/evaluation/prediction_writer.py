@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dmpo_lightning.checkpointing import weight_hashes
 from dmpo_lightning.evaluation.evaluator import as_dmpo_module, log_dir
+from dmpo_lightning.predictions import format_prediction_summary, rows_from_outputs, write_predictions
 
 if TYPE_CHECKING:
     from dmpo_lightning.models.multi_exit import EarlyExitOutput
@@ -89,20 +90,22 @@ class DMPOPredictionWriter(pl.Callback):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the predictions CSV (one file per rank under DDP) and print a summary of it."""
-        from dmpo_lightning.evaluation.runner import format_prediction_summary, write_predictions
-
         module = as_dmpo_module(pl_module)
         self._flush()
         results, self._results = self._results, []
-        summary = write_predictions(
-            predictions_path(module),
-            results,
-            exit_gflops=module.exit_costs().exit_gflops,
-            class_names=prediction_class_names(module),
+        costs = module.exit_costs()
+        rows = rows_from_outputs(
+            results, class_names=prediction_class_names(module), exit_gflops=costs.exit_gflops
         )
+        summary = write_predictions(predictions_path(module), rows, num_exits=module.num_exits)
         if summary is None:
             return
-        text = format_prediction_summary(summary, module.exit_costs(), module.hparams.in_chans)
+        text = format_prediction_summary(
+            summary,
+            full_gflops=costs.full_gflops,
+            in_chans=module.hparams.in_chans,
+            budget=module.evaluation_options.predict_budget,
+        )
         if trainer.world_size > 1:
             print(f"[rank {trainer.global_rank}] {text}")
         else:

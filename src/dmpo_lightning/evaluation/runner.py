@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ from dmpo_lightning.evaluation.report import (
     write_curve_csv,
     write_json,
 )
-from dmpo_lightning.files import atomic_write, atomic_write_text, csv_text
+from dmpo_lightning.files import atomic_write
 from dmpo_lightning.options import option_name
 
 __all__ = [
@@ -43,13 +42,11 @@ __all__ = [
     "check_budgets",
     "check_output_file",
     "check_report_dir",
-    "format_prediction_summary",
     "format_speed_table",
     "load_temperatures",
     "load_thresholds",
     "run_test_protocol",
     "time_early_exit",
-    "write_predictions",
 ]
 
 REPORT_FILES = (
@@ -526,121 +523,6 @@ def _check_threshold_list(path: str, budget: float, raw: Any, num_exits: int | N
             raise ValueError(f"{where}: threshold {t!r} of exit {k} is not a number; {allowed}")
         values.append(value)
     return values
-
-
-PREDICTION_COLUMNS = ("prediction", "class_name", "exit", "confidence", "score", "gflops")
-"""Columns of every predictions CSV, after ``path`` (images) or ``index`` and ``label`` (a dataset split)."""
-
-
-def write_predictions(
-    path: str,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    exit_gflops: Sequence[float],
-    class_names: Sequence[str],
-) -> dict[str, Any] | None:
-    """CSV of per-sample early-exit predictions (atomic write); returns counts for the summary.
-
-    Columns: ``path`` (images from ``data.predict_paths``) or ``index`` (position in the predicted split),
-    ``label`` when known, then ``prediction`` (class index), ``class_name``, ``exit`` (1-based, numbered as in
-    the ``dmpo test`` report), ``confidence`` (softmax probability of the prediction at that exit),
-    ``score`` (the exit rule's score compared with the threshold; equal to ``confidence`` for the
-    ``confidence`` rule), ``gflops`` (the counted cumulative cost C_k of that exit), and for images
-    ``error``: why the file could not be read (then the prediction columns are empty).
-
-    Args:
-        path: Output file.
-        rows: Per-batch outputs of ``DMPOModule.predict_step``.
-        exit_gflops: Counted cost ``C_k`` of every exit in GFLOPs.
-        class_names: Name of every class index.
-
-    Returns:
-        ``None`` if there were no rows (nothing written), else the numbers :func:`format_prediction_summary`
-        prints.
-    """
-    if not rows:
-        return None
-    from dmpo_lightning.data.predict_images import ERROR_KEY, PATH_KEY, SOURCE_MODE_KEY
-
-    def cat(key: str) -> list[Any]:
-        return [v for r in rows for v in (r[key].tolist() if isinstance(r[key], torch.Tensor) else r[key])]
-
-    images = PATH_KEY in rows[0]
-    ids = cat(PATH_KEY if images else "index") if images or "index" in rows[0] else None
-    labels = cat("label") if "label" in rows[0] else None
-    pred, exit_index, score, conf = cat("prediction"), cat("exit_index"), cat("score"), cat("confidence")
-    errors = cat(ERROR_KEY) if ERROR_KEY in rows[0] else [""] * len(pred)
-    modes = cat(SOURCE_MODE_KEY) if SOURCE_MODE_KEY in rows[0] else [""] * len(pred)
-    header = [
-        *(["path" if images else "index"] if ids is not None else []),
-        *(["label"] if labels is not None else []),
-    ]
-    header += [*PREDICTION_COLUMNS, *(["error"] if images else [])]
-    num_exits = len(exit_gflops)
-    exit_counts = [0] * num_exits
-    spent: list[float] = []
-    lines = []
-    for i in range(len(pred)):
-        line: list[Any] = []
-        if ids is not None:
-            line.append(ids[i])
-        if labels is not None:
-            line.append(labels[i])
-        if errors[i]:
-            line += [""] * len(PREDICTION_COLUMNS)
-        else:
-            k = int(exit_index[i])
-            exit_counts[k] += 1
-            spent.append(float(exit_gflops[k]))
-            line += [pred[i], class_names[pred[i]], k + 1, conf[i], score[i], exit_gflops[k]]
-        if images:
-            line.append(errors[i])
-        lines.append(line)
-    atomic_write_text(path, csv_text([header, *lines]))
-    failed = [(ids[i] if ids is not None else i, errors[i]) for i in range(len(pred)) if errors[i]]
-    converted: dict[str, int] = {}
-    for m in modes:
-        if m:
-            converted[m] = converted.get(m, 0) + 1
-    return {
-        "path": path,
-        "rows": len(pred),
-        "predicted": len(spent),
-        "unreadable": failed,
-        "exit_counts": exit_counts,
-        "mean_gflops": sum(spent) / len(spent) if spent else math.nan,
-        "converted": converted,
-    }
-
-
-def format_prediction_summary(summary: Mapping[str, Any], costs: ExitCosts, in_chans: int) -> str:
-    """The lines ``dmpo predict`` prints at the end: counts per exit, mean cost, unreadable files."""
-    n, done = summary["rows"], summary["predicted"]
-    text = [f"early-exit predictions for {n} {'image' if n == 1 else 'images'} written to {summary['path']}"]
-    if done:
-        counts = ", ".join(f"exit {k + 1}: {c}" for k, c in enumerate(summary["exit_counts"]))
-        mean = summary["mean_gflops"]
-        text.append(f"  {done} predicted; {counts}")
-        text.append(
-            f"  mean cost {mean:.4g} GFLOPs per image ({100 * mean / costs.full_gflops:.1f}% of the full "
-            f"model's {costs.full_gflops:.4g})"
-        )
-    failed = summary["unreadable"]
-    if failed:
-        shown = "; ".join(f"{p}: {reason}" for p, reason in failed[:3]) + (" ..." if len(failed) > 3 else "")
-        text.append(
-            f"  {len(failed)} unreadable (no prediction; the reason is in the CSV's error column): {shown}"
-        )
-    converted = summary["converted"]
-    if converted:
-        count = sum(converted.values())
-        target = "grey (L)" if in_chans == 1 else "RGB"
-        modes = ", ".join(f"{m}: {c}" for m, c in sorted(converted.items()))
-        text.append(
-            f"  {count} {'image' if count == 1 else 'images'} converted to {target} from another channel "
-            f"layout ({modes}) for the model's {in_chans} input channels, as the training images are"
-        )
-    return "\n".join(text)
 
 
 def _early_exit_all(module: Any, images: Sequence[torch.Tensor], thresholds: list[float]) -> list[Any]:
