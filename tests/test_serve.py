@@ -13,7 +13,6 @@ import io
 import json
 import math
 import socket
-from dataclasses import asdict
 from pathlib import Path
 from queue import Queue
 
@@ -25,7 +24,9 @@ from support.runs import make_run
 
 from dmpo_lightning.deploy.export import export_artefact
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
+from dmpo_lightning.images import decode_image as decode
 from dmpo_lightning.models import MultiExitViT
+from dmpo_lightning.predictions import PREDICTION_COLUMNS
 from dmpo_lightning.serve.batcher import RequestBatcher, prediction_rows
 from dmpo_lightning.serve.payload import (
     FULL,
@@ -64,7 +65,7 @@ def predictor(artefact) -> EarlyExitPredictor:
 def expected(predictor: EarlyExitPredictor, images: list[bytes], budget: float):
     """What the predictor answers for these files at ``budget`` (its own decoding and preprocessing)."""
     predictor.set_budget(budget)
-    x = torch.stack([predictor.transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+    x = torch.stack([predictor.transform(decode(b).image) for b in images])
     return predictor(x)
 
 
@@ -109,13 +110,20 @@ def test_image_decoding_refuses_each_bad_file_with_its_status(predictor):
     assert good.shape == (3, SIZE, SIZE) and torch.isfinite(good).all()
     grey = decode_image(png(1, mode="L"), t, max_pixels=10_000)
     assert grey.shape == (3, SIZE, SIZE)  # replicated to the model's 3 channels, as in training
-    float_tiff = io.BytesIO()
-    Image.new("F", (SIZE, SIZE), float("nan")).save(float_tiff, format="TIFF")
+
+    def tiff(mode, value):
+        buffer = io.BytesIO()
+        Image.new(mode, (SIZE, SIZE), value).save(buffer, format="TIFF")
+        return buffer.getvalue()
+
+    sixteen = decode_image(tiff("I;16", 65535), t, max_pixels=10_000)  # scaled to white, not clipped
+    assert torch.equal(sixteen, decode_image(tiff("L", 255), t, max_pixels=10_000))
     cases = {
-        "empty": (b"", 400, "is empty"),
+        "empty": (b"", 400, "the image is empty"),
         "text": (b"hello, I am not an image", 400, "not an image file"),
-        "truncated": (png(0)[:200], 400, "truncated"),
-        "float mode": (float_tiff.getvalue(), 415, "mode 'F'"),
+        "truncated": (png(0)[:200], 422, "truncated"),
+        "NaN pixels": (tiff("F", float("nan")), 422, "not finite numbers"),
+        "float out of range": (tiff("F", 3.0), 422, r"float images must hold values in \[0, 1\]"),
         "other size": (png(0, size=(40, 30)), 422, r"the image is 40x30 px .* resize it to 32x32"),
         "too many pixels": (png(0, size=(200, 100)), 413, r"200x100 = 20,000 pixels; at most 10,000"),
     }
@@ -144,7 +152,7 @@ def test_non_finite_model_inputs_are_refused(predictor):
         x[0, 0, 0] = math.nan
         return x
 
-    with pytest.raises(BadRequest, match="non-finite") as err:
+    with pytest.raises(BadRequest, match="non-finite model inputs") as err:
         decode_image(png(0), nan_transform, max_pixels=10_000)
     assert err.value.status == 422
 
@@ -218,14 +226,15 @@ def test_rows_use_the_predictions_schema(predictor):
     batcher = RequestBatcher(predictor, batch_size=4)
     (done,) = batcher.run([("r", torch.randn(2, 3, SIZE, SIZE), 0.5)], flush=True)
     rows = prediction_rows(predictor, done.output, batcher.exit_gflops(0.5), ["a.png", None])
-    first = asdict(rows[0])
-    assert list(first) == ["path", "class_index", "class_name", "exit", "confidence", "gflops", "error"]
-    assert first["path"] == "a.png" and rows[1].path is None
+    assert list(rows[0].to_dict()) == ["path", *PREDICTION_COLUMNS]
+    assert list(rows[1].to_dict()) == list(PREDICTION_COLUMNS)  # no file name: no path column
+    assert rows[0].path == "a.png" and rows[0].error is None
     for row in rows:
         assert (
             1 <= row.exit <= predictor.num_exits and row.class_name == predictor.class_names[row.class_index]
         )
         assert row.gflops == predictor.exit_gflops[row.exit - 1] and 0 < row.confidence <= 1
+        assert row.score == row.confidence  # the confidence rule
     full = batcher.exit_gflops(FULL)
     assert full[-1] == pytest.approx(predictor.manifest["costs"]["full_gflops"])
     assert full[-1] < predictor.exit_gflops[-1], "full skips the early heads (confidence is a local rule)"
@@ -281,6 +290,7 @@ def test_one_bad_request_does_not_fail_the_others_of_its_window(api, predictor):
         error, status = transport.sent[uid]
         assert status == LitAPIStatus.ERROR and error.status_code in (400, 422)
     assert "image 1 (of 2) is not an image file" in transport.sent["bad-image"][0].detail
+    assert all("score" in r for r in transport.sent["a"][0]["predictions"])
     for uid, budget in (("a", 0.5), ("b", 0.75), ("c", 0.5)):
         answer, status = transport.sent[uid]
         assert status == LitAPIStatus.OK and answer["budget"] == budget

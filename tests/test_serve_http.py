@@ -196,18 +196,20 @@ def test_served_predictions_equal_the_predictor_and_bad_requests_do_not_stop_the
             mismatches += row["class_index"] != ref.class_index
             mismatches += row["exit"] != ref.exit
             assert row["class_name"] == ref.class_name and row["gflops"] == ref.gflops
-            assert abs(row["confidence"] - ref.confidence) < 1e-5
+            assert abs(row["confidence"] - ref.confidence) < 1e-5 and abs(row["score"] - ref.score) < 1e-5
         assert mismatches == 0
         assert len({row["exit"] for row in answers.values()}) >= 2, "thresholds should spread the exits"
 
         # bad requests: a 4xx with one sentence each, and the server keeps serving
-        nan_tiff = io.BytesIO()
+        nan_tiff, out_of_range = io.BytesIO(), io.BytesIO()
         Image.new("F", (SIZE, SIZE), float("nan")).save(nan_tiff, format="TIFF")
+        Image.new("I", (SIZE, SIZE), -5).save(out_of_range, format="TIFF")  # 32-bit ints below 0
         good = images[names[0]]
         bad = [
             ("not an image", b"GIF89a but not really", "image/gif", 400),
-            ("truncated", good[: len(good) // 2], "image/png", 400),
-            ("unsupported mode", nan_tiff.getvalue(), "image/tiff", 415),
+            ("truncated", good[: len(good) // 2], "image/png", 422),
+            ("non-finite pixels", nan_tiff.getvalue(), "image/tiff", 422),
+            ("unsupported mode", out_of_range.getvalue(), "image/tiff", 422),
             ("wrong size", png(99, size=40), "image/png", 422),
             ("oversized body", b"\x89PNG" + os.urandom(300_000), "image/png", 413),
             ("wrong content type", good, "text/plain", 415),

@@ -18,6 +18,7 @@ Imports only the standard library, numpy and PIL (no torch, no Lightning).
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterable
@@ -149,11 +150,13 @@ def _as_training_mode(opened: Image.Image) -> Image.Image:
     return opened.convert("RGB")
 
 
-def decode_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_image(
+    path: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> DecodedImage:
     """Read an image file as an 8-bit ``L`` or ``RGB`` PIL image in the training range (see the module).
 
     Args:
-        path: The image file.
+        path: The image file, or its content as ``bytes`` (an upload to the server).
         max_pixels: Refuse files whose header gives more pixels than this, before decoding them.
 
     Raises:
@@ -161,12 +164,13 @@ def decode_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_
             truncated, larger than ``max_pixels``, or holds pixels outside the allowed range.
     """
     limit = check_max_pixels(max_pixels)
-    name = os.fspath(path)
+    name = "the upload" if isinstance(path, bytes) else os.fspath(path)
+    source = io.BytesIO(path) if isinstance(path, bytes) else name
     try:
         with warnings.catch_warnings():
             # our own limit is checked below; PIL's warning threshold (89 MP) would only repeat it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(name) as opened:
+            with Image.open(source) as opened:
                 width, height = opened.size
                 if width * height > limit:
                     raise ImageError(

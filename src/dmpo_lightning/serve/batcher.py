@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from dmpo_lightning.deploy.predictor import EarlyExitPredictor, ImagePrediction
+from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.models.engine import EarlyExitEngine, EngineSession
 from dmpo_lightning.models.exit_rules import is_local_rule
 from dmpo_lightning.models.multi_exit import EarlyExitOutput
+from dmpo_lightning.predictions import PredictionRow
 from dmpo_lightning.serve.payload import FULL
 
 __all__ = ["Completed", "RequestBatcher", "prediction_rows"]
@@ -51,26 +52,28 @@ def prediction_rows(
     output: EarlyExitOutput,
     gflops: Sequence[float],
     names: Sequence[str | None] | None = None,
-) -> list[ImagePrediction]:
+) -> list[PredictionRow]:
     """The package's prediction rows of one request (``exit`` numbered from 1, as in the reports).
 
     Args:
         predictor: Gives the class names.
         output: The engine's output for the request's images.
         gflops: Counted GFLOPs of leaving at each exit (0-based) under the budget that was used.
-        names: A name per image (``path`` of the row), ``None`` where there is none.
+        names: A name per image (the row's ``path``: an uploaded file's name), ``None`` where there is none.
     """
     confidence = output.logits.float().softmax(dim=-1).max(dim=-1).values.tolist()
+    score = output.score.float().tolist()
     rows = []
     for i, (c, e) in enumerate(zip(output.prediction.tolist(), output.exit_index.tolist(), strict=True)):
         rows.append(
-            ImagePrediction(
-                path=names[i] if names is not None else None,  # type: ignore[arg-type]
+            PredictionRow(
                 class_index=int(c),
                 class_name=predictor.class_names[int(c)],
                 exit=int(e) + 1,
                 confidence=float(confidence[i]),
+                score=float(score[i]) if math.isfinite(score[i]) else None,
                 gflops=float(gflops[int(e)]),
+                path=names[i] if names is not None else None,
             )
         )
     return rows

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from dmpo_lightning.images import DEFAULT_MAX_PIXELS
 from dmpo_lightning.serve.payload import FULL, BadRequest, Limits, match_budget
 
 __all__ = ["ServeOptionError", "build_parser", "main", "parse_device"]
@@ -142,8 +143,8 @@ def build_parser(prog: str = "dmpo serve") -> argparse.ArgumentParser:
     limits.add_argument(
         "--max-pixels",
         type=_positive_int,
-        default=25_000_000,
-        help="largest width x height of one image, checked before decoding (default 25000000)",
+        default=DEFAULT_MAX_PIXELS,
+        help=f"largest width x height of one image, checked before decoding (default {DEFAULT_MAX_PIXELS})",
     )
     limits.add_argument(
         "--timeout",

@@ -179,7 +179,7 @@ class EarlyExitAPI(ls.LitAPI):
         """The JSON answer of one completed request."""
         assert self.predictor is not None and self.batcher is not None
         rows = prediction_rows(self.predictor, done.output, self.batcher.exit_gflops(done.budget), names)
-        return {"budget": done.budget, "predictions": [asdict(r) for r in rows]}
+        return {"budget": done.budget, "predictions": [r.to_dict() for r in rows]}
 
     def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
         """The answer as it is (already JSON-ready)."""

@@ -7,7 +7,8 @@ parsed JSON; everything that can be refused is refused here, before any image is
   ``full`` for the whole network without early exits);
 - :func:`images_from_json`: the JSON batch ``{"images": ["<base64>", ...], "budget": 0.5}``;
 - :func:`decode_image`: bytes -> the model's input tensor, with the pixel limit checked from the image header
-  before the pixels are decoded, the image mode checked, and non-finite values refused.
+  before the pixels are decoded, then the package's one image decoder (16-bit and float images scaled to the
+  training range, non-finite pixels refused) and the artefact's preprocessing.
 
 Every refusal is a :class:`BadRequest` with the HTTP status to answer and one sentence.
 """
@@ -26,11 +27,11 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dmpo_lightning.deploy.preprocess import ImageSizeError
+from dmpo_lightning import images
+from dmpo_lightning.images import DEFAULT_MAX_PIXELS, ImageError
 
 __all__ = [
     "FULL",
-    "SUPPORTED_MODES",
     "BadRequest",
     "Limits",
     "Payload",
@@ -42,11 +43,6 @@ __all__ = [
 
 FULL = "full"
 """The budget name that runs the whole network (every block, last exit only): the baseline to compare with."""
-
-SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
-"""PIL image modes the server converts to the model's channels exactly as training did (grey kept or
-replicated to RGB, RGB kept or turned to grey luma, alpha dropped, palettes expanded). 16-bit and float
-images (``I``, ``I;16``, ``F``) are refused: PIL's conversion would clip them to white."""
 
 
 class BadRequest(ValueError):
@@ -70,7 +66,7 @@ class Limits:
 
     max_body_bytes: int = 16 * 1024 * 1024
     max_images: int = 64
-    max_pixels: int = 25_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -170,44 +166,31 @@ def images_from_json(body: Any, limits: Limits) -> tuple[list[bytes], Any]:
     return images, body.get("budget")
 
 
-def _open(data: bytes, where: str, max_pixels: int) -> Image.Image:
-    """Decode one image file (header first: the pixel limit is checked before the pixels are read)."""
+def _check_header(data: bytes, where: str, max_pixels: int) -> None:
+    """Refuse what is not an image at all (400) or has too many pixels (413), from the header alone."""
     if not data:
         raise BadRequest(400, f"{where} is empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadRequest(
-            413, f"{where} has more pixels than PIL decodes safely; at most {max_pixels:,} are allowed"
-        ) from None
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit follows
+            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+                width, height = probe.size
     except UnidentifiedImageError:
         raise BadRequest(
             400, f"{where} is not an image file PIL can read (send PNG, JPEG, BMP, GIF, TIFF or WebP)"
         ) from None
-    except Exception as err:  # PIL's format plugins raise several types on a corrupt header
-        raise BadRequest(400, f"{where} is not a readable image ({type(err).__name__}: {err})") from None
-    width, height = image.size
+    except Image.DecompressionBombError:
+        raise BadRequest(
+            413, f"{where} has more pixels than PIL decodes; at most {max_pixels:,} are allowed"
+        ) from None
+    except Exception:  # a broken header: the decoder below says what is wrong
+        return
     if width * height > max_pixels:
         raise BadRequest(
             413,
             f"{where} is {width}x{height} = {width * height:,} pixels; at most {max_pixels:,} are allowed "
             "(resize it first)",
         )
-    if image.mode not in SUPPORTED_MODES:
-        raise BadRequest(
-            415,
-            f"{where} has image mode {image.mode!r}, which this server does not convert (16-bit and float "
-            f"images would be clipped); send one of the modes {', '.join(SUPPORTED_MODES)}",
-        )
-    try:
-        image.load()
-    except Exception as err:  # truncated or corrupt pixel data: OSError, SyntaxError, ValueError...
-        raise BadRequest(
-            400, f"{where} cannot be decoded ({type(err).__name__}: {err}); is the file truncated?"
-        ) from None
-    return image if image.mode in ("L", "RGB") else image.convert("RGB")
 
 
 def decode_image(
@@ -219,16 +202,25 @@ def decode_image(
 ) -> torch.Tensor:
     """Bytes of one image file -> the model's normalised input ``[C, H, W]`` (the artefact's transform).
 
+    Decoding is the package's one image decoder (:func:`dmpo_lightning.images.decode_image`: 16-bit and
+    float images scaled to the training range, non-finite pixels refused), as for ``dmpo predict``.
+
     Raises:
-        BadRequest: 400 (not an image, truncated), 413 (too many pixels), 415 (unsupported mode) or 422
-            (a size the model cannot take, non-finite values).
+        BadRequest: 400 (not an image), 413 (more than ``max_pixels`` pixels, from the header) or 422 (a
+            truncated file, pixels outside the range a mode allows, non-finite pixels, a size the model
+            cannot take).
     """
-    image = _open(data, where, max_pixels)
+    _check_header(data, where, max_pixels)
     try:
+        image, _ = images.decode_image(data, max_pixels=max_pixels)
         x = transform(image)
-    except ImageSizeError as err:
+    except ImageError as err:
         text = str(err)
-        raise BadRequest(422, where + text[len("image") :] if text.startswith("image ") else text) from None
+        for start in ("the image ", "image ", "the file ", "the upload "):
+            if text.startswith(start):
+                text = text[len(start) :]
+                break
+        raise BadRequest(422, f"{where} {text}") from None
     if not bool(torch.isfinite(x).all()):
-        raise BadRequest(422, f"{where} holds non-finite pixel values (NaN or infinity)")
+        raise BadRequest(422, f"{where} gives non-finite model inputs (NaN or infinity)")
     return x
