@@ -1,23 +1,28 @@
-"""Callbacks that ride along with :class:`~dmpo_lightning.module.DMPOModule`."""
+"""Training callbacks: the ones DMPOModule brings along, and the one the ``dmpo`` command adds.
+
+:class:`~dmpo_lightning.module.DMPOModule` brings the loss-weight schedule and the per-epoch seeding; the
+``dmpo`` command adds a stop (and, in fit, a checkpoint) on SIGTERM and Ctrl+C.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import random
+import signal
+import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dmpo_lightning.schedules import ScheduleOptions, TwoPhaseSchedule
 
-if TYPE_CHECKING:
-    from dmpo_lightning.module import DMPOModule
-
-__all__ = ["EpochSeed", "LossWeightScheduler", "epoch_seed"]
+__all__ = ["EpochSeed", "InterruptCheckpoint", "LossWeightScheduler", "epoch_seed", "planned_epochs"]
 
 
 class LossWeightScheduler(pl.Callback):
@@ -40,25 +45,24 @@ class LossWeightScheduler(pl.Callback):
         self.switch_epoch = self.options.switch_epoch  # resolved from the interrupted run on resume
         self.schedule: TwoPhaseSchedule | None = None
         self.applied_epoch: int | None = None
-        self._num_exits: int | None = None
-        self._max_epochs: int | None = None
+        self.num_exits: int | None = None
+        self.max_epochs: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Build (and so validate) the schedule for this run."""
         if stage != "fit":
             return
-        self._num_exits = cast("DMPOModule", pl_module).num_exits
-        # fast_dev_run forces one epoch: a real run's switch epoch must not be rejected for it
-        self._max_epochs = None if getattr(trainer, "fast_dev_run", False) else trainer.max_epochs
+        self.num_exits = int(getattr(pl_module, "num_exits"))  # noqa: B009 (any module with exits)
+        self.max_epochs = planned_epochs(trainer)
         self._build()
 
     def _build(self) -> None:
-        assert self._num_exits is not None, "LossWeightScheduler.setup was not called"
+        assert self.num_exits is not None, "LossWeightScheduler.setup was not called"
         switch = self.switch_epoch
-        if switch is None and self._max_epochs is None:
+        if switch is None and self.max_epochs is None:
             switch = 1  # fast_dev_run: one epoch, phase 1
         options = dataclasses.replace(self.options, switch_epoch=switch)
-        self.schedule = TwoPhaseSchedule(self._num_exits, options, max_epochs=self._max_epochs)
+        self.schedule = TwoPhaseSchedule(self.num_exits, options, max_epochs=self.max_epochs)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write this epoch's weights into the module and log them."""
@@ -86,9 +90,20 @@ class LossWeightScheduler(pl.Callback):
         """Keep the switch epoch the interrupted run resolved, so resuming never moves the switch."""
         if self.switch_epoch is None and state_dict.get("switch_epoch") is not None:
             self.switch_epoch = int(state_dict["switch_epoch"])
-            if self._num_exits is not None:
+            if self.num_exits is not None:
                 self._build()
+                rank_zero_info(
+                    f"resumed: the loss-weight switch stays at epoch {self.switch_epoch}, where the "
+                    "interrupted run resolved schedule.switch_epoch=null"
+                )
         self.applied_epoch = state_dict.get("applied_epoch")
+
+
+def planned_epochs(trainer: pl.Trainer) -> int | None:
+    """The run's ``max_epochs`` (``None``: unknown, unbounded, or ``fast_dev_run``'s single epoch)."""
+    if getattr(trainer, "fast_dev_run", False):  # a real run's switch epoch must not be rejected for it
+        return None
+    return trainer.max_epochs
 
 
 def epoch_seed(base_seed: int, epoch: int, rank: int = 0) -> int:
@@ -186,3 +201,85 @@ class EpochSeed(pl.Callback):
         self.last_trained_epoch = None if last is None else int(last)
         if self.last_trained_epoch is not None:
             self._seed(self.last_trained_epoch + 1, self._rank)
+
+
+class InterruptCheckpoint(pl.Callback):
+    """On SIGTERM or Ctrl+C (SIGINT), stop after the current batch; in ``fit`` save ``interrupted.ckpt``.
+
+    Lightning notices SIGTERM (``trainer.received_sigterm``) only at the end of a training epoch, and a
+    Ctrl+C interrupts wherever it lands, with no resumable checkpoint. This callback stops every stage at the
+    next batch end: ``fit`` saves the full training state next to the run's checkpoints (as a mid-epoch
+    ``ModelCheckpoint`` would, never over an existing file), ``test``/``predict`` write nothing. The ``dmpo``
+    command then exits with status 128 + the signal and names the checkpoint to resume from. A second Ctrl+C
+    interrupts at once.
+    """
+
+    saved: str | None = None
+    """The checkpoint written at the last interruption (``None``: none)."""
+    signal: int | None = None
+    """The signal that stopped the last run."""
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+
+    @classmethod
+    def reset(cls) -> None:
+        """Forget an earlier interruption (a new run starts)."""
+        cls.saved = None
+        cls.signal = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Turn the first Ctrl+C into a stop at the next batch end (main thread only)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give Ctrl+C back its previous meaning."""
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        InterruptCheckpoint.signal = signal.SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl+C interrupts at once
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        # under DDP, Lightning broadcasts SIGTERM at the next batch start and stops every rank together
+        if trainer.received_sigterm and trainer.world_size == 1 and InterruptCheckpoint.signal is None:
+            InterruptCheckpoint.signal = signal.SIGTERM
+        if InterruptCheckpoint.signal is not None and trainer.world_size == 1:
+            raise SIGTERMException
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Stop after a training batch once a signal arrived."""
+        self._check(trainer)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Stop after a validation batch once a signal arrived."""
+        self._check(trainer)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Stop after a test batch once a signal arrived (no report is written)."""
+        self._check(trainer)
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Stop after a predict batch once a signal arrived (no predictions file is written)."""
+        self._check(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Save the checkpoint (fit only), never over an existing file."""
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        callback = trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or os.path.join(
+            trainer.log_dir or trainer.default_root_dir, "checkpoints"
+        )
+        path = os.path.join(folder, "interrupted.ckpt")
+        k = 1
+        while os.path.exists(path):
+            path = os.path.join(folder, f"interrupted-v{k}.ckpt")
+            k += 1
+        trainer.save_checkpoint(path)
+        InterruptCheckpoint.saved = path

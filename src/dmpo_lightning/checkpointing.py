@@ -26,12 +26,14 @@ import contextvars
 import hashlib
 import os
 import pickle
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
 from dmpo_lightning.constants import ARCHITECTURE_KEYS, THRESHOLDS_FINGERPRINT_KEYS
+from dmpo_lightning.errors import ConfigError, ConfigFileNotFoundError
 from dmpo_lightning.options import option_name
 from dmpo_lightning.serialization import weights_only_refusal
 
@@ -43,12 +45,16 @@ UNRESTRICTED_UNPICKLING_REFUSED = (
 )
 
 __all__ = [
+    "LIGHTNING_CKPT_NAMES",
     "check_architecture",
     "check_checkpoint",
+    "check_checkpoint_file",
     "checkpoint_hash",
+    "is_checkpoint_file_path",
     "load_checkpoint_safely",
     "model_fingerprint",
     "restoring_from_checkpoint",
+    "run_folder_of",
     "store_class_names",
     "weight_hashes",
     "weights_from_checkpoint",
@@ -245,3 +251,86 @@ def check_checkpoint(module: Any, checkpoint: Mapping[str, Any]) -> None:
     names = checkpoint.get("class_names")
     if isinstance(names, (list, tuple)) and len(names) == module.hparams.num_classes:
         module.class_names = [str(c) for c in names]
+
+
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
+"""``ckpt_path`` values Lightning resolves itself (they name checkpoints of a fit in the same process)."""
+
+
+def is_checkpoint_file_path(path: Any) -> TypeGuard[str]:
+    """Whether ``ckpt_path`` names a local file (not ``last``/``best``/``hpc``, a registry or a URL)."""
+    return (
+        isinstance(path, str)
+        and bool(path)
+        and path not in LIGHTNING_CKPT_NAMES
+        and not path.startswith("registry")
+        and "://" not in path
+    )
+
+
+def check_checkpoint_file(path: str, option: str = "ckpt_path") -> None:
+    """Refuse a missing, folder-typed or non-Lightning local checkpoint in one sentence, before any work.
+
+    The file is opened with ``mmap`` and ``weights_only=True``: only its key list is read, and a file holding
+    arbitrary pickled objects is refused as well.
+
+    Raises:
+        ConfigFileNotFoundError: For a missing path or a folder (its ``.ckpt`` files are named).
+        ConfigError: For a file that is not a Lightning checkpoint (what it holds instead is named).
+    """
+    if os.path.isdir(path):
+        found = sorted(
+            os.path.relpath(os.path.join(d, f), path)
+            for d, _, files in os.walk(path)
+            for f in files
+            if f.endswith(".ckpt")
+        )
+        hint = f"its checkpoints: {', '.join(found[:5])}" if found else "it holds no .ckpt file"
+        raise ConfigFileNotFoundError(
+            f"{option} {path!r} is a folder, not a checkpoint file; give one .ckpt file ({hint})",
+            option=option,
+        )
+    if not os.path.isfile(path):
+        raise ConfigFileNotFoundError(
+            f"{option} {path!r} does not exist; give the .ckpt file a `dmpo fit` run wrote "
+            "(runs/<name>/version_N/checkpoints/*.ckpt)",
+            option=option,
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
+        raise ConfigError(
+            f"{option} {path!r} is not a readable Lightning checkpoint (torch.load failed with "
+            f"{type(err).__name__}); give a .ckpt file written by `dmpo fit` (it is read with "
+            "weights_only=True, so a file holding arbitrary pickled objects is refused as well)",
+            option=option,
+        ) from err
+    required = ("state_dict", "pytorch-lightning_version")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
+        if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            what = "a bare state_dict (torch.save(model.state_dict()))"
+        elif isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("dmpo-trainable"):
+            what = "a trainable-parameter export (load it with DMPOModule.from_trainable)"
+        else:
+            missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+            what = f"a {type(ckpt).__name__} without the {' and '.join(map(repr, missing))} entries"
+        raise ConfigError(
+            f"{option} {path!r} holds {what}, not a Lightning checkpoint; give a .ckpt file written by "
+            "`dmpo fit` (runs/<name>/version_N/checkpoints/*.ckpt)",
+            option=option,
+        )
+
+
+def run_folder_of(ckpt_path: Any) -> str | None:
+    """The run folder of a checkpoint ``<run>/checkpoints/<file>.ckpt`` written by ``dmpo fit``, if it is one.
+
+    A run folder holds the run's ``config.yaml`` or ``hparams.yaml`` next to ``checkpoints/``.
+    """
+    if not is_checkpoint_file_path(ckpt_path):
+        return None
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    if os.path.basename(folder) != "checkpoints":
+        return None
+    run = os.path.dirname(folder)
+    has_run_files = any(os.path.isfile(os.path.join(run, f)) for f in ("config.yaml", "hparams.yaml"))
+    return run if has_run_files else None

@@ -34,8 +34,8 @@ ARCHITECTURE_KEYS = ("num_classes", "exit_blocks", "early_head", "final_head", "
 MODEL_FINGERPRINT_KEYS = ("backbone", *ARCHITECTURE_KEYS)
 """The hyperparameters that identify a trained model's architecture in thresholds files and exports."""
 
-THRESHOLDS_FINGERPRINT_KEYS = (*MODEL_FINGERPRINT_KEYS, "exit_rule")
-"""What a ``thresholds.json`` records and must match to be reused (the thresholds are of one exit rule)."""
+THRESHOLDS_FINGERPRINT_KEYS = MODEL_FINGERPRINT_KEYS
+"""What a ``thresholds.json`` records and must match to be reused (its exit rule is recorded beside it)."""
 
-THRESHOLDS_FORMAT = "dmpo-thresholds-v1"
+THRESHOLDS_FORMAT = "dmpo-thresholds-v2"
 """The ``format`` field of a ``thresholds.json`` written by ``dmpo test``."""

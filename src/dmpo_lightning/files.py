@@ -15,7 +15,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "csv_text"]
+__all__ = [
+    "CLAIM_MARKER",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "claim_folder",
+    "csv_text",
+    "release_folder",
+]
 
 
 def atomic_write(
@@ -104,3 +112,70 @@ def csv_text(rows: Iterable[Sequence[object]]) -> str:
     buffer = io.StringIO(newline="")
     csv.writer(buffer).writerows(rows)
     return buffer.getvalue()
+
+
+CLAIM_MARKER = ".dmpo-claim"
+"""File that claims an existing empty folder for one writer (created exclusively; removed on release)."""
+
+
+def claim_folder(path: str | os.PathLike[str], *, next_free: bool = False) -> str:
+    """Create ``path`` exclusively for one writer, so two runs never write into the same output folder.
+
+    A missing folder is created with ``os.mkdir`` (atomic: of two runs, one fails); an existing empty one is
+    claimed by creating :data:`CLAIM_MARKER` in it exclusively. Parents are created as needed.
+
+    Args:
+        path: The folder to claim.
+        next_free: If ``path`` is taken, claim the first free ``<path>_1``, ``<path>_2``, ... instead.
+
+    Returns:
+        The claimed folder.
+
+    Raises:
+        FileExistsError: If ``path`` is taken (not empty, or claimed) and ``next_free`` is off.
+        NotADirectoryError: If ``path`` is a file.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> a = claim_folder(os.path.join(root, "out"), next_free=True)
+        >>> b = claim_folder(os.path.join(root, "out"), next_free=True)
+        >>> os.path.basename(a), os.path.basename(b)
+        ('out', 'out_1')
+    """
+    base = os.fspath(path)
+    k = 0
+    while True:
+        candidate = base if k == 0 else f"{base}_{k}"
+        try:
+            _claim_one(candidate)
+            return candidate
+        except FileExistsError:
+            if not next_free:
+                raise
+            k += 1
+
+
+def _claim_one(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path)
+        return
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{path} is a file, not a folder") from None
+        if os.listdir(path):
+            raise FileExistsError(f"{path} is not empty") from None
+    # an empty folder the user made: one writer creates the marker
+    fd = os.open(os.path.join(path, CLAIM_MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.close(fd)
+
+
+def release_folder(path: str | os.PathLike[str]) -> None:
+    """Undo :func:`claim_folder` where nothing was written: remove the marker, and the folder if empty."""
+    folder = os.fspath(path)
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(folder, CLAIM_MARKER))
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)  # only an empty folder

@@ -19,24 +19,27 @@ from torch import nn
 from dmpo_lightning import checkpointing
 from dmpo_lightning.callbacks import EpochSeed, LossWeightScheduler
 from dmpo_lightning.checkpointing import restoring_from_checkpoint, weights_from_checkpoint
-from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
-from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions, test_outputs
+from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
+from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, split_of_batch
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs, default_input_shape
 from dmpo_lightning.evaluation.metrics import exit_accuracy
 from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter, predict_batch
 from dmpo_lightning.losses import check_finite_loss, distillation_losses, exit_cross_entropies, weighted_sum
 from dmpo_lightning.models.adapters import PeftOptions
 from dmpo_lightning.models.backbone import build_backbone, warn_if_frozen_random_trunk
-from dmpo_lightning.models.exit_rules import exit_scores
+from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY
 from dmpo_lightning.models.multi_exit import EarlyExitOutput, ExitOptions, MultiExitViT
-from dmpo_lightning.optim import default_optimizer, format_parameter_budget, param_groups, warmup_cosine
-from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, merge_legacy_options
+from dmpo_lightning.optim import (
+    check_learning_rates,
+    default_optimizer,
+    format_parameter_budget,
+    param_groups,
+    warmup_cosine,
+)
 from dmpo_lightning.schedules import ScheduleOptions, preset_weights
 from dmpo_lightning.serialization import export_trainable, module_from_trainable
 
 __all__ = ["DMPOModule", "weights_from_checkpoint"]
-
-_GROUPS = dict(peft=PeftOptions, exits=ExitOptions, schedule=ScheduleOptions, evaluation=EvaluationOptions)
 
 
 class DMPOModule(pl.LightningModule):
@@ -46,9 +49,12 @@ class DMPOModule(pl.LightningModule):
     captures the whole method and ``DMPOModule.load_from_checkpoint(path)`` needs no other argument. Each
     DMPO component can be switched off for ablations: ``exits.bypass=False``, ``exits.early_head="linear"``,
     ``schedule.weight_phase1 == schedule.weight_phase2``. The module trains; ``dmpo test``'s protocol and
-    ``dmpo predict``'s I/O ride along as callbacks (:meth:`configure_callbacks`).
+    ``dmpo predict``'s I/O ride along as callbacks (:meth:`configure_callbacks`), configured by their own
+    :class:`~dmpo_lightning.evaluation.evaluator.EvaluationOptions` (not hyperparameters of the model).
 
-    Extension points for subclasses: :meth:`build_model`, :meth:`compute_loss`, :meth:`score_exits`.
+    Extension points for subclasses: :meth:`build_model` and :meth:`compute_loss`. A new exit rule is a
+    registered name (``models.exit_rules.register_exit_rule``), so reports, thresholds and exported
+    artefacts carry it.
 
     Args:
         num_classes: Classes (linked from the data module by the CLI).
@@ -63,8 +69,6 @@ class DMPOModule(pl.LightningModule):
         exits: Exit positions, bypasses and predictors
             (:class:`~dmpo_lightning.models.multi_exit.ExitOptions`).
         schedule: The two-phase loss weights (:class:`~dmpo_lightning.schedules.ScheduleOptions`).
-        evaluation: Exit rule, calibration, budgets and the files of ``dmpo test``/``dmpo predict``
-            (:class:`~dmpo_lightning.evaluation.evaluator.EvaluationOptions`).
         label_smoothing: Cross-entropy label smoothing.
         distill: ``last``: the last exit teaches the earlier ones (KL at ``distill_temperature``).
         distill_weight: Weight of the distillation term of each early exit.
@@ -72,14 +76,16 @@ class DMPOModule(pl.LightningModule):
         optimizer: Optimizer factory (default AdamW, lr 1e-3, weight decay 0.05).
         lr_scheduler: Scheduler factory; ``None`` = linear warm-up then cosine, stepped per batch.
         warmup_fraction: Warm-up share of all steps for the default scheduler.
-        **legacy_options: Flat names of older versions (``exit_blocks=``, ``exit_rule=``...), moved into
-            their groups (``FutureWarning`` from Python; checkpoints load silently); other names are refused.
     """
 
     class_names: list[str] | None = None
     """Class names in label order, restored from ``checkpoint["class_names"]`` (``None`` if unknown)."""
     test_report: dict[str, Any] | None = None
     """The report of the last ``dmpo test`` (set by its evaluator callback)."""
+    exit_rule: str = "confidence"
+    """The registered exit rule of :meth:`forward_early_exit` (``dmpo predict`` sets its thresholds')."""
+    input_shape: tuple[int, ...] | None = None
+    """``[C, H, W]`` of the last test/predict batch: the input size :meth:`exit_costs` counts at."""
 
     # Static types only (no values): nn.Module attribute access is typed ``Tensor | Module`` otherwise.
     hparams: Any  # Lightning's AttributeDict of the __init__ arguments (save_hyperparameters)
@@ -87,6 +93,7 @@ class DMPOModule(pl.LightningModule):
     loss_weights: torch.Tensor
     exit_thresholds: torch.Tensor
     exit_temperatures: torch.Tensor
+    train_steps: torch.Tensor
     metrics: Any  # nn.ModuleDict of MetricCollection per f"{stage}_exit{k}" (train, val)
 
     def __init__(
@@ -101,7 +108,6 @@ class DMPOModule(pl.LightningModule):
         peft: PeftOptions = PeftOptions(),  # noqa: B008 (frozen dataclasses: immutable defaults)
         exits: ExitOptions = ExitOptions(),  # noqa: B008
         schedule: ScheduleOptions = ScheduleOptions(),  # noqa: B008
-        evaluation: EvaluationOptions = EvaluationOptions(),  # noqa: B008
         label_smoothing: float = 0.0,
         distill: Literal["none", "last"] = "none",
         distill_weight: float = 1.0,
@@ -109,18 +115,17 @@ class DMPOModule(pl.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_fraction: float = 0.1,
-        **legacy_options: Any,
     ) -> None:
         super().__init__()
-        given = {"peft": peft, "exits": exits, "schedule": schedule, "evaluation": evaluation}
-        groups = merge_legacy_options(_GROUPS, given, legacy_options, owner="DMPOModule")
-        # plain dicts for save_hyperparameters (it reads these locals)
-        peft, exits, schedule, evaluation = groups.values()  # type: ignore[assignment]
-        legacy_options = {}  # moved into the groups: not hyperparameters of their own
-        self.save_hyperparameters(
-            ignore=["optimizer", "lr_scheduler", *LEGACY_FLAT_OPTIONS.keys() - _GROUPS.keys()]
-        )
-        self.hparams.update(groups)  # the CLI's given hparams (of an old checkpoint too) hold other forms
+        # plain dicts for save_hyperparameters (it reads these locals); a misspelt field is refused by name
+        groups = {
+            "peft": PeftOptions.coerce(peft, name="peft").to_dict(),
+            "exits": ExitOptions.coerce(exits, name="exits").to_dict(),
+            "schedule": ScheduleOptions.coerce(schedule, name="schedule").to_dict(),
+        }
+        peft, exits, schedule = groups.values()  # type: ignore[assignment]
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.hparams.update(groups)  # the CLI passes its own hparams mapping: keep the plain dicts
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.model = self.build_model()
@@ -140,6 +145,9 @@ class DMPOModule(pl.LightningModule):
         self.register_buffer("exit_thresholds", torch.full((k,), math.inf), persistent=True)
         # Per-exit temperatures of dmpo predict, read from thresholds.json with the thresholds (1 = none).
         self.register_buffer("exit_temperatures", torch.ones(k), persistent=False)
+        # Training batches these weights were trained on, saved with them: untrained weights are never
+        # reported, predicted with or exported as results (EvaluationOptions.allow_untrained).
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long), persistent=True)
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_exit{i}": exit_accuracy(num_classes).clone(prefix=f"{stage}/")
@@ -148,7 +156,6 @@ class DMPOModule(pl.LightningModule):
             }
         )
         self._costs: ExitCosts | None = None
-        self._input_shape: tuple[int, ...] | None = None
 
     # The option groups, read from the hyperparameters (so an edited hparams entry is what runs).
     @property
@@ -165,11 +172,6 @@ class DMPOModule(pl.LightningModule):
     def schedule_options(self) -> ScheduleOptions:
         """The two-phase loss-weight schedule."""
         return ScheduleOptions.coerce(self.hparams.schedule, name="schedule")
-
-    @property
-    def evaluation_options(self) -> EvaluationOptions:
-        """Exit rule, calibration, budgets and the files of ``dmpo test`` / ``dmpo predict``."""
-        return EvaluationOptions.coerce(self.hparams.evaluation, name="evaluation")
 
     # Extension points
     def build_model(self) -> MultiExitViT:
@@ -206,26 +208,6 @@ class DMPOModule(pl.LightningModule):
             parts.update({f"kd_exit{k}": kd[k] for k in range(len(logits) - 1)})
         return loss, parts
 
-    score_exits_is_local: bool = False
-    """``True`` if :meth:`score_exits` scores exit k from its own logits (the early exit then skips heads)."""
-
-    def score_exits(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample, per-exit scores and predictions ``([B, K], [B, K])`` under ``evaluation.rule``.
-
-        The one scoring path: ``dmpo test``'s simulated protocol and the real early exit of
-        :meth:`forward_early_exit` / ``dmpo predict`` both call it (the latter with the logits of exits
-        ``0..k`` of the samples still active, so column ``k`` must not depend on later exits or on other
-        samples). Override to add a new exit rule; higher scores mean more confident.
-        """
-        return exit_scores(torch.stack(logits, dim=1), self.evaluation_options.rule)
-
-    def exit_scorer(self) -> Any:
-        """The scorer the real early exit uses: :meth:`score_exits` if a subclass overrides it.
-
-        ``None`` otherwise: the built-in incremental ``evaluation.rule`` (same result as :meth:`score_exits`).
-        """
-        return None if type(self).score_exits is DMPOModule.score_exits else self.score_exits
-
     @property
     def num_exits(self) -> int:
         """Number of exits K."""
@@ -236,16 +218,20 @@ class DMPOModule(pl.LightningModule):
         return self.model(x)
 
     def forward_early_exit(
-        self, x: torch.Tensor, thresholds: Sequence[float] | None = None
+        self, x: torch.Tensor, thresholds: Sequence[float] | None = None, rule: str | None = None
     ) -> EarlyExitOutput:
-        """True early-exit inference with ``thresholds`` (default: the stored ``exit_thresholds``).
+        """True early-exit inference, in eval mode whatever the module's mode.
 
-        Scores with :meth:`score_exits` (see :meth:`exit_scorer`), in eval mode whatever the module's mode.
+        Args:
+            x: Images ``[B, C, H, W]``.
+            thresholds: One per exit (default: the stored ``exit_thresholds``).
+            rule: A registered exit rule (default: :attr:`exit_rule`).
         """
         t = self.exit_thresholds if thresholds is None else thresholds
         temps = None if bool((self.exit_temperatures == 1).all()) else self.exit_temperatures
-        rule, scorer, local = self.evaluation_options.rule, self.exit_scorer(), self.score_exits_is_local
-        return self.model.forward_early_exit(x, t, rule, scorer, scorer_is_local=local, temperatures=temps)
+        rule = self.exit_rule if rule is None else rule
+        EXIT_RULE_REGISTRY.check(rule)
+        return self.model.forward_early_exit(x, t, rule, temperatures=temps)
 
     def _shared_step(
         self, batch: dict[str, torch.Tensor], stage: str
@@ -279,6 +265,10 @@ class DMPOModule(pl.LightningModule):
         loss, _ = self._shared_step(batch, "train")
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Count the training steps these weights have had (0 marks untrained weights)."""
+        self.train_steps += 1
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Per-exit loss and accuracy on the calibration split."""
         self._shared_step(batch, "val")
@@ -296,22 +286,35 @@ class DMPOModule(pl.LightningModule):
     def test_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, torch.Tensor]:
-        """Every exit's logits ``[B, K, C]``, scores, predictions ``[B, K]`` (the evaluator collects them).
+        """Every exit's logits ``[B, K, C]`` with the samples' indices and labels (the evaluator scores them).
 
-        See :func:`~dmpo_lightning.evaluation.evaluator.test_outputs`; the test split also logs the loss.
+        The test split also logs the loss; calibration batches are only run.
         """
-        return test_outputs(self, batch)
+        x, y = batch[IMAGE_KEY], batch[LABEL_KEY]
+        self.input_shape = tuple(x.shape[1:])
+        if INDEX_KEY not in batch:
+            raise KeyError(
+                f"test batches need an {INDEX_KEY!r} entry (sample index) for the early-exit protocol"
+            )
+        if split_of_batch(batch) == "test":
+            _, logits = self._shared_step(batch, "test")
+        else:
+            logits = self(x)
+        return {"index": batch[INDEX_KEY], "target": y, "logits": torch.stack(logits, 1)}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """True early exit: prediction, 0-based exit, score and confidence per sample (``predict_batch``).
+        """One row per sample: prediction, 0-based exit, score and confidence, filled by the real early exit.
 
-        Images the data module could not read (a non-empty ``error`` entry) keep prediction -1 and the reason.
+        The prediction writer (brought along in ``predict``) runs the early exit; images the data module could
+        not read (a non-empty ``error`` entry) keep prediction -1 and the reason.
         """
-        return predict_batch(self, batch)
+        self.input_shape = tuple(batch[IMAGE_KEY].shape[1:])
+        return predict_batch(batch)
 
     def configure_optimizers(self) -> Any:
         """AdamW (or the injected optimizer) over trainable parameters; warm-up + cosine by default."""
         optimizer = self.optimizer_factory(param_groups(self.model))
+        check_learning_rates(optimizer)
         if self.lr_scheduler_factory is not None:
             return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
         total = int(self.trainer.estimated_stepping_batches)
@@ -319,21 +322,23 @@ class DMPOModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Callbacks the module brings along, by the trainer's stage.
+        """Callbacks the module brings along.
 
-        ``fit``: the loss-weight schedule and per-epoch re-seeding (exact resume); ``test``:
-        :class:`~dmpo_lightning.evaluation.evaluator.DMPOEvaluator` (the early-exit protocol and report);
+        Always the loss-weight schedule and per-epoch re-seeding (they act in ``fit`` only; present in every
+        stage, a checkpoint's state for them is restored without a warning). In ``test``:
+        :class:`~dmpo_lightning.evaluation.evaluator.DMPOEvaluator` (the early-exit protocol and report); in
         ``predict``: :class:`~dmpo_lightning.evaluation.prediction_writer.DMPOPredictionWriter` (thresholds
-        in, CSV out).
+        in, CSV out), each with default options unless the trainer already has one (yours wins).
         """
-        fn = self.trainer.state.fn if self._trainer is not None else None
-        if fn == "test":
-            return [DMPOEvaluator()]
-        if fn == "predict":
-            return [DMPOPredictionWriter()]
-        if fn not in (None, "fit"):
-            return []
-        return [LossWeightScheduler(self.schedule_options), EpochSeed()]
+        callbacks: list[pl.Callback] = [LossWeightScheduler(self.schedule_options), EpochSeed()]
+        trainer = self._trainer
+        fn = trainer.state.fn if trainer is not None else None
+        have = tuple(type(c) for c in getattr(trainer, "callbacks", ()))
+        if fn == "test" and not any(issubclass(t, DMPOEvaluator) for t in have):
+            callbacks.append(DMPOEvaluator())
+        if fn == "predict" and not any(issubclass(t, DMPOPredictionWriter) for t in have):
+            callbacks.append(DMPOPredictionWriter())
+        return callbacks
 
     def on_fit_start(self) -> None:
         """Report the trainable-parameter budget per component."""
@@ -348,14 +353,14 @@ class DMPOModule(pl.LightningModule):
         checkpointing.check_checkpoint(self, checkpoint)
 
     def exit_costs(self) -> ExitCosts:
-        """Counted per-exit cost at the input size seen in test (cached; depends on architecture only)."""
-        shape = self._input_shape or default_input_shape(self.model)
+        """Counted per-exit cost at :attr:`input_shape` (cached; depends on architecture only)."""
+        shape = self.input_shape or default_input_shape(self.model)
         if self._costs is None or self._costs.input_shape != tuple(shape):
             self._costs = count_exit_costs(self.model, shape)
         return self._costs
 
     def model_fingerprint(self) -> dict[str, Any]:
-        """What a thresholds file must match to be reused with this model (under the flat option names)."""
+        """What a thresholds file must match to be reused with this model."""
         return checkpointing.model_fingerprint(self.hparams, self.model.exit_blocks)
 
     def export_trainable(self, path: str, *, overwrite: bool = False) -> str:
@@ -366,19 +371,18 @@ class DMPOModule(pl.LightningModule):
         return export_trainable(self, path, overwrite=overwrite)
 
     @classmethod
-    def from_trainable(cls, path: str, *, allow_pickle: bool = False, **overrides: Any) -> DMPOModule:
+    def from_trainable(cls, path: str, **overrides: Any) -> DMPOModule:
         """Rebuild a module from :meth:`export_trainable` output; ``overrides`` replace saved hparams.
 
         See :func:`dmpo_lightning.serialization.module_from_trainable` (it never unpickles the export).
         """
-        return module_from_trainable(cls, path, allow_pickle=allow_pickle, overrides=overrides)  # type: ignore[no-any-return]
+        return module_from_trainable(cls, path, overrides=overrides)  # type: ignore[no-any-return]
 
     @classmethod
     def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> DMPOModule:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint`` with ``weights_only=True``, without the backbone's file.
 
-        Unrestricted unpickling is refused. Details (``checkpoint_path=``, checkpoints with the flat options
-        of older versions): :func:`dmpo_lightning.checkpointing.load_checkpoint_safely`.
+        Unrestricted unpickling is refused; see :func:`dmpo_lightning.checkpointing.load_checkpoint_safely`.
 
         Raises:
             ValueError: If the checkpoint holds objects other than tensors and plain values.

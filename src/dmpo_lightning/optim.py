@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["default_optimizer", "format_parameter_budget", "param_groups", "warmup_cosine"]
+__all__ = [
+    "check_learning_rates",
+    "default_optimizer",
+    "format_parameter_budget",
+    "param_groups",
+    "warmup_cosine",
+]
 
 
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
@@ -66,13 +74,14 @@ def param_groups(model: _HasParameterGroups) -> list[dict[str, Any]]:
 
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.1, min_factor: float = 0.0
-) -> torch.optim.lr_scheduler.LRScheduler:
+) -> LambdaLR:
     """Linear warm-up over ``warmup_fraction`` of ``total_steps``, then cosine decay to ``min_factor``.
 
-    torch's ``SequentialLR(LinearLR, CosineAnnealingLR)``: during the ``w = round(total_steps *
-    warmup_fraction)`` warm-up steps the factor is ``(step + 1) / w``; then
-    ``min_factor + (1 - min_factor) * (1 + cos(pi * (step - w) / (total_steps - w))) / 2``, reaching
-    ``min_factor`` at ``total_steps``.
+    One ``LambdaLR`` whatever the length: during the ``w = round(total_steps * warmup_fraction)`` warm-up
+    steps the factor is ``(step + 1) / w``; then ``min_factor + (1 - min_factor) * (1 + cos(pi * (step - w)
+    / (total_steps - w))) / 2``, reaching ``min_factor`` at ``total_steps`` and staying there. A resumed run
+    restores the step count, not the plan, so a run resumed to train longer follows the cosine of its new
+    length from the step it stopped at.
 
     Examples:
         >>> opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -87,29 +96,31 @@ def warmup_cosine(
     """
     total_steps = max(int(total_steps), 1)
     warmup = round(total_steps * warmup_fraction)
-    base_lrs = {float(g["lr"]) for g in optimizer.param_groups}
-    if min_factor != 0.0 and len(base_lrs) > 1:
-        raise ValueError(
-            f"min_factor={min_factor} needs one learning rate for every parameter group (torch's "
-            f"CosineAnnealingLR has one eta_min); got {sorted(base_lrs)}. Use min_factor=0"
-        )
-    eta_min = min_factor * max(base_lrs)
     cosine_steps = max(1, total_steps - warmup)
-    if warmup <= 1:  # a one-step warm-up has factor 1: the cosine alone
-        if warmup == 1:
-            cosine_steps = max(1, total_steps - 1)
-            return SequentialLR(
-                optimizer,
-                [LinearLR(optimizer, 1.0, 1.0, total_iters=1), _cosine(optimizer, cosine_steps, eta_min)],
-                milestones=[1],
+    # a function (not an object): LambdaLR's state then holds the step count only, never the plan
+    return LambdaLR(optimizer, partial(_warmup_cosine_factor, warmup, cosine_steps, float(min_factor)))
+
+
+def _warmup_cosine_factor(warmup: int, cosine_steps: int, min_factor: float, step: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(step - warmup, cosine_steps)
+    return min_factor + (1.0 - min_factor) * (1.0 + math.cos(math.pi * t / cosine_steps)) / 2.0
+
+
+def check_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a negative, infinite or NaN learning rate before the first step.
+
+    Raises:
+        ValueError: Naming the option (``model.init_args.optimizer.init_args.lr``) and what is allowed.
+    """
+    for group in optimizer.param_groups:
+        lr = float(group.get("lr", 0.0))
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(
+                f"model.init_args.optimizer: learning rate {lr} is not allowed; the learning rate must be a "
+                "finite number >= 0 (e.g. --model.init_args.optimizer.init_args.lr=0.001)"
             )
-        return _cosine(optimizer, cosine_steps, eta_min)
-    linear = LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1)
-    return SequentialLR(optimizer, [linear, _cosine(optimizer, cosine_steps, eta_min)], milestones=[warmup])
-
-
-def _cosine(optimizer: torch.optim.Optimizer, steps: int, eta_min: float) -> CosineAnnealingLR:
-    return CosineAnnealingLR(optimizer, T_max=steps, eta_min=eta_min)
 
 
 def format_parameter_budget(counts: dict[str, int]) -> str:

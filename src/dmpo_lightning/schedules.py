@@ -105,8 +105,9 @@ class TwoPhaseSchedule:
         max_epochs: Length of training, used to resolve and check ``switch_epoch`` (``None`` = unknown).
 
     Raises:
-        ValueError: For invalid weights (see :func:`preset_weights`), a negative switch or ramp, or a switch
-            at or after the last epoch while the two phases differ (phase 2 would never run).
+        ValueError: For invalid weights (see :func:`preset_weights`), a negative switch or ramp, a switch
+            at or after the last epoch while the two phases differ (phase 2 would never run), or a ramp that
+            ends after the last epoch (phase 2's weights would never be reached).
 
     Examples:
         >>> s = TwoPhaseSchedule(4, ScheduleOptions(switch_epoch=2), max_epochs=4)
@@ -134,18 +135,27 @@ class TwoPhaseSchedule:
         if switch_epoch is None:
             if max_epochs is None:
                 raise ValueError(
-                    "switch_epoch is null (= half of max_epochs) but max_epochs is unknown; set "
-                    "trainer.max_epochs or an explicit switch_epoch"
+                    "schedule.switch_epoch is null (= half of max_epochs) but max_epochs is unknown; set "
+                    "trainer.max_epochs or an explicit schedule.switch_epoch"
                 )
             switch_epoch = max_epochs // 2
         if switch_epoch < 0:
-            raise ValueError(f"switch_epoch must be >= 0, got {switch_epoch}")
+            raise ValueError(f"schedule.switch_epoch must be >= 0, got {switch_epoch}")
         if ramp_epochs < 0:
-            raise ValueError(f"ramp_epochs must be >= 0, got {ramp_epochs}")
+            raise ValueError(f"schedule.ramp_epochs must be >= 0, got {ramp_epochs}")
         if max_epochs is not None and self.phase1 != self.phase2 and switch_epoch >= max_epochs:
             raise ValueError(
-                f"switch_epoch={switch_epoch} is at or after the last epoch (max_epochs={max_epochs}, epochs "
-                f"0..{max_epochs - 1}), so phase 2 would never run; allowed: 0..{max_epochs - 1}"
+                f"schedule.switch_epoch={switch_epoch} is at or after the last epoch "
+                f"(max_epochs={max_epochs}, epochs 0..{max_epochs - 1}), so phase 2 would never run; "
+                f"allowed: 0..{max_epochs - 1}"
+            )
+        full = switch_epoch + ramp_epochs  # the first epoch with phase 2's weights alone
+        if max_epochs is not None and self.phase1 != self.phase2 and ramp_epochs and full > max_epochs - 1:
+            raise ValueError(
+                f"schedule.switch_epoch={switch_epoch} with schedule.ramp_epochs={ramp_epochs} reaches phase "
+                f"2's weights only at epoch {full}, after the last epoch {max_epochs - 1} "
+                f"(max_epochs={max_epochs}); allowed: schedule.ramp_epochs <= "
+                f"{max(max_epochs - 1 - switch_epoch, 0)}, an earlier schedule.switch_epoch or more epochs"
             )
         self.switch_epoch = int(switch_epoch)
         self.ramp_epochs = int(ramp_epochs)

@@ -1,18 +1,23 @@
 """``dmpo test``'s evaluator: the evaluation options and the callback that runs the early-exit protocol.
 
-:class:`~dmpo_lightning.module.DMPOModule` returns :class:`DMPOEvaluator` from ``configure_callbacks`` in
-``test`` (as Anomalib's models bring their evaluator); you do not add it yourself. The module's
-``test_step`` returns every exit's logits, scores and predictions for a batch; the evaluator tells the test
-and calibration loaders apart by their samples' split tags, collects the per-sample outputs (DDP-safe and
-de-duplicated), optionally fits per-exit temperatures, then runs the budgeted-batch protocol, prints the
-table, writes the report and logs the summary.
+``trainer.test(module)`` of a :class:`~dmpo_lightning.module.DMPOModule` brings this callback along with
+default options (the module's ``configure_callbacks``); add ``DMPOEvaluator(EvaluationOptions(...))`` to the
+trainer's callbacks to choose the rule, budgets or report folder (``dmpo test --evaluation.budgets ...`` does
+that). The module's ``test_step`` returns every exit's logits; the evaluator tells the test and calibration
+loaders apart by their samples' split tags, scores the exits with the exit rule, collects the per-sample
+outputs (DDP-safe and de-duplicated), optionally fits per-exit temperatures, then runs the budgeted-batch
+protocol, prints the table, writes the report and logs the summary.
+
+It depends on the small :class:`~dmpo_lightning.evaluation.interface.EarlyExitModule` interface, not on the
+module class.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -20,7 +25,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from dmpo_lightning.checkpointing import checkpoint_hash, weights_hash
-from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
+from dmpo_lightning.constants import IMAGE_KEY, SPLIT_KEY
+from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
 from dmpo_lightning.evaluation.calibration import (
     CalibrationMethod,
     ExitLogitsCollector,
@@ -28,36 +34,47 @@ from dmpo_lightning.evaluation.calibration import (
     calibrate_exits,
     check_calibration_method,
 )
+from dmpo_lightning.evaluation.interface import EarlyExitModule, as_early_exit_module
 from dmpo_lightning.evaluation.metrics import ExitOutputsCollector
 from dmpo_lightning.evaluation.protocol import BudgetUnitOption
-from dmpo_lightning.models.exit_rules import ExitRule
-from dmpo_lightning.options import OptionGroup, register_legacy_names
-
-if TYPE_CHECKING:
-    from dmpo_lightning.module import DMPOModule
+from dmpo_lightning.evaluation.report import write_json
+from dmpo_lightning.evaluation.runner import (
+    check_budgets,
+    check_report_dir,
+    format_speed_table,
+    run_test_protocol,
+    time_early_exit,
+)
+from dmpo_lightning.files import claim_folder, release_folder
+from dmpo_lightning.models.exit_rules import ExitRule, exit_scores
+from dmpo_lightning.options import OptionGroup
 
 __all__ = [
+    "DEFAULT_RULE",
     "DMPOEvaluator",
     "EvaluationOptions",
-    "as_dmpo_module",
+    "check_trained",
     "log_dir",
-    "report_dir",
     "split_of_batch",
-    "test_outputs",
 ]
+
+DEFAULT_RULE = "confidence"
+"""The exit rule of ``dmpo test`` when ``evaluation.rule`` is not set."""
 
 
 @dataclass(frozen=True)
 class EvaluationOptions(OptionGroup):
-    """How ``dmpo test`` evaluates and ``dmpo predict`` serves the exits: ``DMPOModule(evaluation=...)``.
+    """How ``dmpo test`` evaluates and ``dmpo predict`` serves the exits (not part of the model).
 
-    In a config: ``model.init_args.evaluation.budgets: [0.5]``; on the command line
-    ``--model.init_args.evaluation.rule entropy``. ``dmpo test/predict --ckpt_path`` keep the values given
-    to them (these options do not change the weights), not the checkpoint's.
+    In a config: ``evaluation: {budgets: [0.5]}`` beside ``model:``; on the command line
+    ``--evaluation.rule entropy``. These options never change the weights, so they are not stored in the
+    checkpoint: ``dmpo test/predict --ckpt_path`` use the values given to them.
     """
 
-    rule: ExitRule = "confidence"
-    """Early-exit rule: ``confidence`` (max softmax), ``entropy`` or ``patience``."""
+    rule: ExitRule | None = None
+    """Early-exit rule ``dmpo test`` fits thresholds for: ``confidence`` (max softmax, the default),
+    ``entropy``, ``patience`` or a registered one. ``dmpo predict`` uses the rule of its thresholds file (a
+    different value given here is refused)."""
     calibration: CalibrationMethod = "none"
     """``temperature`` fits one temperature per exit on the calibration split (NLL) before the thresholds are
     chosen and scores every exit from ``logits / T_k`` (stored in ``thresholds.json``, used by ``dmpo
@@ -70,7 +87,8 @@ class EvaluationOptions(OptionGroup):
     budget_unit: BudgetUnitOption = "fraction"
     """Unit of ``budgets`` and ``predict_budget``: ``fraction`` or ``gflops``."""
     report_dir: str | None = None
-    """Where ``dmpo test`` writes its report (``None`` = ``<log_dir>/dmpo_test``)."""
+    """Where ``dmpo test`` writes its report: a new or empty folder (``None`` = the first free
+    ``dmpo_test``, ``dmpo_test_1``, ... in the log folder, or in the run folder of ``--ckpt_path``)."""
     thresholds_file: str | None = None
     """``thresholds.json`` written by ``dmpo test``, used by ``dmpo predict``."""
     predict_budget: float | None = None
@@ -87,6 +105,9 @@ class EvaluationOptions(OptionGroup):
     """``dmpo test`` also times the real early exit at each budget's thresholds on the first this many test
     images (full model vs per-batch early exit vs engine), in ``report.json`` under ``early_exit_speed``;
     0 = off."""
+    allow_untrained: bool = False
+    """Evaluate or predict with weights that were never trained (0 optimizer steps) on purpose; by default
+    that is refused, so random weights are never reported as results."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,43 +115,42 @@ class EvaluationOptions(OptionGroup):
         n = self.time_early_exit
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(
-                f"time_early_exit must be an integer >= 0 (test images to time, 0 = off); got {n!r}"
+                "evaluation.time_early_exit must be an integer >= 0 (test images to time, 0 = off); "
+                f"got {n!r}"
             )
 
+    @property
+    def test_rule(self) -> str:
+        """The rule ``dmpo test`` uses: ``rule``, else :data:`DEFAULT_RULE`."""
+        return self.rule or DEFAULT_RULE
 
-register_legacy_names("evaluation", EvaluationOptions, {"rule": "exit_rule"})
 
-
-def log_dir(module: pl.LightningModule) -> str:
-    """The trainer's log folder (the current directory without a trainer)."""
-    trainer = module._trainer
+def log_dir(trainer: pl.Trainer | None) -> str:
+    """The trainer's log folder (the current directory without a trainer or logger)."""
     return trainer.log_dir if trainer is not None and trainer.log_dir else os.getcwd()
 
 
-def report_dir(module: DMPOModule) -> str:
-    """Where ``dmpo test`` writes: ``evaluation.report_dir``, else ``<log_dir>/dmpo_test``."""
-    return module.evaluation_options.report_dir or os.path.join(log_dir(module), "dmpo_test")
+def check_trained(module: EarlyExitModule, options: EvaluationOptions, what: str, ckpt_path: Any) -> None:
+    """Refuse weights that were never trained (0 optimizer steps), unless ``evaluation.allow_untrained``.
 
-
-def test_outputs(module: DMPOModule, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """``DMPOModule.test_step``: every exit's logits ``[B, K, C]``, scores and predictions ``[B, K]``.
-
-    Scores come from ``module.score_exits`` (the one scoring path); the test split also logs the loss.
+    Raises:
+        ConfigError: Naming what was asked (``what``) and how to give trained weights.
     """
-    x, y = batch[IMAGE_KEY], batch[LABEL_KEY]
-    module._input_shape = tuple(x.shape[1:])
-    index = batch.get(INDEX_KEY)
-    if index is None:
-        raise KeyError(f"test batches need an {INDEX_KEY!r} entry (sample index) for the early-exit protocol")
-    if split_of_batch(batch) == "test":
-        _, logits = module._shared_step(batch, "test")
-    else:
-        logits = module(x)
-    scores, preds = module.score_exits(logits)
-    return {"index": index, "scores": scores, "preds": preds, "target": y, "logits": torch.stack(logits, 1)}
+    if options.allow_untrained or int(module.train_steps) > 0:
+        return
+    where = (
+        f"--ckpt_path {ckpt_path} holds weights that were never trained (0 optimizer steps)"
+        if ckpt_path
+        else "no checkpoint was given, so the weights are freshly built"
+    )
+    raise ConfigError(
+        f"{what} would report untrained weights: {where}; give --ckpt_path <run>/checkpoints/<file>.ckpt "
+        "of a run that trained, or evaluation.allow_untrained=true to do it on purpose",
+        option="ckpt_path",
+    )
 
 
-def split_of_batch(batch: dict[str, Any]) -> str:
+def split_of_batch(batch: Mapping[str, Any]) -> str:
     """``"test"`` or ``"calibration"`` by the batch's first :data:`SPLIT_KEY` tag (untagged: ``"test"``)."""
     tags = batch.get(SPLIT_KEY)
     if tags is None:
@@ -141,31 +161,83 @@ def split_of_batch(batch: dict[str, Any]) -> str:
 class DMPOEvaluator(pl.Callback):
     """Collects the module's ``test_step`` outputs per split and runs the protocol at the end of the epoch.
 
+    Args:
+        options: The evaluation options (rule, calibration, budgets, report folder, ...); a mapping of
+            their fields works too.
+        claimed_report_dir: A folder the caller has already created exclusively for this report (the CLI
+            does, to put the test's config and logs beside it); ``None``: the evaluator claims
+            ``options.report_dir`` or the first free ``<log_dir>/dmpo_test[_k]`` itself.
+
     Attributes:
         collectors: Per-split ``ExitOutputsCollector`` (``test``, ``calibration``, ``test_top5`` for more
             than 5 classes) and, with ``calibration: temperature``, ``ExitLogitsCollector`` (``*_logits``).
+        report_dir: The folder this test writes to (set when the test starts).
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        options: EvaluationOptions | Mapping[str, Any] | None = None,
+        *,
+        claimed_report_dir: str | None = None,
+    ) -> None:
+        self.options = EvaluationOptions.coerce(options, name="evaluation")
+        self.claimed_report_dir = claimed_report_dir
+        self.report_dir: str | None = None
         self.collectors: Any = nn.ModuleDict()
         self._split_of_loader: dict[int, str] = {}
         self._timing_images: list[torch.Tensor] = []
+        self._claimed: str | None = None  # a folder this callback created (released again on failure)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse to overwrite an earlier report and unreachable budgets before any work is done."""
-        from dmpo_lightning.evaluation.runner import check_budgets, check_report_dir
-
-        module = as_dmpo_module(pl_module)
-        o = module.evaluation_options
-        check_report_dir(report_dir(module))
+        """Refuse untrained weights and unreachable budgets, claim the report folder, before any batch."""
+        module = as_early_exit_module(pl_module, "dmpo test's evaluator")
+        o = self.options
+        check_trained(module, o, "dmpo test", trainer.ckpt_path)
         check_budgets(o.budgets, o.budget_unit, module.exit_costs())
-        names = ["test", "calibration"] + (["test_top5"] if module.hparams.num_classes > 5 else [])
+        self.report_dir = self._claim_report_dir(trainer)
+        names = ["test", "calibration"] + (["test_top5"] if int(module.hparams["num_classes"]) > 5 else [])
         collectors: dict[str, nn.Module] = {n: ExitOutputsCollector() for n in names}
         if o.calibration == "temperature":  # temperature scaling needs the logits, N x K x C per split
             collectors.update(test_logits=ExitLogitsCollector(), calibration_logits=ExitLogitsCollector())
-        self.collectors = nn.ModuleDict(collectors).to(module.device)  # DDP-synced in compute()
+        self.collectors = nn.ModuleDict(collectors).to(pl_module.device)  # DDP-synced in compute()
         self._timing_images = []
         module.test_report = None
+
+    def _claim_report_dir(self, trainer: pl.Trainer) -> str:
+        """The report folder, created exclusively now (two tests never share one; nothing is overwritten)."""
+        if self.claimed_report_dir is not None:
+            check_report_dir(self.claimed_report_dir)
+            return self.claimed_report_dir
+        explicit = self.options.report_dir
+        path = explicit or os.path.join(log_dir(trainer), "dmpo_test")
+        if trainer.world_size > 1:  # rank 0 claims; the others learn the folder it got
+            claimed = self._claim(path, explicit) if trainer.is_global_zero else None
+            return str(trainer.strategy.broadcast(claimed))
+        return self._claim(path, explicit)
+
+    def _claim(self, path: str, explicit: str | None) -> str:
+        if explicit is None:
+            path = claim_folder(path, next_free=True)
+        else:
+            check_report_dir(path)  # a file, or a folder holding a report: one sentence now
+            try:
+                path = claim_folder(path)
+            except FileExistsError:
+                raise ConfigFileExistsError(
+                    f"evaluation.report_dir {path} is already used by another run (it is not empty); set "
+                    "evaluation.report_dir to a new folder",
+                    option="evaluation.report_dir",
+                ) from None
+        self._claimed = path
+        return path
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Give back a claimed report folder that is still empty (a failed test leaves nothing behind)."""
+        if self._claimed is not None:
+            release_folder(self._claimed)
+            self._claimed = None
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Forget which test loader held which split (they must stay one-to-one within an epoch)."""
@@ -235,26 +307,25 @@ class DMPOEvaluator(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Collect the batch's per-sample outputs; keep the first test images for ``time_early_exit``."""
+        """Score the batch's exits with the rule; collect them; keep test images for ``time_early_exit``."""
         name = self._split_of_loader[dataloader_idx]
         index, y, logits = outputs["index"], outputs["target"], outputs["logits"]
-        self.collectors[name].update(index, outputs["scores"], outputs["preds"], y)
+        scores, preds = exit_scores(logits, self.options.test_rule)
+        self.collectors[name].update(index, scores, preds, y)
         if f"{name}_logits" in self.collectors:
             self.collectors[f"{name}_logits"].update(index, logits, y)
         if name == "test" and "test_top5" in self.collectors:  # per-sample top-5 hits [B, K]
             hits = (logits.topk(5, dim=-1).indices == y[:, None, None]).any(-1).long()
             self.collectors["test_top5"].update(index, hits.float(), hits, y)
-        want = as_dmpo_module(pl_module).evaluation_options.time_early_exit
+        want = self.options.time_early_exit
         have = sum(int(x.shape[0]) for x in self._timing_images)
         if want and name == "test" and have < want:
             self._timing_images.append(batch[IMAGE_KEY][: want - have].detach().clone())
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run the budgeted early-exit protocol, print the table, write the report, log the summary."""
-        from dmpo_lightning.evaluation.runner import run_test_protocol
-
-        module = as_dmpo_module(pl_module)
-        o = module.evaluation_options
+        module = as_early_exit_module(pl_module, "dmpo test's evaluator")
+        o = self.options
         c = self.collectors
         if not c["test"].update_called:
             self._reset()
@@ -265,7 +336,7 @@ class DMPOEvaluator(pl.Callback):
         test = c["test"].compute()
         cal = c["calibration"].compute() if c["calibration"].update_called else None
         top5 = c["test_top5"].compute() if "test_top5" in c else None
-        temperature = self._calibrate(module, test, cal)
+        temperature = self._calibrate(test, cal)
         self._reset()
         # Anytime accuracy from the gathered per-sample outputs, each test sample counted once: a
         # DistributedSampler pads the last batch with repeated samples, which a summed accuracy would count.
@@ -275,6 +346,7 @@ class DMPOEvaluator(pl.Callback):
             for k, hits in enumerate(top5["preds"].float().mean(dim=0)):
                 anytime[k]["acc_top5"] = float(hits)
         dm = getattr(trainer, "datamodule", None)
+        assert self.report_dir is not None, "on_test_start claims the report folder"
         report, summary = run_test_protocol(
             test=test,
             calibration=cal,
@@ -282,10 +354,10 @@ class DMPOEvaluator(pl.Callback):
             exit_blocks=module.model.exit_blocks,
             budgets=o.budgets,
             budget_unit=o.budget_unit,
-            exit_rule=o.rule,
+            exit_rule=o.test_rule,
             hparams=dict(module.hparams),
             checkpoint_hash=checkpoint_hash(module.model, _path(trainer.ckpt_path)),
-            report_dir=report_dir(module),
+            report_dir=self.report_dir,
             is_global_zero=trainer.is_global_zero,
             split_file=getattr(dm, "calibration_indices_path", None),
             anytime_metrics=anytime,
@@ -293,18 +365,21 @@ class DMPOEvaluator(pl.Callback):
             weights_hash=weights_hash(module.model),
             temperature=temperature,
         )
+        if self._claimed is not None:  # the report is written: drop the claim marker, keep the folder
+            release_folder(self._claimed)
+            self._claimed = None
         module.test_report = report
         for k, values in enumerate(anytime):
             summary.update({f"test/{name}_exit{k}": v for name, v in values.items()})
         # every rank holds the same gathered values, so the mean over ranks changes nothing
-        module.log_dict(summary, add_dataloader_idx=False, sync_dist=True)
+        pl_module.log_dict(summary, add_dataloader_idx=False, sync_dist=True)
 
     def _reset(self) -> None:
         for collector in self.collectors.values():
             collector.reset()
 
     def _calibrate(
-        self, module: DMPOModule, test: dict[str, torch.Tensor], cal: dict[str, torch.Tensor] | None
+        self, test: dict[str, torch.Tensor], cal: dict[str, torch.Tensor] | None
     ) -> TemperatureCalibration | None:
         """With ``calibration: temperature``: fit per-exit temperatures, rescore both splits in place."""
         c = self.collectors
@@ -320,37 +395,31 @@ class DMPOEvaluator(pl.Callback):
         for name, out, z in (("test", test, test_z), ("calibration", cal, cal_z)):
             if not torch.equal(out["index"], z["index"]):
                 raise RuntimeError(f"{name} logits and scores were collected for different samples")
+        rule = self.options.test_rule
         result, (cal["scores"], cal["preds"]), (test["scores"], test["preds"]) = calibrate_exits(
-            cal_z["logits"], cal_z["target"], test_z["logits"], test_z["target"], module.score_exits
+            cal_z["logits"],
+            cal_z["target"],
+            test_z["logits"],
+            test_z["target"],
+            lambda logits: exit_scores(logits, rule),
         )
         return result
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``time_early_exit``: time full vs real early exit per budget and add it to ``report.json``."""
-        module = as_dmpo_module(pl_module)
+        module = as_early_exit_module(pl_module, "dmpo test's evaluator")
         images, self._timing_images = self._timing_images, []
         report = module.test_report
         if not images or report is None or not report.get("budgets") or not trainer.is_global_zero:
             return
-        from dmpo_lightning.evaluation.report import write_json
-        from dmpo_lightning.evaluation.runner import format_speed_table, time_early_exit
-
-        speed = time_early_exit(module, images, report["budgets"])
+        speed = time_early_exit(module, images, report["budgets"], rule=self.options.test_rule)
         report["early_exit_speed"] = speed
         print(format_speed_table(speed))
-        path = os.path.join(report_dir(module), "report.json")
+        assert self.report_dir is not None
+        path = os.path.join(self.report_dir, "report.json")
         if os.path.isfile(path):
             write_json(path, report)
 
 
 def _path(path: Any) -> str | None:
     return None if path is None else str(path)
-
-
-def as_dmpo_module(pl_module: pl.LightningModule) -> DMPOModule:
-    """``pl_module`` as a ``DMPOModule``, or a ``TypeError`` naming what it is."""
-    from dmpo_lightning.module import DMPOModule
-
-    if not isinstance(pl_module, DMPOModule):
-        raise TypeError(f"this callback serves a DMPOModule, not a {type(pl_module).__name__}")
-    return pl_module

@@ -1,57 +1,80 @@
-"""Predict I/O of :class:`~dmpo_lightning.module.DMPOModule`: thresholds in, predictions CSV out.
+"""``dmpo predict``'s writer: thresholds in, the real early exit of every batch, predictions CSV out.
 
-The module returns :class:`DMPOPredictionWriter` from ``configure_callbacks`` in ``predict``; you do not
-add it yourself. The module's ``predict_step`` runs the real early exit and returns one result dict per
-batch (with ``evaluation.predict_engine`` it leaves the images to this callback, whose engine session runs
-them on full batches and fills the dicts in once their samples have left); this callback loads the
-thresholds ``dmpo test`` calibrated before the first batch, collects the results and, at the end of the
-epoch, writes the CSV (one file per rank under DDP) and prints its summary.
+``trainer.predict(module)`` of a :class:`~dmpo_lightning.module.DMPOModule` brings this callback along with
+default options (the module's ``configure_callbacks``); add ``DMPOPredictionWriter(EvaluationOptions(...))``
+to the trainer's callbacks to choose the thresholds file, budget and CSV (``dmpo predict --evaluation.*``
+does that). Before the first batch it loads the thresholds, temperatures and exit rule ``dmpo test``
+calibrated into the module; the module's ``predict_step`` hands over each batch's readable images, which
+this callback runs through the real early exit (per batch, or with ``evaluation.predict_engine`` pooled
+across batches by the engine so every stage runs on full batches) and writes into the batch's result dict;
+at the end of the epoch it writes the CSV (one file per rank under DDP) and prints its summary.
+
+It depends on the small :class:`~dmpo_lightning.evaluation.interface.EarlyExitModule` interface, not on the
+module class.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dmpo_lightning.checkpointing import weight_hashes
-from dmpo_lightning.evaluation.evaluator import as_dmpo_module, log_dir
+from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
+from dmpo_lightning.data.predict_images import ERROR_KEY, PATH_KEY, SOURCE_MODE_KEY
+from dmpo_lightning.errors import ConfigError
+from dmpo_lightning.evaluation.evaluator import EvaluationOptions, check_trained, log_dir
+from dmpo_lightning.evaluation.interface import EarlyExitModule, as_early_exit_module
+from dmpo_lightning.evaluation.runner import (
+    check_output_file,
+    load_temperatures,
+    load_thresholds,
+    thresholds_rule,
+)
+from dmpo_lightning.models.engine import EarlyExitEngine, EngineSession
+from dmpo_lightning.models.multi_exit import EarlyExitOutput
 from dmpo_lightning.predictions import format_prediction_summary, rows_from_outputs, write_predictions
-
-if TYPE_CHECKING:
-    from dmpo_lightning.models.multi_exit import EarlyExitOutput
-    from dmpo_lightning.module import DMPOModule
 
 __all__ = [
     "PENDING_KEY",
     "DMPOPredictionWriter",
     "fill_predictions",
-    "load_predict_thresholds",
     "predict_batch",
-    "prediction_class_names",
     "predictions_path",
 ]
 
-PENDING_KEY = "_pending_images"
-"""Key of a ``predict_step`` result whose readable images wait for the engine (``predict_engine``)."""
+PENDING_KEY = "pending_images"
+"""Key of a ``predict_step`` result under which its readable images wait for the writer's early exit."""
 
 
 class DMPOPredictionWriter(pl.Callback):
-    """Loads ``thresholds_file`` at ``predict_budget`` before predict, writes ``predictions_file`` after."""
+    """Loads ``thresholds_file`` at ``predict_budget`` before predict, writes ``predictions_file`` after.
 
-    def __init__(self) -> None:
+    Args:
+        options: The evaluation options (thresholds file, budget, predictions file, engine, ...); a mapping
+            of their fields works too.
+    """
+
+    def __init__(self, options: EvaluationOptions | Mapping[str, Any] | None = None) -> None:
+        self.options = EvaluationOptions.coerce(options, name="evaluation")
+        self.path: str | None = None
         self._results: list[dict[str, Any]] = []
-        self._session: Any = None  # predict_engine: the engine pass and the rows it still owes
+        self._session: EngineSession | None = None  # predict_engine: the engine pass and its rows
         self._waiting: list[tuple[dict[str, Any], torch.Tensor]] = []
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse an existing CSV and load the thresholds before the first batch."""
+        """Refuse untrained weights and an existing CSV; load the thresholds before the first batch."""
+        module = as_early_exit_module(pl_module, "dmpo predict's writer")
         self._results, self._session, self._waiting = [], None, []
-        load_predict_thresholds(as_dmpo_module(pl_module))
+        check_trained(module, self.options, "dmpo predict", trainer.ckpt_path)
+        self.path = predictions_path(trainer, self.options)
+        check_output_file(self.path)
+        load_predict_thresholds(module, self.options, trainer.ckpt_path)
 
     def on_predict_batch_end(
         self,
@@ -62,17 +85,18 @@ class DMPOPredictionWriter(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Keep the batch's result dict (``predict_step``'s output); queue its images for the engine."""
+        """Run the batch's readable images through the early exit and fill in its result dict."""
         self._results.append(outputs)
         pending = outputs.pop(PENDING_KEY, None)
         if pending is None:
             return
-        images, rows = pending  # filled in later, once its samples have left (flush at the end)
-        if self._session is None:
-            from dmpo_lightning.models.engine import EarlyExitEngine
-
-            module = as_dmpo_module(pl_module)
-            engine = EarlyExitEngine(module, module.exit_thresholds, batch_size=int(rows.numel()))
+        images, rows = pending
+        module = as_early_exit_module(pl_module, "dmpo predict's writer")
+        if not self.options.predict_engine:
+            fill_predictions(outputs, rows, module.forward_early_exit(images))
+            return
+        if self._session is None:  # filled in later, once its samples have left (flush at the end)
+            engine = EarlyExitEngine(pl_module, module.exit_thresholds, batch_size=int(rows.numel()))
             self._session = engine.session()
         self._waiting.append((outputs, rows))
         for out in self._session.push(images):
@@ -90,41 +114,33 @@ class DMPOPredictionWriter(pl.Callback):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the predictions CSV (one file per rank under DDP) and print a summary of it."""
-        module = as_dmpo_module(pl_module)
+        module = as_early_exit_module(pl_module, "dmpo predict's writer")
         self._flush()
         results, self._results = self._results, []
+        assert self.path is not None, "on_predict_start sets the path"
         costs = module.exit_costs()
-        rows = rows_from_outputs(
-            results, class_names=prediction_class_names(module), exit_gflops=costs.exit_gflops
-        )
-        summary = write_predictions(predictions_path(module), rows, num_exits=module.num_exits)
+        names = prediction_class_names(module, trainer)
+        rows = rows_from_outputs(results, class_names=names, exit_gflops=costs.exit_gflops)
+        summary = write_predictions(self.path, rows, num_exits=module.num_exits)
         if summary is None:
             return
         text = format_prediction_summary(
             summary,
             full_gflops=costs.full_gflops,
-            in_chans=module.hparams.in_chans,
-            budget=module.evaluation_options.predict_budget,
+            in_chans=int(module.hparams["in_chans"]),
+            budget=self.options.predict_budget,
         )
-        if trainer.world_size > 1:
-            print(f"[rank {trainer.global_rank}] {text}")
-        else:
-            print(text)
+        print(f"[rank {trainer.global_rank}] {text}" if trainer.world_size > 1 else text)
 
 
-def predict_batch(module: DMPOModule, batch: dict[str, Any]) -> dict[str, Any]:
-    """``DMPOModule.predict_step``: the real early exit of a batch's readable images, one row per sample.
+def predict_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``DMPOModule.predict_step``: one result row per sample, the readable images waiting for the writer.
 
-    Rows: prediction, 0-based exit, score and confidence; images the data module could not read (a
-    non-empty ``error`` entry, from ``data.predict_paths``) are not run and keep prediction -1 and the
-    reason. With ``evaluation.predict_engine`` the images wait under :data:`PENDING_KEY` for this file's
-    :class:`DMPOPredictionWriter`, whose engine session fills the rows in.
+    Rows: prediction, 0-based exit, score and confidence (filled in by :class:`DMPOPredictionWriter`);
+    images the data module could not read (a non-empty ``error`` entry, from ``data.predict_paths``) are not
+    run and keep prediction -1 and the reason.
     """
-    from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
-    from dmpo_lightning.data.predict_images import ERROR_KEY, PATH_KEY, SOURCE_MODE_KEY
-
     x = batch[IMAGE_KEY]
-    module._input_shape = tuple(x.shape[1:])
     errors = batch.get(ERROR_KEY)
     valid = torch.tensor([not e for e in errors], dtype=torch.bool) if errors is not None else None
     n = x.shape[0]
@@ -136,11 +152,7 @@ def predict_batch(module: DMPOModule, batch: dict[str, Any]) -> dict[str, Any]:
     }
     rows = valid if valid is not None else torch.ones(n, dtype=torch.bool)
     if bool(rows.any()):
-        images = x if valid is None else x[valid.to(x.device)]
-        if module.evaluation_options.predict_engine:
-            result[PENDING_KEY] = (images, rows)
-        else:
-            fill_predictions(result, rows, module.forward_early_exit(images))
+        result[PENDING_KEY] = (x if valid is None else x[valid.to(x.device)], rows)
     for key in (INDEX_KEY, LABEL_KEY):
         if key in batch:
             result[key] = batch[key].cpu()
@@ -158,32 +170,24 @@ def fill_predictions(result: dict[str, Any], rows: torch.Tensor, out: EarlyExitO
     result["confidence"][rows] = out.logits.float().softmax(dim=-1).amax(dim=-1).cpu()
 
 
-def predictions_path(module: DMPOModule) -> str:
+def predictions_path(trainer: pl.Trainer | None, options: EvaluationOptions) -> str:
     """``evaluation.predictions_file`` (else ``<log_dir>/predictions.csv``), one per rank under DDP."""
-    path = module.evaluation_options.predictions_file or os.path.join(log_dir(module), "predictions.csv")
-    trainer = module._trainer
+    path = options.predictions_file or os.path.join(log_dir(trainer), "predictions.csv")
     if trainer is not None and trainer.world_size > 1:
         root, ext = os.path.splitext(path)
         path = f"{root}.rank{trainer.global_rank}{ext}"
     return path
 
 
-def load_predict_thresholds(module: DMPOModule) -> None:
-    """Refuse an existing predictions file; load the thresholds calibrated for ``predict_budget``."""
-    from dmpo_lightning.evaluation.runner import load_temperatures, load_thresholds
-
-    o = module.evaluation_options
-    path = predictions_path(module)
-    if os.path.exists(path):
-        raise FileExistsError(
-            f"{path} exists; set model.init_args.evaluation.predictions_file to a new path or move the old "
-            "file away"
-        )
+def load_predict_thresholds(module: EarlyExitModule, options: EvaluationOptions, ckpt_path: Any) -> None:
+    """Load the thresholds, temperatures and exit rule calibrated for ``predict_budget`` into the module."""
+    o = options
     if o.thresholds_file is None:
         if o.predict_budget is not None:
-            raise ValueError(
+            raise ConfigError(
                 "evaluation.predict_budget needs evaluation.thresholds_file (the thresholds.json written by "
-                "`dmpo test`)"
+                "`dmpo test`)",
+                option="evaluation.predict_budget",
             )
         if bool(torch.isinf(module.exit_thresholds[:-1]).all()):
             rank_zero_warn(
@@ -191,26 +195,33 @@ def load_predict_thresholds(module: DMPOModule) -> None:
                 "the last exit. Run `dmpo test` first and pass its thresholds.json and a predict_budget."
             )
         return
-    trainer = module._trainer
     thresholds = load_thresholds(
         o.thresholds_file,
         o.predict_budget,
         module.model_fingerprint(),
         unit=o.budget_unit,
         num_exits=module.num_exits,
-        model_hashes=weight_hashes(module.model, getattr(trainer, "ckpt_path", None)),
+        model_hashes=weight_hashes(module.model, None if ckpt_path is None else str(ckpt_path)),
         allow_other_checkpoint=o.allow_other_checkpoint_thresholds,
     )
+    rule = thresholds_rule(o.thresholds_file)
+    if o.rule is not None and o.rule != rule:
+        raise ConfigError(
+            f"evaluation.rule={o.rule} disagrees with {o.thresholds_file}, whose thresholds were fitted for "
+            f"the {rule} rule; leave evaluation.rule out (the file's rule is used), or run `dmpo test "
+            f"--evaluation.rule {o.rule}` for thresholds of that rule",
+            option="evaluation.rule",
+        )
     module.exit_thresholds.copy_(torch.tensor(thresholds, dtype=module.exit_thresholds.dtype))
     temperatures = load_temperatures(o.thresholds_file, module.num_exits)
     module.exit_temperatures.copy_(torch.tensor(temperatures, dtype=module.exit_temperatures.dtype))
-    rank_zero_info(f"early-exit thresholds for budget {o.predict_budget}: {thresholds}")
+    module.exit_rule = rule
+    rank_zero_info(f"early-exit thresholds ({rule} rule) for budget {o.predict_budget}: {thresholds}")
 
 
-def prediction_class_names(module: DMPOModule) -> list[str]:
+def prediction_class_names(module: EarlyExitModule, trainer: pl.Trainer | None) -> list[str]:
     """Names for the CSV: the checkpoint's, else the data module's, else ``class_<i>``."""
-    n = int(module.hparams.num_classes)
-    trainer = module._trainer
+    n = int(module.hparams["num_classes"])
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     classes = getattr(dm, "classes", None)
     data_names = [str(c) for c in classes] if classes is not None and len(classes) == n else None

@@ -35,6 +35,7 @@ from dmpo_lightning.evaluation.report import (
     write_json,
 )
 from dmpo_lightning.files import atomic_write
+from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY
 from dmpo_lightning.options import option_name
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "load_temperatures",
     "load_thresholds",
     "run_test_protocol",
+    "thresholds_rule",
     "time_early_exit",
 ]
 
@@ -72,24 +74,21 @@ def check_report_dir(path: str) -> None:
     if existing:
         raise ConfigFileExistsError(
             f"{path} already holds a dmpo test report ({', '.join(existing)}); set "
-            "model.init_args.evaluation.report_dir to a new folder, or move the old report away",
-            option="model.init_args.evaluation.report_dir",
+            "evaluation.report_dir to a new folder, or move the old report away",
+            option="evaluation.report_dir",
         )
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(
-            f"report_dir {path} is a file; model.init_args.evaluation.report_dir must be a folder (new or "
-            "empty)",
-            option="model.init_args.evaluation.report_dir",
+            f"report_dir {path} is a file; evaluation.report_dir must be a folder (new or empty)",
+            option="evaluation.report_dir",
         )
     # the report is first written to a temporary folder next to ``path``, so its parent must be writable
-    _check_writable(
-        os.path.dirname(os.path.abspath(path)), f"report_dir {path}", "model.init_args.evaluation.report_dir"
-    )
+    _check_writable(os.path.dirname(os.path.abspath(path)), f"report_dir {path}", "evaluation.report_dir")
     if os.path.isdir(path):
-        _check_writable(path, f"report_dir {path}", "model.init_args.evaluation.report_dir")
+        _check_writable(path, f"report_dir {path}", "evaluation.report_dir")
 
 
-def check_output_file(path: str, option: str = "model.init_args.evaluation.predictions_file") -> None:
+def check_output_file(path: str, option: str = "evaluation.predictions_file") -> None:
     """Refuse an output file that exists, is a folder, or whose folder cannot be created or written.
 
     Raises:
@@ -139,9 +138,7 @@ def check_budgets(budgets: Sequence[float], unit: str, costs: ExitCosts) -> None
             budgets, costs.exit_gflops[0], costs.full_gflops, protocol_budget_unit(unit), "GFLOPs"
         )
     except ValueError as err:
-        raise ConfigError(
-            f"{err}; fix model.init_args.evaluation.budgets", option="model.init_args.evaluation.budgets"
-        ) from None
+        raise ConfigError(f"{err}; fix evaluation.budgets", option="evaluation.budgets") from None
 
 
 def _correct(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -329,6 +326,7 @@ def _write_report_files(
         write_curve_csv(os.path.join(report_dir, "curve.csv"), curve)
         thresholds = {
             "format": THRESHOLDS_FORMAT,
+            "rule": report["exit_rule"],
             "fingerprint": dict(fingerprint),
             "checkpoint_hash": checkpoint_hash,
             **({"weights_hash": weights_hash} if weights_hash is not None else {}),
@@ -359,7 +357,7 @@ def _write_report_files(
     atomic_write(os.path.join(report_dir, "exit_outputs.pt"), lambda f: torch.save(cache, f))
 
 
-THRESHOLDS_OPTION = "model.init_args.evaluation.thresholds_file"
+THRESHOLDS_OPTION = "evaluation.thresholds_file"
 
 
 def load_thresholds(
@@ -445,7 +443,7 @@ def _read_thresholds(
     entries = data.get("budgets", [])
     if budget is None:
         raise ValueError(
-            f"choose one of the budgets in {path} with model.init_args.evaluation.predict_budget: "
+            f"choose one of the budgets in {path} with evaluation.predict_budget: "
             f"{[e['budget'] for e in entries]}"
         )
     want = protocol_budget_unit(unit)
@@ -454,8 +452,30 @@ def _read_thresholds(
             return _check_threshold_list(path, budget, e.get("thresholds"), num_exits)
     raise ValueError(
         f"budget {budget} ({unit}) is not in {path}; available: {[e['budget'] for e in entries]} "
-        "(run `dmpo test` with it in model.init_args.evaluation.budgets)"
+        "(run `dmpo test` with it in evaluation.budgets)"
     )
+
+
+def thresholds_rule(path: str) -> str:
+    """The exit rule a ``thresholds.json`` was fitted for (its thresholds mean nothing under another rule).
+
+    Raises:
+        ConfigError: If the file names no rule, or one that is not registered in this process.
+    """
+    with open(path) as f:
+        rule = json.load(f).get("rule")
+    if not isinstance(rule, str) or not rule:
+        raise ConfigError(
+            f"thresholds file {path} names no exit rule; run `dmpo test` again to write a new one",
+            option=THRESHOLDS_OPTION,
+        )
+    if rule not in EXIT_RULE_REGISTRY:
+        raise ConfigError(
+            f"thresholds file {path} was fitted for the exit rule {rule!r}, which is not registered here "
+            f"(registered: {', '.join(EXIT_RULE_REGISTRY)}); import the module that registers it first",
+            option=THRESHOLDS_OPTION,
+        )
+    return rule
 
 
 def load_temperatures(path: str, num_exits: int) -> list[float]:
@@ -493,14 +513,14 @@ def _check_weights(path: str, data: Mapping[str, Any], mine: list[str], allow: b
     if allow:
         rank_zero_warn(
             f"{what}; using them anyway because "
-            "model.init_args.evaluation.allow_other_checkpoint_thresholds=true: the budgets and accuracies "
+            "evaluation.allow_other_checkpoint_thresholds=true: the budgets and accuracies "
             "in that file do not hold for these weights"
         )
         return
     raise ValueError(
         f"{what}: early-exit thresholds only fit the weights they were fitted on. Run `dmpo test` with this "
         "checkpoint and use its thresholds.json, or set "
-        "model.init_args.evaluation.allow_other_checkpoint_thresholds=true to use them anyway"
+        "evaluation.allow_other_checkpoint_thresholds=true to use them anyway"
     )
 
 
@@ -525,8 +545,10 @@ def _check_threshold_list(path: str, budget: float, raw: Any, num_exits: int | N
     return values
 
 
-def _early_exit_all(module: Any, images: Sequence[torch.Tensor], thresholds: list[float]) -> list[Any]:
-    return [module.forward_early_exit(x, thresholds) for x in images]
+def _early_exit_all(
+    module: Any, images: Sequence[torch.Tensor], thresholds: list[float], rule: str | None
+) -> list[Any]:
+    return [module.forward_early_exit(x, thresholds, rule) for x in images]
 
 
 def time_early_exit(
@@ -536,6 +558,7 @@ def time_early_exit(
     *,
     repeats: int = 3,
     warmup: int = 1,
+    rule: str | None = None,
 ) -> dict[str, Any]:
     """Measured ms/image of the full model and of the real early exit at each budget's thresholds.
 
@@ -551,6 +574,7 @@ def time_early_exit(
         budgets: The report's ``budgets`` entries (``budget``, ``budget_unit``, ``thresholds``).
         repeats: Timed passes per path.
         warmup: Untimed passes per path first.
+        rule: The exit rule the thresholds were fitted for (``None``: the module's ``exit_rule``).
 
     Returns:
         A JSON-ready dict: device, threads, images, batch size and one row per budget.
@@ -586,13 +610,13 @@ def time_early_exit(
         with torch.inference_mode():
             for entry in budgets:
                 thresholds = [decode_float(t) for t in entry["thresholds"]]
-                engine = EarlyExitEngine(module, thresholds, batch_size=max(batch, 1))
+                engine = EarlyExitEngine(module, thresholds, batch_size=max(batch, 1), rule=rule)
                 paths: dict[str, Callable[[], object]] = {
                     "full": lambda: [model.forward_static(x) for x in images],
-                    "early": functools.partial(_early_exit_all, module, images, thresholds),
+                    "early": functools.partial(_early_exit_all, module, images, thresholds, rule),
                     "engine": functools.partial(engine.run, images),
                 }
-                exits = torch.cat([module.forward_early_exit(x, thresholds).exit_index for x in images])
+                exits = torch.cat([module.forward_early_exit(x, thresholds, rule).exit_index for x in images])
                 for _ in range(warmup):
                     for fn in paths.values():
                         timed(fn)

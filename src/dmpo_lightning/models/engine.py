@@ -8,7 +8,7 @@ several input batches (one queue per stage) and runs stage ``k + 1`` only when i
 or when the input is exhausted. Results come back in input order, and every decision is taken by the
 same :class:`~dmpo_lightning.models.exit_policy.ExitPolicy` as ``forward_early_exit``, so predictions and
 exits equal the protocol simulated from all-exit outputs (``exit_rules.exit_scores`` +
-``protocol.assign_exits``, or the module's ``score_exits``) with the same thresholds.
+``protocol.assign_exits``) with the same thresholds and rule.
 
 Example::
 
@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 
 from dmpo_lightning.constants import IMAGE_KEY
-from dmpo_lightning.models.exit_policy import Scorer
 from dmpo_lightning.models.exit_rules import ExitRule
 from dmpo_lightning.models.multi_exit import EarlyExitOutput, MultiExitViT, eval_mode
 
@@ -94,13 +93,11 @@ class EarlyExitEngine:
     """Early exit over a stream of image batches with full batches at every stage.
 
     Args:
-        model: A :class:`~dmpo_lightning.models.MultiExitViT`, or a ``DMPOModule`` (then its model, its
-            ``exit_rule`` and its :meth:`score_exits` when a subclass overrides it are used).
+        model: A :class:`~dmpo_lightning.models.MultiExitViT`, or a ``DMPOModule`` (then its model and its
+            ``exit_rule`` are used).
         thresholds: One per exit (the last is ignored; ``+inf`` disables an exit).
-        scorer: Scoring function with the contract of ``DMPOModule.score_exits`` (``None``: ``rule``).
         batch_size: Samples per stage call (the last calls of a stream may be smaller).
-        rule: Built-in exit rule when there is no scorer.
-        scorer_is_local: ``scorer`` scores exit k from exit k's logits alone (see ``forward_early_exit``).
+        rule: A registered exit rule (``None``: a ``DMPOModule``'s ``exit_rule``, else ``confidence``).
         last_score: Compute the score of samples that reach the last exit.
         temperatures: One per exit (``calibration: temperature``): scores come from ``logits / T_k``, as in
             ``forward_early_exit``; ``None``: a ``DMPOModule``'s ``exit_temperatures`` (those ``dmpo
@@ -114,11 +111,9 @@ class EarlyExitEngine:
         self,
         model: nn.Module,
         thresholds: Sequence[float] | Tensor,
-        scorer: Scorer | None = None,
         batch_size: int = 64,
         *,
-        rule: ExitRule = "confidence",
-        scorer_is_local: bool = False,
+        rule: ExitRule | None = None,
         last_score: bool = True,
         temperatures: Sequence[float] | Tensor | None = None,
     ) -> None:
@@ -126,10 +121,8 @@ class EarlyExitEngine:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(model, MultiExitViT) and isinstance(getattr(model, "model", None), MultiExitViT):
             module: Any = model
-            if scorer is None:
-                scorer = module.exit_scorer()
-                scorer_is_local = bool(getattr(module, "score_exits_is_local", False))
-            rule = module.evaluation_options.rule
+            if rule is None:
+                rule = module.exit_rule
             stored = getattr(module, "exit_temperatures", None)
             if temperatures is None and isinstance(stored, Tensor) and not bool((stored == 1).all()):
                 temperatures = stored
@@ -140,9 +133,7 @@ class EarlyExitEngine:
         self.batch_size = batch_size
         self.policy = model.early_exit_policy(
             thresholds,
-            rule,
-            scorer,
-            scorer_is_local=scorer_is_local,
+            rule or "confidence",
             last_score=last_score,
             temperatures=temperatures,
         )

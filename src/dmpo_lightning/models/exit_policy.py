@@ -1,10 +1,9 @@
 """Exit decisions of a real early-exit forward, shared by ``MultiExitViT.forward_early_exit`` and the engine.
 
 One object decides, exit by exit, which of the still-active samples leave. It scores exactly as the protocol
-simulated from cached outputs does: either with a built-in rule (``exit_rules.exit_score_step``, which is
-``exit_rules.exit_scores`` applied exit by exit) or with a user scoring function that has the contract of
-``DMPOModule.score_exits``. So a subclass that changes the scoring changes the simulated protocol of
-``dmpo test`` and the real early exit of ``dmpo predict`` alike.
+simulated from cached outputs does, with a registered exit rule (``exit_rules.exit_score_step``, which is
+``exit_rules.exit_scores`` applied exit by exit). A rule is always a registered name, so ``dmpo test``'s
+simulated protocol, the real early exit, the thresholds file and an exported artefact all name the same rule.
 
 Pure torch (no Lightning): importable with only ``torch`` and ``timm`` installed.
 """
@@ -12,19 +11,14 @@ Pure torch (no Lightning): importable with only ``torch`` and ``timm`` installed
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY, ExitRule, exit_score_step, is_local_rule
 
-__all__ = ["ExitPolicy", "Scorer", "check_thresholds"]
-
-Scorer = Callable[[list[Tensor]], tuple[Tensor, Tensor]]
-"""``scorer(logits of exits 0..k) -> (scores [B, k + 1], preds [B, k + 1])``, as ``score_exits``."""
-
-_LOGITS = "logits_"
+__all__ = ["ExitPolicy", "check_thresholds"]
 
 
 def check_thresholds(thresholds: Sequence[float] | Tensor, num_exits: int) -> list[float]:
@@ -51,21 +45,18 @@ def check_thresholds(thresholds: Sequence[float] | Tensor, num_exits: int) -> li
 class ExitPolicy:
     """Which active samples leave at exit ``k``: the first exit whose score is ``>= thresholds[k]``.
 
-    Per-sample state that later exits need (the previous prediction and run length of ``patience``, the
-    earlier logits a non-local ``scorer`` is called with) travels in a ``carry`` dict of tensors whose
+    Per-sample state that later exits need (the previous prediction and run length of ``patience``) travels
+    in a ``carry`` dict of tensors whose
     first dimension is the active samples, so callers can compact, split and concatenate it with the tokens.
 
     Args:
         thresholds: One per exit; the last is ignored (the last exit takes every sample left).
         num_exits: K.
-        rule: Built-in rule, used when ``scorer`` is ``None``.
-        scorer: Scoring function with the contract of ``DMPOModule.score_exits`` (see :data:`Scorer`).
-        scorer_is_local: ``scorer``'s score at exit k depends on exit k's logits only: it is called with
-            ``[logits_k]`` alone, and heads of disabled exits are skipped.
+        rule: A registered exit rule (``models.exit_rules.EXIT_RULE_REGISTRY``).
         last_score: Compute the last exit's score (only the prediction is needed to answer).
         temperatures: One per exit (``calibration: temperature``): scores come from ``logits / T_k`` in
-            float32, as ``dmpo test`` scores them; ``None`` = raw logits. The rule and the scorer both see the
-            scaled logits; the logits a forward returns stay raw.
+            float32, as ``dmpo test`` scores them; ``None`` = raw logits. The rule sees the scaled logits;
+            the logits a forward returns stay raw.
 
     Raises:
         ValueError: For bad thresholds, bad temperatures or an unknown rule.
@@ -77,8 +68,6 @@ class ExitPolicy:
         num_exits: int,
         *,
         rule: ExitRule = "confidence",
-        scorer: Scorer | None = None,
-        scorer_is_local: bool = False,
         last_score: bool = True,
         temperatures: Sequence[float] | Tensor | None = None,
     ) -> None:
@@ -90,13 +79,9 @@ class ExitPolicy:
                 raise ValueError(f"need {num_exits} finite temperatures > 0 (one per exit); got {temps}")
             self.temperatures = None if all(t == 1.0 for t in temps) else temps
         self.num_exits = num_exits
-        if scorer is None:
-            EXIT_RULE_REGISTRY.check(rule)
-        if scorer is not None and not callable(scorer):
-            raise ValueError(f"scorer must be callable (like DMPOModule.score_exits); got {scorer!r}")
+        EXIT_RULE_REGISTRY.check(rule)
         self.rule = rule
-        self.scorer = scorer
-        self.local = scorer_is_local if scorer is not None else is_local_rule(rule)
+        self.local = is_local_rule(rule)
         self.last_score = last_score
         self._skip = [self.local and t == math.inf for t in self.thresholds[:-1]] + [False]
 
@@ -117,37 +102,17 @@ class ExitPolicy:
         Returns:
             ``(leave, score, pred, carry)``: ``leave [B]`` bool (``None`` at the last exit: everyone leaves),
             the score ``[B]`` (float; NaN at the last exit if ``last_score`` is off and the rule is
-            built-in), the prediction ``[B]`` and the state for the next exit.
+            its rule needs no score there), the prediction ``[B]`` and the state for the next exit.
         """
         last = k == self.num_exits - 1
         if self.temperatures is not None:
             logits = logits.float() / self.temperatures[k]
-        if self.scorer is None:
-            if last and not self.last_score:
-                pred = logits.float().softmax(dim=-1).max(dim=-1).indices  # exit_score_step's prediction
-                score = torch.full(pred.shape, math.nan, device=logits.device)
-                return None, score, pred, {}
-            score, pred, run = exit_score_step(logits, self.rule, carry.get("pred"), carry.get("run"))
-            carry = {"pred": pred, "run": run} if not self.local and not last else {}
-        else:
-            if self.local:
-                history = [logits]
-            else:
-                history = [carry[f"{_LOGITS}{j}"] for j in range(k)] + [logits]
-            scores, preds = self.scorer(history)
-            width = len(history)
-            for name, t in (("scores", scores), ("preds", preds)):
-                if not isinstance(t, Tensor) or tuple(t.shape) != (logits.shape[0], width):
-                    got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                    raise ValueError(
-                        f"the scorer must return {name} of shape [B, {width}] = [{logits.shape[0]}, {width}] "
-                        f"for the logits of {width} exit(s); got {got}"
-                    )
-            score, pred = scores[:, -1], preds[:, -1].long()
-            if self.local or last:
-                carry = {}
-            else:
-                carry = {**carry, f"{_LOGITS}{k}": logits}
+        if last and not self.last_score:
+            pred = logits.float().softmax(dim=-1).max(dim=-1).indices  # exit_score_step's prediction
+            score = torch.full(pred.shape, math.nan, device=logits.device)
+            return None, score, pred, {}
+        score, pred, run = exit_score_step(logits, self.rule, carry.get("pred"), carry.get("run"))
+        carry = {"pred": pred, "run": run} if not self.local and not last else {}
         if last:
             return None, score, pred, carry
         return score >= self.thresholds[k], score, pred, carry

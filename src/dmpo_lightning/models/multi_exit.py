@@ -23,7 +23,7 @@ from dmpo_lightning.models.backbone import (
     rope_embedding,
     run_blocks,
 )
-from dmpo_lightning.models.exit_policy import ExitPolicy, Scorer
+from dmpo_lightning.models.exit_policy import ExitPolicy
 from dmpo_lightning.models.exit_rules import ExitRule
 from dmpo_lightning.models.heads import (
     AttentionPoolHead,
@@ -44,7 +44,6 @@ __all__ = [
     "HeadKind",
     "MultiExitViT",
     "PeftOptions",
-    "Scorer",
     "eval_mode",
 ]
 
@@ -368,9 +367,7 @@ class MultiExitViT(nn.Module):
         self,
         thresholds: Sequence[float] | torch.Tensor,
         rule: ExitRule = "confidence",
-        scorer: Scorer | None = None,
         *,
-        scorer_is_local: bool = False,
         last_score: bool = True,
         temperatures: Sequence[float] | torch.Tensor | None = None,
     ) -> ExitPolicy:
@@ -385,8 +382,6 @@ class MultiExitViT(nn.Module):
             thresholds,
             self.num_exits,
             rule=rule,
-            scorer=scorer,
-            scorer_is_local=scorer_is_local,
             last_score=last_score,
             temperatures=temperatures,
         )
@@ -397,9 +392,7 @@ class MultiExitViT(nn.Module):
         x: torch.Tensor,
         thresholds: Sequence[float] | torch.Tensor,
         rule: ExitRule = "confidence",
-        scorer: Scorer | None = None,
         *,
-        scorer_is_local: bool = False,
         last_score: bool = True,
         temperatures: Sequence[float] | torch.Tensor | None = None,
     ) -> EarlyExitOutput:
@@ -407,24 +400,19 @@ class MultiExitViT(nn.Module):
 
         A sample leaves at the first exit ``k`` whose score is ``>= thresholds[k]``; the last exit takes
         every sample left. Predictions equal those of the protocol simulated from :meth:`forward`'s outputs
-        with the same thresholds and the same scoring function (``scorer`` or ``rule``). The model runs in
+        with the same thresholds and the same exit rule. The model runs in
         eval mode for the call (dropout off, BatchNorm statistics frozen); its previous mode is restored.
 
         Heads that cannot change the answer are not run: with a rule whose score at exit ``k`` depends
-        only on exit ``k``'s logits (``confidence``, ``entropy``, or a ``scorer`` with
-        ``scorer_is_local=True``), the head of an exit whose threshold is ``+inf`` is skipped. ``patience``
-        and other scorers need every earlier exit's prediction, so every head runs.
+        only on exit ``k``'s logits (``confidence``, ``entropy``, a rule registered with ``local=True``), the
+        head of an exit whose threshold is ``+inf`` is skipped. ``patience`` needs every earlier exit's
+        prediction, so every head runs.
 
         Args:
             x: Images ``[B, C, H, W]``.
             thresholds: One threshold per exit (the last one is ignored); ``inf`` disables an exit.
-            rule: ``confidence`` (max softmax), ``entropy`` (negative entropy) or ``patience``; ignored when
-                ``scorer`` is given.
-            scorer: A scoring function with the contract of ``DMPOModule.score_exits``: called with the
-                list of logits ``[B', C]`` of exits ``0..k`` for the ``B'`` samples still active, it returns
-                ``(scores [B', k + 1], preds [B', k + 1])``; column ``k`` decides at exit ``k``.
-            scorer_is_local: Declare that ``scorer``'s column ``k`` depends only on exit ``k``'s logits;
-                then it is called with ``[logits_k]`` alone and disabled exits' heads are skipped.
+            rule: A registered exit rule: ``confidence`` (max softmax), ``entropy`` (negative entropy),
+                ``patience``, or one added with ``models.exit_rules.register_exit_rule``.
             last_score: Compute the score of samples that reach the last exit (``False``: ``NaN`` there,
                 for the built-in rules; the prediction is unchanged).
             temperatures: One per exit: scores come from ``logits / T_k`` (float32), as ``dmpo test`` with
@@ -436,8 +424,6 @@ class MultiExitViT(nn.Module):
         policy = self.early_exit_policy(
             thresholds,
             rule,
-            scorer,
-            scorer_is_local=scorer_is_local,
             last_score=last_score,
             temperatures=temperatures,
         )
