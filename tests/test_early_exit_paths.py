@@ -1,4 +1,4 @@
-"""One scoring path, eval mode and skipped heads of the real early exit (issues 13 and 16)."""
+"""One scoring path (registered rules), eval mode and skipped heads of the real early exit."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from support.builders import make_tiny_vit
 from support.early_exit import (
+    MARGIN,
     SMALL_HEADS,
     TINY,
-    LocalMarginModule,
     MarginModule,
     between,
     margin_scores,
@@ -20,18 +20,18 @@ from support.early_exit import (
 )
 
 from dmpo_lightning import DMPOModule
-from dmpo_lightning.evaluation.exit_rules import exit_scores
+from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions
 from dmpo_lightning.models import ISqrtCovHead, MomentHead, MultiExitViT, newton_schulz_sqrt
+from dmpo_lightning.models.exit_rules import exit_scores
 
 
-@pytest.mark.parametrize("cls", [MarginModule, LocalMarginModule])
-def test_overridden_score_exits_drives_the_real_early_exit(cls):
-    module = cls(**TINY).double().eval()
+def test_a_registered_rule_drives_the_real_early_exit():
+    module = MarginModule(**TINY).double().eval()
     randomise(module.model)
     x = torch.randn(48, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         logits = module(x)
-    scores, preds = module.score_exits(logits)
+    scores, preds = margin_scores(logits)
     thresholds = [between(scores[:, k], 0.5) for k in range(3)] + [-math.inf]
     exits, pred = simulated(scores.double(), preds, thresholds)
     out = module.forward_early_exit(x, thresholds)
@@ -43,10 +43,12 @@ def test_overridden_score_exits_drives_the_real_early_exit(cls):
     assert not torch.equal(conf_exits, exits)
 
 
-def test_default_module_uses_the_builtin_incremental_rule():
+def test_the_module_rule_is_a_registered_name_and_an_unknown_one_is_refused():
     module = DMPOModule(**TINY)
-    assert module.exit_scorer() is None
-    assert MarginModule(**TINY).exit_scorer() is not None
+    assert module.exit_rule == "confidence"
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"unknown exit rule 'nope'; allowed: confidence, entropy, patience"):
+        module.forward_early_exit(x, [0.5] * 4, rule="nope")
 
 
 @pytest.mark.parametrize("rule", ["confidence", "entropy", "patience"])
@@ -93,7 +95,7 @@ def test_last_score_off_keeps_predictions_and_leaves_nan_at_the_last_exit():
     assert torch.equal(lean.score[~last], full.score[~last])
 
 
-def test_local_scorer_skips_disabled_heads():
+def test_a_local_registered_rule_skips_disabled_heads():
     model = MultiExitViT(make_tiny_vit(), 5, SMALL_HEADS).double().eval()
     randomise(model)
     x = torch.randn(24, 3, 32, 32, dtype=torch.float64)
@@ -103,22 +105,9 @@ def test_local_scorer_skips_disabled_heads():
     exits, pred = simulated(scores.double(), preds, thresholds)
     seen = []
     model.exits[0].register_forward_hook(lambda *_: seen.append(0))
-    out = model.forward_early_exit(x, thresholds, scorer=margin_scores, scorer_is_local=True)
+    out = model.forward_early_exit(x, thresholds, MARGIN)
     assert torch.equal(out.exit_index, exits) and torch.equal(out.prediction, pred)
     assert seen == []
-    # without the declaration the scorer gets every exit's logits, so every head runs
-    out = model.forward_early_exit(x, thresholds, scorer=margin_scores)
-    assert torch.equal(out.exit_index, exits) and seen == [0]
-
-
-def test_scorer_with_wrong_shapes_is_refused():
-    model = MultiExitViT(make_tiny_vit(), 5, SMALL_HEADS).eval()
-
-    def bad(logits):
-        return torch.zeros(logits[0].shape[0]), torch.zeros(logits[0].shape[0], dtype=torch.long)
-
-    with pytest.raises(ValueError, match=r"scorer must return scores of shape \[B, 1\]"):
-        model.forward_early_exit(torch.randn(2, 3, 32, 32), [0.5] * 4, scorer=bad)
 
 
 def test_string_thresholds_give_one_clear_error():
@@ -252,9 +241,12 @@ def test_dmpo_test_times_the_real_early_exit_into_the_report(tmp_path):
     from dmpo_lightning.cli import main
 
     tiny = str(Path(__file__).parent / "configs" / "tiny.yaml")
-    args = ["-c", tiny, "--model.init_args.evaluation.time_early_exit=16"]
-    cli = main([*args, f"--model.init_args.evaluation.report_dir={tmp_path / 'r'}"], run=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    args = ["-c", tiny, "--evaluation.time_early_exit=16", "--evaluation.allow_untrained=true"]
+    cli = main([*args, f"--evaluation.report_dir={tmp_path / 'r'}"], run=False)
+    evaluator = DMPOEvaluator(cli.config_init["evaluation"])
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[evaluator]
+    )
     trainer.test(cli.model, datamodule=cli.datamodule)
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     speed = report["early_exit_speed"]
@@ -267,7 +259,7 @@ def test_dmpo_test_times_the_real_early_exit_into_the_report(tmp_path):
 
 def test_time_early_exit_option_is_validated():
     with pytest.raises(ValueError, match="time_early_exit must be an integer >= 0"):
-        DMPOModule(**TINY, evaluation={"time_early_exit": -1})
+        EvaluationOptions(time_early_exit=-1)
 
 
 def test_early_exit_restores_a_mixed_mode_exactly():

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 from support.builders import make_tiny_vit
-from support.early_exit import TINY, MarginModule, between, margin_scores, randomise, simulated
+from support.early_exit import MARGIN, TINY, MarginModule, between, margin_scores, randomise, simulated
 
-from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.engine import EarlyExitEngine
+from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.models.multi_exit import ExitOptions
 
 N = 37  # not a multiple of any engine batch size used below
@@ -34,9 +34,7 @@ def check(model, x, thresholds, scores, preds, *, input_batch, engine_batch, **k
     out = engine.run(torch.split(x, input_batch))
     assert torch.equal(out.exit_index, exits)
     assert torch.equal(out.prediction, pred)
-    per_batch = model.forward_early_exit(
-        x, thresholds, kwargs.get("rule", "confidence"), kwargs.get("scorer")
-    )
+    per_batch = model.forward_early_exit(x, thresholds, kwargs.get("rule", "confidence"))
     torch.testing.assert_close(out.logits, per_batch.logits, rtol=0, atol=1e-10)
     assert torch.equal(per_batch.exit_index, exits) and torch.equal(per_batch.prediction, pred)
     return exits
@@ -83,22 +81,11 @@ def test_no_sample_leaves_before_the_last_exit(setup):
     assert (exits == 3).all()
 
 
-def test_custom_scorer(setup):
+def test_a_registered_custom_rule(setup):
     model, x, logits = setup
     scores, preds = margin_scores(logits)
     thresholds = [between(scores[:, k], 0.4) for k in range(3)] + [-math.inf]
-    for local in (False, True):
-        check(
-            model,
-            x,
-            thresholds,
-            scores,
-            preds,
-            input_batch=7,
-            engine_batch=8,
-            scorer=margin_scores,
-            scorer_is_local=local,
-        )
+    check(model, x, thresholds, scores, preds, input_batch=7, engine_batch=8, rule=MARGIN)
 
 
 def test_empty_input_and_empty_batches(setup):
@@ -121,12 +108,12 @@ def test_stream_yields_each_input_batch_in_order(setup):
     assert torch.equal(torch.cat([o.prediction for o in outs]), pred)
 
 
-def test_engine_accepts_a_module_and_uses_its_score_exits():
+def test_engine_accepts_a_module_and_uses_its_exit_rule():
     module = MarginModule(**TINY).double().train()
     randomise(module.model)
     x = torch.randn(20, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
-        scores, preds = module.score_exits(module.eval()(x))
+        scores, preds = margin_scores(module.eval()(x))
     module.train()
     thresholds = [between(scores[:, k], 0.5) for k in range(3)] + [-math.inf]
     exits, pred = simulated(scores.double(), preds, thresholds)

@@ -1,4 +1,4 @@
-"""The LR schedule is torch's SequentialLR(LinearLR, CosineAnnealingLR); weight-decay groups are timm's."""
+"""The LR schedule is one torch LambdaLR (its state is the step count, so a longer resume re-plans); weight-decay groups are timm's."""
 
 import math
 
@@ -13,7 +13,7 @@ from dmpo_lightning.optim import default_optimizer, param_groups, warmup_cosine
 
 
 def reference_factor(total_steps, warmup_fraction, min_factor, step):
-    """The closed form the schedule had when it was hand-written (LambdaLR)."""
+    """The closed form of linear warm-up then cosine."""
     total_steps = max(int(total_steps), 1)
     warmup = round(total_steps * warmup_fraction)
     if step < warmup:
@@ -46,7 +46,7 @@ def test_schedule_equals_the_hand_written_curve(total, warmup_fraction, min_fact
 def test_schedule_is_torch_and_resumes_from_its_state_dict():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = warmup_cosine(opt, 20, 0.2)
-    assert isinstance(sched, torch.optim.lr_scheduler.SequentialLR)
+    assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
     _lrs(sched, opt, 7)
     state, opt_state = sched.state_dict(), opt.state_dict()
     expected = _lrs(sched, opt, 10)
@@ -57,13 +57,33 @@ def test_schedule_is_torch_and_resumes_from_its_state_dict():
     torch.testing.assert_close(torch.tensor(_lrs(sched2, opt2, 10)), torch.tensor(expected))
 
 
-def test_min_factor_with_per_group_learning_rates_is_refused():
+def test_min_factor_applies_to_each_group_s_own_learning_rate():
     opt = torch.optim.SGD(
         [{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0}, {"params": [nn.Parameter(torch.zeros(1))]}],
         lr=0.1,
     )
-    with pytest.raises(ValueError, match=r"min_factor=0\.1 needs one learning rate"):
-        warmup_cosine(opt, 10, 0.1, min_factor=0.1)
+    sched = warmup_cosine(opt, 10, 0.1, min_factor=0.1)
+    last = _lrs(sched, opt, 12)[-1]
+    torch.testing.assert_close(torch.tensor(last), torch.tensor([0.1, 0.01]))
+
+
+@pytest.mark.parametrize("old_total, new_total", [(8, 20), (3, 40)])
+def test_a_resume_with_more_steps_follows_the_new_length(old_total, new_total):
+    """Resuming to train longer: the step count is restored, the cosine is that of the new length.
+
+    The old SequentialLR restored its old length (the rate climbed back and ended un-decayed) and a short
+    plan (a different scheduler type) could not be loaded at all.
+    """
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, old_total, 0.1)
+    _lrs(sched, opt, old_total)
+    state = sched.state_dict()
+    opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    longer = warmup_cosine(opt2, new_total, 0.1)
+    longer.load_state_dict(state)
+    got = _lrs(longer, opt2, new_total - old_total + 1)
+    want = [reference_factor(new_total, 0.1, 0.0, s) for s in range(old_total, new_total + 1)]
+    torch.testing.assert_close(torch.tensor(got).flatten(), torch.tensor(want), rtol=1e-9, atol=1e-12)
 
 
 def _model(peft):

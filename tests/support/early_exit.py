@@ -1,4 +1,4 @@
-"""Helpers of the real-early-exit tests: a tiny module, a custom exit rule (margin) and threshold picking."""
+"""Helpers of the real-early-exit tests: a tiny module, a registered custom exit rule (margin), thresholds."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 
 from dmpo_lightning import DMPOModule
 from dmpo_lightning.evaluation.protocol import assign_exits
+from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY, exit_scores, register_exit_rule
 from dmpo_lightning.models.multi_exit import ExitOptions
 from support.builders import TINY_MODULE
 
@@ -13,20 +14,26 @@ TINY = {**TINY_MODULE, "num_classes": 5}
 SMALL_HEADS = ExitOptions(moment_dim=32, cov_dim=8)
 
 
+MARGIN = "test_margin"
+"""A rule the package does not ship: top-1 minus top-2 softmax probability, registered for the tests."""
+
+if MARGIN not in EXIT_RULE_REGISTRY:
+
+    @register_exit_rule(MARGIN)
+    def _margin(probs: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+
+
 def margin_scores(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 minus top-2 softmax probability per exit (a rule the package does not ship)."""
-    probs = torch.stack(logits, dim=1).float().softmax(dim=-1)
-    top = probs.topk(2, dim=-1)
-    return top.values[..., 0] - top.values[..., 1], top.indices[..., 0]
+    """Per-exit margin scores and predictions ``[B, K]`` of the registered margin rule."""
+    return exit_scores(logits, MARGIN)
 
 
 class MarginModule(DMPOModule):
-    def score_exits(self, logits):
-        return margin_scores(logits)
+    """A subclass that exits by the margin rule."""
 
-
-class LocalMarginModule(MarginModule):
-    score_exits_is_local = True
+    exit_rule = MARGIN
 
 
 def randomise(model: torch.nn.Module, std: float = 0.3) -> None:

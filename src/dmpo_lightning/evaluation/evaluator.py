@@ -144,8 +144,9 @@ def check_trained(module: EarlyExitModule, options: EvaluationOptions, what: str
         else "no checkpoint was given, so the weights are freshly built"
     )
     raise ConfigError(
-        f"{what} would report untrained weights: {where}; give --ckpt_path <run>/checkpoints/<file>.ckpt "
-        "of a run that trained, or evaluation.allow_untrained=true to do it on purpose",
+        f"{what} would report untrained weights: {where}; give the checkpoint of a run that trained "
+        "(--ckpt_path <run>/checkpoints/<file>.ckpt), or set evaluation.allow_untrained=true to do it on "
+        "purpose",
         option="ckpt_path",
     )
 
