@@ -124,7 +124,7 @@ def make_fixtures(base: Path) -> dict:
 
     ctx: dict = {"base": base, "tiny": TINY}
     ctx["ckpt"] = fit(
-        base / "a", "--test_after_fit=true", f"--model.init_args.evaluation.report_dir={base / 'report_a'}"
+        base / "a", "--test_after_fit=true", f"--evaluation.report_dir={base / 'report_a'}"
     )
     ctx["thresholds"] = base / "report_a" / "thresholds.json"
     ctx["report"] = base / "report_a"
@@ -402,7 +402,7 @@ CASES = [
             "-c",
             "{named_dir}/config.yaml",
             "--ckpt_path={named_ckpt}",
-            "--model.init_args.evaluation.report_dir={work}/report",
+            "--evaluation.report_dir={work}/report",
         ),
         status=0,
         line=r"holds a training run; dmpo test logs to",
@@ -437,9 +437,9 @@ CASES = [
             "predict",
             *T,
             "--ckpt_path={ckpt_b}",
-            "--model.init_args.evaluation.thresholds_file={thresholds}",
-            "--model.init_args.evaluation.predict_budget=0.5",
-            "--model.init_args.evaluation.predictions_file={work}/p.csv",
+            "--evaluation.thresholds_file={thresholds}",
+            "--evaluation.predict_budget=0.5",
+            "--evaluation.predictions_file={work}/p.csv",
         ),
     ),
     Case(
@@ -450,10 +450,10 @@ CASES = [
             "predict",
             *T,
             "--ckpt_path={ckpt_b}",
-            "--model.init_args.evaluation.thresholds_file={thresholds}",
-            "--model.init_args.evaluation.predict_budget=0.5",
-            "--model.init_args.evaluation.predictions_file={work}/p.csv",
-            "--model.init_args.evaluation.allow_other_checkpoint_thresholds=true",
+            "--evaluation.thresholds_file={thresholds}",
+            "--evaluation.predict_budget=0.5",
+            "--evaluation.predictions_file={work}/p.csv",
+            "--evaluation.allow_other_checkpoint_thresholds=true",
         ),
         status=0,
         line=r"using them anyway",
@@ -466,9 +466,9 @@ CASES = [
             "predict",
             *T,
             "--ckpt_path={ckpt}",
-            "--model.init_args.evaluation.thresholds_file={thresholds_short}",
-            "--model.init_args.evaluation.predict_budget=0.5",
-            "--model.init_args.evaluation.predictions_file={work}/p.csv",
+            "--evaluation.thresholds_file={thresholds_short}",
+            "--evaluation.predict_budget=0.5",
+            "--evaluation.predictions_file={work}/p.csv",
         ),
     ),
     Case(
@@ -479,9 +479,9 @@ CASES = [
             "predict",
             *T,
             "--ckpt_path={ckpt}",
-            "--model.init_args.evaluation.thresholds_file={thresholds_string}",
-            "--model.init_args.evaluation.predict_budget=0.5",
-            "--model.init_args.evaluation.predictions_file={work}/p.csv",
+            "--evaluation.thresholds_file={thresholds_string}",
+            "--evaluation.predict_budget=0.5",
+            "--evaluation.predictions_file={work}/p.csv",
         ),
     ),
     Case(
@@ -492,9 +492,9 @@ CASES = [
             "predict",
             *T,
             "--ckpt_path={ckpt}",
-            "--model.init_args.evaluation.thresholds_file={thresholds_null}",
-            "--model.init_args.evaluation.predict_budget=0.5",
-            "--model.init_args.evaluation.predictions_file={work}/p.csv",
+            "--evaluation.thresholds_file={thresholds_null}",
+            "--evaluation.predict_budget=0.5",
+            "--evaluation.predictions_file={work}/p.csv",
         ),
     ),
     Case(
@@ -508,7 +508,7 @@ CASES = [
         "`dmpo test` without --ckpt_path (untrained weights)",
         "test_bad_input::...[test_without_checkpoint]; "
         "test_cli_safety::test_untrained_evaluation_only_on_request",
-        fmt("test", *T, "--model.init_args.evaluation.report_dir={work}/report"),
+        fmt("test", *T, "--evaluation.report_dir={work}/report"),
     ),
     Case(
         "splits_by_position",
@@ -590,7 +590,7 @@ CASES = [
             *T,
             "--ckpt_path={ckpt}",
             "--data.init_args.predict_paths={images}/test",
-            "--model.init_args.evaluation.predictions_file={work}/p.csv",
+            "--evaluation.predictions_file={work}/p.csv",
             "--model.init_args.num_classes=10",
         ),
     ),
@@ -611,7 +611,7 @@ CASES = [
         "budget_zero_after_fit",
         "`budgets=[0]` with test_after_fit (was after training)",
         "test_bad_input::...[budget_zero_with_test_after_fit]",
-        fmt("fit", *T, "--model.init_args.evaluation.budgets=[0]", "--test_after_fit=true"),
+        fmt("fit", *T, "--evaluation.budgets=[0]", "--test_after_fit=true"),
     ),
     Case(
         "budget_above_one",
@@ -621,40 +621,40 @@ CASES = [
             "test",
             *T,
             "--ckpt_path={ckpt}",
-            "--model.init_args.evaluation.budgets=[0.5, 1.5]",
-            "--model.init_args.evaluation.report_dir={work}/report",
+            "--evaluation.budgets=[0.5, 1.5]",
+            "--evaluation.report_dir={work}/report",
         ),
     ),
     Case(
         "report_dir_is_a_file",
         "a file-typed report_dir (was a raw OSError after the evaluation)",
         "test_bad_input::...[report_dir_is_a_file_with_test_after_fit]",
-        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={afile}"),
+        fmt("test", *T, "--ckpt_path={ckpt}", "--evaluation.report_dir={afile}"),
     ),
     Case(
         "report_dir_exists",
         "a report folder that already holds a report",
         "test_bad_input::...[existing_report]",
-        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={report}"),
+        fmt("test", *T, "--ckpt_path={ckpt}", "--evaluation.report_dir={report}"),
     ),
     Case(
         "predictions_file_is_a_folder",
         "a folder as predictions_file",
         "test_bad_input::...[predictions_file_is_a_folder]",
-        fmt("predict", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.predictions_file={empty}"),
+        fmt("predict", *T, "--ckpt_path={ckpt}", "--evaluation.predictions_file={empty}"),
     ),
     Case(
         "predictions_file_exists",
         "an existing predictions_file (never overwritten)",
         "test_bad_input::...[predictions_file_exists]",
-        fmt("predict", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.predictions_file={afile}"),
+        fmt("predict", *T, "--ckpt_path={ckpt}", "--evaluation.predictions_file={afile}"),
     ),
     Case(
         "read_only_report_dir",
         "read-only report_dir (fails before the evaluation)",
         "test_cli_safety::test_a_read_only_report_dir_fails_before_the_evaluation, "
         "::test_an_unwritable_report_dir_fails_before_the_evaluation",
-        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir=/proc/dmpo_report"),
+        fmt("test", *T, "--ckpt_path={ckpt}", "--evaluation.report_dir=/proc/dmpo_report"),
     ),
     Case(
         "full_disk",
@@ -709,7 +709,7 @@ CASES = [
             "test",
             *T,
             "--ckpt_path={from_file_ckpt}",
-            "--model.init_args.evaluation.report_dir={work}/report",
+            "--evaluation.report_dir={work}/report",
         ),
         status=0,
         line=r"report written to|test/acc|Test metric",
@@ -804,7 +804,7 @@ CASES = [
         "no 'DataLoader 1' column",
         "test_cli_safety::test_a_checkpoint_trained_from_a_weights_file_is_tested_"
         "offline_after_the_file_moved",
-        fmt("test", *T, "--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={work}/report"),
+        fmt("test", *T, "--ckpt_path={ckpt}", "--evaluation.report_dir={work}/report"),
         status=0,
         line=r"DataLoader 0",
         after=no_fit_only_warning,

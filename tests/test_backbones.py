@@ -345,7 +345,7 @@ def test_fit_and_test_through_the_cli(family, tmp_path, monkeypatch):
     # a separate `dmpo test` rebuilds the model from the checkpoint and reproduces the report
     ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
     second = tmp_path / "second"
-    main(["test", *args, f"--ckpt_path={ckpt}", f"--model.init_args.evaluation.report_dir={second}"])
+    main(["test", *args, f"--ckpt_path={ckpt}", f"--evaluation.report_dir={second}"])
     assert json.loads((second / "report.json").read_text())["exits"] == report["exits"]
 
 

@@ -159,7 +159,7 @@ CASES = {
         evaluate(
             "--ckpt_path={ckpt}",
             "--data.init_args.synthetic_num_classes=5",
-            "--model.init_args.evaluation.report_dir={tmp}/new_report",
+            "--evaluation.report_dir={tmp}/new_report",
         ),
         ValueError,
         r"checkpoint was trained with num_classes=4 but this model has num_classes=5",
@@ -168,64 +168,64 @@ CASES = {
     "budget_below_first_exit": Case(
         evaluate(
             "--ckpt_path={ckpt}",
-            "--model.init_args.evaluation.budgets=[0.01, 0.5]",
-            "--model.init_args.evaluation.report_dir={tmp}/new_report",
+            "--evaluation.budgets=[0.01, 0.5]",
+            "--evaluation.report_dir={tmp}/new_report",
         ),
         ValueError,
         r"budget 0\.01 \(fraction of the full model's cost\) is outside the achievable range \[0\.\d+, 1\].*"
-        r"model\.init_args\.evaluation\.budgets",
+        r"evaluation\.budgets",
     ),
     "budget_above_full_model": Case(
         evaluate(
             "--ckpt_path={ckpt}",
-            "--model.init_args.evaluation.budgets=[0.5, 1.5]",
-            "--model.init_args.evaluation.report_dir={tmp}/new_report",
+            "--evaluation.budgets=[0.5, 1.5]",
+            "--evaluation.report_dir={tmp}/new_report",
         ),
         ValueError,
         r"budget 1\.5 \(fraction of the full model's cost\) is outside the achievable range \[0\.\d+, 1\]",
     ),
     # budgets and the report folder are checked before training when fit ends with a test
     "budget_zero_with_test_after_fit": Case(
-        fit("--model.init_args.evaluation.budgets=[0]", "--test_after_fit=true"),
+        fit("--evaluation.budgets=[0]", "--test_after_fit=true"),
         ConfigError,
         r"budget 0\.0 \(fraction of the full model's cost\) is outside the achievable range",
     ),
     "report_dir_is_a_file_with_test_after_fit": Case(
-        fit("--test_after_fit=true", "--model.init_args.evaluation.report_dir={corrupt}"),
+        fit("--test_after_fit=true", "--evaluation.report_dir={corrupt}"),
         ConfigError,
-        r"report_dir .*corrupt\.ckpt is a file; model\.init_args\.evaluation\.report_dir must be a folder",
+        r"report_dir .*corrupt\.ckpt is a file; evaluation\.report_dir must be a folder",
     ),
     "report_dir_under_a_file": Case(
-        evaluate("--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={corrupt}/report"),
+        evaluate("--ckpt_path={ckpt}", "--evaluation.report_dir={corrupt}/report"),
         ConfigError,
         r"report_dir .*corrupt\.ckpt/report cannot be created: .*corrupt\.ckpt is a file, not a folder",
     ),
     "existing_report": Case(
-        evaluate("--ckpt_path={ckpt}", "--model.init_args.evaluation.report_dir={base}/report"),
+        evaluate("--ckpt_path={ckpt}", "--evaluation.report_dir={base}/report"),
         ConfigFileExistsError,
         r"report already holds a dmpo test report \(report\.json, .*set "
-        r"model\.init_args\.evaluation\.report_dir to a new",
+        r"evaluation\.report_dir to a new",
     ),
     "predictions_file_is_a_folder": Case(
-        predict("--ckpt_path={ckpt}", "--model.init_args.evaluation.predictions_file={empty}"),
+        predict("--ckpt_path={ckpt}", "--evaluation.predictions_file={empty}"),
         ConfigError,
-        r"empty is a folder; model\.init_args\.evaluation\.predictions_file must name a new file",
+        r"empty is a folder; evaluation\.predictions_file must name a new file",
     ),
     "predictions_file_exists": Case(
-        predict("--ckpt_path={ckpt}", "--model.init_args.evaluation.predictions_file={corrupt}"),
+        predict("--ckpt_path={ckpt}", "--evaluation.predictions_file={corrupt}"),
         ConfigFileExistsError,
-        r"corrupt\.ckpt exists; set model\.init_args\.evaluation\.predictions_file to a new path",
+        r"corrupt\.ckpt exists; set evaluation\.predictions_file to a new path",
     ),
     "test_without_checkpoint": Case(
-        evaluate("--model.init_args.evaluation.report_dir={tmp}/new_report"),
+        evaluate("--evaluation.report_dir={tmp}/new_report"),
         ConfigError,
-        r"dmpo test without --ckpt_path would evaluate freshly built, untrained weights "
-        r".*--allow_untrained true",
+        r"dmpo test would report untrained weights: no checkpoint was given, so the weights are freshly "
+        r"built; .*evaluation\.allow_untrained=true",
     ),
     "predict_without_checkpoint": Case(
         predict(),
         ConfigError,
-        r"dmpo predict without --ckpt_path would evaluate freshly built, untrained weights",
+        r"dmpo predict would report untrained weights: no checkpoint was given",
     ),
     "num_classes_disagrees_with_data": Case(
         fit("--model.init_args.num_classes=7"),
@@ -239,9 +239,8 @@ CASES = {
             "--model.init_args.schedule.ramp_epochs=2",
         ),
         ConfigError,
-        r"switch_epoch=1 with ramp_epochs=2 reaches phase 2's weights only at epoch 3, after the "
-        r"last epoch 2 "
-        r"\(max_epochs=3\); allowed: ramp_epochs <= 1",
+        r"schedule\.switch_epoch=1 with schedule\.ramp_epochs=2 reaches phase 2's weights only at epoch "
+        r"3, after the last epoch 2 \(max_epochs=3\); allowed: schedule\.ramp_epochs <= 1",
     ),
     "negative_learning_rate": Case(
         fit(LR, "--model.init_args.optimizer.lr=-0.1"),
@@ -291,7 +290,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
                 "--trainer.max_epochs=1",
                 "--model.init_args.schedule.switch_epoch=0",
                 "--test_after_fit=true",
-                f"--model.init_args.evaluation.report_dir={base / 'report'}",
+                f"--evaluation.report_dir={base / 'report'}",
             ]
         )
     (ckpt,) = (base / cli.trainer.log_dir / "checkpoints").glob("*.ckpt")

@@ -67,7 +67,7 @@ def two_checkpoints(tmp_path_factory) -> dict[str, Path]:
                     "--trainer.max_epochs=1",
                     "--model.init_args.schedule.switch_epoch=0",
                     f"--test_after_fit={name == 'a'}",
-                    f"--model.init_args.evaluation.report_dir={base / ('report_' + name)}",
+                    f"--evaluation.report_dir={base / ('report_' + name)}",
                 ]
             )
             (ckpt,) = (base / cli.trainer.log_dir / "checkpoints").glob("*.ckpt")
@@ -84,9 +84,9 @@ def _predict(ckpt: Path, thresholds: Path, preds: Path, *extra: str) -> None:
             "-c",
             TINY,
             f"--ckpt_path={ckpt}",
-            f"--model.init_args.evaluation.thresholds_file={thresholds}",
-            "--model.init_args.evaluation.predict_budget=0.5",
-            f"--model.init_args.evaluation.predictions_file={preds}",
+            f"--evaluation.thresholds_file={thresholds}",
+            "--evaluation.predict_budget=0.5",
+            f"--evaluation.predictions_file={preds}",
             *extra,
         ]
     )
@@ -112,7 +112,7 @@ def test_predict_with_override_warns_naming_both_hashes(two_checkpoints, tmp_pat
             two_checkpoints["b"],
             two_checkpoints["thresholds"],
             preds,
-            "--model.init_args.evaluation.allow_other_checkpoint_thresholds=true",
+            "--evaluation.allow_other_checkpoint_thresholds=true",
         )
     message = next(str(w.message) for w in caught if "using them anyway" in str(w.message))
     assert stored["checkpoint_hash"] in message and stored["weights_hash"] in message

@@ -81,7 +81,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                     "--trainer.max_epochs=1",
                     "--model.init_args.schedule.switch_epoch=0",
                     f"--test_after_fit={name == 'a'}",
-                    f"--model.init_args.evaluation.report_dir={base / 'report'}",
+                    f"--evaluation.report_dir={base / 'report'}",
                 ]
             )
             (out[name],) = (base / cli.trainer.log_dir / "checkpoints").glob("*.ckpt")
@@ -105,7 +105,7 @@ def test_explicit_num_classes_is_checked_with_a_checkpoint(tiny_checkpoint, tmp_
                 TINY,
                 f"--ckpt_path={tiny_checkpoint}",
                 "--model.init_args.num_classes=10",
-                f"--model.init_args.evaluation.report_dir={report}",
+                f"--evaluation.report_dir={report}",
             ]
         )
     assert not report.exists()
@@ -125,7 +125,7 @@ def test_explicit_num_classes_must_match_the_checkpoint_when_no_dataset_is_read(
         TINY,
         f"--ckpt_path={tiny_checkpoint}",
         f"--data.init_args.predict_paths={images}",
-        f"--model.init_args.evaluation.predictions_file={preds}",
+        f"--evaluation.predictions_file={preds}",
     ]
     with pytest.raises(
         ConfigError,
@@ -278,9 +278,9 @@ def test_bad_thresholds_in_predict_print_one_line_with_status_2(what, runs, tmp_
         "-c",
         TINY,
         f"--ckpt_path={ckpt}",
-        f"--model.init_args.evaluation.thresholds_file={thresholds}",
-        "--model.init_args.evaluation.predict_budget=0.5",
-        f"--model.init_args.evaluation.predictions_file={preds}",
+        f"--evaluation.thresholds_file={thresholds}",
+        "--evaluation.predict_budget=0.5",
+        f"--evaluation.predictions_file={preds}",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as info:
@@ -289,6 +289,6 @@ def test_bad_thresholds_in_predict_print_one_line_with_status_2(what, runs, tmp_
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("dmpo predict: error:")]
     assert re.search(match, line), line
-    assert f"model.init_args.evaluation.thresholds_file: thresholds file {thresholds}" in line
+    assert f"evaluation.thresholds_file: thresholds file {thresholds}" in line
     assert "Traceback" not in err
     assert not preds.exists()

@@ -286,7 +286,7 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
             TINY,
             "--test_after_fit",
             "true",
-            "--model.init_args.evaluation.calibration",
+            "--evaluation.calibration",
             "temperature",
         ]
     )
@@ -306,9 +306,9 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
     preds = tmp_path / "preds.csv"
     predict = main(
         [
-            "predict", "-c", TINY, f"--ckpt_path={ckpt}", "--model.init_args.evaluation.predict_budget=0.5",
-            f"--model.init_args.evaluation.thresholds_file={report_dir / 'thresholds.json'}",
-            f"--model.init_args.evaluation.predictions_file={preds}",
+            "predict", "-c", TINY, f"--ckpt_path={ckpt}", "--evaluation.predict_budget=0.5",
+            f"--evaluation.thresholds_file={report_dir / 'thresholds.json'}",
+            f"--evaluation.predictions_file={preds}",
         ]
     )  # fmt: skip
     assert predict.model.exit_temperatures.tolist() == pytest.approx(calib["temperatures"], rel=1e-6)
@@ -324,8 +324,8 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
     none_dir = tmp_path / "none"
     main(
         [
-            "test", "-c", TINY, f"--ckpt_path={ckpt}", "--model.init_args.evaluation.calibration=none",
-            f"--model.init_args.evaluation.report_dir={none_dir}",
+            "test", "-c", TINY, f"--ckpt_path={ckpt}", "--evaluation.calibration=none",
+            f"--evaluation.report_dir={none_dir}",
         ]
     )  # fmt: skip
     none = json.loads((none_dir / "report.json").read_text())

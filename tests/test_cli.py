@@ -80,11 +80,11 @@ def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
                 "-c",
                 TINY,
                 f"--ckpt_path={ckpts[0]}",
-                f"--model.init_args.evaluation.report_dir={report_dir}",
+                f"--evaluation.report_dir={report_dir}",
             ]
         )
     second = tmp_path / "second"
-    main(["test", "-c", TINY, f"--ckpt_path={ckpts[0]}", f"--model.init_args.evaluation.report_dir={second}"])
+    main(["test", "-c", TINY, f"--ckpt_path={ckpts[0]}", f"--evaluation.report_dir={second}"])
     assert json.loads((second / "report.json").read_text())["exits"] == report["exits"]
 
     # dmpo predict with a calibrated budget: real early exit, per-sample CSV.
@@ -95,9 +95,9 @@ def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
             "-c",
             TINY,
             f"--ckpt_path={ckpts[0]}",
-            f"--model.init_args.evaluation.thresholds_file={report_dir / 'thresholds.json'}",
-            "--model.init_args.evaluation.predict_budget=0.5",
-            f"--model.init_args.evaluation.predictions_file={preds}",
+            f"--evaluation.thresholds_file={report_dir / 'thresholds.json'}",
+            "--evaluation.predict_budget=0.5",
+            f"--evaluation.predictions_file={preds}",
         ]
     )
     lines = preds.read_text().splitlines()

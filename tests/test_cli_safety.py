@@ -113,7 +113,7 @@ def test_a_failed_report_write_leaves_no_partial_folder_and_the_table_is_printed
     cli = main(["fit", "-c", TINY, *ONE_EPOCH])
     (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
     report = tmp_path / "report"
-    args = ["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--model.init_args.evaluation.report_dir={report}"]
+    args = ["test", "-c", TINY, f"--ckpt_path={ckpt}", f"--evaluation.report_dir={report}"]
 
     def disk_full(*args, **kwargs):  # the plot is the 4th of 5 files: report.json, curve.csv, thresholds.json
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -149,7 +149,7 @@ def test_report_goes_into_an_existing_empty_folder(tmp_path):
                 "-c",
                 TINY,
                 f"--ckpt_path={ckpt}",
-                f"--model.init_args.evaluation.report_dir={tmp_path / folder}",
+                f"--evaluation.report_dir={tmp_path / folder}",
             ]
         )
         written = {p.name for p in (tmp_path / folder).iterdir()}
@@ -174,7 +174,7 @@ def test_a_read_only_report_dir_fails_before_the_evaluation(tmp_path):
                     "-c",
                     TINY,
                     f"--ckpt_path={ckpt}",
-                    f"--model.init_args.evaluation.report_dir={locked}/report",
+                    f"--evaluation.report_dir={locked}/report",
                 ]
             )
     finally:
@@ -183,7 +183,7 @@ def test_a_read_only_report_dir_fails_before_the_evaluation(tmp_path):
 
 def test_untrained_evaluation_only_on_request(tmp_path):
     report = tmp_path / "untrained"
-    main(["test", "-c", TINY, "--allow_untrained=true", f"--model.init_args.evaluation.report_dir={report}"])
+    main(["test", "-c", TINY, "--allow_untrained=true", f"--evaluation.report_dir={report}"])
     assert json.loads((report / "report.json").read_text())["checkpoint_hash"].startswith("weights:")
 
 
@@ -238,7 +238,7 @@ def test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_fi
                 "-c",
                 TINY,
                 f"--ckpt_path={ckpt}",
-                f"--model.init_args.evaluation.report_dir={tmp_path / 'r'}",
+                f"--evaluation.report_dir={tmp_path / 'r'}",
             ]
         )
     assert (tmp_path / "r" / "report.json").is_file()
@@ -273,7 +273,7 @@ def test_an_unwritable_report_dir_fails_before_the_evaluation(tmp_path, monkeypa
                 "-c",
                 TINY,
                 f"--ckpt_path={ckpt}",
-                f"--model.init_args.evaluation.report_dir={tmp_path}/locked/report",
+                f"--evaluation.report_dir={tmp_path}/locked/report",
             ]
         )
     assert "Early-exit evaluation" not in capsys.readouterr().out  # failed before the evaluation ran

@@ -95,7 +95,7 @@ def test_ddp_fit_and_test_match_a_single_process_on_the_whole_dataset(tmp_path):
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",
         "--test_after_fit=true",
-        "--model.init_args.evaluation.report_dir=report_ddp",
+        "--evaluation.report_dir=report_ddp",
     )
     (ckpt,) = (tmp_path / "runs" / "dmpo" / "version_0" / "checkpoints").glob("*.ckpt")
     # the same checkpoint tested by one process
@@ -108,7 +108,7 @@ def test_ddp_fit_and_test_match_a_single_process_on_the_whole_dataset(tmp_path):
         "--trainer.devices=1",
         "--trainer.accelerator=cpu",
         f"--ckpt_path={ckpt}",
-        "--model.init_args.evaluation.report_dir=report_single",
+        "--evaluation.report_dir=report_single",
     )
 
     ddp = json.loads((tmp_path / "report_ddp" / "report.json").read_text())

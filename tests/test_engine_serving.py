@@ -304,8 +304,8 @@ def test_cli_keeps_predict_engine_and_time_early_exit_given_with_a_checkpoint(tm
             "test",
             f"--config={log_dir / 'config.yaml'}",
             f"--ckpt_path={ckpt}",
-            f"--model.init_args.evaluation.report_dir={report_dir}",
-            "--model.init_args.evaluation.time_early_exit=8",
+            f"--evaluation.report_dir={report_dir}",
+            "--evaluation.time_early_exit=8",
         ]
     )
     report = json.loads((report_dir / "report.json").read_text())
@@ -318,10 +318,10 @@ def test_cli_keeps_predict_engine_and_time_early_exit_given_with_a_checkpoint(tm
             "predict",
             f"--config={log_dir / 'config.yaml'}",
             f"--ckpt_path={ckpt}",
-            f"--model.init_args.evaluation.thresholds_file={report_dir / 'thresholds.json'}",
-            "--model.init_args.evaluation.predict_budget=0.5",
-            f"--model.init_args.evaluation.predictions_file={tmp_path / 'p.csv'}",
-            "--model.init_args.evaluation.predict_engine=true",
+            f"--evaluation.thresholds_file={report_dir / 'thresholds.json'}",
+            "--evaluation.predict_budget=0.5",
+            f"--evaluation.predictions_file={tmp_path / 'p.csv'}",
+            "--evaluation.predict_engine=true",
         ]
     )
     assert pushes, "predict_engine given on the command line was dropped"

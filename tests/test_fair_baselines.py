@@ -63,7 +63,7 @@ def test_fair_variant_fits_and_tests_with_the_tiny_backbone(name, tmp_path, monk
         # on the tiny model the first exit (bypass + moment head) costs more than a third of the full model
         else [
             "--model.init_args.exits.blocks=[1, 2, 3, 4]",
-            "--model.init_args.evaluation.budgets=[0.5, 0.75, 1.0]",
+            "--evaluation.budgets=[0.5, 0.75, 1.0]",
         ]
     )
     cli = main(

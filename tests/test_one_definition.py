@@ -29,7 +29,7 @@ def test_config_check_and_protocol_refuse_a_budget_with_the_same_sentence(budget
             scores, correct, costs.exit_gflops, 4.0, [budget], unit, protocol.search_qs(5)
         )
     same = str(protocol_err.value).replace("unit of costs", "GFLOPs")  # the config check names the cost unit
-    assert str(config_err.value) == f"{same}; fix model.init_args.evaluation.budgets"
+    assert str(config_err.value) == f"{same}; fix evaluation.budgets"
     assert "outside the achievable range" in str(config_err.value)
 
 

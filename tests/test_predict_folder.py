@@ -78,9 +78,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 "predict",
                 f"--config={log_dir / 'config.yaml'}",
                 f"--ckpt_path={ckpt}",
-                f"--model.init_args.evaluation.thresholds_file={thresholds}",
-                f"--model.init_args.evaluation.predict_budget={BUDGET}",
-                f"--model.init_args.evaluation.predictions_file={split_csv}",
+                f"--evaluation.thresholds_file={thresholds}",
+                f"--evaluation.predict_budget={BUDGET}",
+                f"--evaluation.predictions_file={split_csv}",
             ]
         )
         shutil.rmtree(data)  # from here on no training, calibration or test image exists
@@ -145,9 +145,9 @@ def _predict(run: dict[str, Path], source: Path, out: Path, *extra: str) -> None
             f"--config={run['config']}",
             f"--ckpt_path={run['ckpt']}",
             f"--data.init_args.predict_paths={source}",
-            f"--model.init_args.evaluation.thresholds_file={run['thresholds']}",
-            f"--model.init_args.evaluation.predict_budget={BUDGET}",
-            f"--model.init_args.evaluation.predictions_file={out}",
+            f"--evaluation.thresholds_file={run['thresholds']}",
+            f"--evaluation.predict_budget={BUDGET}",
+            f"--evaluation.predictions_file={out}",
             *extra,
         ]
     )
@@ -231,7 +231,7 @@ def test_predicting_another_labelled_tree_skips_the_calibration_split_and_warns_
                 f"--ckpt_path={run['ckpt']}",
                 f"--data.init_args.root={other}",
                 "--data.init_args.calibration_size=4",
-                f"--model.init_args.evaluation.predictions_file={out}",
+                f"--evaluation.predictions_file={out}",
             ]
         )
     _, rows = _read_csv(out)
@@ -406,9 +406,9 @@ def test_ddp_writes_one_file_per_rank_covering_every_image_once(run, new_images,
         f"--config={run['config']}",
         f"--ckpt_path={run['ckpt']}",
         f"--data.init_args.predict_paths={folder}",
-        f"--model.init_args.evaluation.thresholds_file={run['thresholds']}",
-        f"--model.init_args.evaluation.predict_budget={BUDGET}",
-        f"--model.init_args.evaluation.predictions_file={out}",
+        f"--evaluation.thresholds_file={run['thresholds']}",
+        f"--evaluation.predict_budget={BUDGET}",
+        f"--evaluation.predictions_file={out}",
         "--trainer.strategy=ddp",
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",

@@ -177,9 +177,9 @@ def _by_dmpo_predict(ctx: dict, out: Path) -> str:
             TINY,
             f"--ckpt_path={ctx['ckpt']}",
             f"--data.init_args.predict_paths={ctx['base'] / 'images'}",
-            f"--model.init_args.evaluation.thresholds_file={ctx['thresholds']}",
-            f"--model.init_args.evaluation.predict_budget={BUDGET}",
-            f"--model.init_args.evaluation.predictions_file={out}",
+            f"--evaluation.thresholds_file={ctx['thresholds']}",
+            f"--evaluation.predict_budget={BUDGET}",
+            f"--evaluation.predictions_file={out}",
         ]
     )
     return str(out)

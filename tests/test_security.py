@@ -191,7 +191,7 @@ def test_cli_refuses_weights_only_false_before_building_anything(tmp_path, monke
     report = tmp_path / "report"
     args = ["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", "--weights_only=false"]
     with pytest.raises(ConfigError, match=r"^--weights_only=false: weights_only must be true: checkpoints"):
-        main([*args, f"--model.init_args.evaluation.report_dir={report}"])
+        main([*args, f"--evaluation.report_dir={report}"])
     assert unrestricted == [] and not report.exists()
 
 
@@ -205,7 +205,7 @@ def test_dmpo_test_ckpt_path_refuses_a_crafted_ckpt(tmp_path, marker):
                 "-c",
                 TINY_CONFIG,
                 f"--ckpt_path={path}",
-                f"--model.init_args.evaluation.report_dir={report}",
+                f"--evaluation.report_dir={report}",
             ]
         )
     assert not marker.exists()
@@ -229,7 +229,7 @@ def test_dmpo_test_reads_a_good_checkpoint_with_weights_only_each_time(tmp_path,
             "-c",
             TINY_CONFIG,
             f"--ckpt_path={path}",
-            f"--model.init_args.evaluation.report_dir={tmp_path / 'r'}",
+            f"--evaluation.report_dir={tmp_path / 'r'}",
         ]
     )
     # the CLI reads the checkpoint more than once (hparams, class count, weights): every read is safe
@@ -255,9 +255,9 @@ def test_dmpo_predict_refuses_a_pickled_thresholds_file(tmp_path, marker, kind):
                 "-c",
                 TINY_CONFIG,
                 "--allow_untrained=true",
-                f"--model.init_args.evaluation.thresholds_file={path}",
-                "--model.init_args.evaluation.predict_budget=0.5",
-                f"--model.init_args.evaluation.predictions_file={preds}",
+                f"--evaluation.thresholds_file={path}",
+                "--evaluation.predict_budget=0.5",
+                f"--evaluation.predictions_file={preds}",
             ]
         )
     assert not marker.exists()

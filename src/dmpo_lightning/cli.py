@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import dmpo_lightning
-from dmpo_lightning.callbacks import InterruptCheckpoint, planned_epochs
+from dmpo_lightning.callbacks import InterruptCheckpoint, LossWeightScheduler
 from dmpo_lightning.checkpointing import (
     LIGHTNING_CKPT_NAMES,
     UNRESTRICTED_UNPICKLING_REFUSED,
@@ -43,12 +43,11 @@ from dmpo_lightning.data.errors import DatasetLayoutError, UnreadableImageError
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFileNotFoundError
 from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions, check_trained
 from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter, predictions_path
-from dmpo_lightning.evaluation.runner import check_budgets, check_output_file
+from dmpo_lightning.evaluation.runner import check_budgets, check_output_file, check_report_dir
 from dmpo_lightning.files import claim_folder
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule
 from dmpo_lightning.optim import check_learning_rates, param_groups
-from dmpo_lightning.schedules import TwoPhaseSchedule
 
 __all__ = ["DMPOCLI", "console_main", "main"]
 
@@ -73,7 +72,21 @@ LINKED = {
     "data.init_args.in_chans": "model.init_args.in_chans",
 }
 """Data options the CLI sets from the model's (link target -> source)."""
+TRAINING_ONLY = (
+    "schedule",
+    "label_smoothing",
+    "distill",
+    "distill_weight",
+    "distill_temperature",
+    "optimizer",
+    "lr_scheduler",
+    "warmup_fraction",
+    "pretrained",
+    "checkpoint_path",
+)
+"""Model options that only shape training (or the weights a checkpoint replaces): compared on resume only."""
 _NOT_GIVEN = object()
+LR_EXAMPLE = "--model.init_args.optimizer.init_args.lr=0.001"
 
 
 def _debugging() -> bool:
@@ -214,6 +227,8 @@ class DMPOCLI(LightningCLI):
                 f"--weights_only={value}: {UNRESTRICTED_UNPICKLING_REFUSED}",
                 option="weights_only",
             )
+        if sub and "weights_only" in config:
+            config["weights_only"] = True  # null would let torch decide; the saved config says what ran
         ckpt = config.get("ckpt_path")
         if sub != "fit" and ckpt in LIGHTNING_CKPT_NAMES:
             raise ConfigError(
@@ -230,7 +245,7 @@ class DMPOCLI(LightningCLI):
                     f"model.init_args.backbone: {err}", option="model.init_args.backbone"
                 ) from None
         self._checkpoint_num_classes = config.get("model.init_args.num_classes") if ckpt else None
-        _refuse_dropped_values(self._given, config, bool(ckpt and is_checkpoint_file_path(ckpt)))
+        _refuse_dropped_values(self._given, config, is_checkpoint_file_path(ckpt), resuming=sub == "fit")
 
     def instantiate_classes(self) -> None:
         """Build the classes (a checkpoint holds the backbone's weights: no file or download needed).
@@ -297,12 +312,24 @@ class DMPOCLI(LightningCLI):
         model, trainer = self.model, self.trainer
         if isinstance(model, DMPOModule):
             try:
-                TwoPhaseSchedule(model.num_exits, model.schedule_options, max_epochs=planned_epochs(trainer))
+                LossWeightScheduler(model.schedule_options).setup(trainer, model, "fit")  # builds = checks
+            except ValueError as err:
+                raise ConfigError(str(err), option="model.init_args.schedule") from None
+            try:  # torch's own check first ("Invalid learning rate: -0.1"), then NaN/inf
                 check_learning_rates(model.optimizer_factory(param_groups(model.model)))
             except ValueError as err:
-                raise ConfigError(str(err)) from None
+                text = (
+                    str(err)
+                    if str(err).startswith("model.init_args")
+                    else f"model.init_args.optimizer: {err}"
+                )
+                if "learning rate" in text and "finite number" not in text:
+                    text += "; the learning rate must be a finite number >= 0 (e.g. " + LR_EXAMPLE + ")"
+                raise ConfigError(text, option="model.init_args.optimizer") from None
         options = self._evaluation_options()
         if self.config["fit"].get("test_after_fit"):
+            if options.report_dir is not None:
+                check_report_dir(options.report_dir)
             if isinstance(model, DMPOModule):
                 check_budgets(options.budgets, options.budget_unit, model.exit_costs())
             trainer.callbacks.append(DMPOEvaluator(options))  # type: ignore[attr-defined]
@@ -318,6 +345,8 @@ class DMPOCLI(LightningCLI):
         if isinstance(self.model, DMPOModule):
             self._refuse_untrained(options)
             check_budgets(options.budgets, options.budget_unit, self.model.exit_costs())
+        if options.report_dir is not None:
+            check_report_dir(options.report_dir)
         folder = self._evaluation_folder()
         claimed = folder if options.report_dir is None else None
         evaluator = DMPOEvaluator(options, claimed_report_dir=claimed)
@@ -469,12 +498,15 @@ def _given_values(parser: LightningArgumentParser, args: ArgsType, sub: str | No
     return {k: v for key, item in (config or {}).items() for k, v in _leaves(item, key).items()}
 
 
-def _refuse_dropped_values(given: Mapping[str, Any], config: Namespace, from_checkpoint: bool) -> None:
+def _refuse_dropped_values(
+    given: Mapping[str, Any], config: Namespace, from_checkpoint: bool, *, resuming: bool
+) -> None:
     """A value the user wrote that the run would not use is refused, naming it (never silently replaced).
 
     - a data option the CLI sets from the model's (``data.init_args.image_size`` from
       ``model.init_args.img_size``);
-    - with ``--ckpt_path``, a model option that differs from the checkpoint's (the model is rebuilt from it).
+    - with ``--ckpt_path``, a model option that differs from the checkpoint's (the model is rebuilt from it);
+      outside ``fit`` only the options that shape the trained model count (not :data:`TRAINING_ONLY`).
     """
     for target, source in LINKED.items():
         if (
@@ -492,7 +524,10 @@ def _refuse_dropped_values(given: Mapping[str, Any], config: Namespace, from_che
     differ = [
         (key, value, config.get(key))
         for key, value in given.items()
-        if key.startswith("model.init_args.") and key in config and _plain(value) != _plain(config.get(key))
+        if key.startswith("model.init_args.")
+        and (resuming or key.split(".")[2] not in TRAINING_ONLY)
+        and key in config
+        and _plain(value) != _plain(config.get(key))
     ]
     if differ:
         details = "; ".join(

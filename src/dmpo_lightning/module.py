@@ -328,17 +328,18 @@ class DMPOModule(pl.LightningModule):
         stage, a checkpoint's state for them is restored without a warning). In ``test``:
         :class:`~dmpo_lightning.evaluation.evaluator.DMPOEvaluator` (the early-exit protocol and report); in
         ``predict``: :class:`~dmpo_lightning.evaluation.prediction_writer.DMPOPredictionWriter` (thresholds
-        in, CSV out), each with default options unless the trainer already has one (yours wins).
+        in, CSV out), each with default options. A callback of a type the trainer already has is not added
+        (yours wins, and a trainer that fitted keeps the schedule it used).
         """
-        callbacks: list[pl.Callback] = [LossWeightScheduler(self.schedule_options), EpochSeed()]
         trainer = self._trainer
         fn = trainer.state.fn if trainer is not None else None
+        wanted: list[pl.Callback] = [LossWeightScheduler(self.schedule_options), EpochSeed()]
+        if fn == "test":
+            wanted.append(DMPOEvaluator())
+        if fn == "predict":
+            wanted.append(DMPOPredictionWriter())
         have = tuple(type(c) for c in getattr(trainer, "callbacks", ()))
-        if fn == "test" and not any(issubclass(t, DMPOEvaluator) for t in have):
-            callbacks.append(DMPOEvaluator())
-        if fn == "predict" and not any(issubclass(t, DMPOPredictionWriter) for t in have):
-            callbacks.append(DMPOPredictionWriter())
-        return callbacks
+        return [c for c in wanted if not any(issubclass(t, type(c)) for t in have)]
 
     def on_fit_start(self) -> None:
         """Report the trainable-parameter budget per component."""

@@ -301,7 +301,7 @@ def calibrate_exits(
         test_logits: ``[N, K, C]`` test-split logits.
         test_target: ``[N]`` test labels.
         score_fn: The scoring function of the exit rule, called with a list of K ``[B, C]`` scaled logits
-            and returning ``(scores [B, K], preds [B, K])`` (``DMPOModule.score_exits``).
+            and returning ``(scores [B, K], preds [B, K])`` (``exit_rules.exit_scores`` of a rule).
         n_bins: ECE bins.
 
     Returns:
