@@ -19,12 +19,13 @@ import pytest
 import timm
 import torch
 from lightning.pytorch import Trainer
+from support.builders import evaluator
 from support.fakes import write_image_folder
 from torch.utils.data import DataLoader
 
 from dmpo_lightning import BenchmarkDataModule, DMPOModule
 from dmpo_lightning.cli import main
-from dmpo_lightning.constants import SPLIT_KEY
+from dmpo_lightning.constants import SPLIT_KEY, THRESHOLDS_FORMAT
 from dmpo_lightning.data import SplitTagged, UnreadableImageError
 from dmpo_lightning.evaluation.runner import load_thresholds
 from dmpo_lightning.models.backbone import build_backbone, describe_checkpoint
@@ -44,7 +45,6 @@ def tiny_module(**overrides) -> DMPOModule:
         backbone_kwargs=TINY_KW,
         exits={"blocks": [2, 4], "moment_dim": 16},
         peft={"method": "full", "adapter_dim": 4},
-        evaluation={"budgets": [0.75]},
     )
     return DMPOModule(**{**options, **overrides})
 
@@ -136,7 +136,8 @@ def test_predict_accepts_its_own_thresholds_and_refuses_a_wrong_length(two_check
 
 def _thresholds_file(tmp_path: Path, thresholds: list, **top) -> Path:
     payload = {
-        "format": "dmpo-thresholds-v1",
+        "format": THRESHOLDS_FORMAT,
+        "rule": "confidence",
         "fingerprint": {"backbone": "b"},
         "checkpoint_hash": "file:aaa",
         "weights_hash": "weights:bbb",
@@ -202,17 +203,19 @@ def data() -> BenchmarkDataModule:
 
 
 def _trainer(tmp_path: Path) -> Trainer:
+    """A trainer whose evaluator writes its report to ``tmp_path/report`` (random weights on purpose)."""
     return Trainer(
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
+        callbacks=[evaluator(budgets=[0.75], report_dir=str(tmp_path / "report"))],
     )
 
 
 def test_test_splits_are_identified_by_name_not_position(data, tmp_path):
-    model = tiny_module(evaluation={"budgets": [0.75], "report_dir": str(tmp_path / "report")})
+    model = tiny_module()
     # calibration first: the old positional rule fitted thresholds on the test split and tested on cal
     _trainer(tmp_path).test(model, dataloaders=[data.dataloader("calibration"), data.dataloader("test")])
     report = model.test_report
@@ -272,14 +275,14 @@ def _loader(dataset) -> DataLoader:
     ids=["untagged", "two_calibration_loaders", "calibration_only", "train_split"],
 )
 def test_ambiguous_test_loaders_are_refused(data, tmp_path, loaders, match):
-    model = tiny_module(evaluation={"budgets": [0.75], "report_dir": str(tmp_path / "report")})
+    model = tiny_module()
     with pytest.raises(ValueError, match=match):
         _trainer(tmp_path).test(model, dataloaders=[_loader(d) for d in loaders(data)])
     assert not (tmp_path / "report" / "thresholds.json").exists()
 
 
 def test_split_tagged_wraps_custom_datasets(data, tmp_path):
-    model = tiny_module(evaluation={"budgets": [0.75], "report_dir": str(tmp_path / "report")})
+    model = tiny_module()
     test = SplitTagged(_Untagged(data.split_dataset("test")), "test")
     cal = SplitTagged(_Untagged(data.split_dataset("calibration")), "calibration")
     _trainer(tmp_path).test(model, dataloaders=[_loader(cal), _loader(test)])
@@ -289,7 +292,7 @@ def test_split_tagged_wraps_custom_datasets(data, tmp_path):
 
 
 def test_a_single_untagged_test_loader_is_the_test_split(data, tmp_path):
-    model = tiny_module(evaluation={"budgets": [0.75], "report_dir": str(tmp_path / "report")})
+    model = tiny_module()
     with pytest.warns(UserWarning, match="no calibration split was evaluated"):
         _trainer(tmp_path).test(model, dataloaders=_loader(_Untagged(data.split_dataset("test"))))
     assert model.test_report["num_test"] == 12 and model.test_report["num_calibration"] == 0

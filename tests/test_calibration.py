@@ -267,10 +267,10 @@ def test_logits_collector_dedupes_like_the_outputs_collector():
 
 
 def test_unknown_calibration_is_refused():
-    from dmpo_lightning.module import DMPOModule
+    from dmpo_lightning.evaluation.evaluator import EvaluationOptions
 
     with pytest.raises(ValueError, match="unknown calibration 'platt'"):
-        DMPOModule(backbone="vit_tiny_patch16_224", evaluation={"calibration": "platt"})
+        EvaluationOptions(calibration="platt")
 
 
 # ------------------------------------------------------------------------------------------- end to end

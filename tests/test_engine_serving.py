@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.builders import prediction_writer
 from support.runs import TINY_HP, make_run
 
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
@@ -152,7 +153,7 @@ def _simulated(module, x, thresholds, temperatures):
     with torch.no_grad():
         logits = torch.stack(module.model(x), dim=1)
     scaled = logits / torch.tensor(temperatures).view(1, -1, 1)
-    scores, preds = exit_scores(scaled, module.hparams.evaluation["rule"])
+    scores, preds = exit_scores(scaled, module.exit_rule)
     exits = assign_exits(scores, torch.tensor(thresholds, dtype=scores.dtype))
     rows = torch.arange(x.shape[0])
     return preds[rows, exits], exits
@@ -219,12 +220,18 @@ def _same_csv(a: str | None, b: str | None) -> None:
                 assert x[key] == y[key], (key, x, y)
 
 
-def _predict_csv(module, x, tmp_path, name, *, batch_size, engine, bad=frozenset()):
-    module.hparams.evaluation["predict_engine"] = engine
-    module.hparams.evaluation["predictions_file"] = str(tmp_path / f"{name}.csv")
+def _predict_csv(module, x, tmp_path, name, *, batch_size, engine, bad=frozenset(), **options):
+    writer = prediction_writer(
+        predict_engine=engine, predictions_file=str(tmp_path / f"{name}.csv"), **options
+    )
     loader = torch.utils.data.DataLoader(_Images(x, bad), batch_size=batch_size, shuffle=False)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
     )
     outputs = trainer.predict(module, dataloaders=loader)
     text = (tmp_path / f"{name}.csv").read_text() if (tmp_path / f"{name}.csv").exists() else None
@@ -241,7 +248,7 @@ def module():
                 p.add_(torch.randn_like(p) * 0.2)
     x = torch.randn(64, 3, 32, 32)
     with torch.no_grad():
-        scores, _ = exit_scores(m.model(x), m.evaluation_options.rule)
+        scores, _ = exit_scores(m.model(x), m.exit_rule)
     m.exit_thresholds.copy_(torch.tensor([float(scores[:, k].quantile(0.5)) for k in range(3)] + [-math.inf]))
     return m
 
@@ -373,19 +380,26 @@ def test_session_push_and_flush_return_every_batch_once_in_order(module):
 def test_predict_io_is_the_prediction_writer_the_module_brings_along(module, tmp_path):
     from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter
 
-    module.hparams.evaluation["predict_engine"] = False
-    module.hparams.evaluation["predictions_file"] = str(tmp_path / "w.csv")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     loader = torch.utils.data.DataLoader(_Images(torch.randn(5, 3, 32, 32), frozenset()), batch_size=2)
-    trainer.predict(module, dataloaders=loader)
+    module.train_steps.fill_(1)  # the default writer refuses untrained weights
+    try:
+        trainer.predict(module, dataloaders=loader)
+    finally:
+        module.train_steps.zero_()
     writers = [c for c in trainer.callbacks if isinstance(c, DMPOPredictionWriter)]
-    assert len(writers) == 1
-    assert len((tmp_path / "w.csv").read_text().splitlines()) == 1 + 5  # header + one row per image
+    assert len(writers) == 1  # brought along with default options: <log_dir>/predictions.csv
+    assert len((tmp_path / "predictions.csv").read_text().splitlines()) == 1 + 5  # header + one row each
     # fit brings the schedule and re-seeding, not the writer
     trainer.state.fn = "fit"
     module.trainer = trainer
     assert not any(isinstance(c, DMPOPredictionWriter) for c in module.configure_callbacks())
-    with pytest.raises(TypeError, match="serves a DMPOModule, not a LightningModule"):
+    with pytest.raises(TypeError, match="serves a LightningModule with early exits .* LightningModule lacks"):
         DMPOPredictionWriter().on_predict_start(trainer, pl.LightningModule())

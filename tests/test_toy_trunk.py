@@ -166,7 +166,6 @@ def test_checkpoint_rebuild_does_not_read_the_weights_file(monkeypatch, tmp_path
     kwargs = dict(
         backbone=toy_backbone.TOY_TRUNK_NAME, pretrained=True, img_size=28, in_chans=1,
         exits={"blocks": [4, 8], "moment_dim": 16}, peft={"adapter_dim": 4},
-        evaluation={"budgets": [0.75, 1.0]},
     )  # fmt: skip
     module = DMPOModule(**kwargs)
     ckpt = tmp_path / "toy.ckpt"
@@ -226,7 +225,7 @@ def test_an_artefact_of_the_toy_trunk_loads_offline_without_embedding_the_trunk(
     torch.manual_seed(0)
     module = DMPOModule(
         backbone=toy_backbone.TOY_TRUNK_NAME, pretrained=True, img_size=28, in_chans=1,
-        exits={"blocks": [4, 8], "moment_dim": 16}, peft={"adapter_dim": 4}, evaluation={"budgets": [0.75]},
+        exits={"blocks": [4, 8], "moment_dim": 16}, peft={"adapter_dim": 4},
     )  # fmt: skip
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -247,6 +246,7 @@ def test_an_artefact_of_the_toy_trunk_loads_offline_without_embedding_the_trunk(
         json.dumps(
             {
                 "format": THRESHOLDS_FORMAT,
+                "rule": "confidence",
                 "fingerprint": module.model_fingerprint(),
                 "checkpoint_hash": f"file:{file_sha256(str(ckpt))}",
                 "budgets": [

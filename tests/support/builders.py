@@ -22,3 +22,18 @@ def make_tiny_vit(**overrides: object) -> torch.nn.Module:
     """A depth-4, dim-32 timm ViT at 32x32 with random weights and no classifier."""
     kwargs = {**TINY_VIT_KWARGS, **overrides}
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs)
+
+
+def evaluator(**options: object):
+    """``DMPOEvaluator`` for a test of the protocol machinery on random weights (``allow_untrained``)."""
+    from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions
+
+    return DMPOEvaluator(EvaluationOptions(**{"allow_untrained": True, **options}))
+
+
+def prediction_writer(**options: object):
+    """``DMPOPredictionWriter`` for a test of predict on random weights (``allow_untrained``)."""
+    from dmpo_lightning.evaluation.evaluator import EvaluationOptions
+    from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter
+
+    return DMPOPredictionWriter(EvaluationOptions(**{"allow_untrained": True, **options}))

@@ -15,8 +15,8 @@ import torch
 
 from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT
 from dmpo_lightning.deploy.format import file_sha256
-from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.protocol import assign_exits
+from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.module import DMPOModule
 from dmpo_lightning.options import LEGACY_FLAT_OPTIONS
 
@@ -29,7 +29,6 @@ TINY_HP = dict(
     backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
     exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
     peft={"adapter_dim": 8, "lora_rank": 4},
-    evaluation={"budgets": [0.5, 0.75]},
 )
 
 
@@ -65,7 +64,10 @@ def make_run(
     not trivially zero; thresholds are score quantiles on random images, so several exits are used.
     """
     torch.manual_seed(seed)
+    rule = overrides.pop("exit_rule", "confidence")  # fitted by `dmpo test`, recorded in thresholds.json
     module = DMPOModule(**tiny_hparams(**overrides))
+    module.exit_rule = rule
+    module.train_steps.fill_(4)  # stands for the training steps a real run had
     with torch.no_grad():
         for p in module.model.parameters():
             if p.requires_grad:
@@ -87,7 +89,7 @@ def make_run(
     torch.save(payload, ckpt)
     x = torch.randn(64, module.hparams.in_chans, 32, 32)
     with torch.no_grad():
-        scores, _ = exit_scores(module.model(x), module.evaluation_options.rule)
+        scores, _ = exit_scores(module.model(x), rule)
     budgets = []
     for i, (budget, q) in enumerate(zip((0.5, 0.75), quantiles, strict=True)):
         t = (
@@ -109,6 +111,7 @@ def make_run(
         json.dumps(
             {
                 "format": THRESHOLDS_FORMAT,
+                "rule": rule,
                 "fingerprint": module.model_fingerprint(),
                 "checkpoint_hash": f"file:{file_sha256(str(ckpt))}",
                 "budgets": budgets,

@@ -378,7 +378,7 @@ def export_artefact(
         )
         raise ValueError(f"{thresholds} was calibrated for another model ({details})")
     exit_rule = (
-        fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or flat_options(hparams).get("exit_rule")
+        th.get("rule") or fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or "confidence"
     )
     points = _operating_points(th, rep)
     temperatures = _temperatures(th, thresholds, model.num_exits)
