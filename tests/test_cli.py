@@ -101,7 +101,7 @@ def test_tiny_fit_then_test_writes_the_report(tmp_path, monkeypatch):
         ]
     )
     lines = preds.read_text().splitlines()
-    assert lines[0] == "index,label,prediction,class_name,exit,confidence,score,gflops"
+    assert lines[0] == "index,label,class_index,class_name,exit,confidence,score,gflops,error"
     assert len(lines) == 1 + 24
 
     loaded = DMPOModule.load_from_checkpoint(ckpts[0])

@@ -183,7 +183,7 @@ def test_a_read_only_report_dir_fails_before_the_evaluation(tmp_path):
 
 def test_untrained_evaluation_only_on_request(tmp_path):
     report = tmp_path / "untrained"
-    main(["test", "-c", TINY, "--allow_untrained=true", f"--evaluation.report_dir={report}"])
+    main(["test", "-c", TINY, "--evaluation.allow_untrained=true", f"--evaluation.report_dir={report}"])
     assert json.loads((report / "report.json").read_text())["checkpoint_hash"].startswith("weights:")
 
 

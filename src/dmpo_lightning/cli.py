@@ -44,7 +44,7 @@ from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFile
 from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions, check_trained
 from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter, predictions_path
 from dmpo_lightning.evaluation.runner import check_budgets, check_output_file, check_report_dir
-from dmpo_lightning.files import claim_folder
+from dmpo_lightning.files import claim_folder, release_folder
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule
 from dmpo_lightning.optim import check_learning_rates, param_groups
@@ -151,6 +151,23 @@ class SaveConfigNoOverwrite(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+class ReleaseFolder(pl.Callback):
+    """Ends the claim of an evaluation's folder (``files.claim_folder``) when the run ends."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The run is over: the folder may be claimed again only if it stayed empty."""
+        release_folder(self.folder)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """A failed run ends its claim too."""
+        release_folder(self.folder)
+
+
 class DMPOCLI(LightningCLI):
     """LightningCLI for DMPO.
 
@@ -172,6 +189,18 @@ class DMPOCLI(LightningCLI):
             "--version", action="version", version=f"dmpo-lightning {dmpo_lightning.__version__}"
         )
         return parser
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        """LightningCLI's parsers, with ``--weights_only`` of every subcommand defaulting to true.
+
+        Lightning's default (null) lets ``torch.load`` decide, which unpickles without restrictions on old
+        torch or with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` set; ``false`` is refused.
+        """
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            self.parser.set_defaults({f"{sub}.weights_only": True for sub in self.subcommands()})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Links between model and data, the evaluation options and the fit-then-test switch."""
@@ -227,8 +256,8 @@ class DMPOCLI(LightningCLI):
                 f"--weights_only={value}: {UNRESTRICTED_UNPICKLING_REFUSED}",
                 option="weights_only",
             )
-        if sub and "weights_only" in config:
-            config["weights_only"] = True  # null would let torch decide; the saved config says what ran
+        if sub and config.get("weights_only") is None:
+            config["weights_only"] = True  # an explicit null would let torch decide
         ckpt = config.get("ckpt_path")
         if sub != "fit" and ckpt in LIGHTNING_CKPT_NAMES:
             raise ConfigError(
@@ -269,13 +298,12 @@ class DMPOCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         """Checkpoints are read with ``weights_only=True``; ``dmpo test`` prints its own report table."""
         sub = self.subcommand
-        if not sub:
-            return
-        init = self.config_init[sub]
-        if "weights_only" in init:
-            init["weights_only"] = True
-        if sub == "test" and self._given.get("verbose", _NOT_GIVEN) is _NOT_GIVEN:
-            init["verbose"] = False  # the evaluator prints the report; Lightning's table would repeat it
+        if sub:
+            init = self.config_init[sub]
+            if "weights_only" in init:
+                init["weights_only"] = True
+            if sub == "test" and self._given.get("verbose", _NOT_GIVEN) is _NOT_GIVEN:
+                init["verbose"] = False  # the evaluator prints the report; Lightning's table would repeat it
         self._check_num_classes()
 
     def _check_num_classes(self) -> None:
@@ -438,6 +466,7 @@ class DMPOCLI(LightningCLI):
         else:
             return None
         folder = claim_folder(os.path.join(parent, f"dmpo_{sub}"), next_free=True)
+        self.trainer.callbacks.append(ReleaseFolder(folder))  # type: ignore[attr-defined]
         init = _logger_init_args(self.config[sub].get("trainer.logger"))
         init.update(save_dir=parent, name="", version=os.path.basename(folder))
         self.trainer.loggers = [type(logger)(**init), *self.trainer.loggers[1:]]

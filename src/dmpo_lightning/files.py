@@ -118,15 +118,18 @@ CLAIM_MARKER = ".dmpo-claim"
 """File that claims an existing empty folder for one writer (created exclusively; removed on release)."""
 
 
-def claim_folder(path: str | os.PathLike[str], *, next_free: bool = False) -> str:
-    """Create ``path`` exclusively for one writer, so two runs never write into the same output folder.
+def claim_folder(path: str | os.PathLike[str], *, next_free: bool = False, empty: bool = True) -> str:
+    """Claim the folder ``path`` for one writer, so two runs never write into the same output folder.
 
-    A missing folder is created with ``os.mkdir`` (atomic: of two runs, one fails); an existing empty one is
-    claimed by creating :data:`CLAIM_MARKER` in it exclusively. Parents are created as needed.
+    The folder (and its parents) is created if missing; it is claimed by creating :data:`CLAIM_MARKER` in it
+    exclusively (atomic: of two runs, one fails). The marker stays until :func:`release_folder`, so a folder
+    that is being written is never claimed again.
 
     Args:
         path: The folder to claim.
         next_free: If ``path`` is taken, claim the first free ``<path>_1``, ``<path>_2``, ... instead.
+        empty: Claim only a folder that holds nothing (else: anything but another claim's marker; the
+            caller checks that what is there may stay).
 
     Returns:
         The claimed folder.
@@ -148,7 +151,7 @@ def claim_folder(path: str | os.PathLike[str], *, next_free: bool = False) -> st
     while True:
         candidate = base if k == 0 else f"{base}_{k}"
         try:
-            _claim_one(candidate)
+            _claim_one(candidate, empty)
             return candidate
         except FileExistsError:
             if not next_free:
@@ -156,24 +159,18 @@ def claim_folder(path: str | os.PathLike[str], *, next_free: bool = False) -> st
             k += 1
 
 
-def _claim_one(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    try:
-        os.mkdir(path)
-        return
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise NotADirectoryError(f"{path} is a file, not a folder") from None
-        if os.listdir(path):
-            raise FileExistsError(f"{path} is not empty") from None
-    # an empty folder the user made: one writer creates the marker
+def _claim_one(path: str, empty: bool) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is a file, not a folder")
+    os.makedirs(path, exist_ok=True)
+    if empty and os.listdir(path):
+        raise FileExistsError(f"{path} is not empty")
     fd = os.open(os.path.join(path, CLAIM_MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    os.close(fd)
+    os.close(fd)  # raised FileExistsError above if another writer created it first
 
 
 def release_folder(path: str | os.PathLike[str]) -> None:
-    """Undo :func:`claim_folder` where nothing was written: remove the marker, and the folder if empty."""
+    """End a :func:`claim_folder`: remove the marker, and the folder itself if nothing was written into it."""
     folder = os.fspath(path)
     with contextlib.suppress(OSError):
         os.remove(os.path.join(folder, CLAIM_MARKER))

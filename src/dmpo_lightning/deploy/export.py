@@ -377,9 +377,7 @@ def export_artefact(
             f"{option_name(k)}: thresholds {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()
         )
         raise ValueError(f"{thresholds} was calibrated for another model ({details})")
-    exit_rule = (
-        th.get("rule") or fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or "confidence"
-    )
+    exit_rule = th.get("rule") or fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or "confidence"
     points = _operating_points(th, rep)
     temperatures = _temperatures(th, thresholds, model.num_exits)
     units = {p["unit"] for p in points}

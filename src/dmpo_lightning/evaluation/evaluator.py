@@ -45,7 +45,7 @@ from dmpo_lightning.evaluation.runner import (
     run_test_protocol,
     time_early_exit,
 )
-from dmpo_lightning.files import claim_folder, release_folder
+from dmpo_lightning.files import CLAIM_MARKER, claim_folder, release_folder
 from dmpo_lightning.models.exit_rules import ExitRule, exit_scores
 from dmpo_lightning.options import OptionGroup
 
@@ -222,11 +222,11 @@ class DMPOEvaluator(pl.Callback):
         else:
             check_report_dir(path)  # a file, or a folder holding a report: one sentence now
             try:
-                path = claim_folder(path)
+                path = claim_folder(path, empty=False)  # other files of the user's may stay
             except FileExistsError:
                 raise ConfigFileExistsError(
-                    f"evaluation.report_dir {path} is already used by another run (it is not empty); set "
-                    "evaluation.report_dir to a new folder",
+                    f"evaluation.report_dir {path} is being written by another dmpo test (it holds "
+                    f"{CLAIM_MARKER}); set evaluation.report_dir to another folder",
                     option="evaluation.report_dir",
                 ) from None
         self._claimed = path
