@@ -17,10 +17,11 @@ from support.runs import SYNTHETIC_DM, TINY_HP, make_run, simulated, tiny_hparam
 from dmpo_lightning.checkpointing import checkpoint_hash
 from dmpo_lightning.deploy.build import build_model, model_options
 from dmpo_lightning.deploy.export import export_artefact
-from dmpo_lightning.deploy.format import MANIFEST_FILE, WEIGHTS_FILE, ArtefactError, file_sha256
+from dmpo_lightning.deploy.format import MANIFEST_FILE, WEIGHTS_FILE, ArtefactError
 from dmpo_lightning.deploy.merge import merge_lora
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.evaluation.flops import count_exit_costs
+from dmpo_lightning.files import file_sha256
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -57,7 +57,7 @@ def test_a_thresholds_file_of_an_absolute_budget_is_found_with_the_gflops_option
     path = tmp_path / "thresholds.json"
     entry = {"budget": 2.0, "unit": "absolute", "thresholds": [0.5, 0.6, float("-inf")]}
     path.write_text(
-        json.dumps(report.to_jsonable({"format": constants.THRESHOLDS_FORMAT, "budgets": [entry]}))
+        json.dumps(files.to_jsonable({"format": constants.THRESHOLDS_FORMAT, "budgets": [entry]}))
     )
     got = runner.load_thresholds(str(path), 2.0, {}, unit="gflops", num_exits=3)
     assert got[:2] == [0.5, 0.6]
@@ -65,13 +65,35 @@ def test_a_thresholds_file_of_an_absolute_budget_is_found_with_the_gflops_option
         runner.load_thresholds(str(path), 2.0, {}, unit="fraction", num_exits=3)
 
 
-def test_one_atomic_write_serves_reports_predictions_and_exports():
-    import dmpo_lightning.serialization as serialization
+def _write_report(path):
+    files.write_json(path, {"a": 2})
 
-    assert report._atomic_write is files.atomic_write
 
-    assert not hasattr(serialization, "_write_atomic")
-    assert serialization.atomic_write_bytes is files.atomic_write_bytes
+def _write_plot(path):
+    report.plot_curve(path, report.build_report(costs=[1.0, 2.0], full_cost=2.0, anytime_top1=[0.5, 0.6]))
+
+
+def _write_export(path):
+    from dmpo_lightning import serialization
+
+    serialization.write_trainable(str(path), {"w": torch.ones(2)}, {"a": 1}, overwrite=True)
+
+
+@pytest.mark.parametrize("write", [_write_report, _write_plot, _write_export], ids=lambda f: f.__name__)
+def test_reports_plots_and_exports_are_written_atomically(tmp_path, monkeypatch, write):
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old")
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write(path)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+    monkeypatch.undo()
+    write(path)
+    assert path.read_bytes() != b"old" and [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
 
 
 def test_atomic_write_without_overwrite_refuses_and_leaves_nothing(tmp_path):

@@ -31,9 +31,8 @@ from dmpo_lightning.deploy.format import (
     WEIGHTS_FILE,
     decode_float,
     encode_float,
-    file_sha256,
-    tensors_sha256,
 )
+from dmpo_lightning.files import file_sha256, tensors_sha256, to_jsonable, write_json
 from dmpo_lightning.options import flat_options, option_name
 
 __all__ = ["ExportInputs", "export_artefact", "resolve_run"]
@@ -361,8 +360,8 @@ def export_artefact(
     if rep is not None and isinstance(rep.get("config"), Mapping):
         # the report's config is the tested model's: options that change outputs without changing weights
         # (adapter_scale, lora_alpha, ...) are only caught here
-        mine = json.loads(json.dumps(_jsonable(options)))
-        theirs = json.loads(json.dumps(_jsonable(flat_options(dict(rep["config"])))))
+        mine = to_jsonable(options, default=repr)
+        theirs = to_jsonable(flat_options(dict(rep["config"])), default=repr)
         differ = {k: (theirs[k], v) for k, v in mine.items() if k in theirs and theirs[k] != v}
         if differ:
             details = "; ".join(
@@ -428,8 +427,8 @@ def export_artefact(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint_hash": wanted,
         "checkpoint_file": os.path.basename(ckpt_path),
-        "model": _jsonable(options),
-        "training_hparams": _jsonable(hparams),
+        "model": to_jsonable(options, default=repr),
+        "training_hparams": to_jsonable(hparams, default=repr),
         "num_exits": model.num_exits,
         "exit_blocks": list(model.exit_blocks),
         "exit_rule": exit_rule,
@@ -485,9 +484,7 @@ def export_artefact(
                 "stages": [{"file": f, "sha256": file_sha256(os.path.join(tmp, ONNX_DIR, f))} for f in files],
                 "weights": "each graph holds its stage's weights (all of them, frozen backbone included)",
             }
-        with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
+        write_json(os.path.join(tmp, MANIFEST_FILE), manifest)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
@@ -501,15 +498,3 @@ def export_artefact(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return encode_float(value)
-    return repr(value)

@@ -33,11 +33,10 @@ from dmpo_lightning.deploy.format import (
     WEIGHTS_FILE,
     ArtefactError,
     decode_float,
-    file_sha256,
     read_manifest,
-    tensors_sha256,
 )
 from dmpo_lightning.deploy.preprocess import build_eval_transform
+from dmpo_lightning.files import file_sha256, tensors_sha256
 from dmpo_lightning.images import DEFAULT_MAX_PIXELS, check_max_pixels, decode_image, list_images
 from dmpo_lightning.predictions import PredictionRow, error_sentence
 

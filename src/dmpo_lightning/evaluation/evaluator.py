@@ -332,8 +332,8 @@ class DMPOEvaluator(pl.Callback):
         report = module.test_report
         if not images or report is None or not report.get("budgets") or not trainer.is_global_zero:
             return
-        from dmpo_lightning.evaluation.report import write_json
         from dmpo_lightning.evaluation.runner import format_speed_table, time_early_exit
+        from dmpo_lightning.files import write_json
 
         speed = time_early_exit(module, images, report["budgets"])
         report["early_exit_speed"] = speed

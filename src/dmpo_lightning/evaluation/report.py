@@ -1,18 +1,16 @@
-"""Outputs of ``dmpo test``: the report dict, a printed table, JSON, the curve as CSV and a PNG plot.
+"""Outputs of ``dmpo test``: the report dict, a printed table, the curve as CSV and a PNG plot.
 
-All numbers come from one report dict (:func:`build_report`), so the table, the JSON, the CSV and the
-plot cannot disagree. Files are written atomically (temporary file in the same folder, then
-``os.replace``): a crash never leaves a partial report. Whether an existing file may be replaced is the
-caller's decision; these functions write to the path they are given.
+All numbers come from one report dict (:func:`build_report`, written as JSON by
+:func:`~dmpo_lightning.files.write_json`), so the table, the JSON, the CSV and the plot cannot disagree.
+Files are written atomically (:func:`~dmpo_lightning.files.atomic_write`): a crash never leaves a partial
+report. Whether an existing file may be replaced is the caller's decision; these functions write to the
+path they are given.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
-import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,70 +20,18 @@ import torch
 from torch import Tensor
 
 from dmpo_lightning.evaluation.protocol import BudgetedCurve, OperatingPoint, area_under_curve
-from dmpo_lightning.files import atomic_write
+from dmpo_lightning.files import atomic_write, to_jsonable
 
 __all__ = [
     "GFLOPS_UNIT",
     "build_report",
-    "decode_float",
     "format_report_table",
     "plot_curve",
-    "to_jsonable",
     "write_curve_csv",
-    "write_json",
 ]
 
 GFLOPS_UNIT = "GFLOPs = 10^9 multiply-accumulates"
 """The cost unit stated in every output (one multiply-accumulate = one FLOP, the field's convention)."""
-
-
-# --------------------------------------------------------------------------------------------- JSON-able
-def to_jsonable(obj: Any) -> Any:
-    """Convert tensors, dataclasses, paths and containers to plain JSON types.
-
-    Tensors become (nested) lists or numbers; ``+inf``/``-inf`` become the strings ``"inf"``/``"-inf"``
-    (thresholds of disabled exits and of the last exit) and NaN becomes ``null``, so the output is
-    strict JSON; :func:`decode_float` reverses this for one value.
-
-    Args:
-        obj: The object.
-
-    Returns:
-        The same data made of dicts, lists, strings, ints, floats, bools and None.
-
-    Raises:
-        TypeError: For an object with no JSON form.
-
-    Example:
-        >>> to_jsonable({"t": torch.tensor([0.5, float("inf")]), "n": float("nan"), "k": (1, 2)})
-        {'t': [0.5, 'inf'], 'n': None, 'k': [1, 2]}
-    """
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return None
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars
-        return to_jsonable(obj.tolist())
-    raise TypeError(f"cannot put a {type(obj).__name__} into a JSON report: {obj!r}")
-
-
-def decode_float(value: str | float | int | None) -> float:
-    """Inverse of :func:`to_jsonable` for one number: ``"inf"``/``"-inf"`` -> +-inf, ``None`` -> NaN."""
-    return float("nan") if value is None else float(value)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -111,8 +57,9 @@ def build_report(
 
     Exits are numbered from 1 in the report, as in the design document. Accuracies are fractions in
     ``[0, 1]``; costs are in ``cost_unit`` (pass GFLOPs). Non-finite numbers are encoded as described
-    in :func:`to_jsonable`. The AUC is that of the dynamic curve's test accuracy against test cost
-    fraction (:func:`~dmpo_lightning.evaluation.protocol.area_under_curve`, below-curve budgets count 0).
+    in :func:`~dmpo_lightning.files.to_jsonable`. The AUC is that of the dynamic curve's test accuracy
+    against test cost fraction (:func:`~dmpo_lightning.evaluation.protocol.area_under_curve`, below-curve
+    budgets count 0).
 
     Args:
         costs: ``C_k`` per exit.
@@ -133,6 +80,11 @@ def build_report(
 
     Raises:
         ValueError: If per-exit lengths disagree.
+
+    Example:
+        >>> rep = build_report(costs=[1.0, 2.0], full_cost=2.0, anytime_top1=[0.5, 0.75])
+        >>> rep["exits"][0]["cost_fraction"], rep["best_anytime_exit"], rep["curve"]
+        (0.5, {'exit': 2, 'top1': 0.75}, None)
     """
     costs_l = _floats(costs)
     top1 = _floats(anytime_top1)
@@ -315,23 +267,6 @@ def format_report_table(report: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ files
-_atomic_write = atomic_write  # the package's one atomic write (dmpo_lightning.files)
-
-
-def write_json(path: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
-    """Write a report as strict, indented JSON (non-finite numbers encoded as in :func:`to_jsonable`).
-
-    Args:
-        path: Output file.
-        report: The report dict.
-
-    Returns:
-        The path written.
-    """
-    text = json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n"
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def write_curve_csv(path: str | os.PathLike[str], curve: BudgetedCurve) -> Path:
     """Write the dynamic curve, one row per q.
 
@@ -375,7 +310,7 @@ def write_curve_csv(path: str | os.PathLike[str], curve: BudgetedCurve) -> Path:
     for row, hist in zip(numbers, curve.test_histogram.cpu().tolist(), strict=True):
         writer.writerow([repr(x) for x in row] + [str(h) for h in hist])
     data = buf.getvalue().encode("utf-8")
-    return _atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def plot_curve(path: str | os.PathLike[str], report: Mapping[str, Any], title: str | None = None) -> Path:
@@ -444,4 +379,4 @@ def plot_curve(path: str | os.PathLike[str], report: Mapping[str, Any], title: s
     ax.legend(loc="best", fontsize=8, framealpha=0.8)
     ax.set_title(title or "Test accuracy vs cost (thresholds from the calibration split)", fontsize=10)
     fig.tight_layout()
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))

@@ -25,16 +25,13 @@ from dmpo_lightning.evaluation.protocol import (
     operating_points,
     protocol_budget_unit,
 )
-from dmpo_lightning.evaluation.report import (
-    build_report,
+from dmpo_lightning.evaluation.report import build_report, format_report_table, plot_curve, write_curve_csv
+from dmpo_lightning.files import (
+    atomic_write,
     decode_float,
-    format_report_table,
-    plot_curve,
     to_jsonable,
-    write_curve_csv,
     write_json,
 )
-from dmpo_lightning.files import atomic_write
 from dmpo_lightning.options import option_name
 
 __all__ = [
@@ -229,7 +226,7 @@ def run_test_protocol(
             "num_test": int(test["scores"].shape[0]),
             "num_calibration": 0 if calibration is None else int(calibration["scores"].shape[0]),
             "cost_counting": costs.to_dict(),
-            "config": to_jsonable(_plain(hparams)),
+            "config": to_jsonable(hparams, default=repr),
         },
     )
     summary: dict[str, float] = {f"test/gflops_exit{k}": float(c) for k, c in enumerate(costs.exit_gflops)}
@@ -251,16 +248,6 @@ def run_test_protocol(
         )
         print(f"\nreport, curve, plot and thresholds written to {report_dir}")
     return report, summary
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
 
 
 def _write_all(
@@ -346,7 +333,7 @@ def _write_report_files(
             "qs": curve.qs,
             "thresholds_per_q": curve.thresholds,
         }
-        write_json(os.path.join(report_dir, "thresholds.json"), to_jsonable(thresholds))
+        write_json(os.path.join(report_dir, "thresholds.json"), thresholds)
     plot_curve(os.path.join(report_dir, "accuracy_vs_flops.png"), report)
     if report["calibration"]["method"] != "none":
         plot_reliability(os.path.join(report_dir, "reliability.png"), report["calibration"])
