@@ -1,6 +1,7 @@
 """Items that used to be written twice now have one definition, used by every caller."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from dmpo_lightning import constants, files
 from dmpo_lightning.errors import ConfigError
 from dmpo_lightning.evaluation import protocol, report, runner
 from dmpo_lightning.evaluation.flops import ExitCosts
-from dmpo_lightning.models import adapters, checks, heads
+from dmpo_lightning.models import adapters, heads
 
 
 def _costs(exit_gflops, full):
@@ -133,11 +134,19 @@ def test_the_module_fingerprint_has_exactly_the_fingerprint_keys():
     assert fingerprint["peft"] == "full" and fingerprint["early_head"] == "linear"
 
 
-def test_dropout_and_positive_int_checks_are_one_function():
-    assert heads._check_dropout is checks.check_dropout is adapters._check_dropout
-    assert adapters._check_positive_int is checks.check_positive_int
+def test_dropout_and_positive_int_are_refused_with_the_same_sentence_everywhere():
+    from dmpo_lightning.models.multi_exit import ExitOptions
+
     for bad in (1.0, -0.1, float("nan")):
-        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-            heads.build_predictor("linear", 8, 2, 1, dropout=bad)
-        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        with pytest.raises(ValueError, match=rf"^head_dropout must be in \[0, 1\), got {bad}$"):
+            heads.build_predictor("linear", 8, 2, 1, head_dropout=bad)
+        with pytest.raises(ValueError, match=rf"^exits.head_dropout must be in \[0, 1\), got {bad}$"):
+            ExitOptions(head_dropout=bad)
+        with pytest.raises(ValueError, match=rf"^dropout must be in \[0, 1\), got {bad}$"):
             adapters.LoRALinear(torch.nn.Linear(4, 4), dropout=bad)
+    with pytest.raises(ValueError, match=r"^cov_dim must be a positive integer, got 0$"):
+        heads.ISqrtCovHead(8, 2, 1, cov_dim=0)
+    with pytest.raises(ValueError, match=r"^exits.cov_dim must be a positive integer, got 0$"):
+        ExitOptions(cov_dim=0)
+    with pytest.raises(ValueError, match=r"^lora_rank must be a positive integer, got 0$"):
+        adapters.LoRALinear(torch.nn.Linear(4, 4), rank=0)
