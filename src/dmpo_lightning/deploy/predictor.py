@@ -481,7 +481,7 @@ def _load_model(
     from safetensors.torch import load_file
 
     from dmpo_lightning.deploy.build import build_model
-    from dmpo_lightning.deploy.merge import merge_lora
+    from dmpo_lightning.deploy.merge import merge_peft
 
     info = manifest["weights"]
     weights_path = os.path.join(path, info.get("file", WEIGHTS_FILE))
@@ -503,8 +503,8 @@ def _load_model(
         model = build_model(options)
     else:
         model = _build_with_reference(path, options, ref, backbone_weights, allow_download)
-    if info.get("merged_lora"):
-        merge_lora(model)
+    if info.get("merged"):
+        merge_peft(model)
     state = model.state_dict()
     if ref is not None:
         keys = list(ref["keys"])
