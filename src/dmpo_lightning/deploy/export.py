@@ -711,4 +711,3 @@ def export_artefact(
     )
     _write_artefact(output, manifest, exported, trained.model, onnx=onnx)
     return output
-
