@@ -26,7 +26,7 @@ from dmpo_lightning import BenchmarkDataModule, DMPOModule
 from dmpo_lightning.cli import main
 from dmpo_lightning.constants import SPLIT_KEY
 from dmpo_lightning.data import SplitTagged, UnreadableImageError
-from dmpo_lightning.evaluation.runner import load_thresholds
+from dmpo_lightning.evaluation.thresholds import load_thresholds
 from dmpo_lightning.models.backbone import build_backbone, describe_checkpoint
 from dmpo_lightning.models.heads import LinearHead, MomentHead
 from dmpo_lightning.models.multi_exit import MultiExitViT

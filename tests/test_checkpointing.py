@@ -9,7 +9,7 @@ from support.builders import make_tiny_vit
 
 from dmpo_lightning import checkpointing
 from dmpo_lightning.constants import THRESHOLDS_FORMAT
-from dmpo_lightning.evaluation.runner import load_thresholds
+from dmpo_lightning.evaluation.thresholds import load_thresholds
 from dmpo_lightning.models.adapters import PeftOptions
 from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
 

@@ -8,7 +8,7 @@ import torch
 
 from dmpo_lightning import constants, files
 from dmpo_lightning.errors import ConfigError
-from dmpo_lightning.evaluation import protocol, report, runner
+from dmpo_lightning.evaluation import protocol, protocol_run, report, thresholds
 from dmpo_lightning.evaluation.flops import ExitCosts
 from dmpo_lightning.models import adapters, heads
 
@@ -21,7 +21,7 @@ def _costs(exit_gflops, full):
 def test_config_check_and_protocol_refuse_a_budget_with_the_same_sentence(budget, option):
     costs = _costs([1.0, 2.0, 4.0], 4.0)
     with pytest.raises(ConfigError) as config_err:
-        runner.check_budgets([budget], option, costs)
+        protocol_run.check_budgets([budget], option, costs)
     scores = torch.rand(20, 3)
     correct = torch.rand(20, 3) > 0.5
     unit = protocol.protocol_budget_unit(option)
@@ -36,8 +36,8 @@ def test_config_check_and_protocol_refuse_a_budget_with_the_same_sentence(budget
 
 def test_budgets_at_both_ends_of_the_range_pass_both_checks():
     costs = _costs([1.0, 2.0, 4.0], 4.0)
-    runner.check_budgets([0.25, 1.0], "fraction", costs)
-    runner.check_budgets([1.0, 4.0], "gflops", costs)
+    protocol_run.check_budgets([0.25, 1.0], "fraction", costs)
+    protocol_run.check_budgets([1.0, 4.0], "gflops", costs)
     assert protocol.check_budget_range([1.0, 4.0], 1.0, 4.0, "absolute", "GFLOPs") == [1.0, 4.0]
 
 
@@ -60,10 +60,10 @@ def test_a_thresholds_file_of_an_absolute_budget_is_found_with_the_gflops_option
     path.write_text(
         json.dumps(files.to_jsonable({"format": constants.THRESHOLDS_FORMAT, "budgets": [entry]}))
     )
-    got = runner.load_thresholds(str(path), 2.0, {}, unit="gflops", num_exits=3)
+    got = thresholds.load_thresholds(str(path), 2.0, {}, unit="gflops", num_exits=3)
     assert got[:2] == [0.5, 0.6]
     with pytest.raises(ValueError, match=r"budget 2.0 \(fraction\) is not in"):
-        runner.load_thresholds(str(path), 2.0, {}, unit="fraction", num_exits=3)
+        thresholds.load_thresholds(str(path), 2.0, {}, unit="fraction", num_exits=3)
 
 
 def _write_report(path):
@@ -111,7 +111,6 @@ def test_fingerprint_keys_are_defined_once():
     from dmpo_lightning.deploy import export
 
     assert export.FINGERPRINT_KEYS is constants.MODEL_FINGERPRINT_KEYS
-    assert export.THRESHOLDS_FORMAT is constants.THRESHOLDS_FORMAT is runner.THRESHOLDS_FORMAT
     assert set(constants.ARCHITECTURE_KEYS) < set(constants.MODEL_FINGERPRINT_KEYS)
     assert set(constants.THRESHOLDS_FINGERPRINT_KEYS) - set(constants.MODEL_FINGERPRINT_KEYS) == {"exit_rule"}
 

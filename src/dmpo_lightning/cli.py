@@ -445,17 +445,18 @@ class DMPOCLI(LightningCLI):
     def before_predict(self) -> None:
         """Refuse untrained weights and an existing or unwritable predictions file before the first batch."""
         from dmpo_lightning.evaluation.prediction_writer import predictions_path
-        from dmpo_lightning.evaluation.runner import check_output_file
+        from dmpo_lightning.files import check_output_file
 
         self._refuse_untrained()
         self._protect_run_folders()
         if isinstance(self.model, DMPOModule):
             self.model.trainer = self.trainer
-            check_output_file(predictions_path(self.model))
+            check_output_file(predictions_path(self.model), "model.init_args.evaluation.predictions_file")
 
     def _check_test_outputs(self) -> None:
         from dmpo_lightning.evaluation.evaluator import report_dir
-        from dmpo_lightning.evaluation.runner import check_budgets, check_report_dir
+        from dmpo_lightning.evaluation.protocol_run import check_budgets
+        from dmpo_lightning.evaluation.report import check_report_dir
 
         model = self.model
         model.trainer = self.trainer  # the default report folder is under the trainer's log folder

@@ -8,6 +8,8 @@
   dataclasses and containers become plain JSON; infinities are written as the strings ``"inf"``/``"-inf"``
   and NaN as ``null``, so every file is strict JSON.
 - One hash for tensors (:func:`tensors_sha256`) and one for files (:func:`file_sha256`).
+- Pre-flight checks of output paths (:func:`check_output_file`, :func:`check_writable`), run before any work
+  so that an unusable path fails in one sentence instead of after a long run.
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ import json
 import math
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
+
 __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_file",
+    "check_writable",
     "csv_text",
     "decode_float",
     "file_sha256",
@@ -233,3 +240,56 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- output paths
+def check_output_file(path: str, option: str) -> None:
+    """Refuse an output file that exists, is a folder, or whose folder cannot be created or written.
+
+    Args:
+        path: The file to be written.
+        option: The option that named it, as the user writes it (named in the message).
+
+    Raises:
+        ConfigFileExistsError: If ``path`` exists (it is never overwritten).
+        ConfigError: If ``path`` is a folder or cannot be written.
+    """
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a folder; {option} must name a new file (e.g. one inside it)", option)
+    if os.path.exists(path):
+        raise ConfigFileExistsError(
+            f"{path} exists; set {option} to a new path or move the old file away", option=option
+        )
+    check_writable(os.path.dirname(os.path.abspath(path)), f"{option} {path}", option)
+
+
+def check_writable(folder: str, what: str, option: str) -> None:
+    """Refuse a ``folder`` that neither takes a new entry nor can be created.
+
+    The check creates a temporary folder in ``folder`` (or in its nearest existing parent) and removes it
+    again: nothing is left behind.
+
+    Raises:
+        ConfigError: Naming ``what`` and ``option``.
+    """
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(
+            f"{what} cannot be created: {probe} is a file, not a folder; {option} must be a path "
+            "under a folder",
+            option,
+        )
+    try:
+        created = tempfile.mkdtemp(prefix=".dmpo-write-check-", dir=probe)
+    except OSError as err:
+        raise ConfigError(
+            f"{what} cannot be written ({probe} is not writable: {err.strerror}); {option} must be a "
+            "writable location",
+            option,
+        ) from None
+    os.rmdir(created)

@@ -153,7 +153,8 @@ class DMPOEvaluator(pl.Callback):
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse to overwrite an earlier report and unreachable budgets before any work is done."""
-        from dmpo_lightning.evaluation.runner import check_budgets, check_report_dir
+        from dmpo_lightning.evaluation.protocol_run import check_budgets
+        from dmpo_lightning.evaluation.report import check_report_dir
 
         module = as_dmpo_module(pl_module)
         o = module.evaluation_options
@@ -251,7 +252,7 @@ class DMPOEvaluator(pl.Callback):
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run the budgeted early-exit protocol, print the table, write the report, log the summary."""
-        from dmpo_lightning.evaluation.runner import run_test_protocol
+        from dmpo_lightning.evaluation.protocol_run import run_test_protocol
 
         module = as_dmpo_module(pl_module)
         o = module.evaluation_options
@@ -332,7 +333,7 @@ class DMPOEvaluator(pl.Callback):
         report = module.test_report
         if not images or report is None or not report.get("budgets") or not trainer.is_global_zero:
             return
-        from dmpo_lightning.evaluation.runner import format_speed_table, time_early_exit
+        from dmpo_lightning.evaluation.timing import format_speed_table, time_early_exit
         from dmpo_lightning.files import write_json
 
         speed = time_early_exit(module, images, report["budgets"])

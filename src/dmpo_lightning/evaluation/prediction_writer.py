@@ -170,7 +170,7 @@ def predictions_path(module: DMPOModule) -> str:
 
 def load_predict_thresholds(module: DMPOModule) -> None:
     """Refuse an existing predictions file; load the thresholds calibrated for ``predict_budget``."""
-    from dmpo_lightning.evaluation.runner import load_temperatures, load_thresholds
+    from dmpo_lightning.evaluation.thresholds import load_temperatures, load_thresholds
 
     o = module.evaluation_options
     path = predictions_path(module)

@@ -1,17 +1,21 @@
-"""Outputs of ``dmpo test``: the report dict, a printed table, the curve as CSV and a PNG plot.
+"""Outputs of ``dmpo test``: the report dict, a printed table, the curve as CSV, a PNG plot, the folder.
 
 All numbers come from one report dict (:func:`build_report`, written as JSON by
 :func:`~dmpo_lightning.files.write_json`), so the table, the JSON, the CSV and the plot cannot disagree.
 Files are written atomically (:func:`~dmpo_lightning.files.atomic_write`): a crash never leaves a partial
-report. Whether an existing file may be replaced is the caller's decision; these functions write to the
-path they are given.
+file. The single-file writers write to the path they are given; :func:`write_report_folder` writes the
+whole report folder (:data:`REPORT_FILES`) at once and never over an existing report
+(:func:`check_report_dir`, which ``dmpo test`` also runs before any work).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,15 +23,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
+from dmpo_lightning.evaluation.calibration import plot_reliability
 from dmpo_lightning.evaluation.protocol import BudgetedCurve, OperatingPoint, area_under_curve
-from dmpo_lightning.files import atomic_write, to_jsonable
+from dmpo_lightning.files import atomic_write, check_writable, to_jsonable, write_json
 
 __all__ = [
     "GFLOPS_UNIT",
+    "REPORT_DIR_OPTION",
+    "REPORT_FILES",
     "build_report",
+    "check_report_dir",
     "format_report_table",
     "plot_curve",
     "write_curve_csv",
+    "write_report_folder",
 ]
 
 GFLOPS_UNIT = "GFLOPs = 10^9 multiply-accumulates"
@@ -380,3 +390,106 @@ def plot_curve(path: str | os.PathLike[str], report: Mapping[str, Any], title: s
     ax.set_title(title or "Test accuracy vs cost (thresholds from the calibration split)", fontsize=10)
     fig.tight_layout()
     return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+# ----------------------------------------------------------------------------------------------- folder
+REPORT_DIR_OPTION = "model.init_args.evaluation.report_dir"
+"""The option that names the report folder (named in the messages of :func:`check_report_dir`)."""
+
+REPORT_FILES = (
+    "report.json",
+    "curve.csv",
+    "accuracy_vs_flops.png",
+    "thresholds.json",
+    "exit_outputs.pt",
+    "reliability.png",
+)
+"""Every file :func:`write_report_folder` may write."""
+
+
+def check_report_dir(path: str) -> None:
+    """Refuse a report folder that holds a report, is a file, or cannot be written, before any work.
+
+    Results are never overwritten by surprise, and an unwritable target fails now, not after the evaluation.
+
+    Raises:
+        ConfigFileExistsError: If ``path`` already holds report files.
+        ConfigError: If ``path`` (or a parent) is a file, or the folder cannot be created or written.
+    """
+    existing = [f for f in REPORT_FILES if os.path.exists(os.path.join(path, f))]
+    if existing:
+        raise ConfigFileExistsError(
+            f"{path} already holds a dmpo test report ({', '.join(existing)}); set {REPORT_DIR_OPTION} to a "
+            "new folder, or move the old report away",
+            option=REPORT_DIR_OPTION,
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(
+            f"report_dir {path} is a file; {REPORT_DIR_OPTION} must be a folder (new or empty)",
+            option=REPORT_DIR_OPTION,
+        )
+    # the report is first written to a temporary folder next to ``path``, so its parent must be writable
+    check_writable(os.path.dirname(os.path.abspath(path)), f"report_dir {path}", REPORT_DIR_OPTION)
+    if os.path.isdir(path):
+        check_writable(path, f"report_dir {path}", REPORT_DIR_OPTION)
+
+
+def write_report_folder(
+    report_dir: str,
+    report: Mapping[str, Any],
+    *,
+    curve: BudgetedCurve | None,
+    thresholds: Mapping[str, Any] | None,
+    outputs: Mapping[str, Any],
+) -> None:
+    """Write the report folder of ``dmpo test`` (:data:`REPORT_FILES`), complete or not at all.
+
+    Every file is written into a temporary folder next to ``report_dir``, which is then moved into place:
+    a failure (full disk, a crash) leaves no partial report that would block a rerun, and an existing
+    report is never overwritten (:func:`check_report_dir` runs again first).
+
+    Args:
+        report_dir: The report folder (new, or an existing folder without report files).
+        report: The report dict of :func:`build_report` (``report.json``, the plot).
+        curve: The budgeted-batch curve (``curve.csv``), if computed.
+        thresholds: The content of ``thresholds.json``, if thresholds were fitted.
+        outputs: The cached per-exit outputs (``exit_outputs.pt``, read with ``torch.load``).
+    """
+    check_report_dir(report_dir)
+    target = os.path.abspath(report_dir)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the report folder gets the usual mode
+    try:
+        write_json(os.path.join(tmp, "report.json"), report)
+        if curve is not None:
+            write_curve_csv(os.path.join(tmp, "curve.csv"), curve)
+        if thresholds is not None:
+            write_json(os.path.join(tmp, "thresholds.json"), thresholds)
+        plot_curve(os.path.join(tmp, "accuracy_vs_flops.png"), report)
+        if report["calibration"]["method"] != "none":
+            plot_reliability(os.path.join(tmp, "reliability.png"), report["calibration"])
+        atomic_write(os.path.join(tmp, "exit_outputs.pt"), lambda f: torch.save(dict(outputs), f))
+        if not os.path.isdir(target) or not os.listdir(target):
+            os.replace(tmp, target)  # atomic; an existing empty folder is replaced
+        else:  # a folder the user made holds other files: move the report files in one by one
+            _move_files_into(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_files_into(src: str, dst: str) -> None:
+    """Move every file of ``src`` into ``dst``; on a failure the files already moved are taken out again."""
+    moved: list[str] = []
+    try:
+        for name in sorted(os.listdir(src)):
+            os.replace(os.path.join(src, name), os.path.join(dst, name))
+            moved.append(name)
+    except OSError:
+        for name in moved:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(dst, name))
+        raise
