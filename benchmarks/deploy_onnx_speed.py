@@ -35,8 +35,8 @@ def _fake_run(folder: Path, quantile: float) -> Path:
     """A quickstart-architecture checkpoint with random weights and a thresholds file at score quantiles."""
     from dmpo_lightning.data.fashion_mnist import load_fashion_mnist_subset
     from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT
-    from dmpo_lightning.deploy.format import file_sha256
     from dmpo_lightning.evaluation.exit_rules import exit_scores
+    from dmpo_lightning.files import file_sha256
     from dmpo_lightning.module import DMPOModule
 
     config = yaml.safe_load((REPO_ROOT / "configs" / "quickstart.yaml").read_text())

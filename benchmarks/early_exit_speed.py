@@ -310,7 +310,7 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, lis
     dm.setup("test")
     rule = module.evaluation_options.rule
     if args.thresholds:
-        from dmpo_lightning.evaluation.runner import load_thresholds
+        from dmpo_lightning.evaluation.thresholds import load_thresholds
 
         thresholds = load_thresholds(
             args.thresholds,

@@ -56,7 +56,7 @@ def measure_shape(label: str, s: dict[str, int], args: argparse.Namespace, ref: 
     torch.manual_seed(0)
     x = torch.randn(args.batch, s["tokens"], s["dim"])
     block = timm.models.vision_transformer.Block(s["dim"], s["heads"]).eval()
-    moment = MomentHead(s["dim"], 10, 1, proj_dim=s["moment_dim"]).eval()
+    moment = MomentHead(s["dim"], 10, 1, moment_dim=s["moment_dim"]).eval()
     isqrt = ISqrtCovHead(s["dim"], 10, 1).eval()
     bypass = Bypass(s["dim"]).eval()
     fns = {

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from dmpo_lightning.evaluation.report import decode_float
+from dmpo_lightning.files import decode_float
 from dmpo_lightning.models.exit_policy import ExitPolicy
 from dmpo_lightning.module import DMPOModule
 

@@ -193,7 +193,7 @@ def test_final_exit_is_timms_own_head(family, peft):
 
 def test_gap_head_pools_then_normalises_like_timms_fc_norm():
     """Regression: the average-pooling head used LayerNorm per token before the mean; timm pools first."""
-    head = LinearHead(32, 3, 4, pool="avg", class_token=False, norm_after_pool=True).eval()
+    head = LinearHead(32, 3, 4, head_pool="avg", class_token=False, norm_after_pool=True).eval()
     with torch.no_grad():
         head.norm.weight.normal_()
         head.norm.bias.normal_()

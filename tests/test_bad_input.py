@@ -114,6 +114,11 @@ CASES = {
         r"(?s)Parser key \"dataset\".*Expected a typing\.Literal\['cifar10', .*'synthetic'\]\. "
         r"Got value: imagenet22k",
     ),
+    "moment_dim_not_a_multiple_of_groups": Case(
+        fit("--model.init_args.exits.moment_dim=30"),
+        ValueError,
+        r"^exits\.moment_dim must be a positive multiple of exits\.moment_groups=4, got 30$",
+    ),
     "unknown_early_head": Case(
         fit("--model.init_args.exits.early_head=mlp"),
         SystemExit,

@@ -27,7 +27,7 @@ from dmpo_lightning import BenchmarkDataModule, DMPOModule
 from dmpo_lightning.cli import main
 from dmpo_lightning.constants import SPLIT_KEY, THRESHOLDS_FORMAT
 from dmpo_lightning.data import SplitTagged, UnreadableImageError
-from dmpo_lightning.evaluation.runner import load_thresholds
+from dmpo_lightning.evaluation.thresholds import load_thresholds
 from dmpo_lightning.models.backbone import build_backbone, describe_checkpoint
 from dmpo_lightning.models.heads import LinearHead, MomentHead
 from dmpo_lightning.models.multi_exit import MultiExitViT
@@ -367,16 +367,16 @@ def test_reg_gap_backbone_has_registers_but_no_class_token():
 def test_token_pooling_without_a_class_token_is_refused():
     with pytest.raises(
         ValueError,
-        match=r"head_pool='token' needs a class token, but the backbone has none "
-        r"\(its 4 prefix token\(s\) are registers.*set head_pool='avg'",
+        match=r"exits.head_pool='token' needs a class token, but the backbone has none "
+        r"\(its 4 prefix token\(s\) are registers.*set exits.head_pool='avg'",
     ):
         MultiExitViT(_reg_gap_vit(), 3, {"blocks": [1, 2], "moment_dim": 16})
     with pytest.raises(
         ValueError,
-        match=r"pool='token' needs a class token but the 4 prefix token\(s\) are "
+        match=r"head_pool='token' needs a class token but the 4 prefix token\(s\) are "
         r"registers/prompts",
     ):
-        LinearHead(32, 3, 4, pool="token", class_token=False)
+        LinearHead(32, 3, 4, head_pool="token", class_token=False)
 
 
 @pytest.mark.parametrize("peft", ["adaptformer", "vpt"])
@@ -390,12 +390,12 @@ def test_heads_of_a_model_without_class_token_pool_patch_tokens(peft):
 
 
 def test_moment_head_without_class_token_ignores_register_tokens():
-    head = MomentHead(32, 3, num_prefix_tokens=4, proj_dim=16, class_token=False).eval()
+    head = MomentHead(32, 3, num_prefix_tokens=4, moment_dim=16, class_token=False).eval()
     x = torch.randn(2, 20, 32)
     y = x.clone()
     y[:, :4] = torch.randn(2, 4, 32) * 10  # only the registers change
     torch.testing.assert_close(head(x), head(y))
-    with_cls = MomentHead(32, 3, num_prefix_tokens=4, proj_dim=16).eval()
+    with_cls = MomentHead(32, 3, num_prefix_tokens=4, moment_dim=16).eval()
     assert not torch.allclose(with_cls(x), with_cls(y))  # a class token is read
 
 

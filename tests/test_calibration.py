@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from support.builders import make_tiny_vit
 from torchmetrics.classification import MulticlassCalibrationError
 
+from dmpo_lightning.constants import THRESHOLDS_FORMAT
 from dmpo_lightning.evaluation.calibration import (
     TEMPERATURE_RANGE,
     ExitLogitsCollector,
@@ -23,7 +24,7 @@ from dmpo_lightning.evaluation.calibration import (
 )
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.protocol import assign_exits, budgeted_curve, operating_points
-from dmpo_lightning.evaluation.runner import load_temperatures
+from dmpo_lightning.evaluation.thresholds import load_temperatures
 from dmpo_lightning.models import MultiExitViT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,11 +248,12 @@ def test_early_exit_forward_with_temperatures_matches_the_simulated_protocol():
 
 def test_load_temperatures(tmp_path):
     path = tmp_path / "thresholds.json"
-    path.write_text(json.dumps({"format": "dmpo-thresholds-v1"}))
-    assert load_temperatures(str(path), 3) == [1.0, 1.0, 1.0]  # files from before calibration existed
-    path.write_text(json.dumps({"temperatures": [1.5, 0.5, 2.0]}))
+    header = {"format": THRESHOLDS_FORMAT}
+    path.write_text(json.dumps(header))
+    assert load_temperatures(str(path), 3) == [1.0, 1.0, 1.0]  # made without calibration
+    path.write_text(json.dumps({**header, "temperatures": [1.5, 0.5, 2.0]}))
     assert load_temperatures(str(path), 3) == [1.5, 0.5, 2.0]
-    path.write_text(json.dumps({"temperatures": [1.5, 0.5]}))
+    path.write_text(json.dumps({**header, "temperatures": [1.5, 0.5]}))
     with pytest.raises(ValueError, match="need 3 finite values > 0"):
         load_temperatures(str(path), 3)
 
@@ -317,7 +319,7 @@ def test_cli_fit_then_test_reports_temperatures_ece_and_reliability(tmp_path, mo
     exits = torch.bincount(torch.tensor([int(r["exit"]) - 1 for r in rows]), minlength=4).tolist()
     point = next(b for b in report["budgets"] if b["budget"] == 0.5)
     assert exits == point["test_histogram"]
-    correct = sum(int(r["label"]) == int(r["prediction"]) for r in rows) / len(rows)
+    correct = sum(int(r["label"]) == int(r["class_index"]) for r in rows) / len(rows)
     assert correct == pytest.approx(point["test_accuracy"], abs=1e-9)
 
     # dmpo test --ckpt_path keeps the user's calibration (an evaluation-only option)

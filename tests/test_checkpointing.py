@@ -9,8 +9,7 @@ from support.builders import make_tiny_vit
 
 from dmpo_lightning import checkpointing
 from dmpo_lightning.constants import THRESHOLDS_FORMAT
-from dmpo_lightning.deploy import export
-from dmpo_lightning.evaluation.runner import load_thresholds
+from dmpo_lightning.evaluation.thresholds import load_thresholds
 from dmpo_lightning.models.adapters import PeftOptions
 from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
 
@@ -25,8 +24,18 @@ def tiny_model() -> MultiExitViT:
     )
 
 
-def test_deploy_uses_the_same_weights_hash():
-    assert export.weights_hash is checkpointing.weights_hash
+def test_weights_hash_is_the_same_for_the_same_trained_weights_however_loaded():
+    model = tiny_model()
+    torch.manual_seed(1)
+    other = MultiExitViT(
+        make_tiny_vit(),
+        3,
+        ExitOptions(blocks=(2, 4), moment_dim=16),
+        PeftOptions("adaptformer", adapter_dim=4),
+    )
+    assert checkpointing.weights_hash(other) != checkpointing.weights_hash(model)
+    other.load_state_dict(model.trainable_state_dict(), strict=False)
+    assert checkpointing.weights_hash(other) == checkpointing.weights_hash(model)
 
 
 def test_weights_hash_follows_trained_weights_only():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import yaml
 
 from dmpo_lightning.cli import main
 from dmpo_lightning.errors import ConfigFileExistsError
-from dmpo_lightning.evaluation import runner
+from dmpo_lightning.evaluation import report as report_module
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_a_failed_report_write_leaves_no_partial_folder_and_the_table_is_printed
 
     capsys.readouterr()
     with monkeypatch.context() as mp:
-        mp.setattr(runner, "plot_curve", disk_full)
+        mp.setattr(report_module, "plot_curve", disk_full)
         with pytest.raises(OSError, match="No space left on device"):
             main(args)
     out = capsys.readouterr().out
@@ -133,7 +134,9 @@ def test_a_failed_report_write_leaves_no_partial_folder_and_the_table_is_printed
 
     main(args)  # the rerun is not blocked
     # reliability.png is written only with calibration: temperature
-    assert sorted(p.name for p in report.iterdir()) == sorted(set(runner.REPORT_FILES) - {"reliability.png"})
+    assert sorted(p.name for p in report.iterdir()) == sorted(
+        set(report_module.REPORT_FILES) - {"reliability.png"}
+    )
 
 
 def test_report_goes_into_an_existing_empty_folder(tmp_path):
@@ -153,7 +156,7 @@ def test_report_goes_into_an_existing_empty_folder(tmp_path):
             ]
         )
         written = {p.name for p in (tmp_path / folder).iterdir()}
-        assert set(runner.REPORT_FILES) - {"reliability.png"} <= written
+        assert set(report_module.REPORT_FILES) - {"reliability.png"} <= written
     assert (tmp_path / "notes" / "readme.txt").read_text() == "mine"
 
 
@@ -254,14 +257,14 @@ def test_an_unwritable_report_dir_fails_before_the_evaluation(tmp_path, monkeypa
     """As root every folder is writable, so the write probe fails here the way a read-only folder does."""
     cli = main(["fit", "-c", TINY, *ONE_EPOCH, "--trainer.limit_train_batches=1"])
     (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
-    mkdtemp = runner.tempfile.mkdtemp
+    mkdtemp = tempfile.mkdtemp
 
     def read_only(*args, **kwargs):
         if str(kwargs.get("prefix", "")).startswith(".dmpo-write-check-"):
             raise PermissionError(errno.EACCES, "Permission denied")
         return mkdtemp(*args, **kwargs)
 
-    monkeypatch.setattr(runner.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     capsys.readouterr()
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(

@@ -17,10 +17,11 @@ from support.runs import SYNTHETIC_DM, TINY_HP, make_run, simulated, tiny_hparam
 from dmpo_lightning.checkpointing import checkpoint_hash
 from dmpo_lightning.deploy.build import build_model, model_options
 from dmpo_lightning.deploy.export import export_artefact
-from dmpo_lightning.deploy.format import MANIFEST_FILE, WEIGHTS_FILE, ArtefactError, file_sha256
-from dmpo_lightning.deploy.merge import merge_lora
+from dmpo_lightning.deploy.format import MANIFEST_FILE, WEIGHTS_FILE, ArtefactError
+from dmpo_lightning.deploy.merge import merge_peft
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.evaluation.flops import count_exit_costs
+from dmpo_lightning.files import file_sha256
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ def test_lora_merge_is_exact_and_costs_the_base_model():
     with torch.no_grad():
         before = model(x)
     costs_lora = count_exit_costs(model, (3, 32, 32))
-    merged = merge_lora(model)
+    merged = merge_peft(model)
     assert len(merged) == 8 and not any("peft_" in n for n in model.state_dict())
     with torch.no_grad():
         after = model(x)
@@ -137,25 +138,24 @@ def test_lora_artefact_is_merged_by_default_and_predicts_like_the_unmerged_model
     r = make_run(tmp_path, peft="lora")
     out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))
     manifest = json.loads((Path(out) / MANIFEST_FILE).read_text())
-    assert manifest["weights"]["merged_lora"] is True
-    assert "LoRA merged" in manifest["costs"]["form"]
+    assert manifest["weights"]["merged"] is True
+    assert "lora merged into 4 frozen layers" in manifest["costs"]["form"]  # qkv of 4 blocks
     assert manifest["costs"]["exit_gflops"][0] < manifest["costs"]["as_trained"]["exit_gflops"][0]
     predictor = EarlyExitPredictor.load(out, budget=0.5)
     got = predictor(r["x"])
     pred, exits, logits = simulated(r["module"].model, r["x"], predictor.thresholds)
     assert torch.equal(got.prediction, pred) and torch.equal(got.exit, exits + 1)
     torch.testing.assert_close(got.logits, logits, atol=1e-5, rtol=0)
-    unmerged = export_artefact(str(tmp_path / "unmerged"), run=str(r["run"]), merge_lora=False)
+    unmerged = export_artefact(str(tmp_path / "unmerged"), run=str(r["run"]), merge=False)
     m2 = json.loads((Path(unmerged) / MANIFEST_FILE).read_text())
-    assert m2["weights"]["merged_lora"] is False and "adapter branches counted" in m2["costs"]["form"]
+    assert m2["weights"]["merged"] is False and "its added modules counted" in m2["costs"]["form"]
 
 
 @pytest.mark.parametrize("peft", ["adaptformer", "vpt"])
 def test_merge_refused_for_adapters_that_cannot_be_folded(tmp_path, peft):
     r = make_run(tmp_path, peft=peft, vpt_prompts=2)
-    match = "parallel non-linear branch" if peft == "adaptformer" else "extra tokens"
-    with pytest.raises(ValueError, match=match):
-        export_artefact(str(tmp_path / "art"), run=str(r["run"]), merge_lora=True)
+    with pytest.raises(ValueError, match=rf"registered as mergeable can do \(lora\); .*peft.method='{peft}'"):
+        export_artefact(str(tmp_path / "art"), run=str(r["run"]), merge=True)
     assert not any(p.name.startswith((".art", "art")) for p in tmp_path.iterdir())
 
 

@@ -86,10 +86,10 @@ def test_thresholds_from_another_checkpoint_are_refused(tmp_path):
     assert not out.exists() and not any(p.name.startswith(".art") for p in tmp_path.iterdir())
     # a run whose checkpoints do not include the calibrated one
     (a["run"] / "dmpo_test" / "thresholds.json").write_text(b["thresholds"].read_text())
-    with pytest.raises(ValueError, match="none of the checkpoints"):
+    with pytest.raises(ValueError, match=r"none of the dmpo test reports of .* one of its checkpoints"):
         export_artefact(str(out), run=str(a["run"]))
-    # an explicit checkpoint with --run is checked against the run's thresholds, not searched for
-    with pytest.raises(ValueError, match="calibrated on another checkpoint"):
+    # an explicit checkpoint with --run: a report of that checkpoint is searched for
+    with pytest.raises(ValueError, match=r"none of the dmpo test reports of .* the checkpoint \(last"):
         export_artefact(str(out), run=str(a["run"]), ckpt_path=str(a["ckpt"]))
     export_artefact(str(out), run=str(a["run"]), ckpt_path=str(b["ckpt"]))
     assert out.is_dir()
@@ -108,7 +108,7 @@ def test_thresholds_of_another_architecture_are_refused(tmp_path):
 def test_run_without_dmpo_test_and_unreadable_checkpoint(tmp_path):
     r = make_run(tmp_path)
     (r["run"] / "dmpo_test" / "thresholds.json").unlink()
-    with pytest.raises(FileNotFoundError, match="run `dmpo test` on this run first"):
+    with pytest.raises(FileNotFoundError, match=r"no `dmpo test` report of .* run `dmpo test --ckpt_path"):
         export_artefact(str(tmp_path / "art"), run=str(r["run"]))
     with pytest.raises(FileNotFoundError, match=r"run folder .* does not exist"):
         export_artefact(str(tmp_path / "art"), run=str(tmp_path / "missing"))
@@ -150,7 +150,8 @@ def test_help_lists_the_options(capsys):
         "--thresholds",
         "--output",
         "--embed-backbone",
-        "--merge-lora",
+        "--merge",
+        "--allow-untrained",
         "--onnx",
     ):
         assert option in out

@@ -72,7 +72,7 @@ def test_fit_test_export_predict_a_folder_of_pngs(tmp_path, monkeypatch):
 
     # the simulated protocol on the data module's own test images, with the same checkpoint and thresholds
     found = resolve_run(str(run))
-    module = DMPOModule.load_from_checkpoint(found["ckpt_path"], map_location="cpu").eval()
+    module = DMPOModule.load_from_checkpoint(found.ckpt_path, map_location="cpu").eval()
     view = cli.datamodule.split_dataset("test")
     x = torch.stack([view[i][IMAGE_KEY] for i in range(NUM_IMAGES)])
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_fit_test_export_predict_a_folder_of_pngs(tmp_path, monkeypatch):
     cached = torch.load(run / "dmpo_test" / "exit_outputs.pt", weights_only=True)["test"]
     order = torch.argsort(cached["index"])[:NUM_IMAGES]
     torch.testing.assert_close(scores, cached["scores"][order], atol=1e-5, rtol=0)  # = what dmpo test saw
-    thresholds = json.loads(Path(found["thresholds"]).read_text())["budgets"]
+    thresholds = json.loads(Path(found.thresholds).read_text())["budgets"]
 
     spread = set()
     for backend in ("torch", "onnx"):

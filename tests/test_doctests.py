@@ -21,6 +21,7 @@ MODULES = [
     "dmpo_lightning.models.checks",
     "dmpo_lightning.files",
     "dmpo_lightning.options",
+    "dmpo_lightning.serve.replicas",
     "dmpo_lightning.predictions",
 ]
 

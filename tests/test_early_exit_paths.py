@@ -206,7 +206,7 @@ STATE_KEYS = {
 @pytest.mark.parametrize(("dim", "tokens", "proj"), [(32, 17, 32), (96, 50, 128)])
 def test_lean_moment_head_equals_the_reference(prefix, dim, tokens, proj):
     torch.manual_seed(1)
-    head = MomentHead(dim, 7, prefix, proj_dim=proj).eval()
+    head = MomentHead(dim, 7, prefix, moment_dim=proj).eval()
     randomise(head, 0.2)
     assert set(head.state_dict()) == STATE_KEYS["moment"]  # checkpoints still load
     x = torch.randn(6, tokens + prefix, dim)
@@ -221,7 +221,7 @@ def test_lean_newton_schulz_and_isqrt_head_equal_the_reference(iterations):
     a = torch.randn(4, 12, 30)
     a = a @ a.transpose(1, 2) / 30
     assert torch.equal(newton_schulz_sqrt(a, iterations), reference_newton_schulz(a, iterations))
-    head = ISqrtCovHead(32, 7, 1, reduce_dim=12, iterations=iterations).eval()
+    head = ISqrtCovHead(32, 7, 1, cov_dim=12, cov_iterations=iterations).eval()
     randomise(head, 0.2)
     head.bn.running_var.uniform_(0.5, 2.0)
     assert set(head.state_dict()) == STATE_KEYS["isqrt"]

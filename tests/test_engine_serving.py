@@ -401,5 +401,7 @@ def test_predict_io_is_the_prediction_writer_the_module_brings_along(module, tmp
     trainer.state.fn = "fit"
     module.trainer = trainer
     assert not any(isinstance(c, DMPOPredictionWriter) for c in module.configure_callbacks())
-    with pytest.raises(TypeError, match="serves a LightningModule with early exits .* LightningModule lacks"):
+    with pytest.raises(
+        TypeError, match=r"serves a LightningModule with early exits .* LightningModule lacks"
+    ):
         DMPOPredictionWriter().on_predict_start(trainer, pl.LightningModule())

@@ -17,7 +17,7 @@ from dmpo_lightning.models.heads import (
 )
 
 D, C, NPT, N = 32, 5, 1, 17
-SMALL = {"proj_dim": 64, "groups": 4, "reduce_dim": 8}
+SMALL = {"moment_dim": 64, "moment_groups": 4, "cov_dim": 8}
 
 
 def _tokens(b: int = 2, n: int = N) -> torch.Tensor:
@@ -28,15 +28,15 @@ def _tokens(b: int = 2, n: int = N) -> torch.Tensor:
 @pytest.mark.parametrize("npt", [0, 1, 3])
 def test_predictor_shapes(kind, npt):
     pool = "token" if npt else "avg"
-    head = build_predictor(kind, D, C, npt, pool=pool, **SMALL)
+    head = build_predictor(kind, D, C, npt, head_pool=pool, **SMALL)
     assert head(_tokens()).shape == (2, C)
 
 
 def test_linear_head_pooling():
     x = _tokens()
-    head = LinearHead(D, C, NPT, pool="avg", norm=False)
+    head = LinearHead(D, C, NPT, head_pool="avg", norm=False)
     torch.testing.assert_close(head(x), head.fc(x[:, NPT:].mean(1)))
-    head = LinearHead(D, C, NPT, pool="token", norm=False)
+    head = LinearHead(D, C, NPT, head_pool="token", norm=False)
     torch.testing.assert_close(head(x), head.fc(x[:, 0]))
 
 
@@ -85,7 +85,7 @@ def test_newton_schulz_zero_matrix_is_finite():
 
 
 def test_moment_second_order_matches_naive():
-    head = MomentHead(D, C, NPT, proj_dim=16, groups=4).eval()
+    head = MomentHead(D, C, NPT, moment_dim=16, moment_groups=4).eval()
     x = _tokens(b=1)
     p = head.proj(x[0, NPT:])  # [n, 16]
     ln = head.group_norm
@@ -97,7 +97,7 @@ def test_moment_second_order_matches_naive():
 
 
 def test_isqrt_features_are_upper_triangle():
-    head = ISqrtCovHead(D, C, NPT, reduce_dim=6)
+    head = ISqrtCovHead(D, C, NPT, cov_dim=6)
     assert head.fc.in_features == 21
     rows, cols = torch.triu_indices(6, 6)
     mat = torch.randn(2, 6, 6)
@@ -153,15 +153,19 @@ def test_exit_head_default_bypass_is_identity():
     ("build", "match"),
     [
         (lambda: build_predictor("mlp", D, C, NPT), "allowed: linear, moment, isqrt_cov"),
-        (lambda: MomentHead(D, C, NPT, groups=1), "groups must be an integer >= 2"),
-        (lambda: MomentHead(D, C, NPT, proj_dim=100, groups=3), "multiple of groups=3"),
-        (lambda: LinearHead(D, C, 0, pool="token"), "num_prefix_tokens=0"),
-        (lambda: LinearHead(D, C, NPT, pool="max"), "'token' or 'avg'"),
-        (lambda: ISqrtCovHead(D, C, NPT, reduce_dim=0), "reduce_dim must be a positive"),
-        (lambda: ISqrtCovHead(D, C, NPT, iterations=0), "iterations must be an integer >= 1"),
+        (lambda: MomentHead(D, C, NPT, moment_groups=1), "^moment_groups must be an integer >= 2"),
+        (
+            lambda: MomentHead(D, C, NPT, moment_dim=100, moment_groups=3),
+            "^moment_dim must be a positive multiple of moment_groups=3",
+        ),
+        (lambda: LinearHead(D, C, 0, head_pool="token"), "num_prefix_tokens=0"),
+        (lambda: LinearHead(D, C, NPT, head_pool="max"), "^head_pool must be 'token' or 'avg'"),
+        (lambda: ISqrtCovHead(D, C, NPT, cov_dim=0), "^cov_dim must be a positive"),
+        (lambda: ISqrtCovHead(D, C, NPT, cov_iterations=0), "^cov_iterations must be an integer >= 1"),
+        (lambda: MomentHead(D, C, NPT, head_dropout=1.0), r"^head_dropout must be in \[0, 1\)"),
         (lambda: LinearHead(D, 0, NPT), "num_classes must be a positive"),
         (lambda: LinearHead(D, C, -1), "num_prefix_tokens must be"),
-        (lambda: Bypass(D, hidden_dim=0), "hidden_dim must be a positive"),
+        (lambda: Bypass(D, bypass_dim=0), "^bypass_dim must be a positive"),
         (lambda: newton_schulz_sqrt(torch.zeros(2, 3, 4)), "square matrices"),
     ],
 )
@@ -172,6 +176,6 @@ def test_bad_options_raise(build, match):
 
 def test_bad_tokens_raise():
     with pytest.raises(ValueError, match=r"\[B, N, 32\]"):
-        MomentHead(D, C, NPT, **{"proj_dim": 64})(torch.randn(2, N, D + 1))
+        MomentHead(D, C, NPT, moment_dim=64)(torch.randn(2, N, D + 1))
     with pytest.raises(ValueError, match="at least one patch token"):
-        ISqrtCovHead(D, C, 2, reduce_dim=4)(torch.randn(2, 2, D))
+        ISqrtCovHead(D, C, 2, cov_dim=4)(torch.randn(2, 2, D))

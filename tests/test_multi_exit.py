@@ -132,3 +132,44 @@ def test_early_exit_rejects_wrong_threshold_count():
 def test_upto_out_of_range():
     with pytest.raises(ValueError, match=r"allowed are 0\.\.3"):
         make_model()(torch.randn(1, 3, 32, 32), upto=4)
+
+
+HEAD_OPTIONS = ("head_pool", "head_dropout", "moment_dim", "moment_groups", "cov_dim", "cov_iterations")
+
+
+def test_each_head_option_has_one_name_and_one_default_from_exits_to_the_head_classes():
+    import dataclasses
+    import inspect
+
+    from dmpo_lightning.models import heads
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ExitOptions)}
+    seen = set()
+    for kind in heads.PREDICTOR_KINDS:
+        spec = heads.PREDICTOR_REGISTRY.get(kind)
+        params = inspect.signature(spec.build).parameters
+        for name in set(spec.options) & set(HEAD_OPTIONS):
+            assert params[name].default == defaults[name], (kind, name)
+            seen.add(name)
+    build = inspect.signature(heads.build_predictor).parameters
+    assert all(build[name].default == defaults[name] for name in HEAD_OPTIONS)
+    assert seen == set(HEAD_OPTIONS)  # every head option reaches a head class under its own name
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("moment_dim", 30, r"exits.moment_dim must be a positive multiple of exits.moment_groups=4, got 30"),
+        ("moment_groups", 1, r"exits.moment_groups must be an integer >= 2"),
+        ("cov_dim", 0, r"exits.cov_dim must be a positive integer, got 0"),
+        ("cov_iterations", 0, r"exits.cov_iterations must be an integer >= 1, got 0"),
+        ("head_dropout", 1.5, r"exits.head_dropout must be in \[0, 1\), got 1.5"),
+        ("head_pool", "max", r"exits.head_pool must be 'token' or 'avg', got 'max'"),
+        ("bypass_dim", 0, r"exits.bypass_dim must be a positive integer, got 0"),
+    ],
+)
+def test_a_bad_head_option_is_named_as_the_user_writes_it(option, value, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        ExitOptions(**{option: value})
+    with pytest.raises(ValueError, match=f"^{message}"):
+        MultiExitViT(make_tiny_vit(), 5, {"blocks": (2, 4), option: value})

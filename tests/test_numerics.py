@@ -117,7 +117,7 @@ def test_every_exit_and_every_gradient_is_finite(early_head, inputs, dtype):
 def test_second_order_heads_backward_under_autocast(kind, dtype):
     """test_heads.py checks the forward under bf16; here the backward under each autocast dtype, on tokens
     that make the covariance vanish (all patch tokens equal) and on ordinary ones."""
-    head = build_predictor(kind, 32, NUM_CLASSES, 1, proj_dim=32, groups=4, reduce_dim=8).train()
+    head = build_predictor(kind, 32, NUM_CLASSES, 1, moment_dim=32, moment_groups=4, cov_dim=8).train()
     for tokens in (torch.randn(3, 17, 32), torch.randn(3, 1, 32).expand(3, 17, 32).clone()):
         tokens.requires_grad_()
         with _autocast(dtype):

@@ -1,15 +1,16 @@
 """Items that used to be written twice now have one definition, used by every caller."""
 
 import json
+import os
 
 import pytest
 import torch
 
 from dmpo_lightning import constants, files
 from dmpo_lightning.errors import ConfigError
-from dmpo_lightning.evaluation import protocol, report, runner
+from dmpo_lightning.evaluation import protocol, protocol_run, report, thresholds
 from dmpo_lightning.evaluation.flops import ExitCosts
-from dmpo_lightning.models import adapters, checks, heads
+from dmpo_lightning.models import adapters, heads
 
 
 def _costs(exit_gflops, full):
@@ -20,7 +21,7 @@ def _costs(exit_gflops, full):
 def test_config_check_and_protocol_refuse_a_budget_with_the_same_sentence(budget, option):
     costs = _costs([1.0, 2.0, 4.0], 4.0)
     with pytest.raises(ConfigError) as config_err:
-        runner.check_budgets([budget], option, costs)
+        protocol_run.check_budgets([budget], option, costs)
     scores = torch.rand(20, 3)
     correct = torch.rand(20, 3) > 0.5
     unit = protocol.protocol_budget_unit(option)
@@ -35,8 +36,8 @@ def test_config_check_and_protocol_refuse_a_budget_with_the_same_sentence(budget
 
 def test_budgets_at_both_ends_of_the_range_pass_both_checks():
     costs = _costs([1.0, 2.0, 4.0], 4.0)
-    runner.check_budgets([0.25, 1.0], "fraction", costs)
-    runner.check_budgets([1.0, 4.0], "gflops", costs)
+    protocol_run.check_budgets([0.25, 1.0], "fraction", costs)
+    protocol_run.check_budgets([1.0, 4.0], "gflops", costs)
     assert protocol.check_budget_range([1.0, 4.0], 1.0, 4.0, "absolute", "GFLOPs") == [1.0, 4.0]
 
 
@@ -57,21 +58,43 @@ def test_a_thresholds_file_of_an_absolute_budget_is_found_with_the_gflops_option
     path = tmp_path / "thresholds.json"
     entry = {"budget": 2.0, "unit": "absolute", "thresholds": [0.5, 0.6, float("-inf")]}
     path.write_text(
-        json.dumps(report.to_jsonable({"format": constants.THRESHOLDS_FORMAT, "budgets": [entry]}))
+        json.dumps(files.to_jsonable({"format": constants.THRESHOLDS_FORMAT, "budgets": [entry]}))
     )
-    got = runner.load_thresholds(str(path), 2.0, {}, unit="gflops", num_exits=3)
+    got = thresholds.load_thresholds(str(path), 2.0, {}, unit="gflops", num_exits=3)
     assert got[:2] == [0.5, 0.6]
     with pytest.raises(ValueError, match=r"budget 2.0 \(fraction\) is not in"):
-        runner.load_thresholds(str(path), 2.0, {}, unit="fraction", num_exits=3)
+        thresholds.load_thresholds(str(path), 2.0, {}, unit="fraction", num_exits=3)
 
 
-def test_one_atomic_write_serves_reports_predictions_and_exports():
-    import dmpo_lightning.serialization as serialization
+def _write_report(path):
+    files.write_json(path, {"a": 2})
 
-    assert report._atomic_write is files.atomic_write
 
-    assert not hasattr(serialization, "_write_atomic")
-    assert serialization.atomic_write_bytes is files.atomic_write_bytes
+def _write_plot(path):
+    report.plot_curve(path, report.build_report(costs=[1.0, 2.0], full_cost=2.0, anytime_top1=[0.5, 0.6]))
+
+
+def _write_export(path):
+    from dmpo_lightning import serialization
+
+    serialization.write_trainable(str(path), {"w": torch.ones(2)}, {"a": 1}, overwrite=True)
+
+
+@pytest.mark.parametrize("write", [_write_report, _write_plot, _write_export], ids=lambda f: f.__name__)
+def test_reports_plots_and_exports_are_written_atomically(tmp_path, monkeypatch, write):
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old")
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write(path)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+    monkeypatch.undo()
+    write(path)
+    assert path.read_bytes() != b"old" and [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
 
 
 def test_atomic_write_without_overwrite_refuses_and_leaves_nothing(tmp_path):
@@ -88,7 +111,6 @@ def test_fingerprint_keys_are_defined_once():
     from dmpo_lightning.deploy import export
 
     assert export.FINGERPRINT_KEYS is constants.MODEL_FINGERPRINT_KEYS
-    assert export.THRESHOLDS_FORMAT is constants.THRESHOLDS_FORMAT is runner.THRESHOLDS_FORMAT
     assert set(constants.ARCHITECTURE_KEYS) < set(constants.MODEL_FINGERPRINT_KEYS)
     assert set(constants.THRESHOLDS_FINGERPRINT_KEYS) - set(constants.MODEL_FINGERPRINT_KEYS) == {"exit_rule"}
 
@@ -111,11 +133,19 @@ def test_the_module_fingerprint_has_exactly_the_fingerprint_keys():
     assert fingerprint["peft"] == "full" and fingerprint["early_head"] == "linear"
 
 
-def test_dropout_and_positive_int_checks_are_one_function():
-    assert heads._check_dropout is checks.check_dropout is adapters._check_dropout
-    assert adapters._check_positive_int is checks.check_positive_int
+def test_dropout_and_positive_int_are_refused_with_the_same_sentence_everywhere():
+    from dmpo_lightning.models.multi_exit import ExitOptions
+
     for bad in (1.0, -0.1, float("nan")):
-        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-            heads.build_predictor("linear", 8, 2, 1, dropout=bad)
-        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        with pytest.raises(ValueError, match=rf"^head_dropout must be in \[0, 1\), got {bad}$"):
+            heads.build_predictor("linear", 8, 2, 1, head_dropout=bad)
+        with pytest.raises(ValueError, match=rf"^exits.head_dropout must be in \[0, 1\), got {bad}$"):
+            ExitOptions(head_dropout=bad)
+        with pytest.raises(ValueError, match=rf"^dropout must be in \[0, 1\), got {bad}$"):
             adapters.LoRALinear(torch.nn.Linear(4, 4), dropout=bad)
+    with pytest.raises(ValueError, match=r"^cov_dim must be a positive integer, got 0$"):
+        heads.ISqrtCovHead(8, 2, 1, cov_dim=0)
+    with pytest.raises(ValueError, match=r"^exits.cov_dim must be a positive integer, got 0$"):
+        ExitOptions(cov_dim=0)
+    with pytest.raises(ValueError, match=r"^lora_rank must be a positive integer, got 0$"):
+        adapters.LoRALinear(torch.nn.Linear(4, 4), rank=0)

@@ -1,4 +1,7 @@
-"""The LR schedule is one torch LambdaLR (its state is the step count, so a longer resume re-plans); weight-decay groups are timm's."""
+"""The LR schedule is one torch LambdaLR (its state is the step count: a longer resume re-plans it).
+
+Weight-decay groups are timm's.
+"""
 
 import math
 

@@ -32,7 +32,7 @@ from dmpo_lightning.data import BenchmarkDataModule
 from dmpo_lightning.data.predict_images import ERROR_KEY, IMAGE_EXTENSIONS, PATH_KEY, list_image_paths
 from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.protocol import assign_exits
-from dmpo_lightning.evaluation.report import decode_float
+from dmpo_lightning.files import decode_float
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -123,16 +123,16 @@ def test_unknown_names_are_refused_with_the_allowed_list():
 
 
 def test_a_registered_predictor_is_built_with_only_its_options(scratch):
-    @heads.register_predictor("first_token", options=("dropout",))
+    @heads.register_predictor("first_token", options=("head_dropout",))
     class FirstToken(nn.Module):
-        def __init__(self, dim, num_classes, num_prefix_tokens, dropout=0.0):
+        def __init__(self, dim, num_classes, num_prefix_tokens, head_dropout=0.0):
             super().__init__()
-            self.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+            self.fc = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(dim, num_classes))
 
         def forward(self, x):
             return self.fc(x[:, 0])
 
-    head = heads.build_predictor("first_token", 8, 3, 1, dropout=0.25, proj_dim=7)
+    head = heads.build_predictor("first_token", 8, 3, 1, head_dropout=0.25, moment_dim=7)
     assert isinstance(head, FirstToken) and head.fc[0].p == 0.25
     model = multi_exit.MultiExitViT(_tiny_vit(), 4, {"blocks": [2, 3], "early_head": "first_token"}, "linear")
     assert isinstance(model.exits[0].predictor, FirstToken)
@@ -140,11 +140,11 @@ def test_a_registered_predictor_is_built_with_only_its_options(scratch):
 
 
 def test_a_predictor_registration_naming_an_option_it_lacks_fails_at_once(scratch):
-    with pytest.raises(TypeError, match=r"does not accept the options \['groups'\]"):
+    with pytest.raises(TypeError, match=r"does not accept the options \['moment_groups'\]"):
 
-        @heads.register_predictor("bad", options=("dropout", "groups"))
+        @heads.register_predictor("bad", options=("head_dropout", "moment_groups"))
         class Bad(nn.Module):
-            def __init__(self, dim, num_classes, num_prefix_tokens, dropout=0.0):
+            def __init__(self, dim, num_classes, num_prefix_tokens, head_dropout=0.0):
                 super().__init__()
 
     assert "bad" not in heads.PREDICTOR_REGISTRY

@@ -9,18 +9,16 @@ import math
 import pytest
 import torch
 
-from dmpo_lightning.evaluation import report as report_mod
+from dmpo_lightning import files
 from dmpo_lightning.evaluation.protocol import budgeted_curve, operating_points, search_qs
 from dmpo_lightning.evaluation.report import (
     GFLOPS_UNIT,
     build_report,
-    decode_float,
     format_report_table,
     plot_curve,
-    to_jsonable,
     write_curve_csv,
-    write_json,
 )
+from dmpo_lightning.files import decode_float, to_jsonable, write_json
 
 COSTS = [1.25, 2.5, 3.75, 5.1]
 FULL = 5.0
@@ -99,8 +97,12 @@ def test_json_round_trip(run, tmp_path):
     assert decode_float(json.loads(text)["curve"]["thresholds"][0][-1]) == -math.inf
     assert decode_float(None) != decode_float(None)  # NaN
     assert to_jsonable({"a": float("inf"), "b": torch.tensor(2)}) == {"a": "inf", "b": 2}
-    with pytest.raises(TypeError, match="cannot put a object"):
+    with pytest.raises(TypeError, match="cannot put a object into JSON"):
         to_jsonable(object())
+    assert to_jsonable({"o": object}, default=lambda o: o.__name__) == {"o": "object"}
+    for bad in ("nan", "Infinity", "0.5", True, [1.0]):
+        with pytest.raises(ValueError, match="expected a number, 'inf' or '-inf'"):
+            decode_float(bad)
 
 
 def test_csv_layout(run, tmp_path):
@@ -147,8 +149,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report_mod.json, "dumps", lambda *a, **k: '{"a": 2}')
-    monkeypatch.setattr(report_mod.os, "fsync", boom)
+    monkeypatch.setattr(files.os, "fsync", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}

@@ -219,8 +219,9 @@ def test_printed_summary_puts_each_budget_next_to_the_full_model():
 
 def test_an_artefact_of_the_toy_trunk_loads_offline_without_embedding_the_trunk(tmp_path):
     from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT, export_artefact
-    from dmpo_lightning.deploy.format import MANIFEST_FILE, file_sha256
+    from dmpo_lightning.deploy.format import MANIFEST_FILE
     from dmpo_lightning.deploy.predictor import EarlyExitPredictor
+    from dmpo_lightning.files import file_sha256
 
     torch.manual_seed(0)
     module = DMPOModule(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import os
 import pickle
 import zipfile
@@ -34,6 +33,7 @@ import torch
 
 from dmpo_lightning.constants import ARCHITECTURE_KEYS, THRESHOLDS_FINGERPRINT_KEYS
 from dmpo_lightning.errors import ConfigError, ConfigFileNotFoundError
+from dmpo_lightning.files import file_sha256, tensors_sha256
 from dmpo_lightning.options import option_name
 from dmpo_lightning.serialization import weights_only_refusal
 
@@ -182,25 +182,16 @@ def check_architecture(
 
 
 def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 of a model's trained weights in memory (the same however they were loaded).
+    """sha256 of a model's trained weights in memory (the same however they were loaded; as float32).
 
     ``model`` is a :class:`~dmpo_lightning.models.multi_exit.MultiExitViT` (its ``trainable_state_dict``).
     """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.trainable_state_dict().items()):  # type: ignore[operator]
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return f"weights:{digest.hexdigest()}"
+    state = model.trainable_state_dict()  # type: ignore[operator]
+    return f"weights:{tensors_sha256({k: v.float() for k, v in state.items()})}"
 
 
 def _file_hash(path: str | None) -> str | None:
-    if not path or not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"file:{digest.hexdigest()}"
+    return f"file:{file_sha256(path)}" if path and os.path.isfile(path) else None
 
 
 def checkpoint_hash(model: torch.nn.Module, ckpt_path: str | None) -> str:

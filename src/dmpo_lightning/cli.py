@@ -43,8 +43,9 @@ from dmpo_lightning.data.errors import DatasetLayoutError, UnreadableImageError
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFileNotFoundError
 from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions, check_trained
 from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter, predictions_path
-from dmpo_lightning.evaluation.runner import check_budgets, check_output_file, check_report_dir
-from dmpo_lightning.files import claim_folder, release_folder
+from dmpo_lightning.evaluation.protocol_run import check_budgets
+from dmpo_lightning.evaluation.report import check_report_dir
+from dmpo_lightning.files import check_output_file, claim_folder, release_folder
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule
 from dmpo_lightning.optim import check_learning_rates, param_groups
@@ -386,7 +387,7 @@ class DMPOCLI(LightningCLI):
         if isinstance(self.model, DMPOModule):
             self._refuse_untrained(options)
         self._evaluation_folder()
-        check_output_file(predictions_path(self.trainer, options))
+        check_output_file(predictions_path(self.trainer, options), "evaluation.predictions_file")
         self.trainer.callbacks.append(DMPOPredictionWriter(options))  # type: ignore[attr-defined]
 
     def after_fit(self) -> None:

@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
     Args:
         message: One sentence: what was wrong and what is allowed.
-        option: The option concerned (``model.init_args.evaluation.budgets``), if one.
+        option: The option concerned (``evaluation.budgets``), if one.
     """
 
     def __init__(self, message: str, option: str | None = None) -> None:

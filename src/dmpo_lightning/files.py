@@ -1,28 +1,52 @@
-"""Atomic file writes: the one implementation used for reports, thresholds, predictions and exports.
+"""The file-format layer every writer and reader of the package shares.
 
-A file is written to a temporary file in the target's folder, flushed to disk, then moved into place with
-``os.replace`` (or a hard link when it must not replace an existing file), so a crash or a full disk never
-leaves a partial file under the target's name, and the temporary file is removed on any error.
+- Atomic writes (:func:`atomic_write`): a file is written to a temporary file in the target's folder,
+  flushed to disk, then moved into place with ``os.replace`` (or a hard link when it must not replace an
+  existing file), so a crash or a full disk never leaves a partial file under the target's name, and the
+  temporary file is removed on any error. Reports, thresholds, predictions and exports all use it.
+- One JSON encoding (:func:`to_jsonable`, :func:`decode_float`, :func:`write_json`): tensors, paths,
+  dataclasses and containers become plain JSON; infinities are written as the strings ``"inf"``/``"-inf"``
+  and NaN as ``null``, so every file is strict JSON.
+- One hash for tensors (:func:`tensors_sha256`) and one for files (:func:`file_sha256`).
+- Pre-flight checks of output paths (:func:`check_output_file`, :func:`check_writable`), run before any work
+  so that an unusable path fails in one sentence instead of after a long run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
+import hashlib
 import io
+import json
+import math
 import os
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import torch
+
+from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
 
 __all__ = [
     "CLAIM_MARKER",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_file",
+    "check_writable",
     "claim_folder",
     "csv_text",
+    "decode_float",
+    "file_sha256",
     "release_folder",
+    "tensors_sha256",
+    "to_jsonable",
+    "write_json",
 ]
 
 
@@ -107,8 +131,6 @@ def atomic_write_text(
 
 def csv_text(rows: Iterable[Sequence[object]]) -> str:
     """Rows as CSV text, with the ``csv`` module's defaults (CRLF line ends, minimal quoting)."""
-    import csv
-
     buffer = io.StringIO(newline="")
     csv.writer(buffer).writerows(rows)
     return buffer.getvalue()
@@ -176,3 +198,165 @@ def release_folder(path: str | os.PathLike[str]) -> None:
         os.remove(os.path.join(folder, CLAIM_MARKER))
     with contextlib.suppress(OSError):
         os.rmdir(folder)  # only an empty folder
+
+
+# ------------------------------------------------------------------------------------------------- JSON
+def to_jsonable(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
+    """``obj`` as plain JSON values: dicts (string keys), lists, strings, ints, floats, bools and None.
+
+    Tensors and numpy values become (nested) lists or numbers, paths strings, dataclasses dicts, tuples and
+    sets lists; ``+inf``/``-inf`` become the strings ``"inf"``/``"-inf"`` and NaN becomes ``None``, so the
+    result is strict JSON (:func:`decode_float` reverses this for one number).
+
+    Args:
+        obj: The object.
+        default: Called on an object of no other type (as ``json.dumps``'s ``default``); its result is
+            converted in turn. ``None``: such an object is an error.
+
+    Raises:
+        TypeError: For an object with no JSON form and no ``default``.
+
+    Example:
+        >>> to_jsonable({"t": torch.tensor([0.5, float("inf")]), "n": float("nan"), "k": (1, 2)})
+        {'t': [0.5, 'inf'], 'n': None, 'k': [1, 2]}
+        >>> to_jsonable({"f": len}, default=repr)
+        {'f': '<built-in function len>'}
+    """
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist(), default)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name), default) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v, default) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v, default) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return to_jsonable(obj.tolist(), default)
+    if default is not None:
+        return to_jsonable(default(obj))
+    raise TypeError(f"cannot put a {type(obj).__name__} into JSON: {obj!r}")
+
+
+def decode_float(value: str | float | int | None) -> float:
+    """Inverse of :func:`to_jsonable` for one number: ``"inf"``/``"-inf"`` -> +-inf, ``None`` -> NaN.
+
+    Raises:
+        ValueError: For a string other than ``"inf"``/``"-inf"``, or a value that is not a number.
+
+    Example:
+        >>> decode_float("-inf"), decode_float(0.5), decode_float(None)
+        (-inf, 0.5, nan)
+    """
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected a number, 'inf' or '-inf', got {value!r}")
+    if isinstance(value, str) and value not in ("inf", "-inf"):
+        raise ValueError(f"expected a number, 'inf' or '-inf', got {value!r}")
+    return float(value)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = True) -> Path:
+    """Write ``obj`` as strict, indented JSON (:func:`to_jsonable`), atomically; returns the path.
+
+    Raises:
+        TypeError: ``obj`` holds a value with no JSON form (nothing is written).
+        FileExistsError: If ``overwrite`` is off and ``path`` exists.
+    """
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    return atomic_write_text(path, text, overwrite=overwrite)
+
+
+# ----------------------------------------------------------------------------------------------- hashes
+def tensors_sha256(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> str:
+    """Hex sha256 over the name, dtype, shape and raw bytes of each tensor, in sorted name order.
+
+    Args:
+        tensors: Named tensors (a state dict).
+        names: Only these names (default: all).
+
+    Example:
+        >>> a = {"w": torch.zeros(2), "b": torch.ones(1)}
+        >>> tensors_sha256(a) == tensors_sha256({"b": torch.ones(1), "w": torch.zeros(2)})
+        True
+        >>> tensors_sha256(a) == tensors_sha256({**a, "w": torch.zeros(2, dtype=torch.float16)})
+        False
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors if names is None else names):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- output paths
+def check_output_file(path: str, option: str) -> None:
+    """Refuse an output file that exists, is a folder, or whose folder cannot be created or written.
+
+    Args:
+        path: The file to be written.
+        option: The option that named it, as the user writes it (named in the message).
+
+    Raises:
+        ConfigFileExistsError: If ``path`` exists (it is never overwritten).
+        ConfigError: If ``path`` is a folder or cannot be written.
+    """
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a folder; {option} must name a new file (e.g. one inside it)", option)
+    if os.path.exists(path):
+        raise ConfigFileExistsError(
+            f"{path} exists; set {option} to a new path or move the old file away", option=option
+        )
+    check_writable(os.path.dirname(os.path.abspath(path)), f"{option} {path}", option)
+
+
+def check_writable(folder: str, what: str, option: str) -> None:
+    """Refuse a ``folder`` that neither takes a new entry nor can be created.
+
+    The check creates a temporary folder in ``folder`` (or in its nearest existing parent) and removes it
+    again: nothing is left behind.
+
+    Raises:
+        ConfigError: Naming ``what`` and ``option``.
+    """
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(
+            f"{what} cannot be created: {probe} is a file, not a folder; {option} must be a path "
+            "under a folder",
+            option,
+        )
+    try:
+        created = tempfile.mkdtemp(prefix=".dmpo-write-check-", dir=probe)
+    except OSError as err:
+        raise ConfigError(
+            f"{what} cannot be written ({probe} is not writable: {err.strerror}); {option} must be a "
+            "writable location",
+            option,
+        ) from None
+    os.rmdir(created)

@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from dmpo_lightning.files import to_jsonable
+
 __all__ = [
     "LEGACY_FLAT_OPTIONS",
     "OptionGroup",
@@ -68,20 +70,12 @@ class OptionGroup:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The group as plain values (tuples become lists), for hyperparameters and YAML."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """The group as plain JSON values (tuples become lists), for hyperparameters, YAML and files."""
+        return {f.name: to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 def _frozen(value: Any) -> Any:
     return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 LEGACY_FLAT_OPTIONS: dict[str, tuple[str, str]] = {}
@@ -132,9 +126,9 @@ def flat_options(hparams: Mapping[str, Any]) -> dict[str, Any]:
     for old, (group, field) in LEGACY_FLAT_OPTIONS.items():
         values = grouped.get(group)  # not `out`: the flat `peft` (the method) replaces the group there
         if isinstance(values, Mapping) and field in values:
-            out[old] = _plain(values[field])
+            out[old] = to_jsonable(values[field])
         elif isinstance(values, OptionGroup):
-            out[old] = _plain(getattr(values, field))
+            out[old] = to_jsonable(getattr(values, field))
     return out
 
 

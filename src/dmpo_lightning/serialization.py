@@ -16,7 +16,6 @@ module keeps every file the package loads on the safe side of that line (``docs/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -31,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from dmpo_lightning.files import atomic_write_bytes
+from dmpo_lightning.files import atomic_write_bytes, tensors_sha256, to_jsonable
 
 __all__ = [
     "LEGACY_TRAINABLE_FORMAT",
@@ -57,26 +56,14 @@ _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON hea
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and raw bytes (sorted by name): detects corrupt tensor data."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _jsonable(key: str, value: Any) -> Any:
-    def default(obj: Any) -> Any:
-        if isinstance(obj, os.PathLike):
-            return os.fspath(obj)
+    try:
+        return to_jsonable(value)
+    except TypeError as err:
         raise TypeError(
-            f"hyper-parameter {key!r} holds a {type(obj).__name__} ({obj!r}), which the export cannot store: "
-            "exports keep hyper-parameters as JSON (numbers, strings, lists, dicts, None)"
-        )
-
-    return json.loads(json.dumps(value, default=default))
+            f"hyper-parameter {key!r} cannot be stored ({err}): exports keep hyper-parameters as JSON "
+            "(numbers, strings, lists, dicts, None)"
+        ) from None
 
 
 def write_trainable(
@@ -110,7 +97,7 @@ def write_trainable(
         "format_version": str(TRAINABLE_FORMAT_VERSION),
         "dmpo_lightning_version": __version__,
         "hyper_parameters": json.dumps(hparams, sort_keys=True),
-        "tensors_sha256": _digest(state),
+        "tensors_sha256": tensors_sha256(state),
     }
     atomic_write_bytes(path, safetensors_save(state, metadata=metadata), overwrite=overwrite)
     return path
@@ -231,7 +218,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor
     if not isinstance(hparams, dict):
         raise ValueError(f"{path} is not a readable dmpo export: hyper_parameters is not a JSON object")
     expected = meta.get("tensors_sha256")
-    if expected is None or _digest(tensors) != expected:
+    if expected is None or tensors_sha256(tensors) != expected:
         raise ValueError(
             f"{path} is not a readable dmpo export: its tensor data does not match the sha256 in its header "
             "(corrupt file)"

@@ -14,8 +14,8 @@ import lightning
 import torch
 
 from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT
-from dmpo_lightning.deploy.format import file_sha256
 from dmpo_lightning.evaluation.protocol import assign_exits
+from dmpo_lightning.files import file_sha256
 from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.module import DMPOModule
 from dmpo_lightning.options import LEGACY_FLAT_OPTIONS

@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["ArtefactError", "EarlyExitPredictor", "export_artefact", "merge_lora"]
+__all__ = ["ArtefactError", "EarlyExitPredictor", "export_artefact", "merge_peft"]
 
 _LAZY = {
     "ArtefactError": "dmpo_lightning.deploy.format",
     "EarlyExitPredictor": "dmpo_lightning.deploy.predictor",
     "export_artefact": "dmpo_lightning.deploy.export",
-    "merge_lora": "dmpo_lightning.deploy.merge",
+    "merge_peft": "dmpo_lightning.deploy.merge",
 }
 
 

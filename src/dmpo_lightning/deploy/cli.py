@@ -6,6 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dmpo_lightning.deploy.export import export_artefact
+from dmpo_lightning.deploy.format import read_manifest
+
 __all__ = ["build_parser", "console_main", "main"]
 
 DESCRIPTION = """\
@@ -47,12 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
         "everything is embedded anyway)",
     )
     parser.add_argument(
-        "--merge-lora",
-        dest="merge_lora",
+        "--merge",
+        dest="merge",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fold LoRA into the frozen weights (base-model FLOPs per block); default: on for peft: lora. "
-        "AdaptFormer and VPT cannot be folded",
+        help="fold the trained PEFT modules into the frozen weights (base-model FLOPs per block); default: "
+        "on for the methods registered as mergeable (lora). AdaptFormer and VPT cannot be folded",
+    )
+    parser.add_argument(
+        "--allow-untrained",
+        "--allow_untrained",
+        dest="allow_untrained",
+        action="store_true",
+        help="export a checkpoint saved before any training step (global_step 0); refused otherwise",
     )
     parser.add_argument(
         "--onnx",
@@ -68,33 +78,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-    """Parse ``argv`` (without the ``export`` word) and export; returns the artefact path."""
-    from dmpo_lightning.deploy.export import export_artefact
+def main(argv: Sequence[str] | None = None) -> int:
+    """``dmpo export``: parse ``argv`` (without the ``export`` word), export, return the exit status.
 
-    args = build_parser().parse_args(argv)
-    names = None
-    if args.class_names:
-        with open(args.class_names, encoding="utf-8") as f:
-            names = [line.rstrip("\n") for line in f if line.strip()]
-    path = export_artefact(
-        args.output,
-        run=args.run,
-        ckpt_path=args.ckpt_path,
-        thresholds=args.thresholds,
-        report=args.report,
-        embed_backbone=args.embed_backbone,
-        merge_lora=args.merge_lora,
-        onnx=args.onnx,
-        class_names=names,
-    )
-    print(f"wrote artefact {path}", file=sys.stderr)
-    return path
+    A refused export prints one line ``dmpo export: error: ...`` and returns 2; nothing is written then.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        names = _read_class_names(args.class_names) if args.class_names else None
+        path = export_artefact(
+            args.output,
+            run=args.run,
+            ckpt_path=args.ckpt_path,
+            thresholds=args.thresholds,
+            report=args.report,
+            embed_backbone=args.embed_backbone,
+            merge=args.merge,
+            onnx=args.onnx,
+            class_names=names,
+            allow_untrained=args.allow_untrained,
+        )
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    found = read_manifest(path)["inputs"]["found"]
+    print(f"wrote artefact {path}" + (f" ({found})" if found else ""), file=sys.stderr)
+    return 0
+
+
+def _read_class_names(path: str) -> list[str]:
+    """One class name per line (surrounding blanks stripped, blank lines skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"--class-names {path} is not a UTF-8 text file (one class name per line)") from None
+    except IsADirectoryError:
+        raise ValueError(
+            f"--class-names {path} is a folder; give a text file with one name per line"
+        ) from None
 
 
 def console_main(argv: Sequence[str] | None = None) -> None:
-    """``dmpo export`` as a console command: a refused export prints one line and exits with status 2."""
-    try:
-        main(argv)
-    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as err:
-        build_parser().exit(2, f"dmpo export: error: {err}\n")
+    """``dmpo export`` as a console command: returns on success, exits with :func:`main`'s status else."""
+    status = main(argv)
+    if status:
+        raise SystemExit(status)

@@ -15,11 +15,14 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
+import dmpo_lightning
 from dmpo_lightning.checkpointing import weights_hash
 from dmpo_lightning.constants import MODEL_FINGERPRINT_KEYS, THRESHOLDS_FORMAT
 from dmpo_lightning.deploy.build import build_model, model_options
@@ -31,9 +34,13 @@ from dmpo_lightning.deploy.format import (
     WEIGHTS_FILE,
     decode_float,
     encode_float,
-    file_sha256,
-    tensors_sha256,
 )
+from dmpo_lightning.deploy.merge import check_mergeable, merge_peft
+from dmpo_lightning.deploy.onnx_stages import OPSET, _require_onnx, export_stages
+from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
+from dmpo_lightning.files import file_sha256, tensors_sha256, to_jsonable, write_json
+from dmpo_lightning.models.adapters import PEFT_REGISTRY
+from dmpo_lightning.models.multi_exit import MultiExitViT
 from dmpo_lightning.options import flat_options, option_name
 
 __all__ = ["ExportInputs", "export_artefact", "resolve_run"]
@@ -41,8 +48,21 @@ __all__ = ["ExportInputs", "export_artefact", "resolve_run"]
 FINGERPRINT_KEYS = MODEL_FINGERPRINT_KEYS
 
 
-class ExportInputs(dict):
-    """Resolved input files of an export: ``ckpt_path``, ``thresholds``, ``report`` (may be ``None``)."""
+@dataclass(frozen=True)
+class ExportInputs:
+    """The input files of an export.
+
+    Attributes:
+        ckpt_path: The checkpoint to export.
+        thresholds: The ``thresholds.json`` of a ``dmpo test`` of that checkpoint.
+        report: The ``report.json`` beside it, or ``None``.
+        found: How ``--run`` chose the files (one sentence), ``None`` when they were given.
+    """
+
+    ckpt_path: str
+    thresholds: str
+    report: str | None
+    found: str | None = None
 
 
 def _read_json(path: str, what: str) -> dict[str, Any]:
@@ -58,53 +78,129 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
     return data
 
 
+def _test_reports(run: str) -> list[str]:
+    """Every ``thresholds.json`` a ``dmpo test`` of the run's checkpoints may have written, newest first.
+
+    ``dmpo test --ckpt_path <run>/checkpoints/x.ckpt`` writes ``<run>/dmpo_test``, ``<run>/dmpo_test_1``, ...;
+    older versions wrote beside the run, into ``<run>_test``, ``<run>_test_1``, ... (``.../dmpo_test*``).
+    """
+    run = os.path.normpath(run)
+    patterns = [
+        os.path.join(glob.escape(run), "dmpo_test*", "thresholds.json"),
+        os.path.join(glob.escape(run) + "_test*", "dmpo_test*", "thresholds.json"),
+    ]
+    found = {os.path.abspath(p) for pattern in patterns for p in glob.glob(pattern)}
+    return sorted(found, key=lambda p: (os.path.getmtime(p), p), reverse=True)
+
+
+def _stored_hashes(thresholds: Mapping[str, Any]) -> set[str]:
+    return {str(h) for h in (thresholds.get("checkpoint_hash"), thresholds.get("weights_hash")) if h}
+
+
+class _CheckpointHashes:
+    """The hashes ``dmpo test`` may have stored for a checkpoint (file, then weights), computed on demand."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: str | None = None
+        self._weights: str | None = None
+
+    def matches(self, wanted: set[str]) -> bool:
+        if self._file is None:
+            self._file = f"file:{file_sha256(self.path)}"
+        if self._file in wanted:
+            return True
+        if not any(h.startswith("weights:") for h in wanted):
+            return False
+        if self._weights is None:
+            try:
+                self._weights = weights_hash(_load_trained(self.path).model)
+            except ValueError:  # a checkpoint that is not a DMPOModule's: nothing to match
+                self._weights = ""
+        return self._weights in wanted
+
+
 def resolve_run(
     run: str, thresholds: str | None = None, report: str | None = None, ckpt_path: str | None = None
 ) -> ExportInputs:
     """Find the checkpoint, thresholds and report of a run folder ``runs/<name>/version_N``.
 
-    The thresholds come from ``<run>/dmpo_test/thresholds.json`` (or ``thresholds``); the checkpoint is the
-    file under ``<run>/checkpoints`` whose sha256 equals the thresholds' ``checkpoint_hash`` (the one
-    ``dmpo test`` evaluated), so ``last.ckpt`` and the best checkpoint cannot be confused.
+    Without ``thresholds``, the newest ``dmpo test`` report of the run (see :func:`_test_reports`) whose
+    ``checkpoint_hash`` is one of the run's checkpoints (or ``ckpt_path``) is taken; with it, the checkpoint
+    under ``<run>/checkpoints`` whose hash is the thresholds' is. So ``last.ckpt`` and the best checkpoint
+    cannot be confused, and :attr:`ExportInputs.found` says which files were chosen.
 
     Raises:
-        FileNotFoundError: If the run, its thresholds or its checkpoints are missing.
-        ValueError: If no checkpoint of the run is the one the thresholds were calibrated on.
+        FileNotFoundError: If the run, a test report or the checkpoints are missing.
+        ValueError: If no test report of the run belongs to one of its checkpoints.
     """
     if not os.path.isdir(run):
         raise FileNotFoundError(
             f"run folder {run} does not exist; give runs/<name>/version_N of a `dmpo fit`"
         )
-    thresholds = thresholds or os.path.join(run, "dmpo_test", "thresholds.json")
-    if not os.path.isfile(thresholds):
-        raise FileNotFoundError(
-            f"{thresholds} does not exist: run `dmpo test` on this run first (it calibrates the thresholds), "
-            "or pass --thresholds"
-        )
-    if report is None:
-        candidate = os.path.join(os.path.dirname(thresholds), "report.json")
-        report = candidate if os.path.isfile(candidate) else None
-    if ckpt_path is not None:  # given explicitly: its hash is checked against the thresholds by the caller
-        return ExportInputs(ckpt_path=ckpt_path, thresholds=thresholds, report=report)
-    wanted = str(_read_json(thresholds, "thresholds file").get("checkpoint_hash", ""))
-    ckpts = sorted(glob.glob(os.path.join(run, "checkpoints", "*.ckpt")))
+    ckpts = (
+        [ckpt_path]
+        if ckpt_path is not None
+        else sorted(glob.glob(os.path.join(run, "checkpoints", "*.ckpt")))
+    )
     if not ckpts:
-        raise FileNotFoundError(f"{run}/checkpoints holds no .ckpt file")
-    if wanted.startswith("file:"):
-        for c in ckpts:
-            if f"file:{file_sha256(c)}" == wanted:
-                return ExportInputs(ckpt_path=c, thresholds=thresholds, report=report)
-        raise ValueError(
-            f"none of the checkpoints of {run} ({', '.join(os.path.basename(c) for c in ckpts)}) is the one "
-            f"{thresholds} was calibrated on (checkpoint_hash {wanted[:17]}...); re-run `dmpo test` on the "
-            "checkpoint to deploy, or pass --ckpt_path and --thresholds explicitly"
+        raise FileNotFoundError(f"{run}/checkpoints holds no .ckpt file; give --ckpt_path")
+    hashes = [_CheckpointHashes(c) for c in ckpts]
+    candidates = [thresholds] if thresholds is not None else _test_reports(run)
+    if not candidates:
+        raise FileNotFoundError(
+            f"no `dmpo test` report of {run} was found ({os.path.join(run, 'dmpo_test*')}/thresholds.json): "
+            "run `dmpo test --ckpt_path <checkpoint of this run>` first (it calibrates the thresholds), or "
+            "pass --thresholds"
         )
-    # thresholds made from in-memory weights: the hash is checked against each checkpoint's weights later
-    preferred = [c for c in ckpts if os.path.basename(c) != "last.ckpt"] or ckpts
-    return ExportInputs(ckpt_path=preferred[-1], thresholds=thresholds, report=report)
+    for candidate in candidates:
+        wanted = _stored_hashes(_read_json(candidate, "thresholds file"))
+        chosen = next((h.path for h in hashes if h.matches(wanted)), None)
+        if chosen is None:
+            continue
+        beside = os.path.join(os.path.dirname(candidate), "report.json")
+        report_path = report if report is not None else (beside if os.path.isfile(beside) else None)
+        found = None
+        if thresholds is None:
+            others = len(candidates) - 1
+            found = (
+                f"using the dmpo test report in {os.path.dirname(candidate)} (the newest of "
+                f"{others + 1} in {run}) and checkpoint {chosen}, whose hash it was calibrated on"
+            )
+        return ExportInputs(ckpt_path=chosen, thresholds=candidate, report=report_path, found=found)
+    names = ", ".join(os.path.basename(c) for c in ckpts)
+    if thresholds is not None and ckpt_path is not None:  # both given: the caller names the mismatch
+        return ExportInputs(ckpt_path=ckpt_path, thresholds=thresholds, report=report)
+    raise ValueError(
+        f"none of the dmpo test reports of {run} ({len(candidates)}: "
+        f"{', '.join(os.path.dirname(c) for c in candidates[:3])}{' ...' if len(candidates) > 3 else ''}) "
+        f"was calibrated on {'the checkpoint' if ckpt_path else 'one of its checkpoints'} ({names}); run "
+        "`dmpo test --ckpt_path` on the checkpoint to deploy, or pass --ckpt_path and --thresholds explicitly"
+    )
 
 
-def _load_checkpoint(path: str) -> dict[str, Any]:
+@dataclass
+class _Trained:
+    """A checkpoint and the network rebuilt from it (eval mode, its weights loaded)."""
+
+    path: str
+    ckpt: dict[str, Any]
+    hparams: dict[str, Any]
+    options: dict[str, Any]
+    model: MultiExitViT
+
+    @property
+    def peft(self) -> str:
+        return str(self.options.get("peft", "adaptformer"))
+
+
+def _load_trained(path: str) -> _Trained:
+    """Read a ``dmpo fit`` checkpoint (weights only, no pickle) and rebuild its network.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If it is not a readable DMPOModule checkpoint or its weights do not fit its options.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; give a .ckpt file written by `dmpo fit`")
     try:
@@ -116,7 +212,78 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
         ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{path} is not a DMPOModule checkpoint (no state_dict / hyper_parameters)")
-    return ckpt
+    hparams = dict(ckpt["hyper_parameters"])
+    options = model_options(hparams)
+    model = build_model(options)
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit the model its hyper_parameters describe: {err}") from err
+    return _Trained(path, ckpt, hparams, options, model.eval())
+
+
+def _check_trained(trained: _Trained, allow_untrained: bool) -> None:
+    """Refuse a checkpoint saved before any optimisation step, unless ``allow_untrained``."""
+    step = trained.ckpt.get("global_step")
+    if allow_untrained or (isinstance(step, int) and step > 0):
+        return
+    what = "global_step 0" if step == 0 else "no global_step (not a checkpoint of `dmpo fit`)"
+    raise ValueError(
+        f"checkpoint {trained.path} was saved before any training step ({what}): its exits and adapters hold "
+        "their initial weights, so the artefact would predict at random; export a trained checkpoint, or "
+        "pass "
+        "--allow-untrained to export it on purpose"
+    )
+
+
+def _check_inputs(
+    trained: _Trained, inputs: ExportInputs, th: Mapping[str, Any], rep: Mapping[str, Any] | None
+) -> str:
+    """The thresholds and report belong to this checkpoint and model; returns the calibrated hash.
+
+    Raises:
+        ValueError: Naming the file and what differs.
+    """
+    wanted = str(th.get("checkpoint_hash", ""))
+    actual = (
+        f"file:{file_sha256(inputs.ckpt_path)}" if wanted.startswith("file:") else weights_hash(trained.model)
+    )
+    if wanted != actual:
+        raise ValueError(
+            f"{inputs.thresholds} was calibrated on another checkpoint (checkpoint_hash {wanted[:17]}...) "
+            f"than {inputs.ckpt_path} ({actual[:17]}...); its thresholds would not fit these weights. Run "
+            "`dmpo test "
+            "--ckpt_path` on this checkpoint, or pass the matching --thresholds"
+        )
+    if rep is not None and rep.get("checkpoint_hash") not in (None, wanted):
+        raise ValueError(
+            f"{inputs.report} belongs to another checkpoint than {inputs.thresholds}; pass the matching "
+            "report"
+        )
+    if rep is not None and isinstance(rep.get("config"), Mapping):
+        # the report's config is the tested model's: options that change outputs without changing weights
+        # (adapter_scale, lora_alpha, ...) are only caught here
+        mine = to_jsonable(trained.options, default=repr)
+        theirs = to_jsonable(flat_options(dict(rep["config"])), default=repr)
+        differ = {k: (theirs[k], v) for k, v in mine.items() if k in theirs and theirs[k] != v}
+        if differ:
+            details = "; ".join(
+                f"{option_name(k)}: report {a!r} vs checkpoint {b!r}" for k, (a, b) in differ.items()
+            )
+            raise ValueError(f"{inputs.report} was made with another model configuration ({details})")
+    fingerprint = th.get("fingerprint") or {}
+    ours = {
+        **{k: trained.options.get(k) for k in FINGERPRINT_KEYS},
+        "exit_blocks": list(trained.model.exit_blocks),
+    }
+    diff = {k: (fingerprint.get(k), v) for k, v in ours.items() if k in fingerprint and fingerprint[k] != v}
+    if diff:
+        details = "; ".join(
+            f"{option_name(k)}: thresholds {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()
+        )
+        raise ValueError(f"{inputs.thresholds} was calibrated for another model ({details})")
+    return wanted
 
 
 def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: Any) -> dict[str, Any]:
@@ -213,6 +380,14 @@ def _class_names(ckpt: Mapping[str, Any], num_classes: int, given: Sequence[str]
     names = [str(n) for n in names]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names given for a model with {num_classes} classes")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ValueError(
+                f"class name {name!r} is given twice (classes {seen[name]} and {i}); every class needs its "
+                "own name, or the predictions of two classes could not be told apart (fix --class-names)"
+            )
+        seen[name] = i
     return names
 
 
@@ -270,222 +445,161 @@ def _operating_points(
     return points
 
 
-def export_artefact(
-    output: str,
-    *,
-    run: str | None = None,
-    ckpt_path: str | None = None,
-    thresholds: str | None = None,
-    report: str | None = None,
-    embed_backbone: bool = False,
-    merge_lora: bool | None = None,
-    onnx: bool = False,
-    class_names: Sequence[str] | None = None,
-) -> str:
-    """Write a deployable artefact directory (see :mod:`dmpo_lightning.deploy.format`).
+@dataclass
+class _ExportedForm:
+    """The network as the artefact holds it: merged or not, what is embedded, what is referenced."""
 
-    Args:
-        output: The artefact directory to create (must not exist).
-        run: A run folder ``runs/<name>/version_N`` (finds checkpoint, thresholds and report).
-        ckpt_path: The checkpoint (instead of, or to override, the run's).
-        thresholds: ``thresholds.json`` of ``dmpo test`` (required without ``run``).
-        report: ``report.json`` of the same ``dmpo test`` (adds calibration accuracy and costs per budget).
-        embed_backbone: Embed every weight; by default the frozen backbone weights are referenced by
-            timm name / local file and sha256 when they can be reproduced (a pretrained backbone).
-        merge_lora: Fold LoRA into the frozen weights (``None`` = yes for ``peft: lora``).
-        onnx: Also write one ONNX graph per stage (needs the ``[export]`` extra).
-        class_names: Class names in label order (default: from the checkpoint or the dataset).
+    costs: ExitCosts
+    costs_as_trained: ExitCosts
+    merged_layers: list[str]
+    state: dict[str, torch.Tensor]
+    embedded_keys: list[str]
+    contents: str
+    reference: dict[str, Any] | None
+    form: str
 
-    Returns:
-        The artefact path.
 
-    Raises:
-        FileExistsError: If ``output`` exists.
-        FileNotFoundError: If an input file is missing.
-        ValueError: If the inputs disagree (thresholds from another checkpoint or model) or are unreadable.
-    """
-    from safetensors.torch import save_file
-
-    import dmpo_lightning
-    from dmpo_lightning.deploy.merge import check_mergeable
-    from dmpo_lightning.deploy.merge import merge_lora as fold_lora
-    from dmpo_lightning.evaluation.flops import count_exit_costs
-
-    output = os.path.abspath(output)
-    if os.path.exists(output):
-        raise FileExistsError(f"{output} exists; an artefact is never overwritten: choose another --output")
-    if run is None and (ckpt_path is None or thresholds is None):
-        raise ValueError("give --run runs/<name>/version_N, or both --ckpt_path and --thresholds")
-    if run is not None:
-        found = resolve_run(run, thresholds, report, ckpt_path)
-        ckpt_path = found["ckpt_path"]
-        thresholds, report = found["thresholds"], found["report"]
-    assert ckpt_path is not None and thresholds is not None
-    if onnx:
-        from dmpo_lightning.deploy.onnx_stages import _require_onnx
-
-        _require_onnx("--onnx")
-    th = _read_json(thresholds, "thresholds file")
-    if th.get("format") != THRESHOLDS_FORMAT:
-        raise ValueError(f"{thresholds} is not a dmpo thresholds file (format {THRESHOLDS_FORMAT})")
-    rep = _read_json(report, "report") if report else None
-    ckpt = _load_checkpoint(ckpt_path)
-    hparams = dict(ckpt["hyper_parameters"])
-    options = model_options(hparams)
-    peft = options.get("peft", "adaptformer")
-    merge = (peft == "lora") if merge_lora is None else bool(merge_lora)
-    if merge:
-        check_mergeable(peft)
-
-    # ---- the checkpoint the thresholds were calibrated on
-    wanted = str(th.get("checkpoint_hash", ""))
-    actual_file = f"file:{file_sha256(ckpt_path)}"
-    model = build_model(options)
-    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{ckpt_path} does not fit the model its hyper_parameters describe: {err}") from err
-    model.eval()
-    actual = actual_file if wanted.startswith("file:") else weights_hash(model)
-    if wanted != actual:
-        raise ValueError(
-            f"{thresholds} was calibrated on another checkpoint (checkpoint_hash {wanted[:17]}...) than "
-            f"{ckpt_path} ({actual[:17]}...); its thresholds would not fit these weights. Run `dmpo test "
-            "--ckpt_path` on this checkpoint, or pass the matching --thresholds"
-        )
-    if rep is not None and rep.get("checkpoint_hash") not in (None, wanted):
-        raise ValueError(
-            f"{report} belongs to another checkpoint than {thresholds}; pass the matching report"
-        )
-    if rep is not None and isinstance(rep.get("config"), Mapping):
-        # the report's config is the tested model's: options that change outputs without changing weights
-        # (adapter_scale, lora_alpha, ...) are only caught here
-        mine = json.loads(json.dumps(_jsonable(options)))
-        theirs = json.loads(json.dumps(_jsonable(flat_options(dict(rep["config"])))))
-        differ = {k: (theirs[k], v) for k, v in mine.items() if k in theirs and theirs[k] != v}
-        if differ:
-            details = "; ".join(
-                f"{option_name(k)}: report {a!r} vs checkpoint {b!r}" for k, (a, b) in differ.items()
-            )
-            raise ValueError(f"{report} was made with another model configuration ({details})")
-    fingerprint = th.get("fingerprint") or {}
-    ours = {**{k: options.get(k) for k in FINGERPRINT_KEYS}, "exit_blocks": list(model.exit_blocks)}
-    diff = {k: (fingerprint.get(k), v) for k, v in ours.items() if k in fingerprint and fingerprint[k] != v}
-    if diff:
-        details = "; ".join(
-            f"{option_name(k)}: thresholds {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()
-        )
-        raise ValueError(f"{thresholds} was calibrated for another model ({details})")
-    exit_rule = th.get("rule") or fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or "confidence"
-    points = _operating_points(th, rep)
-    temperatures = _temperatures(th, thresholds, model.num_exits)
-    units = {p["unit"] for p in points}
-    budget_unit = "gflops" if units == {"absolute"} else "fraction"
-    names = _class_names(ckpt, int(options["num_classes"]), class_names)
-    preprocessing = _preprocessing(ckpt, options, model)
-    input_shape = tuple(preprocessing["input_size"])
-
-    # ---- the exported form
+def _exported_form(
+    trained: _Trained, input_shape: tuple[int, ...], *, merge: bool, embed_backbone: bool
+) -> _ExportedForm:
+    """Merge the PEFT method if asked, count the costs of the exported form, split embedded / referenced."""
+    model, options = trained.model, trained.options
+    spec = PEFT_REGISTRY.get(trained.peft)
     costs_as_trained = count_exit_costs(model, input_shape)
-    merged_layers = fold_lora(model) if merge else []
+    merged_layers = merge_peft(model) if merge else []
     costs = count_exit_costs(model, input_shape) if merge else costs_as_trained
-    full_state = model.state_dict()
+    state = model.state_dict()
     reproducible = bool(options.get("pretrained")) or bool(options.get("checkpoint_path"))
-    if embed_backbone or peft == "full" or not reproducible:
-        embedded_keys = set(full_state)
-        contents = "all"
+    if embed_backbone or spec.trains == "all" or not reproducible:
+        embedded, contents = set(state), "all"
     else:
-        embedded_keys = set(model.trainable_state_dict())
+        embedded = set(model.trainable_state_dict())
         for name in merged_layers:
-            embedded_keys |= {k for k in full_state if k.startswith(f"{name}.")}
-        contents = "trained" + (" + merged LoRA layers" if merged_layers else "")
-    reference_keys = sorted(set(full_state) - embedded_keys)
+            embedded |= {k for k in state if k.startswith(f"{name}.")}
+        contents = "trained" + (f" + {trained.peft} merged into the frozen layers" if merged_layers else "")
+    reference_keys = sorted(set(state) - embedded)
     reference = None
     if reference_keys:
         local = options.get("checkpoint_path")
         reference = {
             "keys": reference_keys,
-            "sha256": tensors_sha256(full_state, reference_keys),
+            "sha256": tensors_sha256(state, reference_keys),
             "timm_name": options["backbone"],
             "pretrained": bool(options.get("pretrained")),
             "checkpoint_path": os.path.abspath(local) if local else None,
             "checkpoint_file_sha256": file_sha256(local) if local and os.path.isfile(local) else None,
         }
-    branches = ", adapter branches counted" if peft in ("lora", "adaptformer") else ""
-    form = (
-        f"LoRA merged into {len(merged_layers)} frozen linear layers: every block costs exactly the base "
-        "model's FLOPs"
-        if merged_layers
-        else f"as trained (peft={peft}{branches})"
+    if merged_layers:
+        form = (
+            f"{trained.peft} merged into {len(merged_layers)} frozen layers: every block costs exactly the "
+            "base model's FLOPs"
+        )
+    else:
+        added = ", its added modules counted" if spec.trains == "peft" else ""
+        form = f"as trained (peft.method={trained.peft}{added})"
+    return _ExportedForm(
+        costs, costs_as_trained, merged_layers, state, sorted(embedded), contents, reference, form
     )
-    manifest: dict[str, Any] = {
+
+
+def _manifest(
+    trained: _Trained,
+    exported: _ExportedForm,
+    *,
+    inputs: ExportInputs,
+    checkpoint_hash: str,
+    th: Mapping[str, Any],
+    thresholds_path: str,
+    rep: Mapping[str, Any] | None,
+    class_names: list[str],
+    preprocessing: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything of the artefact that is not a tensor (``manifest.json``; see docs/deploy.md)."""
+    model = trained.model
+    fingerprint = th.get("fingerprint") or {}
+    exit_rule = th.get("rule") or fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or "confidence"
+    points = _operating_points(th, rep)
+    units = {p["unit"] for p in points}
+    costs, as_trained = exported.costs, exported.costs_as_trained
+    return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "package_version": dmpo_lightning.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint_hash": wanted,
-        "checkpoint_file": os.path.basename(ckpt_path),
-        "model": _jsonable(options),
-        "training_hparams": _jsonable(hparams),
+        "checkpoint_hash": checkpoint_hash,
+        "checkpoint_file": os.path.basename(trained.path),
+        "inputs": {
+            "checkpoint": os.path.abspath(inputs.ckpt_path),
+            "thresholds": os.path.abspath(inputs.thresholds),
+            "report": os.path.abspath(inputs.report) if inputs.report else None,
+            "found": inputs.found,
+        },
+        "model": to_jsonable(trained.options, default=repr),
+        "training_hparams": to_jsonable(trained.hparams, default=repr),
         "num_exits": model.num_exits,
         "exit_blocks": list(model.exit_blocks),
         "exit_rule": exit_rule,
         # the thresholds score logits / T_k (calibration: temperature); the predictor applies them
-        "temperatures": temperatures,
-        "budget_unit": budget_unit,
-        "class_names": names,
+        "temperatures": _temperatures(th, thresholds_path, model.num_exits),
+        "budget_unit": "gflops" if units == {"absolute"} else "fraction",
+        "class_names": class_names,
         "preprocessing": preprocessing,
         "operating_points": points,
         "costs": {
-            "form": form,
+            "form": exported.form,
             "unit": "GFLOPs (10^9 multiply-accumulates)",
-            "input_shape": list(input_shape),
+            "input_shape": list(preprocessing["input_size"]),
             "exit_gflops": list(costs.exit_gflops),
             "full_gflops": costs.full_gflops,
             "fractions": list(costs.fractions),
             "as_trained": {
-                "exit_gflops": list(costs_as_trained.exit_gflops),
-                "full_gflops": costs_as_trained.full_gflops,
+                "exit_gflops": list(as_trained.exit_gflops),
+                "full_gflops": as_trained.full_gflops,
             },
             "counted_with": "torch.utils.flop_counter.FlopCounterMode (dmpo_lightning.evaluation.flops)",
         },
         "weights": {
             "file": WEIGHTS_FILE,
-            "contents": contents,
-            "merged_lora": bool(merged_layers),
-            "merged_layers": merged_layers,
-            "num_tensors": len(embedded_keys),
-            "reference": reference,
+            "contents": exported.contents,
+            "merged": bool(exported.merged_layers),
+            "merged_layers": exported.merged_layers,
+            "num_tensors": len(exported.embedded_keys),
+            "reference": exported.reference,
         },
         "report_costs": (rep or {}).get("cost_counting"),
     }
 
-    # ---- write into a temporary sibling folder, rename at the end
+
+def _write_artefact(
+    output: str,
+    manifest: dict[str, Any],
+    exported: _ExportedForm,
+    model: MultiExitViT,
+    *,
+    onnx: bool,
+) -> None:
+    """Write the artefact into a hidden sibling folder, then rename it to ``output`` (never over it)."""
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=parent)
     try:
         weights_path = os.path.join(tmp, WEIGHTS_FILE)
         save_file(
-            {k: full_state[k].detach().cpu().contiguous().clone() for k in sorted(embedded_keys)},
+            {k: exported.state[k].detach().cpu().contiguous().clone() for k in exported.embedded_keys},
             weights_path,
-            metadata={"format": FORMAT_NAME, "checkpoint_hash": wanted},
+            metadata={"format": FORMAT_NAME, "checkpoint_hash": manifest["checkpoint_hash"]},
         )
         manifest["weights"]["sha256"] = file_sha256(weights_path)
         if onnx:
-            from dmpo_lightning.deploy.onnx_stages import OPSET, export_stages
-
             os.makedirs(os.path.join(tmp, ONNX_DIR))
+            input_shape = tuple(manifest["preprocessing"]["input_size"])
             files = export_stages(model, os.path.join(tmp, ONNX_DIR), input_shape)
             manifest["onnx"] = {
                 "opset": OPSET,
                 "stages": [{"file": f, "sha256": file_sha256(os.path.join(tmp, ONNX_DIR, f))} for f in files],
                 "weights": "each graph holds its stage's weights (all of them, frozen backbone included)",
             }
-        with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
+        write_json(os.path.join(tmp, MANIFEST_FILE), manifest)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
@@ -498,16 +612,98 @@ def export_artefact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _resolve_inputs(
+    run: str | None, ckpt_path: str | None, thresholds: str | None, report: str | None
+) -> ExportInputs:
+    if run is not None:
+        return resolve_run(run, thresholds, report, ckpt_path)
+    if ckpt_path is None or thresholds is None:
+        raise ValueError("give --run runs/<name>/version_N, or both --ckpt_path and --thresholds")
+    if report is None:
+        beside = os.path.join(os.path.dirname(thresholds), "report.json")
+        report = beside if os.path.isfile(beside) else None
+    return ExportInputs(ckpt_path=ckpt_path, thresholds=thresholds, report=report)
+
+
+def export_artefact(
+    output: str,
+    *,
+    run: str | None = None,
+    ckpt_path: str | None = None,
+    thresholds: str | None = None,
+    report: str | None = None,
+    embed_backbone: bool = False,
+    merge: bool | None = None,
+    onnx: bool = False,
+    class_names: Sequence[str] | None = None,
+    allow_untrained: bool = False,
+) -> str:
+    """Write a deployable artefact directory (see :mod:`dmpo_lightning.deploy.format`).
+
+    Every check runs before anything is written: the inputs are found and read, checked against each other,
+    the network is put in its exported form, the manifest is assembled, and only then is the artefact
+    written (into a temporary folder renamed at the end).
+
+    Args:
+        output: The artefact directory to create (must not exist).
+        run: A run folder ``runs/<name>/version_N``: the newest ``dmpo test`` report of one of its
+            checkpoints is used (with ``ckpt_path``: of that checkpoint), and said which.
+        ckpt_path: The checkpoint (instead of, or to choose among, the run's).
+        thresholds: ``thresholds.json`` of ``dmpo test`` (required without ``run``).
+        report: ``report.json`` of the same ``dmpo test`` (adds calibration accuracy and costs per budget).
+        embed_backbone: Embed every weight; by default the frozen backbone weights are referenced by
+            timm name / local file and sha256 when they can be reproduced (a pretrained backbone).
+        merge: Fold the PEFT method into the frozen weights (``None``: yes for methods registered as
+            mergeable, such as LoRA).
+        onnx: Also write one ONNX graph per stage (needs the ``[export]`` extra).
+        class_names: Class names in label order (default: from the checkpoint or the dataset).
+        allow_untrained: Export a checkpoint saved before any training step (refused otherwise).
+
+    Returns:
+        The artefact path.
+
+    Raises:
+        FileExistsError: If ``output`` exists.
+        FileNotFoundError: If an input file is missing.
+        ValueError: If the inputs disagree (thresholds from another checkpoint or model), are unreadable, or
+            the checkpoint never trained.
+    """
+    output = os.path.abspath(output)
+    if os.path.exists(output):
+        raise FileExistsError(f"{output} exists; an artefact is never overwritten: choose another --output")
+    inputs = _resolve_inputs(run, ckpt_path, thresholds, report)
+    if onnx:
+        _require_onnx("--onnx")
+    th = _read_json(inputs.thresholds, "thresholds file")
+    if th.get("format") != THRESHOLDS_FORMAT:
+        raise ValueError(f"{inputs.thresholds} is not a dmpo thresholds file (format {THRESHOLDS_FORMAT})")
+    rep = _read_json(inputs.report, "report") if inputs.report else None
+    trained = _load_trained(inputs.ckpt_path)
+    _check_trained(trained, allow_untrained)
+    mergeable = PEFT_REGISTRY.get(trained.peft).mergeable
+    if merge:
+        check_mergeable(trained.peft)
+    checkpoint_hash = _check_inputs(trained, inputs, th, rep)
+    names = _class_names(trained.ckpt, int(trained.options["num_classes"]), class_names)
+    preprocessing = _preprocessing(trained.ckpt, trained.options, trained.model)
+    exported = _exported_form(
+        trained,
+        tuple(preprocessing["input_size"]),
+        merge=mergeable if merge is None else merge,
+        embed_backbone=embed_backbone,
+    )
+    manifest = _manifest(
+        trained,
+        exported,
+        inputs=inputs,
+        checkpoint_hash=checkpoint_hash,
+        th=th,
+        thresholds_path=inputs.thresholds,
+        rep=rep,
+        class_names=names,
+        preprocessing=preprocessing,
+    )
+    _write_artefact(output, manifest, exported, trained.model, onnx=onnx)
     return output
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return encode_float(value)
-    return repr(value)

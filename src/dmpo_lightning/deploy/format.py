@@ -1,4 +1,4 @@
-"""The artefact's on-disk format: file names, format version, manifest reading and checksums.
+"""The artefact's on-disk format: file names, format version and manifest reading.
 
 An artefact is a directory::
 
@@ -7,19 +7,16 @@ An artefact is a directory::
       weights.safetensors    # the tensors needed to run the model (no pickle)
       onnx/stage_<k>.onnx    # optional: one graph per exit stage (``dmpo export --onnx``)
 
-Only the standard library, torch and safetensors are imported here.
+Only the standard library is imported here; the checksums are :func:`dmpo_lightning.files.file_sha256` and
+:func:`dmpo_lightning.files.tensors_sha256`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
 from typing import Any
-
-import torch
 
 __all__ = [
     "FORMAT_NAME",
@@ -30,9 +27,7 @@ __all__ = [
     "ArtefactError",
     "decode_float",
     "encode_float",
-    "file_sha256",
     "read_manifest",
-    "tensors_sha256",
 ]
 
 FORMAT_NAME = "dmpo-early-exit-artefact"
@@ -59,25 +54,6 @@ def decode_float(value: float | str) -> float:
     if isinstance(value, str) and value not in ("inf", "-inf", "nan"):
         raise ArtefactError(f"expected a number or 'inf'/'-inf', got {value!r}")
     return float(value)
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def tensors_sha256(state: Mapping[str, torch.Tensor], names: Iterable[str]) -> str:
-    """Hex sha256 over name, dtype, shape and raw bytes of the named tensors, in sorted name order."""
-    digest = hashlib.sha256()
-    for name in sorted(names):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def read_manifest(path: str) -> dict[str, Any]:

@@ -1,73 +1,70 @@
-"""Fold LoRA updates into the frozen linear layers, so the tuned trunk costs exactly the base model's FLOPs.
+"""Fold a trained PEFT method into the frozen weights, so the tuned trunk costs the base model's FLOPs.
 
-``LoRALinear(x) = W x + b + s * B (A x)`` equals ``Linear(W + s * B A, b)``: the merged layer is a plain
-``nn.Linear`` (the update is computed in float64, then cast to the layer's dtype). AdaptFormer cannot be
-folded: its bottleneck is a parallel branch with a ReLU between two projections, a non-linear function of
-the input that no single weight matrix reproduces. VPT prompts are extra tokens, not weights either.
+Which methods can be folded is declared where they are registered
+(:func:`~dmpo_lightning.models.adapters.register_peft`'s ``mergeable``): each module such a method adds
+has a ``merged()`` method returning a plain module that computes the same function. LoRA is one:
+``LoRALinear(x) = W x + b + s * B (A x)`` equals ``Linear(W + s * B A, b)``. AdaptFormer is not: its
+bottleneck is a parallel branch with a ReLU between two projections, a non-linear function of the input that
+no single weight matrix reproduces; VPT prompts are extra tokens, not weights either.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Protocol, runtime_checkable
+
 from torch import nn
 
-from dmpo_lightning.models.adapters import LoRALinear
+from dmpo_lightning.models.adapters import PEFT_REGISTRY
 
-__all__ = ["MERGEABLE_PEFT", "check_mergeable", "merge_lora"]
-
-MERGEABLE_PEFT = ("lora",)
+__all__ = ["MergeableModule", "check_mergeable", "is_mergeable", "merge_peft"]
 
 
-def check_mergeable(peft: str) -> None:
+@runtime_checkable
+class MergeableModule(Protocol):
+    """A module a mergeable PEFT method added: ``merged()`` is the plain module to put in its place."""
+
+    def merged(self) -> nn.Module:
+        """The plain module computing the same function (frozen)."""
+        ...
+
+
+def is_mergeable(method: str) -> bool:
+    """Whether the registered PEFT ``method`` folds into the frozen weights."""
+    return PEFT_REGISTRY.get(method).mergeable
+
+
+def check_mergeable(method: str) -> None:
     """Raise with the reason if a PEFT method cannot be folded into the frozen weights.
 
     Raises:
-        ValueError: For ``adaptformer``, ``vpt``, ``linear`` and ``full``.
+        ValueError: If ``method`` is not registered with ``mergeable=True``.
     """
-    if peft == "lora":
+    if is_mergeable(method):
         return
-    reasons = {
-        "adaptformer": "AdaptFormer's adapter is a parallel non-linear branch (down-projection, ReLU, "
-        "up-projection) beside each MLP, which no single weight matrix reproduces; it runs as trained",
-        "vpt": "VPT prompts are extra tokens, not a weight update; they run as trained",
-        "linear": "a linear probe has no trunk update to merge",
-        "full": "full fine-tuning already changed the weights themselves; there is nothing to merge",
-    }
-    why = reasons.get(peft, f"unknown PEFT method {peft!r}")
-    raise ValueError(f"--merge-lora applies to peft=lora only; this model has peft={peft!r}: {why}")
+    mergeable = [name for name in PEFT_REGISTRY.names() if PEFT_REGISTRY.get(name).mergeable]
+    raise ValueError(
+        f"--merge folds a PEFT method into the frozen weights, which only methods registered as mergeable "
+        f"can do ({', '.join(mergeable)}); this model was trained with peft.method={method!r}, whose trained "
+        "modules are not a weight update (an adapter branch, prompt tokens, or nothing to fold) and run as "
+        "trained: export it without --merge"
+    )
 
 
-@torch.no_grad()
-def merge_lora(model: nn.Module) -> list[str]:
-    """Replace every :class:`~dmpo_lightning.models.adapters.LoRALinear` in ``model`` by its merged linear.
+def merge_peft(model: nn.Module) -> list[str]:
+    """Replace every PEFT module that has ``merged()`` by the plain module it returns, in place.
 
     Args:
-        model: Any module (e.g. a :class:`~dmpo_lightning.models.MultiExitViT`), changed in place.
+        model: Any module (e.g. a :class:`~dmpo_lightning.models.MultiExitViT`).
 
     Returns:
-        Names of the merged layers (their parameters are now ``<name>.weight`` / ``<name>.bias``).
+        Names of the replaced modules (their parameters are now ``<name>.weight`` / ``<name>.bias``).
     """
-    merged = []
+    replaced = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, LoRALinear):
+        if not name or not isinstance(module, MergeableModule):
             continue
-        base = module.base_layer
-        delta = module.scaling * (module.peft_lora_b.weight.double() @ module.peft_lora_a.weight.double())
-        layer = nn.Linear(
-            base.in_features,
-            base.out_features,
-            bias=base.bias is not None,
-            device=base.weight.device,
-            dtype=base.weight.dtype,
-        )
-        layer.weight.copy_((base.weight.double() + delta).to(base.weight.dtype))
-        if base.bias is not None:
-            layer.bias.copy_(base.bias)
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
-        merged.append(name)
-    return merged
+        setattr(parent, child, module.merged())
+        replaced.append(name)
+    return replaced

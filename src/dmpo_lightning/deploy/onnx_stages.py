@@ -141,7 +141,7 @@ class OnnxStages:
         _require_onnx("backend='onnx'")
         import onnxruntime as ort
 
-        from dmpo_lightning.deploy.format import file_sha256
+        from dmpo_lightning.files import file_sha256
 
         options = ort.SessionOptions()
         threads = num_threads if num_threads is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)

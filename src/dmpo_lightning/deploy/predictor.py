@@ -33,11 +33,10 @@ from dmpo_lightning.deploy.format import (
     WEIGHTS_FILE,
     ArtefactError,
     decode_float,
-    file_sha256,
     read_manifest,
-    tensors_sha256,
 )
 from dmpo_lightning.deploy.preprocess import build_eval_transform
+from dmpo_lightning.files import file_sha256, tensors_sha256
 from dmpo_lightning.images import DEFAULT_MAX_PIXELS, check_max_pixels, decode_image, list_images
 from dmpo_lightning.predictions import PredictionRow, error_sentence
 
@@ -80,7 +79,7 @@ def _check_budget_choice(manifest: Mapping[str, Any], budget: float) -> Mapping[
     raise ValueError(
         f"the artefact has no thresholds for budget {budget} ({unit}); it has: "
         f"{[p['budget'] for p in points]} (calibrate more with `dmpo test "
-        "--model.init_args.evaluation.budgets=[...]` and export again)"
+        "--evaluation.budgets=[...]` and export again)"
     )
 
 
@@ -482,7 +481,7 @@ def _load_model(
     from safetensors.torch import load_file
 
     from dmpo_lightning.deploy.build import build_model
-    from dmpo_lightning.deploy.merge import merge_lora
+    from dmpo_lightning.deploy.merge import merge_peft
 
     info = manifest["weights"]
     weights_path = os.path.join(path, info.get("file", WEIGHTS_FILE))
@@ -504,8 +503,8 @@ def _load_model(
         model = build_model(options)
     else:
         model = _build_with_reference(path, options, ref, backbone_weights, allow_download)
-    if info.get("merged_lora"):
-        merge_lora(model)
+    if info.get("merged"):
+        merge_peft(model)
     state = model.state_dict()
     if ref is not None:
         keys = list(ref["keys"])

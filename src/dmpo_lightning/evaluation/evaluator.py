@@ -37,15 +37,10 @@ from dmpo_lightning.evaluation.calibration import (
 from dmpo_lightning.evaluation.interface import EarlyExitModule, as_early_exit_module
 from dmpo_lightning.evaluation.metrics import ExitOutputsCollector
 from dmpo_lightning.evaluation.protocol import BudgetUnitOption
-from dmpo_lightning.evaluation.report import write_json
-from dmpo_lightning.evaluation.runner import (
-    check_budgets,
-    check_report_dir,
-    format_speed_table,
-    run_test_protocol,
-    time_early_exit,
-)
-from dmpo_lightning.files import CLAIM_MARKER, claim_folder, release_folder
+from dmpo_lightning.evaluation.protocol_run import check_budgets, run_test_protocol
+from dmpo_lightning.evaluation.report import check_report_dir
+from dmpo_lightning.evaluation.timing import format_speed_table, time_early_exit
+from dmpo_lightning.files import CLAIM_MARKER, claim_folder, release_folder, write_json
 from dmpo_lightning.models.exit_rules import ExitRule, exit_scores
 from dmpo_lightning.options import OptionGroup
 

@@ -30,12 +30,8 @@ from dmpo_lightning.data.predict_images import ERROR_KEY, PATH_KEY, SOURCE_MODE_
 from dmpo_lightning.errors import ConfigError
 from dmpo_lightning.evaluation.evaluator import EvaluationOptions, check_trained, log_dir
 from dmpo_lightning.evaluation.interface import EarlyExitModule, as_early_exit_module
-from dmpo_lightning.evaluation.runner import (
-    check_output_file,
-    load_temperatures,
-    load_thresholds,
-    thresholds_rule,
-)
+from dmpo_lightning.evaluation.thresholds import load_temperatures, load_thresholds, thresholds_rule
+from dmpo_lightning.files import check_output_file
 from dmpo_lightning.models.engine import EarlyExitEngine, EngineSession
 from dmpo_lightning.models.multi_exit import EarlyExitOutput
 from dmpo_lightning.predictions import format_prediction_summary, rows_from_outputs, write_predictions
@@ -73,7 +69,7 @@ class DMPOPredictionWriter(pl.Callback):
         self._results, self._session, self._waiting = [], None, []
         check_trained(module, self.options, "dmpo predict", trainer.ckpt_path)
         self.path = predictions_path(trainer, self.options)
-        check_output_file(self.path)
+        check_output_file(self.path, "evaluation.predictions_file")
         load_predict_thresholds(module, self.options, trainer.ckpt_path)
 
     def on_predict_batch_end(

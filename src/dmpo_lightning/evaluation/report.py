@@ -1,19 +1,21 @@
-"""Outputs of ``dmpo test``: the report dict, a printed table, JSON, the curve as CSV and a PNG plot.
+"""Outputs of ``dmpo test``: the report dict, a printed table, the curve as CSV, a PNG plot, the folder.
 
-All numbers come from one report dict (:func:`build_report`), so the table, the JSON, the CSV and the
-plot cannot disagree. Files are written atomically (temporary file in the same folder, then
-``os.replace``): a crash never leaves a partial report. Whether an existing file may be replaced is the
-caller's decision; these functions write to the path they are given.
+All numbers come from one report dict (:func:`build_report`, written as JSON by
+:func:`~dmpo_lightning.files.write_json`), so the table, the JSON, the CSV and the plot cannot disagree.
+Files are written atomically (:func:`~dmpo_lightning.files.atomic_write`): a crash never leaves a partial
+file. The single-file writers write to the path they are given; :func:`write_report_folder` writes the
+whole report folder (:data:`REPORT_FILES`) at once and never over an existing report
+(:func:`check_report_dir`, which ``dmpo test`` also runs before any work).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import dataclasses
 import io
-import json
-import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,71 +23,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
+from dmpo_lightning.evaluation.calibration import plot_reliability
 from dmpo_lightning.evaluation.protocol import BudgetedCurve, OperatingPoint, area_under_curve
-from dmpo_lightning.files import atomic_write
+from dmpo_lightning.files import atomic_write, check_writable, to_jsonable, write_json
 
 __all__ = [
     "GFLOPS_UNIT",
+    "REPORT_DIR_OPTION",
+    "REPORT_FILES",
     "build_report",
-    "decode_float",
+    "check_report_dir",
     "format_report_table",
     "plot_curve",
-    "to_jsonable",
     "write_curve_csv",
-    "write_json",
+    "write_report_folder",
 ]
 
 GFLOPS_UNIT = "GFLOPs = 10^9 multiply-accumulates"
 """The cost unit stated in every output (one multiply-accumulate = one FLOP, the field's convention)."""
-
-
-# --------------------------------------------------------------------------------------------- JSON-able
-def to_jsonable(obj: Any) -> Any:
-    """Convert tensors, dataclasses, paths and containers to plain JSON types.
-
-    Tensors become (nested) lists or numbers; ``+inf``/``-inf`` become the strings ``"inf"``/``"-inf"``
-    (thresholds of disabled exits and of the last exit) and NaN becomes ``null``, so the output is
-    strict JSON; :func:`decode_float` reverses this for one value.
-
-    Args:
-        obj: The object.
-
-    Returns:
-        The same data made of dicts, lists, strings, ints, floats, bools and None.
-
-    Raises:
-        TypeError: For an object with no JSON form.
-
-    Example:
-        >>> to_jsonable({"t": torch.tensor([0.5, float("inf")]), "n": float("nan"), "k": (1, 2)})
-        {'t': [0.5, 'inf'], 'n': None, 'k': [1, 2]}
-    """
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return None
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars
-        return to_jsonable(obj.tolist())
-    raise TypeError(f"cannot put a {type(obj).__name__} into a JSON report: {obj!r}")
-
-
-def decode_float(value: str | float | int | None) -> float:
-    """Inverse of :func:`to_jsonable` for one number: ``"inf"``/``"-inf"`` -> +-inf, ``None`` -> NaN."""
-    return float("nan") if value is None else float(value)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -111,8 +67,9 @@ def build_report(
 
     Exits are numbered from 1 in the report, as in the design document. Accuracies are fractions in
     ``[0, 1]``; costs are in ``cost_unit`` (pass GFLOPs). Non-finite numbers are encoded as described
-    in :func:`to_jsonable`. The AUC is that of the dynamic curve's test accuracy against test cost
-    fraction (:func:`~dmpo_lightning.evaluation.protocol.area_under_curve`, below-curve budgets count 0).
+    in :func:`~dmpo_lightning.files.to_jsonable`. The AUC is that of the dynamic curve's test accuracy
+    against test cost fraction (:func:`~dmpo_lightning.evaluation.protocol.area_under_curve`, below-curve
+    budgets count 0).
 
     Args:
         costs: ``C_k`` per exit.
@@ -133,6 +90,11 @@ def build_report(
 
     Raises:
         ValueError: If per-exit lengths disagree.
+
+    Example:
+        >>> rep = build_report(costs=[1.0, 2.0], full_cost=2.0, anytime_top1=[0.5, 0.75])
+        >>> rep["exits"][0]["cost_fraction"], rep["best_anytime_exit"], rep["curve"]
+        (0.5, {'exit': 2, 'top1': 0.75}, None)
     """
     costs_l = _floats(costs)
     top1 = _floats(anytime_top1)
@@ -315,23 +277,6 @@ def format_report_table(report: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ files
-_atomic_write = atomic_write  # the package's one atomic write (dmpo_lightning.files)
-
-
-def write_json(path: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
-    """Write a report as strict, indented JSON (non-finite numbers encoded as in :func:`to_jsonable`).
-
-    Args:
-        path: Output file.
-        report: The report dict.
-
-    Returns:
-        The path written.
-    """
-    text = json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n"
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def write_curve_csv(path: str | os.PathLike[str], curve: BudgetedCurve) -> Path:
     """Write the dynamic curve, one row per q.
 
@@ -375,7 +320,7 @@ def write_curve_csv(path: str | os.PathLike[str], curve: BudgetedCurve) -> Path:
     for row, hist in zip(numbers, curve.test_histogram.cpu().tolist(), strict=True):
         writer.writerow([repr(x) for x in row] + [str(h) for h in hist])
     data = buf.getvalue().encode("utf-8")
-    return _atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def plot_curve(path: str | os.PathLike[str], report: Mapping[str, Any], title: str | None = None) -> Path:
@@ -444,4 +389,107 @@ def plot_curve(path: str | os.PathLike[str], report: Mapping[str, Any], title: s
     ax.legend(loc="best", fontsize=8, framealpha=0.8)
     ax.set_title(title or "Test accuracy vs cost (thresholds from the calibration split)", fontsize=10)
     fig.tight_layout()
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+# ----------------------------------------------------------------------------------------------- folder
+REPORT_DIR_OPTION = "evaluation.report_dir"
+"""The option that names the report folder (named in the messages of :func:`check_report_dir`)."""
+
+REPORT_FILES = (
+    "report.json",
+    "curve.csv",
+    "accuracy_vs_flops.png",
+    "thresholds.json",
+    "exit_outputs.pt",
+    "reliability.png",
+)
+"""Every file :func:`write_report_folder` may write."""
+
+
+def check_report_dir(path: str) -> None:
+    """Refuse a report folder that holds a report, is a file, or cannot be written, before any work.
+
+    Results are never overwritten by surprise, and an unwritable target fails now, not after the evaluation.
+
+    Raises:
+        ConfigFileExistsError: If ``path`` already holds report files.
+        ConfigError: If ``path`` (or a parent) is a file, or the folder cannot be created or written.
+    """
+    existing = [f for f in REPORT_FILES if os.path.exists(os.path.join(path, f))]
+    if existing:
+        raise ConfigFileExistsError(
+            f"{path} already holds a dmpo test report ({', '.join(existing)}); set {REPORT_DIR_OPTION} to a "
+            "new folder, or move the old report away",
+            option=REPORT_DIR_OPTION,
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(
+            f"report_dir {path} is a file; {REPORT_DIR_OPTION} must be a folder (new or empty)",
+            option=REPORT_DIR_OPTION,
+        )
+    # the report is first written to a temporary folder next to ``path``, so its parent must be writable
+    check_writable(os.path.dirname(os.path.abspath(path)), f"report_dir {path}", REPORT_DIR_OPTION)
+    if os.path.isdir(path):
+        check_writable(path, f"report_dir {path}", REPORT_DIR_OPTION)
+
+
+def write_report_folder(
+    report_dir: str,
+    report: Mapping[str, Any],
+    *,
+    curve: BudgetedCurve | None,
+    thresholds: Mapping[str, Any] | None,
+    outputs: Mapping[str, Any],
+) -> None:
+    """Write the report folder of ``dmpo test`` (:data:`REPORT_FILES`), complete or not at all.
+
+    Every file is written into a temporary folder next to ``report_dir``, which is then moved into place:
+    a failure (full disk, a crash) leaves no partial report that would block a rerun, and an existing
+    report is never overwritten (:func:`check_report_dir` runs again first).
+
+    Args:
+        report_dir: The report folder (new, or an existing folder without report files).
+        report: The report dict of :func:`build_report` (``report.json``, the plot).
+        curve: The budgeted-batch curve (``curve.csv``), if computed.
+        thresholds: The content of ``thresholds.json``, if thresholds were fitted.
+        outputs: The cached per-exit outputs (``exit_outputs.pt``, read with ``torch.load``).
+    """
+    check_report_dir(report_dir)
+    target = os.path.abspath(report_dir)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the report folder gets the usual mode
+    try:
+        write_json(os.path.join(tmp, "report.json"), report)
+        if curve is not None:
+            write_curve_csv(os.path.join(tmp, "curve.csv"), curve)
+        if thresholds is not None:
+            write_json(os.path.join(tmp, "thresholds.json"), thresholds)
+        plot_curve(os.path.join(tmp, "accuracy_vs_flops.png"), report)
+        if report["calibration"]["method"] != "none":
+            plot_reliability(os.path.join(tmp, "reliability.png"), report["calibration"])
+        atomic_write(os.path.join(tmp, "exit_outputs.pt"), lambda f: torch.save(dict(outputs), f))
+        if not os.path.isdir(target) or not os.listdir(target):
+            os.replace(tmp, target)  # atomic; an existing empty folder is replaced
+        else:  # a folder the user made holds other files: move the report files in one by one
+            _move_files_into(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_files_into(src: str, dst: str) -> None:
+    """Move every file of ``src`` into ``dst``; on a failure the files already moved are taken out again."""
+    moved: list[str] = []
+    try:
+        for name in sorted(os.listdir(src)):
+            os.replace(os.path.join(src, name), os.path.join(dst, name))
+            moved.append(name)
+    except OSError:
+        for name in moved:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(dst, name))
+        raise

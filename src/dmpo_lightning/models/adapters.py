@@ -77,10 +77,14 @@ class PeftSpec:
         inject: See :data:`PeftInjector`.
         trains: Which trunk parameters train: ``"peft"`` (those whose name has a ``peft_`` component),
             ``"all"`` or ``"none"``.
+        mergeable: Whether the trained modules fold into the frozen weights after training: every module
+            the method adds then has ``merged() -> nn.Module``, a plain module computing the same function
+            (LoRA: ``Linear(W + s B A)``). ``dmpo export`` merges exactly these methods.
     """
 
     inject: PeftInjector
     trains: Literal["peft", "all", "none"] = "peft"
+    mergeable: bool = False
 
 
 PEFT_REGISTRY: Registry[PeftSpec] = Registry("PEFT method")
@@ -88,20 +92,21 @@ PEFT_REGISTRY: Registry[PeftSpec] = Registry("PEFT method")
 
 
 def register_peft(
-    name: str, *, trains: Literal["peft", "all", "none"] = "peft"
+    name: str, *, trains: Literal["peft", "all", "none"] = "peft", mergeable: bool = False
 ) -> Callable[[PeftInjector], PeftInjector]:
     """Decorator registering ``inject(model, trunk, indices, options, num_prefix_tokens)`` as PEFT ``name``.
 
     The injector wraps modules of ``trunk`` (the model's ``blocks``) at the selected block ``indices`` in
     place and returns the replaced modules' names relative to ``model``; parameters it adds must have a
     name component starting with ``peft_`` (:data:`~dmpo_lightning.constants.PEFT_PREFIX`), so
-    ``trains="peft"`` trains exactly them.
+    ``trains="peft"`` trains exactly them. ``mergeable=True`` declares that each module it adds has a
+    ``merged()`` method (see :class:`PeftSpec`).
     """
     if trains not in ("peft", "all", "none"):
         raise ValueError(f"trains must be 'peft', 'all' or 'none', got {trains!r}")
 
     def add(inject: PeftInjector) -> PeftInjector:
-        PEFT_REGISTRY.register(name)(PeftSpec(inject, trains))
+        PEFT_REGISTRY.register(name)(PeftSpec(inject, trains, mergeable))
         return inject
 
     return add
@@ -256,6 +261,26 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Base projection plus the scaled low-rank update."""
         return self.base_layer(x) + self.scaling * self.peft_lora_b(self.peft_lora_a(self.peft_dropout(x)))
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The frozen ``nn.Linear(W + (alpha / r) B A, b)`` computing the same function (eval mode).
+
+        The update is computed in float64, then cast to the layer's dtype.
+        """
+        base = self.base_layer
+        delta = self.scaling * (self.peft_lora_b.weight.double() @ self.peft_lora_a.weight.double())
+        layer = nn.Linear(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
+        layer.weight.copy_((base.weight.double() + delta).to(base.weight.dtype))
+        if base.bias is not None:
+            layer.bias.copy_(base.bias)
+        return layer.requires_grad_(False)
 
 
 class PromptedBlock(nn.Module):
@@ -502,7 +527,7 @@ def _inject_adaptformer(
     return [f"blocks.{i}" for i in indices]
 
 
-@register_peft("lora")
+@register_peft("lora", mergeable=True)
 def _inject_lora(
     model: nn.Module,
     trunk: nn.Sequential | nn.ModuleList,

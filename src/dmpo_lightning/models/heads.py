@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dmpo_lightning.models.checks import check_dropout as _check_dropout
+from dmpo_lightning.models.checks import check_dropout, check_positive_int
 from dmpo_lightning.models.registry import Registry
 
 
@@ -54,6 +54,68 @@ def register_predictor(name: str, *, options: Sequence[str]) -> Callable[[type[n
 
 _TRACE_EPS = 1e-5
 
+# The head options: each has one name, from the CLI (``exits.<name>``, :class:`~dmpo_lightning.models.
+# multi_exit.ExitOptions`) down to the head classes' arguments, and one default, written here.
+HEAD_POOL: Literal["token", "avg"] = "token"
+"""Default ``head_pool``: ``linear`` predictors read the class token."""
+HEAD_DROPOUT = 0.0
+"""Default ``head_dropout``: no dropout before the classifiers."""
+MOMENT_DIM = 512
+"""Default ``moment_dim``: projection width of ``moment`` predictors (512 in Moment Probing)."""
+MOMENT_GROUPS = 4
+"""Default ``moment_groups``: channel groups of ``moment`` predictors (4 in Moment Probing)."""
+COV_DIM = 64
+"""Default ``cov_dim``: reduced width of ``isqrt_cov`` predictors (64-128 in iSQRT-COV)."""
+COV_ITERATIONS = 5
+"""Default ``cov_iterations``: Newton-Schulz iterations of ``isqrt_cov`` predictors."""
+
+
+def check_head_options(
+    *,
+    head_pool: str = HEAD_POOL,
+    head_dropout: float = HEAD_DROPOUT,
+    moment_dim: int = MOMENT_DIM,
+    moment_groups: int = MOMENT_GROUPS,
+    cov_dim: int = COV_DIM,
+    cov_iterations: int = COV_ITERATIONS,
+    prefix: str = "",
+) -> None:
+    """Refuse invalid head options, naming each as ``prefix + name`` (``exits.moment_dim``).
+
+    The head classes check the options they take with this function; ``ExitOptions`` checks all of them
+    with ``prefix="exits."``, so a configuration error names the option as the user writes it.
+
+    Raises:
+        ValueError: The first invalid option, with what is allowed.
+
+    Example:
+        >>> check_head_options(moment_dim=30, prefix="exits.")
+        Traceback (most recent call last):
+        ...
+        ValueError: exits.moment_dim must be a positive multiple of exits.moment_groups=4, got 30
+    """
+    if head_pool not in ("token", "avg"):
+        raise ValueError(f"{prefix}head_pool must be 'token' or 'avg', got {head_pool!r}")
+    check_dropout(head_dropout, f"{prefix}head_dropout")
+    if isinstance(moment_groups, bool) or not isinstance(moment_groups, int) or moment_groups < 2:
+        raise ValueError(
+            f"{prefix}moment_groups must be an integer >= 2 (adjacent-group covariances), "
+            f"got {moment_groups!r}"
+        )
+    if (
+        isinstance(moment_dim, bool)
+        or not isinstance(moment_dim, int)
+        or moment_dim <= 0
+        or moment_dim % moment_groups
+    ):
+        raise ValueError(
+            f"{prefix}moment_dim must be a positive multiple of {prefix}moment_groups={moment_groups}, "
+            f"got {moment_dim!r}"
+        )
+    check_positive_int(cov_dim, f"{prefix}cov_dim")
+    if isinstance(cov_iterations, bool) or not isinstance(cov_iterations, int) or cov_iterations < 1:
+        raise ValueError(f"{prefix}cov_iterations must be an integer >= 1, got {cov_iterations!r}")
+
 
 def _moment_dtype(t: Tensor) -> torch.dtype:
     """float32 for the covariance maths of low-precision inputs; float64 stays float64."""
@@ -84,22 +146,21 @@ class Bypass(nn.Module):
 
     Args:
         dim: Token width ``D``.
-        hidden_dim: Bottleneck width; ``None`` for ``max(1, dim // 4)``.
+        bypass_dim: Bottleneck width; ``None`` for ``max(1, dim // 4)``.
 
     Raises:
         ValueError: If a width is not positive.
     """
 
-    def __init__(self, dim: int, hidden_dim: int | None = None) -> None:
+    def __init__(self, dim: int, bypass_dim: int | None = None) -> None:
         super().__init__()
-        hidden_dim = max(1, dim // 4) if hidden_dim is None else hidden_dim
-        for name, value in (("dim", dim), ("hidden_dim", hidden_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        bypass_dim = max(1, dim // 4) if bypass_dim is None else bypass_dim
+        check_positive_int(dim, "dim")
+        check_positive_int(bypass_dim, "bypass_dim")
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.down = nn.Linear(dim, hidden_dim)
+        self.down = nn.Linear(dim, bypass_dim)
         self.act = nn.GELU()
-        self.up = nn.Linear(hidden_dim, dim)
+        self.up = nn.Linear(bypass_dim, dim)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -108,7 +169,7 @@ class Bypass(nn.Module):
         return x + self.up(self.act(self.down(self.norm(x))))
 
 
-@register_predictor("linear", options=("pool", "norm", "dropout", "class_token"))
+@register_predictor("linear", options=("head_pool", "norm", "head_dropout", "class_token"))
 class LinearHead(nn.Module):
     """LayerNorm, then the class token (``"token"``) or the mean patch token (``"avg"``), then Linear.
 
@@ -116,17 +177,17 @@ class LinearHead(nn.Module):
         dim: Token width ``D``.
         num_classes: Number of classes ``C``.
         num_prefix_tokens: Leading non-patch tokens (class/register/prompt).
-        pool: ``"token"`` (first token; needs a prefix token) or ``"avg"`` (mean of the patch tokens),
+        head_pool: ``"token"`` (first token; needs a prefix token) or ``"avg"`` (mean of the patch tokens),
             as timm's ``global_pool``.
         norm: Apply a LayerNorm before pooling (as the backbone's final norm does).
-        dropout: Dropout before the classifier.
+        head_dropout: Dropout before the classifier.
         class_token: Whether the first prefix token is a class token (``False`` for timm models built with
             ``class_token=False``, whose prefix tokens are registers or prompts).
         norm_after_pool: ``"avg"`` only: pool first, then normalise the pooled token, as timm's ``fc_norm``
             does in models that average-pool (``*_gap_*``, ``class_token=False``, EVA02).
 
     Raises:
-        ValueError: For bad sizes, an unknown ``pool``, or ``"token"`` pooling without a class token.
+        ValueError: For bad sizes, an unknown ``head_pool``, or ``"token"`` pooling without a class token.
     """
 
     def __init__(
@@ -134,30 +195,30 @@ class LinearHead(nn.Module):
         dim: int,
         num_classes: int,
         num_prefix_tokens: int,
-        pool: Literal["token", "avg"] = "token",
+        head_pool: Literal["token", "avg"] = HEAD_POOL,
         norm: bool = True,
-        dropout: float = 0.0,
+        head_dropout: float = HEAD_DROPOUT,
         class_token: bool = True,
         norm_after_pool: bool = False,
     ) -> None:
         super().__init__()
         _check_sizes(dim, num_classes, num_prefix_tokens)
-        _check_dropout(dropout)
-        if pool not in ("token", "avg"):
-            raise ValueError(f"pool must be 'token' or 'avg', got {pool!r}")
-        if pool == "token" and num_prefix_tokens == 0:
-            raise ValueError("pool='token' needs a class token but num_prefix_tokens=0; use pool='avg'")
-        if pool == "token" and not class_token:
+        check_head_options(head_pool=head_pool, head_dropout=head_dropout)
+        if head_pool == "token" and num_prefix_tokens == 0:
             raise ValueError(
-                f"pool='token' needs a class token but the {num_prefix_tokens} prefix token(s) are "
-                "registers/prompts (class_token=False); use pool='avg'"
+                "head_pool='token' needs a class token but num_prefix_tokens=0; use head_pool='avg'"
+            )
+        if head_pool == "token" and not class_token:
+            raise ValueError(
+                f"head_pool='token' needs a class token but the {num_prefix_tokens} prefix token(s) are "
+                "registers/prompts (class_token=False); use head_pool='avg'"
             )
         self.dim = dim
         self.num_prefix_tokens = num_prefix_tokens
-        self.pool = pool
-        self.norm_after_pool = bool(norm_after_pool) and pool == "avg"
+        self.pool = head_pool
+        self.norm_after_pool = bool(norm_after_pool) and head_pool == "avg"
         self.norm: nn.Module = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(head_dropout)
         self.fc = nn.Linear(dim, num_classes)
 
     @torch.no_grad()
@@ -203,14 +264,16 @@ class DistilledHead(LinearHead):
         dim: Token width ``D``.
         num_classes: Number of classes ``C``.
         num_prefix_tokens: Leading non-patch tokens (class, distillation, prompts); at least 2.
-        dropout: Dropout before both classifiers.
+        head_dropout: Dropout before both classifiers.
 
     Raises:
         ValueError: For bad sizes or fewer than two prefix tokens.
     """
 
-    def __init__(self, dim: int, num_classes: int, num_prefix_tokens: int, dropout: float = 0.0) -> None:
-        super().__init__(dim, num_classes, num_prefix_tokens, pool="token", dropout=dropout)
+    def __init__(
+        self, dim: int, num_classes: int, num_prefix_tokens: int, head_dropout: float = HEAD_DROPOUT
+    ) -> None:
+        super().__init__(dim, num_classes, num_prefix_tokens, head_pool="token", head_dropout=head_dropout)
         if num_prefix_tokens < 2:
             raise ValueError(
                 f"a distilled head reads the class and distillation tokens, but num_prefix_tokens="
@@ -239,7 +302,7 @@ class AttentionPoolHead(nn.Module):
             ``include_prefix``.
         include_prefix: Pool over all tokens (timm's ``pool_include_prefix``).
         fc_norm: Apply a LayerNorm to the pooled token (timm's ``fc_norm``).
-        dropout: Dropout before the classifier.
+        head_dropout: Dropout before the classifier.
 
     Raises:
         ValueError: For bad sizes.
@@ -254,18 +317,18 @@ class AttentionPoolHead(nn.Module):
         *,
         include_prefix: bool = False,
         fc_norm: bool = False,
-        dropout: float = 0.0,
+        head_dropout: float = HEAD_DROPOUT,
     ) -> None:
         super().__init__()
         _check_sizes(dim, num_classes, num_prefix_tokens)
-        _check_dropout(dropout)
+        check_head_options(head_dropout=head_dropout)
         self.dim = dim
         self.num_prefix_tokens = num_prefix_tokens
         self.include_prefix = include_prefix
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn_pool = attn_pool
         self.fc_norm: nn.Module = nn.LayerNorm(dim, eps=1e-6) if fc_norm else nn.Identity()
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(head_dropout)
         self.fc = nn.Linear(dim, num_classes)
 
     init_norm_from = LinearHead.init_norm_from
@@ -284,15 +347,15 @@ def _conv_out(size: int) -> int:
     return (size + 2 - 3) // 2 + 1
 
 
-@register_predictor("moment", options=("proj_dim", "groups", "dropout", "class_token"))
+@register_predictor("moment", options=("moment_dim", "moment_groups", "head_dropout", "class_token"))
 class MomentHead(nn.Module):
     """Moment Probing predictor (Tao et al., ICCV 2023): mean of first- and second-order logits.
 
     First order: LayerNorm + Linear on the class token (the mean patch token if there is no class token).
-    Second order: patch tokens -> Linear ``D -> proj_dim`` -> ``groups`` groups of ``proj_dim / groups``
-    channels, each LayerNorm-ed on its own (one ``LayerNorm(proj_dim / groups)`` applied per group:
+    Second order: patch tokens -> Linear ``D -> moment_dim`` -> ``moment_groups`` groups of
+    ``moment_dim / moment_groups`` channels, each LayerNorm-ed on its own (one LayerNorm applied per group:
     per-group statistics, affine shared across groups, which keeps the head small), centred over tokens;
-    cross-covariances of adjacent groups ``(1/N) P_g^T P_{g+1}`` (``groups - 1`` matrices), rows
+    cross-covariances of adjacent groups ``(1/N) P_g^T P_{g+1}`` (``moment_groups - 1`` matrices), rows
     L2-normalised, stacked as channels -> two 3x3 stride-2 convolutions (GELU between) -> Linear.
     The covariance maths runs in float32 with autocast off.
 
@@ -300,14 +363,14 @@ class MomentHead(nn.Module):
         dim: Token width ``D``.
         num_classes: Number of classes ``C``.
         num_prefix_tokens: Leading non-patch tokens (class/register/prompt), excluded from the moments.
-        proj_dim: Width of the projection before the covariances (512 in Moment Probing).
-        groups: Number of channel groups (>= 2; 4 in Moment Probing).
-        dropout: Dropout before both classifiers.
+        moment_dim: Width of the projection before the covariances (512 in Moment Probing).
+        moment_groups: Number of channel groups (>= 2; 4 in Moment Probing).
+        head_dropout: Dropout before both classifiers.
         class_token: Whether the first prefix token is a class token; if not (registers/prompts only), the
             first-order branch reads the mean of the patch tokens.
 
     Raises:
-        ValueError: For bad sizes, ``groups < 2`` or ``proj_dim`` not divisible by ``groups``.
+        ValueError: For bad sizes, ``moment_groups < 2`` or ``moment_dim`` not divisible by it.
     """
 
     def __init__(
@@ -315,35 +378,31 @@ class MomentHead(nn.Module):
         dim: int,
         num_classes: int,
         num_prefix_tokens: int,
-        proj_dim: int = 512,
-        groups: int = 4,
-        dropout: float = 0.0,
+        moment_dim: int = MOMENT_DIM,
+        moment_groups: int = MOMENT_GROUPS,
+        head_dropout: float = HEAD_DROPOUT,
         class_token: bool = True,
     ) -> None:
         super().__init__()
         _check_sizes(dim, num_classes, num_prefix_tokens)
-        _check_dropout(dropout)
+        check_head_options(moment_dim=moment_dim, moment_groups=moment_groups, head_dropout=head_dropout)
         self.class_token = bool(class_token) and num_prefix_tokens > 0
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 2:
-            raise ValueError(f"groups must be an integer >= 2 (adjacent-group covariances), got {groups!r}")
-        if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim <= 0 or proj_dim % groups:
-            raise ValueError(f"proj_dim must be a positive multiple of groups={groups}, got {proj_dim!r}")
         self.dim = dim
         self.num_prefix_tokens = num_prefix_tokens
-        self.groups = groups
-        self.group_dim = proj_dim // groups
-        channels = groups - 1
+        self.groups = moment_groups
+        self.group_dim = moment_dim // moment_groups
+        channels = moment_groups - 1
         side = _conv_out(_conv_out(self.group_dim))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.fc_first = nn.Linear(dim, num_classes)
-        self.proj = nn.Linear(dim, proj_dim)
+        self.proj = nn.Linear(dim, moment_dim)
         self.group_norm = nn.LayerNorm(self.group_dim)
         self.conv = nn.Sequential(
             nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1),
             nn.GELU(),
             nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1),
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(head_dropout)
         self.fc_second = nn.Linear(channels * side * side, num_classes)
 
     def second_order(self, x: Tensor) -> Tensor:
@@ -409,11 +468,11 @@ def newton_schulz_sqrt(a: Tensor, iterations: int = 5, eps: float = _TRACE_EPS) 
     return y * trace.sqrt()
 
 
-@register_predictor("isqrt_cov", options=("reduce_dim", "iterations", "dropout"))
+@register_predictor("isqrt_cov", options=("cov_dim", "cov_iterations", "head_dropout"))
 class ISqrtCovHead(nn.Module):
     """iSQRT-COV predictor (Li et al., CVPR 2018): matrix-square-root-normalised covariance of patch tokens.
 
-    Patch tokens -> Linear ``D -> reduce_dim`` + BatchNorm1d (over all tokens of the batch) + ReLU ->
+    Patch tokens -> Linear ``D -> cov_dim`` + BatchNorm1d (over all tokens of the batch) + ReLU ->
     covariance ``(1/N) Z^T (I - 11^T/N) Z`` -> :func:`newton_schulz_sqrt` -> upper triangle (with the
     diagonal) -> dropout -> Linear. The covariance and square root run in float32 with autocast off.
 
@@ -421,9 +480,9 @@ class ISqrtCovHead(nn.Module):
         dim: Token width ``D``.
         num_classes: Number of classes ``C``.
         num_prefix_tokens: Leading non-patch tokens (class/register/prompt), excluded from the covariance.
-        reduce_dim: Reduced width ``d`` (64-128 in the paper; features are ``d(d+1)/2``).
-        iterations: Newton-Schulz iterations ``T``.
-        dropout: Dropout before the classifier.
+        cov_dim: Reduced width ``d`` (64-128 in the paper; features are ``d(d+1)/2``).
+        cov_iterations: Newton-Schulz iterations ``T``.
+        head_dropout: Dropout before the classifier.
 
     Raises:
         ValueError: For bad sizes.
@@ -434,28 +493,24 @@ class ISqrtCovHead(nn.Module):
         dim: int,
         num_classes: int,
         num_prefix_tokens: int,
-        reduce_dim: int = 64,
-        iterations: int = 5,
-        dropout: float = 0.0,
+        cov_dim: int = COV_DIM,
+        cov_iterations: int = COV_ITERATIONS,
+        head_dropout: float = HEAD_DROPOUT,
     ) -> None:
         super().__init__()
         _check_sizes(dim, num_classes, num_prefix_tokens)
-        _check_dropout(dropout)
-        if isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int) or reduce_dim <= 0:
-            raise ValueError(f"reduce_dim must be a positive integer, got {reduce_dim!r}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        check_head_options(cov_dim=cov_dim, cov_iterations=cov_iterations, head_dropout=head_dropout)
         self.triu_index: Tensor
         self.dim = dim
         self.num_prefix_tokens = num_prefix_tokens
-        self.iterations = iterations
-        self.reduce = nn.Linear(dim, reduce_dim)
-        self.bn = nn.BatchNorm1d(reduce_dim)
+        self.iterations = cov_iterations
+        self.reduce = nn.Linear(dim, cov_dim)
+        self.bn = nn.BatchNorm1d(cov_dim)
         self.act = nn.ReLU()
-        rows, cols = torch.triu_indices(reduce_dim, reduce_dim)
-        self.register_buffer("triu_index", rows * reduce_dim + cols, persistent=False)
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(reduce_dim * (reduce_dim + 1) // 2, num_classes)
+        rows, cols = torch.triu_indices(cov_dim, cov_dim)
+        self.register_buffer("triu_index", rows * cov_dim + cols, persistent=False)
+        self.drop = nn.Dropout(head_dropout)
+        self.fc = nn.Linear(cov_dim * (cov_dim + 1) // 2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, C]`` from tokens ``[B, N, D]``."""
@@ -478,16 +533,19 @@ def build_predictor(
     num_classes: int,
     num_prefix_tokens: int,
     *,
-    pool: Literal["token", "avg"] = "token",
+    head_pool: Literal["token", "avg"] = HEAD_POOL,
     norm: bool = True,
-    proj_dim: int = 512,
-    groups: int = 4,
-    reduce_dim: int = 64,
-    iterations: int = 5,
-    dropout: float = 0.0,
+    moment_dim: int = MOMENT_DIM,
+    moment_groups: int = MOMENT_GROUPS,
+    cov_dim: int = COV_DIM,
+    cov_iterations: int = COV_ITERATIONS,
+    head_dropout: float = HEAD_DROPOUT,
     class_token: bool = True,
 ) -> nn.Module:
     """Build a predictor by name; options that do not apply to ``kind`` are ignored.
+
+    The options are the ``exits.*`` options of the same names
+    (:class:`~dmpo_lightning.models.multi_exit.ExitOptions`), with the same defaults.
 
     Args:
         kind: A registered predictor: ``"linear"`` (:class:`LinearHead`), ``"moment"``
@@ -495,13 +553,13 @@ def build_predictor(
         dim: Token width ``D``.
         num_classes: Number of classes ``C``.
         num_prefix_tokens: Leading non-patch tokens (class/register/VPT prompt).
-        pool: ``linear`` only: ``"token"`` or ``"avg"``.
+        head_pool: ``linear`` only: ``"token"`` or ``"avg"``.
         norm: ``linear`` only: LayerNorm before pooling.
-        proj_dim: ``moment`` only: projection width.
-        groups: ``moment`` only: channel groups.
-        reduce_dim: ``isqrt_cov`` only: reduced width.
-        iterations: ``isqrt_cov`` only: Newton-Schulz iterations.
-        dropout: Dropout before the classifier(s), all kinds.
+        moment_dim: ``moment`` only: projection width.
+        moment_groups: ``moment`` only: channel groups.
+        cov_dim: ``isqrt_cov`` only: reduced width.
+        cov_iterations: ``isqrt_cov`` only: Newton-Schulz iterations.
+        head_dropout: Dropout before the classifier(s), all kinds.
         class_token: ``linear`` and ``moment``: whether the first prefix token is a class token.
 
     Returns:
@@ -511,7 +569,7 @@ def build_predictor(
         ValueError: For an unknown ``kind`` or invalid options.
 
     Example:
-        >>> head = build_predictor("moment", 32, 10, 1, proj_dim=32, groups=4)
+        >>> head = build_predictor("moment", 32, 10, 1, moment_dim=32, moment_groups=4)
         >>> head(torch.randn(2, 5, 32)).shape
         torch.Size([2, 10])
         >>> build_predictor("mlp", 32, 10, 1)
@@ -521,13 +579,13 @@ def build_predictor(
     """
     spec = PREDICTOR_REGISTRY.get(kind)
     given = {
-        "pool": pool,
+        "head_pool": head_pool,
         "norm": norm,
-        "proj_dim": proj_dim,
-        "groups": groups,
-        "reduce_dim": reduce_dim,
-        "iterations": iterations,
-        "dropout": dropout,
+        "moment_dim": moment_dim,
+        "moment_groups": moment_groups,
+        "cov_dim": cov_dim,
+        "cov_iterations": cov_iterations,
+        "head_dropout": head_dropout,
         "class_token": class_token,
     }
     return spec.build(dim, num_classes, num_prefix_tokens, **{o: given[o] for o in spec.options})
@@ -567,6 +625,12 @@ else:
 the predictors registered above)."""
 
 __all__ = [
+    "COV_DIM",
+    "COV_ITERATIONS",
+    "HEAD_DROPOUT",
+    "HEAD_POOL",
+    "MOMENT_DIM",
+    "MOMENT_GROUPS",
     "PREDICTOR_KINDS",
     "PREDICTOR_REGISTRY",
     "AttentionPoolHead",
@@ -579,6 +643,7 @@ __all__ = [
     "PredictorKind",
     "PredictorSpec",
     "build_predictor",
+    "check_head_options",
     "newton_schulz_sqrt",
     "register_predictor",
 ]

@@ -23,9 +23,16 @@ from dmpo_lightning.models.backbone import (
     rope_embedding,
     run_blocks,
 )
+from dmpo_lightning.models.checks import check_positive_int
 from dmpo_lightning.models.exit_policy import ExitPolicy
 from dmpo_lightning.models.exit_rules import ExitRule
 from dmpo_lightning.models.heads import (
+    COV_DIM,
+    COV_ITERATIONS,
+    HEAD_DROPOUT,
+    HEAD_POOL,
+    MOMENT_DIM,
+    MOMENT_GROUPS,
     AttentionPoolHead,
     Bypass,
     DistilledHead,
@@ -33,6 +40,7 @@ from dmpo_lightning.models.heads import (
     LinearHead,
     PredictorKind,
     build_predictor,
+    check_head_options,
 )
 from dmpo_lightning.options import OptionGroup, register_legacy_names
 
@@ -92,7 +100,9 @@ class ExitOptions(OptionGroup):
 
     In a config: ``model.init_args.exits.blocks: [3, 6, 9, 12]``; on the command line
     ``--model.init_args.exits.early_head linear``. Each DMPO component can be switched off for ablations:
-    ``bypass: false``, ``early_head: linear``.
+    ``bypass: false``, ``early_head: linear``. The head options (``head_pool``, ``moment_dim``, ...) are the
+    arguments of the same names of the predictors (:mod:`dmpo_lightning.models.heads`), with the same
+    defaults.
     """
 
     blocks: int | tuple[int, ...] | None = None
@@ -112,18 +122,32 @@ class ExitOptions(OptionGroup):
     """Predictor of the last exit (``linear`` = the backbone's own head: its final norm, then SigLIP's
     attention pool, DeiT's class + distillation token classifiers, or the pooling of ``head_pool``, then a
     new Linear)."""
-    head_pool: Literal["token", "avg"] = "token"
+    head_pool: Literal["token", "avg"] = HEAD_POOL
     """Pooling of ``linear`` predictors: class token or mean of the patch tokens."""
-    moment_dim: int = 512
-    """Projection width of ``moment`` predictors."""
-    moment_groups: int = 4
-    """Channel groups of ``moment`` predictors."""
-    cov_dim: int = 64
+    moment_dim: int = MOMENT_DIM
+    """Projection width of ``moment`` predictors (a multiple of ``moment_groups``)."""
+    moment_groups: int = MOMENT_GROUPS
+    """Channel groups of ``moment`` predictors (>= 2)."""
+    cov_dim: int = COV_DIM
     """Reduced width d of ``isqrt_cov`` predictors."""
-    cov_iterations: int = 5
+    cov_iterations: int = COV_ITERATIONS
     """Newton-Schulz iterations of ``isqrt_cov`` predictors."""
-    head_dropout: float = 0.0
+    head_dropout: float = HEAD_DROPOUT
     """Dropout before the classifier of every predictor."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_head_options(
+            head_pool=self.head_pool,
+            head_dropout=self.head_dropout,
+            moment_dim=self.moment_dim,
+            moment_groups=self.moment_groups,
+            cov_dim=self.cov_dim,
+            cov_iterations=self.cov_iterations,
+            prefix="exits.",
+        )
+        if self.bypass_dim is not None:
+            check_positive_int(self.bypass_dim, "exits.bypass_dim")
 
 
 register_legacy_names("exits", ExitOptions, {"blocks": "exit_blocks"})
@@ -202,18 +226,18 @@ class MultiExitViT(nn.Module):
         token_pooled = e.early_head == "linear" or (e.final_head == "linear" and attn_pool is None)
         if head_pool == "token" and not class_token and token_pooled:
             raise ValueError(
-                f"head_pool='token' needs a class token, but the backbone has none (its "
+                f"exits.head_pool='token' needs a class token, but the backbone has none (its "
                 f"{num_prefix_tokens(backbone)} prefix token(s) are registers, and VPT prompts follow them); "
-                "set head_pool='avg' (mean of the patch tokens, as timm pools such models)"
+                "set exits.head_pool='avg' (mean of the patch tokens, as timm pools such models)"
             )
         predictor_options: dict[str, Any] = dict(
             class_token=class_token,
-            pool=head_pool,
-            proj_dim=e.moment_dim,
-            groups=e.moment_groups,
-            reduce_dim=e.cov_dim,
-            iterations=e.cov_iterations,
-            dropout=e.head_dropout,
+            head_pool=head_pool,
+            moment_dim=e.moment_dim,
+            moment_groups=e.moment_groups,
+            cov_dim=e.cov_dim,
+            cov_iterations=e.cov_iterations,
+            head_dropout=e.head_dropout,
         )
         heads = []
         for k in range(len(self.exit_blocks)):
@@ -274,7 +298,7 @@ class MultiExitViT(nn.Module):
                 # timm's Eva pools over every token; VisionTransformer skips the prefix tokens by default
                 include_prefix=bool(getattr(backbone, "pool_include_prefix", hasattr(backbone, "rope"))),
                 fc_norm=not isinstance(fc_norm, nn.Identity),
-                dropout=options["dropout"],
+                head_dropout=options["head_dropout"],
             )
             model.attn_pool = None  # one owner: the head (the backbone's forward_head is never used)
             if isinstance(fc_norm, nn.LayerNorm):
@@ -282,14 +306,15 @@ class MultiExitViT(nn.Module):
                 head.fc_norm.eps = fc_norm.eps
             norm = backbone.norm
         elif distilled:
-            head, norm = DistilledHead(dim, num_classes, prefix, dropout=options["dropout"]), backbone.norm
+            head = DistilledHead(dim, num_classes, prefix, head_dropout=options["head_dropout"])
+            norm = backbone.norm
         elif head_pool == "avg" and not isinstance(fc_norm, nn.Identity):
             head = LinearHead(
                 dim,
                 num_classes,
                 prefix,
-                pool="avg",
-                dropout=options["dropout"],
+                head_pool="avg",
+                head_dropout=options["head_dropout"],
                 class_token=options["class_token"],
                 norm_after_pool=True,
             )
