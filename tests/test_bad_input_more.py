@@ -147,7 +147,8 @@ def test_help_lists_the_export_subcommand(monkeypatch, capsys):
     for sub in ("fit", "validate", "test", "predict"):
         assert re.search(rf"^\s+{sub}\s", out, flags=re.M), sub
     assert re.search(r"^\s+export\s+Write a deployable early-exit artefact", out, flags=re.M), out
-    assert "dmpo export --help" in out
+    assert re.search(r"^\s+serve\s+Serve an exported artefact over HTTP", out, flags=re.M), out
+    assert "dmpo <command> --help" in out
 
 
 @pytest.mark.slow
@@ -160,7 +161,7 @@ def test_the_console_script_help_lists_export(tmp_path):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "export" in out.stdout and "dmpo export --help" in out.stdout
+    assert "export" in out.stdout and "serve" in out.stdout and "dmpo <command> --help" in out.stdout
 
 
 def test_export_help_is_reachable(monkeypatch, capsys):

@@ -149,11 +149,15 @@ def test_model_variant_trains_a_batch_with_the_tiny_backbone(path, tmp_path, mon
     assert module.loss_weights.tolist() == pytest.approx(list(phase1))
     if "distill" in init:
         assert module.hparams.distill == init["distill"]
-    for group, field in (("evaluation", "rule"), ("schedule", "switch_epoch"), ("schedule", "weight_phase2")):
+    for group, field in (("schedule", "switch_epoch"), ("schedule", "weight_phase2")):
         if field in (init.get(group) or {}):
             assert module.hparams[group][field] == init[group][field], f"{group}.{field}"
+    evaluation = yaml.safe_load(path.read_text()).get("evaluation") or {}  # beside model:, not inside
+    assert "evaluation" not in init
+    if "rule" in evaluation:
+        assert cli.config_init["fit"]["evaluation"].rule == evaluation["rule"]
     # Budgets a model with this exit layout can meet (single exit: only the full cost).
-    budgets = _opt(init, "evaluation", "budgets", [0.33, 0.5, 0.75, 1.0])
+    budgets = evaluation.get("budgets", [0.33, 0.5, 0.75, 1.0])
     assert budgets == ([1.0] if single else [0.33, 0.5, 0.75, 1.0])
 
 

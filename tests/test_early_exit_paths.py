@@ -16,6 +16,7 @@ from support.early_exit import (
     between,
     margin_scores,
     randomise,
+    registered_margin,
     simulated,
 )
 
@@ -23,6 +24,13 @@ from dmpo_lightning import DMPOModule
 from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions
 from dmpo_lightning.models import ISqrtCovHead, MomentHead, MultiExitViT, newton_schulz_sqrt
 from dmpo_lightning.models.exit_rules import exit_scores
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _margin_rule():
+    """The tests' margin rule, registered as a plugin would register it."""
+    with registered_margin():
+        yield
 
 
 def test_a_registered_rule_drives_the_real_early_exit():

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 from support.builders import make_tiny_vit
-from support.early_exit import MARGIN, TINY, MarginModule, between, margin_scores, randomise, simulated
+from support.early_exit import (
+    MARGIN,
+    TINY,
+    MarginModule,
+    between,
+    margin_scores,
+    randomise,
+    registered_margin,
+    simulated,
+)
 
 from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.engine import EarlyExitEngine
@@ -15,6 +24,13 @@ from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.models.multi_exit import ExitOptions
 
 N = 37  # not a multiple of any engine batch size used below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _margin_rule():
+    """The tests' margin rule, registered as a plugin would register it."""
+    with registered_margin():
+        yield
 
 
 @pytest.fixture(scope="module")

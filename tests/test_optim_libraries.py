@@ -80,12 +80,18 @@ def test_a_resume_with_more_steps_follows_the_new_length(old_total, new_total):
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = warmup_cosine(opt, old_total, 0.1)
     _lrs(sched, opt, old_total)
-    state = sched.state_dict()
+    state, opt_state = sched.state_dict(), opt.state_dict()
     opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     longer = warmup_cosine(opt2, new_total, 0.1)
+    opt2.load_state_dict(opt_state)  # as Lightning restores a checkpoint: optimizer, then scheduler
     longer.load_state_dict(state)
-    got = _lrs(longer, opt2, new_total - old_total + 1)
-    want = [reference_factor(new_total, 0.1, 0.0, s) for s in range(old_total, new_total + 1)]
+    got = []
+    for _ in range(new_total - old_total):  # every later step takes the new plan's rate
+        opt2.step()
+        longer.step()
+        got.append(opt2.param_groups[0]["lr"])
+    want = [reference_factor(new_total, 0.1, 0.0, s) for s in range(old_total + 1, new_total + 1)]
+    assert want[-1] == 0.0  # decayed to the end of the new length
     torch.testing.assert_close(torch.tensor(got).flatten(), torch.tensor(want), rtol=1e-9, atol=1e-12)
 
 

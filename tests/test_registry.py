@@ -44,7 +44,7 @@ def test_the_model_and_module_signatures_use_the_same_literals():
     exit_hints = get_type_hints(multi_exit.ExitOptions)
     assert peft_hints["method"] is adapters.PeftMethod
     assert exit_hints["early_head"] is exit_hints["final_head"] is heads.PredictorKind
-    assert get_type_hints(EvaluationOptions)["rule"] is exit_rules.ExitRule
+    assert get_type_hints(EvaluationOptions)["rule"] == exit_rules.ExitRule | None
     assert multi_exit.HeadKind is heads.PredictorKind
 
 

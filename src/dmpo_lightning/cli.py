@@ -13,8 +13,10 @@ import argparse
 import contextlib
 import csv
 import importlib
+import inspect
 import io
 import os
+import re
 import shutil
 import signal
 import sys
@@ -59,12 +61,16 @@ LIGHTNING_COMMANDS = {
     "predict": "The real early exit over a dataset split or new images, into a predictions CSV",
 }
 OTHER_COMMANDS = {
-    "export": ("dmpo_lightning.deploy.cli", "Write a deployable early-exit artefact from a trained run"),
+    "export": (
+        "dmpo_lightning.deploy.cli:console_main",
+        "Write a deployable early-exit artefact from a trained run",
+    ),
     "serve": (
-        "dmpo_lightning.serve.cli",
+        "dmpo_lightning.serve.cli:main",
         "Serve an exported artefact over HTTP (needs dmpo-lightning[serve])",
     ),
 }
+"""``dmpo <command>`` -> ``module:function(argv)`` (returns nothing or an exit status) and its help line."""
 DEBUG_ENV = "DMPO_DEBUG"
 """``DMPO_DEBUG=1`` (or ``--debug``) shows the traceback of configuration errors."""
 LINKED = {
@@ -107,6 +113,10 @@ def _tidy_parse_error(message: str) -> str:
         if sep and len(value) > 80:  # a whole Namespace(...) / dict of the model's arguments
             line = f"{head}{sep}{value[:60]}..."
         keep.append(line)
+    unknown = re.findall(r"Option '(\w+)' is not accepted", message)
+    if unknown and "class_path 'dmpo_lightning.DMPOModule'" in message:
+        accepted = ", ".join(p for p in inspect.signature(DMPOModule).parameters if p != "self")
+        keep.append(f"  model.init_args accepts: {accepted} (dmpo fit --model.help DMPOModule)")
     if "'evaluation'" in message and ("model" in message or "init_args" in message):
         keep.append(
             "  the evaluation options are not model options: write `evaluation:` at the top level of the "
@@ -696,9 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_main(name: str) -> Callable[[list[str]], Any]:
-    module, _ = OTHER_COMMANDS[name]
+    module, _, function = OTHER_COMMANDS[name][0].partition(":")
     try:  # imported when used: serve needs the optional [serve] extra
-        return importlib.import_module(module).console_main  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
     except ImportError as err:
         raise ConfigError(
             f"dmpo {name} is not available here ({err}); install dmpo-lightning[{name}]"
@@ -722,7 +732,9 @@ def console_main() -> None:
     name = command.command
     try:
         if name in OTHER_COMMANDS:
-            _command_main(name)(rest)
+            status = _command_main(name)(rest)
+            if isinstance(status, int) and status:
+                raise SystemExit(status)
             return
         InterruptCheckpoint.reset()
         main()

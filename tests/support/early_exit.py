@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from dmpo_lightning import DMPOModule
@@ -15,14 +18,25 @@ SMALL_HEADS = ExitOptions(moment_dim=32, cov_dim=8)
 
 
 MARGIN = "test_margin"
-"""A rule the package does not ship: top-1 minus top-2 softmax probability, registered for the tests."""
+"""A rule the package does not ship: top-1 minus top-2 softmax probability (see :func:`registered_margin`)."""
 
-if MARGIN not in EXIT_RULE_REGISTRY:
 
-    @register_exit_rule(MARGIN)
-    def _margin(probs: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
-        top2 = probs.topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
+def _margin(probs: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    top2 = probs.topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+@contextlib.contextmanager
+def registered_margin() -> Iterator[None]:
+    """Register :data:`MARGIN` for the tests inside, as a plugin would; dropped again afterwards."""
+    if MARGIN in EXIT_RULE_REGISTRY:
+        yield
+        return
+    register_exit_rule(MARGIN)(_margin)
+    try:
+        yield
+    finally:
+        EXIT_RULE_REGISTRY._entries.pop(MARGIN, None)
 
 
 def margin_scores(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
