@@ -123,9 +123,7 @@ def make_fixtures(base: Path) -> dict:
     from dmpo_lightning import DMPOModule
 
     ctx: dict = {"base": base, "tiny": TINY}
-    ctx["ckpt"] = fit(
-        base / "a", "--test_after_fit=true", f"--evaluation.report_dir={base / 'report_a'}"
-    )
+    ctx["ckpt"] = fit(base / "a", "--test_after_fit=true", f"--evaluation.report_dir={base / 'report_a'}")
     ctx["thresholds"] = base / "report_a" / "thresholds.json"
     ctx["report"] = base / "report_a"
     ctx["ckpt_b"] = fit(base / "b", "--seed_everything=1")

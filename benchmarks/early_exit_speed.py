@@ -308,7 +308,9 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, lis
         info.update(checkpoint=None, trained=False)
     module.eval().to(device)
     dm.setup("test")
-    rule = module.evaluation_options.rule
+    evaluation = cli.config_init["evaluation"]  # the config's top-level evaluation group
+    rule = module.exit_rule = evaluation.test_rule
+    budget_unit = evaluation.budget_unit
     if args.thresholds:
         from dmpo_lightning.evaluation.thresholds import load_thresholds
 
@@ -316,7 +318,7 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, lis
             args.thresholds,
             args.budget,
             module.model_fingerprint(),
-            unit=module.evaluation_options.budget_unit,
+            unit=budget_unit,
         )
         info.update(thresholds_source=os.path.abspath(args.thresholds))
         calibrated_for = json.loads(Path(args.thresholds).read_text()).get("checkpoint_hash")
@@ -328,9 +330,9 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, lis
                 f"{args.ckpt} ({mine}); the architecture matches, the weights may not"
             )
     else:
-        thresholds, cal = calibrate(module, dm, args.budget, device, rule)
+        thresholds, cal = calibrate(module, dm, args.budget, device, rule, budget_unit)
         info.update(thresholds_source="calibration pass of this model", calibration=cal)
-    info.update(exit_rule=rule, budget=args.budget, budget_unit=module.evaluation_options.budget_unit)
+    info.update(exit_rule=rule, budget=args.budget, budget_unit=budget_unit)
     return module, dm, thresholds, info
 
 
@@ -344,12 +346,12 @@ def sha256(path: str) -> str:
 
 @torch.inference_mode()
 def calibrate(
-    module: Any, dm: Any, budget: float, device: torch.device, rule: str
+    module: Any, dm: Any, budget: float, device: torch.device, rule: str, budget_unit: str = "fraction"
 ) -> tuple[list[float], dict[str, Any]]:
     """Thresholds for ``budget`` fitted on the calibration split (``protocol.select_budgets``)."""
     from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
-    from dmpo_lightning.evaluation.exit_rules import exit_scores
     from dmpo_lightning.evaluation.protocol import select_budgets
+    from dmpo_lightning.models.exit_rules import exit_scores
 
     scores, correct = [], []
     for batch in dm.dataloader("calibration"):
@@ -358,7 +360,7 @@ def calibrate(
         scores.append(s.cpu())
         correct.append((p == y[:, None]).cpu())
     costs = module.exit_costs()
-    unit = "fraction" if module.evaluation_options.budget_unit == "fraction" else "absolute"
+    unit = "fraction" if budget_unit == "fraction" else "absolute"
     choice = select_budgets(
         torch.cat(scores).double(), torch.cat(correct), costs.exit_gflops, costs.full_gflops, [budget], unit
     )[0]
@@ -419,14 +421,15 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> float:
 def simulated_protocol(module: Any, chunks: Sequence[torch.Tensor], thresholds: Sequence[float]):
     """Exit and prediction per sample from the all-exits forward, as ``dmpo test`` simulates them.
 
-    Scored with the module's ``score_exits``, the scoring path ``dmpo test`` uses.
+    Scored with the module's exit rule, through ``exit_scores`` as ``dmpo test`` scores.
     """
     from dmpo_lightning.evaluation.protocol import assign_exits
+    from dmpo_lightning.models.exit_rules import exit_scores
 
     exits, preds = [], []
     t = torch.tensor(thresholds, dtype=torch.float64)
     for c in chunks:
-        scores, p = module.score_exits(module.model(c))
+        scores, p = exit_scores(module.model(c), module.exit_rule)
         e = assign_exits(scores, t.to(scores.device))
         exits.append(e)
         preds.append(p.gather(1, e[:, None]).squeeze(1))
@@ -436,11 +439,15 @@ def simulated_protocol(module: Any, chunks: Sequence[torch.Tensor], thresholds: 
 # ------------------------------------------------------------------------------------------ 224 models
 def build_synthetic(arch: str, overrides: Sequence[str], device: torch.device) -> Any:
     """A ``DMPOModule`` of ``arch`` with random weights (eval mode, on ``device``)."""
+    from dmpo_lightning.evaluation.evaluator import EvaluationOptions
     from dmpo_lightning.module import DMPOModule
 
     kwargs = with_options({**SYNTHETIC_DEFAULTS, "backbone": arch}, [_key_value(o) for o in overrides])
+    evaluation = EvaluationOptions.coerce(kwargs.pop("evaluation", None), name="evaluation")
     torch.manual_seed(0)
-    return DMPOModule(**kwargs).eval().to(device)
+    module = DMPOModule(**kwargs).eval().to(device)
+    module.exit_rule = evaluation.test_rule  # evaluation.rule=... picks the rule to time
+    return module
 
 
 def thresholds_for_histogram(scores: torch.Tensor, shares: Sequence[float]) -> list[float]:
@@ -483,16 +490,20 @@ def synthetic_case(arch: str, args: argparse.Namespace, device: torch.device) ->
     n = max(max(args.batch_sizes), args.min_samples)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((n, *shape), generator=generator)
-    scores = torch.cat([module.score_exits(module.model(c.to(device)))[0].cpu() for c in torch.split(x, 64)])
+    from dmpo_lightning.models.exit_rules import exit_scores
+
+    scores = torch.cat(
+        [exit_scores(module.model(c.to(device)), module.exit_rule)[0].cpu() for c in torch.split(x, 64)]
+    )
     thresholds = thresholds_for_histogram(scores, args.histogram)
     info = {
         "name": arch,
         "checkpoint": None,
         "trained": False,
         "thresholds_source": f"chosen on the {n} timed images to reproduce the histogram {args.histogram} %",
-        "exit_rule": module.evaluation_options.rule,
+        "exit_rule": module.exit_rule,
         "budget": None,
-        "budget_unit": module.evaluation_options.budget_unit,
+        "budget_unit": "fraction",
         "synthetic_set": list(args.synthetic_set),
     }
     y = torch.zeros(n, dtype=torch.long)  # random images: no labels, accuracies are meaningless
@@ -521,12 +532,7 @@ def _compiled_early(module: Any, thresholds: Sequence[float]) -> Callable[[torch
         tokens = blocks(tokens, start, model.exit_blocks[k])
         return tokens, (stages[k](tokens) if head else None)
 
-    policy = model.early_exit_policy(
-        thresholds,
-        module.evaluation_options.rule,
-        module.exit_scorer(),
-        scorer_is_local=module.score_exits_is_local,
-    )
+    policy = model.early_exit_policy(thresholds, module.exit_rule)
 
     def early(c: torch.Tensor) -> Any:
         original = model.run_stage
@@ -562,13 +568,10 @@ def measure(
     model = module.model
     costs = module.exit_costs()
     c_k = torch.tensor(costs.exit_macs, dtype=torch.float64)
-    scorer = module.exit_scorer()
-    rule = module.evaluation_options.rule
+    rule = module.exit_rule
 
     def early(c: torch.Tensor) -> Any:
-        return model.forward_early_exit(
-            c, thresholds, rule, scorer, scorer_is_local=module.score_exits_is_local
-        )
+        return model.forward_early_exit(c, thresholds, rule)
 
     compiled_early = _compiled_early(module, thresholds) if compiled else None
     rows = []

@@ -115,7 +115,8 @@ shoes): a source trained on them needs features that tell a shoe from a shirt bu
 pullover or a sneaker from a sandal, so the target's fine labels need features the source never learned,
 as when ImageNet features are tuned to a fine-grained target."""
 GROUPS = ("peft", "exits", "schedule", "evaluation")
-"""DMPOModule's option groups (``model.init_args.<group>.<field>`` in the variant files)."""
+"""The option groups of a variant file: DMPOModule's (``model.init_args.<group>.<field>``) and the
+top-level ``evaluation`` group (``evaluation.<field>``, the evaluator's options)."""
 SCALED_KEYS = set(
     "backbone pretrained checkpoint_path img_size in_chans backbone_kwargs num_classes optimizer "
     "lr_scheduler warmup_fraction".split()
@@ -492,7 +493,6 @@ def pretrain(
         peft={"method": "full"},
         exits={"blocks": 1, "bypass": False, "early_head": "linear", "final_head": "linear"},
         schedule={"weight_phase1": "uniform", "weight_phase2": "uniform"},
-        evaluation={"budgets": [1.0]},
         label_smoothing=settings.pretrain_label_smoothing,
         optimizer=_optimizer(settings.pretrain_lr, settings.weight_decay),
     )
@@ -574,12 +574,14 @@ def load_variant(name: str, configs: Path) -> dict[str, Any]:
         raise SystemExit(
             f"no variant {name!r}: {path} does not exist; choose from {available_variants(configs)}"
         )
-    model = yaml.safe_load(path.read_text())["model"]
+    config = yaml.safe_load(path.read_text())
+    model = config["model"]
     if model.get("class_path") not in ("dmpo_lightning.DMPOModule", "dmpo_lightning.module.DMPOModule"):
         raise SystemExit(
             f"{path}: the benchmark tunes dmpo_lightning.DMPOModule, got {model.get('class_path')}"
         )
-    return dict(model.get("init_args") or {})
+    # the evaluation options sit beside model: in the file; the benchmark keeps them with the variant
+    return {**dict(model.get("init_args") or {}), "evaluation": config.get("evaluation") or {}}
 
 
 def _scale_epoch(value: int | None, epochs: int, *, at_least_one: bool = False) -> int | None:
@@ -610,7 +612,7 @@ def module_kwargs(name: str, settings: Settings, configs: Path) -> dict[str, Any
         given = init.get(group) or {}
         if not isinstance(given, dict):
             raise SystemExit(
-                f"{configs / f'{name}.yaml'}: model.init_args.{group} must be a mapping of its options "
+                f"{configs / f'{name}.yaml'}: {group} must be a mapping of its options "
                 f"(e.g. {group}: {{...}}), got {given!r}"
             )
         kwargs[group] = {k: v for k, v in given.items() if k not in SCALED_FIELDS.get(group, ())}
@@ -686,7 +688,7 @@ def run_job(
     run_dir.mkdir(parents=True)
     pl.seed_everything(job.seed, workers=True, verbose=False)
     kwargs = without_rule(job.kwargs)
-    kwargs["evaluation"] = {**kwargs["evaluation"], "budgets": [1.0]}
+    evaluation = kwargs.pop("evaluation")
     module = DMPOModule(
         num_classes=10,
         backbone=BACKBONE,
@@ -700,8 +702,7 @@ def run_job(
     check_backbone_loaded(module, checkpoint)
     costs = module.exit_costs()
     lowest = costs.exit_gflops[0] / costs.full_gflops
-    budgets = [b for b in TABLE_BUDGETS if b >= lowest * (1 - 1e-9)]
-    set_evaluation(module, budgets=budgets)
+    evaluation["budgets"] = [b for b in TABLE_BUDGETS if b >= lowest * (1 - 1e-9)]
     dm = _datamodule(
         settings,
         args,
@@ -722,26 +723,28 @@ def run_job(
     results = []
     calibration = getattr(args, "calibration", "none")
     for rule, names in job.rules.items():
-        set_evaluation(
-            module,
-            rule=rule,
-            report_dir=str(run_dir / f"test_{rule}"),
-            calibration="temperature" if calibration == "temperature" else "none",
-        )
         if bar is not None:
             bar.set_postfix_str(f"{job.name} seed {job.seed} test ({rule})")
         with contextlib.redirect_stdout(log):
-            trainer.test(module, datamodule=dm, verbose=False)
-        report = module.test_report
+            report = run_test(
+                trainer,
+                module,
+                dm,
+                {**evaluation, "rule": rule, "report_dir": str(run_dir / f"test_{rule}")},
+                calibration="temperature" if calibration == "temperature" else "none",
+            )
         calibrated = None
         if calibration == "both":  # the same trained weights, tested again with per-exit temperatures
-            set_evaluation(
-                module, report_dir=str(run_dir / f"test_{rule}_temperature"), calibration="temperature"
-            )
+            folder = str(run_dir / f"test_{rule}_temperature")
             with contextlib.redirect_stdout(log):
-                trainer.test(module, datamodule=dm, verbose=False)
-            calibrated = _calibration_result(module.test_report, module.evaluation_options.report_dir)
-            set_evaluation(module, calibration="none")
+                tested = run_test(
+                    trainer,
+                    module,
+                    dm,
+                    {**evaluation, "rule": rule, "report_dir": folder},
+                    calibration="temperature",
+                )
+            calibrated = _calibration_result(tested, folder)
         for name in names:
             results.append(
                 {
@@ -786,19 +789,24 @@ def run_job(
     return results
 
 
-def set_evaluation(module: DMPOModule, **fields: Any) -> None:
-    """Change a trained module's evaluation options (``rule``, ``calibration``, ``report_dir``...) for the
-    next ``trainer.test``.
+def run_test(
+    trainer: pl.Trainer, module: DMPOModule, dm: Any, options: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
+    """``dmpo test`` of the trained module with these evaluation options; returns its report.
 
-    The options live in ``module.hparams.evaluation`` (a dict); the test protocol's callback
-    (``DMPOEvaluator``) reads them through ``module.evaluation_options`` when the test starts and builds its
-    collectors then (the logit collectors of ``calibration: temperature`` included). The fields are checked
-    here, so a misspelt one fails before any test runs.
+    The options (``rule``, ``calibration``, ``report_dir``...) go to a ``DMPOEvaluator`` attached for this
+    one test; a misspelt field fails before the test runs.
     """
-    from dmpo_lightning.evaluation.evaluator import EvaluationOptions
+    from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions
 
-    evaluation = {**module.hparams.evaluation, **fields}
-    module.hparams.evaluation = EvaluationOptions.coerce(evaluation, name="evaluation").to_dict()
+    evaluator = DMPOEvaluator(EvaluationOptions.coerce({**options, **fields}, name="evaluation"))
+    trainer.callbacks.append(evaluator)
+    try:
+        trainer.test(module, datamodule=dm, verbose=False)
+    finally:
+        trainer.callbacks.remove(evaluator)
+    assert module.test_report is not None
+    return module.test_report
 
 
 def _calibration_result(report: dict[str, Any], report_dir: str) -> dict[str, Any]:
@@ -1392,7 +1400,7 @@ def estimate(
     )
     for job in jobs:
         kwargs = without_rule(job.kwargs)
-        kwargs["evaluation"] = {**kwargs["evaluation"], "budgets": [1.0]}
+        kwargs.pop("evaluation")
         module = DMPOModule(
             num_classes=10,
             backbone=BACKBONE,
@@ -1422,7 +1430,6 @@ def estimate(
         peft={"method": "full"},
         exits={"blocks": 1, "bypass": False, "early_head": "linear"},
         schedule={"weight_phase1": "uniform"},
-        evaluation={"budgets": [1.0]},
     )
     pre_s = per_image_train(module, settings.pretrain_batch_size)
     for proxy in proxies:

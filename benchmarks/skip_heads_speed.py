@@ -57,7 +57,7 @@ def main() -> None:
     def run(skip: bool) -> list:
         ExitPolicy.needs_head = original if skip else (lambda self, k: True)  # type: ignore[method-assign]
         try:
-            return [model.forward_early_exit(c, thresholds, module.evaluation_options.rule) for c in chunks]
+            return [model.forward_early_exit(c, thresholds, module.exit_rule) for c in chunks]
         finally:
             ExitPolicy.needs_head = original  # type: ignore[method-assign]
 

@@ -19,7 +19,7 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,15 +132,6 @@ def test_from_trainable_refuses_a_crafted_pt(tmp_path, marker, kind):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("kind", ["export", "checkpoint", "pickle"])
-def test_from_trainable_refuses_a_crafted_pt_even_with_the_opt_in(tmp_path, marker, kind):
-    path = torch_file(tmp_path / "adapter.pt", marker, kind)
-    with pytest.raises(ValueError, match=r"was not loaded, even with allow_pickle=True") as err:
-        DMPOModule.from_trainable(str(path), allow_pickle=True)
-    assert "GLOBAL io.open" in str(err.value) and "nothing in the file was executed" in str(err.value)
-    assert not marker.exists()
-
-
 # ----------------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("weights_only", ["default", None, True])
 def test_load_from_checkpoint_refuses_a_crafted_ckpt(tmp_path, marker, weights_only):
@@ -174,8 +165,9 @@ def test_load_from_checkpoint_refuses_unrestricted_unpickling_before_reading(tmp
 def good_cli_checkpoint(path: Path) -> Path:
     """A genuine checkpoint of the tiny CLI config's model (tensors and plain values only)."""
     module = main(["-c", TINY_CONFIG], run=False).model
+    module.train_steps.fill_(2)  # stands for two training steps
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}
-    torch.save({**ckpt, "global_step": 0, "pytorch-lightning_version": "2.6.6"}, path)
+    torch.save({**ckpt, "global_step": 2, "pytorch-lightning_version": "2.6.6"}, path)
     return path
 
 
@@ -254,7 +246,7 @@ def test_dmpo_predict_refuses_a_pickled_thresholds_file(tmp_path, marker, kind):
                 "predict",
                 "-c",
                 TINY_CONFIG,
-                "--allow_untrained=true",
+                "--evaluation.allow_untrained=true",
                 f"--evaluation.thresholds_file={path}",
                 "--evaluation.predict_budget=0.5",
                 f"--evaluation.predictions_file={preds}",
@@ -324,19 +316,6 @@ def test_old_export_of_plain_values_loads_without_opt_in(tmp_path):
     assert_same_outputs(module, restored)
 
 
-def test_opt_in_loads_an_old_pickle_export_and_warns(tmp_path):
-    module = tiny_module()
-    # a pathlib object in the hparams: harmless, but more than weights_only=True rebuilds
-    path = legacy_export(module, tmp_path / "old.pt", report_dir=PurePosixPath(tmp_path / "r"))
-    with pytest.raises(ValueError, match=r"pickle holding Python objects .*PurePosixPath.*allow_pickle=True"):
-        DMPOModule.from_trainable(str(path))
-    torch.manual_seed(1)
-    with pytest.warns(UserWarning, match=r"old\.pt is an old pickle-based dmpo export; re-export it"):
-        restored = DMPOModule.from_trainable(str(path), allow_pickle=True)
-    assert restored.hparams.evaluation["report_dir"] == str(tmp_path / "r")  # the group holds JSON values
-    assert_same_outputs(module, restored)
-
-
 # ----------------------------------------------------------------------------------------- the export format
 def test_export_is_safetensors_with_json_metadata(tmp_path):
     module = tiny_module()
@@ -356,12 +335,12 @@ def test_export_is_safetensors_with_json_metadata(tmp_path):
 def test_overrides_replace_saved_hparams(tmp_path):
     path = tmp_path / "adapter.safetensors"
     module = tiny_module()
-    module.hparams.evaluation["budgets"] = [0.5]  # saved; not among the overrides
+    module.hparams.schedule["ramp_epochs"] = 2  # saved; not among the overrides
     module.export_trainable(str(path))
     torch.manual_seed(1)
-    restored = DMPOModule.from_trainable(str(path), evaluation={"report_dir": str(tmp_path / "elsewhere")})
-    assert restored.hparams.evaluation["report_dir"] == str(tmp_path / "elsewhere")
-    assert restored.hparams.evaluation["budgets"] == [0.5]  # the group's other fields are kept
+    restored = DMPOModule.from_trainable(str(path), schedule={"switch_epoch": 7})
+    assert restored.hparams.schedule["switch_epoch"] == 7
+    assert restored.hparams.schedule["ramp_epochs"] == 2  # the group's other fields are kept
     assert_same_outputs(module, restored)
 
 
@@ -377,8 +356,8 @@ def test_export_never_overwrites_and_refuses_bad_paths_and_values(tmp_path):
 
     with pytest.raises(ValueError, match=r"must end in \.safetensors"):
         module.export_trainable(str(tmp_path / "adapter.pt"))
-    module.hparams.evaluation["report_dir"] = object()  # not JSON
-    with pytest.raises(TypeError, match=r"hyper-parameter 'evaluation' cannot be stored \(cannot put a"):
+    module.hparams.schedule["switch_epoch"] = object()  # not JSON
+    with pytest.raises(TypeError, match=r"hyper-parameter 'schedule' cannot be stored \(cannot put a"):
         module.export_trainable(str(tmp_path / "other.safetensors"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
 
