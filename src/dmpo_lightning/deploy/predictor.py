@@ -43,7 +43,7 @@ from dmpo_lightning.predictions import PredictionRow, error_sentence
 if TYPE_CHECKING:
     from dmpo_lightning.models.multi_exit import MultiExitViT
 
-__all__ = ["BatchPrediction", "EarlyExitPredictor"]
+__all__ = ["BatchPrediction", "EarlyExitPredictor", "check_device"]
 
 Backend = Literal["torch", "onnx"]
 
@@ -68,6 +68,35 @@ class BatchPrediction:
     score: torch.Tensor
     gflops: torch.Tensor
     logits: torch.Tensor
+
+
+def check_device(device: str | torch.device, option: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine.
+
+    Raises:
+        ValueError: In one sentence naming ``option``, for a name torch does not know (``banana``) or a
+            device this machine lacks (``cuda:7`` with fewer GPUs, ``cuda`` without CUDA, ``mps``).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{option} {device!r} is not a torch device; use cpu, cuda, cuda:<index> or mps"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{option} {device!r}: this machine has no CUDA GPU that torch can use; use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"{option} {device!r}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+                f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option} {device!r}: MPS is not available on this machine; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{option} {device!r} is not supported here; use cpu, cuda, cuda:<index> or mps")
+    return dev
 
 
 def _check_budget_choice(manifest: Mapping[str, Any], budget: float) -> Mapping[str, Any]:
@@ -100,9 +129,11 @@ class EarlyExitPredictor:
         device: str | torch.device = "cpu",
         onnx_stages: Any = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels_option: str = "max_pixels",
     ) -> None:
         self.manifest = dict(manifest)
-        self.max_pixels = check_max_pixels(max_pixels)
+        self.max_pixels = check_max_pixels(max_pixels, max_pixels_option)
+        self.max_pixels_option = max_pixels_option
         self.model = model
         self.onnx_stages = onnx_stages
         self.backend: Backend = "onnx" if onnx_stages is not None else "torch"
@@ -156,7 +187,8 @@ class EarlyExitPredictor:
             FileNotFoundError: If ``path`` does not exist.
             ArtefactError: If the artefact is corrupt, truncated, of a newer format, or its backbone
                 weights cannot be found or do not match the checksum.
-            ValueError: If the budget is not one the artefact was calibrated for (the available are listed).
+            ValueError: If the budget is not one the artefact was calibrated for (the available are listed),
+                or ``device`` does not exist on this machine.
         """
         path = os.fspath(path)
         manifest = read_manifest(path)
@@ -164,6 +196,7 @@ class EarlyExitPredictor:
             path = os.path.dirname(path) or "."
         _check_budget_choice(manifest, budget)
         check_max_pixels(max_pixels)
+        check_device(device)
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         if backend == "onnx":
@@ -336,7 +369,7 @@ class EarlyExitPredictor:
         Raises:
             ValueError: With one sentence, if the image cannot be used.
         """
-        image, mode = decode_image(path, max_pixels=self.max_pixels)
+        image, mode = decode_image(path, max_pixels=self.max_pixels, option=self.max_pixels_option)
         return self.transform(image), ("" if mode == self.image_mode else mode)
 
     def preprocess(self, paths: Sequence[str]) -> torch.Tensor:
@@ -503,6 +536,7 @@ def _load_model(
         model = build_model(options)
     else:
         model = _build_with_reference(path, options, ref, backbone_weights, allow_download)
+    _check_model_against_manifest(path, model, manifest)
     if info.get("merged"):
         merge_peft(model)
     state = model.state_dict()
@@ -530,6 +564,30 @@ def _load_model(
             f"(unexpected: {list(unexpected)[:5]}, not provided: {wrong[:5]})"
         )
     return model.eval()
+
+
+def _check_model_against_manifest(path: str, model: MultiExitViT, manifest: Mapping[str, Any]) -> None:
+    """The network the manifest's ``model`` options build has the exits, input and classes it lists."""
+    pe: Any = model.backbone.patch_embed
+    size = pe.img_size[0] if isinstance(pe.img_size, (tuple, list)) else pe.img_size
+    built = {
+        "exit_blocks": list(model.exit_blocks),
+        "preprocessing.input_size": [int(pe.proj.in_channels), int(size), int(size)],
+        "class_names": int(model.num_classes),
+    }
+    listed = {
+        "exit_blocks": list(manifest["exit_blocks"]),
+        "preprocessing.input_size": list(manifest["preprocessing"]["input_size"]),
+        "class_names": len(manifest["class_names"]),
+    }
+    for field, value in built.items():
+        if listed[field] != value:
+            what = "classes" if field == "class_names" else ""
+            raise ArtefactError(
+                f"artefact {path}: manifest field {field} is {listed[field]}{' ' + what if what else ''} but "
+                f"the network its model options build has {value}{' ' + what if what else ''}; the artefact "
+                "contradicts itself (edited or corrupt), so it is not used: export it again"
+            )
 
 
 def _describe_source(options: Mapping[str, Any], backbone_weights: str | None) -> str:
