@@ -15,6 +15,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from dmpo_lightning.deploy.predictor import EarlyExitPredictor, check_device
 from dmpo_lightning.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dmpo_lightning.predictions import format_prediction_summary, write_predictions
 
@@ -53,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command: write the CSV, print its summary; returns the exit status (2: refused input)."""
-    from dmpo_lightning.deploy.predictor import EarlyExitPredictor, check_device
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -23,10 +23,14 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+import timm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from dmpo_lightning.deploy.build import build_model
 from dmpo_lightning.deploy.format import (
     MANIFEST_FILE,
     ONNX_DIR,
@@ -35,13 +39,14 @@ from dmpo_lightning.deploy.format import (
     decode_float,
     read_manifest,
 )
+from dmpo_lightning.deploy.merge import merge_peft
+from dmpo_lightning.deploy.onnx_stages import OnnxStages
 from dmpo_lightning.deploy.preprocess import build_eval_transform
 from dmpo_lightning.files import file_sha256, tensors_sha256
 from dmpo_lightning.images import DEFAULT_MAX_PIXELS, check_max_pixels, decode_image, list_images
+from dmpo_lightning.models.engine import EarlyExitEngine
+from dmpo_lightning.models.multi_exit import MultiExitViT
 from dmpo_lightning.predictions import PredictionRow, error_sentence
-
-if TYPE_CHECKING:
-    from dmpo_lightning.models.multi_exit import MultiExitViT
 
 __all__ = ["BatchPrediction", "EarlyExitPredictor", "check_device"]
 
@@ -200,8 +205,6 @@ class EarlyExitPredictor:
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         if backend == "onnx":
-            from dmpo_lightning.deploy.onnx_stages import OnnxStages
-
             stages = OnnxStages.load(os.path.join(path, ONNX_DIR), manifest, num_threads=num_threads)
             return cls(manifest, None, budget=budget, device="cpu", onnx_stages=stages, max_pixels=max_pixels)
         model = _load_model(path, manifest, backbone_weights=backbone_weights, allow_download=allow_download)
@@ -314,8 +317,6 @@ class EarlyExitPredictor:
         Raises:
             ValueError: For the ONNX backend or a bad ``batch_size``.
         """
-        from dmpo_lightning.models.engine import EarlyExitEngine
-
         if self.model is None:
             raise ValueError(
                 "throughput mode (engine) needs the torch backend; the ONNX backend runs batch by batch: "
@@ -510,12 +511,6 @@ def _manifest_temperatures(manifest: Mapping[str, Any], num_exits: int) -> list[
 def _load_model(
     path: str, manifest: Mapping[str, Any], *, backbone_weights: str | None, allow_download: bool
 ) -> MultiExitViT:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from dmpo_lightning.deploy.build import build_model
-    from dmpo_lightning.deploy.merge import merge_peft
-
     info = manifest["weights"]
     weights_path = os.path.join(path, info.get("file", WEIGHTS_FILE))
     if not os.path.isfile(weights_path):
@@ -603,8 +598,6 @@ def _local_pretrained_file(name: str) -> bool:
 
     True for the packaged trunk ``dmpo_toy_vit_fmnist``.
     """
-    import timm
-
     try:
         cfg = timm.get_pretrained_cfg(name, allow_unregistered=False)
     except RuntimeError:
@@ -619,8 +612,6 @@ def _build_with_reference(
     backbone_weights: str | None,
     allow_download: bool,
 ) -> MultiExitViT:
-    from dmpo_lightning.deploy.build import build_model
-
     if backbone_weights is not None:
         if not os.path.isfile(backbone_weights):
             raise FileNotFoundError(f"backbone_weights {backbone_weights} does not exist")
