@@ -535,6 +535,7 @@ def _manifest(
             "thresholds": os.path.abspath(inputs.thresholds),
             "report": os.path.abspath(inputs.report) if inputs.report else None,
             "found": inputs.found,
+            "global_step": trained.ckpt.get("global_step"),  # 0: exported with allow_untrained
         },
         "model": to_jsonable(trained.options, default=repr),
         "training_hparams": to_jsonable(trained.hparams, default=repr),

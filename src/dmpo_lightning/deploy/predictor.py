@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -153,6 +154,14 @@ class EarlyExitPredictor:
         self.temperatures: list[float] | None = _manifest_temperatures(manifest, len(self.exit_gflops))
         self.budget: float = float("nan")
         self.set_budget(budget)
+        if (manifest.get("inputs") or {}).get("global_step") == 0:
+            warnings.warn(
+                "this artefact was exported from a checkpoint saved before any training step (global_step 0, "
+                "dmpo export --allow-untrained): its exits and adapters hold their initial weights, so its "
+                "predictions are not those of a trained model",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.model is not None:
             self.model.to(self.device).eval()
             for p in self.model.parameters():
