@@ -1,4 +1,4 @@
-"""Run every case of issue 16 the way a user meets it and write what dmpo prints into docs/bad_input_cases.md.
+"""Run every bad-input case (issues 16, 28) as a user meets it; write the output to docs/bad_input_cases.md.
 
 Usage (from the repository root, a few minutes on one CPU core)::
 
@@ -50,6 +50,7 @@ class Case:
     after: Callable[[dict], str] | None = None  # an observation after the command (files kept, ...)
     repeat: int = 1  # run the command this many times (the second run is the case)
     cwd: str | None = None  # a fixture folder to run in (default: a fresh one)
+    program: str = "dmpo"  # or "python -m dmpo_lightning.deploy"
     out: dict = field(default_factory=dict)
 
 
@@ -97,6 +98,27 @@ def run_dmpo(argv: list[str], cwd: Path) -> tuple[int, str]:
                 status = 1
     finally:
         sys.argv = old_argv
+        os.chdir(old_cwd)
+    return status, out["text"]
+
+
+def run_deploy(argv: list[str], cwd: Path) -> tuple[int, str]:
+    """``python -m dmpo_lightning.deploy <argv>`` in-process: (exit status, everything printed)."""
+    from dmpo_lightning.deploy.predict_cli import main as deploy_main
+
+    old_cwd = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with captured_fds() as out, warnings.catch_warnings():
+            warnings.simplefilter("default")
+            try:
+                status = deploy_main(argv)
+            except SystemExit as err:
+                status = err.code if isinstance(err.code, int) else 1
+            except BaseException:
+                sys.stderr.write(traceback.format_exc())
+                status = 1
+    finally:
         os.chdir(old_cwd)
     return status, out["text"]
 
@@ -184,7 +206,81 @@ def make_fixtures(base: Path) -> dict:
         "--model.init_args.pretrained=true",
     )
     weights.rename(base / "weights_moved.pth")
+    make_deploy_fixtures(ctx)
     return ctx
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header says ``width`` x ``height`` grey pixels and that holds no pixel data."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk + end)
+
+
+def make_deploy_fixtures(ctx: dict) -> None:
+    """Issue 28's inputs for the predict and deploy surfaces: hostile images, artefacts that lie."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dmpo_lightning.deploy.export import export_artefact
+    from dmpo_lightning.files import file_sha256
+
+    base = ctx["base"]
+    rng = np.random.default_rng(0)
+    unit = rng.random((32, 32), dtype=np.float32)
+    for name, files in {
+        "hostile_nan": {"ok.png": None, "nan.tiff": "nan"},
+        "hostile_huge": {"ok.png": None, "huge.png": "huge"},
+    }.items():
+        folder = base / name
+        folder.mkdir()
+        for file, kind in files.items():
+            if kind is None:
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / file)
+            elif kind == "nan":
+                broken = unit.copy()
+                broken[3, 4], broken[5, 6] = np.nan, np.inf
+                Image.fromarray(broken).save(folder / file)
+            else:
+                _png_header_only(folder / file, 10_000, 10_000)
+        ctx[name] = folder
+    ctx["run_a"] = ctx["ckpt"].parent.parent
+    exported = export_artefact(
+        str(base / "art"), ckpt_path=str(ctx["ckpt"]), thresholds=str(ctx["thresholds"])
+    )
+    art = Path(exported)
+    ctx["art"] = art
+    for name, edit in {
+        "art_classes": lambda m: m.update(class_names=m["class_names"][:3]),
+        "art_size": lambda m: m["preprocessing"].update(input_size=[3, 48, 48]),
+        "art_escape": lambda m: m["weights"].update(file="../secret.safetensors"),
+    }.items():
+        shutil.copytree(art, base / name)
+        manifest = json.loads((base / name / "manifest.json").read_text())
+        edit(manifest)
+        (base / name / "manifest.json").write_text(json.dumps(manifest))
+        ctx[name] = base / name
+    (base / "names_dup.txt").write_text("shirt\ncoat\nshirt\nbag\n")
+    ctx["names_dup"] = base / "names_dup.txt"
+    payload = torch.load(ctx["ckpt"], map_location="cpu", weights_only=True)
+    payload["global_step"] = 0
+    torch.save(payload, base / "untrained.ckpt")
+    ctx["untrained"] = base / "untrained.ckpt"
+    th = json.loads(ctx["thresholds"].read_text())
+    th["checkpoint_hash"] = f"file:{file_sha256(str(ctx['untrained']))}"
+    (base / "thresholds_untrained.json").write_text(json.dumps(th))
+    ctx["thresholds_untrained"] = base / "thresholds_untrained.json"
+    # a run tested once after fit and once more with `dmpo test --ckpt_path` of its checkpoint
+    ctx["ckpt_c"] = fit(base / "c", "--test_after_fit=true")
+    ctx["run_c"] = ctx["ckpt_c"].parent.parent
+    status, text = run_dmpo(["test", "-c", TINY, f"--ckpt_path={ctx['ckpt_c']}"], base / "c")
+    if status != 0:
+        raise RuntimeError(f"fixture dmpo test failed:\n{text[-3000:]}")
 
 
 def fmt(*options: str) -> Callable[[dict], list[str]]:
@@ -212,6 +308,48 @@ def no_fit_only_warning(ctx: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- Python checks
+def check_deep_images(ctx: dict) -> str:
+    import numpy as np
+    from PIL import Image
+
+    from dmpo_lightning.images import ImageError, decode_image
+
+    work = ctx["work"]
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(work / "deep.png")
+    Image.fromarray(ramp.astype(np.float32)).save(work / "unit.tiff")
+    Image.fromarray((ramp * 1000).astype(np.float32)).save(work / "kilo.tiff")
+    parts = []
+    for name in ("deep.png", "unit.tiff"):
+        pil = np.asarray(Image.open(work / name).convert("L"))
+        ours = np.asarray(decode_image(work / name).image)
+        parts.append(
+            f"{name} (a 0..max ramp): PIL's convert('L') white {100 * (pil == 255).mean():.1f} %, mean "
+            f"{pil.mean():.1f}; decoded white {100 * (ours == 255).mean():.1f} %, mean {ours.mean():.1f}"
+        )
+    try:
+        decode_image(work / "kilo.tiff")
+        parts.append("kilo.tiff accepted (UNEXPECTED)")
+    except ImageError as err:
+        parts.append(f"a float TIFF of 0..1000: {err}")
+    return "; ".join(parts)
+
+
+def check_nan_tensor(ctx: dict) -> str:
+    import torch
+
+    from dmpo_lightning.deploy.predictor import EarlyExitPredictor
+
+    predictor = EarlyExitPredictor.load(ctx["art"], budget=0.5)
+    x = torch.zeros(4, *predictor.input_size)
+    x[2, 0, 1, 1] = float("nan")
+    try:
+        predictor(x)
+    except ValueError as err:
+        return f"ValueError: {err}"
+    return "accepted (UNEXPECTED)"
+
+
 def check_score_exits(ctx: dict) -> str:
     import torch
 
@@ -756,25 +894,29 @@ CASES = [
     ),
     Case(
         "rope_lora",
-        "EVA02/RoPE ViT with lora",
-        "test_bad_input_model::test_rope_vit_through_the_cli",
+        "EVA02/RoPE ViT with lora (was refused; RoPE families are supported now, docs/backbones.md)",
+        "test_backbones::test_every_peft_method_trains_on_every_family, ::test_fit_and_test_through_the_cli",
         fmt(
             "fit",
             *T,
             "--model.init_args.backbone=eva02_tiny_patch14_224",
             "--model.init_args.peft.method=lora",
         ),
+        status=0,
+        line=r"`Trainer.fit` stopped",
     ),
     Case(
         "rope_full",
-        "EVA02/RoPE ViT with full",
-        "test_bad_input_model::test_rope_vit_is_refused_at_construction",
+        "EVA02/RoPE ViT with full (supported now, as above)",
+        "test_backbones::test_every_peft_method_trains_on_every_family",
         fmt(
             "fit",
             *T,
             "--model.init_args.backbone=eva02_tiny_patch14_224",
             "--model.init_args.peft.method=full",
         ),
+        status=0,
+        line=r"`Trainer.fit` stopped",
     ),
     Case(
         "resnet_img_size",
@@ -819,6 +961,135 @@ CASES = [
         "test_bad_input_more::test_readme_focal_loss_example_runs_as_printed",
         check=check_readme_focal,
     ),
+    # --- issue 28 on the predict and deploy surfaces (patterns 2, 5, 6, 8, 9, 10)
+    Case(
+        "deep_images",
+        "issue 28/5: a 16-bit PNG and a 32-bit float TIFF (were clipped to white)",
+        "test_images::test_16_bit_images_are_scaled_not_clipped, "
+        "::test_every_surface_scales_16_bit_and_float_images_like_their_8_bit_equivalents",
+        check=check_deep_images,
+    ),
+    Case(
+        "predict_nan_image",
+        "issue 28/5: an image with NaN/inf pixels in `dmpo predict` (was class 0, confidence NaN)",
+        "test_images::test_every_surface_refuses_non_finite_and_out_of_range_pixels_per_image",
+        fmt(
+            "predict",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--data.init_args.predict_paths={hostile_nan}",
+            "--evaluation.thresholds_file={thresholds}",
+            "--evaluation.predict_budget=0.5",
+            "--evaluation.predictions_file={work}/p.csv",
+        ),
+        status=0,
+        line=r"not predicted",
+    ),
+    Case(
+        "deploy_nan_image",
+        "issue 28/5: ... with the artefact's command",
+        "test_images::test_every_surface_refuses_non_finite_and_out_of_range_pixels_per_image",
+        fmt("{art}", "{hostile_nan}", "--output={work}/p.csv"),
+        status=0,
+        line=r"not predicted",
+        program="python -m dmpo_lightning.deploy",
+    ),
+    Case(
+        "predictor_nan_tensor",
+        "issue 28/5: `EarlyExitPredictor(batch)` with a NaN pixel",
+        "test_images::test_the_python_api_raises_for_non_finite_inputs",
+        check=check_nan_tensor,
+    ),
+    Case(
+        "predict_huge_image",
+        "issue 28/8: a 100-megapixel image (was decoded in full, 881 MB, before the size check)",
+        "test_images::test_every_surface_refuses_a_huge_image_from_its_header, "
+        "::test_every_surface_takes_a_pixel_limit_and_names_it",
+        fmt(
+            "predict",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--data.init_args.predict_paths={hostile_huge}",
+            "--evaluation.thresholds_file={thresholds}",
+            "--evaluation.predict_budget=0.5",
+            "--evaluation.predictions_file={work}/p.csv",
+        ),
+        status=0,
+        line=r"not predicted",
+    ),
+    Case(
+        "deploy_huge_image",
+        "issue 28/8: ... with the artefact's command",
+        "test_images::test_every_surface_refuses_a_huge_image_from_its_header",
+        fmt("{art}", "{hostile_huge}", "--output={work}/p.csv"),
+        status=0,
+        line=r"not predicted",
+        program="python -m dmpo_lightning.deploy",
+    ),
+    Case(
+        "manifest_class_names",
+        "issue 28/6: a manifest with 3 class names for 4 classes (loaded and predicted)",
+        "test_deploy_format::test_a_manifest_that_contradicts_itself_is_refused_naming_the_field",
+        fmt("{art_classes}", "{hostile_nan}", "--output={work}/p.csv"),
+        program="python -m dmpo_lightning.deploy",
+    ),
+    Case(
+        "manifest_input_size",
+        "issue 28/6: a manifest whose input size disagrees with the model (failed per image, exit 0)",
+        "test_deploy_format::test_a_manifest_that_contradicts_itself_is_refused_naming_the_field",
+        fmt("{art_size}", "{hostile_nan}", "--output={work}/p.csv"),
+        program="python -m dmpo_lightning.deploy",
+    ),
+    Case(
+        "manifest_path_escape",
+        "issue 28/8: a manifest whose weights file leaves the artefact folder",
+        "test_deploy_format::test_a_manifest_that_contradicts_itself_is_refused_naming_the_field, "
+        "::test_a_symbolic_link_out_of_the_artefact_is_refused",
+        fmt("{art_escape}", "{hostile_nan}", "--output={work}/p.csv"),
+        program="python -m dmpo_lightning.deploy",
+    ),
+    Case(
+        "export_duplicate_class_names",
+        "issue 28/8: duplicate class names in `dmpo export --class-names`",
+        "test_deploy_export::test_duplicate_class_names_are_refused",
+        fmt(
+            "export",
+            "--ckpt_path={ckpt}",
+            "--thresholds={thresholds}",
+            "--output={work}/art",
+            "--class-names={names_dup}",
+        ),
+    ),
+    Case(
+        "export_untrained",
+        "issue 28/2: `dmpo export` of a checkpoint saved before any training step",
+        "test_deploy_export::test_a_checkpoint_that_never_trained_is_exported_only_on_request",
+        fmt(
+            "export", "--ckpt_path={untrained}", "--thresholds={thresholds_untrained}", "--output={work}/art"
+        ),
+    ),
+    Case(
+        "deploy_device_banana",
+        "issue 28/9: `--device banana` in the deploy command (traceback)",
+        "test_deploy_predict_cli::test_a_device_that_does_not_exist_is_refused_in_one_sentence",
+        fmt("{art}", "{hostile_nan}", "--output={work}/p.csv", "--device=banana"),
+        program="python -m dmpo_lightning.deploy",
+    ),
+    Case(
+        "deploy_device_cuda7",
+        "issue 28/9: `--device cuda:7` on a machine without it (traceback)",
+        "test_deploy_predict_cli::test_a_device_that_does_not_exist_is_refused_in_one_sentence",
+        fmt("{art}", "{hostile_nan}", "--output={work}/p.csv", "--device=cuda:7"),
+        program="python -m dmpo_lightning.deploy",
+    ),
+    Case(
+        "export_run_after_test",
+        "issue 28/10: `dmpo export --run` after `dmpo test --ckpt_path` of that run's checkpoint",
+        "test_deploy_export::test_run_export_takes_the_newest_test_report_of_one_of_its_checkpoints",
+        fmt("export", "--run={run_c}", "--output={work}/art"),
+        status=0,
+        line=r"wrote artefact",
+    ),
 ]
 
 
@@ -841,8 +1112,9 @@ def run_case(case: Case, ctx: dict) -> None:
         case.out = {"status": "—", "line": observed, "ok": "UNEXPECTED" not in observed}
         return
     argv = case.argv(ctx)
+    runner = run_dmpo if case.program == "dmpo" else run_deploy
     for _ in range(case.repeat):
-        status, text = run_dmpo(argv, ctx[case.cwd] if case.cwd else work)
+        status, text = runner(argv, ctx[case.cwd] if case.cwd else work)
     ctx["last_output"] = text
     match = next((line for line in text.splitlines() if re.search(case.line, line)), None)
     ok = status == case.status and match is not None
@@ -864,24 +1136,26 @@ def write_table(path: Path, ctx: dict) -> None:
         command = (
             "Python check"
             if case.argv is None
-            else "`dmpo "
+            else f"`{case.program} "
             + " ".join(shorten(a, ctx) for a in out["argv"]).replace(TINY, "tiny.yaml").replace("|", "\\|")
             + "`"
         )
         rows.append(f"| {i} | {case.bullet} | {case.tests} | {command} | {out['status']}{mark} | {line} |")
     header = (
-        "# Issue 16: every case, its regression test and what dmpo prints now\n\n"
+        "# Issues 16 and 28: every bad-input case, its regression test and what dmpo prints now\n\n"
         "Generated by `PYTHONPATH=src python benchmarks/bad_input_cases.py` (do not edit by hand): "
         "each CLI case runs the `dmpo` console entry point (`dmpo_lightning.cli.console_main`) in a fresh "
         "folder; *status* is its exit status, the last column the first printed line matching the case "
         "(verbatim, temporary paths "
         "as `<tmp>`, `tiny.yaml` = `tests/configs/tiny.yaml`). Python checks run the library call the issue "
-        "names and print what they observed. Test names are `tests/<file>.py::<test>`; "
+        "names and print what they observed; `python -m dmpo_lightning.deploy` cases run that command's "
+        "`main` in-process the same way. Test names are `tests/<file>.py::<test>`; "
         "`test_bad_input::...[x]` is `test_bad_input_fails_clearly_and_writes_nothing[x]`, which also checks "
         "that no file was written or changed. Configuration errors exit with status 2 and print one line "
         "`dmpo <subcommand>: error: ...` (plus a hint that `--debug` shows the traceback), no traceback.\n\n"
         f"{len(CASES)} cases, {sum(c.out['ok'] for c in CASES)} as expected.\n\n"
-        "| # | issue 16 case | regression test | command | status | what dmpo prints (first line) |\n"
+        "| # | case (issue 16, or issue 28/pattern) | regression test | command | status "
+        "| what dmpo prints (first line) |\n"
         "|---|---|---|---|---|---|\n"
     )
     path.write_text(header + "\n".join(rows) + "\n")

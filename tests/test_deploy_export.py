@@ -118,6 +118,9 @@ def test_a_checkpoint_that_never_trained_is_exported_only_on_request(tmp_path, c
     assert "saved before any training step (global_step 0)" in message and "--allow-untrained" in message
     assert not out.exists()
     assert surface(r, out, True) == 0 and out.is_dir()
+    assert _manifest(out)["inputs"]["global_step"] == 0
+    with pytest.warns(UserWarning, match=r"before any training step \(global_step 0"):
+        EarlyExitPredictor.load(out, budget=0.5)
 
 
 # ------------------------------------------------------------------------------------------ class names

@@ -2,16 +2,13 @@
 
 Every surface that predicts image files must give the same rows for the same images: ``dmpo predict``
 (the Lightning CLI, in-process), :class:`EarlyExitPredictor` and ``python -m dmpo_lightning.deploy``.
-A new surface (the HTTP server) is added to ``SURFACES``.
+A new surface (the HTTP server) is added to ``support.surfaces.PREDICT_SURFACES``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +16,9 @@ import pytest
 import torch
 from PIL import Image
 from support.runs import make_run
+from support.surfaces import PREDICT_SURFACES, predict_with
 
-from dmpo_lightning.cli import main as dmpo_main
 from dmpo_lightning.deploy.export import export_artefact
-from dmpo_lightning.deploy.predict_cli import main as deploy_main
-from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.predictions import (
     IMAGE_COLUMNS,
     PREDICTION_COLUMNS,
@@ -34,9 +29,6 @@ from dmpo_lightning.predictions import (
     rows_from_outputs,
     write_predictions,
 )
-
-TINY = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
-BUDGET = 0.5
 
 
 def _row(i: int, **kw) -> PredictionRow:
@@ -169,56 +161,17 @@ def exported(tmp_path_factory):
     return {"base": base, "art": art, **r}
 
 
-def _by_dmpo_predict(ctx: dict, out: Path) -> str:
-    dmpo_main(
-        [
-            "predict",
-            "-c",
-            TINY,
-            f"--ckpt_path={ctx['ckpt']}",
-            f"--data.init_args.predict_paths={ctx['base'] / 'images'}",
-            f"--evaluation.thresholds_file={ctx['thresholds']}",
-            f"--evaluation.predict_budget={BUDGET}",
-            f"--evaluation.predictions_file={out}",
-        ]
-    )
-    return str(out)
-
-
-def _by_predictor(ctx: dict, out: Path) -> str:
-    predictor = EarlyExitPredictor.load(ctx["art"], budget=BUDGET)
-    rows = predictor.predict_paths(ctx["base"] / "images", batch_size=4, on_error="report")
-    write_predictions(str(out), rows, num_exits=predictor.num_exits)
-    return str(out)
-
-
-def _by_deploy_cli(ctx: dict, out: Path) -> str:
-    argv = [ctx["art"], str(ctx["base"] / "images"), "--output", str(out), "--budget", str(BUDGET)]
-    assert deploy_main(argv) == 0
-    return str(out)
-
-
-SURFACES: dict[str, Callable[[dict, Path], str]] = {
-    "dmpo predict": _by_dmpo_predict,
-    "EarlyExitPredictor": _by_predictor,
-    "python -m dmpo_lightning.deploy": _by_deploy_cli,
-}
-
-
 @pytest.fixture(scope="module")
 def surface_rows(exported) -> dict[str, tuple[str, list[PredictionRow]]]:
     out: dict[str, tuple[str, list[PredictionRow]]] = {}
-    for i, (name, run) in enumerate(SURFACES.items()):
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            path = run(exported, exported["base"] / f"surface_{i}.csv")
-        header = Path(path).read_text().splitlines()[0]
-        assert header == ",".join(IMAGE_COLUMNS), name
-        out[name] = (printed.getvalue(), read_predictions(path))
+    for i, name in enumerate(PREDICT_SURFACES):
+        csv_path = exported["base"] / f"surface_{i}.csv"
+        out[name] = predict_with(name, exported, exported["base"] / "images", csv_path)
+        assert csv_path.read_text().splitlines()[0] == ",".join(IMAGE_COLUMNS), name
     return out
 
 
-@pytest.mark.parametrize("surface", list(SURFACES)[1:])
+@pytest.mark.parametrize("surface", list(PREDICT_SURFACES)[1:])
 def test_every_surface_writes_the_rows_dmpo_predict_writes(surface_rows, surface):
     reference = surface_rows["dmpo predict"][1]
     rows = surface_rows[surface][1]

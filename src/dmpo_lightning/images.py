@@ -98,14 +98,14 @@ class DecodedImage(NamedTuple):
     source_mode: str
 
 
-def check_max_pixels(max_pixels: int) -> int:
+def check_max_pixels(max_pixels: int, option: str = "max_pixels") -> int:
     """``max_pixels`` if it is a positive integer.
 
     Raises:
-        ValueError: Otherwise.
+        ValueError: Otherwise, naming ``option`` (the setting as the user writes it).
     """
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer (a pixel count), got {max_pixels!r}")
+        raise ValueError(f"{option} must be a positive integer (a pixel count), got {max_pixels!r}")
     return max_pixels
 
 
@@ -151,19 +151,20 @@ def _as_training_mode(opened: Image.Image) -> Image.Image:
 
 
 def decode_image(
-    path: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, option: str = "max_pixels"
 ) -> DecodedImage:
     """Read an image file as an 8-bit ``L`` or ``RGB`` PIL image in the training range (see the module).
 
     Args:
         path: The image file, or its content as ``bytes`` (an upload to the server).
         max_pixels: Refuse files whose header gives more pixels than this, before decoding them.
+        option: How the too-large message names the limit (the setting as the user writes it).
 
     Raises:
         ImageError: With one sentence (no exception type name) if the file is missing, not an image,
             truncated, larger than ``max_pixels``, or holds pixels outside the allowed range.
     """
-    limit = check_max_pixels(max_pixels)
+    limit = check_max_pixels(max_pixels, option)
     name = "the upload" if isinstance(path, bytes) else os.fspath(path)
     source = io.BytesIO(path) if isinstance(path, bytes) else name
     try:
@@ -174,8 +175,8 @@ def decode_image(
                 width, height = opened.size
                 if width * height > limit:
                     raise ImageError(
-                        f"the image is {width}x{height} px ({width * height / 1e6:.1f} megapixels), more "
-                        f"than the limit of {limit / 1e6:.1f} megapixels; shrink it first or raise max_pixels"
+                        f"the image is {width}x{height} px = {width * height:,} pixels, more than the limit "
+                        f"of {limit:,} pixels; shrink it first or raise {option}"
                     )
                 opened.load()
                 mode = opened.mode

@@ -27,6 +27,7 @@ from dmpo_lightning.data.transforms import (
     is_native_small,
     resolve_data_config,
 )
+from dmpo_lightning.images import DEFAULT_MAX_PIXELS, check_max_pixels
 
 Split = Literal["train", "calibration", "test"]
 
@@ -83,6 +84,8 @@ class BenchmarkDataModule(LightningDataModule):
             warning giving their count and the first paths. ``setup`` then decodes every file of the
             file-based splits once (one extra pass over the data). Off by default: the first unreadable file
             stops the run with an error naming it.
+        predict_max_pixels: ``predict_paths`` images whose header gives more pixels are not decoded: their
+            row in the predictions CSV says so (default 8192 x 8192).
 
     Raises:
         ValueError: On an unknown dataset or out-of-range argument (the message says what is allowed).
@@ -119,6 +122,7 @@ class BenchmarkDataModule(LightningDataModule):
         synthetic_num_classes: int = 10,
         predict_paths: str | None = None,
         skip_unreadable_images: bool = False,
+        predict_max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -187,6 +191,7 @@ class BenchmarkDataModule(LightningDataModule):
                 f"(check {option})"
             )
         self.skip_unreadable_images = skip_unreadable_images
+        self.predict_max_pixels = check_max_pixels(predict_max_pixels, "data.init_args.predict_max_pixels")
         self._file_payload = (
             split_utils.load_indices(calibration_indices_file, dataset)
             if calibration_indices_file and predict_paths is None
@@ -326,6 +331,8 @@ class BenchmarkDataModule(LightningDataModule):
             in_chans=self.in_chans,
             image_size=self.data_config.image_size,
             exact_size=is_native_small(self.data_config, native),
+            max_pixels=self.predict_max_pixels,
+            max_pixels_option="data.init_args.predict_max_pixels",
         )
 
     def calibration_dataloader(self) -> DataLoader:

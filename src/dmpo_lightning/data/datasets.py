@@ -19,6 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
 from dmpo_lightning.data.errors import DatasetLayoutError, UnreadableImageError
+from dmpo_lightning.images import ImageError, decode_image
 
 
 class DatasetSplits(NamedTuple):
@@ -64,22 +65,23 @@ class ArrayImageDataset(Dataset):
 
 
 def load_image(path: str) -> Image.Image:
-    """Open an image file as a grey (``L``) or ``RGB`` PIL image; any other mode is converted to RGB.
+    """An image file as a grey (``L``) or ``RGB`` PIL image (:func:`dmpo_lightning.images.decode_image`).
+
+    The one decoder of training and prediction: other modes converted to RGB, 16-bit and float images scaled
+    to 8 bit (not clipped), images with NaN or infinite pixels or over ``DEFAULT_MAX_PIXELS`` refused.
 
     Raises:
-        UnreadableImageError: Naming the file, if it is truncated, corrupt or not an image.
+        FileNotFoundError: If ``path`` does not exist.
+        UnreadableImageError: Naming the file and the reason, if it cannot be used.
     """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image file {path} does not exist")
     try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()
-        return image if image.mode in ("L", "RGB") else image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for broken files
-        if isinstance(err, FileNotFoundError):
-            raise
+        return decode_image(path).image
+    except ImageError as err:
         raise UnreadableImageError(
-            f"cannot read image file {path} ({type(err).__name__}: {err}); replace or remove it, or set "
-            "the data module's skip_unreadable_images=true to leave unreadable files out"
+            f"cannot read image file {path} ({err}); replace or remove it, or set the data module's "
+            "skip_unreadable_images=true to leave unreadable files out"
         ) from err
 
 

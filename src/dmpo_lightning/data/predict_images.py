@@ -64,6 +64,7 @@ class ImagePathDataset(Dataset):
         exact_size: If true, the transform does not resize (small-image recipe): an image of another size is
             reported as an error item instead of being silently cropped or padded.
         max_pixels: Files whose header gives more pixels are reported as error items without being decoded.
+        max_pixels_option: How messages name ``max_pixels`` (the setting as the user writes it).
     """
 
     def __init__(
@@ -74,9 +75,11 @@ class ImagePathDataset(Dataset):
         image_size: int,
         exact_size: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels_option: str = "max_pixels",
     ) -> None:
         self.paths = list(paths)
-        self.max_pixels = check_max_pixels(max_pixels)
+        self.max_pixels = check_max_pixels(max_pixels, max_pixels_option)
+        self.max_pixels_option = max_pixels_option
         self.transform = transform
         self.in_chans = in_chans
         self.image_size = image_size
@@ -87,7 +90,7 @@ class ImagePathDataset(Dataset):
         return len(self.paths)
 
     def _read(self, path: str) -> tuple[torch.Tensor, str]:
-        image, mode = decode_image(path, max_pixels=self.max_pixels)
+        image, mode = decode_image(path, max_pixels=self.max_pixels, option=self.max_pixels_option)
         if self.exact_size:
             check_exact_size(image, self.image_size)
         tensor = self.transform(image)

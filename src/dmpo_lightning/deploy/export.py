@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 import dmpo_lightning
 from dmpo_lightning.checkpointing import weights_hash
 from dmpo_lightning.constants import MODEL_FINGERPRINT_KEYS, THRESHOLDS_FORMAT
+from dmpo_lightning.data.fashion_mnist import FASHION_MNIST_CLASSES
+from dmpo_lightning.data.formats import image_folder_classes
 from dmpo_lightning.deploy.build import build_model, model_options
 from dmpo_lightning.deploy.format import (
     FORMAT_NAME,
@@ -360,14 +362,10 @@ def _class_names(ckpt: Mapping[str, Any], num_classes: int, given: Sequence[str]
         dm = ckpt.get("datamodule_hyper_parameters") or {}
         dataset = dm.get("dataset") if isinstance(dm, Mapping) else None
         if dataset in ("fashion_mnist", "fashion_mnist_subset"):
-            from dmpo_lightning.data.fashion_mnist import FASHION_MNIST_CLASSES
-
             names = FASHION_MNIST_CLASSES
         elif (
             dataset == "image_folder" and dm.get("root") and os.path.isdir(os.path.join(dm["root"], "train"))
         ):
-            from dmpo_lightning.data.formats import image_folder_classes
-
             names = image_folder_classes(dm["root"])
     if names is None:
         warnings.warn(
@@ -533,6 +531,7 @@ def _manifest(
             "thresholds": os.path.abspath(inputs.thresholds),
             "report": os.path.abspath(inputs.report) if inputs.report else None,
             "found": inputs.found,
+            "global_step": trained.ckpt.get("global_step"),  # 0: exported with allow_untrained
         },
         "model": to_jsonable(trained.options, default=repr),
         "training_hparams": to_jsonable(trained.hparams, default=repr),

@@ -15,7 +15,8 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from dmpo_lightning.images import DEFAULT_MAX_PIXELS
+from dmpo_lightning.deploy.predictor import EarlyExitPredictor, check_device
+from dmpo_lightning.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dmpo_lightning.predictions import format_prediction_summary, write_predictions
 
 __all__ = ["build_parser", "main"]
@@ -53,11 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command: write the CSV, print its summary; returns the exit status (2: refused input)."""
-    from dmpo_lightning.deploy.predictor import EarlyExitPredictor
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_max_pixels(args.max_pixels, "--max-pixels")
+        if args.backend == "torch":
+            check_device(args.device, "--device")
+        elif args.device != "cpu":
+            raise ValueError(
+                f"--device {args.device!r}: the onnx backend runs on the CPU; leave --device out"
+            )
         if os.path.isdir(args.output):
             raise ValueError(
                 f"--output {args.output} is a folder; give a new file (e.g. {args.output}/predictions.csv)"
@@ -74,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backbone_weights=args.backbone_weights,
             max_pixels=args.max_pixels,
         )
+        predictor.max_pixels_option = "--max-pixels"
         rows = predictor.predict_paths(
             args.images, batch_size=args.batch_size, on_error="report", engine=args.engine
         )

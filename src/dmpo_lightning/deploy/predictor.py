@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+import timm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from dmpo_lightning.deploy.build import build_model
 from dmpo_lightning.deploy.format import (
     MANIFEST_FILE,
     ONNX_DIR,
@@ -35,15 +40,16 @@ from dmpo_lightning.deploy.format import (
     decode_float,
     read_manifest,
 )
+from dmpo_lightning.deploy.merge import merge_peft
+from dmpo_lightning.deploy.onnx_stages import OnnxStages
 from dmpo_lightning.deploy.preprocess import build_eval_transform
 from dmpo_lightning.files import file_sha256, tensors_sha256
 from dmpo_lightning.images import DEFAULT_MAX_PIXELS, check_max_pixels, decode_image, list_images
+from dmpo_lightning.models.engine import EarlyExitEngine
+from dmpo_lightning.models.multi_exit import MultiExitViT
 from dmpo_lightning.predictions import PredictionRow, error_sentence
 
-if TYPE_CHECKING:
-    from dmpo_lightning.models.multi_exit import MultiExitViT
-
-__all__ = ["BatchPrediction", "EarlyExitPredictor"]
+__all__ = ["BatchPrediction", "EarlyExitPredictor", "check_device"]
 
 Backend = Literal["torch", "onnx"]
 
@@ -68,6 +74,35 @@ class BatchPrediction:
     score: torch.Tensor
     gflops: torch.Tensor
     logits: torch.Tensor
+
+
+def check_device(device: str | torch.device, option: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine.
+
+    Raises:
+        ValueError: In one sentence naming ``option``, for a name torch does not know (``banana``) or a
+            device this machine lacks (``cuda:7`` with fewer GPUs, ``cuda`` without CUDA, ``mps``).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{option} {device!r} is not a torch device; use cpu, cuda, cuda:<index> or mps"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{option} {device!r}: this machine has no CUDA GPU that torch can use; use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"{option} {device!r}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+                f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option} {device!r}: MPS is not available on this machine; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{option} {device!r} is not supported here; use cpu, cuda, cuda:<index> or mps")
+    return dev
 
 
 def _check_budget_choice(manifest: Mapping[str, Any], budget: float) -> Mapping[str, Any]:
@@ -100,9 +135,11 @@ class EarlyExitPredictor:
         device: str | torch.device = "cpu",
         onnx_stages: Any = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels_option: str = "max_pixels",
     ) -> None:
         self.manifest = dict(manifest)
-        self.max_pixels = check_max_pixels(max_pixels)
+        self.max_pixels = check_max_pixels(max_pixels, max_pixels_option)
+        self.max_pixels_option = max_pixels_option
         self.model = model
         self.onnx_stages = onnx_stages
         self.backend: Backend = "onnx" if onnx_stages is not None else "torch"
@@ -117,6 +154,14 @@ class EarlyExitPredictor:
         self.temperatures: list[float] | None = _manifest_temperatures(manifest, len(self.exit_gflops))
         self.budget: float = float("nan")
         self.set_budget(budget)
+        if (manifest.get("inputs") or {}).get("global_step") == 0:
+            warnings.warn(
+                "this artefact was exported from a checkpoint saved before any training step (global_step 0, "
+                "dmpo export --allow-untrained): its exits and adapters hold their initial weights, so its "
+                "predictions are not those of a trained model",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.model is not None:
             self.model.to(self.device).eval()
             for p in self.model.parameters():
@@ -156,7 +201,8 @@ class EarlyExitPredictor:
             FileNotFoundError: If ``path`` does not exist.
             ArtefactError: If the artefact is corrupt, truncated, of a newer format, or its backbone
                 weights cannot be found or do not match the checksum.
-            ValueError: If the budget is not one the artefact was calibrated for (the available are listed).
+            ValueError: If the budget is not one the artefact was calibrated for (the available are listed),
+                or ``device`` does not exist on this machine.
         """
         path = os.fspath(path)
         manifest = read_manifest(path)
@@ -164,11 +210,10 @@ class EarlyExitPredictor:
             path = os.path.dirname(path) or "."
         _check_budget_choice(manifest, budget)
         check_max_pixels(max_pixels)
+        check_device(device)
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         if backend == "onnx":
-            from dmpo_lightning.deploy.onnx_stages import OnnxStages
-
             stages = OnnxStages.load(os.path.join(path, ONNX_DIR), manifest, num_threads=num_threads)
             return cls(manifest, None, budget=budget, device="cpu", onnx_stages=stages, max_pixels=max_pixels)
         model = _load_model(path, manifest, backbone_weights=backbone_weights, allow_download=allow_download)
@@ -281,8 +326,6 @@ class EarlyExitPredictor:
         Raises:
             ValueError: For the ONNX backend or a bad ``batch_size``.
         """
-        from dmpo_lightning.models.engine import EarlyExitEngine
-
         if self.model is None:
             raise ValueError(
                 "throughput mode (engine) needs the torch backend; the ONNX backend runs batch by batch: "
@@ -336,7 +379,7 @@ class EarlyExitPredictor:
         Raises:
             ValueError: With one sentence, if the image cannot be used.
         """
-        image, mode = decode_image(path, max_pixels=self.max_pixels)
+        image, mode = decode_image(path, max_pixels=self.max_pixels, option=self.max_pixels_option)
         return self.transform(image), ("" if mode == self.image_mode else mode)
 
     def preprocess(self, paths: Sequence[str]) -> torch.Tensor:
@@ -477,12 +520,6 @@ def _manifest_temperatures(manifest: Mapping[str, Any], num_exits: int) -> list[
 def _load_model(
     path: str, manifest: Mapping[str, Any], *, backbone_weights: str | None, allow_download: bool
 ) -> MultiExitViT:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from dmpo_lightning.deploy.build import build_model
-    from dmpo_lightning.deploy.merge import merge_peft
-
     info = manifest["weights"]
     weights_path = os.path.join(path, info.get("file", WEIGHTS_FILE))
     if not os.path.isfile(weights_path):
@@ -503,6 +540,7 @@ def _load_model(
         model = build_model(options)
     else:
         model = _build_with_reference(path, options, ref, backbone_weights, allow_download)
+    _check_model_against_manifest(path, model, manifest)
     if info.get("merged"):
         merge_peft(model)
     state = model.state_dict()
@@ -532,6 +570,30 @@ def _load_model(
     return model.eval()
 
 
+def _check_model_against_manifest(path: str, model: MultiExitViT, manifest: Mapping[str, Any]) -> None:
+    """The network the manifest's ``model`` options build has the exits, input and classes it lists."""
+    pe: Any = model.backbone.patch_embed
+    size = pe.img_size[0] if isinstance(pe.img_size, (tuple, list)) else pe.img_size
+    built = {
+        "exit_blocks": list(model.exit_blocks),
+        "preprocessing.input_size": [int(pe.proj.in_channels), int(size), int(size)],
+        "class_names": int(model.num_classes),
+    }
+    listed = {
+        "exit_blocks": list(manifest["exit_blocks"]),
+        "preprocessing.input_size": list(manifest["preprocessing"]["input_size"]),
+        "class_names": len(manifest["class_names"]),
+    }
+    for field, value in built.items():
+        if listed[field] != value:
+            what = "classes" if field == "class_names" else ""
+            raise ArtefactError(
+                f"artefact {path}: manifest field {field} is {listed[field]}{' ' + what if what else ''} but "
+                f"the network its model options build has {value}{' ' + what if what else ''}; the artefact "
+                "contradicts itself (edited or corrupt), so it is not used: export it again"
+            )
+
+
 def _describe_source(options: Mapping[str, Any], backbone_weights: str | None) -> str:
     if backbone_weights:
         return backbone_weights
@@ -545,8 +607,6 @@ def _local_pretrained_file(name: str) -> bool:
 
     True for the packaged trunk ``dmpo_toy_vit_fmnist``.
     """
-    import timm
-
     try:
         cfg = timm.get_pretrained_cfg(name, allow_unregistered=False)
     except RuntimeError:
@@ -561,8 +621,6 @@ def _build_with_reference(
     backbone_weights: str | None,
     allow_download: bool,
 ) -> MultiExitViT:
-    from dmpo_lightning.deploy.build import build_model
-
     if backbone_weights is not None:
         if not os.path.isfile(backbone_weights):
             raise FileNotFoundError(f"backbone_weights {backbone_weights} does not exist")
