@@ -238,9 +238,10 @@ def test_an_artefact_of_the_toy_trunk_loads_offline_without_embedding_the_trunk(
         "in_chans": 1,
         "timm_model": module.hparams.backbone,
     }
+    module.train_steps.fill_(3)  # stands for a tuned run
     torch.save(
         {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-         "datamodule_hyper_parameters": dm},
+         "datamodule_hyper_parameters": dm, "global_step": 3},
         ckpt,
     )  # fmt: skip
     (run / "dmpo_test" / "thresholds.json").write_text(
