@@ -143,15 +143,16 @@ CLAIM_MARKER = ".dmpo-claim"
 def claim_folder(path: str | os.PathLike[str], *, next_free: bool = False, empty: bool = True) -> str:
     """Claim the folder ``path`` for one writer, so two runs never write into the same output folder.
 
-    The folder (and its parents) is created if missing; it is claimed by creating :data:`CLAIM_MARKER` in it
-    exclusively (atomic: of two runs, one fails). The marker stays until :func:`release_folder`, so a folder
-    that is being written is never claimed again.
+    With ``next_free`` a new folder is made with ``os.mkdir`` (atomic: of two runs, one fails, and takes the
+    next name). Otherwise the folder (and its parents) is created if missing and claimed by creating
+    :data:`CLAIM_MARKER` in it exclusively (atomic as well); the marker stays until :func:`release_folder`,
+    so a folder that is being written is never claimed again.
 
     Args:
         path: The folder to claim.
-        next_free: If ``path`` is taken, claim the first free ``<path>_1``, ``<path>_2``, ... instead.
-        empty: Claim only a folder that holds nothing (else: anything but another claim's marker; the
-            caller checks that what is there may stay).
+        next_free: Make a new folder: ``path``, or if it exists the first free ``<path>_1``, ``<path>_2``...
+        empty: Without ``next_free``: claim only a folder that holds nothing (else: anything but another
+            claim's marker; the caller checks that what is there may stay).
 
     Returns:
         The claimed folder.
@@ -169,15 +170,17 @@ def claim_folder(path: str | os.PathLike[str], *, next_free: bool = False, empty
         ('out', 'out_1')
     """
     base = os.fspath(path)
+    if not next_free:
+        _claim_one(base, empty)
+        return base
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
     k = 0
     while True:
         candidate = base if k == 0 else f"{base}_{k}"
         try:
-            _claim_one(candidate, empty)
+            os.mkdir(candidate)
             return candidate
         except FileExistsError:
-            if not next_free:
-                raise
             k += 1
 
 
