@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from dmpo_lightning import BenchmarkDataModule, DMPOModule
 from dmpo_lightning.cli import main
-from dmpo_lightning.constants import SPLIT_KEY
+from dmpo_lightning.constants import SPLIT_KEY, THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
 from dmpo_lightning.data import SplitTagged, UnreadableImageError
 from dmpo_lightning.evaluation.thresholds import load_thresholds
 from dmpo_lightning.models.backbone import build_backbone, describe_checkpoint
@@ -136,7 +136,8 @@ def test_predict_accepts_its_own_thresholds_and_refuses_a_wrong_length(two_check
 
 def _thresholds_file(tmp_path: Path, thresholds: list, **top) -> Path:
     payload = {
-        "format": "dmpo-thresholds-v1",
+        "format": THRESHOLDS_FORMAT,
+        "format_version": THRESHOLDS_FORMAT_VERSION,
         "fingerprint": {"backbone": "b"},
         "checkpoint_hash": "file:aaa",
         "weights_hash": "weights:bbb",

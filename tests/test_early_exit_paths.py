@@ -20,8 +20,8 @@ from support.early_exit import (
 )
 
 from dmpo_lightning import DMPOModule
-from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.models import ISqrtCovHead, MomentHead, MultiExitViT, newton_schulz_sqrt
+from dmpo_lightning.models.exit_rules import exit_scores
 
 
 @pytest.mark.parametrize("cls", [MarginModule, LocalMarginModule])

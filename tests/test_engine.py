@@ -9,9 +9,9 @@ import torch
 from support.builders import make_tiny_vit
 from support.early_exit import TINY, MarginModule, between, margin_scores, randomise, simulated
 
-from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.engine import EarlyExitEngine
+from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.models.multi_exit import ExitOptions
 
 N = 37  # not a multiple of any engine batch size used below

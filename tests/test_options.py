@@ -1,11 +1,10 @@
-"""Option groups: a model rebuilt from a module's hparams alone, old flat checkpoints, typo keys refused."""
+"""Option groups: a model rebuilt from a module's hparams alone, one name per option, typo keys refused."""
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
 
-import lightning
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from dmpo_lightning.models.adapters import PeftOptions
 from dmpo_lightning.models.backbone import build_backbone
 from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
 from dmpo_lightning.module import DMPOModule
-from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, flat_options
+from dmpo_lightning.options import dotted_options
 from dmpo_lightning.schedules import ScheduleOptions
 
 BACKBONE = dict(
@@ -60,50 +59,31 @@ def test_a_model_rebuilt_from_the_hparams_alone_is_the_same_model():
     assert any(".mlp.fc1.peft_lora_a" in k for k in ours)  # the non-default targets reached the model
 
 
-def _flat_checkpoint(module: DMPOModule) -> dict:
-    """The checkpoint an older version wrote: the same weights, the hyperparameters under the flat names."""
-    flat = flat_options(module.hparams)
-    for group in GROUPS:
-        if group not in LEGACY_FLAT_OPTIONS:  # `peft` is both a group and the flat method name
-            del flat[group]
-    assert isinstance(flat["peft"], str) and flat["exit_blocks"] == [2, 4] and flat["exit_rule"] == "entropy"
-    assert not any(isinstance(v, dict) for k, v in flat.items() if k != "backbone_kwargs")
-    return {
-        "state_dict": module.state_dict(),
-        "hyper_parameters": flat,
-        "pytorch-lightning_version": lightning.__version__,
+def test_options_have_one_name_and_other_spellings_are_refused_with_the_mapping_to_write():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'exit_blocks'"):
+        tiny_module(exit_blocks=[2, 4])
+    with pytest.raises(
+        TypeError, match=r"^peft must be a mapping of its options \(e.g. peft: \{method: 'vpt'\}\)"
+    ):
+        tiny_module(peft="vpt")
+    with pytest.raises(
+        TypeError, match=r"^exits must be a mapping of its options \(e.g. exits: \{blocks: 2\}\)"
+    ):
+        tiny_module(exits=2)
+
+
+def test_the_fingerprint_names_each_option_as_the_user_writes_it():
+    fingerprint = tiny_module().model_fingerprint()
+    assert fingerprint == {
+        "backbone": "vit_tiny_patch16_224",
+        "num_classes": 3,
+        "exits.blocks": [2, 4],
+        "exits.early_head": "isqrt_cov",
+        "exits.final_head": "linear",
+        "peft.method": "lora",
+        "evaluation.rule": "entropy",
     }
-
-
-@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "pre-zip-format"])
-def test_an_old_flat_checkpoint_loads_into_the_groups_without_a_warning(tmp_path, zip_format):
-    module = tiny_module()
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p))
-    path = tmp_path / "old.ckpt"
-    torch.save(_flat_checkpoint(module), path, _use_new_zipfile_serialization=zip_format)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        loaded = DMPOModule.load_from_checkpoint(path)
-    for name in GROUPS:
-        assert loaded.hparams[name] == module.hparams[name], name
-    assert loaded.exit_options == module.exit_options and loaded.peft_options == module.peft_options
-    assert loaded.evaluation_options.rule == "entropy" and loaded.schedule_options.switch_epoch == 1
-    assert not any(k in loaded.hparams for k in ("exit_blocks", "lora_rank", "exit_rule", "switch_epoch"))
-    state = module.state_dict()
-    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
-
-
-def test_flat_kwargs_from_python_warn_with_the_new_names_and_unknown_ones_are_refused():
-    with pytest.warns(FutureWarning, match=r"exit_blocks -> exits\.blocks.*lora_rank -> peft\.lora_rank"):
-        old = tiny_module(exits=None, peft=None, exit_blocks=[2, 4], lora_rank=2)
-    assert old.exit_options.blocks == (2, 4) and old.peft_options.lora_rank == 2
-    with pytest.warns(FutureWarning, match=r"peft -> peft\.method"):
-        assert tiny_module(peft="vpt").peft_options.method == "vpt"
-    with pytest.raises(TypeError, match="'exit_blockz'"):
-        tiny_module(exit_blockz=[2, 4])
+    assert dotted_options({"peft": PeftOptions("vpt"), "img_size": 32})["peft.method"] == "vpt"
 
 
 def test_a_typo_key_in_a_group_is_refused_naming_the_allowed_fields():
@@ -116,18 +96,17 @@ def test_a_typo_key_in_a_group_is_refused_naming_the_allowed_fields():
     assert ExitOptions.coerce({"blocks": 1}) == ExitOptions(blocks=1)
 
 
-def test_an_old_flat_config_is_refused_naming_the_new_options(tmp_path, capsys):
+def test_a_config_with_an_option_outside_its_group_is_refused(tmp_path, capsys):
     from pathlib import Path
 
     from dmpo_lightning.cli import main
 
     tiny = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
     old = tmp_path / "old.yaml"
-    # the model part of a config written before the groups: a flat option under init_args
+    # a group's field written directly under init_args
     old.write_text("model:\n  class_path: dmpo_lightning.DMPOModule\n  init_args:\n    exit_blocks: [2, 4]\n")
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(tiny), "--config", str(old), "--print_config"], run=False)
     assert info.value.code != 0
     err = capsys.readouterr().err
     assert "Option 'exit_blocks' is not accepted" in err
-    assert err.count("the model options are grouped now") == 1 and "exit_blocks -> exits.blocks" in err

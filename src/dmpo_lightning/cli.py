@@ -36,7 +36,6 @@ from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFile
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule, weights_from_checkpoint
 from dmpo_lightning.optim import param_groups
-from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, group_legacy_hparams
 
 __all__ = ["DMPOCLI", "console_main", "main"]
 
@@ -136,15 +135,6 @@ def _tidy_parse_error(message: str) -> str:
         if sep and len(value) > 80:  # a whole Namespace(...) / dict of the model's arguments
             line = f"{head}{sep}{value[:60]}..."
         keep.append(line)
-    old = [
-        name
-        for name in LEGACY_FLAT_OPTIONS
-        if f"Option '{name}' is not accepted" in message or f"unrecognized arguments: --{name}=" in message
-    ]
-    # a config or command line of an older version (said once: the message may hold the error twice)
-    if old and "the model options are grouped now" not in message:
-        moved = ", ".join(f"{name} -> {'.'.join(LEGACY_FLAT_OPTIONS[name])}" for name in old)
-        keep.append(f"  the model options are grouped now (peft, exits, schedule, evaluation): {moved}")
     return "\n".join(keep)
 
 
@@ -544,8 +534,7 @@ class DMPOCLI(LightningCLI):
         As LightningCLI (>= 2.3) does, the model config is replaced by the checkpoint's hyperparameters,
         which would silently drop ``--model.init_args.evaluation.budgets``/``report_dir``/``thresholds_file``
         given to ``dmpo test`` or ``dmpo predict``; those options do not change the weights, so the user's
-        values win. Checkpoints of older versions (flat option names) have their options moved into the
-        groups first.
+        values win.
         """
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
@@ -567,7 +556,7 @@ class DMPOCLI(LightningCLI):
                 "weights_only=True, so a file holding arbitrary pickled objects is refused as well)",
                 option="ckpt_path",
             ) from err
-        hparams = group_legacy_hparams(ckpt.get("hyper_parameters") or {})
+        hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if hparams:
             if "_class_path" in hparams:  # as LightningCLI passes a subclass's saved init args

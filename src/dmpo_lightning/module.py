@@ -30,13 +30,15 @@ from dmpo_lightning.models.backbone import build_backbone, warn_if_frozen_random
 from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.models.multi_exit import EarlyExitOutput, ExitOptions, MultiExitViT
 from dmpo_lightning.optim import default_optimizer, format_parameter_budget, param_groups, warmup_cosine
-from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, merge_legacy_options
+from dmpo_lightning.options import OptionGroup
 from dmpo_lightning.schedules import ScheduleOptions, preset_weights
 from dmpo_lightning.serialization import export_trainable, module_from_trainable
 
 __all__ = ["DMPOModule", "weights_from_checkpoint"]
 
-_GROUPS = dict(peft=PeftOptions, exits=ExitOptions, schedule=ScheduleOptions, evaluation=EvaluationOptions)
+_GROUPS: dict[str, type[OptionGroup]] = dict(
+    peft=PeftOptions, exits=ExitOptions, schedule=ScheduleOptions, evaluation=EvaluationOptions
+)
 
 
 class DMPOModule(pl.LightningModule):
@@ -72,8 +74,6 @@ class DMPOModule(pl.LightningModule):
         optimizer: Optimizer factory (default AdamW, lr 1e-3, weight decay 0.05).
         lr_scheduler: Scheduler factory; ``None`` = linear warm-up then cosine, stepped per batch.
         warmup_fraction: Warm-up share of all steps for the default scheduler.
-        **legacy_options: Flat names of older versions (``exit_blocks=``, ``exit_rule=``...), moved into
-            their groups (``FutureWarning`` from Python; checkpoints load silently); other names are refused.
     """
 
     class_names: list[str] | None = None
@@ -109,18 +109,14 @@ class DMPOModule(pl.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_fraction: float = 0.1,
-        **legacy_options: Any,
     ) -> None:
         super().__init__()
         given = {"peft": peft, "exits": exits, "schedule": schedule, "evaluation": evaluation}
-        groups = merge_legacy_options(_GROUPS, given, legacy_options, owner="DMPOModule")
+        groups = {name: _GROUPS[name].coerce(value, name=name).to_dict() for name, value in given.items()}
         # plain dicts for save_hyperparameters (it reads these locals)
         peft, exits, schedule, evaluation = groups.values()  # type: ignore[assignment]
-        legacy_options = {}  # moved into the groups: not hyperparameters of their own
-        self.save_hyperparameters(
-            ignore=["optimizer", "lr_scheduler", *LEGACY_FLAT_OPTIONS.keys() - _GROUPS.keys()]
-        )
-        self.hparams.update(groups)  # the CLI's given hparams (of an old checkpoint too) hold other forms
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.hparams.update(groups)  # the CLI's given hparams hold other forms (dataclasses)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.model = self.build_model()
@@ -355,7 +351,7 @@ class DMPOModule(pl.LightningModule):
         return self._costs
 
     def model_fingerprint(self) -> dict[str, Any]:
-        """What a thresholds file must match to be reused with this model (under the flat option names)."""
+        """What a thresholds file must match to be reused (``exits.blocks``, ``peft.method``...)."""
         return checkpointing.model_fingerprint(self.hparams, self.model.exit_blocks)
 
     def export_trainable(self, path: str, *, overwrite: bool = False) -> str:
@@ -366,19 +362,19 @@ class DMPOModule(pl.LightningModule):
         return export_trainable(self, path, overwrite=overwrite)
 
     @classmethod
-    def from_trainable(cls, path: str, *, allow_pickle: bool = False, **overrides: Any) -> DMPOModule:
+    def from_trainable(cls, path: str, **overrides: Any) -> DMPOModule:
         """Rebuild a module from :meth:`export_trainable` output; ``overrides`` replace saved hparams.
 
         See :func:`dmpo_lightning.serialization.module_from_trainable` (it never unpickles the export).
         """
-        return module_from_trainable(cls, path, allow_pickle=allow_pickle, overrides=overrides)  # type: ignore[no-any-return]
+        return module_from_trainable(cls, path, overrides=overrides)  # type: ignore[no-any-return]
 
     @classmethod
     def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> DMPOModule:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint`` with ``weights_only=True``, without the backbone's file.
 
-        Unrestricted unpickling is refused. Details (``checkpoint_path=``, checkpoints with the flat options
-        of older versions): :func:`dmpo_lightning.checkpointing.load_checkpoint_safely`.
+        Unrestricted unpickling is refused. Details (``checkpoint_path=``):
+        :func:`dmpo_lightning.checkpointing.load_checkpoint_safely`.
 
         Raises:
             ValueError: If the checkpoint holds objects other than tensors and plain values.

@@ -31,7 +31,7 @@ from dmpo_lightning.evaluation.calibration import (
 from dmpo_lightning.evaluation.metrics import ExitOutputsCollector
 from dmpo_lightning.evaluation.protocol import BudgetUnitOption
 from dmpo_lightning.models.exit_rules import ExitRule
-from dmpo_lightning.options import OptionGroup, register_legacy_names
+from dmpo_lightning.options import OptionGroup
 
 if TYPE_CHECKING:
     from dmpo_lightning.module import DMPOModule
@@ -96,9 +96,6 @@ class EvaluationOptions(OptionGroup):
             raise ValueError(
                 f"time_early_exit must be an integer >= 0 (test images to time, 0 = off); got {n!r}"
             )
-
-
-register_legacy_names("evaluation", EvaluationOptions, {"rule": "exit_rule"})
 
 
 def log_dir(module: pl.LightningModule) -> str:

@@ -42,22 +42,18 @@ from dmpo_lightning.models.heads import (
     build_predictor,
     check_head_options,
 )
-from dmpo_lightning.options import OptionGroup, register_legacy_names
+from dmpo_lightning.options import OptionGroup
 
 __all__ = [
     "EarlyExitOutput",
     "ExitOptions",
     "ExitPolicy",
     "ExitRule",
-    "HeadKind",
     "MultiExitViT",
     "PeftOptions",
     "Scorer",
     "eval_mode",
 ]
-
-HeadKind = PredictorKind
-"""The registered predictors (:data:`~dmpo_lightning.models.heads.PredictorKind`; kept under this name)."""
 
 
 @dataclass
@@ -149,9 +145,6 @@ class ExitOptions(OptionGroup):
         )
         if self.bypass_dim is not None:
             check_positive_int(self.bypass_dim, "exits.bypass_dim")
-
-
-register_legacy_names("exits", ExitOptions, {"blocks": "exit_blocks"})
 
 
 class MultiExitViT(nn.Module):
