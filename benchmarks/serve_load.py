@@ -179,7 +179,8 @@ def synthetic_artefact(
     """Export a random-weight model whose thresholds give ``histograms`` on ``images`` (export run twice)."""
     from early_exit_speed import SYNTHETIC_DEFAULTS, thresholds_for_histogram
 
-    from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT, export_artefact
+    from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
+    from dmpo_lightning.deploy.export import export_artefact
     from dmpo_lightning.deploy.predictor import EarlyExitPredictor
     from dmpo_lightning.files import file_sha256
     from dmpo_lightning.images import decode_image
@@ -207,6 +208,7 @@ def synthetic_artefact(
         ]
         doc = {
             "format": THRESHOLDS_FORMAT,
+            "format_version": THRESHOLDS_FORMAT_VERSION,
             "fingerprint": module.model_fingerprint(),
             "checkpoint_hash": f"file:{file_sha256(str(ckpt))}",
             "budgets": entries,
