@@ -239,3 +239,59 @@ def write_stanford_cars(root: Path, per_split: int = 6) -> Path:
             records[0, i] = (1, 1, 10, 10, label + 1, fname)
         savemat(base / annotation_file, {"annotations": records})
     return root
+
+
+def write_list(path: Path, entries: list[tuple[str, int]]) -> Path:
+    """A list file of ``<relative path> <label>`` lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{rel} {label}\n" for rel, label in entries), encoding="utf-8")
+    return path
+
+
+def write_image_list(
+    root: Path, num_classes: int = 3, sizes: dict[str, int] | None = None, classes: bool = True
+) -> Path:
+    """``root/images/<split>/<i>.jpg`` and ``root/<split>.txt`` for each split (default train 9, val 3,
+    test 6 images; image ``i`` of a split has label ``i % num_classes``), plus ``classes.txt``."""
+    sizes = sizes or {"train": 9, "val": 3, "test": 6}
+    for split, n in sizes.items():
+        entries = []
+        for i in range(n):
+            rel = f"images/{split}/{i:04d} img.jpg"  # a space in the name: the label is the last field
+            write_jpeg(root / rel, i % num_classes, size=(20 + i % 3, 16))
+            entries.append((rel, i % num_classes))
+        write_list(root / f"{split}.txt", entries)
+    if classes:
+        (root / "classes.txt").write_text("".join(f"class {c}\n" for c in range(num_classes)))
+    return root
+
+
+VTAB_FAKE_SIZES = {"train800": 8, "val200": 4, "test": 6}
+"""Images per list of a fake VTAB-1k task (``train800val200`` is train800 + val200)."""
+
+
+def write_vtab1k(root: Path, tasks: list[str] | None = None, sizes: dict[str, int] | None = None) -> Path:
+    """The VTAB-1k release layout (NOAH's ``get_vtab1k.py``): ``root/<task>/images/<split>/<i>.jpg`` and
+    ``root/<task>/{train800,val200,train800val200,test}.txt``; labels cycle over the first 3 classes (2 for
+    patch_camelyon), images are 20x16 (not square: the squash resize is visible)."""
+    from dmpo_lightning.data.list_files import VTAB1K_TASKS
+
+    sizes = sizes or VTAB_FAKE_SIZES
+    for task in tasks or list(VTAB1K_TASKS):
+        folder = root / task
+        n_labels = min(3, VTAB1K_TASKS[task][1])
+        lists: dict[str, list[tuple[str, int]]] = {}
+        for split in ("train800", "val200", "test"):
+            lists[split] = []
+            for i in range(sizes[split]):
+                rel = f"images/{split}/{i:06d}.jpg"
+                write_jpeg(folder / rel, i % n_labels)
+                lists[split].append((rel, i % n_labels))
+        lists["train800val200"] = []
+        for i, (_rel, label) in enumerate(lists["train800"] + lists["val200"]):
+            rel = f"images/train800val200/{i:06d}.jpg"
+            write_jpeg(folder / rel, label)
+            lists["train800val200"].append((rel, label))
+        for split, entries in lists.items():
+            write_list(folder / f"{split}.txt", entries)
+    return root

@@ -4,7 +4,9 @@ Two regimes:
 
 * **Resized** (the usual ViT setting, e.g. CIFAR upsampled to 224 px, or any natural-image dataset):
   train = ``RandomResizedCrop(image_size)`` + horizontal flip; eval = ``Resize(floor(image_size /
-  crop_pct))`` + ``CenterCrop(image_size)``, exactly as timm's ``transforms_imagenet_eval``.
+  crop_pct))`` + ``CenterCrop(image_size)``, exactly as timm's ``transforms_imagenet_eval``
+  (``resize_mode="center_crop"``), or ``Resize((image_size, image_size))``, the whole image squashed to the
+  input size without keeping its aspect ratio (``resize_mode="squash"``, the VTAB-1k protocol).
 * **Native small** (a 28 / 32 px dataset used at its own size): train = ``RandomCrop(image_size,
   padding=4)`` + horizontal flip, the standard CIFAR recipe; eval = the image as it is. A random-resized
   crop of a 32 px image kept at 32 px throws away too much, and a centre crop would cut the border of
@@ -28,6 +30,10 @@ from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 """Resize interpolation modes accepted by the DataModule."""
+
+ResizeMode = Literal["center_crop", "squash"]
+"""How the evaluation transform sizes an image: ``center_crop`` (shorter side to ``image_size / crop_pct``,
+then a centre crop; timm's rule) or ``squash`` (both sides to ``image_size``; nothing is cut off)."""
 
 NATIVE_SMALL_MAX_SIZE = 64
 """Datasets whose images are at most this many pixels wide, used at that size, get the small-image recipe."""
@@ -182,7 +188,12 @@ def is_native_small(cfg: DataConfig, native_size: int | None) -> bool:
 
 
 def build_transform(
-    cfg: DataConfig, *, in_chans: int, train: bool, native_size: int | None = None
+    cfg: DataConfig,
+    *,
+    in_chans: int,
+    train: bool,
+    native_size: int | None = None,
+    resize_mode: ResizeMode = "center_crop",
 ) -> Callable[[Image.Image], Any]:
     """The train (augmenting) or evaluation transform, PIL image -> normalised float tensor ``[C, H, W]``.
 
@@ -191,10 +202,16 @@ def build_transform(
         in_chans: Model input channels (1 or 3).
         train: Augmenting train transform if true, deterministic evaluation transform if false.
         native_size: The dataset's fixed image size, if any (selects the small-image recipe).
+        resize_mode: The evaluation resize (``center_crop`` or ``squash``; see :data:`ResizeMode`).
 
     Returns:
         A ``torchvision.transforms.Compose``.
+
+    Raises:
+        ValueError: On an unknown ``resize_mode``.
     """
+    if resize_mode not in ("center_crop", "squash"):
+        raise ValueError(f"resize_mode must be 'center_crop' or 'squash', got {resize_mode!r}")
     steps: list[Callable[[Any], Any]] = [ConvertMode("L" if in_chans == 1 else "RGB")]
     size, interp = cfg.image_size, _INTERPOLATIONS[cfg.interpolation]
     if is_native_small(cfg, native_size):
@@ -202,6 +219,8 @@ def build_transform(
             steps += [T.RandomCrop(size, padding=SMALL_IMAGE_PADDING), T.RandomHorizontalFlip()]
     elif train:
         steps += [T.RandomResizedCrop(size, interpolation=interp), T.RandomHorizontalFlip()]
+    elif resize_mode == "squash":
+        steps += [T.Resize((size, size), interpolation=interp)]
     else:
         steps += [T.Resize(math.floor(size / cfg.crop_pct), interpolation=interp), T.CenterCrop(size)]
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]

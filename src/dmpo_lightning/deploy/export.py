@@ -308,6 +308,7 @@ def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: A
             crop_pct=dm.get("crop_pct"),
         )
         native = cfg.image_size if dm["dataset"] == "synthetic" else spec.native_size
+        resize_mode = dm.get("resize_mode") or spec.default_resize_mode  # VTAB-1k squashes, no crop
         source = f"data module of the run ({dm['dataset']})"
         dm_chans = int(dm.get("in_chans", in_chans))
     else:
@@ -323,13 +324,13 @@ def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: A
             )
         except ValueError:
             cfg = resolve_data_config(in_chans=in_chans, default_image_size=size, image_size=size)
-        native, source, dm_chans = None, "backbone's timm config", in_chans
+        native, source, dm_chans, resize_mode = None, "backbone's timm config", in_chans, "center_crop"
     if cfg.image_size != size or dm_chans != in_chans:
         raise ValueError(
             f"the data module fed {dm_chans}x{cfg.image_size}x{cfg.image_size} images but the model takes "
             f"{in_chans}x{size}x{size}; the checkpoint is inconsistent"
         )
-    crop = "none" if is_native_small(cfg, native) else "center"
+    crop = "none" if is_native_small(cfg, native) else "squash" if resize_mode == "squash" else "center"
     from dmpo_lightning.deploy.preprocess import resize_for
 
     return {
@@ -340,7 +341,11 @@ def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: A
         "interpolation": cfg.interpolation,
         "crop_pct": cfg.crop_pct,
         "crop_mode": crop,
-        "resize": resize_for(size, cfg.crop_pct) if crop == "center" else None,
+        "resize": resize_for(size, cfg.crop_pct)
+        if crop == "center"
+        else [size, size]
+        if crop == "squash"
+        else None,
         "source": source,
         "steps": (
             f"convert to {'grey (L)' if in_chans == 1 else 'RGB'}; "
@@ -348,6 +353,8 @@ def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: A
                 f"resize shorter side to {resize_for(size, cfg.crop_pct)} ({cfg.interpolation}); "
                 f"centre crop {size}; "
                 if crop == "center"
+                else f"resize to {size}x{size} ({cfg.interpolation}; aspect ratio not kept); "
+                if crop == "squash"
                 else f"images must be {size}x{size} (used as they are, like the training images); "
             )
             + "to tensor in [0, 1]; normalise with mean/std"
