@@ -26,7 +26,9 @@ from support.fakes import (
     write_image_folder,
     write_image_list,
     write_imagenet,
+    write_nabirds,
     write_stanford_cars,
+    write_stanford_dogs,
     write_vtab1k,
 )
 
@@ -42,7 +44,8 @@ TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 MODEL_CONFIGS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
 DATA_CONFIGS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
 EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("cifar100_*.yaml"))
-"""The CIFAR-100 experiments (one per variant); the VTAB-1k ones are checked in test_data_lists.py."""
+"""The CIFAR-100 experiments (one per variant); the VTAB-1k and FGVC ones are checked in test_data_lists.py
+and test_data_fgvc.py."""
 HEAD_CLASSES = {"linear": LinearHead, "moment": MomentHead, "isqrt_cov": ISqrtCovHead}
 
 # The tiny backbone of tests/configs/tiny.yaml (4 blocks, dim 32); multi-exit variants get one exit per block.
@@ -190,6 +193,8 @@ def _fake_root(dataset: str, base: Path) -> Path | None:
         "image_folder": lambda: write_image_folder(folder, ["a", "b", "c"], {"train": 6, "test": 2}),
         "image_list": lambda: write_image_list(folder, num_classes=3, sizes={"train": 8, "test": 4}),
         "vtab1k": lambda: write_vtab1k(folder, ["cifar"]),
+        "nabirds": lambda: write_nabirds(folder, per_class=6, vpt=True),
+        "stanford_dogs": lambda: write_stanford_dogs(folder, per_class=6, vpt=True),
     }
     return writers[dataset]() if dataset in writers else None
 

@@ -295,3 +295,71 @@ def write_vtab1k(root: Path, tasks: list[str] | None = None, sizes: dict[str, in
         for split, entries in lists.items():
             write_list(folder / f"{split}.txt", entries)
     return root
+
+
+def write_vpt_splits(base: Path, entries: dict[str, list[tuple[str, object]]]) -> None:
+    """VPT's ``train.json`` / ``val.json`` / ``test.json``: ``{image path: class id}`` per split."""
+    for split, items in entries.items():
+        (base / f"{split}.json").write_text(json.dumps(dict(items)), encoding="utf-8")
+
+
+NABIRDS_FAKE_IDS = (295, 296, 817)
+"""Class ids of the fake NABirds (not contiguous, as the real ones; labels follow their numeric order)."""
+
+
+def write_nabirds(root: Path, per_class: int = 4, vpt: bool = False) -> Path:
+    """NABirds in its official layout (UUID image ids, zero-padded class-id folders, classes.txt with parent
+    classes too); the last image of each class is a test image. ``vpt``: VPT's split files instead of the
+    split table (image 0 of each class is the validation image, the last the test image)."""
+    base = root / "nabirds"
+    images, labels, split, vpt_entries = [], [], [], {"train": [], "val": [], "test": []}
+    for label, class_id in enumerate(NABIRDS_FAKE_IDS):
+        for i in range(per_class):
+            image_id = f"{class_id:04d}a{i:03d}-0000-4000-8000-{label:012d}"
+            rel = f"{class_id:04d}/{image_id.replace('-', '')}.jpg"
+            write_jpeg(base / "images" / rel, label)
+            images.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {class_id}")
+            split.append(f"{image_id} {0 if i == per_class - 1 else 1}")
+            part = "test" if i == per_class - 1 else "val" if i == 0 else "train"
+            vpt_entries[part].append((rel, class_id))
+    classes = ["0 Birds", "1 Perching Birds", *(f"{c} Bird species {c}" for c in NABIRDS_FAKE_IDS)]
+    (base / "classes.txt").write_text("\n".join(classes) + "\n")
+    if vpt:
+        write_vpt_splits(base, vpt_entries)
+    else:
+        (base / "images.txt").write_text("\n".join(images) + "\n")
+        (base / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+        (base / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    return root
+
+
+DOGS_FAKE_BREEDS = ("n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02086240-Shih-Tzu")
+
+
+def write_stanford_dogs(root: Path, per_class: int = 4, vpt: bool = False) -> Path:
+    """Stanford Dogs: ``Images/<wnid>-<breed>/<wnid>_<i>.jpg`` plus the official ``train_list.mat`` /
+    ``test_list.mat`` (1-based labels; the last image of each breed is a test image), or VPT's split files
+    (image 0 of each breed in val, the last in test)."""
+    base = root / "stanford_dogs"
+    files: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    vpt_entries: dict[str, list[tuple[str, object]]] = {"train": [], "val": [], "test": []}
+    for label, breed in enumerate(DOGS_FAKE_BREEDS):
+        for i in range(per_class):
+            rel = f"{breed}/{breed.split('-')[0]}_{1000 + i}.jpg"
+            write_jpeg(base / "Images" / rel, label)
+            files["test" if i == per_class - 1 else "train"].append((rel, label + 1))
+            part = "test" if i == per_class - 1 else "val" if i == 0 else "train"
+            vpt_entries[part].append((rel, label + 1))
+    if vpt:
+        write_vpt_splits(base, vpt_entries)
+        return root
+    savemat = pytest.importorskip("scipy.io").savemat
+    (base / "lists").mkdir(parents=True)
+    for split, items in files.items():
+        file_list = np.empty((len(items), 1), dtype=object)
+        for k, (rel, _label) in enumerate(items):
+            file_list[k, 0] = np.array([rel])
+        labels = np.array([[lab] for _rel, lab in items], dtype=np.uint8)
+        savemat(base / "lists" / f"{split}_list.mat", {"file_list": file_list, "labels": labels})
+    return root

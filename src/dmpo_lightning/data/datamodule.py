@@ -191,7 +191,8 @@ class BenchmarkDataModule(LightningDataModule):
         resolved_source = val_source if val_source is not None else self.spec.default_val_source
         if resolved_source == "dataset" and self.spec.has_val_split is False:
             with_val = (
-                "flowers102, vtab1k, image_folder (with both val/ and test/), image_list (with val_list)"
+                "flowers102, vtab1k, image_folder (with both val/ and test/), image_list (with val_list), "
+                "cub200, nabirds, stanford_dogs, stanford_cars (with VPT's split files)"
             )
             raise ValueError(
                 f"val_source='dataset' but {dataset!r} has no validation split of its own; use "
@@ -312,9 +313,15 @@ class BenchmarkDataModule(LightningDataModule):
         for name, part in (("train", base.train), ("test", base.test), ("val", base.val)):
             self._check_labels(name, part)
         if self.val_source == "dataset" and base.val is None:
-            need = {"image_list": "a val_list", "image_folder": "both val/ and test/ folders"}.get(
-                self.dataset, "a validation split"
-            )
+            vpt = "VPT's split files train.json, val.json and test.json"
+            need = {
+                "image_list": "a val_list",
+                "image_folder": "both val/ and test/ folders",
+                "cub200": vpt,
+                "nabirds": vpt,
+                "stanford_dogs": vpt,
+                "stanford_cars": vpt,
+            }.get(self.dataset, "a validation split")
             raise ValueError(
                 f"val_source='dataset' but {self.dataset!r} under {self.root} has no validation split "
                 f"({self.dataset} needs {need}); use val_source='holdout'"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dmpo_lightning.data import fashion_mnist, formats, list_files
+from dmpo_lightning.data import fashion_mnist, fgvc, formats, list_files
 from dmpo_lightning.data.datasets import ArrayImageDataset, DatasetSplits, SyntheticImageDataset
 from dmpo_lightning.data.errors import DatasetLayoutError
 from dmpo_lightning.data.transforms import ResizeMode
@@ -248,17 +248,34 @@ DATASETS: dict[str, DatasetSpec] = {
             "cub200",
             lambda o: formats.load_cub200(_root(o)),
             num_classes=200,
-            has_val_split=False,
-            layout="root/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, images/}",
+            has_val_split=None,  # VPT's split files add one
+            layout="root/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, images/} "
+            "(+ VPT's train.json, val.json, test.json for its splits)",
+            **_IMAGE_SETS,
+        ),
+        DatasetSpec(
+            "nabirds",
+            lambda o: fgvc.load_nabirds(_root(o)),
+            num_classes=555,
+            has_val_split=None,
+            layout=fgvc.NABIRDS_LAYOUT,
+            **_IMAGE_SETS,
+        ),
+        DatasetSpec(
+            "stanford_dogs",
+            lambda o: fgvc.load_stanford_dogs(_root(o)),
+            num_classes=120,
+            has_val_split=None,
+            layout=fgvc.STANFORD_DOGS_LAYOUT,
             **_IMAGE_SETS,
         ),
         DatasetSpec(
             "stanford_cars",
             lambda o: formats.load_stanford_cars(_root(o)),
             num_classes=196,
-            has_val_split=False,
+            has_val_split=None,
             layout="root/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
-            "cars_test_annos_withlabels.mat, cars_test/}",
+            "cars_test_annos_withlabels.mat, cars_test/} (or VPT's train.json, val.json, test.json there)",
             **_IMAGE_SETS,
         ),
         DatasetSpec(
