@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import timm
 import torch
+from timm.models import parse_model_name
 from torch import nn
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "embed_tokens_and_rope",
     "explicit_attention",
     "num_prefix_tokens",
+    "resolve_backbone_name",
     "resolve_exit_blocks",
     "rope_embedding",
     "run_blocks",
@@ -36,19 +40,22 @@ __all__ = [
 ]
 
 
-def check_backbone_name(name: str) -> None:
-    """Check that timm knows ``name`` (architecture and, if given, pretrained tag) without building anything.
+HUB_PREFIX = "hf-hub:"
+"""timm's prefix of Hugging Face Hub model names (``hf-hub:timm/vit_base_patch16_224.augreg_in21k``)."""
 
-    Raises:
-        ValueError: Naming the unknown architecture (with similar names) or tag (with the known tags).
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"backbone must be a timm model name, got {name!r}")
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _check_registry_name(name: str, shown: str | None = None) -> str:
+    """The architecture of a timm registry name (``arch`` or ``arch.tag``); refuses unknown names and tags."""
+    shown = shown or name
     architecture, _, tag = name.partition(".")
     if not timm.is_model(architecture):
         close = difflib.get_close_matches(architecture, timm.list_models(), n=6, cutoff=0.5)
         raise ValueError(
-            f"unknown backbone {name!r}: timm has no model {architecture!r}. "
+            f"unknown backbone {shown!r}: timm has no model {architecture!r}. "
             f"Use a timm ViT/DeiT name such as 'vit_base_patch16_224.augreg_in21k' (similar: {close})"
         )
     if tag:
@@ -56,9 +63,117 @@ def check_backbone_name(name: str) -> None:
         if name not in known:
             tags = [k.partition(".")[2] for k in known]
             raise ValueError(
-                f"unknown backbone {name!r}: timm has no pretrained tag {tag!r} for {architecture!r}; "
+                f"unknown backbone {shown!r}: timm has no pretrained tag {tag!r} for {architecture!r}; "
                 f"allowed tags: {tags or 'none (use the bare name)'}"
             )
+    return architecture
+
+
+def _cached_hub_config(repo: str, revision: str | None) -> dict[str, Any] | None:
+    """The repo's ``config.json`` from the local Hugging Face cache, if it is there (nothing downloads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if not isinstance(path, str):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def resolve_backbone_name(name: str) -> str:
+    """The timm architecture a backbone name builds, without building or downloading anything.
+
+    Accepts a timm registry name (``vit_base_patch16_224`` or with a pretrained tag,
+    ``vit_base_patch16_224.augreg_in21k``), a Hugging Face Hub name ``hf-hub:<owner>/<repo>[@revision]`` and
+    timm's ``local-dir:<folder>`` (a folder with timm's ``config.json`` and weights). A Hub name is resolved
+    from the repo's ``config.json`` in the local Hugging Face cache if it is there; otherwise a ``timm/``
+    repo is looked up in timm's registry of pretrained weights (its repos are named after them). Other
+    owners' repos not in the cache cannot be checked offline: their name is returned unchecked when the Hub
+    can be reached (timm fetches the config when the model is built) and refused with ``HF_HUB_OFFLINE=1``.
+
+    Returns:
+        The architecture (``vit_base_patch16_224``); for unchecked Hub repos, the Hub name itself.
+
+    Raises:
+        ValueError: Naming the unknown architecture (with similar names), tag (with the known tags), source
+            prefix, missing ``local-dir`` folder or uncached repo (offline).
+
+    Examples:
+        >>> resolve_backbone_name("hf-hub:timm/vit_small_patch16_224.augreg_in21k")
+        'vit_small_patch16_224'
+        >>> resolve_backbone_name("deit_tiny_patch16_224")
+        'deit_tiny_patch16_224'
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backbone must be a timm model name, got {name!r}")
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError as err:
+        raise ValueError(
+            f"backbone {name!r}: {err} (a timm name such as 'vit_base_patch16_224.augreg_in21k', "
+            "'hf-hub:timm/<name>' or 'local-dir:<folder>')"
+        ) from None
+    if source is None:
+        return _check_registry_name(name)
+    if source == "local-dir":
+        config_file = Path(model_id).expanduser() / "config.json"
+        if not config_file.is_file():
+            raise ValueError(
+                f"backbone {name!r}: {config_file} does not exist; a local-dir: backbone is a folder holding "
+                "timm's config.json and the weights (model.safetensors or pytorch_model.bin), as "
+                "timm.models.save_for_hf writes it"
+            )
+        with open(config_file, encoding="utf-8") as f:
+            architecture = json.load(f).get("architecture")
+        return _check_registry_name(str(architecture), f"{name} (architecture {architecture!r})")
+    repo, _, revision = model_id.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(
+            f"backbone {name!r}: a Hugging Face Hub backbone is 'hf-hub:<owner>/<repo>', e.g. "
+            "'hf-hub:timm/vit_base_patch16_224.augreg_in21k'"
+        )
+    config = _cached_hub_config(repo, revision or None)
+    if config is not None:
+        architecture = config.get("architecture")
+        return _check_registry_name(
+            str(architecture), f"{name} (architecture {architecture!r} in its config.json)"
+        )
+    owner, _, model = repo.partition("/")
+    if owner == "timm":  # timm's own repos are named after its registry's pretrained names
+        return _check_registry_name(model, name)
+    if _offline():
+        raise ValueError(
+            f"backbone {name!r}: its config.json is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+            f"is set, so the model cannot be built; download it first (hf download {repo}) or unset "
+            "HF_HUB_OFFLINE"
+        )
+    return name
+
+
+def check_backbone_name(name: str) -> None:
+    """Check that timm knows ``name`` (architecture and, if given, pretrained tag) without building anything.
+
+    Registry names, ``hf-hub:<owner>/<repo>`` and ``local-dir:<folder>`` (see :func:`resolve_backbone_name`).
+
+    Raises:
+        ValueError: Naming the unknown architecture (with similar names) or tag (with the known tags).
+    """
+    resolve_backbone_name(name)
+
+
+def _hub_error(name: str, err: Exception) -> ValueError:
+    """One sentence for weights the Hugging Face Hub could not deliver (offline, not cached, no access)."""
+    offline = " (HF_HUB_OFFLINE is set)" if _offline() else ""
+    reason = str(err).splitlines()[0] if str(err) else ""
+    return ValueError(
+        f"the pretrained weights of backbone {name!r} could not be fetched from the Hugging Face "
+        f"Hub{offline}: {type(err).__name__}: {reason}; without network they must be in the local cache "
+        "(HF_HOME / HF_HUB_CACHE), or give a local weights file as checkpoint_path"
+    )
 
 
 def _check_patch_divisibility(name: str, model: nn.Module) -> None:
@@ -214,6 +329,12 @@ def build_backbone(
             "custom_load": checkpoint_path.endswith(".npz"),
         }
     check_backbone_name(name)
+    if checkpoint_path is not None and parse_model_name(name)[0] is not None:
+        raise ValueError(
+            f"backbone {name!r} names its weights (Hub or local-dir) and checkpoint_path {checkpoint_path!r} "
+            "names other ones; give one: the timm architecture name with checkpoint_path, or the "
+            f"{name.partition(':')[0]}: name with pretrained=true"
+        )
     holds = describe_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
@@ -233,6 +354,10 @@ def build_backbone(
         plain = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
         builds = _architecture(timm.create_model(name, pretrained=False, num_classes=0, **plain))
         raise _checkpoint_mismatch(name, str(checkpoint_path), holds, builds, f" (timm: {first})") from None
+    except Exception as err:
+        if type(err).__module__.startswith("huggingface_hub"):  # offline, not cached, gated, no such repo
+            raise _hub_error(name, err) from err
+        raise
     if holds is not None and checkpoint_path is not None:
         builds = _architecture(model)
         if (holds["depth"], holds["embed_dim"]) != (builds["depth"], builds["embed_dim"]):
