@@ -423,3 +423,27 @@ def test_experiment_configs_are_the_dmpo_model_with_the_vtab_recipe() -> None:
         assert data["dataset"] == "vtab1k" and data["task"] == tasks[0] and data["val_source"] == "dataset"
         assert data["train_augment"] is False and data["resize_mode"] == "squash"
         assert config["trainer"]["max_epochs"] == 100 and data["batch_size"] == 64
+
+
+def test_list_images_are_decoded_by_the_one_decoder(tmp_path: Path) -> None:
+    """16-bit images are scaled (not clipped to white) and non-finite pixels refused, naming the file."""
+    import numpy as np
+
+    from dmpo_lightning.data import UnreadableImageError
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.full((16, 16), 20 * 257, dtype=np.uint16)).save(tmp_path / "img" / "deep.png")
+    nan = np.full((16, 16), 0.5, dtype=np.float32)
+    nan[3, 4] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "img" / "nan.tif")
+    write_list(tmp_path / "train.txt", [("img/deep.png", 0), ("img/deep.png", 1), ("img/deep.png", 0)])
+    write_list(tmp_path / "test.txt", [("img/deep.png", 0), ("img/nan.tif", 1)])
+    dm = BenchmarkDataModule("image_list", root=str(tmp_path), calibration_size=1, **RAW)
+    assert float(dm.split_dataset("test")[0][IMAGE_KEY].mean()) * 255 == pytest.approx(20, abs=0.5)
+    with pytest.raises(UnreadableImageError, match=r"nan\.tif .*1 of 256 pixels that are not finite"):
+        dm.split_dataset("test")[1]
+    with pytest.warns(UserWarning, match=r"left out 1 unreadable image file\(s\) of 'image_list'"):
+        skipping = BenchmarkDataModule(
+            "image_list", root=str(tmp_path), calibration_size=1, skip_unreadable_images=True, **RAW
+        )
+    assert len(skipping.split_dataset("test")) == 1  # type: ignore[arg-type]
