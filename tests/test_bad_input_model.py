@@ -368,7 +368,12 @@ def test_token_pooling_without_a_class_token_is_refused():
         match=r"exits.head_pool='token' needs a class token, but the backbone has none "
         r"\(its 4 prefix token\(s\) are registers.*set exits.head_pool='avg'",
     ):
-        MultiExitViT(_reg_gap_vit(), 3, {"blocks": [1, 2], "moment_dim": 16})
+        MultiExitViT(_reg_gap_vit(), 3, {"blocks": [1, 2], "moment_dim": 16, "head_pool": "token"})
+    # the default (head_pool: null) pools as the backbone does: the patch mean here (issue 30)
+    assert (
+        MultiExitViT(_reg_gap_vit(), 3, {"blocks": [1, 2], "moment_dim": 16}).exits[-1].predictor.pool
+        == "avg"
+    )
     with pytest.raises(
         ValueError,
         match=r"head_pool='token' needs a class token but the 4 prefix token\(s\) are "

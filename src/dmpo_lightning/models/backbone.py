@@ -26,6 +26,7 @@ __all__ = [
     "backbone_depth",
     "build_backbone",
     "check_backbone_name",
+    "default_head_pool",
     "describe_checkpoint",
     "embed_tokens",
     "embed_tokens_and_rope",
@@ -449,6 +450,18 @@ def run_blocks(
     for i in range(start, stop):
         tokens = blocks[i](tokens, rope=rope[i] if mixed else rope)
     return tokens
+
+
+def default_head_pool(backbone: nn.Module) -> str:
+    """How the backbone's own head pools the tokens: ``"avg"`` (mean of the patch tokens) or ``"token"``.
+
+    ``"avg"`` for backbones without a class token (``*_gap_*``, ``class_token=False``, SigLIP) and for those
+    whose timm ``global_pool`` averages (EVA02: ``avg``; ``max`` / ``avgmax`` are read as the mean, the
+    nearest pooling a head supports); ``"token"`` (the class token) otherwise.
+    """
+    if getattr(backbone, "cls_token", None) is None:
+        return "avg"
+    return "avg" if getattr(backbone, "global_pool", "token") in ("avg", "max", "avgmax") else "token"
 
 
 def backbone_depth(backbone: nn.Module) -> int:

@@ -17,6 +17,7 @@ from dmpo_lightning.constants import EXITS_ATTR, PEFT_PREFIX
 from dmpo_lightning.models.adapters import PeftOptions, inject_peft, num_prompt_tokens
 from dmpo_lightning.models.backbone import (
     backbone_depth,
+    default_head_pool,
     embed_tokens_and_rope,
     num_prefix_tokens,
     resolve_exit_blocks,
@@ -119,8 +120,9 @@ class ExitOptions(OptionGroup):
     """Predictor of the last exit (``linear`` = the backbone's own head: its final norm, then SigLIP's
     attention pool, DeiT's class + distillation token classifiers, or the pooling of ``head_pool``, then a
     new Linear)."""
-    head_pool: Literal["token", "avg"] = HEAD_POOL
-    """Pooling of ``linear`` predictors: class token or mean of the patch tokens."""
+    head_pool: Literal["token", "avg"] | None = HEAD_POOL
+    """Pooling of ``linear`` predictors: class token or mean of the patch tokens; ``None`` = as the backbone's
+    own head pools (the mean for ``*_gap_*``, ``class_token=False`` and EVA02, the class token otherwise)."""
     moment_dim: int = MOMENT_DIM
     """Projection width of ``moment`` predictors (a multiple of ``moment_groups``)."""
     moment_groups: int = MOMENT_GROUPS
@@ -214,7 +216,7 @@ class MultiExitViT(nn.Module):
         class_token = getattr(backbone, "cls_token", None) is not None
         # The final linear exit is the backbone's own head: attention pooling (SigLIP's attn_pool) and
         # DeiT's class + distillation token classifiers are kept; otherwise the final norm + a new Linear.
-        head_pool = e.head_pool
+        head_pool = default_head_pool(backbone) if e.head_pool is None else e.head_pool
         attn_pool = getattr(backbone, "attn_pool", None) if e.final_head == "linear" else None
         distilled = getattr(backbone, "dist_token", None) is not None and head_pool == "token"
         token_pooled = e.early_head == "linear" or (e.final_head == "linear" and attn_pool is None)
