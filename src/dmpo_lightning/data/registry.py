@@ -389,6 +389,11 @@ def resolve_root(spec: DatasetSpec, root: str | Path | None, download: bool = Fa
             f"dataset {spec.name!r} needs root=<folder> laid out as {spec.layout}; root is None{hint}"
         )
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DatasetLayoutError(
+            f"root={str(root)!r} for dataset {spec.name!r} is a file; give the folder laid out as "
+            f"{spec.layout}"
+        )
     if not download and not path.is_dir():
         raise DatasetLayoutError(
             f"root={str(root)!r} for dataset {spec.name!r} does not exist; expected {spec.layout}"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -254,6 +256,144 @@ def _architecture(module: nn.Module) -> dict[str, Any]:
     }
 
 
+_TIMM_LOAD_LOGGER = "timm.models._builder"
+"""The logger timm reports a pretrained load's missing and unexpected keys to (its ``load_pretrained``)."""
+
+_LOAD_REPORT = re.compile(r"(Missing|Unexpected) keys \((.*)\) (?:discovered|found) while loading", re.S)
+
+HF_TRANSFORMERS_EQUIVALENTS: dict[int, tuple[tuple[str, str], ...]] = {
+    192: (("facebook/deit-tiny-patch16-224", "deit_tiny_patch16_224.fb_in1k"),),
+    384: (
+        ("facebook/deit-small-patch16-224", "deit_small_patch16_224.fb_in1k"),
+        ("facebook/dino-vits16", "vit_small_patch16_224.dino"),
+    ),
+    768: (
+        ("google/vit-base-patch16-224-in21k", "vit_base_patch16_224.orig_in21k"),
+        ("google/vit-base-patch16-224", "vit_base_patch16_224.orig_in21k_ft_in1k"),
+        ("google/vit-base-patch32-224-in21k", "vit_base_patch32_224.orig_in21k"),
+        ("facebook/dino-vitb16", "vit_base_patch16_224.dino"),
+        ("facebook/vit-mae-base", "vit_base_patch16_224.mae"),
+        ("facebook/deit-base-patch16-224", "deit_base_patch16_224.fb_in1k"),
+    ),
+    1024: (
+        ("google/vit-large-patch16-224-in21k", "vit_large_patch16_224.orig_in21k"),
+        ("facebook/vit-mae-large", "vit_large_patch16_224.mae"),
+    ),
+    1280: (
+        ("google/vit-huge-patch14-224-in21k", "vit_huge_patch14_224.orig_in21k"),
+        ("facebook/vit-mae-huge", "vit_huge_patch14_224.mae"),
+    ),
+}
+"""Hugging Face ``transformers`` ViT checkpoints and the timm names of the same weights, by width (timm
+does not read ``transformers`` state dicts; these load with ``pretrained: true`` instead)."""
+
+
+class _LoadReport(logging.Handler):
+    """Collects the keys timm's ``load_pretrained`` reports as missing or unexpected.
+
+    timm loads non-strictly whenever the classifier is dropped (always here) and only logs those keys.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep the key lists of a load report."""
+        match = _LOAD_REPORT.match(record.getMessage())
+        if match:
+            keys = [k for k in match.group(2).split(", ") if k]
+            (self.missing if match.group(1) == "Missing" else self.unexpected).extend(keys)
+
+
+@contextlib.contextmanager
+def _load_report() -> Iterator[_LoadReport]:
+    """Collect timm's missing / unexpected key reports while a model is built with weights."""
+    logger = logging.getLogger(_TIMM_LOAD_LOGGER)
+    report, level = _LoadReport(), logger.level
+    logger.addHandler(report)
+    if not logger.isEnabledFor(logging.INFO):  # the missing keys are reported at INFO
+        logger.setLevel(logging.INFO)
+    try:
+        yield report
+    finally:
+        logger.removeHandler(report)
+        logger.setLevel(level)
+
+
+def _short(keys: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _conversion_hint(unexpected: Sequence[str], missing: Sequence[str], path: str | None) -> str:
+    """Which name to use instead, when the unexpected keys show what the file is."""
+    if any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in unexpected) or any(
+        ".attention.attention.query." in k for k in unexpected
+    ):
+        width = None
+        shapes = _checkpoint_shapes(path) if path is not None else None
+        for key, shape in (shapes or {}).items():
+            if key.endswith("embeddings.patch_embeddings.projection.weight") and len(shape) == 4:
+                width = int(shape[0])
+        known = HF_TRANSFORMERS_EQUIVALENTS.get(width or 0) or tuple(
+            pair for pairs in HF_TRANSFORMERS_EQUIVALENTS.values() for pair in pairs
+        )
+        names = "; ".join(f"{hf} -> {name}" for hf, name in known)
+        return (
+            "; these are Hugging Face transformers ViT keys, which timm does not convert: set backbone to "
+            f"the timm name of the same weights with pretrained: true and no checkpoint_path ({names})"
+        )
+    missing_set = set(missing)
+    for key in unexpected:
+        parts = key.split(".")
+        for cut in range(1, len(parts)):
+            prefix = ".".join(parts[:cut]) + "."
+            if ".".join(parts[cut:]) in missing_set:
+                return (
+                    f"; the file's keys carry the prefix {prefix!r} (a whole-model or Lightning "
+                    "checkpoint?): save the backbone's own state dict (keys like "
+                    "'blocks.0.attn.qkv.weight'), or give a dmpo checkpoint as --ckpt_path"
+                )
+    return ""
+
+
+def _quoted_keys(message: str, heading: str) -> list[str]:
+    """The ``"key"`` names torch's ``load_state_dict`` error lists after ``heading``."""
+    start = message.find(heading)
+    if start < 0:
+        return []
+    section = message[start:].split(". ", 1)[0]
+    return re.findall(r'"([^"]+)"', section)
+
+
+def _weights_source(name: str, checkpoint_path: str | None) -> str:
+    return (
+        f"checkpoint_path {checkpoint_path!r}" if checkpoint_path else f"the pretrained weights of {name!r}"
+    )
+
+
+def _check_loaded(name: str, model: nn.Module, report: _LoadReport, source: str, path: str | None) -> None:
+    """Refuse weights that fill less than the whole trunk, naming the missing and unexpected keys."""
+    model_keys = list(model.state_dict())
+    missing = [k for k in report.missing if k in set(model_keys)]
+    if not missing:
+        if report.unexpected:
+            warnings.warn(
+                f"{source} for backbone {name!r} holds {len(report.unexpected)} tensor(s) the model does not "
+                f"use ({_short(report.unexpected)}); all {len(model_keys)} backbone tensors were loaded",
+                UserWarning,
+                stacklevel=4,
+            )
+        return
+    loaded = len(model_keys) - len(missing)
+    raise ValueError(
+        f"{source} filled only {loaded} of the {len(model_keys)} tensors of backbone {name!r}, so the rest "
+        f"would stay random: missing {len(missing)} ({_short(missing)}); unexpected {len(report.unexpected)} "
+        f"({_short(report.unexpected) or 'none'}){_conversion_hint(report.unexpected, missing, path)}"
+    )
+
+
 def _checkpoint_mismatch(
     name: str, path: str, holds: dict[str, Any], builds: dict[str, Any] | None, detail: str = ""
 ) -> ValueError:
@@ -317,6 +457,12 @@ def build_backbone(
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     if checkpoint_path is not None:
+        if os.path.isdir(checkpoint_path):
+            raise FileNotFoundError(
+                f"backbone checkpoint_path {checkpoint_path!r} is a folder; give the timm weights file in "
+                "it (.pth, .bin, .safetensors or .npz), or name the folder as backbone 'local-dir:<folder>' "
+                "if it holds timm's config.json and weights"
+            )
         if not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(
                 f"backbone checkpoint_path {checkpoint_path!r} does not exist; give the path of a timm "
@@ -337,8 +483,10 @@ def build_backbone(
             f"{name.partition(':')[0]}: name with pretrained=true"
         )
     holds = describe_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    report = _LoadReport()
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        with _load_report() as report:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except TypeError as err:
         if "unexpected keyword argument" not in str(err):
             raise
@@ -349,7 +497,15 @@ def build_backbone(
             "does not take"
         ) from err
     except RuntimeError as err:
-        if holds is None or "size mismatch" not in str(err):
+        text = str(err)
+        if "size mismatch" not in text and ("Missing key(s)" in text or "Unexpected key(s)" in text):
+            # a strict load (weights whose config keeps the classifier as it is): torch lists the keys
+            report.missing = _quoted_keys(text, "Missing key(s)")
+            report.unexpected = _quoted_keys(text, "Unexpected key(s)")
+            plain = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+            empty = timm.create_model(name, pretrained=False, num_classes=0, **plain)
+            _check_loaded(name, empty, report, _weights_source(name, checkpoint_path), checkpoint_path)
+        if holds is None or "size mismatch" not in text:
             raise
         first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
         plain = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
@@ -363,6 +519,8 @@ def build_backbone(
         builds = _architecture(model)
         if (holds["depth"], holds["embed_dim"]) != (builds["depth"], builds["embed_dim"]):
             raise _checkpoint_mismatch(name, checkpoint_path, holds, builds)
+    if pretrained:
+        _check_loaded(name, model, report, _weights_source(name, checkpoint_path), checkpoint_path)
     _check_supported_class(name, model)
     _check_patch_divisibility(name, model)
     return model
