@@ -33,10 +33,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def _fake_run(folder: Path, quantile: float) -> Path:
     """A quickstart-architecture checkpoint with random weights and a thresholds file at score quantiles."""
+    from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
     from dmpo_lightning.data.fashion_mnist import load_fashion_mnist_subset
-    from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT
-    from dmpo_lightning.evaluation.exit_rules import exit_scores
     from dmpo_lightning.files import file_sha256
+    from dmpo_lightning.models.exit_rules import exit_scores
     from dmpo_lightning.module import DMPOModule
 
     config = yaml.safe_load((REPO_ROOT / "configs" / "quickstart.yaml").read_text())
@@ -68,6 +68,7 @@ def _fake_run(folder: Path, quantile: float) -> Path:
         json.dumps(
             {
                 "format": THRESHOLDS_FORMAT,
+                "format_version": THRESHOLDS_FORMAT_VERSION,
                 "fingerprint": module.model_fingerprint(),
                 "checkpoint_hash": f"file:{file_sha256(str(ckpt))}",
                 "budgets": [{"budget": 0.5, "unit": "fraction", "thresholds": [*t, "-inf"]}],

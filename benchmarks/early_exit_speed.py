@@ -244,20 +244,11 @@ GROUPS = ("peft", "exits", "schedule", "evaluation")
 
 
 def with_options(base: dict[str, Any], items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-    """``base`` DMPOModule kwargs with ``KEY=value`` items applied; ``GROUP.FIELD`` sets a group's field.
-
-    A flat name of the options from before the groups (``exit_blocks``, ``adapter_dim``...) is moved into
-    its group (``dmpo_lightning.options.LEGACY_FLAT_OPTIONS``).
-    """
-    import dmpo_lightning.module  # noqa: F401 (registers the groups' legacy names)
-    from dmpo_lightning.options import LEGACY_FLAT_OPTIONS
-
+    """``base`` DMPOModule kwargs with ``KEY=value`` items applied; ``GROUP.FIELD`` sets a group's field."""
     kwargs = {k: dict(v) if k in GROUPS else v for k, v in base.items()}
     for key, value in items:
         group, dot, field = key.partition(".")
-        if not dot and key in LEGACY_FLAT_OPTIONS and key not in GROUPS:
-            group, field = LEGACY_FLAT_OPTIONS[key]
-        elif not dot:
+        if not dot:
             kwargs[key] = value
             continue
         if group not in GROUPS:

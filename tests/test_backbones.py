@@ -17,6 +17,7 @@ For a tiny random configuration of each (depth 4, dim 32, 32x32 images, no downl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -28,15 +29,14 @@ import yaml
 from torch.nn import functional as F
 
 from dmpo_lightning.cli import main
-from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.flops import count_exit_costs
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.models import MultiExitViT
-from dmpo_lightning.models.adapters import PEFT_METHODS
+from dmpo_lightning.models.adapters import PEFT_METHODS, PeftOptions
 from dmpo_lightning.models.backbone import build_backbone
 from dmpo_lightning.models.engine import EarlyExitEngine
+from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.models.heads import AttentionPoolHead, DistilledHead, LinearHead
-from dmpo_lightning.options import group_legacy_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -93,13 +93,15 @@ def backbone_of(ref: torch.nn.Module) -> torch.nn.Module:
     return backbone
 
 
-def multi_exit(family: str, backbone: torch.nn.Module | None = None, **options) -> MultiExitViT:
+def multi_exit(
+    family: str, backbone: torch.nn.Module | None = None, peft: str = "adaptformer", **options
+) -> MultiExitViT:
+    """A small multi-exit model of ``family``; ``options``: fields of ``PeftOptions`` or ``ExitOptions``."""
     if backbone is None:
         backbone = lively(
             build_backbone(FAMILIES[family][0], img_size=SIZE, model_kwargs=timm_kwargs(family))
         )
     options = {
-        "peft": "adaptformer",
         "adapter_dim": 4,
         "moment_dim": 16,
         "cov_dim": 8,
@@ -108,9 +110,10 @@ def multi_exit(family: str, backbone: torch.nn.Module | None = None, **options) 
         "head_pool": FAMILIES[family][2],
         **options,
     }
-    groups = group_legacy_hparams(options)  # field names of ExitOptions / PeftOptions -> the two groups
-    assert set(groups) == {"exits", "peft"}, groups
-    return MultiExitViT(backbone, 5, {"blocks": EXITS, **groups["exits"]}, groups["peft"])
+    peft_fields = {f.name for f in dataclasses.fields(PeftOptions)}
+    peft_options = {"method": peft, **{k: v for k, v in options.items() if k in peft_fields}}
+    exits = {"blocks": EXITS, **{k: v for k, v in options.items() if k not in peft_fields}}
+    return MultiExitViT(backbone, 5, exits, peft_options)
 
 
 def stage_tokens(model: MultiExitViT, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -366,8 +369,8 @@ def test_deploy_export_and_predictor(tmp_path, family, onnx):
         tmp_path,
         backbone=name,
         backbone_kwargs=timm_kwargs(family),
-        head_pool=pool,
-        peft=peft,
+        exits={"head_pool": pool},
+        peft={"method": peft},
         quantiles=(0.3, 0.6),
     )
     out = export_artefact(str(tmp_path / "art"), run=str(r["run"]), onnx=onnx)

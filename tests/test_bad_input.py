@@ -23,7 +23,6 @@ import torch
 from dmpo_lightning import BenchmarkDataModule
 from dmpo_lightning.cli import main
 from dmpo_lightning.constants import IMAGE_KEY
-from dmpo_lightning.data.errors import DatasetLayoutError
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFileNotFoundError
 from dmpo_lightning.module import DMPOModule
 
@@ -134,11 +133,10 @@ CASES = {
         ValueError,
         r"dataset 'cifar10' needs root=<folder> laid out as root/cifar-10-batches-py/",
     ),
-    "wrong_data_root": Case(
+    "wrong_data_root": Case(  # refused when the data module is built, before a run folder exists
         fit("--data.init_args.dataset=cifar10", "--data.init_args.root={empty}"),
-        DatasetLayoutError,
+        FileNotFoundError,
         r"cifar10 not found under root='.*empty': expected data_batch_1.* missing: data_batch_1",
-        late=True,
     ),
     "img_size_not_divisible_by_patch": Case(
         fit("--model.init_args.img_size=30"),

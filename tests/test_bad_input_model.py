@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from dmpo_lightning import BenchmarkDataModule, DMPOModule
 from dmpo_lightning.cli import main
-from dmpo_lightning.constants import SPLIT_KEY, THRESHOLDS_FORMAT
+from dmpo_lightning.constants import SPLIT_KEY, THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
 from dmpo_lightning.data import SplitTagged, UnreadableImageError
 from dmpo_lightning.evaluation.thresholds import load_thresholds
 from dmpo_lightning.models.backbone import build_backbone, describe_checkpoint
@@ -137,6 +137,7 @@ def test_predict_accepts_its_own_thresholds_and_refuses_a_wrong_length(two_check
 def _thresholds_file(tmp_path: Path, thresholds: list, **top) -> Path:
     payload = {
         "format": THRESHOLDS_FORMAT,
+        "format_version": THRESHOLDS_FORMAT_VERSION,
         "rule": "confidence",
         "fingerprint": {"backbone": "b"},
         "checkpoint_hash": "file:aaa",
@@ -370,7 +371,12 @@ def test_token_pooling_without_a_class_token_is_refused():
         match=r"exits.head_pool='token' needs a class token, but the backbone has none "
         r"\(its 4 prefix token\(s\) are registers.*set exits.head_pool='avg'",
     ):
-        MultiExitViT(_reg_gap_vit(), 3, {"blocks": [1, 2], "moment_dim": 16})
+        MultiExitViT(_reg_gap_vit(), 3, {"blocks": [1, 2], "moment_dim": 16, "head_pool": "token"})
+    # the default (head_pool: null) pools as the backbone does: the patch mean here (issue 30)
+    assert (
+        MultiExitViT(_reg_gap_vit(), 3, {"blocks": [1, 2], "moment_dim": 16}).exits[-1].predictor.pool
+        == "avg"
+    )
     with pytest.raises(
         ValueError,
         match=r"head_pool='token' needs a class token but the 4 prefix token\(s\) are "
@@ -565,11 +571,11 @@ def test_unreadable_image_error_names_the_file(broken_folder, which):
 
 
 def test_skip_unreadable_images_leaves_them_out_and_reports_them(broken_folder):
-    dm = _folder_data(broken_folder["root"], skip_unreadable_images=True)
-    with pytest.warns(
+    with pytest.warns(  # the files are checked when the data module is built
         UserWarning, match=r"left out 2 unreadable image file\(s\) of 'image_folder': \[.*a_1\.jpg"
     ):
-        dm.setup()
+        dm = _folder_data(broken_folder["root"], skip_unreadable_images=True)
+    dm.setup()
     assert len(dm._base.train) == 11 and len(dm._base.test) == 3
     for split in ("train", "calibration", "test"):
         for batch in dm.dataloader(split):

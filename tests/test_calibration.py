@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from support.builders import make_tiny_vit
 from torchmetrics.classification import MulticlassCalibrationError
 
-from dmpo_lightning.constants import THRESHOLDS_FORMAT
+from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
 from dmpo_lightning.evaluation.calibration import (
     TEMPERATURE_RANGE,
     ExitLogitsCollector,
@@ -22,10 +22,10 @@ from dmpo_lightning.evaluation.calibration import (
     fit_temperature,
     reliability_bins,
 )
-from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.protocol import assign_exits, budgeted_curve, operating_points
 from dmpo_lightning.evaluation.thresholds import load_temperatures
 from dmpo_lightning.models import MultiExitViT
+from dmpo_lightning.models.exit_rules import exit_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -248,7 +248,7 @@ def test_early_exit_forward_with_temperatures_matches_the_simulated_protocol():
 
 def test_load_temperatures(tmp_path):
     path = tmp_path / "thresholds.json"
-    header = {"format": THRESHOLDS_FORMAT}
+    header = {"format": THRESHOLDS_FORMAT, "format_version": THRESHOLDS_FORMAT_VERSION}
     path.write_text(json.dumps(header))
     assert load_temperatures(str(path), 3) == [1.0, 1.0, 1.0]  # made without calibration
     path.write_text(json.dumps({**header, "temperatures": [1.5, 0.5, 2.0]}))

@@ -8,7 +8,7 @@ import torch
 from support.builders import make_tiny_vit
 
 from dmpo_lightning import checkpointing
-from dmpo_lightning.constants import THRESHOLDS_FORMAT
+from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
 from dmpo_lightning.evaluation.thresholds import load_thresholds
 from dmpo_lightning.models.adapters import PeftOptions
 from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
@@ -69,12 +69,15 @@ def test_checkpoint_hash_is_the_file_hash_when_the_file_exists(tmp_path):
 
 def test_check_architecture_names_both_values():
     model = tiny_model()
+    check = checkpointing.check_architecture
     with pytest.raises(
-        ValueError, match=r"trained with exits.blocks=\[1, 4\] but this model has exits.blocks=\[2, 4\]"
+        ValueError, match=r"with exits.blocks=\[1, 4\] but this model has exits.blocks=\[2, 4\]"
     ):
-        checkpointing.check_architecture({"exit_blocks": [1, 4]}, {"exit_blocks": [2, 4]}, {}, model.backbone)
+        check({"exits": {"blocks": [1, 4]}}, {"exits.blocks": [2, 4]}, model.backbone)
     # a count is resolved against the trunk's depth before comparing: 2 = the last two blocks
-    checkpointing.check_architecture({"exit_blocks": 2}, {"exit_blocks": [3, 4]}, {}, model.backbone)
+    check({"exits": {"blocks": 2}}, {"exits.blocks": [3, 4]}, model.backbone)
+    with pytest.raises(ValueError, match=r"with peft.method='lora' but this model has peft.method='vpt'"):
+        check({"peft": {"method": "lora"}}, {"peft.method": "vpt"}, model.backbone)
 
 
 def test_load_checkpoint_safely_refuses_pickled_objects_in_one_sentence():
@@ -101,6 +104,7 @@ def test_load_checkpoint_safely_applies_the_backbone_checkpoint_path_override():
 
 def test_thresholds_of_another_architecture_name_the_option_as_users_write_it(tmp_path):
     path = tmp_path / "thresholds.json"
-    path.write_text(json.dumps({"format": THRESHOLDS_FORMAT, "fingerprint": {"exit_blocks": [1, 4]}}))
+    header = {"format": THRESHOLDS_FORMAT, "format_version": THRESHOLDS_FORMAT_VERSION}
+    path.write_text(json.dumps({**header, "fingerprint": {"exits.blocks": [1, 4]}}))
     with pytest.raises(ValueError, match=r"another model \(exits\.blocks: file \[1, 4\] vs model \[2, 4\]\)"):
-        load_thresholds(str(path), 0.5, {"exit_blocks": [2, 4]})
+        load_thresholds(str(path), 0.5, {"exits.blocks": [2, 4]})

@@ -24,8 +24,12 @@ from support.fakes import (
     write_flowers102,
     write_food101,
     write_image_folder,
+    write_image_list,
     write_imagenet,
+    write_nabirds,
     write_stanford_cars,
+    write_stanford_dogs,
+    write_vtab1k,
 )
 
 from dmpo_lightning.cli import main
@@ -39,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 MODEL_CONFIGS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
 DATA_CONFIGS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
-EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("cifar100_*.yaml"))
+"""The CIFAR-100 experiments (one per variant); the VTAB-1k and FGVC ones are checked in test_data_lists.py
+and test_data_fgvc.py."""
 HEAD_CLASSES = {"linear": LinearHead, "moment": MomentHead, "isqrt_cov": ISqrtCovHead}
 
 # The tiny backbone of tests/configs/tiny.yaml (4 blocks, dim 32); multi-exit variants get one exit per block.
@@ -189,6 +195,10 @@ def _fake_root(dataset: str, base: Path) -> Path | None:
         "stanford_cars": lambda: write_stanford_cars(folder, per_split=12),
         "imagenet": lambda: write_imagenet(folder),
         "image_folder": lambda: write_image_folder(folder, ["a", "b", "c"], {"train": 6, "test": 2}),
+        "image_list": lambda: write_image_list(folder, num_classes=3, sizes={"train": 8, "test": 4}),
+        "vtab1k": lambda: write_vtab1k(folder, ["cifar"]),
+        "nabirds": lambda: write_nabirds(folder, per_class=6, vpt=True),
+        "stanford_dogs": lambda: write_stanford_dogs(folder, per_class=6, vpt=True),
     }
     return writers[dataset]() if dataset in writers else None
 
@@ -205,6 +215,10 @@ def test_data_config_builds_loaders_on_fake_files(path, tmp_path, monkeypatch):
     size = init.get("calibration_size")
     if isinstance(size, int) and size >= 8:  # the config's count is for the real dataset, not for the fakes
         args += ["--data.init_args.calibration_size=4"]
+    if (
+        init.get("val_source") == "dataset"
+    ):  # tiny.yaml's calibration_size is refused with the dataset's split
+        args += ["--data.init_args.calibration_size=null"]
     if dataset == "synthetic":
         args += ["--data.init_args.synthetic_sizes=[40, 8]", "--data.init_args.synthetic_num_classes=4"]
     cli = main(args, run=False)

@@ -25,7 +25,15 @@ def test_calibration_size_parses_as_int_or_fraction(
 ) -> None:
     # jsonargparse may give 5000.0 for an `int | float` option depending on what was parsed before in the
     # process; the data module normalises integral floats > 1 to image counts.
-    parsed = parser.parse_args(["--data.calibration_size", value, "--data.dataset", "synthetic"]).data
+    argv = [
+        "--data.calibration_size",
+        value,
+        "--data.dataset",
+        "synthetic",
+        "--data.synthetic_sizes",
+        "[6000, 8]",
+    ]
+    parsed = parser.parse_args(argv).data
     dm = BenchmarkDataModule(**parsed.as_dict())
     expected_size = expected if expected is not None else dm.spec.default_calibration_size
     assert dm.calibration_size == expected_size and type(dm.calibration_size) is type(expected_size)
@@ -77,5 +85,7 @@ def test_prepare_data_downloads_only_when_asked(tmp_path: Path, monkeypatch: pyt
     assert calls == [(str(tmp_path / "c10"), True), (str(tmp_path / "c10"), False)]
     dm.setup()
     assert len(dm.split_dataset("test")) == 4
-    BenchmarkDataModule("cifar10", root=str(tmp_path / "c10"), download=False).prepare_data()
+    BenchmarkDataModule(
+        "cifar10", root=str(tmp_path / "c10"), download=False, calibration_size=2
+    ).prepare_data()
     assert len(calls) == 2

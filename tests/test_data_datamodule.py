@@ -13,6 +13,7 @@ from support.fakes import write_cifar
 
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
 from dmpo_lightning.data import BenchmarkDataModule
+from dmpo_lightning.errors import ConfigError
 
 
 def synthetic(**overrides: object) -> BenchmarkDataModule:
@@ -135,14 +136,22 @@ def test_state_dict_round_trip_restores_and_rebuilds_lazily() -> None:
     assert target.split_dataset("calibration").indices.tolist() == list(source.calibration_indices or ())  # type: ignore[attr-defined]
 
 
-def test_load_state_dict_before_setup_is_applied_in_setup() -> None:
+def test_load_state_dict_applies_the_checkpoints_split() -> None:
     source = synthetic(seed=5)
     source.setup()
     target = synthetic()
-    target.load_state_dict(source.state_dict())
     with pytest.warns(UserWarning, match="differs"):
-        target.setup()
+        target.load_state_dict(source.state_dict())
+    target.setup()
     assert target.calibration_indices == source.calibration_indices
+
+
+def test_state_drawn_from_another_training_split_is_ignored_with_a_warning() -> None:
+    dm = synthetic()
+    before = dm.calibration_indices
+    with pytest.warns(UserWarning, match="drawn from a training split of 40 images, this one has 32"):
+        dm.load_state_dict({"dataset": "synthetic", "train_size": 40, "calibration_indices": [0, 1]})
+    assert dm.calibration_indices == before
 
 
 def test_state_for_another_dataset_is_ignored_with_a_warning() -> None:
@@ -218,8 +227,10 @@ def test_checkpoint_carries_the_split_into_a_test_run(tmp_path: Path) -> None:
 
 def test_cifar_default_calibration_size_is_msdnet_convention(tmp_path: Path) -> None:
     write_cifar(tmp_path, "cifar10", per_batch=4)
-    dm = BenchmarkDataModule("cifar10", root=str(tmp_path))
-    assert dm.calibration_size == 5000
+    # 5,000 held-out images by default; the 20-image fake cannot hold them, which is said when it is built
+    with pytest.raises(ConfigError, match=r"calibration_size=5000 \(5000 images\) leaves no training data"):
+        BenchmarkDataModule("cifar10", root=str(tmp_path))
+    assert BenchmarkDataModule("cifar10", root=str(tmp_path), download=True).calibration_size == 5000
 
 
 def test_check_num_classes() -> None:

@@ -10,6 +10,7 @@ import pytest
 from support.fakes import write_cifar, write_cub, write_image_folder
 
 from dmpo_lightning.data import BenchmarkDataModule, DatasetLayoutError
+from dmpo_lightning.errors import ConfigError
 
 
 def test_unknown_dataset_lists_the_allowed_names() -> None:
@@ -33,11 +34,10 @@ def test_missing_root_names_the_expected_layout(tmp_path: Path) -> None:
 def test_wrong_cifar_layout_lists_missing_files(tmp_path: Path) -> None:
     write_cifar(tmp_path, "cifar10")
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
-    dm = BenchmarkDataModule("cifar10", root=str(tmp_path), num_workers=0)
     with pytest.raises(
         DatasetLayoutError, match=r"expected data_batch_1, .* in .*cifar-10-batches-py; missing: data_batch_3"
     ):
-        dm.setup()
+        BenchmarkDataModule("cifar10", root=str(tmp_path), num_workers=0)  # refused when built, before setup
 
 
 def test_corrupt_cifar_batch(tmp_path: Path) -> None:
@@ -116,18 +116,18 @@ def test_imagenet_needs_1000_classes_and_sorted_val(tmp_path: Path) -> None:
     ],
 )
 def test_bad_calibration_size(size: float, match: str) -> None:
-    dm = BenchmarkDataModule("synthetic", synthetic_sizes=(32, 8), calibration_size=size, num_workers=0)
-    with pytest.raises(ValueError, match=match):
-        dm.setup()
+    # refused when the data module is built (before a trainer makes a run folder), naming the option
+    with pytest.raises(ConfigError, match=match) as err:
+        BenchmarkDataModule("synthetic", synthetic_sizes=(32, 8), calibration_size=size, num_workers=0)
+    assert err.value.option == "data.init_args.calibration_size"
 
 
 def test_val_source_dataset_requires_a_validation_split(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"val_source='dataset' but 'synthetic' has no validation split"):
         BenchmarkDataModule("synthetic", val_source="dataset")
     write_image_folder(tmp_path, ["a", "b"], {"train": 2, "val": 1})
-    dm = BenchmarkDataModule("image_folder", root=str(tmp_path), val_source="dataset", num_workers=0)
     with pytest.raises(ValueError, match=r"needs both val/ and test/ folders"):
-        dm.setup()
+        BenchmarkDataModule("image_folder", root=str(tmp_path), val_source="dataset", num_workers=0)
 
 
 def test_bad_loader_arguments() -> None:
@@ -155,13 +155,20 @@ def test_indices_file_for_another_dataset_or_out_of_range(tmp_path: Path) -> Non
         BenchmarkDataModule("synthetic", calibration_indices_file=str(other))
     far = tmp_path / "far.json"
     far.write_text(json.dumps({"dataset": "synthetic", "indices": [1, 99]}))
-    dm = BenchmarkDataModule(
-        "synthetic", synthetic_sizes=(32, 8), calibration_indices_file=str(far), num_workers=0
-    )
     with pytest.raises(
-        ValueError, match=r"out of range for a training split of 32 images \(allowed 0\.\.31\): \[99\]"
+        ConfigError, match=r"out of range for a training split of 32 images \(allowed 0\.\.31\): \[99\]"
     ):
-        dm.setup()
+        BenchmarkDataModule(
+            "synthetic", synthetic_sizes=(32, 8), calibration_indices_file=str(far), num_workers=0
+        )
+    other_size = tmp_path / "other_size.json"
+    other_size.write_text(json.dumps({"dataset": "synthetic", "train_size": 40, "indices": [1, 2]}))
+    with pytest.raises(ConfigError, match=r"drawn from a training split of 40 images, but this one has 32"):
+        BenchmarkDataModule(
+            "synthetic", synthetic_sizes=(32, 8), calibration_indices_file=str(other_size), num_workers=0
+        )
+    with pytest.raises(FileNotFoundError, match=r"is a folder; give the calibration_indices\.json file"):
+        BenchmarkDataModule("synthetic", calibration_indices_file=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         BenchmarkDataModule("synthetic", calibration_indices_file=str(tmp_path / "none.json"))
     (tmp_path / "bad.json").write_text("{")

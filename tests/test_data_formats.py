@@ -38,6 +38,8 @@ def make_dm(dataset: str, root: Path | None, **overrides: object) -> BenchmarkDa
         persistent_workers=False,
     )
     options.update(overrides)
+    if options.get("val_source") == "dataset":  # the dataset's own split is the calibration split
+        options.pop("calibration_size")
     return BenchmarkDataModule(**options)  # type: ignore[arg-type]
 
 

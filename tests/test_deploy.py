@@ -135,7 +135,7 @@ def test_lora_merge_is_exact_and_costs_the_base_model():
 
 
 def test_lora_artefact_is_merged_by_default_and_predicts_like_the_unmerged_model(tmp_path):
-    r = make_run(tmp_path, peft="lora")
+    r = make_run(tmp_path, peft={"method": "lora"})
     out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))
     manifest = json.loads((Path(out) / MANIFEST_FILE).read_text())
     assert manifest["weights"]["merged"] is True
@@ -153,7 +153,7 @@ def test_lora_artefact_is_merged_by_default_and_predicts_like_the_unmerged_model
 
 @pytest.mark.parametrize("peft", ["adaptformer", "vpt"])
 def test_merge_refused_for_adapters_that_cannot_be_folded(tmp_path, peft):
-    r = make_run(tmp_path, peft=peft, vpt_prompts=2)
+    r = make_run(tmp_path, peft={"method": peft, "vpt_prompts": 2})
     with pytest.raises(ValueError, match=rf"registered as mergeable can do \(lora\); .*peft.method='{peft}'"):
         export_artefact(str(tmp_path / "art"), run=str(r["run"]), merge=True)
     assert not any(p.name.startswith((".art", "art")) for p in tmp_path.iterdir())
@@ -174,7 +174,7 @@ def _timm_weights_file(path: Path, seed: int) -> Path:
 @pytest.mark.parametrize("peft", ["adaptformer", "lora"])
 def test_frozen_backbone_is_referenced_with_a_checksum(tmp_path, peft):
     weights = _timm_weights_file(tmp_path / "vit.safetensors", seed=1)
-    r = make_run(tmp_path, peft=peft, checkpoint_path=str(weights))
+    r = make_run(tmp_path, peft={"method": peft}, checkpoint_path=str(weights))
     out = Path(export_artefact(str(tmp_path / "art"), run=str(r["run"])))
     full = Path(export_artefact(str(tmp_path / "full"), run=str(r["run"]), embed_backbone=True))
     ref = json.loads((out / MANIFEST_FILE).read_text())["weights"]["reference"]
@@ -201,11 +201,13 @@ def test_frozen_backbone_is_referenced_with_a_checksum(tmp_path, peft):
 
 
 ONNX_CASES = {
-    "adaptformer-confidence": dict(peft="adaptformer", exit_rule="confidence"),
-    "adaptformer-patience": dict(peft="adaptformer", exit_rule="patience"),
-    "vpt-patience": dict(peft="vpt", vpt_prompts=2, exit_rule="patience"),
+    "adaptformer-confidence": dict(peft={"method": "adaptformer"}, evaluation={"rule": "confidence"}),
+    "adaptformer-patience": dict(peft={"method": "adaptformer"}, evaluation={"rule": "patience"}),
+    "vpt-patience": dict(peft={"method": "vpt", "vpt_prompts": 2}, evaluation={"rule": "patience"}),
     "lora_merged-isqrt_cov-entropy-avg": dict(
-        peft="lora", early_head="isqrt_cov", exit_rule="entropy", head_pool="avg"
+        peft={"method": "lora"},
+        exits={"early_head": "isqrt_cov", "head_pool": "avg"},
+        evaluation={"rule": "entropy"},
     ),
 }
 
@@ -214,7 +216,7 @@ ONNX_CASES = {
 def test_onnx_stages_agree_with_pytorch(tmp_path, case):
     pytest.importorskip("onnxruntime")
     options = ONNX_CASES[case]
-    rule = options["exit_rule"]
+    rule = options["evaluation"]["rule"]
     # patience scores are counts (1 at exit 1): leave once 2 exits in a row agree, or at exit 2
     fixed = [[math.inf, 2.0, 2.0], [math.inf, 1.0, 1.0]] if rule == "patience" else None
     r = make_run(tmp_path, quantiles=(0.3, 0.6), fixed=fixed, **options)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from support.runs import SYNTHETIC_DM, make_run
 
+from dmpo_lightning.constants import REPORT_FORMAT, REPORT_FORMAT_VERSION
 from dmpo_lightning.deploy.cli import console_main
 from dmpo_lightning.deploy.export import export_artefact
 from dmpo_lightning.deploy.format import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, ArtefactError
@@ -98,7 +99,7 @@ def test_thresholds_from_another_checkpoint_are_refused(tmp_path):
 def test_thresholds_of_another_architecture_are_refused(tmp_path):
     a = make_run(tmp_path, "a")
     th = json.loads(a["thresholds"].read_text())
-    th["fingerprint"]["early_head"] = "linear"
+    th["fingerprint"]["exits.early_head"] = "linear"
     a["thresholds"].write_text(json.dumps(th))
     wrong = r"calibrated for another model \(exits\.early_head: thresholds .linear. vs checkpoint"
     with pytest.raises(ValueError, match=wrong):
@@ -258,10 +259,11 @@ def test_csv_command_reports_unreadable_images_and_never_overwrites(artefact, tm
 
 
 def test_report_of_another_model_configuration_is_refused(tmp_path):
-    r = make_run(tmp_path, peft="lora")
+    r = make_run(tmp_path, peft={"method": "lora"})
     hparams = json.loads(json.dumps(dict(r["module"].hparams), default=list))
     th = json.loads(r["thresholds"].read_text())
-    report = {"checkpoint_hash": th["checkpoint_hash"], "config": hparams, "budgets": []}
+    header = {"format": REPORT_FORMAT, "format_version": REPORT_FORMAT_VERSION}
+    report = {**header, "checkpoint_hash": th["checkpoint_hash"], "config": hparams, "budgets": []}
     (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
     export_artefact(str(tmp_path / "ok"), run=str(r["run"]))  # the matching report is accepted
     report["config"]["peft"]["lora_alpha"] = 4.0  # changes the outputs, not the weights

@@ -21,8 +21,8 @@ from dmpo_lightning.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashio
 from dmpo_lightning.deploy.export import resolve_run
 from dmpo_lightning.deploy.format import MANIFEST_FILE
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
-from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.protocol import assign_exits
+from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.module import DMPOModule
 from dmpo_lightning.predictions import read_predictions
 

@@ -26,10 +26,10 @@ from dmpo_lightning.data.predict_images import ERROR_KEY
 from dmpo_lightning.deploy.export import export_artefact
 from dmpo_lightning.deploy.format import MANIFEST_FILE
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
-from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.engine import EngineSession
+from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.module import DMPOModule
 
 TEMPERATURES = [0.4, 2.5, 0.6, 1.0]

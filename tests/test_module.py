@@ -105,7 +105,7 @@ def test_export_trainable_round_trip_and_no_overwrite(tmp_path):
 def test_from_trainable_rejects_other_files(tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"format": "something-else"}, bad)
-    with pytest.raises(ValueError, match="not a dmpo trainable-parameter export"):
+    with pytest.raises(ValueError, match=r"not a dmpo export of format version 2: it is a torch\.save"):
         DMPOModule.from_trainable(str(bad))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")

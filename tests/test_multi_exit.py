@@ -2,9 +2,9 @@ import pytest
 import torch
 from support.builders import make_tiny_vit
 
-from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.backbone import embed_tokens
+from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.models.multi_exit import ExitOptions
 
 SMALL_HEADS = dict(moment_dim=32, moment_groups=4, cov_dim=8)

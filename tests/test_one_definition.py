@@ -57,9 +57,8 @@ def test_budget_unit_option_and_protocol_unit_are_translated_in_one_place():
 def test_a_thresholds_file_of_an_absolute_budget_is_found_with_the_gflops_option(tmp_path):
     path = tmp_path / "thresholds.json"
     entry = {"budget": 2.0, "unit": "absolute", "thresholds": [0.5, 0.6, float("-inf")]}
-    path.write_text(
-        json.dumps(files.to_jsonable({"format": constants.THRESHOLDS_FORMAT, "budgets": [entry]}))
-    )
+    header = {"format": constants.THRESHOLDS_FORMAT, "format_version": constants.THRESHOLDS_FORMAT_VERSION}
+    path.write_text(json.dumps(files.to_jsonable({**header, "fingerprint": {}, "budgets": [entry]})))
     got = thresholds.load_thresholds(str(path), 2.0, {}, unit="gflops", num_exits=3)
     assert got[:2] == [0.5, 0.6]
     with pytest.raises(ValueError, match=r"budget 2.0 \(fraction\) is not in"):
@@ -107,10 +106,7 @@ def test_atomic_write_without_overwrite_refuses_and_leaves_nothing(tmp_path):
     assert target.read_bytes() == b"3" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
 
 
-def test_fingerprint_keys_are_defined_once():
-    from dmpo_lightning.deploy import export
-
-    assert export.FINGERPRINT_KEYS is constants.MODEL_FINGERPRINT_KEYS
+def test_fingerprint_keys_nest_and_are_the_names_users_write():
     assert set(constants.ARCHITECTURE_KEYS) < set(constants.MODEL_FINGERPRINT_KEYS)
     # the exit rule is not part of the model: thresholds.json records it beside the fingerprint
     assert constants.THRESHOLDS_FINGERPRINT_KEYS == constants.MODEL_FINGERPRINT_KEYS
@@ -130,8 +126,8 @@ def test_the_module_fingerprint_has_exactly_the_fingerprint_keys():
     )
     fingerprint = module.model_fingerprint()
     assert tuple(fingerprint) == constants.THRESHOLDS_FINGERPRINT_KEYS
-    assert fingerprint["exit_blocks"] == list(module.model.exit_blocks)
-    assert fingerprint["peft"] == "full" and fingerprint["early_head"] == "linear"
+    assert fingerprint["exits.blocks"] == list(module.model.exit_blocks)
+    assert fingerprint["peft.method"] == "full" and fingerprint["exits.early_head"] == "linear"
 
 
 def test_dropout_and_positive_int_are_refused_with_the_same_sentence_everywhere():

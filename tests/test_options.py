@@ -1,4 +1,4 @@
-"""Option groups: a model rebuilt from its hparams alone, typo keys refused, old spellings named."""
+"""Option groups: a model rebuilt from a module's hparams alone, one name per option, typo keys refused."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dmpo_lightning.models.adapters import PeftOptions
 from dmpo_lightning.models.backbone import build_backbone
 from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
 from dmpo_lightning.module import DMPOModule
+from dmpo_lightning.options import dotted_options
 from dmpo_lightning.schedules import ScheduleOptions
 
 BACKBONE = dict(
@@ -55,6 +56,33 @@ def test_a_model_rebuilt_from_the_hparams_alone_is_the_same_model():
     assert any(".mlp.fc1.peft_lora_a" in k for k in ours)  # the non-default targets reached the model
 
 
+def test_options_have_one_name_and_other_spellings_are_refused_with_the_mapping_to_write():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'exit_blocks'"):
+        tiny_module(exit_blocks=[2, 4])
+    with pytest.raises(
+        TypeError, match=r"^peft must be a mapping of its options \(e.g. peft: \{method: 'vpt'\}\)"
+    ):
+        tiny_module(peft="vpt")
+    with pytest.raises(
+        TypeError, match=r"^exits must be a mapping of its options \(e.g. exits: \{blocks: 2\}\)"
+    ):
+        tiny_module(exits=2)
+
+
+def test_the_fingerprint_names_each_option_as_the_user_writes_it():
+    fingerprint = tiny_module().model_fingerprint()
+    assert fingerprint == {
+        "backbone": "vit_tiny_patch16_224",
+        "num_classes": 3,
+        "exits.blocks": [2, 4],
+        "exits.early_head": "isqrt_cov",
+        "exits.final_head": "linear",
+        "peft.method": "lora",
+        "evaluation.rule": "entropy",
+    }
+    assert dotted_options({"peft": PeftOptions("vpt"), "img_size": 32})["peft.method"] == "vpt"
+
+
 def test_a_typo_key_in_a_group_is_refused_naming_the_allowed_fields():
     allowed = ", ".join(f.name for f in dataclasses.fields(ExitOptions))
     with pytest.raises(ValueError, match="no option 'blockz'") as err:
@@ -87,9 +115,10 @@ def test_a_flat_option_of_the_first_days_is_refused_naming_the_accepted_keys(tmp
 
     tiny = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
     old = tmp_path / "old.yaml"
+    # a group's field written directly under init_args
     old.write_text("model:\n  class_path: dmpo_lightning.DMPOModule\n  init_args:\n    exit_blocks: [2, 4]\n")
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(tiny), "--config", str(old), "--print_config"], run=False)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "exit_blocks" in err and "exits" in err
+    assert "Option 'exit_blocks' is not accepted" in err and "model.init_args accepts:" in err

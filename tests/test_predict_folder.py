@@ -30,9 +30,9 @@ from support.fakes import write_image_folder
 from dmpo_lightning.cli import main
 from dmpo_lightning.data import BenchmarkDataModule
 from dmpo_lightning.data.predict_images import ERROR_KEY, IMAGE_EXTENSIONS, PATH_KEY, list_image_paths
-from dmpo_lightning.evaluation.exit_rules import exit_scores
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.files import decode_float
+from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -45,7 +45,6 @@ def test_the_model_and_module_signatures_use_the_same_literals():
     assert peft_hints["method"] is adapters.PeftMethod
     assert exit_hints["early_head"] is exit_hints["final_head"] is heads.PredictorKind
     assert get_type_hints(EvaluationOptions)["rule"] == exit_rules.ExitRule | None
-    assert multi_exit.HeadKind is heads.PredictorKind
 
 
 def test_registry_rejects_duplicates_and_bad_names_and_lists_the_allowed():

@@ -22,6 +22,7 @@ import torch
 
 from dmpo_lightning.callbacks import EpochSeed, epoch_seed
 from dmpo_lightning.cli import main
+from dmpo_lightning.predictions import SAMPLE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -209,6 +210,6 @@ def test_checkpoint_loads_for_test_and_predict_in_a_fresh_process(tmp_path, monk
     assert data["checkpoint_hash"].startswith("file:")
     (predictions,) = (tmp_path / "runs" / "dmpo").glob("version_*/predictions.csv")
     lines = predictions.read_text().splitlines()
-    assert lines[0] == "index,label,prediction,class_name,exit,confidence,score,gflops"
+    assert lines[0] == ",".join(SAMPLE_COLUMNS)  # the one predictions schema
     assert len(lines) == 1 + 24
     assert {line.split(",")[4] for line in lines[1:]} == {"4"}  # no thresholds: all at the last exit

@@ -31,12 +31,7 @@ from support.fakes import write_cifar
 from dmpo_lightning import DMPOModule, __version__
 from dmpo_lightning.cli import main
 from dmpo_lightning.errors import ConfigError
-from dmpo_lightning.options import flat_options
-from dmpo_lightning.serialization import (
-    LEGACY_TRAINABLE_FORMAT,
-    TRAINABLE_FORMAT,
-    TRAINABLE_FORMAT_VERSION,
-)
+from dmpo_lightning.serialization import TRAINABLE_FORMAT, TRAINABLE_FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -70,10 +65,10 @@ def marker(tmp_path) -> Path:
 
 
 def torch_file(path: Path, marker: Path, kind: str) -> Path:
-    """A crafted file: ``kind`` is an old-style export, a Lightning checkpoint or a bare pickle."""
+    """A crafted file: ``kind`` is a pickle-based export (format 1), a checkpoint or a bare pickle."""
     if kind == "export":
         hparams = {"x": Payload(marker)}
-        torch.save({"format": LEGACY_TRAINABLE_FORMAT, "hyper_parameters": hparams, "state_dict": {}}, path)
+        torch.save({"format": "dmpo-trainable-v1", "hyper_parameters": hparams, "state_dict": {}}, path)
     elif kind == "checkpoint":
         payload = {
             "state_dict": {"loss_weights": torch.ones(4)},
@@ -114,21 +109,24 @@ def test_the_payload_is_live(tmp_path, marker, kind):
 
 # ----------------------------------------------------------------------------------------- from_trainable
 @pytest.mark.parametrize("kind", ["export", "pickle"])
-@pytest.mark.parametrize("allow_pickle", [False, True])
-def test_from_trainable_refuses_a_pickle_renamed_to_safetensors(tmp_path, marker, kind, allow_pickle):
+def test_from_trainable_refuses_a_pickle_renamed_to_safetensors(tmp_path, marker, kind):
     path = torch_file(tmp_path / "adapter.safetensors", marker, kind)
     content = r"named \.safetensors but its content is a (torch\.save archive|Python pickle)"
     with pytest.raises(ValueError, match=content):
-        DMPOModule.from_trainable(str(path), allow_pickle=allow_pickle)
+        DMPOModule.from_trainable(str(path))
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("kind", ["export", "checkpoint", "pickle"])
-def test_from_trainable_refuses_a_crafted_pt(tmp_path, marker, kind):
+def test_from_trainable_refuses_any_pickle_without_reading_it(tmp_path, marker, kind):
     path = torch_file(tmp_path / "adapter.pt", marker, kind)
-    with pytest.raises(ValueError, match=r"was not loaded: it is a pickle holding Python objects") as err:
+    with pytest.raises(ValueError) as err:
         DMPOModule.from_trainable(str(path))
-    assert "GLOBAL io.open" in str(err.value) and "allow_pickle=True" in str(err.value)
+    message = str(err.value)
+    assert message.startswith(f"{path} is not a dmpo export of format version 2: it is a ")
+    assert "the pickle-based .pt export of format version 1" in message and "\n" not in message
+    assert "DMPOModule.load_from_checkpoint" in message
+    assert "export_trainable('<name>.safetensors')" in message
     assert not marker.exists()
 
 
@@ -285,35 +283,6 @@ def test_benchmark_checkpoint_loader_refuses_a_crafted_ckpt(tmp_path, marker):
     assert proc.returncode != 0
     assert "evil.ckpt was not loaded: it holds Python objects" in proc.stderr, proc.stderr[-2000:]
     assert not marker.exists()
-
-
-# ------------------------------------------------------------------------------ opt-in for old exports
-def _flat(hparams) -> dict:
-    flat = flat_options(hparams)
-    return {k: v for k, v in flat.items() if k not in ("exits", "schedule", "evaluation")}
-
-
-def legacy_export(module: DMPOModule, path: Path, **hparams) -> Path:
-    """What export_trainable wrote before format version 2: a torch.save dict."""
-    state = {f"model.{k}": v for k, v in module.model.trainable_state_dict().items()}
-    state["loss_weights"] = module.loss_weights
-    state["exit_thresholds"] = module.exit_thresholds
-    payload = {
-        "format": LEGACY_TRAINABLE_FORMAT,
-        # the flat hyperparameter names of that time (before the option groups)
-        "hyper_parameters": {**_flat(module.hparams), **hparams},
-        "state_dict": state,
-    }
-    torch.save(payload, path)
-    return path
-
-
-def test_old_export_of_plain_values_loads_without_opt_in(tmp_path):
-    module = tiny_module()
-    path = legacy_export(module, tmp_path / "old.pt")
-    torch.manual_seed(1)  # the random "pre-trained" trunk is rebuilt from the same seed
-    restored = DMPOModule.from_trainable(str(path))
-    assert_same_outputs(module, restored)
 
 
 # ----------------------------------------------------------------------------------------- the export format

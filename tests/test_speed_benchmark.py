@@ -162,12 +162,12 @@ def test_thresholds_for_histogram_reproduce_it(bench):
 def test_model_arguments_set_fields_of_the_option_groups(bench):
     base = {"img_size": 224, "exits": {"blocks": [3, 6, 9, 12], "bypass": True}}
     kwargs = bench.with_options(
-        base, [("exits.moment_dim", 32), ("peft.method", "lora"), ("img_size", 32), ("adapter_dim", 8)]
+        base, [("exits.moment_dim", 32), ("peft.method", "lora"), ("img_size", 32), ("peft.adapter_dim", 8)]
     )
     assert kwargs == {
         "img_size": 32,
         "exits": {"blocks": [3, 6, 9, 12], "bypass": True, "moment_dim": 32},
-        "peft": {"method": "lora", "adapter_dim": 8},  # a flat name of old commands moves into its group
+        "peft": {"method": "lora", "adapter_dim": 8},
     }
     assert base["exits"] == {"blocks": [3, 6, 9, 12], "bypass": True}  # the defaults are not changed
     with pytest.raises(ValueError, match="'exit' is not an option group"):

@@ -1,7 +1,6 @@
 """Package layout rules: the model parts do not depend on the evaluation package."""
 
 import ast
-import importlib
 from pathlib import Path
 
 import pytest
@@ -63,16 +62,6 @@ def test_models_package_has_the_expected_files():
     # guards the parametrised test above against an empty glob (e.g. a moved package)
     names = {p.name for p in MODELS_DIR.glob("*.py")}
     assert {"exit_rules.py", "exit_policy.py", "multi_exit.py", "heads.py", "adapters.py"} <= names
-
-
-def test_old_exit_rules_path_reexports_the_same_objects():
-    old = importlib.import_module("dmpo_lightning.evaluation.exit_rules")
-    new = importlib.import_module("dmpo_lightning.models.exit_rules")
-    for name in new.__all__:
-        assert getattr(old, name) is getattr(new, name), name
-    evaluation = importlib.import_module("dmpo_lightning.evaluation")
-    assert evaluation.exit_scores is new.exit_scores
-    assert evaluation.exit_score_step is new.exit_score_step
 
 
 TESTS = Path(__file__).resolve().parent

@@ -218,7 +218,8 @@ def test_printed_summary_puts_each_budget_next_to_the_full_model():
 
 
 def test_an_artefact_of_the_toy_trunk_loads_offline_without_embedding_the_trunk(tmp_path):
-    from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT, export_artefact
+    from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
+    from dmpo_lightning.deploy.export import export_artefact
     from dmpo_lightning.deploy.format import MANIFEST_FILE
     from dmpo_lightning.deploy.predictor import EarlyExitPredictor
     from dmpo_lightning.files import file_sha256
@@ -241,13 +242,14 @@ def test_an_artefact_of_the_toy_trunk_loads_offline_without_embedding_the_trunk(
     module.train_steps.fill_(3)  # stands for a tuned run
     torch.save(
         {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-         "datamodule_hyper_parameters": dm, "global_step": 3},
+         "datamodule_hyper_parameters": dm, "global_step": 4},
         ckpt,
     )  # fmt: skip
     (run / "dmpo_test" / "thresholds.json").write_text(
         json.dumps(
             {
                 "format": THRESHOLDS_FORMAT,
+                "format_version": THRESHOLDS_FORMAT_VERSION,
                 "rule": "confidence",
                 "fingerprint": module.model_fingerprint(),
                 "checkpoint_hash": f"file:{file_sha256(str(ckpt))}",

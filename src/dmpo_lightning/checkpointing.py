@@ -8,12 +8,10 @@
   tensor-size mismatch;
 - :func:`weights_hash`, :func:`checkpoint_hash`, :func:`weight_hashes`: what ``dmpo test`` stores in
   ``thresholds.json`` and what ``dmpo predict`` and the deployment artefact compare it with.
-- :func:`model_fingerprint`: the architecture a ``thresholds.json`` records (under the flat option names);
+- :func:`model_fingerprint`: the architecture a ``thresholds.json`` records, under the option names a user
+  writes (``exits.blocks``, ``peft.method``...);
 - :func:`store_class_names`, :func:`check_checkpoint`: the module's ``on_save_checkpoint`` /
   ``on_load_checkpoint``.
-
-Checkpoints written before the option groups (flat hyperparameter names) load through
-:func:`load_checkpoint_safely` and :func:`check_checkpoint` as they are.
 
 The module's ``load_from_checkpoint`` and ``on_load_checkpoint`` are thin delegations to this file (its
 ``export_trainable``/``from_trainable`` to :mod:`dmpo_lightning.serialization`).
@@ -34,7 +32,8 @@ import torch
 from dmpo_lightning.constants import ARCHITECTURE_KEYS, THRESHOLDS_FINGERPRINT_KEYS
 from dmpo_lightning.errors import ConfigError, ConfigFileNotFoundError
 from dmpo_lightning.files import file_sha256, tensors_sha256
-from dmpo_lightning.options import option_name
+from dmpo_lightning.models.backbone import backbone_depth, resolve_exit_blocks
+from dmpo_lightning.options import dotted_options
 from dmpo_lightning.serialization import weights_only_refusal
 
 UNRESTRICTED_UNPICKLING_REFUSED = (
@@ -109,8 +108,6 @@ def load_checkpoint_safely(load: Callable[..., Any], args: Sequence[Any], kwargs
     if kwargs.pop("weights_only", True) not in (True, None):
         raise ValueError(UNRESTRICTED_UNPICKLING_REFUSED)
     kwargs["weights_only"] = True
-    for group, values in _legacy_groups(checkpoint_path).items():
-        kwargs.setdefault(group, values)  # a checkpoint with the flat options of an older version
     try:
         with weights_from_checkpoint():
             module = load(checkpoint_path, *args, **kwargs)
@@ -126,56 +123,30 @@ def load_checkpoint_safely(load: Callable[..., Any], args: Sequence[Any], kwargs
     return module
 
 
-def _legacy_groups(path: Any) -> dict[str, Any]:
-    """The option groups of a local checkpoint whose hyperparameters use the flat names of older versions.
-
-    Lightning passes the saved hyperparameters on as they are; the old flat ``peft: lora`` would not parse
-    as the ``peft`` group, so the groups built from the flat names are passed as explicit arguments.
-    Empty for checkpoints with the groups, and for paths that are not local files.
-    """
-    from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, group_legacy_hparams
-
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        return {}
-    try:  # mmap: only the pickled dict is read, not the tensors
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters")
-    except Exception:  # unreadable here: Lightning's own load reports it
-        return {}
-    if not isinstance(saved, Mapping) or not any(
-        k in saved and not (k in ("peft",) and isinstance(saved[k], Mapping)) for k in LEGACY_FLAT_OPTIONS
-    ):
-        return {}
-    grouped = group_legacy_hparams(saved)
-    return {g: grouped[g] for g in {group for group, _ in LEGACY_FLAT_OPTIONS.values()} if g in grouped}
-
-
 def check_architecture(
-    saved: Mapping[str, Any],
-    fingerprint: Mapping[str, Any],
-    hparams: Mapping[str, Any],
-    backbone: torch.nn.Module,
+    saved: Mapping[str, Any], fingerprint: Mapping[str, Any], backbone: torch.nn.Module
 ) -> None:
-    """Refuse saved hyperparameters of another architecture than ``fingerprint``/``hparams`` describe.
+    """Refuse saved hyperparameters of another architecture than ``fingerprint`` describes.
+
+    Args:
+        saved: The checkpoint's hyperparameters (grouped, as ``DMPOModule`` saves them).
+        fingerprint: The model's :func:`model_fingerprint`.
+        backbone: The model's backbone (its depth resolves a saved ``exits.blocks`` count).
 
     Raises:
-        ValueError: One of the architecture keys differs (both values are named).
+        ValueError: One of :data:`~dmpo_lightning.constants.ARCHITECTURE_KEYS` differs (both values named).
     """
+    theirs_all = dotted_options(saved)
     for key in ARCHITECTURE_KEYS:
-        if key not in saved:
+        if key not in theirs_all:
             continue
-        theirs = saved[key]
-        ours = fingerprint.get(key, hparams.get(key))
-        if key == "exit_blocks":
-            try:
-                from dmpo_lightning.models.backbone import backbone_depth, resolve_exit_blocks
-
+        theirs, ours = theirs_all[key], fingerprint.get(key)
+        if key == "exits.blocks":
+            with contextlib.suppress(ValueError):
                 theirs = list(resolve_exit_blocks(theirs, backbone_depth(backbone), require_last=False))
-            except ValueError:
-                pass
         if theirs != ours:
-            name = option_name(key)
             raise ValueError(
-                f"checkpoint was trained with {name}={theirs!r} but this model has {name}={ours!r}; "
+                f"checkpoint was trained with {key}={theirs!r} but this model has {key}={ours!r}; "
                 "use the checkpoint's own config (dmpo test --config <run>/config.yaml) or load it with "
                 "DMPOModule.load_from_checkpoint(path)"
             )
@@ -206,15 +177,14 @@ def weight_hashes(model: torch.nn.Module, ckpt_path: str | None) -> list[str]:
 
 
 def model_fingerprint(hparams: Mapping[str, Any], exit_blocks: Sequence[int]) -> dict[str, Any]:
-    """What a ``thresholds.json`` records and must match (:data:`THRESHOLDS_FINGERPRINT_KEYS`, flat names).
+    """What a ``thresholds.json`` records and must match (:data:`THRESHOLDS_FINGERPRINT_KEYS`).
 
+    The keys are the option names a user writes (``exits.blocks``, ``peft.method``);
     ``exit_blocks`` are the resolved positions (a count such as ``blocks: 2`` becomes the block numbers).
     """
-    from dmpo_lightning.options import flat_options
-
-    flat = flat_options(hparams)
-    fingerprint = {key: flat[key] for key in THRESHOLDS_FINGERPRINT_KEYS}
-    fingerprint["exit_blocks"] = list(exit_blocks)
+    options = dotted_options(hparams)
+    fingerprint = {key: options[key] for key in THRESHOLDS_FINGERPRINT_KEYS}
+    fingerprint["exits.blocks"] = list(exit_blocks)
     return fingerprint
 
 
@@ -233,12 +203,10 @@ def check_checkpoint(module: Any, checkpoint: Mapping[str, Any]) -> None:
     """Refuse a checkpoint of another architecture than ``module``'s; restore its class names.
 
     Raises:
-        ValueError: See :func:`check_architecture` (grouped and flat hyperparameters are both understood).
+        ValueError: See :func:`check_architecture`.
     """
-    from dmpo_lightning.options import flat_options
-
-    saved = flat_options(checkpoint.get("hyper_parameters", {}))
-    check_architecture(saved, module.model_fingerprint(), flat_options(module.hparams), module.model.backbone)
+    saved = checkpoint.get("hyper_parameters", {})
+    check_architecture(saved, module.model_fingerprint(), module.model.backbone)
     names = checkpoint.get("class_names")
     if isinstance(names, (list, tuple)) and len(names) == module.hparams.num_classes:
         module.class_names = [str(c) for c in names]

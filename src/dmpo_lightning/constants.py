@@ -28,8 +28,9 @@ SPLIT_KEY = "split"
 """Batch key naming each sample's split (``"train"``, ``"calibration"`` or ``"test"``; a list of ``str``
 after collation). ``DMPOModule.test_step`` tells the test and calibration loaders apart by it."""
 
-ARCHITECTURE_KEYS = ("num_classes", "exit_blocks", "early_head", "final_head", "peft")
-"""Hyperparameters a checkpoint must share with the model it is loaded into (else: a clear error)."""
+ARCHITECTURE_KEYS = ("num_classes", "exits.blocks", "exits.early_head", "exits.final_head", "peft.method")
+"""Options a checkpoint must share with the model it is loaded into (else: a clear error), named as a user
+writes them (``exits.blocks`` is the ``blocks`` field of the ``exits`` group)."""
 
 MODEL_FINGERPRINT_KEYS = ("backbone", *ARCHITECTURE_KEYS)
 """The hyperparameters that identify a trained model's architecture in thresholds files and exports."""
@@ -37,5 +38,12 @@ MODEL_FINGERPRINT_KEYS = ("backbone", *ARCHITECTURE_KEYS)
 THRESHOLDS_FINGERPRINT_KEYS = MODEL_FINGERPRINT_KEYS
 """What a ``thresholds.json`` records and must match to be reused (its exit rule is recorded beside it)."""
 
-THRESHOLDS_FORMAT = "dmpo-thresholds-v2"
+THRESHOLDS_FORMAT = "dmpo-thresholds"
 """The ``format`` field of a ``thresholds.json`` written by ``dmpo test``."""
+THRESHOLDS_FORMAT_VERSION = 2
+"""Its ``format_version``; other versions are refused (version 1 fingerprinted under other names)."""
+
+REPORT_FORMAT = "dmpo-report"
+"""The ``format`` field of a ``report.json`` written by ``dmpo test``."""
+REPORT_FORMAT_VERSION = 2
+"""Its ``format_version`` (version 1 had no ``format`` field)."""

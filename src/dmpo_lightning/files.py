@@ -7,6 +7,9 @@
 - One JSON encoding (:func:`to_jsonable`, :func:`decode_float`, :func:`write_json`): tensors, paths,
   dataclasses and containers become plain JSON; infinities are written as the strings ``"inf"``/``"-inf"``
   and NaN as ``null``, so every file is strict JSON.
+- One format check (:func:`check_format`): every file the package writes names its format and format
+  version, and a reader refuses another format or version in one sentence that says what the file is and
+  how to make a new one.
 - One hash for tensors (:func:`tensors_sha256`) and one for files (:func:`file_sha256`).
 - Pre-flight checks of output paths (:func:`check_output_file`, :func:`check_writable`), run before any work
   so that an unusable path fails in one sentence instead of after a long run.
@@ -30,6 +33,7 @@ from typing import IO, Any
 
 import torch
 
+from dmpo_lightning import __version__
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_format",
     "check_output_file",
     "check_writable",
     "claim_folder",
@@ -278,6 +283,71 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = True
     """
     text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
     return atomic_write_text(path, text, overwrite=overwrite)
+
+
+def check_format(
+    data: object,
+    path: str | os.PathLike[str],
+    *,
+    name: str,
+    version: int,
+    what: str,
+    remedy: str,
+    older: Mapping[str, int] | None = None,
+    error: type[ValueError] = ValueError,
+) -> dict[str, Any]:
+    """``data`` (a file's parsed content) as a dict, if it is format ``name`` at ``version``; else refuse it.
+
+    The file names its format in ``data["format"]`` and its version in ``data["format_version"]`` (an
+    integer, or its decimal string in safetensors metadata).
+
+    Args:
+        data: The file's content.
+        path: The file (named in the message).
+        name: The format tag this package writes.
+        version: The one version this package reads.
+        what: What the file is, for the message (``"dmpo thresholds file"``).
+        remedy: How to make a file of this version (``"re-run `dmpo test` ..."``).
+        older: Format tags of earlier versions that had no ``format_version``, with their version.
+        error: The exception type raised (a ``ValueError``).
+
+    Raises:
+        ValueError: (of type ``error``) in one sentence: not this kind of file, an older or a newer format
+            version, or a corrupt version field; it says what the file is and ``remedy``.
+
+    Example:
+        >>> check_format({"format": "x", "format_version": 1}, "f.json", name="x", version=2,
+        ...              what="x file", remedy="write it again")
+        Traceback (most recent call last):
+        ...
+        ValueError: f.json is a x file of format version 1, written by an older dmpo-lightning; this ...
+    """
+    tag = data.get("format") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or (tag != name and tag not in (older or {})):
+        if isinstance(data, dict) and "format" not in data:
+            raise error(
+                f"{path} is not a {what} that this dmpo-lightning reads (it has no format field: a {what} "
+                f"written before format version {version}, or another file); {remedy}"
+            )
+        raise error(f"{path} is not a {what} (its format is {tag!r}, a {what} has format {name!r}); {remedy}")
+    found: object = data.get("format_version") if tag == name else (older or {})[str(tag)]
+    if isinstance(found, str) and found.isdigit():
+        found = int(found)
+    if isinstance(found, bool) or not isinstance(found, int):
+        raise error(
+            f"{path} is a {what} without a valid format_version ({found!r}), so it is corrupt; {remedy}"
+        )
+    if found < version:
+        raise error(
+            f"{path} is a {what} of format version {found}, written by an older dmpo-lightning; this "
+            f"dmpo-lightning {__version__} reads format version {version} only: {remedy}"
+        )
+    if found > version:
+        raise error(
+            f"{path} is a {what} of format version {found}, newer than this dmpo-lightning {__version__} "
+            f"reads (format version {version}): upgrade dmpo-lightning, or {remedy}"
+        )
+    return data
 
 
 # ----------------------------------------------------------------------------------------------- hashes

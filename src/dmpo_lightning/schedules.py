@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from dmpo_lightning.options import OptionGroup, register_legacy_names
+from dmpo_lightning.options import OptionGroup
 
 __all__ = ["PRESETS", "ScheduleOptions", "TwoPhaseSchedule", "WeightSpec", "preset_weights"]
 
@@ -34,9 +34,6 @@ class ScheduleOptions(OptionGroup):
     """First epoch of phase 2 (``None`` = half of ``max_epochs``)."""
     ramp_epochs: int = 0
     """Epochs over which the weights move linearly from phase 1 to phase 2 (0 = hard switch)."""
-
-
-register_legacy_names("schedule", ScheduleOptions)
 
 
 def preset_weights(spec: WeightSpec, num_exits: int, *, name: str = "weights") -> tuple[float, ...]:

@@ -8,20 +8,15 @@ module keeps every file the package loads on the safe side of that line (``docs/
   version that wrote it, the hyper-parameters, a sha256 over the tensor data);
 - Lightning checkpoints (``.ckpt``) are read with ``torch.load(..., weights_only=True)``, which only rebuilds
   tensors and plain containers/values and refuses any other object;
-- old pickle-based exports (format ``dmpo-trainable-v1``) load with ``weights_only=True`` when they hold only
-  tensors and plain values; the opt-in ``allow_pickle=True`` also rebuilds the ``pathlib`` paths such exports
-  stored in their hyper-parameters (still torch's restricted unpickler, with exactly those classes allowed:
-  nothing in the file is executed), and anything else is refused, naming what the file asked for.
+- any other file given as an export (a pickle, a ``torch.save`` archive, the pickle-based ``.pt`` of export
+  format 1) is refused without being deserialised.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pathlib
-import pickle
 import struct
-import warnings
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -30,10 +25,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
+from dmpo_lightning import __version__
 from dmpo_lightning.files import atomic_write_bytes, tensors_sha256, to_jsonable
 
 __all__ = [
-    "LEGACY_TRAINABLE_FORMAT",
     "TRAINABLE_FORMAT",
     "TRAINABLE_FORMAT_VERSION",
     "TRAINABLE_SUFFIX",
@@ -47,9 +42,7 @@ __all__ = [
 TRAINABLE_FORMAT = "dmpo-trainable"
 """``format`` tag in the safetensors header metadata of an adapter-only export."""
 TRAINABLE_FORMAT_VERSION = 2
-"""Export format version this package writes and the newest it reads (1 was the pickle-based ``.pt``)."""
-LEGACY_TRAINABLE_FORMAT = "dmpo-trainable-v1"
-"""``format`` key of the old pickle-based export (a ``torch.save`` dict); read, never written."""
+"""Export format version this package writes and reads (1 was a pickle-based ``.pt``, no longer read)."""
 TRAINABLE_SUFFIX = ".safetensors"
 
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
@@ -80,8 +73,6 @@ def write_trainable(
         FileExistsError: If ``path`` exists and ``overwrite`` is false (also when it appears while writing).
         TypeError: If a hyper-parameter is not JSON-serialisable (nothing is written).
     """
-    from dmpo_lightning import __version__
-
     if not str(path).endswith(TRAINABLE_SUFFIX):
         raise ValueError(
             f"export path {path!r} must end in {TRAINABLE_SUFFIX}: the export is a safetensors file "
@@ -107,8 +98,8 @@ def write_trainable(
 def _sniff(path: str) -> str:
     """What the file is: ``"safetensors"``, ``"zip"``, ``"pickle"`` or ``"unknown"``.
 
-    ``"zip"`` is a ``torch.save`` archive, ``"pickle"`` a legacy ``torch.save`` file or a raw pickle. Only
-    looks at the first bytes; nothing is deserialised.
+    ``"zip"`` is a ``torch.save`` archive, ``"pickle"`` a ``torch.save`` file of the pre-zip format or a raw
+    pickle. Only looks at the first bytes; nothing is deserialised.
     """
     with open(path, "rb") as f:
         head = f.read(9)
@@ -133,26 +124,15 @@ def weights_only_refusal(err: BaseException) -> str:
     return lines[0].split(". Please use")[0].rstrip(".")
 
 
-def read_trainable(
-    path: str, *, allow_pickle: bool = False
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_trainable(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Hyper-parameters and tensors of an adapter-only export, read without running code from it.
 
-    The file's content decides how it is read, not its name: a safetensors file is read as the current
-    format; a ``.safetensors`` name on anything else is refused; other files are taken as the old
-    pickle-based export and read with ``torch.load(weights_only=True)``.
-
-    Args:
-        path: The export.
-        allow_pickle: Only for old pickle-based exports that ``weights_only=True`` refuses: also rebuild the
-            ``pathlib`` paths (:data:`LEGACY_SAFE_GLOBALS`) they stored, with torch's restricted unpickler;
-            nothing in the file is executed, and any other object is still refused. Warns that the format is
-            old.
+    The file's content decides how it is read, not its name: only a safetensors file of the current export
+    format is read; anything else is refused without being deserialised.
 
     Raises:
-        ValueError: Corrupt or truncated file, not a dmpo export, a format version newer than this package
-            reads, or a pickle holding objects beyond tensors and plain values (and, with
-            ``allow_pickle``, the paths of :data:`LEGACY_SAFE_GLOBALS`).
+        ValueError: Corrupt or truncated file, not a dmpo export (a pickle or ``torch.save`` file, such as
+            the ``.pt`` of export format 1, included), or an export format other than this package's.
     """
     kind = _sniff(path)
     if kind == "safetensors":
@@ -166,10 +146,15 @@ def read_trainable(
         )
     if kind == "unknown":
         raise ValueError(
-            f"{path} is not a readable dmpo export: neither a safetensors file (what export_trainable "
-            "writes) nor an old torch.save export"
+            f"{path} is not a readable dmpo export: not a safetensors file (what export_trainable writes)"
         )
-    return _read_legacy(path, allow_pickle=allow_pickle)
+    raise ValueError(
+        f"{path} is not a dmpo export of format version {TRAINABLE_FORMAT_VERSION}: it is "
+        f"{'a torch.save archive' if kind == 'zip' else 'a Python pickle'} (the pickle-based .pt export of "
+        "format version 1, a checkpoint or another file), which is not read because unpickling can run "
+        f"code; rebuild the module from its Lightning checkpoint (DMPOModule.load_from_checkpoint) and "
+        f"export it again with export_trainable('<name>{TRAINABLE_SUFFIX}')"
+    )
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -196,8 +181,6 @@ def _read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor
             "an integer (corrupt metadata)"
         ) from None
     if version > TRAINABLE_FORMAT_VERSION:
-        from dmpo_lightning import __version__
-
         raise ValueError(
             f"{path} was written by dmpo-lightning {written_by} in export format version {version}; this "
             f"dmpo-lightning {__version__} reads versions up to {TRAINABLE_FORMAT_VERSION}: upgrade "
@@ -226,69 +209,6 @@ def _read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return hparams, tensors
 
 
-def _read_legacy(path: str, *, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not allow_pickle:
-            raise ValueError(
-                f"{path} was not loaded: it is a pickle holding Python objects other than tensors and "
-                f"plain values ({weights_only_refusal(err)}), and unpickling such a file can run arbitrary "
-                "code. It may be an old pickle-based dmpo export or a crafted file. An old export whose "
-                "hyper-parameters hold pathlib paths loads with DMPOModule.from_trainable(path, "
-                "allow_pickle=True) (still restricted: nothing in the file is executed); then re-export it "
-                "with export_trainable('<name>.safetensors')"
-            ) from None
-        payload = _legacy_torch_load(path)
-        warnings.warn(
-            f"{path} is an old pickle-based dmpo export; re-export it with "
-            "export_trainable('<name>.safetensors') so that it loads without allow_pickle",
-            UserWarning,
-            stacklevel=4,  # the caller of DMPOModule.from_trainable
-        )
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable dmpo export ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or payload.get("format") != LEGACY_TRAINABLE_FORMAT:
-        raise ValueError(
-            f"{path} is not a dmpo trainable-parameter export (format {TRAINABLE_FORMAT} version "
-            f"{TRAINABLE_FORMAT_VERSION} in a {TRAINABLE_SUFFIX} file, or the old {LEGACY_TRAINABLE_FORMAT})"
-        )
-    hparams, state = payload.get("hyper_parameters"), payload.get("state_dict")
-    if not isinstance(hparams, dict) or not isinstance(state, dict):
-        raise ValueError(f"{path} is not a readable dmpo export: hyper_parameters or state_dict is missing")
-    return dict(hparams), dict(state)
-
-
-LEGACY_SAFE_GLOBALS: tuple[type, ...] = (
-    pathlib.PurePath,
-    pathlib.PurePosixPath,
-    pathlib.PureWindowsPath,
-    pathlib.Path,
-    pathlib.PosixPath,
-    pathlib.WindowsPath,
-)
-"""The classes beyond tensors and plain values that ``allow_pickle=True`` lets an old export rebuild."""
-
-
-def _legacy_torch_load(path: str) -> Any:
-    """``allow_pickle=True``: torch's restricted unpickler with :data:`LEGACY_SAFE_GLOBALS` allowed.
-
-    Nothing the file names is executed; a pickle that asks for any other global is refused.
-    """
-    try:
-        with torch.serialization.safe_globals(list(LEGACY_SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} was not loaded, even with allow_pickle=True: it holds Python objects beyond tensors, "
-            f"plain values and pathlib paths ({weights_only_refusal(err)}); unpickling them could run "
-            "arbitrary code, so nothing in the file was executed. If you made the file yourself, load it in "
-            "a process you trust with torch.load and save its tensors and plain hyper-parameters again"
-        ) from None
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable dmpo export ({type(err).__name__}: {err})") from err
-
-
 def export_trainable(module: Any, path: str, *, overwrite: bool = False) -> str:
     """Save a ``DMPOModule``'s trained part (PEFT, bypasses, heads, thresholds) and config, safely loadable.
 
@@ -309,37 +229,25 @@ def export_trainable(module: Any, path: str, *, overwrite: bool = False) -> str:
     return write_trainable(path, state, dict(module.hparams), overwrite=overwrite)
 
 
-def module_from_trainable(
-    cls: Any, path: str, *, allow_pickle: bool = False, overrides: Mapping[str, Any] | None = None
-) -> Any:
+def module_from_trainable(cls: Any, path: str, *, overrides: Mapping[str, Any] | None = None) -> Any:
     """Rebuild a ``DMPOModule`` (class ``cls``) from :func:`export_trainable` output.
 
-    Reads the ``.safetensors`` export without unpickling anything. An old pickle-based ``.pt`` export
-    (format ``dmpo-trainable-v1``) is read with ``torch.load(weights_only=True)``, which loads it when it
-    holds only tensors and plain values. Exports written before the option groups (flat hyperparameters)
-    are rebuilt with their options moved into the groups.
+    Reads the ``.safetensors`` export without unpickling anything (:func:`read_trainable`).
 
     Args:
         cls: ``DMPOModule`` or a subclass.
         path: The export.
-        allow_pickle: Opt-in for old ``.pt`` exports that ``weights_only=True`` refuses because their
-            hyper-parameters hold ``pathlib`` paths: rebuild those too, still with torch's restricted
-            unpickler (nothing in the file is executed; any other object is refused). Warns that the
-            format is old; re-export such files to ``.safetensors``.
         overrides: Hyper-parameters that replace the saved ones; an option group given as a mapping
             (``evaluation={"report_dir": ...}``) replaces only the fields it names.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: Corrupt or truncated file, not a dmpo export, an export format newer than this
-            package, a pickle that needs ``allow_pickle``, or tensors that do not fit the rebuilt model.
+        ValueError: Corrupt or truncated file, not a dmpo export, an export format other than this
+            package's, or tensors that do not fit the rebuilt model.
     """
-    from dmpo_lightning.options import group_legacy_hparams
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no trainable-parameter export at {path}")
-    hparams, state_dict = read_trainable(path, allow_pickle=allow_pickle)
-    merged = group_legacy_hparams(hparams)
+    merged, state_dict = read_trainable(path)
     for key, value in (overrides or {}).items():  # a group given as a mapping updates the fields it names
         saved = merged.get(key)
         merged[key] = (

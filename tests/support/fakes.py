@@ -239,3 +239,127 @@ def write_stanford_cars(root: Path, per_split: int = 6) -> Path:
             records[0, i] = (1, 1, 10, 10, label + 1, fname)
         savemat(base / annotation_file, {"annotations": records})
     return root
+
+
+def write_list(path: Path, entries: list[tuple[str, int]]) -> Path:
+    """A list file of ``<relative path> <label>`` lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{rel} {label}\n" for rel, label in entries), encoding="utf-8")
+    return path
+
+
+def write_image_list(
+    root: Path, num_classes: int = 3, sizes: dict[str, int] | None = None, classes: bool = True
+) -> Path:
+    """``root/images/<split>/<i>.jpg`` and ``root/<split>.txt`` for each split (default train 9, val 3,
+    test 6 images; image ``i`` of a split has label ``i % num_classes``), plus ``classes.txt``."""
+    sizes = sizes or {"train": 9, "val": 3, "test": 6}
+    for split, n in sizes.items():
+        entries = []
+        for i in range(n):
+            rel = f"images/{split}/{i:04d} img.jpg"  # a space in the name: the label is the last field
+            write_jpeg(root / rel, i % num_classes, size=(20 + i % 3, 16))
+            entries.append((rel, i % num_classes))
+        write_list(root / f"{split}.txt", entries)
+    if classes:
+        (root / "classes.txt").write_text("".join(f"class {c}\n" for c in range(num_classes)))
+    return root
+
+
+VTAB_FAKE_SIZES = {"train800": 8, "val200": 4, "test": 6}
+"""Images per list of a fake VTAB-1k task (``train800val200`` is train800 + val200)."""
+
+
+def write_vtab1k(root: Path, tasks: list[str] | None = None, sizes: dict[str, int] | None = None) -> Path:
+    """The VTAB-1k release layout (NOAH's ``get_vtab1k.py``): ``root/<task>/images/<split>/<i>.jpg`` and
+    ``root/<task>/{train800,val200,train800val200,test}.txt``; labels cycle over the first 3 classes (2 for
+    patch_camelyon), images are 20x16 (not square: the squash resize is visible)."""
+    from dmpo_lightning.data.list_files import VTAB1K_TASKS
+
+    sizes = sizes or VTAB_FAKE_SIZES
+    for task in tasks or list(VTAB1K_TASKS):
+        folder = root / task
+        n_labels = min(3, VTAB1K_TASKS[task][1])
+        lists: dict[str, list[tuple[str, int]]] = {}
+        for split in ("train800", "val200", "test"):
+            lists[split] = []
+            for i in range(sizes[split]):
+                rel = f"images/{split}/{i:06d}.jpg"
+                write_jpeg(folder / rel, i % n_labels)
+                lists[split].append((rel, i % n_labels))
+        lists["train800val200"] = []
+        for i, (_rel, label) in enumerate(lists["train800"] + lists["val200"]):
+            rel = f"images/train800val200/{i:06d}.jpg"
+            write_jpeg(folder / rel, label)
+            lists["train800val200"].append((rel, label))
+        for split, entries in lists.items():
+            write_list(folder / f"{split}.txt", entries)
+    return root
+
+
+def write_vpt_splits(base: Path, entries: dict[str, list[tuple[str, object]]]) -> None:
+    """VPT's ``train.json`` / ``val.json`` / ``test.json``: ``{image path: class id}`` per split."""
+    for split, items in entries.items():
+        (base / f"{split}.json").write_text(json.dumps(dict(items)), encoding="utf-8")
+
+
+NABIRDS_FAKE_IDS = (295, 296, 817)
+"""Class ids of the fake NABirds (not contiguous, as the real ones; labels follow their numeric order)."""
+
+
+def write_nabirds(root: Path, per_class: int = 4, vpt: bool = False) -> Path:
+    """NABirds in its official layout (UUID image ids, zero-padded class-id folders, classes.txt with parent
+    classes too); the last image of each class is a test image. ``vpt``: VPT's split files instead of the
+    split table (image 0 of each class is the validation image, the last the test image)."""
+    base = root / "nabirds"
+    images, labels, split, vpt_entries = [], [], [], {"train": [], "val": [], "test": []}
+    for label, class_id in enumerate(NABIRDS_FAKE_IDS):
+        for i in range(per_class):
+            image_id = f"{class_id:04d}a{i:03d}-0000-4000-8000-{label:012d}"
+            rel = f"{class_id:04d}/{image_id.replace('-', '')}.jpg"
+            write_jpeg(base / "images" / rel, label)
+            images.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {class_id}")
+            split.append(f"{image_id} {0 if i == per_class - 1 else 1}")
+            part = "test" if i == per_class - 1 else "val" if i == 0 else "train"
+            vpt_entries[part].append((rel, class_id))
+    classes = ["0 Birds", "1 Perching Birds", *(f"{c} Bird species {c}" for c in NABIRDS_FAKE_IDS)]
+    (base / "classes.txt").write_text("\n".join(classes) + "\n")
+    if vpt:
+        write_vpt_splits(base, vpt_entries)
+    else:
+        (base / "images.txt").write_text("\n".join(images) + "\n")
+        (base / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+        (base / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    return root
+
+
+DOGS_FAKE_BREEDS = ("n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02086240-Shih-Tzu")
+
+
+def write_stanford_dogs(root: Path, per_class: int = 4, vpt: bool = False) -> Path:
+    """Stanford Dogs: ``Images/<wnid>-<breed>/<wnid>_<i>.jpg`` plus the official ``train_list.mat`` /
+    ``test_list.mat`` (1-based labels; the last image of each breed is a test image), or VPT's split files
+    (image 0 of each breed in val, the last in test)."""
+    base = root / "stanford_dogs"
+    files: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    vpt_entries: dict[str, list[tuple[str, object]]] = {"train": [], "val": [], "test": []}
+    for label, breed in enumerate(DOGS_FAKE_BREEDS):
+        for i in range(per_class):
+            rel = f"{breed}/{breed.split('-')[0]}_{1000 + i}.jpg"
+            write_jpeg(base / "Images" / rel, label)
+            files["test" if i == per_class - 1 else "train"].append((rel, label + 1))
+            part = "test" if i == per_class - 1 else "val" if i == 0 else "train"
+            vpt_entries[part].append((rel, label + 1))
+    if vpt:
+        write_vpt_splits(base, vpt_entries)
+        return root
+    savemat = pytest.importorskip("scipy.io").savemat
+    (base / "lists").mkdir(parents=True)
+    for split, items in files.items():
+        file_list = np.empty((len(items), 1), dtype=object)
+        for k, (rel, _label) in enumerate(items):
+            file_list[k, 0] = np.array([rel])
+        labels = np.array([[lab] for _rel, lab in items], dtype=np.uint8)
+        savemat(base / "lists" / f"{split}_list.mat", {"file_list": file_list, "labels": labels})
+    return root

@@ -13,12 +13,11 @@ from pathlib import Path
 import lightning
 import torch
 
-from dmpo_lightning.deploy.export import THRESHOLDS_FORMAT
+from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.files import file_sha256
 from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.module import DMPOModule
-from dmpo_lightning.options import LEGACY_FLAT_OPTIONS
 
 TINY_HP = dict(
     num_classes=4,
@@ -33,14 +32,14 @@ TINY_HP = dict(
 
 
 def tiny_hparams(**overrides) -> dict:
-    """``TINY_HP`` with ``overrides``: top-level options, whole groups, or group fields by their flat name."""
+    """``TINY_HP`` with ``overrides``: top-level options, or groups whose fields replace ``TINY_HP``'s.
+
+    ``tiny_hparams(peft={"method": "lora"})`` keeps ``TINY_HP``'s other ``peft`` fields.
+    """
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_HP.items()}
     for name, value in overrides.items():
-        if name in LEGACY_FLAT_OPTIONS and not (name == "peft" and isinstance(value, dict)):
-            group, field = LEGACY_FLAT_OPTIONS[name]
-            out.setdefault(group, {})[field] = value
-        else:
-            out[name] = value
+        group = out.get(name)
+        out[name] = {**group, **value} if isinstance(group, dict) and isinstance(value, dict) else value
     return out
 
 
@@ -111,6 +110,7 @@ def make_run(
         json.dumps(
             {
                 "format": THRESHOLDS_FORMAT,
+                "format_version": THRESHOLDS_FORMAT_VERSION,
                 "rule": rule,
                 "fingerprint": module.model_fingerprint(),
                 "checkpoint_hash": f"file:{file_sha256(str(ckpt))}",

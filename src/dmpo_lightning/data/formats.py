@@ -32,6 +32,8 @@ from dmpo_lightning.data.datasets import (
     scan_class_folders,
 )
 from dmpo_lightning.data.errors import DatasetLayoutError
+from dmpo_lightning.data.fgvc import find_vpt_splits, load_vpt_splits
+from dmpo_lightning.data.list_files import read_text_file
 
 
 def cifar_layout(name: str) -> dict[str, Any]:
@@ -165,22 +167,26 @@ def _unpickle(path: Path) -> dict[str, Any]:
 
 
 def load_cub200(root: str | Path) -> DatasetSplits:
-    """Read CUB-200-2011.
+    """Read CUB-200-2011: the official train/test split, or VPT's splits if their files are there.
 
     Layout: ``root/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, images/...}``;
-    ``classes.txt`` is optional (class names).
+    ``classes.txt`` is optional (class names). With VPT's ``train.json``, ``val.json`` and ``test.json`` in
+    that folder (:mod:`dmpo_lightning.data.fgvc`), train / validation / test follow them (5,394 / 600 /
+    5,794).
 
     Args:
         root: Folder holding ``CUB_200_2011`` (or that folder itself).
 
     Returns:
-        The official train and test splits; labels are 0-based.
+        The official train and test splits (or VPT's train, test and validation splits); labels are 0-based.
 
     Raises:
         DatasetLayoutError: If a file is missing or the three lists disagree on the image ids.
     """
     root = Path(root)
-    base = _find_base(root, "CUB_200_2011", "images.txt")
+    base = _find_base(root, "CUB_200_2011", "images")
+    if find_vpt_splits(base, "CUB-200-2011") and (base / "images").is_dir():
+        return load_vpt_splits(base, base / "images", "CUB-200-2011")
     names = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "images"]
     _require(base, names, "CUB-200-2011", root)
     images = _read_id_table(base / "images.txt")
@@ -206,7 +212,8 @@ def load_cub200(root: str | Path) -> DatasetSplits:
 def _read_id_table(path: Path) -> dict[int, str]:
     """``<id> <value>`` per line -> ``{id: value}``."""
     table: dict[int, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    text = read_text_file(path, "CUB-200-2011 file", "a text file of '<integer id> <value>' lines")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         key, _, value = line.strip().partition(" ")
@@ -358,7 +365,9 @@ def load_stanford_cars(root: str | Path) -> DatasetSplits:
 
     ``root/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/,
     cars_test_annos_withlabels.mat, cars_test/}``. The original download URL is gone, so the files must
-    be obtained by hand (torchvision's docs point to mirrors).
+    be obtained by hand (torchvision's docs point to mirrors). With VPT's ``train.json``, ``val.json`` and
+    ``test.json`` in that folder (:mod:`dmpo_lightning.data.fgvc`; image paths relative to it), train /
+    validation / test follow them (7,329 / 815 / 8,041).
 
     Args:
         root: Folder holding ``stanford_cars`` (or that folder itself).
@@ -371,6 +380,9 @@ def load_stanford_cars(root: str | Path) -> DatasetSplits:
         ImportError: If scipy is not installed.
     """
     root = Path(root)
+    vpt = _find_base(root, "stanford_cars", "train.json")
+    if find_vpt_splits(vpt, "Stanford Cars"):
+        return load_vpt_splits(vpt, vpt, "Stanford Cars")
     parent = _torchvision_base(root, "stanford_cars", "devkit", "Stanford Cars")
     names = [
         "devkit/cars_meta.mat",

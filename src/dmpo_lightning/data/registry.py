@@ -7,9 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dmpo_lightning.data import fashion_mnist, formats
+from dmpo_lightning.data import fashion_mnist, fgvc, formats, list_files
 from dmpo_lightning.data.datasets import ArrayImageDataset, DatasetSplits, SyntheticImageDataset
 from dmpo_lightning.data.errors import DatasetLayoutError
+from dmpo_lightning.data.transforms import ResizeMode
+
+ValSource = Literal["holdout", "dataset"]
+"""Where the calibration split comes from: held out of the training split, or the dataset's own validation
+split."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,13 @@ class BuildOptions:
         seed: Seed of the synthetic images.
         synthetic_sizes: Train and test lengths of ``synthetic``.
         synthetic_num_classes: Number of classes of ``synthetic``.
+        val_source: Where the calibration split will come from (``vtab1k`` trains on ``train800`` with
+            ``"dataset"``, on all of ``train800val200`` with ``"holdout"``).
+        task: The VTAB-1k task.
+        train_list: ``image_list``: the training list file.
+        val_list: ``image_list``: the validation list file, if any.
+        test_list: ``image_list``: the test list file.
+        classes_file: ``image_list``: class names, one per line, if any.
     """
 
     root: Path | None = None
@@ -29,6 +41,12 @@ class BuildOptions:
     seed: int = 0
     synthetic_sizes: tuple[int, int] = (256, 64)
     synthetic_num_classes: int = 10
+    val_source: ValSource = "holdout"
+    task: str | None = None
+    train_list: str = "train.txt"
+    val_list: str | None = None
+    test_list: str = "test.txt"
+    classes_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,11 @@ class DatasetSpec:
         layout: The expected on-disk layout, quoted in error messages.
         downloader: ``root -> None`` fetching the files with torchvision, if downloading is possible.
         default_calibration_size: Held-out calibration size when the DataModule leaves it to the dataset.
+        default_val_source: The calibration split's source when the DataModule leaves it to the dataset.
+        default_train_augment: Whether training images are augmented when the DataModule leaves it to the
+            dataset (the VTAB-1k protocol trains without augmentation).
+        default_resize_mode: The evaluation resize when the DataModule leaves it to the dataset
+            (``center_crop``: timm's resize + centre crop; ``squash``: straight to the input size).
     """
 
     name: str
@@ -60,6 +83,9 @@ class DatasetSpec:
     layout: str
     downloader: Callable[[Path], None] | None = None
     default_calibration_size: int | float = 0.1
+    default_val_source: ValSource = "holdout"
+    default_train_augment: bool = True
+    default_resize_mode: ResizeMode = "center_crop"
 
 
 def _download_torchvision(class_name: str) -> Callable[[Path], None]:
@@ -115,6 +141,18 @@ def _build_imagenet(options: BuildOptions) -> DatasetSplits:
             "val/<wnid>/*.JPEG (e.g. with the widely used valprep.sh script) before use"
         )
     return formats.load_image_folder(root, expected_num_classes=1000)
+
+
+def _build_image_list(options: BuildOptions) -> DatasetSplits:
+    return list_files.load_image_list(
+        _root(options), options.train_list, options.test_list, options.val_list, options.classes_file
+    )
+
+
+def _build_vtab1k(options: BuildOptions) -> DatasetSplits:
+    if options.task is None:  # the DataModule refuses this earlier; kept for direct builder calls
+        raise ValueError(f"dataset 'vtab1k' needs a task: one of {', '.join(list_files.VTAB1K_TASKS)}")
+    return list_files.load_vtab1k(_root(options), options.task, options.val_source)
 
 
 def _build_synthetic(options: BuildOptions) -> DatasetSplits:
@@ -210,17 +248,34 @@ DATASETS: dict[str, DatasetSpec] = {
             "cub200",
             lambda o: formats.load_cub200(_root(o)),
             num_classes=200,
-            has_val_split=False,
-            layout="root/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, images/}",
+            has_val_split=None,  # VPT's split files add one
+            layout="root/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, images/} "
+            "(+ VPT's train.json, val.json, test.json for its splits)",
+            **_IMAGE_SETS,
+        ),
+        DatasetSpec(
+            "nabirds",
+            lambda o: fgvc.load_nabirds(_root(o)),
+            num_classes=555,
+            has_val_split=None,
+            layout=fgvc.NABIRDS_LAYOUT,
+            **_IMAGE_SETS,
+        ),
+        DatasetSpec(
+            "stanford_dogs",
+            lambda o: fgvc.load_stanford_dogs(_root(o)),
+            num_classes=120,
+            has_val_split=None,
+            layout=fgvc.STANFORD_DOGS_LAYOUT,
             **_IMAGE_SETS,
         ),
         DatasetSpec(
             "stanford_cars",
             lambda o: formats.load_stanford_cars(_root(o)),
             num_classes=196,
-            has_val_split=False,
+            has_val_split=None,
             layout="root/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
-            "cars_test_annos_withlabels.mat, cars_test/}",
+            "cars_test_annos_withlabels.mat, cars_test/} (or VPT's train.json, val.json, test.json there)",
             **_IMAGE_SETS,
         ),
         DatasetSpec(
@@ -238,6 +293,27 @@ DATASETS: dict[str, DatasetSpec] = {
             num_classes=None,
             has_val_split=None,
             layout="root/train/<class>/<image> plus root/val/<class>/... and/or root/test/<class>/...",
+            **_IMAGE_SETS,
+        ),
+        DatasetSpec(
+            "image_list",
+            _build_image_list,
+            num_classes=None,
+            has_val_split=None,
+            layout="root/ plus list files of '<relative/path> <label>' lines (data.init_args.train_list, "
+            "test_list, optional val_list; relative to root), class names optional (classes_file)",
+            **_IMAGE_SETS,
+        ),
+        DatasetSpec(
+            "vtab1k",
+            _build_vtab1k,
+            num_classes=None,
+            has_val_split=True,
+            layout=list_files.VTAB1K_LAYOUT,
+            default_calibration_size=200,
+            default_val_source="dataset",
+            default_train_augment=False,
+            default_resize_mode="squash",
             **_IMAGE_SETS,
         ),
         DatasetSpec(
@@ -313,6 +389,11 @@ def resolve_root(spec: DatasetSpec, root: str | Path | None, download: bool = Fa
             f"dataset {spec.name!r} needs root=<folder> laid out as {spec.layout}; root is None{hint}"
         )
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DatasetLayoutError(
+            f"root={str(root)!r} for dataset {spec.name!r} is a file; give the folder laid out as "
+            f"{spec.layout}"
+        )
     if not download and not path.is_dir():
         raise DatasetLayoutError(
             f"root={str(root)!r} for dataset {spec.name!r} does not exist; expected {spec.layout}"
@@ -321,7 +402,12 @@ def resolve_root(spec: DatasetSpec, root: str | Path | None, download: bool = Fa
 
 
 def dataset_num_classes(
-    spec: DatasetSpec, root: str | Path | None = None, synthetic_num_classes: int = 10
+    spec: DatasetSpec,
+    root: str | Path | None = None,
+    synthetic_num_classes: int = 10,
+    *,
+    task: str | None = None,
+    splits: DatasetSplits | None = None,
 ) -> int:
     """Number of classes of a dataset; reads the class folders only for ``image_folder``.
 
@@ -329,17 +415,30 @@ def dataset_num_classes(
         spec: The dataset.
         root: Its folder (needed for ``image_folder``).
         synthetic_num_classes: The class count of ``synthetic``.
+        task: The VTAB-1k task (needed for ``vtab1k``).
+        splits: The built dataset (needed for ``image_list``: its class names, else its largest label + 1).
 
     Returns:
         The number of classes.
 
     Raises:
         DatasetLayoutError: If ``image_folder``'s root or ``root/train`` is missing.
+        ValueError: If ``vtab1k`` has no task or ``image_list`` no splits.
     """
     if spec.num_classes is not None:
         return spec.num_classes
     if spec.name == "synthetic":
         return synthetic_num_classes
+    if spec.name == "vtab1k":
+        if task not in list_files.VTAB1K_TASKS:
+            raise ValueError(f"dataset 'vtab1k' needs a task: one of {', '.join(list_files.VTAB1K_TASKS)}")
+        return list_files.VTAB1K_TASKS[task][1]
+    if spec.name == "image_list":
+        if splits is None:
+            raise ValueError(
+                "the number of classes of 'image_list' is read from its list files: build it first"
+            )
+        return list_files.image_list_num_classes(splits)
     if root is None:
         raise DatasetLayoutError(f"dataset {spec.name!r} needs root=<folder> laid out as {spec.layout}")
     return len(formats.image_folder_classes(root))

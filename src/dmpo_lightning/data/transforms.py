@@ -4,7 +4,9 @@ Two regimes:
 
 * **Resized** (the usual ViT setting, e.g. CIFAR upsampled to 224 px, or any natural-image dataset):
   train = ``RandomResizedCrop(image_size)`` + horizontal flip; eval = ``Resize(floor(image_size /
-  crop_pct))`` + ``CenterCrop(image_size)``, exactly as timm's ``transforms_imagenet_eval``.
+  crop_pct))`` + ``CenterCrop(image_size)``, exactly as timm's ``transforms_imagenet_eval``
+  (``resize_mode="center_crop"``), or ``Resize((image_size, image_size))``, the whole image squashed to the
+  input size without keeping its aspect ratio (``resize_mode="squash"``, the VTAB-1k protocol).
 * **Native small** (a 28 / 32 px dataset used at its own size): train = ``RandomCrop(image_size,
   padding=4)`` + horizontal flip, the standard CIFAR recipe; eval = the image as it is. A random-resized
   crop of a 32 px image kept at 32 px throws away too much, and a centre crop would cut the border of
@@ -17,7 +19,9 @@ PIL's ``convert("L")``) when it takes 1.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +32,10 @@ from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 """Resize interpolation modes accepted by the DataModule."""
+
+ResizeMode = Literal["center_crop", "squash"]
+"""How the evaluation transform sizes an image: ``center_crop`` (shorter side to ``image_size / crop_pct``,
+then a centre crop; timm's rule) or ``squash`` (both sides to ``image_size``; nothing is cut off)."""
 
 NATIVE_SMALL_MAX_SIZE = 64
 """Datasets whose images are at most this many pixels wide, used at that size, get the small-image recipe."""
@@ -64,11 +72,14 @@ class DataConfig:
 def timm_data_config(model_name: str) -> dict[str, Any]:
     """A timm model's data config read from its registered pretrained config, without building it.
 
-    Nothing is downloaded: the pretrained config is metadata shipped with timm.
+    Registry names read timm's metadata (nothing is downloaded). ``hf-hub:<owner>/<repo>`` names read the
+    repo's ``config.json`` from the local Hugging Face cache, else (``timm/`` repos) timm's registry entry
+    of the same name, else fetch that ``config.json`` (a few kB; the model build fetches it anyway).
+    ``local-dir:<folder>`` names read ``<folder>/config.json``.
 
     Args:
         model_name: A timm model name, optionally with a pretrained tag, e.g.
-            ``vit_base_patch16_224.augreg_in21k``.
+            ``vit_base_patch16_224.augreg_in21k``, or an ``hf-hub:`` / ``local-dir:`` name.
 
     Returns:
         ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct`` and ``crop_mode``.
@@ -79,17 +90,59 @@ def timm_data_config(model_name: str) -> dict[str, Any]:
     import timm
     from timm.data import resolve_data_config as timm_resolve
 
-    try:
-        cfg = timm.get_pretrained_cfg(model_name, allow_unregistered=False)
-    except RuntimeError:
-        cfg = None
+    cfg = _source_pretrained_cfg(model_name)
+    if cfg is None:
+        try:
+            registered = timm.get_pretrained_cfg(model_name, allow_unregistered=False)
+        except RuntimeError:
+            registered = None
+        cfg = registered.to_dict() if registered is not None else None
     if cfg is None:
         raise ValueError(
             f"timm_model={model_name!r}: timm {timm.__version__} has no pretrained config for this name, so "
             "mean/std/image size cannot be read from it; use a registered name (timm.list_pretrained()) or "
             "leave timm_model unset and pass image_size, mean, std, interpolation and crop_pct"
         )
-    return timm_resolve(pretrained_cfg=cfg.to_dict())
+    return timm_resolve(pretrained_cfg=cfg)
+
+
+def _source_pretrained_cfg(model_name: str) -> dict[str, Any] | None:
+    """The pretrained config of an ``hf-hub:`` or ``local-dir:`` name (``None`` for registry names)."""
+    import timm
+    from timm.models import load_model_config_from_hf, parse_model_name
+
+    try:
+        source, model_id = parse_model_name(model_name)
+    except ValueError:
+        return None
+    if source == "local-dir":
+        path = os.path.join(os.path.expanduser(model_id), "config.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f).get("pretrained_cfg")
+        return found if isinstance(found, dict) else None
+    if source != "hf-hub":
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = model_id.partition("@")
+    cached = try_to_load_from_cache(repo, "config.json", revision=revision or None)
+    if isinstance(cached, str):
+        with open(cached, encoding="utf-8") as f:
+            found = json.load(f).get("pretrained_cfg")
+        if isinstance(found, dict):
+            return found
+    owner, _, name = repo.partition("/")
+    registered = timm.get_pretrained_cfg(name) if owner == "timm" and timm.list_pretrained(name) else None
+    if registered is not None:
+        return registered.to_dict()
+    try:
+        return dict(load_model_config_from_hf(model_id)[0])
+    except Exception as err:  # offline and not cached, no such repo: the backbone check words it
+        if type(err).__module__.startswith("huggingface_hub"):
+            return None
+        raise
 
 
 def _per_channel(values: Sequence[float], in_chans: int, name: str) -> tuple[float, ...]:
@@ -182,7 +235,12 @@ def is_native_small(cfg: DataConfig, native_size: int | None) -> bool:
 
 
 def build_transform(
-    cfg: DataConfig, *, in_chans: int, train: bool, native_size: int | None = None
+    cfg: DataConfig,
+    *,
+    in_chans: int,
+    train: bool,
+    native_size: int | None = None,
+    resize_mode: ResizeMode = "center_crop",
 ) -> Callable[[Image.Image], Any]:
     """The train (augmenting) or evaluation transform, PIL image -> normalised float tensor ``[C, H, W]``.
 
@@ -191,10 +249,16 @@ def build_transform(
         in_chans: Model input channels (1 or 3).
         train: Augmenting train transform if true, deterministic evaluation transform if false.
         native_size: The dataset's fixed image size, if any (selects the small-image recipe).
+        resize_mode: The evaluation resize (``center_crop`` or ``squash``; see :data:`ResizeMode`).
 
     Returns:
         A ``torchvision.transforms.Compose``.
+
+    Raises:
+        ValueError: On an unknown ``resize_mode``.
     """
+    if resize_mode not in ("center_crop", "squash"):
+        raise ValueError(f"resize_mode must be 'center_crop' or 'squash', got {resize_mode!r}")
     steps: list[Callable[[Any], Any]] = [ConvertMode("L" if in_chans == 1 else "RGB")]
     size, interp = cfg.image_size, _INTERPOLATIONS[cfg.interpolation]
     if is_native_small(cfg, native_size):
@@ -202,6 +266,8 @@ def build_transform(
             steps += [T.RandomCrop(size, padding=SMALL_IMAGE_PADDING), T.RandomHorizontalFlip()]
     elif train:
         steps += [T.RandomResizedCrop(size, interpolation=interp), T.RandomHorizontalFlip()]
+    elif resize_mode == "squash":
+        steps += [T.Resize((size, size), interpolation=interp)]
     else:
         steps += [T.Resize(math.floor(size / cfg.crop_pct), interpolation=interp), T.CenterCrop(size)]
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]

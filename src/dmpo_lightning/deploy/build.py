@@ -10,27 +10,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from dmpo_lightning.models.adapters import PeftOptions
 from dmpo_lightning.models.backbone import build_backbone
-from dmpo_lightning.models.multi_exit import MultiExitViT
-from dmpo_lightning.options import LEGACY_FLAT_OPTIONS, flat_options, group_legacy_hparams
+from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
+from dmpo_lightning.options import OptionGroup
 
 __all__ = ["MODEL_KEYS", "build_model", "model_options"]
 
 BACKBONE_KEYS = ("backbone", "pretrained", "checkpoint_path", "img_size", "in_chans", "backbone_kwargs")
-MODEL_GROUPS = ("peft", "exits")
+MODEL_GROUPS: dict[str, type[OptionGroup]] = {"peft": PeftOptions, "exits": ExitOptions}
 """The option groups of ``DMPOModule`` that define the network (the others are training / evaluation)."""
-MODEL_KEYS = (
-    "num_classes",
-    *BACKBONE_KEYS,
-    *(old for old, (group, _) in LEGACY_FLAT_OPTIONS.items() if group in MODEL_GROUPS),
-)
-"""The network-defining options under their flat names, as artefact manifests store them."""
+MODEL_KEYS = ("num_classes", *BACKBONE_KEYS, *MODEL_GROUPS)
+"""The network-defining options, as artefact manifests store them (the groups as mappings of all fields)."""
 
 
 def model_options(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The network-defining subset of a checkpoint's ``hyper_parameters`` (grouped or flat), flat."""
-    flat = flat_options(hparams)
-    return {k: flat[k] for k in MODEL_KEYS if k in flat}
+    """The network-defining subset of a checkpoint's ``hyper_parameters``, each group with all its fields.
+
+    Raises:
+        ValueError: A group holds an option its group does not have (the allowed ones are named).
+        TypeError: A group is not a mapping.
+    """
+    options = {k: hparams[k] for k in MODEL_KEYS if k in hparams and k not in MODEL_GROUPS}
+    for name, group in MODEL_GROUPS.items():
+        options[name] = group.coerce(hparams.get(name), name=name).to_dict()
+    return options
 
 
 def build_model(
@@ -57,6 +61,5 @@ def build_model(
         in_chans=options.get("in_chans"),
         model_kwargs=options.get("backbone_kwargs"),
     )
-    grouped = group_legacy_hparams(options)
-    model = MultiExitViT(backbone, int(options["num_classes"]), grouped.get("exits"), grouped.get("peft"))
+    model = MultiExitViT(backbone, int(options["num_classes"]), options.get("exits"), options.get("peft"))
     return model.eval()

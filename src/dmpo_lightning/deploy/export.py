@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import dmpo_lightning
 from dmpo_lightning.checkpointing import weights_hash
-from dmpo_lightning.constants import MODEL_FINGERPRINT_KEYS, THRESHOLDS_FORMAT
+from dmpo_lightning.constants import MODEL_FINGERPRINT_KEYS
 from dmpo_lightning.data.fashion_mnist import FASHION_MNIST_CLASSES
 from dmpo_lightning.data.formats import image_folder_classes
 from dmpo_lightning.deploy.build import build_model, model_options
@@ -40,10 +40,12 @@ from dmpo_lightning.deploy.format import (
 from dmpo_lightning.deploy.merge import check_mergeable, merge_peft
 from dmpo_lightning.deploy.onnx_stages import OPSET, _require_onnx, export_stages
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
+from dmpo_lightning.evaluation.report import read_report
+from dmpo_lightning.evaluation.thresholds import read_thresholds
 from dmpo_lightning.files import file_sha256, tensors_sha256, to_jsonable, write_json
 from dmpo_lightning.models.adapters import PEFT_REGISTRY
 from dmpo_lightning.models.multi_exit import MultiExitViT
-from dmpo_lightning.options import flat_options, option_name
+from dmpo_lightning.options import dotted_options
 
 __all__ = ["ExportInputs", "export_artefact", "resolve_run"]
 
@@ -193,7 +195,7 @@ class _Trained:
 
     @property
     def peft(self) -> str:
-        return str(self.options.get("peft", "adaptformer"))
+        return str(self.options["peft"]["method"])
 
 
 def _load_trained(path: str) -> _Trained:
@@ -266,24 +268,21 @@ def _check_inputs(
     if rep is not None and isinstance(rep.get("config"), Mapping):
         # the report's config is the tested model's: options that change outputs without changing weights
         # (adapter_scale, lora_alpha, ...) are only caught here
-        mine = to_jsonable(trained.options, default=repr)
-        theirs = to_jsonable(flat_options(dict(rep["config"])), default=repr)
+        mine = dotted_options(to_jsonable(trained.options, default=repr))
+        theirs = dotted_options(to_jsonable(model_options(rep["config"]), default=repr))
         differ = {k: (theirs[k], v) for k, v in mine.items() if k in theirs and theirs[k] != v}
         if differ:
-            details = "; ".join(
-                f"{option_name(k)}: report {a!r} vs checkpoint {b!r}" for k, (a, b) in differ.items()
-            )
+            details = "; ".join(f"{k}: report {a!r} vs checkpoint {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"{inputs.report} was made with another model configuration ({details})")
     fingerprint = th.get("fingerprint") or {}
+    options = dotted_options(trained.options)
     ours = {
-        **{k: trained.options.get(k) for k in FINGERPRINT_KEYS},
-        "exit_blocks": list(trained.model.exit_blocks),
+        **{k: options.get(k) for k in FINGERPRINT_KEYS},
+        "exits.blocks": list(trained.model.exit_blocks),
     }
     diff = {k: (fingerprint.get(k), v) for k, v in ours.items() if k in fingerprint and fingerprint[k] != v}
     if diff:
-        details = "; ".join(
-            f"{option_name(k)}: thresholds {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()
-        )
+        details = "; ".join(f"{k}: thresholds {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{inputs.thresholds} was calibrated for another model ({details})")
     return wanted
 
@@ -309,6 +308,7 @@ def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: A
             crop_pct=dm.get("crop_pct"),
         )
         native = cfg.image_size if dm["dataset"] == "synthetic" else spec.native_size
+        resize_mode = dm.get("resize_mode") or spec.default_resize_mode  # VTAB-1k squashes, no crop
         source = f"data module of the run ({dm['dataset']})"
         dm_chans = int(dm.get("in_chans", in_chans))
     else:
@@ -324,13 +324,13 @@ def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: A
             )
         except ValueError:
             cfg = resolve_data_config(in_chans=in_chans, default_image_size=size, image_size=size)
-        native, source, dm_chans = None, "backbone's timm config", in_chans
+        native, source, dm_chans, resize_mode = None, "backbone's timm config", in_chans, "center_crop"
     if cfg.image_size != size or dm_chans != in_chans:
         raise ValueError(
             f"the data module fed {dm_chans}x{cfg.image_size}x{cfg.image_size} images but the model takes "
             f"{in_chans}x{size}x{size}; the checkpoint is inconsistent"
         )
-    crop = "none" if is_native_small(cfg, native) else "center"
+    crop = "none" if is_native_small(cfg, native) else "squash" if resize_mode == "squash" else "center"
     from dmpo_lightning.deploy.preprocess import resize_for
 
     return {
@@ -341,7 +341,11 @@ def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: A
         "interpolation": cfg.interpolation,
         "crop_pct": cfg.crop_pct,
         "crop_mode": crop,
-        "resize": resize_for(size, cfg.crop_pct) if crop == "center" else None,
+        "resize": resize_for(size, cfg.crop_pct)
+        if crop == "center"
+        else [size, size]
+        if crop == "squash"
+        else None,
         "source": source,
         "steps": (
             f"convert to {'grey (L)' if in_chans == 1 else 'RGB'}; "
@@ -349,6 +353,8 @@ def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: A
                 f"resize shorter side to {resize_for(size, cfg.crop_pct)} ({cfg.interpolation}); "
                 f"centre crop {size}; "
                 if crop == "center"
+                else f"resize to {size}x{size} ({cfg.interpolation}; aspect ratio not kept); "
+                if crop == "squash"
                 else f"images must be {size}x{size} (used as they are, like the training images); "
             )
             + "to tensor in [0, 1]; normalise with mean/std"
@@ -514,8 +520,7 @@ def _manifest(
 ) -> dict[str, Any]:
     """Everything of the artefact that is not a tensor (``manifest.json``; see docs/deploy.md)."""
     model = trained.model
-    fingerprint = th.get("fingerprint") or {}
-    exit_rule = th.get("rule") or fingerprint.get("exit_rule") or (rep or {}).get("exit_rule") or "confidence"
+    exit_rule = th.get("rule") or (rep or {}).get("exit_rule")  # thresholds.json names its rule
     points = _operating_points(th, rep)
     units = {p["unit"] for p in points}
     costs, as_trained = exported.costs, exported.costs_as_trained
@@ -675,10 +680,8 @@ def export_artefact(
     inputs = _resolve_inputs(run, ckpt_path, thresholds, report)
     if onnx:
         _require_onnx("--onnx")
-    th = _read_json(inputs.thresholds, "thresholds file")
-    if th.get("format") != THRESHOLDS_FORMAT:
-        raise ValueError(f"{inputs.thresholds} is not a dmpo thresholds file (format {THRESHOLDS_FORMAT})")
-    rep = _read_json(inputs.report, "report") if inputs.report else None
+    th = read_thresholds(inputs.thresholds)
+    rep = read_report(inputs.report) if inputs.report else None
     trained = _load_trained(inputs.ckpt_path)
     _check_trained(trained, allow_untrained)
     mergeable = PEFT_REGISTRY.get(trained.peft).mergeable

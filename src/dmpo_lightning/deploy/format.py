@@ -10,7 +10,8 @@ An artefact is a directory::
 :func:`read_manifest` checks the whole manifest once, at load, against itself (class names against the
 number of classes, input size against the preprocessing and the counted costs, one threshold per exit,
 a registered exit rule, files that stay inside the artefact folder, ...) and names the field that is wrong.
-The checksums are :func:`dmpo_lightning.files.file_sha256` and :func:`dmpo_lightning.files.tensors_sha256`.
+The checksums and the format check are those of every file of the package (:mod:`dmpo_lightning.files`:
+``file_sha256``, ``tensors_sha256``, ``check_format``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from itertools import pairwise
 from typing import Any
 
+from dmpo_lightning.files import check_format
 from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY
 
 __all__ = [
@@ -38,8 +40,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "dmpo-early-exit-artefact"
-FORMAT_VERSION = 1
-"""Bumped on any change a version-1 reader cannot understand; readers refuse newer versions."""
+FORMAT_VERSION = 2
+"""Bumped on any change an older reader cannot understand; readers refuse every other version (version 1
+stored the model options under other names)."""
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -95,17 +98,15 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise ArtefactError(
             f"{manifest_path} is corrupt or truncated (not valid JSON: {err}); export the artefact again"
         ) from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtefactError(f"{manifest_path} is not a dmpo artefact manifest (format {FORMAT_NAME!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ArtefactError(f"{manifest_path} has no integer format_version; it is corrupt")
-    if version > FORMAT_VERSION:
-        raise ArtefactError(
-            f"{path} has artefact format version {version}, newer than this dmpo-lightning reads "
-            f"(up to {FORMAT_VERSION}); upgrade dmpo-lightning (the artefact was written by version "
-            f"{manifest.get('package_version', 'unknown')})"
-        )
+    manifest = check_format(
+        manifest,
+        manifest_path,
+        name=FORMAT_NAME,
+        version=FORMAT_VERSION,
+        what="dmpo artefact manifest",
+        remedy="export the artefact again with `dmpo export`",
+        error=ArtefactError,
+    )
     required = ("model", "weights", "preprocessing", "class_names", "exit_rule", "operating_points", "costs")
     missing = [k for k in required if k not in manifest]
     if missing:

@@ -85,7 +85,7 @@ def export_stages(model: MultiExitViT, directory: str, input_shape: Sequence[int
             # shape checks in the heads are traced as constants; they do not depend on the batch size
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # the TorchScript exporter (dynamo=False) needs no onnxscript; its deprecation notice is noise
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             for k in range(model.num_exits):
                 stage = _Stage(model, k)

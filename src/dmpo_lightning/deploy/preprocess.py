@@ -2,11 +2,11 @@
 
 The steps are those of :func:`dmpo_lightning.data.transforms.build_transform` with ``train=False`` (a test
 pins them equal): convert to the model's channels (grey images replicated to RGB, RGB converted to grey
-with PIL's ITU-R 601-2 luma), then either ``Resize(floor(size / crop_pct))`` + ``CenterCrop(size)`` or, for
-small datasets used at their own size, the image as it is (which must then have exactly that size), then
-``ToTensor`` and ``Normalize(mean, std)``. Image files are decoded by
-:func:`dmpo_lightning.images.decode_image` (the one decoder of training and prediction). Imports only PIL,
-torch and torchvision.
+with PIL's ITU-R 601-2 luma), then either ``Resize(floor(size / crop_pct))`` + ``CenterCrop(size)``,
+``Resize((size, size))`` (``crop_mode: squash``, VTAB-1k) or, for small datasets used at their own size, the
+image as it is (which must then have exactly that size), then ``ToTensor`` and ``Normalize(mean, std)``.
+Image files are decoded by :func:`dmpo_lightning.images.decode_image` (the one decoder of training and
+prediction). Imports only PIL, torch and torchvision.
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ def build_eval_transform(pre: Mapping[str, Any]) -> Callable[[Image.Image], torc
     if pre.get("crop_mode") == "center":
         interp = _INTERPOLATIONS[pre["interpolation"]]
         steps += [T.Resize(int(resize), interpolation=interp), T.CenterCrop(size)]
+    elif pre.get("crop_mode") == "squash":  # the whole image to size x size (VTAB-1k's protocol)
+        steps += [T.Resize((size, size), interpolation=_INTERPOLATIONS[pre["interpolation"]])]
     steps += [T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
     tail = T.Compose(steps)
-    native = pre.get("crop_mode") != "center"
+    native = pre.get("crop_mode") not in ("center", "squash")
 
     def transform(image: Image.Image) -> torch.Tensor:
         if native:

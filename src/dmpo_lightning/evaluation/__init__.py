@@ -1,7 +1,8 @@
-"""Early-exit evaluation: exit rules, the budgeted-batch protocol, counted costs, metrics and reports.
+"""Early-exit evaluation: the budgeted-batch protocol, counted costs, metrics and reports.
 
-Names are imported lazily: ``exit_rules``, ``protocol`` and ``flops`` need only torch (and timm), while
-``metrics`` needs torchmetrics and ``report`` matplotlib.
+Names are imported lazily: ``protocol`` and ``flops`` need only torch (and timm), while ``metrics`` needs
+torchmetrics and ``report`` matplotlib. The exit rules live with the model
+(:mod:`dmpo_lightning.models.exit_rules`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "ExitRule": "exit_rules",
-    "exit_score_step": "exit_rules",
-    "exit_scores": "exit_rules",
     "ExitCosts": "flops",
     "count_exit_costs": "flops",
     "BudgetedAccuracy": "metrics",
@@ -29,7 +27,6 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from dmpo_lightning.evaluation.exit_rules import ExitRule, exit_score_step, exit_scores
     from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
     from dmpo_lightning.evaluation.metrics import BudgetedAccuracy, ExitOutputsCollector
     from dmpo_lightning.evaluation.protocol import (
@@ -60,7 +57,6 @@ __all__ = [
     "BudgetedAccuracy",
     "ExitCosts",
     "ExitOutputsCollector",
-    "ExitRule",
     "area_under_curve",
     "assign_exits",
     "budgeted_curve",
@@ -68,8 +64,6 @@ __all__ = [
     "calibrate_thresholds",
     "count_exit_costs",
     "evaluate_thresholds",
-    "exit_score_step",
-    "exit_scores",
     "format_report_table",
     "operating_points",
     "select_budgets",

@@ -27,6 +27,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_calibration_error
 from torchmetrics.utilities import dim_zero_cat
 
+from dmpo_lightning.files import atomic_write
 from dmpo_lightning.models.exit_rules import stack_exit_logits
 
 __all__ = [
@@ -401,8 +402,6 @@ def plot_reliability(path: str | os.PathLike[str], calibration: Mapping[str, Any
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from dmpo_lightning.files import atomic_write as _atomic_write
-
     before, after = calibration["reliability"]["before"], calibration["reliability"]["after"]
     k = len(before)
     fig = Figure(figsize=(3.2 * k, 3.4), dpi=110)
@@ -438,4 +437,4 @@ def plot_reliability(path: str | os.PathLike[str], calibration: Mapping[str, Any
         ax.grid(True, alpha=0.3)
     fig.suptitle(f"Reliability on the test split ({calibration['ece']['n_bins']} bins)", fontsize=10)
     fig.tight_layout()
-    return str(_atomic_write(path, lambda f: fig.savefig(f, format="png")))
+    return str(atomic_write(path, lambda f: fig.savefig(f, format="png")))

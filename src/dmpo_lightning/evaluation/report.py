@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -23,10 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dmpo_lightning.constants import REPORT_FORMAT, REPORT_FORMAT_VERSION
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
 from dmpo_lightning.evaluation.calibration import plot_reliability
 from dmpo_lightning.evaluation.protocol import BudgetedCurve, OperatingPoint, area_under_curve
-from dmpo_lightning.files import atomic_write, check_writable, to_jsonable, write_json
+from dmpo_lightning.files import atomic_write, check_format, check_writable, to_jsonable, write_json
 
 __all__ = [
     "GFLOPS_UNIT",
@@ -36,6 +38,7 @@ __all__ = [
     "check_report_dir",
     "format_report_table",
     "plot_curve",
+    "read_report",
     "write_curve_csv",
     "write_report_folder",
 ]
@@ -85,8 +88,9 @@ def build_report(
         extra: Further entries (config, checkpoint hash, split-indices file, ...) merged at the top level.
 
     Returns:
-        A dict of plain JSON types with keys ``unit``, ``full_model``, ``exits``, ``best_anytime_exit``,
-        ``curve`` (or None), ``budgets``, ``auc`` (or None) and those of ``extra``.
+        A dict of plain JSON types with keys ``format`` and ``format_version`` (what ``report.json`` is),
+        ``unit``, ``full_model``, ``exits``, ``best_anytime_exit``, ``curve`` (or None), ``budgets``, ``auc``
+        (or None) and those of ``extra``.
 
     Raises:
         ValueError: If per-exit lengths disagree.
@@ -117,6 +121,8 @@ def build_report(
     ]
     best = max(range(len(top1)), key=lambda k: (top1[k], -k))
     report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_FORMAT_VERSION,
         "unit": cost_unit,
         "thresholds_from": "calibration split",
         "full_model": {"cost": full, "top1": full_accuracy},
@@ -141,6 +147,31 @@ def build_report(
             raise ValueError(f"extra keys {sorted(clash)} clash with the report's own keys")
         report.update(extra)
     return to_jsonable(report)
+
+
+def read_report(path: str) -> dict[str, Any]:
+    """The content of a ``report.json`` written by ``dmpo test``, checked to be one of this format.
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: If it is not valid JSON, not a report, or of another format version (one sentence that
+            says to re-run ``dmpo test``).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"report {path} does not exist; `dmpo test` writes report.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"report {path} is not valid JSON ({err})") from err
+    return check_format(
+        data,
+        path,
+        name=REPORT_FORMAT,
+        version=REPORT_FORMAT_VERSION,
+        what="dmpo test report",
+        remedy="re-run `dmpo test` on the checkpoint to write a new report.json",
+    )
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -15,12 +15,11 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from dmpo_lightning.constants import THRESHOLDS_FORMAT
+from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
 from dmpo_lightning.errors import ConfigError, ConfigFileNotFoundError
 from dmpo_lightning.evaluation.protocol import BudgetedCurve, OperatingPoint, protocol_budget_unit
-from dmpo_lightning.files import decode_float
+from dmpo_lightning.files import check_format, decode_float
 from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY
-from dmpo_lightning.options import option_name
 
 __all__ = [
     "THRESHOLDS_OPTION",
@@ -58,6 +57,7 @@ def thresholds_file_content(
     """
     return {
         "format": THRESHOLDS_FORMAT,
+        "format_version": THRESHOLDS_FORMAT_VERSION,
         "rule": rule,
         "fingerprint": dict(fingerprint),
         "checkpoint_hash": checkpoint_hash,
@@ -83,7 +83,9 @@ def read_thresholds(path: str) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: If the file is missing.
-        ValueError: If it is not valid JSON or not a dmpo thresholds file.
+        ValueError: If it is not valid JSON, not a dmpo thresholds file, or of another format version (an
+            older file fingerprinted the model under other names): one sentence that says to re-run
+            ``dmpo test``.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"thresholds file {path} does not exist; `dmpo test` writes thresholds.json")
@@ -92,9 +94,15 @@ def read_thresholds(path: str) -> dict[str, Any]:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"thresholds file {path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict) or data.get("format") != THRESHOLDS_FORMAT:
-        raise ValueError(f"{path} is not a dmpo thresholds file (format {THRESHOLDS_FORMAT})")
-    return data
+    return check_format(
+        data,
+        path,
+        name=THRESHOLDS_FORMAT,
+        version=THRESHOLDS_FORMAT_VERSION,
+        what="dmpo thresholds file",
+        remedy="re-run `dmpo test` on the checkpoint to write a new thresholds.json",
+        older={"dmpo-thresholds-v1": 1},
+    )
 
 
 def thresholds_rule(path: str) -> str:
@@ -188,10 +196,15 @@ def _read_thresholds(
             are listed), or the entry is not one number (or ``"inf"``) per exit.
     """
     data = read_thresholds(path)
-    theirs = data.get("fingerprint", {})
+    theirs = data.get("fingerprint")
+    if not isinstance(theirs, dict):
+        raise ValueError(
+            f"thresholds file {path} holds no fingerprint of the model it was calibrated for, so it is "
+            "corrupt; re-run `dmpo test` on the checkpoint to write a new thresholds.json"
+        )
     diff = {k: (theirs.get(k), v) for k, v in fingerprint.items() if theirs.get(k) != v}
     if diff:
-        details = "; ".join(f"{option_name(k)}: file {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        details = "; ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"thresholds file {path} was calibrated for another model ({details})")
     if model_hashes:
         _check_weights(path, data, list(model_hashes), allow_other_checkpoint)

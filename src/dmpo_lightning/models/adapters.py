@@ -23,7 +23,7 @@ from dmpo_lightning.constants import PEFT_PREFIX
 from dmpo_lightning.models.checks import check_dropout as _check_dropout
 from dmpo_lightning.models.checks import check_positive_int as _check_positive_int
 from dmpo_lightning.models.registry import Registry
-from dmpo_lightning.options import OptionGroup, register_legacy_names
+from dmpo_lightning.options import OptionGroup
 
 _BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _EVA_BLOCK_ATTRS = ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma_2", "drop_path2")
@@ -55,9 +55,6 @@ class PeftOptions(OptionGroup):
     """VPT prompt tokens per prompted block."""
     vpt_deep: bool = True
     """Deep VPT (own prompts in every block) instead of shallow (first block only)."""
-
-
-register_legacy_names("peft", PeftOptions, {"method": "peft"})
 
 
 PeftInjector = Callable[

@@ -10,24 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
+import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import timm
 import torch
+from timm.models import parse_model_name
 from torch import nn
 
 __all__ = [
     "backbone_depth",
     "build_backbone",
     "check_backbone_name",
+    "default_head_pool",
     "describe_checkpoint",
     "embed_tokens",
     "embed_tokens_and_rope",
     "explicit_attention",
     "num_prefix_tokens",
+    "resolve_backbone_name",
     "resolve_exit_blocks",
     "rope_embedding",
     "run_blocks",
@@ -36,19 +43,22 @@ __all__ = [
 ]
 
 
-def check_backbone_name(name: str) -> None:
-    """Check that timm knows ``name`` (architecture and, if given, pretrained tag) without building anything.
+HUB_PREFIX = "hf-hub:"
+"""timm's prefix of Hugging Face Hub model names (``hf-hub:timm/vit_base_patch16_224.augreg_in21k``)."""
 
-    Raises:
-        ValueError: Naming the unknown architecture (with similar names) or tag (with the known tags).
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"backbone must be a timm model name, got {name!r}")
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _check_registry_name(name: str, shown: str | None = None) -> str:
+    """The architecture of a timm registry name (``arch`` or ``arch.tag``); refuses unknown names and tags."""
+    shown = shown or name
     architecture, _, tag = name.partition(".")
     if not timm.is_model(architecture):
         close = difflib.get_close_matches(architecture, timm.list_models(), n=6, cutoff=0.5)
         raise ValueError(
-            f"unknown backbone {name!r}: timm has no model {architecture!r}. "
+            f"unknown backbone {shown!r}: timm has no model {architecture!r}. "
             f"Use a timm ViT/DeiT name such as 'vit_base_patch16_224.augreg_in21k' (similar: {close})"
         )
     if tag:
@@ -56,9 +66,117 @@ def check_backbone_name(name: str) -> None:
         if name not in known:
             tags = [k.partition(".")[2] for k in known]
             raise ValueError(
-                f"unknown backbone {name!r}: timm has no pretrained tag {tag!r} for {architecture!r}; "
+                f"unknown backbone {shown!r}: timm has no pretrained tag {tag!r} for {architecture!r}; "
                 f"allowed tags: {tags or 'none (use the bare name)'}"
             )
+    return architecture
+
+
+def _cached_hub_config(repo: str, revision: str | None) -> dict[str, Any] | None:
+    """The repo's ``config.json`` from the local Hugging Face cache, if it is there (nothing downloads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if not isinstance(path, str):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def resolve_backbone_name(name: str) -> str:
+    """The timm architecture a backbone name builds, without building or downloading anything.
+
+    Accepts a timm registry name (``vit_base_patch16_224`` or with a pretrained tag,
+    ``vit_base_patch16_224.augreg_in21k``), a Hugging Face Hub name ``hf-hub:<owner>/<repo>[@revision]`` and
+    timm's ``local-dir:<folder>`` (a folder with timm's ``config.json`` and weights). A Hub name is resolved
+    from the repo's ``config.json`` in the local Hugging Face cache if it is there; otherwise a ``timm/``
+    repo is looked up in timm's registry of pretrained weights (its repos are named after them). Other
+    owners' repos not in the cache cannot be checked offline: their name is returned unchecked when the Hub
+    can be reached (timm fetches the config when the model is built) and refused with ``HF_HUB_OFFLINE=1``.
+
+    Returns:
+        The architecture (``vit_base_patch16_224``); for unchecked Hub repos, the Hub name itself.
+
+    Raises:
+        ValueError: Naming the unknown architecture (with similar names), tag (with the known tags), source
+            prefix, missing ``local-dir`` folder or uncached repo (offline).
+
+    Examples:
+        >>> resolve_backbone_name("hf-hub:timm/vit_small_patch16_224.augreg_in21k")
+        'vit_small_patch16_224'
+        >>> resolve_backbone_name("deit_tiny_patch16_224")
+        'deit_tiny_patch16_224'
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backbone must be a timm model name, got {name!r}")
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError as err:
+        raise ValueError(
+            f"backbone {name!r}: {err} (a timm name such as 'vit_base_patch16_224.augreg_in21k', "
+            "'hf-hub:timm/<name>' or 'local-dir:<folder>')"
+        ) from None
+    if source is None:
+        return _check_registry_name(name)
+    if source == "local-dir":
+        config_file = Path(model_id).expanduser() / "config.json"
+        if not config_file.is_file():
+            raise ValueError(
+                f"backbone {name!r}: {config_file} does not exist; a local-dir: backbone is a folder holding "
+                "timm's config.json and the weights (model.safetensors or pytorch_model.bin), as "
+                "timm.models.save_for_hf writes it"
+            )
+        with open(config_file, encoding="utf-8") as f:
+            architecture = json.load(f).get("architecture")
+        return _check_registry_name(str(architecture), f"{name} (architecture {architecture!r})")
+    repo, _, revision = model_id.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(
+            f"backbone {name!r}: a Hugging Face Hub backbone is 'hf-hub:<owner>/<repo>', e.g. "
+            "'hf-hub:timm/vit_base_patch16_224.augreg_in21k'"
+        )
+    config = _cached_hub_config(repo, revision or None)
+    if config is not None:
+        architecture = config.get("architecture")
+        return _check_registry_name(
+            str(architecture), f"{name} (architecture {architecture!r} in its config.json)"
+        )
+    owner, _, model = repo.partition("/")
+    if owner == "timm":  # timm's own repos are named after its registry's pretrained names
+        return _check_registry_name(model, name)
+    if _offline():
+        raise ValueError(
+            f"backbone {name!r}: its config.json is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+            f"is set, so the model cannot be built; download it first (hf download {repo}) or unset "
+            "HF_HUB_OFFLINE"
+        )
+    return name
+
+
+def check_backbone_name(name: str) -> None:
+    """Check that timm knows ``name`` (architecture and, if given, pretrained tag) without building anything.
+
+    Registry names, ``hf-hub:<owner>/<repo>`` and ``local-dir:<folder>`` (see :func:`resolve_backbone_name`).
+
+    Raises:
+        ValueError: Naming the unknown architecture (with similar names) or tag (with the known tags).
+    """
+    resolve_backbone_name(name)
+
+
+def _hub_error(name: str, err: Exception) -> ValueError:
+    """One sentence for weights the Hugging Face Hub could not deliver (offline, not cached, no access)."""
+    offline = " (HF_HUB_OFFLINE is set)" if _offline() else ""
+    reason = str(err).splitlines()[0] if str(err) else ""
+    return ValueError(
+        f"the pretrained weights of backbone {name!r} could not be fetched from the Hugging Face "
+        f"Hub{offline}: {type(err).__name__}: {reason}; without network they must be in the local cache "
+        "(HF_HOME / HF_HUB_CACHE), or give a local weights file as checkpoint_path"
+    )
 
 
 def _check_patch_divisibility(name: str, model: nn.Module) -> None:
@@ -138,6 +256,144 @@ def _architecture(module: nn.Module) -> dict[str, Any]:
     }
 
 
+_TIMM_LOAD_LOGGER = "timm.models._builder"
+"""The logger timm reports a pretrained load's missing and unexpected keys to (its ``load_pretrained``)."""
+
+_LOAD_REPORT = re.compile(r"(Missing|Unexpected) keys \((.*)\) (?:discovered|found) while loading", re.S)
+
+HF_TRANSFORMERS_EQUIVALENTS: dict[int, tuple[tuple[str, str], ...]] = {
+    192: (("facebook/deit-tiny-patch16-224", "deit_tiny_patch16_224.fb_in1k"),),
+    384: (
+        ("facebook/deit-small-patch16-224", "deit_small_patch16_224.fb_in1k"),
+        ("facebook/dino-vits16", "vit_small_patch16_224.dino"),
+    ),
+    768: (
+        ("google/vit-base-patch16-224-in21k", "vit_base_patch16_224.orig_in21k"),
+        ("google/vit-base-patch16-224", "vit_base_patch16_224.orig_in21k_ft_in1k"),
+        ("google/vit-base-patch32-224-in21k", "vit_base_patch32_224.orig_in21k"),
+        ("facebook/dino-vitb16", "vit_base_patch16_224.dino"),
+        ("facebook/vit-mae-base", "vit_base_patch16_224.mae"),
+        ("facebook/deit-base-patch16-224", "deit_base_patch16_224.fb_in1k"),
+    ),
+    1024: (
+        ("google/vit-large-patch16-224-in21k", "vit_large_patch16_224.orig_in21k"),
+        ("facebook/vit-mae-large", "vit_large_patch16_224.mae"),
+    ),
+    1280: (
+        ("google/vit-huge-patch14-224-in21k", "vit_huge_patch14_224.orig_in21k"),
+        ("facebook/vit-mae-huge", "vit_huge_patch14_224.mae"),
+    ),
+}
+"""Hugging Face ``transformers`` ViT checkpoints and the timm names of the same weights, by width (timm
+does not read ``transformers`` state dicts; these load with ``pretrained: true`` instead)."""
+
+
+class _LoadReport(logging.Handler):
+    """Collects the keys timm's ``load_pretrained`` reports as missing or unexpected.
+
+    timm loads non-strictly whenever the classifier is dropped (always here) and only logs those keys.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep the key lists of a load report."""
+        match = _LOAD_REPORT.match(record.getMessage())
+        if match:
+            keys = [k for k in match.group(2).split(", ") if k]
+            (self.missing if match.group(1) == "Missing" else self.unexpected).extend(keys)
+
+
+@contextlib.contextmanager
+def _load_report() -> Iterator[_LoadReport]:
+    """Collect timm's missing / unexpected key reports while a model is built with weights."""
+    logger = logging.getLogger(_TIMM_LOAD_LOGGER)
+    report, level = _LoadReport(), logger.level
+    logger.addHandler(report)
+    if not logger.isEnabledFor(logging.INFO):  # the missing keys are reported at INFO
+        logger.setLevel(logging.INFO)
+    try:
+        yield report
+    finally:
+        logger.removeHandler(report)
+        logger.setLevel(level)
+
+
+def _short(keys: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _conversion_hint(unexpected: Sequence[str], missing: Sequence[str], path: str | None) -> str:
+    """Which name to use instead, when the unexpected keys show what the file is."""
+    if any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in unexpected) or any(
+        ".attention.attention.query." in k for k in unexpected
+    ):
+        width = None
+        shapes = _checkpoint_shapes(path) if path is not None else None
+        for key, shape in (shapes or {}).items():
+            if key.endswith("embeddings.patch_embeddings.projection.weight") and len(shape) == 4:
+                width = int(shape[0])
+        known = HF_TRANSFORMERS_EQUIVALENTS.get(width or 0) or tuple(
+            pair for pairs in HF_TRANSFORMERS_EQUIVALENTS.values() for pair in pairs
+        )
+        names = "; ".join(f"{hf} -> {name}" for hf, name in known)
+        return (
+            "; these are Hugging Face transformers ViT keys, which timm does not convert: set backbone to "
+            f"the timm name of the same weights with pretrained: true and no checkpoint_path ({names})"
+        )
+    missing_set = set(missing)
+    for key in unexpected:
+        parts = key.split(".")
+        for cut in range(1, len(parts)):
+            prefix = ".".join(parts[:cut]) + "."
+            if ".".join(parts[cut:]) in missing_set:
+                return (
+                    f"; the file's keys carry the prefix {prefix!r} (a whole-model or Lightning "
+                    "checkpoint?): save the backbone's own state dict (keys like "
+                    "'blocks.0.attn.qkv.weight'), or give a dmpo checkpoint as --ckpt_path"
+                )
+    return ""
+
+
+def _quoted_keys(message: str, heading: str) -> list[str]:
+    """The ``"key"`` names torch's ``load_state_dict`` error lists after ``heading``."""
+    start = message.find(heading)
+    if start < 0:
+        return []
+    section = message[start:].split(". ", 1)[0]
+    return re.findall(r'"([^"]+)"', section)
+
+
+def _weights_source(name: str, checkpoint_path: str | None) -> str:
+    return (
+        f"checkpoint_path {checkpoint_path!r}" if checkpoint_path else f"the pretrained weights of {name!r}"
+    )
+
+
+def _check_loaded(name: str, model: nn.Module, report: _LoadReport, source: str, path: str | None) -> None:
+    """Refuse weights that fill less than the whole trunk, naming the missing and unexpected keys."""
+    model_keys = list(model.state_dict())
+    missing = [k for k in report.missing if k in set(model_keys)]
+    if not missing:
+        if report.unexpected:
+            warnings.warn(
+                f"{source} for backbone {name!r} holds {len(report.unexpected)} tensor(s) the model does not "
+                f"use ({_short(report.unexpected)}); all {len(model_keys)} backbone tensors were loaded",
+                UserWarning,
+                stacklevel=4,
+            )
+        return
+    loaded = len(model_keys) - len(missing)
+    raise ValueError(
+        f"{source} filled only {loaded} of the {len(model_keys)} tensors of backbone {name!r}, so the rest "
+        f"would stay random: missing {len(missing)} ({_short(missing)}); unexpected {len(report.unexpected)} "
+        f"({_short(report.unexpected) or 'none'}){_conversion_hint(report.unexpected, missing, path)}"
+    )
+
+
 def _checkpoint_mismatch(
     name: str, path: str, holds: dict[str, Any], builds: dict[str, Any] | None, detail: str = ""
 ) -> ValueError:
@@ -201,6 +457,12 @@ def build_backbone(
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     if checkpoint_path is not None:
+        if os.path.isdir(checkpoint_path):
+            raise FileNotFoundError(
+                f"backbone checkpoint_path {checkpoint_path!r} is a folder; give the timm weights file in "
+                "it (.pth, .bin, .safetensors or .npz), or name the folder as backbone 'local-dir:<folder>' "
+                "if it holds timm's config.json and weights"
+            )
         if not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(
                 f"backbone checkpoint_path {checkpoint_path!r} does not exist; give the path of a timm "
@@ -214,9 +476,17 @@ def build_backbone(
             "custom_load": checkpoint_path.endswith(".npz"),
         }
     check_backbone_name(name)
+    if checkpoint_path is not None and parse_model_name(name)[0] is not None:
+        raise ValueError(
+            f"backbone {name!r} names its weights (Hub or local-dir) and checkpoint_path {checkpoint_path!r} "
+            "names other ones; give one: the timm architecture name with checkpoint_path, or the "
+            f"{name.partition(':')[0]}: name with pretrained=true"
+        )
     holds = describe_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    report = _LoadReport()
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        with _load_report() as report:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except TypeError as err:
         if "unexpected keyword argument" not in str(err):
             raise
@@ -227,16 +497,30 @@ def build_backbone(
             "does not take"
         ) from err
     except RuntimeError as err:
-        if holds is None or "size mismatch" not in str(err):
+        text = str(err)
+        if "size mismatch" not in text and ("Missing key(s)" in text or "Unexpected key(s)" in text):
+            # a strict load (weights whose config keeps the classifier as it is): torch lists the keys
+            report.missing = _quoted_keys(text, "Missing key(s)")
+            report.unexpected = _quoted_keys(text, "Unexpected key(s)")
+            plain = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+            empty = timm.create_model(name, pretrained=False, num_classes=0, **plain)
+            _check_loaded(name, empty, report, _weights_source(name, checkpoint_path), checkpoint_path)
+        if holds is None or "size mismatch" not in text:
             raise
         first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
         plain = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
         builds = _architecture(timm.create_model(name, pretrained=False, num_classes=0, **plain))
         raise _checkpoint_mismatch(name, str(checkpoint_path), holds, builds, f" (timm: {first})") from None
+    except Exception as err:
+        if type(err).__module__.startswith("huggingface_hub"):  # offline, not cached, gated, no such repo
+            raise _hub_error(name, err) from err
+        raise
     if holds is not None and checkpoint_path is not None:
         builds = _architecture(model)
         if (holds["depth"], holds["embed_dim"]) != (builds["depth"], builds["embed_dim"]):
             raise _checkpoint_mismatch(name, checkpoint_path, holds, builds)
+    if pretrained:
+        _check_loaded(name, model, report, _weights_source(name, checkpoint_path), checkpoint_path)
     _check_supported_class(name, model)
     _check_patch_divisibility(name, model)
     return model
@@ -324,6 +608,18 @@ def run_blocks(
     for i in range(start, stop):
         tokens = blocks[i](tokens, rope=rope[i] if mixed else rope)
     return tokens
+
+
+def default_head_pool(backbone: nn.Module) -> str:
+    """How the backbone's own head pools the tokens: ``"avg"`` (mean of the patch tokens) or ``"token"``.
+
+    ``"avg"`` for backbones without a class token (``*_gap_*``, ``class_token=False``, SigLIP) and for those
+    whose timm ``global_pool`` averages (EVA02: ``avg``; ``max`` / ``avgmax`` are read as the mean, the
+    nearest pooling a head supports); ``"token"`` (the class token) otherwise.
+    """
+    if getattr(backbone, "cls_token", None) is None:
+        return "avg"
+    return "avg" if getattr(backbone, "global_pool", "token") in ("avg", "max", "avgmax") else "token"
 
 
 def backbone_depth(backbone: nn.Module) -> int:

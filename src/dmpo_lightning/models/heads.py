@@ -56,8 +56,9 @@ _TRACE_EPS = 1e-5
 
 # The head options: each has one name, from the CLI (``exits.<name>``, :class:`~dmpo_lightning.models.
 # multi_exit.ExitOptions`) down to the head classes' arguments, and one default, written here.
-HEAD_POOL: Literal["token", "avg"] = "token"
-"""Default ``head_pool``: ``linear`` predictors read the class token."""
+HEAD_POOL: Literal["token", "avg"] | None = None
+"""Default ``head_pool``: ``None`` = pool as the backbone's own head does (``MultiExitViT`` decides from the
+backbone; a head alone reads the class token when it has one, else the mean of the patch tokens)."""
 HEAD_DROPOUT = 0.0
 """Default ``head_dropout``: no dropout before the classifiers."""
 MOMENT_DIM = 512
@@ -72,7 +73,7 @@ COV_ITERATIONS = 5
 
 def check_head_options(
     *,
-    head_pool: str = HEAD_POOL,
+    head_pool: str | None = HEAD_POOL,
     head_dropout: float = HEAD_DROPOUT,
     moment_dim: int = MOMENT_DIM,
     moment_groups: int = MOMENT_GROUPS,
@@ -94,7 +95,7 @@ def check_head_options(
         ...
         ValueError: exits.moment_dim must be a positive multiple of exits.moment_groups=4, got 30
     """
-    if head_pool not in ("token", "avg"):
+    if head_pool not in ("token", "avg", None):
         raise ValueError(f"{prefix}head_pool must be 'token' or 'avg', got {head_pool!r}")
     check_dropout(head_dropout, f"{prefix}head_dropout")
     if isinstance(moment_groups, bool) or not isinstance(moment_groups, int) or moment_groups < 2:
@@ -178,7 +179,7 @@ class LinearHead(nn.Module):
         num_classes: Number of classes ``C``.
         num_prefix_tokens: Leading non-patch tokens (class/register/prompt).
         head_pool: ``"token"`` (first token; needs a prefix token) or ``"avg"`` (mean of the patch tokens),
-            as timm's ``global_pool``.
+            as timm's ``global_pool``; ``None``: the class token if there is one, else the mean.
         norm: Apply a LayerNorm before pooling (as the backbone's final norm does).
         head_dropout: Dropout before the classifier.
         class_token: Whether the first prefix token is a class token (``False`` for timm models built with
@@ -195,7 +196,7 @@ class LinearHead(nn.Module):
         dim: int,
         num_classes: int,
         num_prefix_tokens: int,
-        head_pool: Literal["token", "avg"] = HEAD_POOL,
+        head_pool: Literal["token", "avg"] | None = HEAD_POOL,
         norm: bool = True,
         head_dropout: float = HEAD_DROPOUT,
         class_token: bool = True,
@@ -204,6 +205,8 @@ class LinearHead(nn.Module):
         super().__init__()
         _check_sizes(dim, num_classes, num_prefix_tokens)
         check_head_options(head_pool=head_pool, head_dropout=head_dropout)
+        if head_pool is None:  # no backbone to ask: the class token if there is one
+            head_pool = "token" if class_token and num_prefix_tokens > 0 else "avg"
         if head_pool == "token" and num_prefix_tokens == 0:
             raise ValueError(
                 "head_pool='token' needs a class token but num_prefix_tokens=0; use head_pool='avg'"
@@ -533,7 +536,7 @@ def build_predictor(
     num_classes: int,
     num_prefix_tokens: int,
     *,
-    head_pool: Literal["token", "avg"] = HEAD_POOL,
+    head_pool: Literal["token", "avg"] | None = HEAD_POOL,
     norm: bool = True,
     moment_dim: int = MOMENT_DIM,
     moment_groups: int = MOMENT_GROUPS,
@@ -553,7 +556,7 @@ def build_predictor(
         dim: Token width ``D``.
         num_classes: Number of classes ``C``.
         num_prefix_tokens: Leading non-patch tokens (class/register/VPT prompt).
-        head_pool: ``linear`` only: ``"token"`` or ``"avg"``.
+        head_pool: ``linear`` only: ``"token"``, ``"avg"`` or ``None`` (the class token if there is one).
         norm: ``linear`` only: LayerNorm before pooling.
         moment_dim: ``moment`` only: projection width.
         moment_groups: ``moment`` only: channel groups.

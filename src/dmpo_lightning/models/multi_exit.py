@@ -17,6 +17,7 @@ from dmpo_lightning.constants import EXITS_ATTR, PEFT_PREFIX
 from dmpo_lightning.models.adapters import PeftOptions, inject_peft, num_prompt_tokens
 from dmpo_lightning.models.backbone import (
     backbone_depth,
+    default_head_pool,
     embed_tokens_and_rope,
     num_prefix_tokens,
     resolve_exit_blocks,
@@ -42,21 +43,17 @@ from dmpo_lightning.models.heads import (
     build_predictor,
     check_head_options,
 )
-from dmpo_lightning.options import OptionGroup, register_legacy_names
+from dmpo_lightning.options import OptionGroup
 
 __all__ = [
     "EarlyExitOutput",
     "ExitOptions",
     "ExitPolicy",
     "ExitRule",
-    "HeadKind",
     "MultiExitViT",
     "PeftOptions",
     "eval_mode",
 ]
-
-HeadKind = PredictorKind
-"""The registered predictors (:data:`~dmpo_lightning.models.heads.PredictorKind`; kept under this name)."""
 
 
 @dataclass
@@ -122,8 +119,9 @@ class ExitOptions(OptionGroup):
     """Predictor of the last exit (``linear`` = the backbone's own head: its final norm, then SigLIP's
     attention pool, DeiT's class + distillation token classifiers, or the pooling of ``head_pool``, then a
     new Linear)."""
-    head_pool: Literal["token", "avg"] = HEAD_POOL
-    """Pooling of ``linear`` predictors: class token or mean of the patch tokens."""
+    head_pool: Literal["token", "avg"] | None = HEAD_POOL
+    """Pooling of ``linear`` predictors: class token or mean of the patch tokens; ``None`` = as the backbone's
+    own head pools (the mean for ``*_gap_*``, ``class_token=False`` and EVA02, the class token otherwise)."""
     moment_dim: int = MOMENT_DIM
     """Projection width of ``moment`` predictors (a multiple of ``moment_groups``)."""
     moment_groups: int = MOMENT_GROUPS
@@ -148,9 +146,6 @@ class ExitOptions(OptionGroup):
         )
         if self.bypass_dim is not None:
             check_positive_int(self.bypass_dim, "exits.bypass_dim")
-
-
-register_legacy_names("exits", ExitOptions, {"blocks": "exit_blocks"})
 
 
 class MultiExitViT(nn.Module):
@@ -220,7 +215,7 @@ class MultiExitViT(nn.Module):
         class_token = getattr(backbone, "cls_token", None) is not None
         # The final linear exit is the backbone's own head: attention pooling (SigLIP's attn_pool) and
         # DeiT's class + distillation token classifiers are kept; otherwise the final norm + a new Linear.
-        head_pool = e.head_pool
+        head_pool = default_head_pool(backbone) if e.head_pool is None else e.head_pool
         attn_pool = getattr(backbone, "attn_pool", None) if e.final_head == "linear" else None
         distilled = getattr(backbone, "dist_token", None) is not None and head_pool == "token"
         token_pooled = e.early_head == "linear" or (e.final_head == "linear" and attn_pool is None)

@@ -14,8 +14,8 @@ How a request travels:
    ``batch_timeout`` seconds or ``max_batch_size`` images, decodes each request's images on its own (a bad
    image fails only its own request, 4xx), and pushes them into the batch-filling engine
    (:class:`~dmpo_lightning.serve.batcher.RequestBatcher`), whose per-stage queues pool the samples that
-   continue after each exit across requests, so later stages run full batches too. When a window closes
-   with fewer than ``max_batch_size`` images (the server is not saturated) every queued sample runs out.
+   continue after each exit across requests, so later stages run full batches too. Unless a full window
+   more is already waiting (a backlog), every queued sample runs out at the end of the window.
 3. Each request is answered once all of its images have left: ``{"budget": ..., "predictions": [row, ...]}``
    with the package's prediction rows (class index and name, exit numbered from 1, confidence, GFLOPs).
 
@@ -186,6 +186,14 @@ class EarlyExitAPI(ls.LitAPI):
         return output
 
 
+def _backlog(request_queue: Any) -> int:
+    """Requests waiting in LitServe's queue (0 if the queue cannot tell)."""
+    try:
+        return int(request_queue.qsize())
+    except (NotImplementedError, OSError, EOFError):
+        return 0
+
+
 @dataclass
 class _Waiting:
     response_queue_id: int
@@ -198,8 +206,9 @@ class EngineLoop(LitLoop):
 
     A window opens with its first request and closes after ``batch_timeout`` seconds or once it holds
     ``max_batch_size`` images. Each request is decoded on its own (a bad one is answered 4xx alone), then
-    all go to :meth:`RequestBatcher.run`; a window with fewer than ``max_batch_size`` images (no backlog)
-    runs every queued sample out, so no request waits for later traffic.
+    all go to :meth:`RequestBatcher.run`. Samples that continue stay in the engine's stage queues only while
+    there is a backlog (the window was full and a full window more is waiting in the queue); otherwise every
+    queued sample runs out, so no request waits for traffic that is not there.
     """
 
     def __call__(  # type: ignore[override]
@@ -287,7 +296,8 @@ class EngineLoop(LitLoop):
             waiting[(response_queue_id, uid)] = w
             items.append(((response_queue_id, uid), decoded.images, decoded.budget))
             images += int(decoded.images.shape[0])
-        self._run(lit_api, transport, waiting, items, flush=images < lit_api.max_batch_size)
+        full = images >= lit_api.max_batch_size and _backlog(request_queue) >= lit_api.max_batch_size
+        self._run(lit_api, transport, waiting, items, flush=not full)
         return True
 
     def _run(

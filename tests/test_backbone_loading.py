@@ -1,0 +1,154 @@
+"""Weights that fill less than the whole trunk are refused, naming the missing and unexpected keys
+(issue 28, pattern 3): a Hugging Face ``transformers`` ViT state dict, a partial or prefixed timm state dict,
+and a Hub repo with part of the weights. A complete file loads bit-exact; extra tensors only warn."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from dmpo_lightning.cli import console_main
+from dmpo_lightning.models.backbone import build_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0)
+
+
+def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, **SMALL)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def transformers_vit_state(width: int = 192, depth: int = 2) -> dict[str, torch.Tensor]:
+    """Key names and shapes of a ``transformers`` ``ViTModel`` state dict (the format issue 28 found)."""
+    state = {
+        "vit.embeddings.cls_token": torch.zeros(1, 1, width),
+        "vit.embeddings.position_embeddings": torch.zeros(1, 197, width),
+        "vit.embeddings.patch_embeddings.projection.weight": torch.zeros(width, 3, 16, 16),
+        "vit.embeddings.patch_embeddings.projection.bias": torch.zeros(width),
+    }
+    for i in range(depth):
+        for part in ("query", "key", "value"):
+            state[f"vit.encoder.layer.{i}.attention.attention.{part}.weight"] = torch.zeros(width, width)
+    return state
+
+
+def test_a_transformers_vit_state_dict_is_refused_naming_keys_and_the_timm_name(tmp_path: Path) -> None:
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(transformers_vit_state(), path)
+    with pytest.raises(ValueError) as err:
+        build_backbone("vit_tiny_patch16_224", checkpoint_path=str(path))
+    message = str(err.value)
+    assert "filled only 0 of the 150 tensors of backbone 'vit_tiny_patch16_224'" in message
+    assert "missing 150 (cls_token, pos_embed, patch_embed.proj.weight" in message
+    assert "unexpected 10 (vit.embeddings.cls_token" in message
+    assert "Hugging Face transformers ViT keys, which timm does not convert" in message
+    assert "facebook/deit-tiny-patch16-224 -> deit_tiny_patch16_224.fb_in1k" in message  # width 192
+    assert "google/vit-base" not in message  # only the names of this width
+
+
+def test_a_partial_timm_state_dict_is_refused_with_the_count(tmp_path: Path) -> None:
+    state = tiny_state()
+    for key in [k for k in state if k.startswith("blocks.3.mlp")]:
+        del state[key]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(
+        ValueError, match=r"filled only 50 of the 54 tensors .*missing 4 \(blocks\.3\.mlp\.fc1"
+    ):
+        build_backbone(
+            "vit_tiny_patch16_224",
+            checkpoint_path=str(tmp_path / "partial.pth"),
+            img_size=32,
+            model_kwargs=SMALL,
+        )
+
+
+def test_a_prefixed_state_dict_names_the_prefix(tmp_path: Path) -> None:
+    torch.save({f"model.backbone.{k}": v for k, v in tiny_state().items()}, tmp_path / "prefixed.pth")
+    with pytest.raises(
+        ValueError, match=r"the file's keys carry the prefix 'model\.backbone\.'.*--ckpt_path"
+    ):
+        build_backbone(
+            "vit_tiny_patch16_224",
+            checkpoint_path=str(tmp_path / "prefixed.pth"),
+            img_size=32,
+            model_kwargs=SMALL,
+        )
+
+
+def test_a_complete_file_loads_and_extra_tensors_only_warn(tmp_path: Path) -> None:
+    state = tiny_state(seed=4)
+    torch.save({**state, "head.weight": torch.zeros(7, 32), "head.bias": torch.zeros(7)}, tmp_path / "a.pth")
+    model = build_backbone(
+        "vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "a.pth"), img_size=32, model_kwargs=SMALL
+    )
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    torch.save({**state, "teacher.proj": torch.zeros(3)}, tmp_path / "b.pth")
+    with pytest.warns(
+        UserWarning, match=r"holds 1 tensor\(s\) the model does not use \(teacher\.proj\); all 54"
+    ):
+        build_backbone(
+            "vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "b.pth"), img_size=32, model_kwargs=SMALL
+        )
+
+
+def test_through_the_cli_it_is_one_sentence_before_any_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.save(transformers_vit_state(width=32), tmp_path / "hf.bin")
+    argv = [
+        "dmpo",
+        "fit",
+        "-c",
+        str(ROOT / "tests" / "configs" / "tiny.yaml"),
+        f"--model.init_args.checkpoint_path={tmp_path / 'hf.bin'}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as info:
+        console_main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "filled only 0 of the 54 tensors" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_hub_repo_with_part_of_the_weights_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+    from timm.models import save_for_hf
+
+    repo = "someone/half-vit"
+    snapshot = tmp_path / "hub" / "models--someone--half-vit" / "snapshots" / ("0" * 40)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, **SMALL)
+    save_for_hf(model, str(snapshot), safe_serialization=True)
+    half = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("blocks.2")}
+    save_file(half, str(snapshot / "model.safetensors"))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(
+        ValueError, match=r"the pretrained weights of 'hf-hub:someone/half-vit' filled only 42 of"
+    ):
+        build_backbone(f"hf-hub:{repo}", pretrained=True, img_size=32)
+
+
+def test_a_folder_as_checkpoint_path_or_a_file_as_data_root_says_so(tmp_path: Path) -> None:
+    from dmpo_lightning.data import BenchmarkDataModule, DatasetLayoutError
+
+    with pytest.raises(
+        FileNotFoundError, match=r"checkpoint_path '.*' is a folder; give the timm weights file"
+    ):
+        build_backbone("vit_tiny_patch16_224", checkpoint_path=str(tmp_path))
+    (tmp_path / "cifar.tar").write_bytes(b"x")
+    with pytest.raises(
+        DatasetLayoutError, match=r"root='.*cifar\.tar' for dataset 'cifar10' is a file; give the"
+    ):
+        BenchmarkDataModule("cifar10", root=str(tmp_path / "cifar.tar"))
