@@ -117,6 +117,15 @@ class DMPOModule(pl.LightningModule):
         warmup_fraction: float = 0.1,
     ) -> None:
         super().__init__()
+        # plain dicts for save_hyperparameters (it reads these locals); a misspelt field is refused by name
+        groups = {
+            "peft": PeftOptions.coerce(peft, name="peft").to_dict(),
+            "exits": ExitOptions.coerce(exits, name="exits").to_dict(),
+            "schedule": ScheduleOptions.coerce(schedule, name="schedule").to_dict(),
+        }
+        peft, exits, schedule = groups.values()  # type: ignore[assignment]
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.hparams.update(groups)  # the CLI passes its own hparams mapping: keep the plain dicts
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.model = self.build_model()
