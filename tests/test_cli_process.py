@@ -103,7 +103,7 @@ def test_sigterm_during_fit_exits_non_zero_with_a_resumable_checkpoint(tmp_path)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     (ckpt,) = (tmp_path / "runs" / "dmpo" / "version_0" / "checkpoints").glob("*.ckpt")
     assert ckpt.name == "interrupted.ckpt"
-    assert f"dmpo: stopped by SIGTERM; resume with --ckpt_path {ckpt.relative_to(tmp_path)}" in err
+    assert f"dmpo fit: stopped by SIGTERM; resume with --ckpt_path {ckpt.relative_to(tmp_path)}" in err
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert 1 <= saved["global_step"] < 4 and saved["epoch"] == 0
     assert {"EpochSeed", "LossWeightScheduler"} <= set(saved["callbacks"])

@@ -59,16 +59,21 @@ def test_a_named_logger_version_never_loses_the_training_run(tmp_path):
         main(["fit", "-c", TINY, "--trainer.max_epochs=2", EXP1, f"--ckpt_path={other_ckpt}"])
     assert _bytes(run, "metrics.csv", "config.yaml", "hparams.yaml") == kept
 
-    # test with the run's own config logs into exp1_test, never into the training run's folder
+    # test and predict of the run's checkpoint belong to the run: each writes a new folder inside it, never
+    # a file of the training run
     main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])
     assert _bytes(run, "metrics.csv", "config.yaml", "hparams.yaml") == kept
-    assert not (run / "dmpo_test").exists()
-    evaluated = tmp_path / "runs" / "dmpo" / "exp1_test"
-    assert (evaluated / "dmpo_test" / "report.json").is_file()
+    evaluated = run / "dmpo_test"
+    assert (evaluated / "report.json").is_file() and (evaluated / "config.yaml").is_file()
     assert "test/acc_exit3" in (evaluated / "metrics.csv").read_text()
+    main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])  # a second test: a second folder
+    assert (run / "dmpo_test_1" / "report.json").is_file()
     main(["predict", "-c", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])
-    assert (tmp_path / "runs" / "dmpo" / "exp1_predict" / "predictions.csv").is_file()
-    assert sorted(p.name for p in run.iterdir()) == files
+    assert (run / "dmpo_predict" / "predictions.csv").is_file()
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [*files, "dmpo_test", "dmpo_test_1", "dmpo_predict"]
+    )
+    assert not list(run.rglob(".dmpo-claim"))  # every claim was released
 
     # a resume into its own folder appends to metrics.csv and keeps config.yaml / hparams.yaml
     old_rows = _rows(run / "metrics.csv")
@@ -78,7 +83,7 @@ def test_a_named_logger_version_never_loses_the_training_run(tmp_path):
             "-c",
             TINY,
             "--trainer.max_epochs=2",
-            "--model.init_args.schedule.switch_epoch=1",
+            "--model.init_args.schedule.switch_epoch=0",
             EXP1,
             f"--ckpt_path={ckpt}",
         ]
@@ -247,10 +252,10 @@ def test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_fi
     assert (tmp_path / "r" / "report.json").is_file()
     # test needs neither the fit-only callbacks' states (no warning asking for them) ...
     assert not [w for w in caught if "Please add the following callbacks" in str(w.message)]
-    # ... nor a second "DataLoader 1" column repeating the test values in Lightning's table
+    # ... and dmpo test prints its own report, not Lightning's table of repeated per-loader columns
     out = capsys.readouterr().out
-    assert "DataLoader 0" in out and "DataLoader 1" not in out
-    assert "test/acc_exit3" in out
+    assert "DataLoader 0" not in out and "DataLoader 1" not in out
+    assert "Anytime prediction" in out
 
 
 def test_an_unwritable_report_dir_fails_before_the_evaluation(tmp_path, monkeypatch, capsys):

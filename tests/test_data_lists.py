@@ -297,7 +297,7 @@ TINY_MODEL = [
     "--model.init_args.exits.blocks=[1, 2, 3, 4]",
     "--model.init_args.exits.moment_dim=32",
     "--model.init_args.peft.adapter_dim=8",
-    "--model.init_args.evaluation.budgets=[0.5, 0.75]",
+    "--evaluation.budgets=[0.5, 0.75]",
     "--data.init_args.num_workers=0",
     "--data.init_args.batch_size=4",
 ]

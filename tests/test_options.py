@@ -78,7 +78,6 @@ def test_the_fingerprint_names_each_option_as_the_user_writes_it():
         "exits.early_head": "isqrt_cov",
         "exits.final_head": "linear",
         "peft.method": "lora",
-        "evaluation.rule": "entropy",
     }
     assert dotted_options({"peft": PeftOptions("vpt"), "img_size": 32})["peft.method"] == "vpt"
 

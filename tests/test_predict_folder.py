@@ -171,7 +171,7 @@ def _simulate(module: DMPOModule, paths: list[str], thresholds: list[float]) -> 
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         logits = torch.stack(module(x), dim=1)
-    scores, preds = exit_scores(logits, module.hparams.evaluation["rule"])
+    scores, preds = exit_scores(logits, "confidence")  # the rule make_run fitted the thresholds for
     exits = assign_exits(scores, torch.tensor(thresholds, dtype=torch.float64))
     probs = logits.softmax(dim=-1).amax(dim=-1)
     rows = torch.arange(len(paths))

@@ -176,7 +176,9 @@ def test_cli_help_lists_the_registered_names_and_rejects_a_typo():
     assert helped.returncode == 0, helped.stderr[-2000:]
     assert "--model.peft.method {adaptformer,lora,vpt,linear,full}" in helped.stdout
     assert "--model.exits.early_head {linear,moment,isqrt_cov}" in helped.stdout
-    assert "--model.evaluation.rule {confidence,entropy,patience}" in helped.stdout
+    assert "--model.evaluation" not in helped.stdout  # evaluation options are not the model's
+    top = subprocess.run([*env_cmd, "--help"], capture_output=True, text=True, timeout=300)
+    assert "--evaluation.rule RULE" in top.stdout and "confidence" in top.stdout, top.stdout[-3000:]
     assert "AdaptFormer bottleneck width r." in helped.stdout  # the field's docstring is its help
     typo = subprocess.run(
         [*env_cmd, "-c", TINY, "--model.init_args.peft.method=lroa", "--print_config"],

@@ -203,12 +203,12 @@ def test_checkpoint_loads_for_test_and_predict_in_a_fresh_process(tmp_path, monk
     assert trained.keys() == loaded.keys()
     assert all(torch.equal(trained[k], loaded[k]) for k in trained)
 
-    # `dmpo test` and `dmpo predict` each logged into a new version folder of the same run name.
+    # `dmpo test` and `dmpo predict` of the run's checkpoint each wrote a new folder inside that run
     (report,) = (tmp_path / "runs" / "dmpo").glob("version_*/dmpo_test/report.json")
     data = json.loads(report.read_text())
     assert data["num_test"] == 24 and data["num_calibration"] == 16
     assert data["checkpoint_hash"].startswith("file:")
-    (predictions,) = (tmp_path / "runs" / "dmpo").glob("version_*/predictions.csv")
+    (predictions,) = (tmp_path / "runs" / "dmpo").glob("version_*/dmpo_predict/predictions.csv")
     lines = predictions.read_text().splitlines()
     assert lines[0] == ",".join(SAMPLE_COLUMNS)  # the one predictions schema
     assert len(lines) == 1 + 24

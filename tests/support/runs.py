@@ -63,7 +63,8 @@ def make_run(
     not trivially zero; thresholds are score quantiles on random images, so several exits are used.
     """
     torch.manual_seed(seed)
-    rule = overrides.pop("exit_rule", "confidence")  # fitted by `dmpo test`, recorded in thresholds.json
+    # the rule `dmpo test` fitted the thresholds for (recorded in thresholds.json, not a model option)
+    rule = (overrides.pop("evaluation", None) or {}).get("rule", overrides.pop("exit_rule", "confidence"))
     module = DMPOModule(**tiny_hparams(**overrides))
     module.exit_rule = rule
     module.train_steps.fill_(4)  # stands for the training steps a real run had

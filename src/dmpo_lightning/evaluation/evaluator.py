@@ -351,7 +351,7 @@ class DMPOEvaluator(pl.Callback):
             budgets=o.budgets,
             budget_unit=o.budget_unit,
             exit_rule=o.test_rule,
-            hparams=dict(module.hparams),
+            hparams={**dict(module.hparams), "evaluation": o.to_dict()},  # the report tells how it was made
             checkpoint_hash=checkpoint_hash(module.model, _path(trainer.ckpt_path)),
             report_dir=self.report_dir,
             is_global_zero=trainer.is_global_zero,
