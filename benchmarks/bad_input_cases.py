@@ -207,7 +207,34 @@ def make_fixtures(base: Path) -> dict:
     )
     weights.rename(base / "weights_moved.pth")
     make_deploy_fixtures(ctx)
+    make_data_fixtures(ctx)
     return ctx
+
+
+def make_data_fixtures(ctx: dict) -> None:
+    """Files for the issue-28 data and backbone-weights cases (pattern 3 and the data parts of pattern 9)."""
+    import torch
+    from PIL import Image
+
+    base = ctx["base"]
+    # a Hugging Face transformers ViTModel state dict (the key names issue 28 found accepted)
+    hf = {
+        "vit.embeddings.cls_token": torch.zeros(1, 1, 32),
+        "vit.embeddings.patch_embeddings.projection.weight": torch.zeros(32, 3, 8, 8),
+        "vit.encoder.layer.0.attention.attention.query.weight": torch.zeros(32, 32),
+    }
+    torch.save(hf, base / "hf_vit.bin")
+    ctx["hf_vit"] = base / "hf_vit.bin"
+    # an image_list dataset whose training list is Latin-1, not UTF-8
+    listed = base / "listed"
+    (listed / "img").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), (40, 80, 120)).save(listed / "img" / name)
+    (listed / "train.txt").write_bytes("img/a.png 0\n# r\xe9sum\xe9\nimg/b.png 1\n".encode("latin-1"))
+    (listed / "test.txt").write_text("img/a.png 0\nimg/b.png 1\n", encoding="utf-8")
+    ctx["listed"] = listed
+    (base / "vtab-1k" / "cifar").mkdir(parents=True)  # the release folder without the task's lists
+    ctx["vtab"] = base / "vtab-1k"
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
@@ -667,13 +694,14 @@ CASES = [
     ),
     Case(
         "register_tokens_token_pool",
-        "`head_pool: token` on a `*_gap_*` register model (CLI)",
+        "`exits.head_pool: token` on a `*_gap_*` register model (CLI; the default now pools as the backbone)",
         "test_bad_input_model::test_token_pooling_without_a_class_token_is_refused",
         fmt(
             "fit",
             *T,
             "--model.init_args.backbone=vit_betwixt_patch16_reg4_gap_256",
             "--model.init_args.backbone_kwargs={{patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2}}",
+            "--model.init_args.exits.head_pool=token",
         ),
     ),
     Case(
@@ -1081,6 +1109,70 @@ CASES = [
         "test_deploy_predict_cli::test_a_device_that_does_not_exist_is_refused_in_one_sentence",
         fmt("{art}", "{hostile_nan}", "--output={work}/p.csv", "--device=cuda:7"),
         program="python -m dmpo_lightning.deploy",
+    ),
+    Case(
+        "calibration_size_too_large",
+        "issue 28/9: `calibration_size` larger than the training data (traceback, empty version_N)",
+        "test_data_lists::test_calibration_size_the_data_cannot_hold_is_one_sentence_before_any_run_folder",
+        fmt("fit", *T, "--data.init_args.calibration_size=100"),
+        line=r"error: .*leaves no training data",
+        after=lambda ctx: f"runs/ created: {(ctx['work'] / 'runs').exists()}",
+    ),
+    Case(
+        "calibration_size_zero",
+        "issue 28/9: `calibration_size` 0 (traceback, empty version_N)",
+        "test_data_lists::test_calibration_size_the_data_cannot_hold_is_one_sentence_before_any_run_folder",
+        fmt("fit", *T, "--data.init_args.calibration_size=0"),
+        line=r"error: .*must be positive",
+        after=lambda ctx: f"runs/ created: {(ctx['work'] / 'runs').exists()}",
+    ),
+    Case(
+        "calibration_indices_folder",
+        "issue 28/9: a folder given as `calibration_indices_file`",
+        "test_data_errors::test_indices_file_for_another_dataset_or_out_of_range",
+        fmt("fit", *T, "--data.init_args.calibration_indices_file={base}"),
+        line=r"error: .*is a folder",
+    ),
+    Case(
+        "list_file_not_utf8",
+        "issue 28/9: an `image_list` list file that is not UTF-8",
+        "test_data_lists::test_image_list_errors_name_the_file",
+        fmt(
+            "fit",
+            *T,
+            "--data.init_args.dataset=image_list",
+            "--data.init_args.root={listed}",
+            "--data.init_args.calibration_size=null",
+        ),
+        line=r"error: .*not UTF-8",
+    ),
+    Case(
+        "vtab_task_lists_missing",
+        "VTAB-1k: the task folder without its list files",
+        "test_data_lists::test_vtab1k_errors",
+        fmt(
+            "fit",
+            *T,
+            "--data.init_args.dataset=vtab1k",
+            "--data.init_args.task=cifar",
+            "--data.init_args.root={vtab}",
+            "--data.init_args.calibration_size=null",
+        ),
+        line=r"error: .*VTAB-1k task 'cifar' not found",
+    ),
+    Case(
+        "hf_transformers_checkpoint",
+        "issue 28/3: a Hugging Face transformers ViT state dict as `checkpoint_path` (trunk stayed random)",
+        "test_backbone_loading::test_a_transformers_vit_state_dict_is_refused_naming_keys_and_the_timm_name",
+        fmt("fit", *T, "--model.init_args.checkpoint_path={hf_vit}"),
+        line=r"error: .*filled only 0 of",
+    ),
+    Case(
+        "hub_repo_offline_uncached",
+        "issue 30: an `hf-hub:` backbone of another owner, offline and not in the cache",
+        "test_backbone_hub::test_bad_hub_names_are_one_sentence",
+        fmt("fit", *T, "--model.init_args.backbone=hf-hub:someone/my-vit"),
+        line=r"error: .*not in the local Hugging Face cache",
     ),
     Case(
         "export_run_after_test",

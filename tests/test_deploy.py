@@ -223,6 +223,9 @@ def test_onnx_stages_agree_with_pytorch(tmp_path, case):
     out = export_artefact(str(tmp_path / "art"), run=str(r["run"]), onnx=True)
     manifest = json.loads((Path(out) / MANIFEST_FILE).read_text())
     assert [s["file"] for s in manifest["onnx"]["stages"]] == [f"stage_{k}.onnx" for k in range(4)]
+    assert manifest["onnx"]["exporter"] == "torch.onnx.export(dynamo=True)"
+    assert manifest["onnx"]["opset"] == 18
+    assert sorted(os.listdir(Path(out) / "onnx")) == [f"stage_{k}.onnx" for k in range(4)]  # no external data
     torch_p = EarlyExitPredictor.load(out, budget=0.5)
     onnx_p = EarlyExitPredictor.load(out, budget=0.5, backend="onnx", num_threads=1)
     assert onnx_p.backend == "onnx" and onnx_p.model is None

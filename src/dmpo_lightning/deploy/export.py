@@ -38,7 +38,7 @@ from dmpo_lightning.deploy.format import (
     encode_float,
 )
 from dmpo_lightning.deploy.merge import check_mergeable, merge_peft
-from dmpo_lightning.deploy.onnx_stages import OPSET, _require_onnx, export_stages
+from dmpo_lightning.deploy.onnx_stages import EXPORTER, OPSET, _require_onnx, export_stages
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
 from dmpo_lightning.evaluation.report import read_report
 from dmpo_lightning.evaluation.thresholds import read_thresholds
@@ -600,6 +600,7 @@ def _write_artefact(
             files = export_stages(model, os.path.join(tmp, ONNX_DIR), input_shape)
             manifest["onnx"] = {
                 "opset": OPSET,
+                "exporter": EXPORTER,
                 "stages": [{"file": f, "sha256": file_sha256(os.path.join(tmp, ONNX_DIR, f))} for f in files],
                 "weights": "each graph holds its stage's weights (all of them, frozen backbone included)",
             }

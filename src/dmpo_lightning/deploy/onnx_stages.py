@@ -6,7 +6,11 @@ returns logits only. Every graph has a dynamic batch dimension. The runtime scor
 the same incremental rule as ``MultiExitViT.forward_early_exit`` and feeds only the samples that stay to the
 next graph, so it takes the same decisions (tested: 0 mismatches, logits within 1e-4).
 
-Needs the ``[export]`` extra (``onnx``, ``onnxruntime``).
+The graphs are written by torch's current exporter, ``torch.onnx.export(..., dynamo=True)`` (``torch.export``
++ onnxscript), with the batch dimension declared dynamic through ``dynamic_shapes``; fused attention
+(``scaled_dot_product_attention``) and the RoPE of EVA02 export as they are.
+
+Needs the ``[export]`` extra (``onnx``, ``onnxruntime``, ``onnxscript``).
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ import torch
 from torch import nn
 
 from dmpo_lightning.deploy.format import ArtefactError
-from dmpo_lightning.models.backbone import explicit_attention
 from dmpo_lightning.models.exit_rules import exit_score_step
 
 if TYPE_CHECKING:
     from dmpo_lightning.models.multi_exit import MultiExitViT
 
-__all__ = ["OPSET", "OnnxStages", "export_stages", "stage_file"]
+__all__ = ["EXPORTER", "OPSET", "OnnxStages", "export_stages", "stage_file"]
 
-OPSET = 17
+OPSET = 18
+"""ONNX opset of the stage graphs (the dynamo exporter's own; onnxruntime >= 1.14 runs it)."""
+
+EXPORTER = "torch.onnx.export(dynamo=True)"
+"""How the stage graphs are written (recorded in the artefact's manifest)."""
 
 
 def stage_file(k: int) -> str:
@@ -51,10 +58,10 @@ class _Stage(nn.Module):
         return logits if self.last else (tokens, logits)
 
 
-def _require_onnx(what: str) -> None:
+def _require_onnx(what: str, modules: Sequence[str] = ("onnx", "onnxruntime", "onnxscript")) -> None:
     import importlib.util
 
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(
             f"{what} needs {' and '.join(missing)}; install the extra: pip install 'dmpo-lightning[export]'"
@@ -80,19 +87,15 @@ def export_stages(model: MultiExitViT, directory: str, input_shape: Sequence[int
     model.eval()
     files = []
     x = torch.zeros((2, *(int(s) for s in input_shape)))
+    batch = torch.export.Dim("batch", min=1)
     try:
-        with explicit_attention(model), warnings.catch_warnings():
-            # shape checks in the heads are traced as constants; they do not depend on the batch size
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # the TorchScript exporter (dynamo=False) needs no onnxscript; its deprecation notice is noise
-            warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             for k in range(model.num_exits):
-                stage = _Stage(model, k)
+                stage = _Stage(model, k).eval()
                 last = k == model.num_exits - 1
                 in_name = "images" if k == 0 else "tokens_in"
                 out_names = ["logits"] if last else ["tokens", "logits"]
-                axes = {name: {0: "batch"} for name in [in_name, *out_names]}
                 path = os.path.join(directory, stage_file(k))
                 torch.onnx.export(
                     stage,
@@ -100,9 +103,11 @@ def export_stages(model: MultiExitViT, directory: str, input_shape: Sequence[int
                     path,
                     input_names=[in_name],
                     output_names=out_names,
-                    dynamic_axes=axes,
+                    dynamic_shapes=({0: batch},),
                     opset_version=OPSET,
-                    dynamo=False,
+                    dynamo=True,
+                    external_data=False,  # one file per stage, weights inside (checksummed by the manifest)
+                    verbose=False,
                 )
                 onnx.checker.check_model(path)
                 files.append(stage_file(k))
@@ -138,7 +143,7 @@ class OnnxStages:
             raise ArtefactError(
                 "this artefact has no ONNX stages; export it with `dmpo export ... --onnx` for backend='onnx'"
             )
-        _require_onnx("backend='onnx'")
+        _require_onnx("backend='onnx'", ("onnxruntime",))
         import onnxruntime as ort
 
         from dmpo_lightning.files import file_sha256
