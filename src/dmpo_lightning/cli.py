@@ -30,7 +30,6 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import dmpo_lightning
 from dmpo_lightning.callbacks import InterruptCheckpoint, LossWeightScheduler
 from dmpo_lightning.checkpointing import (
     LIGHTNING_CKPT_NAMES,
@@ -51,6 +50,7 @@ from dmpo_lightning.files import check_output_file, claim_folder, release_folder
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule
 from dmpo_lightning.optim import check_learning_rates, param_groups
+from dmpo_lightning.version import __version__
 
 __all__ = ["DMPOCLI", "console_main", "main"]
 
@@ -197,7 +197,7 @@ class DMPOCLI(LightningCLI):
         """Add ``--version`` to the main parser."""
         parser = super().init_parser(**kwargs)
         parser.add_argument(
-            "--version", action="version", version=f"dmpo-lightning {dmpo_lightning.__version__}"
+            "--version", action="version", version=f"dmpo-lightning {__version__}"
         )
         return parser
 
@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Options of a command: dmpo <command> --help.  Tracebacks of configuration errors: --debug.",
         allow_abbrev=False,
     )
-    parser.add_argument("--version", action="version", version=f"dmpo-lightning {dmpo_lightning.__version__}")
+    parser.add_argument("--version", action="version", version=f"dmpo-lightning {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, text in LIGHTNING_COMMANDS.items():
         commands.add_parser(name, help=text, add_help=False, allow_abbrev=False)

@@ -33,8 +33,8 @@ from typing import IO, Any
 
 import torch
 
-from dmpo_lightning import __version__
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
+from dmpo_lightning.version import __version__
 
 __all__ = [
     "CLAIM_MARKER",

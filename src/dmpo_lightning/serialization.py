@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from dmpo_lightning import __version__
 from dmpo_lightning.files import atomic_write_bytes, tensors_sha256, to_jsonable
+from dmpo_lightning.version import __version__
 
 __all__ = [
     "TRAINABLE_FORMAT",

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-import dmpo_lightning
 from dmpo_lightning.checkpointing import weights_hash
 from dmpo_lightning.constants import MODEL_FINGERPRINT_KEYS
 from dmpo_lightning.data.fashion_mnist import FASHION_MNIST_CLASSES
@@ -46,6 +45,7 @@ from dmpo_lightning.files import file_sha256, tensors_sha256, to_jsonable, write
 from dmpo_lightning.models.adapters import PEFT_REGISTRY
 from dmpo_lightning.models.multi_exit import MultiExitViT
 from dmpo_lightning.options import dotted_options
+from dmpo_lightning.version import __version__
 
 __all__ = ["ExportInputs", "export_artefact", "resolve_run"]
 
@@ -527,7 +527,7 @@ def _manifest(
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "package_version": dmpo_lightning.__version__,
+        "package_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint_hash": checkpoint_hash,
         "checkpoint_file": os.path.basename(trained.path),

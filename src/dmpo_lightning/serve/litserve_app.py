@@ -46,12 +46,12 @@ from fastapi import Depends, HTTPException, Request
 from litserve.loops import LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
-from dmpo_lightning import __version__
 from dmpo_lightning.deploy.format import read_manifest
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.serve.batcher import Completed, RequestBatcher, prediction_rows
 from dmpo_lightning.serve.http import read_payload
 from dmpo_lightning.serve.payload import FULL, BadRequest, Limits, Payload, decode_image
+from dmpo_lightning.version import __version__
 
 __all__ = ["EarlyExitAPI", "EngineLoop", "artefact_info", "build_server", "read_request", "run_server"]
 
