@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from dmpo_lightning.cli import console_main
+from dmpo_lightning.console import console_main
 from dmpo_lightning.models.backbone import build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]

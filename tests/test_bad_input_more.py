@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmpo_lightning.cli import console_main, main
+from dmpo_lightning.cli import main
+from dmpo_lightning.console import console_main
 from dmpo_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ import yaml
 from PIL import Image
 from support.fakes import VTAB_FAKE_SIZES, decode_label, write_image_list, write_list, write_vtab1k
 
-from dmpo_lightning.cli import console_main, main
+from dmpo_lightning.cli import main
+from dmpo_lightning.console import console_main
 from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
 from dmpo_lightning.data import BenchmarkDataModule, DatasetLayoutError
 from dmpo_lightning.data.list_files import VTAB1K_GROUPS, VTAB1K_TASKS

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dmpo_lightning.cli import console_main, main
+from dmpo_lightning.cli import main
+from dmpo_lightning.console import console_main
 from dmpo_lightning.constants import IMAGE_KEY
 from dmpo_lightning.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist_subset
 from dmpo_lightning.deploy.export import resolve_run

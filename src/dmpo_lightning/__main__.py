@@ -1,6 +1,6 @@
 """``python -m dmpo_lightning`` runs the ``dmpo`` command."""
 
-from dmpo_lightning.cli import console_main
+from dmpo_lightning.console import console_main
 
 if __name__ == "__main__":
     console_main()

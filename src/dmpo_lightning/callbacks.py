@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import random
+import shutil
 import signal
 import threading
 from collections.abc import Mapping
@@ -17,12 +19,24 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dmpo_lightning.files import release_folder
 from dmpo_lightning.schedules import ScheduleOptions, TwoPhaseSchedule
 
-__all__ = ["EpochSeed", "InterruptCheckpoint", "LossWeightScheduler", "epoch_seed", "planned_epochs"]
+__all__ = [
+    "EpochSeed",
+    "InterruptCheckpoint",
+    "LossWeightScheduler",
+    "ReleaseFolder",
+    "SaveConfigNoOverwrite",
+    "continue_csv_log",
+    "epoch_seed",
+    "planned_epochs",
+]
 
 
 class LossWeightScheduler(pl.Callback):
@@ -283,3 +297,66 @@ class InterruptCheckpoint(pl.Callback):
             k += 1
         trainer.save_checkpoint(path)
         InterruptCheckpoint.saved = path
+
+
+class SaveConfigNoOverwrite(SaveConfigCallback):
+    """Save the run's config as ``config.yaml``, never replacing one (a resume writes ``config.<k>.yaml``)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Pick a free file name on rank 0, then save as Lightning does."""
+        if not self.already_saved and self.save_to_log_dir:
+            log_dir, name = trainer.log_dir, self.config_filename
+            if trainer.is_global_zero and log_dir and os.path.exists(os.path.join(log_dir, name)):
+                stem, suffix = os.path.splitext(name)
+                name = _next_free(log_dir, stem, suffix)
+                rank_zero_info(
+                    f"{os.path.join(log_dir, self.config_filename)} is kept; this run's config: {name}"
+                )
+            self.config_filename = trainer.strategy.broadcast(name)
+        super().setup(trainer, pl_module, stage)
+
+
+class ReleaseFolder(pl.Callback):
+    """Ends the claim of an evaluation's folder (``files.claim_folder``) when the run ends."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The run is over: the folder may be claimed again only if it stayed empty."""
+        release_folder(self.folder)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """A failed run ends its claim too."""
+        release_folder(self.folder)
+
+
+def _next_free(folder: str, stem: str, suffix: str) -> str:
+    k = 1
+    while os.path.exists(os.path.join(folder, f"{stem}.{k}{suffix}")):
+        k += 1
+    return f"{stem}.{k}{suffix}"
+
+
+def continue_csv_log(logger: CSVLogger) -> None:
+    """A resumed run appends to its folder's ``metrics.csv`` and writes ``hparams.<k>.yaml`` beside the old.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; the file is copied first and
+    put back, and the writer continues it (a new column rewrites the header, keeping every old row).
+    """
+    log_dir = logger.log_dir
+    metrics = os.path.join(log_dir, "metrics.csv")
+    backup = None
+    if os.path.isfile(metrics):
+        backup = f"{metrics}.resume-backup"
+        shutil.copy2(metrics, backup)
+    writer = logger.experiment  # deletes metrics.csv
+    if backup is not None:
+        os.replace(backup, metrics)
+        with open(metrics, newline="") as f:
+            header = next(csv.reader(f), [])
+        writer.metrics_keys = sorted(header)
+    if os.path.exists(os.path.join(log_dir, writer.NAME_HPARAMS_FILE)):
+        writer.NAME_HPARAMS_FILE = _next_free(log_dir, "hparams", ".yaml")

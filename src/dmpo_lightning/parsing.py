@@ -1,0 +1,214 @@
+"""What the ``dmpo`` command line was given: one-sentence parse errors, and no written value dropped.
+
+- :class:`DMPOArgumentParser`: jsonargparse's errors as a usage line and the reason, without dumps of the
+  parsed values, naming the options as users write them;
+- :func:`given_values`: the values the user wrote (config files and command line, without defaults);
+- :func:`refuse_dropped_values`: a value the user wrote that the run would not use is refused by name (a
+  data option the model's sets, a model option a checkpoint replaces);
+- :func:`constructor_error`: the error a class's constructor raised, without jsonargparse's wrapping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser
+
+from dmpo_lightning.errors import ConfigError
+from dmpo_lightning.module import DMPOModule
+
+__all__ = [
+    "DEBUG_ENV",
+    "LINKED",
+    "DMPOArgumentParser",
+    "constructor_error",
+    "debugging",
+    "given_values",
+    "refuse_dropped_values",
+]
+
+DEBUG_ENV = "DMPO_DEBUG"
+"""``DMPO_DEBUG=1`` (or ``--debug``) shows the traceback of configuration errors."""
+LINKED = {
+    "data.init_args.timm_model": "model.init_args.backbone",
+    "data.init_args.image_size": "model.init_args.img_size",
+    "data.init_args.in_chans": "model.init_args.in_chans",
+}
+"""Data options the CLI sets from the model's (link target -> source)."""
+TRAINING_ONLY = (
+    "schedule",
+    "label_smoothing",
+    "distill",
+    "distill_weight",
+    "distill_temperature",
+    "optimizer",
+    "lr_scheduler",
+    "warmup_fraction",
+    "pretrained",
+    "checkpoint_path",
+)
+"""Model options that only shape training (or the weights a checkpoint replaces): compared on resume only."""
+
+
+def debugging() -> bool:
+    """Whether tracebacks are wanted (``DMPO_DEBUG=1``, ``--debug`` or jsonargparse's debug mode)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or os.environ.get("JSONARGPARSE_DEBUG", "") != ""
+
+
+def _tidy_parse_error(message: str) -> str:
+    """Jsonargparse's message without dumps of the given value and the ``None`` alternative of unions."""
+    keep = []
+    for line in message.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("Given value type:", "Given value:", "Subtypes:")):
+            continue
+        if stripped == "- Expected a <class 'NoneType'>":
+            continue
+        head, sep, value = line.partition("Got value: ")
+        if sep and len(value) > 80:  # a whole Namespace(...) / dict of the model's arguments
+            line = f"{head}{sep}{value[:60]}..."
+        keep.append(line)
+    unknown = re.findall(r"Option '(\w+)' is not accepted", message)
+    if unknown and "class_path 'dmpo_lightning.DMPOModule'" in message:
+        accepted = ", ".join(p for p in inspect.signature(DMPOModule).parameters if p != "self")
+        keep.append(f"  model.init_args accepts: {accepted} (dmpo fit --model.help DMPOModule)")
+    if "'evaluation'" in message and ("model" in message or "init_args" in message):
+        keep.append(
+            "  the evaluation options are not model options: write `evaluation:` at the top level of the "
+            "config (beside `model:`), or --evaluation.<option> on the command line"
+        )
+    for group in ("peft", "exits", "schedule"):
+        if f"init_args.{group}" in message and "Expected a <class 'str'>" not in message and "str" in message:
+            keep.append(f"  {group} is a group of options, a mapping: e.g. `{group}: {{...}}`")
+    return "\n".join(keep)
+
+
+class DMPOArgumentParser(LightningArgumentParser):
+    """Parse errors as a short usage line and the reason, without a dump of the parsed values."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Print ``usage``, a tip and the tidied message to stderr and exit with status 2."""
+        message = _tidy_parse_error(message)
+        if not self.exit_on_error or debugging():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(
+            f"usage: {prog} [-h] [-c CONFIG] [--print_config] [options]\n"
+            f"tip: for the accepted options run: {prog} --help\nerror: {message}\n"
+        )
+        self.exit(2)
+
+
+def _plain(value: Any) -> Any:
+    """Config values in one form for comparison (Namespaces and mappings as dicts, tuples as lists)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_leaves(item, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def given_values(parser: LightningArgumentParser, args: ArgsType, sub: str | None) -> dict[str, Any]:
+    """The leaf values the user wrote (config files and command line), by dotted key, without defaults."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            given = (
+                parser.parse_object(args, defaults=False)
+                if isinstance(args, (dict, Namespace))
+                else parser.parse_args(args, defaults=False)
+            )
+    except (Exception, SystemExit):  # the first parse succeeded; without defaults a required key may lack
+        return {}
+    config = _plain(given.get(sub) if sub else given)
+    return {k: v for key, item in (config or {}).items() for k, v in _leaves(item, key).items()}
+
+
+def refuse_dropped_values(
+    given: Mapping[str, Any], config: Namespace, from_checkpoint: bool, *, resuming: bool
+) -> None:
+    """A value the user wrote that the run would not use is refused, naming it (never silently replaced).
+
+    - a data option the CLI sets from the model's (``data.init_args.image_size`` from
+      ``model.init_args.img_size``);
+    - with ``--ckpt_path``, a model option that differs from the checkpoint's (the model is rebuilt from it);
+      outside ``fit`` only the options that shape the trained model count (not :data:`TRAINING_ONLY`).
+    """
+    for target, source in LINKED.items():
+        if (
+            target in given
+            and given[target] is not None
+            and _plain(given[target]) != _plain(config.get(source))
+        ):
+            raise ConfigError(
+                f"{target}={given[target]} would be replaced by {source}={config.get(source)} (the data "
+                f"module follows the model); set {source} instead, or leave {target} out",
+                option=target,
+            )
+    if not from_checkpoint:
+        return
+    differ = [
+        (key, value, config.get(key))
+        for key, value in given.items()
+        if key.startswith("model.init_args.")
+        and (resuming or key.split(".")[2] not in TRAINING_ONLY)
+        and key in config
+        and _plain(value) != _plain(config.get(key))
+    ]
+    if differ:
+        details = "; ".join(
+            f"{k.removeprefix('model.init_args.')}: given {v!r}, checkpoint {c!r}" for k, v, c in differ
+        )
+        raise ConfigError(
+            f"the model is rebuilt from --ckpt_path's hyperparameters, and {len(differ)} option(s) given "
+            f"here differ from them ({details}); a resumed or evaluated model keeps its architecture and "
+            "schedule, so leave these options out (or start a new run without --ckpt_path)",
+            option="ckpt_path",
+        )
+
+
+JSONARGPARSE_WRAPPERS = (
+    "Does not validate against any of the Union subtypes",
+    "Problem with given class_path",
+    "Expected a <class 'NoneType'>",  # older jsonargparse reports the None alternative of the union first
+)
+
+
+def constructor_error(err: BaseException) -> BaseException:
+    """The error a class's constructor raised, without jsonargparse's wrapping (which dumps the options)."""
+    inner = err
+    while isinstance(inner.__cause__, Exception) and (
+        str(inner).startswith(JSONARGPARSE_WRAPPERS) or type(inner).__module__.startswith("jsonargparse")
+    ):
+        inner = inner.__cause__
+    if str(inner).startswith(JSONARGPARSE_WRAPPERS):  # older jsonargparse: only the union message has it
+        chain: list[BaseException] = []
+        e: BaseException | None = err
+        while e is not None and e not in chain:
+            chain.append(e)
+            e = e.__cause__
+        for e in chain:
+            for line in str(e).splitlines():
+                reason = line.strip()[2:] if line.strip().startswith("- ") else ""
+                if reason and not reason.startswith(JSONARGPARSE_WRAPPERS):
+                    return ValueError(reason)
+    return inner
