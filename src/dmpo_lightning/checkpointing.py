@@ -191,8 +191,11 @@ def model_fingerprint(hparams: Mapping[str, Any], exit_blocks: Sequence[int]) ->
 def store_class_names(module: Any, checkpoint: dict[str, Any]) -> None:
     """``checkpoint["class_names"]``: the data module's class names, else the module's, when known."""
     names = module.class_names
-    trainer = module._trainer
-    classes = getattr(getattr(trainer, "datamodule", None), "classes", None) if trainer is not None else None
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # not attached to a Trainer (a checkpoint saved by hand)
+        trainer = None
+    classes = getattr(getattr(trainer, "datamodule", None), "classes", None)
     if classes is not None and len(classes) == module.hparams.num_classes:
         names = [str(c) for c in classes]
     if names is not None:

@@ -10,10 +10,12 @@ is written, and turns a :class:`~dmpo_lightning.errors.ConfigError` into one lin
 from __future__ import annotations
 
 import contextlib
+import netrc
 import os
 import sys
 from typing import Any
 
+import jsonargparse
 import lightning.pytorch as pl
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -378,8 +380,6 @@ def _logger_init_args(config: Any) -> dict[str, Any]:
 
 def _read_attribute_docstrings(enabled: bool) -> None:
     """Let ``--help`` show the option groups' field docstrings (it doubles the parser's build time)."""
-    import jsonargparse
-
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=enabled)
 
 
@@ -423,7 +423,6 @@ def main(args: ArgsType = None, run: bool = True) -> DMPOCLI:
 
 
 def _wandb_logged_in() -> bool:
-    import netrc
 
     if os.environ.get("WANDB_API_KEY"):
         return True

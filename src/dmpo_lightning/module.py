@@ -331,7 +331,10 @@ class DMPOModule(pl.LightningModule):
         in, CSV out), each with default options. A callback of a type the trainer already has is not added
         (yours wins, and a trainer that fitted keeps the schedule it used).
         """
-        trainer = self._trainer
+        try:
+            trainer: pl.Trainer | None = self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
         fn = trainer.state.fn if trainer is not None else None
         wanted: list[pl.Callback] = [LossWeightScheduler(self.schedule_options), EpochSeed()]
         if fn == "test":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -127,7 +128,6 @@ class ImageListDataset(Dataset):
 
         Decodes every image once (in ``workers`` threads), so it costs about one pass over the files.
         """
-        from concurrent.futures import ThreadPoolExecutor
 
         def readable(i: int) -> bool:
             try:

@@ -204,7 +204,7 @@ def load_nabirds(root: str | Path) -> DatasetSplits:
 
 def _read_dogs_list(path: Path, images: Path) -> tuple[list[str], list[int], dict[int, str]]:
     """Paths, 0-based labels and label -> class folder of a Stanford Dogs ``*_list.mat`` file."""
-    import scipy.io
+    import scipy.io  # imported lazily: only Stanford Dogs' .mat lists need it (slow to import)
 
     try:
         mat = scipy.io.loadmat(str(path))
@@ -253,7 +253,7 @@ def load_stanford_dogs(root: str | Path) -> DatasetSplits:
             f"{base / 'lists'}); expected {STANFORD_DOGS_LAYOUT}"
         )
     try:
-        import scipy.io  # noqa: F401
+        import scipy.io  # noqa: F401  (imported lazily: a check that the .mat reader is there)
     except ImportError as error:
         raise ImportError(
             "reading Stanford Dogs' official lists (MATLAB .mat files) needs scipy, which is not installed: "

@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torchvision.datasets as tvd
+from torchvision.datasets.cifar import CIFAR10, CIFAR100
+from torchvision.datasets.flowers102 import Flowers102
+from torchvision.datasets.utils import check_integrity
 
 from dmpo_lightning.data.datasets import (
     ArrayImageDataset,
@@ -43,8 +47,6 @@ def cifar_layout(name: str) -> dict[str, Any]:
     ``test_list``, ``meta``), so what ``download=True`` fetches is what is read; only the reading is ours
     (see :func:`load_cifar`).
     """
-    from torchvision.datasets.cifar import CIFAR10, CIFAR100
-
     tv = {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
     return {
         "folder": tv.base_folder,
@@ -226,7 +228,7 @@ def _read_id_table(path: Path) -> dict[int, str]:
 def _require_scipy(what: str) -> None:
     """Raise our ImportError if scipy (which torchvision needs for the .mat label files) is missing."""
     try:
-        import scipy.io  # noqa: F401
+        import scipy.io  # noqa: F401  (imported lazily: a check that the .mat reader is there)
     except ImportError as error:
         raise ImportError(
             f"reading {what} (MATLAB .mat labels) needs scipy, which is not installed: pip install scipy"
@@ -272,9 +274,6 @@ def load_flowers102(root: str | Path) -> DatasetSplits:
 
 def _flowers102_checksum_message(base: Path) -> str:
     """Which of Flowers-102's ``.mat`` files fails torchvision's MD5 check, and what to do."""
-    from torchvision.datasets.flowers102 import Flowers102
-    from torchvision.datasets.utils import check_integrity
-
     md5 = dict(getattr(Flowers102, "_file_dict", {}).values())  # file name -> MD5 of the official file
     bad = [
         n for n in ("imagelabels.mat", "setid.mat") if n in md5 and not check_integrity(str(base / n), md5[n])
@@ -312,8 +311,6 @@ def _torchvision_split(
     torchvision raises ``RuntimeError`` for files it does not find or whose checksum differs; with every file
     already checked present, ``corrupted()`` (if given) words the checksum case.
     """
-    import torchvision.datasets as tvd
-
     try:
         return getattr(tvd, cls_name)(str(parent), split=split, download=False)
     except RuntimeError as err:

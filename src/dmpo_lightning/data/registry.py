@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import torchvision.datasets as tvd
+
 from dmpo_lightning.data import fashion_mnist, fgvc, formats, list_files
 from dmpo_lightning.data.datasets import ArrayImageDataset, DatasetSplits, SyntheticImageDataset
 from dmpo_lightning.data.errors import DatasetLayoutError
@@ -92,7 +94,6 @@ def _download_torchvision(class_name: str) -> Callable[[Path], None]:
     """A downloader calling ``torchvision.datasets.<class_name>(root, ..., download=True)`` per split."""
 
     def download(root: Path) -> None:
-        import torchvision.datasets as tvd
 
         cls = getattr(tvd, class_name)
         if class_name in ("CIFAR10", "CIFAR100", "FashionMNIST"):

@@ -26,9 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import timm
 import torchvision.transforms as T
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import resolve_data_config as timm_resolve
+from timm.models import load_model_config_from_hf, parse_model_name
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 """Resize interpolation modes accepted by the DataModule."""
@@ -87,9 +91,6 @@ def timm_data_config(model_name: str) -> dict[str, Any]:
     Raises:
         ValueError: If timm has no pretrained config for the name.
     """
-    import timm
-    from timm.data import resolve_data_config as timm_resolve
-
     cfg = _source_pretrained_cfg(model_name)
     if cfg is None:
         try:
@@ -108,9 +109,6 @@ def timm_data_config(model_name: str) -> dict[str, Any]:
 
 def _source_pretrained_cfg(model_name: str) -> dict[str, Any] | None:
     """The pretrained config of an ``hf-hub:`` or ``local-dir:`` name (``None`` for registry names)."""
-    import timm
-    from timm.models import load_model_config_from_hf, parse_model_name
-
     try:
         source, model_id = parse_model_name(model_name)
     except ValueError:
@@ -124,7 +122,6 @@ def _source_pretrained_cfg(model_name: str) -> dict[str, Any] | None:
         return found if isinstance(found, dict) else None
     if source != "hf-hub":
         return None
-    from huggingface_hub import try_to_load_from_cache
 
     repo, _, revision = model_id.partition("@")
     cached = try_to_load_from_cache(repo, "config.json", revision=revision or None)

@@ -26,6 +26,8 @@ from dmpo_lightning.checkpointing import weights_hash
 from dmpo_lightning.constants import MODEL_FINGERPRINT_KEYS
 from dmpo_lightning.data.fashion_mnist import FASHION_MNIST_CLASSES
 from dmpo_lightning.data.formats import image_folder_classes
+from dmpo_lightning.data.registry import get_spec
+from dmpo_lightning.data.transforms import is_native_small, resolve_data_config
 from dmpo_lightning.deploy.build import build_model, model_options
 from dmpo_lightning.deploy.format import (
     FORMAT_NAME,
@@ -37,7 +39,8 @@ from dmpo_lightning.deploy.format import (
     encode_float,
 )
 from dmpo_lightning.deploy.merge import check_mergeable, merge_peft
-from dmpo_lightning.deploy.onnx_stages import EXPORTER, OPSET, _require_onnx, export_stages
+from dmpo_lightning.deploy.onnx_stages import EXPORTER, OPSET, export_stages, require_onnx
+from dmpo_lightning.deploy.preprocess import resize_for
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
 from dmpo_lightning.evaluation.report import read_report
 from dmpo_lightning.evaluation.thresholds import read_thresholds
@@ -289,9 +292,6 @@ def _check_inputs(
 
 def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: Any) -> dict[str, Any]:
     """The evaluation transform of the data module the model was trained with, as plain values."""
-    from dmpo_lightning.data.registry import get_spec
-    from dmpo_lightning.data.transforms import is_native_small, resolve_data_config
-
     pe = model.backbone.patch_embed
     in_chans, size = int(pe.proj.in_channels), int(pe.img_size[0])
     dm = ckpt.get("datamodule_hyper_parameters")
@@ -331,7 +331,6 @@ def _preprocessing(ckpt: Mapping[str, Any], options: Mapping[str, Any], model: A
             f"{in_chans}x{size}x{size}; the checkpoint is inconsistent"
         )
     crop = "none" if is_native_small(cfg, native) else "squash" if resize_mode == "squash" else "center"
-    from dmpo_lightning.deploy.preprocess import resize_for
 
     return {
         "input_size": [in_chans, size, size],
@@ -680,7 +679,7 @@ def export_artefact(
         raise FileExistsError(f"{output} exists; an artefact is never overwritten: choose another --output")
     inputs = _resolve_inputs(run, ckpt_path, thresholds, report)
     if onnx:
-        _require_onnx("--onnx")
+        require_onnx("--onnx")
     th = read_thresholds(inputs.thresholds)
     rep = read_report(inputs.report) if inputs.report else None
     trained = _load_trained(inputs.ckpt_path)

@@ -15,21 +15,21 @@ Needs the ``[export]`` extra (``onnx``, ``onnxruntime``, ``onnxscript``).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from dmpo_lightning.deploy.format import ArtefactError
+from dmpo_lightning.files import file_sha256
 from dmpo_lightning.models.exit_rules import exit_score_step
+from dmpo_lightning.models.multi_exit import MultiExitViT
 
-if TYPE_CHECKING:
-    from dmpo_lightning.models.multi_exit import MultiExitViT
-
-__all__ = ["EXPORTER", "OPSET", "OnnxStages", "export_stages", "stage_file"]
+__all__ = ["EXPORTER", "OPSET", "OnnxStages", "export_stages", "require_onnx", "stage_file"]
 
 OPSET = 18
 """ONNX opset of the stage graphs (the dynamo exporter's own; onnxruntime >= 1.14 runs it)."""
@@ -58,9 +58,8 @@ class _Stage(nn.Module):
         return logits if self.last else (tokens, logits)
 
 
-def _require_onnx(what: str, modules: Sequence[str] = ("onnx", "onnxruntime", "onnxscript")) -> None:
-    import importlib.util
-
+def require_onnx(what: str, modules: Sequence[str] = ("onnx", "onnxruntime", "onnxscript")) -> None:
+    """Raise an ``ImportError`` naming the ``[export]`` extra if one of ``modules`` is not installed."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(
@@ -80,8 +79,8 @@ def export_stages(model: MultiExitViT, directory: str, input_shape: Sequence[int
     Returns:
         The written file names.
     """
-    _require_onnx("ONNX export")
-    import onnx
+    require_onnx("ONNX export")
+    import onnx  # optional extra [export], imported lazily when stages are exported
 
     was_training = model.training
     model.eval()
@@ -143,10 +142,8 @@ class OnnxStages:
             raise ArtefactError(
                 "this artefact has no ONNX stages; export it with `dmpo export ... --onnx` for backend='onnx'"
             )
-        _require_onnx("backend='onnx'", ("onnxruntime",))
-        import onnxruntime as ort
-
-        from dmpo_lightning.files import file_sha256
+        require_onnx("backend='onnx'", ("onnxruntime",))
+        import onnxruntime as ort  # optional extra [export], imported lazily for backend='onnx'
 
         options = ort.SessionOptions()
         threads = num_threads if num_threads is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)

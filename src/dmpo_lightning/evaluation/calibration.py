@@ -22,6 +22,8 @@ from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_calibration_error
@@ -399,9 +401,6 @@ def plot_reliability(path: str | os.PathLike[str], calibration: Mapping[str, Any
     Returns:
         The path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     before, after = calibration["reliability"]["before"], calibration["reliability"]["after"]
     k = len(before)
     fig = Figure(figsize=(3.2 * k, 3.4), dpi=110)

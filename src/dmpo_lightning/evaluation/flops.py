@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dmpo_lightning.models.backbone import explicit_attention
-
-if TYPE_CHECKING:
-    from dmpo_lightning.models.multi_exit import MultiExitViT
+from dmpo_lightning.models.multi_exit import MultiExitViT
 
 __all__ = ["GIGA", "ExitCosts", "count_exit_costs", "count_macs"]
 

@@ -17,6 +17,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from dmpo_lightning.models.exit_rules import stack_exit_logits
+
 __all__ = [
     "BUDGET_UNIT_OPTIONS",
     "BudgetChoice",
@@ -477,8 +479,6 @@ def topk_correct(logits: Tensor | Sequence[Tensor], labels: Tensor, k: int = 5) 
     Returns:
         ``[N, K]`` bool.
     """
-    from dmpo_lightning.models.exit_rules import stack_exit_logits
-
     stacked = stack_exit_logits(logits)
     if labels.shape != stacked.shape[:1]:
         raise ValueError(f"labels must be [N] = [{stacked.shape[0]}]; got {tuple(labels.shape)}")

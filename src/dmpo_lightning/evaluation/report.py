@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from dmpo_lightning.constants import REPORT_FORMAT, REPORT_FORMAT_VERSION
@@ -369,9 +371,6 @@ def plot_curve(path: str | os.PathLike[str], report: Mapping[str, Any], title: s
     Returns:
         The path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     full = report["full_model"]["cost"]
     fig = Figure(figsize=(7.0, 4.8), dpi=120)
     FigureCanvasAgg(fig)

@@ -21,7 +21,11 @@ from typing import Any, cast
 
 import timm
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import safe_open
 from timm.models import parse_model_name
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 __all__ = [
@@ -74,8 +78,6 @@ def _check_registry_name(name: str, shown: str | None = None) -> str:
 
 def _cached_hub_config(repo: str, revision: str | None) -> dict[str, Any] | None:
     """The repo's ``config.json`` from the local Hugging Face cache, if it is there (nothing downloads)."""
-    from huggingface_hub import try_to_load_from_cache
-
     path = try_to_load_from_cache(repo, "config.json", revision=revision)
     if not isinstance(path, str):
         return None
@@ -199,8 +201,6 @@ def _check_patch_divisibility(name: str, model: nn.Module) -> None:
 def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]] | None:
     """Parameter shapes of a timm checkpoint file without keeping its tensors (``None`` if not readable)."""
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     if path.endswith(".npz"):
@@ -528,9 +528,6 @@ def build_backbone(
 
 def _check_supported_class(name: str, model: nn.Module) -> None:
     """Refuse timm models whose token path the manual block loop does not reproduce."""
-    from timm.models.eva import Eva
-    from timm.models.vision_transformer import VisionTransformer
-
     kind = type(model).__name__
     if isinstance(model, (VisionTransformer, Eva)):
         if isinstance(model, Eva) and model.rope is not None and getattr(model, "dynamic_img_size", False):
@@ -553,7 +550,6 @@ def _check_supported_class(name: str, model: nn.Module) -> None:
 
 
 def _is_eva(backbone: nn.Module) -> bool:
-    from timm.models.eva import Eva
 
     return isinstance(backbone, Eva)
 

@@ -15,6 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from dmpo_lightning.deploy.format import read_manifest
+from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.images import DEFAULT_MAX_PIXELS
 from dmpo_lightning.serve.payload import FULL, BadRequest, Limits, match_budget
 
@@ -175,8 +179,6 @@ def parse_device(text: str) -> tuple[str, Any]:
     Raises:
         ServeOptionError: For a device this machine does not have.
     """
-    import torch
-
     value = text.strip().lower()
     if value == "auto":
         return "auto", "auto"
@@ -246,8 +248,6 @@ def check_options(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.backend == "onnx":
         accelerator, devices = "cpu", 1
-    from dmpo_lightning.deploy.format import read_manifest
-    from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 
     manifest = read_manifest(args.artefact)
     budgets = [float(p["budget"]) for p in manifest["operating_points"]]
@@ -269,7 +269,7 @@ def check_options(args: argparse.Namespace) -> dict[str, Any]:
     cpu = accelerator == "cpu" or (accelerator == "auto" and not _has_gpu())
     threads = args.threads
     if threads is None and cpu:
-        from dmpo_lightning.serve.litserve_app import default_threads
+        from dmpo_lightning.serve.litserve_app import default_threads  # optional extra [serve], lazily
 
         threads = default_threads(args.workers_per_device)
     if args.batch_timeout >= args.timeout:
@@ -297,7 +297,6 @@ def check_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _has_gpu() -> bool:
-    import torch
 
     return torch.cuda.is_available()
 
@@ -315,7 +314,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dmpo serve") -> int:
     except (ServeOptionError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    from dmpo_lightning.serve.litserve_app import build_server, run_server
+    from dmpo_lightning.serve.litserve_app import build_server, run_server  # optional extra [serve]
 
     server = build_server(args.artefact, **options)
     try:

@@ -43,6 +43,7 @@ from dmpo_lightning.deploy.format import read_manifest
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.deploy.preprocess import build_eval_transform
 from dmpo_lightning.models.exit_policy import ExitPolicy
+from dmpo_lightning.models.exit_rules import is_local_rule
 from dmpo_lightning.predictions import PredictionRow
 from dmpo_lightning.serve.batcher import RequestBatcher
 from dmpo_lightning.serve.http import read_payload
@@ -289,7 +290,6 @@ class IngressReplica:
         self.first_stage = first_stage
 
     def _gflops(self, budget: float | str, exit_number: int) -> float:
-        from dmpo_lightning.models.exit_rules import is_local_rule
 
         last = exit_number == len(self.exit_gflops)
         if budget == FULL and last and is_local_rule(self.manifest["exit_rule"]):
@@ -298,7 +298,7 @@ class IngressReplica:
 
     def info(self) -> dict[str, Any]:
         """What ``GET /info`` shows."""
-        from dmpo_lightning.serve.litserve_app import artefact_info
+        from dmpo_lightning.serve.litserve_app import artefact_info  # optional extra [serve], lazily
 
         info = artefact_info(self.manifest, self.opts.artefact)
         info["serving"] = {
@@ -356,7 +356,7 @@ class IngressReplica:
 
 def _warn_if_too_large(cpus: float, gpus_per_replica: float) -> None:
     """Say so when the replicas ask for more CPUs than the running cluster has (Ray would wait for them)."""
-    import ray
+    import ray  # optional extra [ray], imported lazily
 
     if not ray.is_initialized():
         return
