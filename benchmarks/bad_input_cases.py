@@ -12,7 +12,7 @@ the case's pattern, verbatim (temporary paths shortened to ``<tmp>``). A case wh
 from what it expects is marked ``UNEXPECTED`` and the script exits 1, so the table cannot silently go stale.
 Python-API cases (issue bullets about library behaviour, not the CLI) run their check in-process and print
 what they observed. The regression tests named in the table are the source of truth; this script documents
-them. """
+them."""
 
 from __future__ import annotations
 
