@@ -1,6 +1,6 @@
 """Serving an artefact: over HTTP with requests pooled per exit stage, or one Ray deployment per stage.
 
-- ``dmpo serve ARTEFACT`` / ``python -m dmpo_lightning.serve ARTEFACT``
+- ``dmpo serve ARTEFACT`` / ``dmpo serve ARTEFACT``
   (:func:`dmpo_lightning.serve.cli.main`): LitServe, extra ``[serve]``.
 - :mod:`dmpo_lightning.serve.ray_app`: Ray Serve application, extra ``[ray]``.
 - :mod:`dmpo_lightning.serve.payload` and :mod:`dmpo_lightning.serve.batcher`: what a request may hold and

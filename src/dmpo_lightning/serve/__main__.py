@@ -1,4 +1,4 @@
-"""``python -m dmpo_lightning.serve ARTEFACT [options]`` (the same as ``dmpo serve``)."""
+"""``dmpo serve ARTEFACT [options]`` (the same as ``dmpo serve``)."""
 
 import sys
 
