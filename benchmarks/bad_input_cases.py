@@ -377,16 +377,22 @@ def check_nan_tensor(ctx: dict) -> str:
     return "accepted (UNEXPECTED)"
 
 
-def check_score_exits(ctx: dict) -> str:
+def check_custom_rule(ctx: dict) -> str:
     import torch
 
     from dmpo_lightning import DMPOModule
     from dmpo_lightning.evaluation.protocol import assign_exits
+    from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY, exit_scores, register_exit_rule
+
+    if "bad_input_margin" not in EXIT_RULE_REGISTRY:
+
+        @register_exit_rule("bad_input_margin")
+        def margin(probs: torch.Tensor, run: torch.Tensor) -> torch.Tensor:  # top-1 minus top-2 probability
+            top2 = probs.topk(2, dim=-1).values
+            return top2[:, 0] - top2[:, 1]
 
     class Margin(DMPOModule):
-        def score_exits(self, logits):  # top-1 minus top-2 probability, and the top-1 class, per exit
-            top = torch.stack(logits, dim=1).softmax(-1).topk(2, dim=-1)
-            return top.values[..., 0] - top.values[..., 1], top.indices[..., 0]
+        exit_rule = "bad_input_margin"
 
     module = Margin(
         num_classes=5,
@@ -400,17 +406,17 @@ def check_score_exits(ctx: dict) -> str:
         for p in module.model.parameters():
             p.normal_(0, 0.3)
         x = torch.randn(32, 3, 32, 32)
-        scores, _ = module.score_exits(module(x))
+        scores, _ = exit_scores(module(x), module.exit_rule)
         thresholds = [float(scores[:, 0].median()), float("-inf")]
         protocol = assign_exits(scores.double(), torch.tensor(thresholds, dtype=torch.float64))
         real = module.forward_early_exit(x, thresholds)
-        raw = module.model.forward_early_exit(x, thresholds=thresholds)
-    return (
-        f"margin subclass, threshold = median margin at exit 1: the `dmpo test` protocol sends "
+        confidence = module.forward_early_exit(x, thresholds, rule="confidence")
+    same = torch.equal(real.exit_index, protocol)
+    return ("" if same else "UNEXPECTED ") + (
+        f"registered margin rule, threshold = median margin at exit 1: the `dmpo test` protocol sends "
         f"{int((protocol == 0).sum())}/32 to exit 1, DMPOModule.forward_early_exit (dmpo predict) "
-        f"{int((real.exit_index == 0).sum())}/32, same exits: {torch.equal(real.exit_index, protocol)}; "
-        f"module.model.forward_early_exit (the MultiExitViT, built-in rule) "
-        f"{int((raw.exit_index == 0).sum())}/32"
+        f"{int((real.exit_index == 0).sum())}/32, same exits: {same}; "
+        f"the confidence rule with the same thresholds {int((confidence.exit_index == 0).sum())}/32"
     )
 
 
@@ -443,6 +449,7 @@ def check_splits(ctx: dict) -> str:
 
     from dmpo_lightning import BenchmarkDataModule, DMPOModule
     from dmpo_lightning.constants import SPLIT_KEY
+    from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions
 
     dm = BenchmarkDataModule(
         dataset="synthetic",
@@ -468,14 +475,15 @@ def check_splits(ctx: dict) -> str:
         backbone_kwargs=TINY_KW,
         peft={"method": "full"},
         exits={"blocks": [2, 4], "moment_dim": 16},
-        evaluation={"budgets": [0.75], "report_dir": str(ctx["work"] / "report")},
     )
+    options = EvaluationOptions(budgets=[0.75], report_dir=str(ctx["work"] / "report"), allow_untrained=True)
     trainer = Trainer(
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=ctx["work"],
+        callbacks=[DMPOEvaluator(options)],
     )
     try:
         trainer.test(model, dataloaders=[DataLoader(untagged, batch_size=8), dm.dataloader("calibration")])
@@ -568,7 +576,7 @@ CASES = [
             "--evaluation.report_dir={work}/report",
         ),
         status=0,
-        line=r"holds a training run; dmpo test logs to",
+        line=r"dmpo test of .* checkpoint writes into",
         after=named_run_kept,
         cwd="named",
     ),
@@ -661,15 +669,15 @@ CASES = [
         ),
     ),
     Case(
-        "score_exits_subclass",
-        "a subclass's `score_exits` drives the real early exit too",
-        "test_early_exit_paths::test_overridden_score_exits_drives_the_real_early_exit",
-        check=check_score_exits,
+        "custom_exit_rule",
+        "a custom exit rule (registered; was a subclass's `score_exits`) drives the real early exit too",
+        "test_exit_policy::test_a_registered_rule_drives_the_real_early_exit",
+        check=check_custom_rule,
     ),
     Case(
         "test_without_checkpoint",
         "`dmpo test` without --ckpt_path (untrained weights)",
-        "test_bad_input::...[test_without_checkpoint]; "
+        "test_cli_bad_input::...[test_without_checkpoint]; "
         "test_cli_safety::test_untrained_evaluation_only_on_request",
         fmt("test", *T, "--evaluation.report_dir={work}/report"),
     ),
@@ -713,7 +721,7 @@ CASES = [
     Case(
         "early_exit_eval_mode",
         "`forward_early_exit` on a training-mode module",
-        "test_early_exit_paths::test_early_exit_runs_in_eval_mode_and_restores_the_mode",
+        "test_exit_policy::test_early_exit_runs_in_eval_mode_and_restores_the_mode",
         check=check_eval_mode,
     ),
     Case(
@@ -734,7 +742,7 @@ CASES = [
     Case(
         "num_classes_explicit",
         "`--model.init_args.num_classes=7`, data has 4",
-        "test_bad_input::...[num_classes_disagrees_with_data]",
+        "test_cli_bad_input::...[num_classes_disagrees_with_data]",
         fmt("fit", *T, "--model.init_args.num_classes=7"),
     ),
     Case(
@@ -761,7 +769,7 @@ CASES = [
     Case(
         "ramp_beyond_training",
         "`ramp_epochs` longer than training (never reached phase 2)",
-        "test_bad_input::...[ramp_beyond_max_epochs]",
+        "test_cli_bad_input::...[ramp_beyond_max_epochs]",
         fmt(
             "fit",
             *T,
@@ -774,13 +782,13 @@ CASES = [
     Case(
         "budget_zero_after_fit",
         "`budgets=[0]` with test_after_fit (was after training)",
-        "test_bad_input::...[budget_zero_with_test_after_fit]",
+        "test_cli_bad_input::...[budget_zero_with_test_after_fit]",
         fmt("fit", *T, "--evaluation.budgets=[0]", "--test_after_fit=true"),
     ),
     Case(
         "budget_above_one",
         "a budget above the full model's cost in `dmpo test`",
-        "test_bad_input::...[budget_above_full_model]",
+        "test_cli_bad_input::...[budget_above_full_model]",
         fmt(
             "test",
             *T,
@@ -792,25 +800,25 @@ CASES = [
     Case(
         "report_dir_is_a_file",
         "a file-typed report_dir (was a raw OSError after the evaluation)",
-        "test_bad_input::...[report_dir_is_a_file_with_test_after_fit]",
+        "test_cli_bad_input::...[report_dir_is_a_file_with_test_after_fit]",
         fmt("test", *T, "--ckpt_path={ckpt}", "--evaluation.report_dir={afile}"),
     ),
     Case(
         "report_dir_exists",
         "a report folder that already holds a report",
-        "test_bad_input::...[existing_report]",
+        "test_cli_bad_input::...[existing_report]",
         fmt("test", *T, "--ckpt_path={ckpt}", "--evaluation.report_dir={report}"),
     ),
     Case(
         "predictions_file_is_a_folder",
         "a folder as predictions_file",
-        "test_bad_input::...[predictions_file_is_a_folder]",
+        "test_cli_bad_input::...[predictions_file_is_a_folder]",
         fmt("predict", *T, "--ckpt_path={ckpt}", "--evaluation.predictions_file={empty}"),
     ),
     Case(
         "predictions_file_exists",
         "an existing predictions_file (never overwritten)",
-        "test_bad_input::...[predictions_file_exists]",
+        "test_cli_bad_input::...[predictions_file_exists]",
         fmt("predict", *T, "--ckpt_path={ckpt}", "--evaluation.predictions_file={afile}"),
     ),
     Case(
@@ -876,7 +884,7 @@ CASES = [
             "--evaluation.report_dir={work}/report",
         ),
         status=0,
-        line=r"report written to|test/acc|Test metric",
+        line=r"report, curve, plot and thresholds written to",
     ),
     Case(
         "load_from_checkpoint_none",
@@ -887,25 +895,25 @@ CASES = [
     Case(
         "negative_lr",
         "a negative learning rate",
-        "test_bad_input::...[negative_learning_rate]",
+        "test_cli_bad_input::...[negative_learning_rate]",
         fmt("fit", *T, "--model.init_args.optimizer=AdamW", "--model.init_args.optimizer.lr=-0.1"),
     ),
     Case(
         "nan_lr",
         "a NaN learning rate",
-        "test_bad_input::...[nan_learning_rate]",
+        "test_cli_bad_input::...[nan_learning_rate]",
         fmt("fit", *T, "--model.init_args.optimizer=AdamW", "--model.init_args.optimizer.lr=.nan"),
     ),
     Case(
         "ckpt_path_folder",
         "a directory as --ckpt_path",
-        "test_bad_input::...[checkpoint_is_a_folder]",
+        "test_cli_bad_input::...[checkpoint_is_a_folder]",
         fmt("test", *T, "--ckpt_path={ckpt_dir}"),
     ),
     Case(
         "ckpt_path_state_dict",
         "a bare state_dict as --ckpt_path",
-        "test_bad_input::...[checkpoint_is_a_bare_state_dict]",
+        "test_cli_bad_input::...[checkpoint_is_a_bare_state_dict]",
         fmt("test", *T, "--ckpt_path={state_dict}"),
     ),
     Case(
@@ -923,7 +931,8 @@ CASES = [
     Case(
         "rope_lora",
         "EVA02/RoPE ViT with lora (was refused; RoPE families are supported now, docs/backbones.md)",
-        "test_backbones::test_every_peft_method_trains_on_every_family, ::test_fit_and_test_through_the_cli",
+        "test_backbone_families::test_every_peft_method_trains_on_every_family, "
+        "::test_fit_and_test_through_the_cli",
         fmt(
             "fit",
             *T,
@@ -936,7 +945,7 @@ CASES = [
     Case(
         "rope_full",
         "EVA02/RoPE ViT with full (supported now, as above)",
-        "test_backbones::test_every_peft_method_trains_on_every_family",
+        "test_backbone_families::test_every_peft_method_trains_on_every_family",
         fmt(
             "fit",
             *T,
@@ -974,7 +983,7 @@ CASES = [
         "offline_after_the_file_moved",
         fmt("test", *T, "--ckpt_path={ckpt}", "--evaluation.report_dir={work}/report"),
         status=0,
-        line=r"DataLoader 0",
+        line=r"Anytime prediction",
         after=no_fit_only_warning,
     ),
     Case(
@@ -1113,7 +1122,7 @@ CASES = [
     Case(
         "calibration_size_too_large",
         "issue 28/9: `calibration_size` larger than the training data (traceback, empty version_N)",
-        "test_data_lists::test_calibration_size_the_data_cannot_hold_is_one_sentence_before_any_run_folder",
+        "test_data_list_files::test_calibration_size_the_data_cannot_hold_is_one_sentence_before_any_run_folder",
         fmt("fit", *T, "--data.init_args.calibration_size=100"),
         line=r"error: .*leaves no training data",
         after=lambda ctx: f"runs/ created: {(ctx['work'] / 'runs').exists()}",
@@ -1121,7 +1130,7 @@ CASES = [
     Case(
         "calibration_size_zero",
         "issue 28/9: `calibration_size` 0 (traceback, empty version_N)",
-        "test_data_lists::test_calibration_size_the_data_cannot_hold_is_one_sentence_before_any_run_folder",
+        "test_data_list_files::test_calibration_size_the_data_cannot_hold_is_one_sentence_before_any_run_folder",
         fmt("fit", *T, "--data.init_args.calibration_size=0"),
         line=r"error: .*must be positive",
         after=lambda ctx: f"runs/ created: {(ctx['work'] / 'runs').exists()}",
@@ -1136,7 +1145,7 @@ CASES = [
     Case(
         "list_file_not_utf8",
         "issue 28/9: an `image_list` list file that is not UTF-8",
-        "test_data_lists::test_image_list_errors_name_the_file",
+        "test_data_list_files::test_image_list_errors_name_the_file",
         fmt(
             "fit",
             *T,
@@ -1149,7 +1158,7 @@ CASES = [
     Case(
         "vtab_task_lists_missing",
         "VTAB-1k: the task folder without its list files",
-        "test_data_lists::test_vtab1k_errors",
+        "test_data_list_files::test_vtab1k_errors",
         fmt(
             "fit",
             *T,
@@ -1242,9 +1251,10 @@ def write_table(path: Path, ctx: dict) -> None:
         "as `<tmp>`, `tiny.yaml` = `tests/configs/tiny.yaml`). Python checks run the library call the issue "
         "names and print what they observed; `python -m dmpo_lightning.deploy` cases run that command's "
         "`main` in-process the same way. Test names are `tests/<file>.py::<test>`; "
-        "`test_bad_input::...[x]` is `test_bad_input_fails_clearly_and_writes_nothing[x]`, which also checks "
-        "that no file was written or changed. Configuration errors exit with status 2 and print one line "
-        "`dmpo <subcommand>: error: ...` (plus a hint that `--debug` shows the traceback), no traceback.\n\n"
+        "`test_cli_bad_input::...[x]` is `test_bad_input_fails_clearly_and_writes_nothing[x]`, which also "
+        "checks that no file was written or changed. Configuration errors exit with status 2 and print one "
+        "line `dmpo <subcommand>: error: ...` (plus a hint that `--debug` shows the traceback), "
+        "no traceback.\n\n"
         f"{len(CASES)} cases, {sum(c.out['ok'] for c in CASES)} as expected.\n\n"
         "| # | case (issue 16, or issue 28/pattern) | regression test | command | status "
         "| what dmpo prints (first line) |\n"

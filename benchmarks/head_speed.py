@@ -4,7 +4,7 @@ Times one bypass, one moment head and one iSQRT-COV head (and a transformer bloc
 shapes of the trained quickstart model (17 tokens of width 96, moment width 128) and of ViT-S/16 at 224
 (197 tokens of width 384, moment width 512), batch 64, random weights, eval mode, 1 thread by default, median
 of interleaved repeats. "previous" is the implementation before the lean heads, kept as the reference of
-``tests/test_early_exit_paths.py`` (imported from there, so it is the code the equality tests compare with)::
+``tests/test_exit_policy.py`` (imported from there, so it is the code the equality tests compare with)::
 
     python benchmarks/head_speed.py --threads 1
 """
@@ -33,7 +33,7 @@ SHAPES = {
 
 
 def _reference():
-    spec = importlib.util.spec_from_file_location("reference", ROOT / "tests" / "test_early_exit_paths.py")
+    spec = importlib.util.spec_from_file_location("reference", ROOT / "tests" / "test_exit_policy.py")
     module = importlib.util.module_from_spec(spec)
     import sys
 

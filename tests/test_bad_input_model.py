@@ -423,7 +423,7 @@ def test_full_training_from_scratch_is_silent():
 
 
 # ----------------------------------------------------------------------------------------------------- 7
-# RoPE ViTs (EVA02) are supported now (tests/test_backbones.py); what stays refused says so in one sentence.
+# RoPE ViTs (EVA02) are supported (tests/test_backbone_families.py); what stays refused says so in one line.
 _SMALL = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 

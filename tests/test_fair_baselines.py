@@ -91,7 +91,7 @@ def test_fair_variant_fits_and_tests_with_the_tiny_backbone(name, tmp_path, monk
     assert len(report["exits"]) == k and report["num_test"] == 24
     assert all(0.0 <= e["top1"] <= 1.0 for e in report["exits"])
     # costs are fractions of this model's own full path (its last head included); the benchmark rescales
-    # them to a common reference (tests/test_pretrain_tune_quick.py)
+    # them to a common reference (tests/test_pretrain_tune.py)
     # (the full path = all blocks and the last head; the last exit of a multi-exit model adds the early heads)
     if k == 1:
         assert report["exits"][-1]["cost"] == pytest.approx(report["full_model"]["cost"])

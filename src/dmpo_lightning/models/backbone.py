@@ -2,7 +2,7 @@
 
 This is the only module that touches timm internals (``_pos_embed`` and the embedding sub-modules of
 ``VisionTransformer`` and ``Eva``, and the rotary embedding Eva blocks take). ``tests/test_backbone.py`` and
-``tests/test_backbones.py`` pin the manual block loop to timm's own ``forward_features`` /
+``tests/test_backbone_families.py`` pin the manual block loop to timm's own ``forward_features`` /
 ``forward_intermediates`` so a timm change that breaks it is caught at once.
 """
 

@@ -1,11 +1,7 @@
-"""The fake dataset writers (tests/support/fakes.py) produce the real file names.
-
-``from test_data_fakes import ...`` keeps working for tests not yet moved to ``support.fakes``.
-"""
+"""The fake dataset writers (tests/support/fakes.py) produce the real file names."""
 
 from pathlib import Path
 
-from support.fakes import *  # noqa: F403  (compatibility re-export)
 from support.fakes import write_cifar, write_fashion_mnist
 
 

@@ -44,8 +44,8 @@ TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 MODEL_CONFIGS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
 DATA_CONFIGS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
 EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("cifar100_*.yaml"))
-"""The CIFAR-100 experiments (one per variant); the VTAB-1k and FGVC ones are checked in test_data_lists.py
-and test_data_fgvc.py."""
+"""The CIFAR-100 experiments (one per variant); the VTAB-1k and FGVC ones are checked in
+test_data_list_files.py and test_data_fgvc.py."""
 HEAD_CLASSES = {"linear": LinearHead, "moment": MomentHead, "isqrt_cov": ISqrtCovHead}
 
 # The tiny backbone of tests/configs/tiny.yaml (4 blocks, dim 32); multi-exit variants get one exit per block.
