@@ -1,8 +1,9 @@
-"""Shared fixtures: offline environment, seeding, tiny models and temporary output dirs."""
+"""Shared fixtures: offline environment, seeding, tiny models, temporary output dirs and crafted pickles."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -10,7 +11,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest
 import torch
-from support.builders import TINY_VIT_KWARGS, make_tiny_vit  # noqa: F401  (TINY_VIT_KWARGS: old imports)
+from support.builders import make_tiny_vit
 from support.fakes import isolate_torchvision_checksums
 
 
@@ -47,3 +48,19 @@ def _isolate(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) 
 @pytest.fixture
 def tiny_vit() -> torch.nn.Module:
     return make_tiny_vit().eval()
+
+
+@pytest.fixture
+def unsafe_torch_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch's own ``weights_only`` default turned back to ``False`` (as on torch < 2.6).
+
+    A loader that relies on torch's default instead of passing ``weights_only=True`` itself then unpickles
+    whatever a crafted file holds, so a test of that loader catches it.
+    """
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+@pytest.fixture
+def pickle_marker(tmp_path: Path, unsafe_torch_default: None) -> Path:
+    """The file a crafted pickle of ``support.pickles`` creates when it is unpickled (it must never exist)."""
+    return tmp_path / "PWNED"

@@ -4,13 +4,17 @@ and a Hub repo with part of the weights. A complete file loads bit-exact; extra 
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from support.builders import TINY_MODULE
+from support.pickles import torch_file
 
+from dmpo_lightning import DMPOModule
 from dmpo_lightning.console import console_main
 from dmpo_lightning.models.backbone import build_backbone
 
@@ -152,3 +156,12 @@ def test_a_folder_as_checkpoint_path_or_a_file_as_data_root_says_so(tmp_path: Pa
         DatasetLayoutError, match=r"root='.*cifar\.tar' for dataset 'cifar10' is a file; give the"
     ):
         BenchmarkDataModule("cifar10", root=str(tmp_path / "cifar.tar"))
+
+
+def test_backbone_checkpoint_path_refuses_a_crafted_file(tmp_path, pickle_marker):
+    """``checkpoint_path`` (a local timm checkpoint) goes through timm's loader with weights_only=True."""
+    path = torch_file(tmp_path / "backbone.pth", pickle_marker, "checkpoint")
+    # timm 1.0.31 words it "weights_only=True blocked loading"; older timm passes torch's error on
+    with pytest.raises((RuntimeError, pickle.UnpicklingError), match=r"[Ww]eights.only"):
+        DMPOModule(**TINY_MODULE, checkpoint_path=str(path))
+    assert not pickle_marker.exists()

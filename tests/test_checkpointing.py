@@ -1,13 +1,19 @@
-"""checkpointing.py: the checkpoint-identity hashes and the architecture check have one definition."""
+"""checkpointing.py: the checkpoint-identity hashes, the architecture check and the safe checkpoint loader.
+
+``DMPOModule.load_from_checkpoint`` reads a checkpoint with ``weights_only=True`` only: a crafted checkpoint
+(Python objects, a named instantiator) is refused before any of its code runs, and a module trained from a
+backbone weights file reloads without that file.
+"""
 
 import json
 import pickle
 
 import pytest
 import torch
-from support.builders import make_tiny_vit
+from support.builders import TINY_MODULE, make_tiny_vit
+from support.pickles import torch_file
 
-from dmpo_lightning import checkpointing
+from dmpo_lightning import DMPOModule, checkpointing
 from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
 from dmpo_lightning.evaluation.thresholds import load_thresholds
 from dmpo_lightning.models.adapters import PeftOptions
@@ -108,3 +114,35 @@ def test_thresholds_of_another_architecture_name_the_option_as_users_write_it(tm
     path.write_text(json.dumps({**header, "fingerprint": {"exits.blocks": [1, 4]}}))
     with pytest.raises(ValueError, match=r"another model \(exits\.blocks: file \[1, 4\] vs model \[2, 4\]\)"):
         load_thresholds(str(path), 0.5, {"exits.blocks": [2, 4]})
+
+
+@pytest.mark.parametrize("weights_only", ["default", None, True])
+def test_load_from_checkpoint_refuses_a_crafted_ckpt(tmp_path, pickle_marker, weights_only):
+    path = torch_file(tmp_path / "evil.ckpt", pickle_marker, "checkpoint")
+    kwargs = {} if weights_only == "default" else {"weights_only": weights_only}
+    with pytest.raises(ValueError, match=r"checkpoint .*evil\.ckpt was not loaded: it holds Python objects"):
+        DMPOModule.load_from_checkpoint(str(path), **kwargs)
+    assert not pickle_marker.exists()
+
+
+@pytest.mark.usefixtures("unsafe_torch_default")
+def test_load_from_checkpoint_does_not_run_a_named_instantiator(tmp_path):
+    """weights_only=True is not enough on Lightning < 2.6.6: hparams could name a function to call."""
+    path = tmp_path / "instantiator.ckpt"
+    hparams = {**TINY_MODULE, "_instantiator": "support.pickles.evil_instantiator"}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.6"}, path)
+    with pytest.raises(ValueError, match="not in the allowlist of trusted instantiators"):
+        DMPOModule.load_from_checkpoint(str(path))
+    assert not (tmp_path / "instantiator_ran").exists()
+
+
+def test_load_from_checkpoint_refuses_unrestricted_unpickling_before_reading(
+    tmp_path, pickle_marker, monkeypatch
+):
+    path = torch_file(tmp_path / "evil.ckpt", pickle_marker, "checkpoint")
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(k) or real_load(*a, **k))
+    with pytest.raises(ValueError, match=r"weights_only must be true: checkpoints are read only with torch"):
+        DMPOModule.load_from_checkpoint(str(path), weights_only=False)
+    assert reads == [] and not pickle_marker.exists()

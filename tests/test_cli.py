@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.builders import TINY_CONFIG
 from support.fakes import write_cifar
+from support.pickles import torch_file
 
 from dmpo_lightning.cli import main
+from dmpo_lightning.errors import ConfigError
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,3 +188,80 @@ def test_num_classes_mismatch_between_checkpoint_and_data(tmp_path, monkeypatch)
     ):
         main(["test", "-c", TINY, f"--ckpt_path={ckpt}", "--data.init_args.synthetic_num_classes=5"])
     assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["num_classes"] == 4
+
+
+def good_cli_checkpoint(path: Path) -> Path:
+    """A genuine checkpoint of the tiny CLI config's model (tensors and plain values only)."""
+    module = main(["-c", TINY_CONFIG], run=False).model
+    module.train_steps.fill_(2)  # stands for two training steps
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}
+    torch.save({**ckpt, "global_step": 2, "pytorch-lightning_version": "2.6.6"}, path)
+    return path
+
+
+@pytest.mark.usefixtures("unsafe_torch_default")
+def test_cli_refuses_weights_only_false_before_building_anything(tmp_path, monkeypatch):
+    path = good_cli_checkpoint(tmp_path / "good.ckpt")
+    unrestricted = []
+    real_load = torch.load
+    monkeypatch.setattr(
+        torch,
+        "load",
+        lambda *a, **k: unrestricted.append(a) if k.get("weights_only") is not True else real_load(*a, **k),
+    )
+    report = tmp_path / "report"
+    args = ["test", "-c", TINY_CONFIG, f"--ckpt_path={path}", "--weights_only=false"]
+    with pytest.raises(ConfigError, match=r"^--weights_only=false: weights_only must be true: checkpoints"):
+        main([*args, f"--evaluation.report_dir={report}"])
+    assert unrestricted == [] and not report.exists()
+
+
+def test_dmpo_test_ckpt_path_refuses_a_crafted_ckpt(tmp_path, pickle_marker):
+    path = torch_file(tmp_path / "evil.ckpt", pickle_marker, "checkpoint")
+    report = tmp_path / "report"
+    with pytest.raises(ValueError, match=r"ckpt_path '.*evil\.ckpt' is not a readable Lightning checkpoint"):
+        main(
+            [
+                "test",
+                "-c",
+                TINY_CONFIG,
+                f"--ckpt_path={path}",
+                f"--evaluation.report_dir={report}",
+            ]
+        )
+    assert not pickle_marker.exists()
+    assert not report.exists()
+
+
+@pytest.mark.usefixtures("unsafe_torch_default")
+def test_dmpo_test_reads_a_good_checkpoint_with_weights_only_each_time(tmp_path, monkeypatch):
+    """Both reads of ``--ckpt_path`` (LightningCLI's hparams, then the Trainer's restore) pass True."""
+    path = good_cli_checkpoint(tmp_path / "good.ckpt")
+    seen = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights_only", "not passed"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    main(
+        [
+            "test",
+            "-c",
+            TINY_CONFIG,
+            f"--ckpt_path={path}",
+            f"--evaluation.report_dir={tmp_path / 'r'}",
+        ]
+    )
+    # the CLI reads the checkpoint more than once (hparams, class count, weights): every read is safe
+    assert len(seen) >= 2 and all(w is True for w in seen), seen
+    assert (tmp_path / "r" / "report.json").is_file()
+
+
+@pytest.mark.usefixtures("unsafe_torch_default")
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_cli_reads_checkpoints_with_weights_only_by_default(subcommand, capsys):
+    with pytest.raises(SystemExit):
+        main([subcommand, "-c", TINY_CONFIG, "--print_config"])
+    assert "\nweights_only: true\n" in capsys.readouterr().out

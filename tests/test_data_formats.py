@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from support.fakes import (
     write_imagenet,
     write_stanford_cars,
 )
+from support.pickles import Payload
 
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
 from dmpo_lightning.data import DATASETS, BenchmarkDataModule
@@ -242,3 +244,16 @@ def test_array_dataset_rejects_bad_arrays() -> None:
         ArrayImageDataset(np.zeros((2, 4, 4), dtype=np.float32), np.zeros(2))
     with pytest.raises(ValueError, match="labels must be"):
         ArrayImageDataset(np.zeros((2, 4, 4), dtype=np.uint8), np.zeros(3))
+
+
+def test_a_crafted_cifar_batch_is_refused_without_running_code(tmp_path, pickle_marker):
+    from dmpo_lightning.data.formats import load_cifar
+
+    write_cifar(tmp_path, "cifar10")
+    splits = load_cifar(tmp_path, "cifar10")  # the genuine layout (numpy arrays, lists, strings) still loads
+    assert len(splits.test) == 4
+    crafted = pickle.dumps(Payload(pickle_marker), protocol=2)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(crafted)
+    with pytest.raises(ValueError, match=r"data_batch_3 was not loaded: global .*open is not allowed"):
+        load_cifar(tmp_path, "cifar10")
+    assert not pickle_marker.exists()

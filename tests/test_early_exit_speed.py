@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from support.builders import TINY_CONFIG
+from support.pickles import torch_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "early_exit_speed.py"
@@ -172,3 +177,25 @@ def test_model_arguments_set_fields_of_the_option_groups(bench):
     assert base["exits"] == {"blocks": [3, 6, 9, 12], "bypass": True}  # the defaults are not changed
     with pytest.raises(ValueError, match="'exit' is not an option group"):
         bench.with_options(base, [("exit.blocks", 1)])
+
+
+@pytest.mark.slow
+def test_benchmark_checkpoint_loader_refuses_a_crafted_ckpt(tmp_path, pickle_marker):
+    path = torch_file(tmp_path / "evil.ckpt", pickle_marker, "checkpoint")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+    }
+    script = str(ROOT / "benchmarks" / "early_exit_speed.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--config", TINY_CONFIG, "--ckpt", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert proc.returncode != 0
+    assert "evil.ckpt was not loaded: it holds Python objects" in proc.stderr, proc.stderr[-2000:]
+    assert not pickle_marker.exists()

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from support.builders import TINY_MODULE
@@ -74,47 +73,6 @@ def test_subclass_overrides_the_loss():
     base.load_state_dict(module.state_dict())
     base_loss, _ = base.compute_loss(base(b[IMAGE_KEY]), b[LABEL_KEY])
     assert loss < base_loss  # the focal factor (1 - p)^2 < 1 shrinks every term
-
-
-def test_export_trainable_round_trip_and_no_overwrite(tmp_path):
-    torch.manual_seed(1)
-    module = DMPOModule(**TINY)
-    for p in module.model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.05)
-    path = tmp_path / "dmpo.safetensors"
-    module.export_trainable(str(path))
-    size = path.stat().st_size
-    full = sum(t.numel() for t in module.state_dict().values())
-    saved = safetensors.torch.load_file(path)
-    assert sum(t.numel() for t in saved.values()) < full
-    assert all(
-        ".peft_" in k or k.startswith(("model.exits.", "loss_weights", "exit_thresholds")) for k in saved
-    )
-    with pytest.raises(FileExistsError, match="exists"):
-        module.export_trainable(str(path))
-    assert path.stat().st_size == size
-    torch.manual_seed(1)  # the random "pre-trained" trunk is rebuilt from the same seed
-    restored = DMPOModule.from_trainable(str(path))
-    x = torch.randn(2, 3, 32, 32)
-    module.eval(), restored.eval()
-    for a, b in zip(module(x), restored(x), strict=False):
-        torch.testing.assert_close(a, b)
-
-
-def test_from_trainable_rejects_other_files(tmp_path):
-    bad = tmp_path / "bad.pt"
-    torch.save({"format": "something-else"}, bad)
-    with pytest.raises(ValueError, match=r"not a dmpo export of format version 2: it is a torch\.save"):
-        DMPOModule.from_trainable(str(bad))
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable dmpo export"):
-        DMPOModule.from_trainable(str(junk))
-    weights = tmp_path / "model.safetensors"  # a plain weights file, not an export
-    safetensors.torch.save_file({"w": torch.zeros(2)}, weights)
-    with pytest.raises(ValueError, match="not a dmpo trainable-parameter export"):
-        DMPOModule.from_trainable(str(weights))
 
 
 def test_readme_python_example_runs():

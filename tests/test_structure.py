@@ -1,4 +1,5 @@
-"""Package layout rules: layers and no cycles, no private library members, imports at the top."""
+"""Package layout rules: layers and no cycles, no private library members, imports at the top, and no
+call that lets ``torch.load`` unpickle arbitrary objects (``weights_only`` is always the literal True)."""
 
 import ast
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 
 import dmpo_lightning
 
+ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(dmpo_lightning.__file__).parent
 MODELS_DIR = PACKAGE_DIR / "models"
 
@@ -84,7 +86,7 @@ def test_test_modules_import_shared_helpers_from_support_only(path):
     assert not bad, f"{path.name} imports {bad}; move the helpers to tests/support"
 
 
-# ------------------------------------------------------------------------ the whole package (issue 27)
+# ------------------------------------------------------------------------------------- the whole package
 SOURCES = sorted(PACKAGE_DIR.rglob("*.py"))
 THIRD_PARTY_PRIVATE = {
     # (file, name): why the package reads a private member of a library other than lightning, jsonargparse
@@ -182,3 +184,32 @@ def test_the_import_contract_holds():
 def test_the_cli_is_a_thin_lightning_cli():
     """cli.py holds the LightningCLI subclass only (the program, parse messages and callbacks live apart)."""
     assert len((PACKAGE_DIR / "cli.py").read_text().splitlines()) <= 440
+
+
+def _weights_only_calls(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, innermost enclosing function) of every call passing weights_only other than the literal True."""
+    found = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Call) and any(
+                k.arg == "weights_only" and not (isinstance(k.value, ast.Constant) and k.value.value is True)
+                for k in child.keywords
+            ):
+                found.append((child.lineno, function))
+            visit(child, inner)
+
+    visit(tree, "<module>")
+    return found
+
+
+def test_no_unrestricted_torch_load_in_the_package_or_the_benchmarks():
+    """No call in src or benchmarks passes a ``weights_only`` other than the literal True."""
+    found = [
+        f"{path.relative_to(ROOT)}:{line} in {function}"
+        for folder in ("src", "benchmarks")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for line, function in _weights_only_calls(ast.parse(path.read_text(), filename=str(path)))
+    ]
+    assert found == []

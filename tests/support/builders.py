@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import torch
+
+from dmpo_lightning import DMPOModule
+
+TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+"""``tests/configs/tiny.yaml``: the tiny ViT on 4-class synthetic data, for runs of the real CLI."""
 
 TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0)
 
@@ -16,6 +23,11 @@ TINY_MODULE = dict(
     peft={"adapter_dim": 8},
 )
 """``DMPOModule(**TINY_MODULE)``: the tiny ViT with four exits and small heads (copy a group to change it)."""
+
+
+def tiny_module(**overrides: object) -> DMPOModule:
+    """``DMPOModule(**TINY_MODULE)`` with top-level options replaced by ``overrides`` (random weights)."""
+    return DMPOModule(**{**TINY_MODULE, **overrides})
 
 
 def make_tiny_vit(**overrides: object) -> torch.nn.Module:
