@@ -8,9 +8,11 @@ import math
 
 import pytest
 import torch
+from support.builders import SHALLOW_VIT_KWARGS, TINY_CONFIG
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from dmpo_lightning.cli import main
 from dmpo_lightning.constants import PEFT_PREFIX
 from dmpo_lightning.models.adapters import (
     AdaptFormerBlock,
@@ -23,6 +25,8 @@ from dmpo_lightning.models.adapters import (
     num_prompt_tokens,
     peft_parameter_names,
 )
+from dmpo_lightning.models.backbone import build_backbone
+from dmpo_lightning.models.multi_exit import MultiExitViT
 
 D, DEPTH, N_PATCHES = 32, 4, 16  # tiny_vit: 32x32 input, patch 8
 
@@ -240,3 +244,41 @@ def test_wrappers_reject_wrong_layers():
         AdaptFormerBlock(nn.Linear(4, 4))
     with pytest.raises(TypeError, match=r"nn\.Linear"):
         LoRALinear(nn.Conv2d(3, 3, 1))
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks"),
+    [("eva02_enormous_patch14_clip_224", "EvaBlockPostNorm"), ("vit_base_patch16_rpn_224", "ResPostBlock")],
+)
+def test_adaptformer_on_post_norm_blocks_is_refused_naming_method_and_backbone(name, blocks):
+    backbone = build_backbone(name, img_size=32, model_kwargs=SHALLOW_VIT_KWARGS)
+    exits = {"blocks": [1, 2], "moment_dim": 16, "head_pool": "avg"}
+    with pytest.raises(
+        ValueError,
+        match=rf"peft.method='adaptformer' is not supported on backbone '{name}' \({blocks} blocks\): "
+        r"AdaptFormerBlock wraps the pre-norm blocks .*; choose another peft method or backbone",
+    ):
+        MultiExitViT(backbone, 3, exits, "adaptformer")
+    for peft in ("lora", "linear", "full", "vpt"):  # the other methods do not depend on the block's layout
+        backbone = build_backbone(name, img_size=32, model_kwargs=SHALLOW_VIT_KWARGS)
+        model = MultiExitViT(backbone, 3, exits, {"method": peft, "vpt_prompts": 2})
+        assert [z.shape for z in model(torch.randn(2, 3, 32, 32))] == [(2, 3), (2, 3)]
+
+
+def test_unsupported_peft_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"peft\.method='adaptformer' is not supported on backbone 'eva02_enormous_patch14_clip_224'",
+    ):
+        main(
+            [
+                "fit",
+                "-c",
+                TINY_CONFIG,
+                "--model.init_args.backbone=eva02_enormous_patch14_clip_224",
+                "--model.init_args.peft.method=adaptformer",
+                "--model.init_args.exits.head_pool=avg",
+            ]
+        )
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -20,12 +20,14 @@ import copy
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
+from support.builders import SHALLOW_VIT_KWARGS
 from torch.nn import functional as F
 
 from dmpo_lightning.cli import main
@@ -195,7 +197,7 @@ def test_final_exit_is_timms_own_head(family, peft):
 
 
 def test_gap_head_pools_then_normalises_like_timms_fc_norm():
-    """Regression: the average-pooling head used LayerNorm per token before the mean; timm pools first."""
+    """The average-pooling head pools the tokens, then normalises, as timm does (not LayerNorm per token)."""
     head = LinearHead(32, 3, 4, head_pool="avg", class_token=False, norm_after_pool=True).eval()
     with torch.no_grad():
         head.norm.weight.normal_()
@@ -430,3 +432,52 @@ def test_pretrained_attention_pool_weights_reach_the_final_head(tmp_path):
     for k, v in ref.attn_pool.state_dict().items():
         assert torch.equal(ours[k], v), k
     assert torch.equal(model.exits[-1].predictor.norm.weight, ref.norm.weight)
+
+
+# RoPE ViTs (EVA02) are supported (tests/test_backbone_families.py); what stays refused says so in one line.
+
+
+def test_rope_vit_with_dynamic_img_size_is_refused():
+    with pytest.raises(
+        ValueError,
+        match=r"backbone 'eva02_tiny_patch14_224' with dynamic_img_size=True is not supported: its rotary "
+        r"position embedding depends on each input's grid",
+    ):
+        build_backbone(
+            "eva02_tiny_patch14_224",
+            img_size=32,
+            model_kwargs={**SHALLOW_VIT_KWARGS, "dynamic_img_size": True},
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "why"),
+    [
+        (
+            "swin_tiny_patch4_window7_224",
+            {"img_size": 32},
+            r"it is hierarchical \(stages of shrinking token grids",
+        ),
+        ("naflexvit_base_patch16_gap", {"img_size": 32}, r"its token path differs from VisionTransformer's"),
+        ("resnet18", {}, r"it is not a vision transformer \(no patch tokens; a CNN works on feature maps\)"),
+        ("convnext_atto", {}, r"it is not a vision transformer"),
+    ],
+)
+def test_hierarchical_naflex_and_cnn_backbones_are_refused_in_one_sentence(name, kwargs, why):
+    with pytest.raises(ValueError) as info:
+        build_backbone(name, **kwargs)
+    message = str(info.value)
+    assert re.search(
+        rf"^backbone '{name}' is a \w+, not a token-based vision transformer MultiExitViT supports: ", message
+    )
+    assert re.search(why, message) and "supported are timm VisionTransformer" in message
+    assert "\n" not in message
+
+
+def test_cnn_with_img_size_is_refused():
+    with pytest.raises(
+        ValueError,
+        match=r"backbone 'resnet18' does not accept \['img_size'\] .*it is not a timm "
+        r"VisionTransformer",
+    ):
+        build_backbone("resnet18", img_size=32)

@@ -1,22 +1,29 @@
-"""Weights that fill less than the whole trunk are refused, naming the missing and unexpected keys
-(issue 28, pattern 3): a Hugging Face ``transformers`` ViT state dict, a partial or prefixed timm state dict,
-and a Hub repo with part of the weights. A complete file loads bit-exact; extra tensors only warn."""
+"""models/backbone.py loading weights: ``checkpoint_path``, ``pretrained`` and what is refused.
+
+Weights that fill less than the whole trunk are refused, naming the missing and unexpected keys: a Hugging
+Face ``transformers`` ViT state dict, a partial or prefixed timm state dict, and a Hub repo with part of the
+weights. A complete file loads bit-exact; extra tensors only warn. A file of another architecture (depth,
+width) is refused naming both; a crafted pickle is not unpickled; a frozen trunk left with its random
+initial weights (``pretrained: false``, no ``checkpoint_path``) is warned about."""
 
 from __future__ import annotations
 
 import pickle
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from support.builders import TINY_MODULE
+from support.builders import TINY_CONFIG, TINY_MODULE, tiny_module
 from support.pickles import torch_file
 
 from dmpo_lightning import DMPOModule
+from dmpo_lightning.cli import main
 from dmpo_lightning.console import console_main
-from dmpo_lightning.models.backbone import build_backbone
+from dmpo_lightning.models.backbone import build_backbone, describe_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0)
@@ -29,7 +36,7 @@ def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def transformers_vit_state(width: int = 192, depth: int = 2) -> dict[str, torch.Tensor]:
-    """Key names and shapes of a ``transformers`` ``ViTModel`` state dict (the format issue 28 found)."""
+    """Key names and shapes of a ``transformers`` ``ViTModel`` state dict (handed in by mistake)."""
     state = {
         "vit.embeddings.cls_token": torch.zeros(1, 1, width),
         "vit.embeddings.position_embeddings": torch.zeros(1, 197, width),
@@ -165,3 +172,79 @@ def test_backbone_checkpoint_path_refuses_a_crafted_file(tmp_path, pickle_marker
     with pytest.raises((RuntimeError, pickle.UnpicklingError), match=r"[Ww]eights.only"):
         DMPOModule(**TINY_MODULE, checkpoint_path=str(path))
     assert not pickle_marker.exists()
+
+
+@pytest.fixture
+def depth6_checkpoint(tmp_path) -> Path:
+    kw = {**SMALL, "depth": 6}
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, **kw)
+    path = tmp_path / "depth6.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_describe_checkpoint(depth6_checkpoint):
+    assert describe_checkpoint(str(depth6_checkpoint)) == {
+        "depth": 6,
+        "embed_dim": 32,
+        "patch_size": 8,
+        "in_chans": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "builds"),
+    [
+        ({"depth": 4}, r"builds depth 4, embed_dim 32, patch_size 8"),
+        (
+            {"embed_dim": 64},
+            r"builds depth 6, "
+            r"embed_dim 64, patch_size 8 \(timm: size mismatch for",
+        ),
+    ],
+)
+def test_checkpoint_path_of_another_architecture_is_refused(depth6_checkpoint, change, builds):
+    kw = {**SMALL, "depth": 6, **change}
+    with pytest.raises(ValueError) as info:
+        build_backbone(
+            "vit_tiny_patch16_224", checkpoint_path=str(depth6_checkpoint), img_size=32, model_kwargs=kw
+        )
+    message = str(info.value)
+    assert re.search(
+        r"holds a ViT with depth 6, embed_dim 32, patch_size 8, but backbone 'vit_tiny_patch16_224'", message
+    )
+    assert re.search(builds, message)
+    assert "set model backbone_kwargs {depth: 6, embed_dim: 32, patch_size: 8}" in message
+    assert message.count("size mismatch") <= 1  # one line, not one per parameter
+
+
+def test_checkpoint_path_mismatch_through_the_cli(depth6_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"holds a ViT with depth 6.*builds depth 4"):
+        main(["fit", "-c", TINY_CONFIG, f"--model.init_args.checkpoint_path={depth6_checkpoint}"])
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("peft", ["adaptformer", "lora", "vpt", "linear"])
+def test_frozen_random_trunk_warns(peft):
+    with pytest.warns(
+        UserWarning,
+        match=rf"peft.method='{peft}' freezes the trunk .* pretrained=false and no "
+        r"checkpoint_path is set: the frozen trunk keeps its random initial weights",
+    ):
+        tiny_module(peft={"method": peft}, pretrained=False)
+
+
+def test_full_training_from_scratch_is_silent():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        tiny_module(peft={"method": "full"}, pretrained=False)
+
+
+def test_frozen_random_trunk_warns_through_the_cli():
+    # tests/configs/tiny.yaml trains the default adaptformer with pretrained: false
+    with pytest.warns(UserWarning, match=r"the frozen trunk keeps its random initial weights"):
+        main(["-c", TINY_CONFIG], run=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*frozen trunk keeps its random")
+        main(["-c", TINY_CONFIG, "--model.init_args.peft.method=full"], run=False)

@@ -1,7 +1,5 @@
 import json
-import os
-import subprocess
-import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,6 +7,7 @@ import torch
 from support.builders import TINY_CONFIG
 from support.fakes import write_cifar
 from support.pickles import torch_file
+from support.runs import fit_runs
 
 from dmpo_lightning.cli import main
 from dmpo_lightning.errors import ConfigError
@@ -138,47 +137,6 @@ def test_vit_cifar_recipe_runs_with_a_tiny_backbone_on_fake_cifar100(tmp_path, m
     assert any("loss" in k for k in cli.trainer.callback_metrics)
 
 
-def _run(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, "-m", "dmpo_lightning", *args], capture_output=True, text=True, env=env, timeout=120
-    )
-
-
-def test_console_script_exits_zero_after_a_run(tmp_path):
-    # setuptools' wrapper calls sys.exit(<entry>()): a returned object would become exit status 1
-    dmpo = Path(sys.executable).parent / "dmpo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    out = subprocess.run(
-        [
-            str(dmpo),
-            "fit",
-            "-c",
-            TINY,
-            "--trainer.max_epochs=1",
-            "--model.init_args.schedule.switch_epoch=0",
-            "--trainer.limit_train_batches=1",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "DMPOCLI object" not in out.stderr
-
-
-def test_help_and_version_in_a_subprocess():
-    out = _run("--help")
-    assert out.returncode == 0, out.stderr
-    for sub in ("fit", "validate", "test", "predict"):
-        assert sub in out.stdout
-    version = _run("--version")
-    assert version.returncode == 0
-    assert "dmpo-lightning" in version.stdout
-
-
 def test_num_classes_mismatch_between_checkpoint_and_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = main(["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0"])
@@ -265,3 +223,85 @@ def test_cli_reads_checkpoints_with_weights_only_by_default(subcommand, capsys):
     with pytest.raises(SystemExit):
         main([subcommand, "-c", TINY_CONFIG, "--print_config"])
     assert "\nweights_only: true\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", [10, 7])  # 10 is DMPOModule's default: written, it is checked too
+def test_explicit_num_classes_that_disagrees_with_the_data_is_refused(value, tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=rf"model\.init_args\.num_classes={value} disagrees with the data, which has 4 classes; .*"
+        r"leave it out, set it to 4",
+    ):
+        main(["fit", "-c", TINY, f"--model.init_args.num_classes={value}"])
+    assert not list(tmp_path.rglob("*")), "nothing is written"
+
+
+def test_explicit_num_classes_in_a_config_file_is_refused(tmp_path):
+    extra = tmp_path / "classes.yaml"
+    extra.write_text("model:\n  init_args:\n    num_classes: 10\n")
+    with pytest.raises(ConfigError, match=r"num_classes=10 disagrees with the data, which has 4 classes"):
+        main(["fit", "-c", TINY, "-c", str(extra)])
+
+
+def test_short_option_form_is_refused_too():
+    with pytest.raises(ConfigError, match=r"num_classes=10 disagrees with the data"):
+        main(["-c", TINY, "--model.num_classes=10"], run=False)
+
+
+def test_explicit_num_classes_equal_to_the_data_is_accepted():
+    cli = main(["-c", TINY, "--model.init_args.num_classes=4"], run=False)
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 4
+
+
+def test_num_classes_left_out_is_linked_silently():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main(["-c", TINY], run=False)
+    assert cli.model.hparams.num_classes == 4
+    assert not [w for w in caught if "num_classes" in str(w.message)]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoint of one tiny one-epoch `dmpo fit`."""
+    return fit_runs(tmp_path_factory.mktemp("fit"), seeds=(0,))["a"]
+
+
+@pytest.mark.slow
+def test_explicit_num_classes_is_checked_with_a_checkpoint(tiny_checkpoint, tmp_path):
+    report = tmp_path / "report"
+    with pytest.raises(ConfigError, match=r"differ from them \(num_classes: given 10, checkpoint 4\)"):
+        main(
+            [
+                "test",
+                "-c",
+                TINY,
+                f"--ckpt_path={tiny_checkpoint}",
+                "--model.init_args.num_classes=10",
+                f"--evaluation.report_dir={report}",
+            ]
+        )
+    assert not report.exists()
+
+
+@pytest.mark.slow
+def test_explicit_num_classes_must_match_the_checkpoint_when_no_dataset_is_read(tiny_checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(images / "a.png")
+    preds = tmp_path / "preds.csv"
+    args = [
+        "predict",
+        "-c",
+        TINY,
+        f"--ckpt_path={tiny_checkpoint}",
+        f"--data.init_args.predict_paths={images}",
+        f"--evaluation.predictions_file={preds}",
+    ]
+    with pytest.raises(ConfigError, match=r"differ from them \(num_classes: given 10, checkpoint 4\)"):
+        main([*args, "--model.init_args.num_classes=10"])
+    assert not preds.exists()
+    main([*args, "--model.init_args.num_classes=4"])  # the checkpoint's own value is fine
+    assert len(preds.read_text().splitlines()) == 2

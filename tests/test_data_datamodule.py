@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from support.fakes import write_cifar
+from support.builders import TINY_CONFIG, tiny_module
+from support.fakes import write_cifar, write_image_folder
 
+from dmpo_lightning.cli import main
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY, SPLIT_KEY
-from dmpo_lightning.data import BenchmarkDataModule
+from dmpo_lightning.data import BenchmarkDataModule, UnreadableImageError
+from dmpo_lightning.data.formats import load_image_folder
 from dmpo_lightning.errors import ConfigError
 
 
@@ -249,3 +254,103 @@ def test_workers_load_the_same_batches() -> None:
     dm.num_workers = 0
     without = torch.cat([b[IMAGE_KEY] for b in dm.val_dataloader()])
     assert torch.equal(with_worker, without)
+
+
+def test_batches_name_their_split():
+    dm = synthetic()
+    dm.setup()
+    for split in ("train", "calibration", "test"):
+        assert set(next(iter(dm.dataloader(split)))[SPLIT_KEY]) == {split}
+
+
+def test_one_class_data_and_model_are_refused(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"dataset 'synthetic' has 1 class; classification needs at least 2 "
+        r"\(check synthetic_num_classes\)",
+    ):
+        BenchmarkDataModule(dataset="synthetic", synthetic_num_classes=1, num_workers=0)
+    write_image_folder(tmp_path / "one", ["only"], {"train": 2, "test": 1})
+    with pytest.raises(ValueError, match=r"dataset 'image_folder' under .*one has 1 class"):
+        BenchmarkDataModule(dataset="image_folder", root=str(tmp_path / "one"), num_workers=0)
+    with pytest.raises(ValueError, match=r"num_classes must be an integer >= 2 .*got 1"):
+        tiny_module(num_classes=1)
+
+
+def test_one_class_data_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"has 1 class; classification needs at least 2"):
+        main(["fit", "-c", TINY_CONFIG, "--data.init_args.synthetic_num_classes=1"])
+
+
+@pytest.fixture
+def broken_folder(tmp_path) -> dict[str, Path]:
+    root = write_image_folder(tmp_path / "imgs", ["a", "b"], {"train": 6, "test": 2})
+    truncated = root / "train" / "a" / "a_1.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    garbage = root / "test" / "b" / "b_0.jpg"
+    garbage.write_bytes(b"this is not a jpeg" * 20)
+    return {"root": root, "truncated": truncated, "garbage": garbage}
+
+
+def _folder_data(root: Path, **kw) -> BenchmarkDataModule:
+    return BenchmarkDataModule(
+        dataset="image_folder",
+        root=str(root),
+        image_size=16,
+        batch_size=4,
+        calibration_size=2,
+        num_workers=0,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("which", ["truncated", "garbage"])
+def test_unreadable_image_error_names_the_file(broken_folder, which):
+    dm = _folder_data(broken_folder["root"])
+    dm.setup()
+    splits = load_image_folder(broken_folder["root"])  # the files as the data module reads them
+    base = splits.train if which == "truncated" else splits.test
+    path = str(broken_folder[which])
+    index = next(i for i in range(len(base)) if base.path(i) == path)
+    with pytest.raises(
+        UnreadableImageError,
+        match=rf"cannot read image file {re.escape(path)} .*"
+        r"skip_unreadable_images=true",
+    ):
+        base[index]
+    if which == "garbage":  # through the test loader, as training/testing meets it
+        with pytest.raises(UnreadableImageError, match=re.escape(path)):
+            list(dm.dataloader("test"))
+
+
+def test_skip_unreadable_images_leaves_them_out_and_reports_them(broken_folder):
+    with pytest.warns(  # the files are checked when the data module is built
+        UserWarning, match=r"left out 2 unreadable image file\(s\) of 'image_folder': \[.*a_1\.jpg"
+    ):
+        dm = _folder_data(broken_folder["root"], skip_unreadable_images=True)
+    dm.setup()
+    train, calibration, test = (len(dm.split_dataset(s)) for s in ("train", "calibration", "test"))
+    assert (train + calibration, test) == (11, 3)
+    for split in ("train", "calibration", "test"):
+        for batch in dm.dataloader(split):
+            assert batch["image"].shape[1:] == (3, 16, 16)
+
+
+def test_unreadable_image_through_the_cli(broken_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(broken_folder["root"] / "test")  # only the truncated training image is left
+    shutil.copytree(broken_folder["root"] / "train", broken_folder["root"] / "test")
+    args = [
+        "fit",
+        "-c",
+        TINY_CONFIG,
+        "--data.init_args.dataset=image_folder",
+        f"--data.init_args.root={broken_folder['root']}",
+        "--data.init_args.calibration_size=2",
+        "--trainer.limit_train_batches=null",
+        "--trainer.max_epochs=1",
+        "--model.init_args.schedule.switch_epoch=0",
+    ]
+    with pytest.raises(UnreadableImageError, match=r"cannot read image file .*a_1\.jpg"):
+        main(args)

@@ -46,7 +46,7 @@ def test_a_registered_rule_drives_the_real_early_exit():
     assert torch.equal(out.exit_index, exits)
     assert torch.equal(out.prediction, pred)
     assert len(set(exits.tolist())) > 1
-    # The old path (max-softmax with the margin's thresholds) decides differently: the test can fail.
+    # The confidence rule with the margin's thresholds decides differently, so this test can fail.
     conf_exits, _ = simulated(*exit_scores(logits, "confidence"), thresholds)
     assert not torch.equal(conf_exits, exits)
 

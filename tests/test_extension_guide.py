@@ -1,10 +1,11 @@
-"""Runs the examples of docs/ARCHITECTURE.md's extension guide, as written there."""
+"""Runs the examples of docs/ARCHITECTURE.md's extension guide and of docs/extending.md, as written there."""
 
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from support.builders import TINY_MODULE
 from timm.models.vision_transformer import VisionTransformer
 
 from dmpo_lightning.data import registry as data_registry
@@ -84,3 +85,31 @@ def test_examples_leave_no_registration_behind():
     assert "mean_max" not in heads.PREDICTOR_REGISTRY
     assert "gain" not in adapters.PEFT_REGISTRY
     assert "fake3" not in data_registry.DATASETS
+
+
+def _doc_blocks() -> list[str]:
+    text = (GUIDE.parent / "extending.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_extending_examples_run():
+    namespace: dict = {}
+    blocks = [b for b in _doc_blocks() if "class " in b]
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(block, namespace)
+    options = dict(
+        num_classes=4,
+        img_size=32,
+        backbone="vit_tiny_patch16_224",
+        backbone_kwargs=TINY_MODULE["backbone_kwargs"],
+        exits={"blocks": [2, 4], "moment_dim": 16},
+        peft={"method": "full", "adapter_dim": 4},
+    )
+    focal = namespace["FocalDMPO"](**options)
+    logits = focal(torch.randn(3, 3, 32, 32))
+    loss, parts = focal.compute_loss(logits, torch.tensor([0, 1, 2]))
+    assert loss.ndim == 0 and torch.isfinite(loss) and parts == {}
+    wide = namespace["WideDropoutDMPO"](**options)
+    assert wide.model.exits[0].predictor.drop.p == 0.3
+    assert [z.shape for z in wide(torch.randn(2, 3, 32, 32))] == [(2, 4), (2, 4)]

@@ -179,3 +179,13 @@ def test_bad_tokens_raise():
         MomentHead(D, C, NPT, moment_dim=64)(torch.randn(2, N, D + 1))
     with pytest.raises(ValueError, match="at least one patch token"):
         ISqrtCovHead(D, C, 2, cov_dim=4)(torch.randn(2, 2, D))
+
+
+def test_moment_head_without_class_token_ignores_register_tokens():
+    head = MomentHead(32, 3, num_prefix_tokens=4, moment_dim=16, class_token=False).eval()
+    x = torch.randn(2, 20, 32)
+    y = x.clone()
+    y[:, :4] = torch.randn(2, 4, 32) * 10  # only the registers change
+    torch.testing.assert_close(head(x), head(y))
+    with_cls = MomentHead(32, 3, num_prefix_tokens=4, moment_dim=16).eval()
+    assert not torch.allclose(with_cls(x), with_cls(y))  # a class token is read

@@ -1,4 +1,6 @@
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from dmpo_lightning import DMPOModule
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
 from dmpo_lightning.losses import weighted_sum
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_MODULE
 
 
@@ -100,3 +103,20 @@ def test_readme_python_example_runs():
 def test_constructor_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DMPOModule(**{**TINY, **kwargs})
+
+
+def test_readme_focal_loss_example_runs_as_printed():
+    text = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "FocalDMPO" in b]
+    namespace: dict = {}
+    exec(block, namespace)  # a missing import fails here with NameError
+    module = namespace["FocalDMPO"](
+        num_classes=3,
+        backbone="vit_tiny_patch16_224",
+        img_size=32,
+        backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        exits={"blocks": [1, 2]},
+        peft={"method": "full"},
+    )
+    loss, parts = module.compute_loss(module(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2]))
+    assert loss.ndim == 0 and torch.isfinite(loss) and parts == {}

@@ -3,8 +3,9 @@ import torch
 from support.builders import make_tiny_vit
 
 from dmpo_lightning.models import MultiExitViT
-from dmpo_lightning.models.backbone import embed_tokens
+from dmpo_lightning.models.backbone import build_backbone, embed_tokens
 from dmpo_lightning.models.exit_rules import exit_scores
+from dmpo_lightning.models.heads import LinearHead, MomentHead
 from dmpo_lightning.models.multi_exit import ExitOptions
 
 SMALL_HEADS = dict(moment_dim=32, moment_groups=4, cov_dim=8)
@@ -173,3 +174,46 @@ def test_a_bad_head_option_is_named_as_the_user_writes_it(option, value, message
         ExitOptions(**{option: value})
     with pytest.raises(ValueError, match=f"^{message}"):
         MultiExitViT(make_tiny_vit(), 5, {"blocks": (2, 4), option: value})
+
+
+def _reg_gap_vit() -> torch.nn.Module:
+    return build_backbone(
+        "vit_betwixt_patch16_reg4_gap_256",
+        img_size=32,
+        model_kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2),
+    )
+
+
+def test_reg_gap_backbone_has_registers_but_no_class_token():
+    backbone = _reg_gap_vit()
+    assert backbone.cls_token is None and backbone.num_prefix_tokens == 4
+
+
+def test_token_pooling_without_a_class_token_is_refused():
+    with pytest.raises(
+        ValueError,
+        match=r"exits.head_pool='token' needs a class token, but the backbone has none "
+        r"\(its 4 prefix token\(s\) are registers.*set exits.head_pool='avg'",
+    ):
+        MultiExitViT(_reg_gap_vit(), 3, {"blocks": [1, 2], "moment_dim": 16, "head_pool": "token"})
+    # the default (head_pool: null) pools as the backbone does: the patch mean here
+    assert (
+        MultiExitViT(_reg_gap_vit(), 3, {"blocks": [1, 2], "moment_dim": 16}).exits[-1].predictor.pool
+        == "avg"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"head_pool='token' needs a class token but the 4 prefix token\(s\) are "
+        r"registers/prompts",
+    ):
+        LinearHead(32, 3, 4, head_pool="token", class_token=False)
+
+
+@pytest.mark.parametrize("peft", ["adaptformer", "vpt"])
+def test_heads_of_a_model_without_class_token_pool_patch_tokens(peft):
+    exits = {"blocks": [1, 2], "head_pool": "avg", "moment_dim": 16}
+    model = MultiExitViT(_reg_gap_vit(), 3, exits, {"method": peft, "vpt_prompts": 2})
+    moment = model.exits[0].predictor
+    assert isinstance(moment, MomentHead) and not moment.class_token
+    assert moment.num_prefix_tokens == 4 + (2 if peft == "vpt" else 0)
+    model(torch.randn(2, 3, 32, 32))

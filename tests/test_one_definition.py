@@ -1,6 +1,5 @@
 """Items that used to be written twice now have one definition, used by every caller."""
 
-import json
 import os
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 from dmpo_lightning import constants, files
 from dmpo_lightning.errors import ConfigError
-from dmpo_lightning.evaluation import protocol, protocol_run, report, thresholds
+from dmpo_lightning.evaluation import protocol, protocol_run, report
 from dmpo_lightning.evaluation.flops import ExitCosts
 from dmpo_lightning.models import adapters, heads
 
@@ -52,17 +51,6 @@ def test_budget_unit_option_and_protocol_unit_are_translated_in_one_place():
 
     assert tuple(protocol.BUDGET_UNIT_OPTIONS) == get_args(protocol.BudgetUnitOption)
     assert set(protocol.BUDGET_UNIT_OPTIONS.values()) == set(get_args(protocol.BudgetUnit))
-
-
-def test_a_thresholds_file_of_an_absolute_budget_is_found_with_the_gflops_option(tmp_path):
-    path = tmp_path / "thresholds.json"
-    entry = {"budget": 2.0, "unit": "absolute", "thresholds": [0.5, 0.6, float("-inf")]}
-    header = {"format": constants.THRESHOLDS_FORMAT, "format_version": constants.THRESHOLDS_FORMAT_VERSION}
-    path.write_text(json.dumps(files.to_jsonable({**header, "fingerprint": {}, "budgets": [entry]})))
-    got = thresholds.load_thresholds(str(path), 2.0, {}, unit="gflops", num_exits=3)
-    assert got[:2] == [0.5, 0.6]
-    with pytest.raises(ValueError, match=r"budget 2.0 \(fraction\) is not in"):
-        thresholds.load_thresholds(str(path), 2.0, {}, unit="fraction", num_exits=3)
 
 
 def _write_report(path):

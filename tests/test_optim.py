@@ -74,8 +74,8 @@ def test_min_factor_applies_to_each_group_s_own_learning_rate():
 def test_a_resume_with_more_steps_follows_the_new_length(old_total, new_total):
     """Resuming to train longer: the step count is restored, the cosine is that of the new length.
 
-    The old SequentialLR restored its old length (the rate climbed back and ended un-decayed) and a short
-    plan (a different scheduler type) could not be loaded at all.
+    A scheduler that restored its planned length would climb back and end un-decayed, and one whose type
+    depends on the plan could not load a shorter plan's state at all.
     """
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = warmup_cosine(opt, old_total, 0.1)

@@ -179,7 +179,7 @@ def test_matched_cost_reads_the_test_curve_and_the_mean_covers_only_the_common_r
     groups = {"dmpo": [early], "sdn_linear": [cheap]}
     assert bench.common_range(groups) == (0.3, 1.0)  # starts where every curve has begun
     rows = {r["variant"]: r for r in bench.summarise([early, cheap], ["sdn_linear", "dmpo"])}
-    # the old AUC counted 0 below a model's first exit; the common-range mean never drops below the curve
+    # an AUC would count 0 below a model's first exit; the common-range mean never drops below the curve
     assert rows["dmpo"]["mean_common"][0] > 0.80 and rows["sdn_linear"]["mean_common"][0] > 0.70
     assert rows["dmpo"]["at_0.3"] == [pytest.approx(0.80)]
     paired = bench.paired_table([early, cheap])

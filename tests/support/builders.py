@@ -14,6 +14,9 @@ TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0)
 
+SHALLOW_VIT_KWARGS = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+"""``backbone_kwargs`` of a depth-2 model of any ViT family (tests that only build a backbone)."""
+
 TINY_MODULE = dict(
     num_classes=4,
     backbone="vit_tiny_patch16_224",

@@ -1,7 +1,9 @@
-"""A trained run as `dmpo fit` + `dmpo test` leave it (checkpoint + thresholds.json), without training.
+"""Runs as `dmpo fit` + `dmpo test` leave them (checkpoint + thresholds.json), with or without training.
 
-Shared by the deploy, serving and backbone tests: ``make_run`` builds a tiny module, perturbs its trainable
-parameters, writes the checkpoint and a thresholds file fitted on random images.
+``make_run`` (no training; the deploy, serving and backbone tests) builds a tiny module, perturbs its
+trainable parameters, writes the checkpoint and a thresholds file fitted on random images. ``fit_runs``
+trains tiny runs through the real CLI (``tests/configs/tiny.yaml``), for tests of what the commands do with
+their files.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import math
 from pathlib import Path
 
 import lightning
+import pytest
 import torch
 
+from dmpo_lightning.cli import main
 from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.files import file_sha256
 from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.module import DMPOModule
+from support.builders import TINY_CONFIG
 
 TINY_HP = dict(
     num_classes=4,
@@ -130,3 +135,31 @@ def simulated(model, x, thresholds, rule="confidence"):
     exits = assign_exits(scores, torch.tensor(thresholds, dtype=scores.dtype))
     rows = torch.arange(x.shape[0])
     return preds[rows, exits], exits, logits[rows, exits]
+
+
+def fit_runs(base: Path, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Path]:
+    """One tiny one-epoch ``dmpo fit`` per seed, run in ``base``: their checkpoints as ``a``, ``b``, ...
+
+    The first run also ran ``dmpo test`` (``test_after_fit``): its ``thresholds.json`` is ``thresholds``.
+    """
+    out = {"base": base}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        for i, seed in enumerate(seeds):
+            name = "abcdefgh"[i]
+            cli = main(
+                [
+                    "fit",
+                    "-c",
+                    TINY_CONFIG,
+                    f"--seed_everything={seed}",
+                    "--trainer.max_epochs=1",
+                    "--model.init_args.schedule.switch_epoch=0",
+                    f"--test_after_fit={i == 0}",
+                    f"--evaluation.report_dir={base / ('report_' + name)}",
+                ]
+            )
+            (out[name],) = (base / cli.trainer.log_dir / "checkpoints").glob("*.ckpt")
+    out["thresholds"] = base / "report_a" / "thresholds.json"
+    assert out["thresholds"].is_file()
+    return out
