@@ -3,8 +3,9 @@
 Times one bypass, one moment head and one iSQRT-COV head (and a transformer block for scale) at the token
 shapes of the trained quickstart model (17 tokens of width 96, moment width 128) and of ViT-S/16 at 224
 (197 tokens of width 384, moment width 512), batch 64, random weights, eval mode, 1 thread by default, median
-of interleaved repeats. "previous" is the implementation before the lean heads, kept as the reference of
-``tests/test_exit_policy.py`` (imported from there, so it is the code the equality tests compare with)::
+of interleaved repeats. "previous" is the implementation before the lean heads, kept as the plain reference
+forward passes of ``tests/support/reference_heads.py`` (imported from there, so it is the code the equality
+tests of ``tests/test_heads.py`` compare with)::
 
     python benchmarks/head_speed.py --threads 1
 """
@@ -33,11 +34,10 @@ SHAPES = {
 
 
 def _reference():
-    spec = importlib.util.spec_from_file_location("reference", ROOT / "tests" / "test_exit_policy.py")
+    spec = importlib.util.spec_from_file_location(
+        "reference", ROOT / "tests" / "support" / "reference_heads.py"
+    )
     module = importlib.util.module_from_spec(spec)
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tests"))
     spec.loader.exec_module(module)
     return module
 

@@ -7,13 +7,17 @@ backbone weights file reloads without that file.
 
 import json
 import pickle
+import warnings
+from pathlib import Path
 
 import pytest
+import timm
 import torch
-from support.builders import TINY_MODULE, make_tiny_vit
+from support.builders import ONE_EPOCH, TINY_CONFIG, TINY_MODULE, make_tiny_vit
 from support.pickles import torch_file
 
 from dmpo_lightning import DMPOModule, checkpointing
+from dmpo_lightning.cli import main
 from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
 from dmpo_lightning.evaluation.thresholds import load_thresholds
 from dmpo_lightning.models.adapters import PeftOptions
@@ -146,3 +150,48 @@ def test_load_from_checkpoint_refuses_unrestricted_unpickling_before_reading(
     with pytest.raises(ValueError, match=r"weights_only must be true: checkpoints are read only with torch"):
         DMPOModule.load_from_checkpoint(str(path), weights_only=False)
     assert reads == [] and not pickle_marker.exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_file_moved(tmp_path, capsys):
+    backbone = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, embed_dim=32,
+        depth=4, num_heads=2, mlp_ratio=2.0,
+    )  # fmt: skip
+    weights = tmp_path / "backbone.pth"
+    torch.save(backbone.state_dict(), weights)
+    cli = main(["fit", "-c", TINY_CONFIG, *ONE_EPOCH, f"--model.init_args.checkpoint_path={weights}"])
+    (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
+    trained = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert trained["model.backbone.patch_embed.proj.weight"].equal(backbone.patch_embed.proj.weight)
+    weights.unlink()  # moved, and no network (HF_HUB_OFFLINE=1)
+
+    for module in (
+        DMPOModule.load_from_checkpoint(ckpt),
+        DMPOModule.load_from_checkpoint(ckpt, checkpoint_path=None),
+        DMPOModule.load_from_checkpoint(checkpoint_path=ckpt, map_location="cpu"),
+    ):
+        state = module.state_dict()
+        assert all(state[k].equal(v) for k, v in trained.items())
+    assert DMPOModule.load_from_checkpoint(ckpt, checkpoint_path=None).hparams.checkpoint_path is None
+    assert DMPOModule.load_from_checkpoint(ckpt).hparams.checkpoint_path == str(weights)
+
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(
+            [
+                "test",
+                "-c",
+                TINY_CONFIG,
+                f"--ckpt_path={ckpt}",
+                f"--evaluation.report_dir={tmp_path / 'r'}",
+            ]
+        )
+    assert (tmp_path / "r" / "report.json").is_file()
+    # test needs neither the fit-only callbacks' states (no warning asking for them) ...
+    assert not [w for w in caught if "Please add the following callbacks" in str(w.message)]
+    # ... and dmpo test prints its own report, not Lightning's table of repeated per-loader columns
+    out = capsys.readouterr().out
+    assert "DataLoader 0" not in out and "DataLoader 1" not in out
+    assert "Anytime prediction" in out

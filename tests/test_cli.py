@@ -1,16 +1,17 @@
+import csv
 import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from support.builders import TINY_CONFIG
+from support.builders import ONE_EPOCH, TINY_CONFIG
 from support.fakes import write_cifar
 from support.pickles import torch_file
 from support.runs import fit_runs
 
 from dmpo_lightning.cli import main
-from dmpo_lightning.errors import ConfigError
+from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,3 +306,90 @@ def test_explicit_num_classes_must_match_the_checkpoint_when_no_dataset_is_read(
     assert not preds.exists()
     main([*args, "--model.init_args.num_classes=4"])  # the checkpoint's own value is fine
     assert len(preds.read_text().splitlines()) == 2
+
+
+EXP1 = "--trainer.logger.init_args.version=exp1"
+
+
+def _bytes(folder: Path, *names: str) -> dict[str, bytes]:
+    return {n: (folder / n).read_bytes() for n in names}
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_a_named_logger_version_never_loses_the_training_run(tmp_path):
+    main(["fit", "-c", TINY, *ONE_EPOCH, EXP1])
+    run = tmp_path / "runs" / "dmpo" / "exp1"
+    kept = _bytes(run, "metrics.csv", "config.yaml", "hparams.yaml")
+    files = sorted(p.name for p in run.iterdir())
+    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+
+    # a second, new fit into the same folder is refused before anything is written
+    with pytest.raises(
+        ConfigFileExistsError, match=r"log folder .*exp1 already holds a run .*resume that run"
+    ):
+        main(["fit", "-c", TINY, *ONE_EPOCH, EXP1])
+    # ... and so is a "resume" from another run's checkpoint
+    other = main(["fit", "-c", TINY, *ONE_EPOCH, "--trainer.limit_train_batches=1"])
+    (other_ckpt,) = (Path(other.trainer.log_dir) / "checkpoints").glob("*.ckpt")
+    with pytest.raises(
+        ConfigFileExistsError, match=r"exp1 already holds a run .* is not one of its checkpoints"
+    ):
+        main(["fit", "-c", TINY, "--trainer.max_epochs=2", EXP1, f"--ckpt_path={other_ckpt}"])
+    assert _bytes(run, "metrics.csv", "config.yaml", "hparams.yaml") == kept
+
+    # test and predict of the run's checkpoint belong to the run: each writes a new folder inside it, never
+    # a file of the training run
+    main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])
+    assert _bytes(run, "metrics.csv", "config.yaml", "hparams.yaml") == kept
+    evaluated = run / "dmpo_test"
+    assert (evaluated / "report.json").is_file() and (evaluated / "config.yaml").is_file()
+    assert "test/acc_exit3" in (evaluated / "metrics.csv").read_text()
+    main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])  # a second test: a second folder
+    assert (run / "dmpo_test_1" / "report.json").is_file()
+    main(["predict", "-c", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])
+    assert (run / "dmpo_predict" / "predictions.csv").is_file()
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [*files, "dmpo_test", "dmpo_test_1", "dmpo_predict"]
+    )
+    assert not list(run.rglob(".dmpo-claim"))  # every claim was released
+
+    # a resume into its own folder appends to metrics.csv and keeps config.yaml / hparams.yaml
+    old_rows = _rows(run / "metrics.csv")
+    main(
+        [
+            "fit",
+            "-c",
+            TINY,
+            "--trainer.max_epochs=2",
+            "--model.init_args.schedule.switch_epoch=0",
+            EXP1,
+            f"--ckpt_path={ckpt}",
+        ]
+    )
+    assert _bytes(run, "config.yaml", "hparams.yaml") == {k: kept[k] for k in ("config.yaml", "hparams.yaml")}
+    assert (run / "config.1.yaml").is_file() and (run / "hparams.1.yaml").is_file()
+    assert f"ckpt_path: {ckpt}" in (run / "config.1.yaml").read_text()
+    rows = _rows(run / "metrics.csv")
+    assert [{k: v for k, v in r.items() if v} for r in rows[: len(old_rows)]] == [
+        {k: v for k, v in r.items() if v} for r in old_rows
+    ]
+    assert {r["epoch"] for r in rows[len(old_rows) :] if r.get("epoch")} == {"1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", ["default", "tensorboard", "wandb"])
+def test_every_logger_gives_each_run_its_own_folder(logger, tmp_path):
+    config = ["-c", str(ROOT / "configs" / "trainer" / f"{logger}.yaml")]
+    args = ["fit", "-c", TINY, *config, *ONE_EPOCH, "--trainer.max_epochs=1", "--test_after_fit=true"]
+    args += ["--trainer.limit_train_batches=1", "--trainer.enable_progress_bar=false"]
+    args += ["--trainer.accelerator=cpu", "--trainer.log_every_n_steps=1"]
+    dirs = [Path(main(args).trainer.log_dir) for _ in range(2)]  # the second run gets a folder of its own
+    assert dirs[0] != dirs[1]
+    for d in dirs:
+        assert (d / "config.yaml").is_file() and (d / "dmpo_test" / "report.json").is_file()
+        assert (d / "calibration_indices.json").is_file()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,22 @@ def test_experiment_trains_a_batch_on_cpu_with_the_tiny_backbone(name, tmp_path,
     assert cli.model.peft_options.method == expected_peft
     losses = {k: v for k, v in cli.trainer.callback_metrics.items() if "loss" in k}
     assert losses and all(bool(torch.isfinite(v)) for v in losses.values())
+
+
+def test_the_best_checkpoint_is_chosen_by_calibration_accuracy_of_the_last_exit(tmp_path):
+    for name in ("trainer/default.yaml", "quickstart.yaml"):
+        conf = yaml.safe_load((ROOT / "configs" / name).read_text())
+        (ckpt,) = [c for c in conf["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+        assert ckpt["init_args"]["monitor"] == "val/acc_last" and ckpt["init_args"]["mode"] == "max", name
+    args = ["fit", "-c", TINY, "-c", str(ROOT / "configs" / "trainer" / "default.yaml")]
+    args += ["--trainer.max_epochs=3", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
+    args += ["--trainer.log_every_n_steps=1", "--model.init_args.exits.blocks=[2, 4]"]  # 2 exits: any K works
+    cli = main(args)
+    callback = cli.trainer.checkpoint_callback
+    with open(Path(cli.trainer.log_dir) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    accs = [float(r["val/acc_exit1"]) for r in rows if r.get("val/acc_exit1")]
+    assert len(accs) == 3
+    assert callback.best_model_score is not None
+    assert float(callback.best_model_score) == pytest.approx(max(accs))
+    assert [float(r["val/acc_last"]) for r in rows if r.get("val/acc_last")] == accs

@@ -39,3 +39,11 @@ def test_schedule_and_threshold_search_have_examples():
     for name in ("dmpo_lightning.schedules", "dmpo_lightning.evaluation.protocol"):
         tests = finder.find(importlib.import_module(name))
         assert sum(len(t.examples) for t in tests) >= 3, name
+
+
+def test_config_error_examples():
+    import doctest
+
+    import dmpo_lightning.errors
+
+    assert doctest.testmod(dmpo_lightning.errors).failed == 0

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from support.builders import make_tiny_vit
 from support.early_exit import (
     MARGIN,
@@ -21,8 +20,7 @@ from support.early_exit import (
 )
 
 from dmpo_lightning import DMPOModule
-from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions
-from dmpo_lightning.models import ISqrtCovHead, MomentHead, MultiExitViT, newton_schulz_sqrt
+from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.exit_rules import exit_scores
 
 
@@ -141,133 +139,6 @@ def test_early_exit_runs_in_eval_mode_and_restores_the_mode():
     out_eval = module.eval().forward_early_exit(x, thresholds)
     assert torch.equal(out_train.prediction, out_eval.prediction)
     assert torch.equal(out_train.logits, out_eval.logits)  # dropout was off as well
-
-
-# ------------------------------------------------------------------------------ leaner heads (issue 13)
-def reference_moment_forward(m: MomentHead, x: torch.Tensor) -> torch.Tensor:
-    """MomentHead.forward as it was before the lean version (LayerNorm of all tokens for the class token)."""
-    xn = m.norm(x)
-    cls = xn[:, 0] if m.num_prefix_tokens > 0 else xn.mean(dim=1)
-    first = m.fc_first(m.drop(cls))
-    p = m.proj(x[:, m.num_prefix_tokens :]).float()
-    b, n, _ = p.shape
-    p = p.reshape(b, n, m.groups, m.group_dim)
-    p = F.layer_norm(p, (m.group_dim,), m.group_norm.weight, m.group_norm.bias, m.group_norm.eps)
-    p = (p - p.mean(dim=1, keepdim=True)).permute(0, 2, 1, 3)
-    cov = F.normalize(p[:, :-1].transpose(-1, -2) @ p[:, 1:] / n, dim=-1, eps=1e-12)
-    second = m.fc_second(m.drop(m.conv(cov).flatten(1)))
-    return 0.5 * (first + second)
-
-
-def reference_newton_schulz(a: torch.Tensor, iterations: int, eps: float = 1e-5) -> torch.Tensor:
-    """newton_schulz_sqrt before the lean version: every product with Z = I and the unused last Z."""
-    eye = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a)
-    trace = a.diagonal(dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1) + eps
-    y, z = a / trace, eye
-    for _ in range(iterations):
-        t = 0.5 * (3.0 * eye - z @ y)
-        y, z = y @ t, t @ z
-    return y * trace.sqrt()
-
-
-def reference_isqrt_forward(m: ISqrtCovHead, x: torch.Tensor) -> torch.Tensor:
-    z = m.reduce(x[:, m.num_prefix_tokens :])
-    b, n, d = z.shape
-    z = m.act(m.bn(z.reshape(b * n, d))).reshape(b, n, d).float()
-    z = z - z.mean(dim=1, keepdim=True)
-    root = reference_newton_schulz(z.transpose(1, 2) @ z / n, m.iterations)
-    return m.fc(m.drop(root.flatten(1)[:, m.triu_index]))
-
-
-STATE_KEYS = {
-    "moment": {
-        "norm.weight",
-        "norm.bias",
-        "fc_first.weight",
-        "fc_first.bias",
-        "proj.weight",
-        "proj.bias",
-        "group_norm.weight",
-        "group_norm.bias",
-        "conv.0.weight",
-        "conv.0.bias",
-        "conv.2.weight",
-        "conv.2.bias",
-        "fc_second.weight",
-        "fc_second.bias",
-    },
-    "isqrt": {
-        "reduce.weight",
-        "reduce.bias",
-        "bn.weight",
-        "bn.bias",
-        "bn.running_mean",
-        "bn.running_var",
-        "bn.num_batches_tracked",
-        "fc.weight",
-        "fc.bias",
-    },
-}
-
-
-@pytest.mark.parametrize("prefix", [1, 0, 5])
-@pytest.mark.parametrize(("dim", "tokens", "proj"), [(32, 17, 32), (96, 50, 128)])
-def test_lean_moment_head_equals_the_reference(prefix, dim, tokens, proj):
-    torch.manual_seed(1)
-    head = MomentHead(dim, 7, prefix, moment_dim=proj).eval()
-    randomise(head, 0.2)
-    assert set(head.state_dict()) == STATE_KEYS["moment"]  # checkpoints still load
-    x = torch.randn(6, tokens + prefix, dim)
-    with torch.no_grad():
-        diff = (head(x) - reference_moment_forward(head, x)).abs().max()
-    assert diff <= 1e-5
-
-
-@pytest.mark.parametrize("iterations", [1, 2, 5])
-def test_lean_newton_schulz_and_isqrt_head_equal_the_reference(iterations):
-    torch.manual_seed(2)
-    a = torch.randn(4, 12, 30)
-    a = a @ a.transpose(1, 2) / 30
-    assert torch.equal(newton_schulz_sqrt(a, iterations), reference_newton_schulz(a, iterations))
-    head = ISqrtCovHead(32, 7, 1, cov_dim=12, cov_iterations=iterations).eval()
-    randomise(head, 0.2)
-    head.bn.running_var.uniform_(0.5, 2.0)
-    assert set(head.state_dict()) == STATE_KEYS["isqrt"]
-    x = torch.randn(5, 20, 32)
-    with torch.no_grad():
-        assert (head(x) - reference_isqrt_forward(head, x)).abs().max() <= 1e-5
-
-
-# --------------------------------------------------------------- dmpo test times the real early exit
-@pytest.mark.slow
-def test_dmpo_test_times_the_real_early_exit_into_the_report(tmp_path):
-    import json
-    from pathlib import Path
-
-    import lightning.pytorch as pl
-
-    from dmpo_lightning.cli import main
-
-    tiny = str(Path(__file__).parent / "configs" / "tiny.yaml")
-    args = ["-c", tiny, "--evaluation.time_early_exit=16", "--evaluation.allow_untrained=true"]
-    cli = main([*args, f"--evaluation.report_dir={tmp_path / 'r'}"], run=False)
-    evaluator = DMPOEvaluator(cli.config_init["evaluation"])
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[evaluator]
-    )
-    trainer.test(cli.model, datamodule=cli.datamodule)
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
-    speed = report["early_exit_speed"]
-    assert speed["images"] == 16 and speed["device"].startswith("cpu")
-    assert [r["budget"] for r in speed["budgets"]] == [b["budget"] for b in report["budgets"]] == [0.5, 0.75]
-    for r in speed["budgets"]:
-        assert r["full_ms_per_image"] > 0 and r["early_ms_per_image"] > 0 and r["engine_ms_per_image"] > 0
-        assert sum(r["exit_histogram"]) == 16 and r["flops_speedup"] >= 1
-
-
-def test_time_early_exit_option_is_validated():
-    with pytest.raises(ValueError, match="time_early_exit must be an integer >= 0"):
-        EvaluationOptions(time_early_exit=-1)
 
 
 def test_early_exit_restores_a_mixed_mode_exactly():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.early_exit import randomise
+from support.reference_heads import reference_isqrt_forward, reference_moment_forward, reference_newton_schulz
 from torch import nn
 
 from dmpo_lightning.models.heads import (
@@ -189,3 +191,62 @@ def test_moment_head_without_class_token_ignores_register_tokens():
     torch.testing.assert_close(head(x), head(y))
     with_cls = MomentHead(32, 3, num_prefix_tokens=4, moment_dim=16).eval()
     assert not torch.allclose(with_cls(x), with_cls(y))  # a class token is read
+
+
+STATE_KEYS = {
+    "moment": {
+        "norm.weight",
+        "norm.bias",
+        "fc_first.weight",
+        "fc_first.bias",
+        "proj.weight",
+        "proj.bias",
+        "group_norm.weight",
+        "group_norm.bias",
+        "conv.0.weight",
+        "conv.0.bias",
+        "conv.2.weight",
+        "conv.2.bias",
+        "fc_second.weight",
+        "fc_second.bias",
+    },
+    "isqrt": {
+        "reduce.weight",
+        "reduce.bias",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
+        "fc.weight",
+        "fc.bias",
+    },
+}
+
+
+@pytest.mark.parametrize("prefix", [1, 0, 5])
+@pytest.mark.parametrize(("dim", "tokens", "proj"), [(32, 17, 32), (96, 50, 128)])
+def test_lean_moment_head_equals_the_reference(prefix, dim, tokens, proj):
+    torch.manual_seed(1)
+    head = MomentHead(dim, 7, prefix, moment_dim=proj).eval()
+    randomise(head, 0.2)
+    assert set(head.state_dict()) == STATE_KEYS["moment"]  # checkpoints still load
+    x = torch.randn(6, tokens + prefix, dim)
+    with torch.no_grad():
+        diff = (head(x) - reference_moment_forward(head, x)).abs().max()
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+def test_lean_newton_schulz_and_isqrt_head_equal_the_reference(iterations):
+    torch.manual_seed(2)
+    a = torch.randn(4, 12, 30)
+    a = a @ a.transpose(1, 2) / 30
+    assert torch.equal(newton_schulz_sqrt(a, iterations), reference_newton_schulz(a, iterations))
+    head = ISqrtCovHead(32, 7, 1, cov_dim=12, cov_iterations=iterations).eval()
+    randomise(head, 0.2)
+    head.bn.running_var.uniform_(0.5, 2.0)
+    assert set(head.state_dict()) == STATE_KEYS["isqrt"]
+    x = torch.randn(5, 20, 32)
+    with torch.no_grad():
+        assert (head(x) - reference_isqrt_forward(head, x)).abs().max() <= 1e-5

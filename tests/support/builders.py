@@ -12,6 +12,9 @@ from dmpo_lightning import DMPOModule
 TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 """``tests/configs/tiny.yaml``: the tiny ViT on 4-class synthetic data, for runs of the real CLI."""
 
+ONE_EPOCH = ["--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0"]
+"""CLI options for a one-epoch fit of ``TINY_CONFIG`` (the loss-weight switch inside the epoch range)."""
+
 TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0)
 
 SHALLOW_VIT_KWARGS = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
