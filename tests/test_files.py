@@ -1,14 +1,21 @@
-"""files.py: every file format the package writes refuses another format or version in one sentence."""
+"""files.py: the one file layer every writer and reader of the package goes through.
+
+Every file format the package writes refuses another format or version in one sentence; reports, plots and
+exports are written atomically (a failed write leaves the old file, and no temporary file, behind) and never
+overwrite a file unless asked.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from support.runs import make_run
 
-from dmpo_lightning import __version__
+from dmpo_lightning import __version__, files, serialization
 from dmpo_lightning.constants import (
     REPORT_FORMAT,
     REPORT_FORMAT_VERSION,
@@ -23,6 +30,7 @@ from dmpo_lightning.deploy.format import (
     ArtefactError,
     read_manifest,
 )
+from dmpo_lightning.evaluation import report
 from dmpo_lightning.evaluation.report import read_report
 from dmpo_lightning.evaluation.thresholds import load_thresholds, read_thresholds
 from dmpo_lightning.files import check_format
@@ -156,3 +164,42 @@ def test_dmpo_export_refuses_thresholds_of_the_previous_format_before_writing(tm
     with pytest.raises(ValueError, match=r"of format version 1, written by an older dmpo-lightning.*re-run"):
         export_artefact(str(tmp_path / "art"), run=str(run["run"]))
     assert not any(p.name.startswith((".art", "art")) for p in tmp_path.iterdir())
+
+
+def _write_report(path):
+    files.write_json(path, {"a": 2})
+
+
+def _write_plot(path):
+    report.plot_curve(path, report.build_report(costs=[1.0, 2.0], full_cost=2.0, anytime_top1=[0.5, 0.6]))
+
+
+def _write_export(path):
+    serialization.write_trainable(str(path), {"w": torch.ones(2)}, {"a": 1}, overwrite=True)
+
+
+@pytest.mark.parametrize("write", [_write_report, _write_plot, _write_export], ids=lambda f: f.__name__)
+def test_reports_plots_and_exports_are_written_atomically(tmp_path, monkeypatch, write):
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old")
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write(path)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+    monkeypatch.undo()
+    write(path)
+    assert path.read_bytes() != b"old" and [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_atomic_write_without_overwrite_refuses_and_leaves_nothing(tmp_path):
+    target = tmp_path / "x.bin"
+    files.atomic_write_bytes(target, b"1", overwrite=False)
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        files.atomic_write_bytes(target, b"2", overwrite=False)
+    assert target.read_bytes() == b"1"
+    files.atomic_write_bytes(target, b"3")
+    assert target.read_bytes() == b"3" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]

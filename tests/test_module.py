@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from support.builders import TINY_MODULE
 
-from dmpo_lightning import DMPOModule
+from dmpo_lightning import DMPOModule, constants
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
 from dmpo_lightning.losses import weighted_sum
 
@@ -120,3 +120,21 @@ def test_readme_focal_loss_example_runs_as_printed():
     )
     loss, parts = module.compute_loss(module(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2]))
     assert loss.ndim == 0 and torch.isfinite(loss) and parts == {}
+
+
+def test_the_module_fingerprint_has_exactly_the_fingerprint_keys():
+    module = DMPOModule(
+        backbone="vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        num_classes=3,
+        exits={"blocks": 2, "early_head": "linear"},
+        peft={"method": "full"},
+    )
+    fingerprint = module.model_fingerprint()
+    assert tuple(fingerprint) == constants.THRESHOLDS_FINGERPRINT_KEYS
+    assert fingerprint["exits.blocks"] == list(module.model.exit_blocks)
+    assert fingerprint["peft.method"] == "full" and fingerprint["exits.early_head"] == "linear"
+    assert set(constants.ARCHITECTURE_KEYS) < set(fingerprint)  # the backbone too, named as users write it
+    assert not any("rule" in key for key in fingerprint)  # the exit rule is not part of the model

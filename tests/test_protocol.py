@@ -1,16 +1,23 @@
-"""Budgeted-batch protocol: pi(q), thresholds vs a literal reference, evaluation, budgets, AUC."""
+"""Budgeted-batch protocol: pi(q), thresholds vs a literal reference, evaluation, budgets, AUC.
+
+Also the budget check ``dmpo test`` runs before the evaluation (evaluation/protocol_run.py): it refuses a
+budget in the protocol's own words, naming the option.
+"""
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import get_args
 
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dmpo_lightning.evaluation import protocol
+from dmpo_lightning.errors import ConfigError
+from dmpo_lightning.evaluation import protocol, protocol_run
+from dmpo_lightning.evaluation.flops import ExitCosts
 from dmpo_lightning.evaluation.protocol import (
     anytime_accuracy,
     area_under_curve,
@@ -397,3 +404,42 @@ def test_budget_search_without_a_feasible_q():
     # budgets may be any iterable
     (choice,) = select_budgets(cal_s, cal_c, COSTS, FULL, iter([0.5]), qs=search_qs(20))
     assert choice.cal_cost <= 0.5 * FULL
+
+
+def _costs(exit_gflops, full):
+    return ExitCosts(tuple(g * 1e9 for g in exit_gflops), full * 1e9, (3, 32, 32))
+
+
+@pytest.mark.parametrize(("budget", "option"), [(0.1, "fraction"), (1.5, "fraction"), (0.5, "gflops")])
+def test_config_check_and_protocol_refuse_a_budget_with_the_same_sentence(budget, option):
+    costs = _costs([1.0, 2.0, 4.0], 4.0)
+    with pytest.raises(ConfigError) as config_err:
+        protocol_run.check_budgets([budget], option, costs)
+    scores = torch.rand(20, 3)
+    correct = torch.rand(20, 3) > 0.5
+    unit = protocol.protocol_budget_unit(option)
+    with pytest.raises(ValueError) as protocol_err:
+        protocol.select_budgets(
+            scores, correct, costs.exit_gflops, 4.0, [budget], unit, protocol.search_qs(5)
+        )
+    same = str(protocol_err.value).replace("unit of costs", "GFLOPs")  # the config check names the cost unit
+    assert str(config_err.value) == f"{same}; fix evaluation.budgets"
+    assert "outside the achievable range" in str(config_err.value)
+
+
+def test_budgets_at_both_ends_of_the_range_pass_both_checks():
+    costs = _costs([1.0, 2.0, 4.0], 4.0)
+    protocol_run.check_budgets([0.25, 1.0], "fraction", costs)
+    protocol_run.check_budgets([1.0, 4.0], "gflops", costs)
+    assert protocol.check_budget_range([1.0, 4.0], 1.0, 4.0, "absolute", "GFLOPs") == [1.0, 4.0]
+
+
+def test_budget_unit_options_translate_to_protocol_units():
+    assert protocol.protocol_budget_unit("gflops") == "absolute"
+    assert protocol.protocol_budget_unit("fraction") == "fraction"
+    with pytest.raises(
+        ValueError, match=r"budget_unit must be one of \('fraction', 'gflops'\); got 'absolute'"
+    ):
+        protocol.protocol_budget_unit("absolute")
+    assert tuple(protocol.BUDGET_UNIT_OPTIONS) == get_args(protocol.BudgetUnitOption)
+    assert set(protocol.BUDGET_UNIT_OPTIONS.values()) == set(get_args(protocol.BudgetUnit))

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.builders import TINY_CONFIG
+from support.builders import TINY_CONFIG, tiny_module
 from support.pickles import torch_file
 from support.runs import fit_runs
 
@@ -214,3 +214,25 @@ def test_a_thresholds_file_of_an_absolute_budget_is_found_with_the_gflops_option
     assert got[:2] == [0.5, 0.6]
     with pytest.raises(ValueError, match=r"budget 2.0 \(fraction\) is not in"):
         load_thresholds(str(path), 2.0, {}, unit="fraction", num_exits=3)
+
+
+@pytest.mark.parametrize(
+    ("option", "other"),
+    [
+        ("backbone", "vit_small_patch16_224"),
+        ("num_classes", 5),
+        ("exits.blocks", [2, 4]),
+        ("exits.early_head", "linear"),
+        ("exits.final_head", "moment"),
+        ("peft.method", "lora"),
+    ],
+)
+def test_thresholds_of_a_model_that_differs_in_any_architecture_option_are_refused(tmp_path, option, other):
+    """Each option that changes the model is in the fingerprint a module checks, named as users write it."""
+    ours = tiny_module().model_fingerprint()
+    path = _thresholds_file(tmp_path, [0.9, 0.8, 0.7, "-inf"], fingerprint={**ours, option: other})
+    differs = rf"calibrated for another model \({re.escape(option)}: file {re.escape(repr(other))} vs"
+    with pytest.raises(ValueError, match=differs):
+        load_thresholds(str(path), 0.5, ours, num_exits=4)
+    path = _thresholds_file(tmp_path, [0.9, 0.8, 0.7, "-inf"], fingerprint=ours)
+    assert load_thresholds(str(path), 0.5, ours, num_exits=4) == [0.9, 0.8, 0.7, float("-inf")]
