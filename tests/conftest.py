@@ -13,6 +13,7 @@ import pytest
 import torch
 from support.builders import make_tiny_vit
 from support.fakes import isolate_torchvision_checksums
+from support.runs import make_artefact
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,3 +65,15 @@ def unsafe_torch_default(monkeypatch: pytest.MonkeyPatch) -> None:
 def pickle_marker(tmp_path: Path, unsafe_torch_default: None) -> Path:
     """The file a crafted pickle of ``support.pickles`` creates when it is unpickled (it must never exist)."""
     return tmp_path / "PWNED"
+
+
+@pytest.fixture
+def artefact(tmp_path: Path) -> dict:
+    """An exported tiny run (``support.runs.make_artefact``), fresh for each test: tests may damage it."""
+    return make_artefact(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_artefact(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An exported tiny run whose thresholds spread samples over the exits; one per module, read only."""
+    return make_artefact(tmp_path_factory.mktemp("artefact"), quantiles=(0.4, 0.7))

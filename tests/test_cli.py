@@ -12,6 +12,7 @@ from support.runs import fit_runs
 
 from dmpo_lightning.cli import main
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
+from dmpo_lightning.models.engine import EngineSession
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -393,3 +394,40 @@ def test_every_logger_gives_each_run_its_own_folder(logger, tmp_path):
     for d in dirs:
         assert (d / "config.yaml").is_file() and (d / "dmpo_test" / "report.json").is_file()
         assert (d / "calibration_indices.json").is_file()
+
+
+@pytest.mark.slow  # fits a tiny model through the CLI, then tests and predicts from its checkpoint
+def test_cli_keeps_predict_engine_and_time_early_exit_given_with_a_checkpoint(tmp_path, monkeypatch):
+    """``--ckpt_path`` restores the model's options; these two evaluation options given with it are kept."""
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "-c", TINY, "--test_after_fit=false"])
+    log_dir = Path(cli.trainer.log_dir)
+    (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
+    report_dir = tmp_path / "report"
+    main(
+        [
+            "test",
+            f"--config={log_dir / 'config.yaml'}",
+            f"--ckpt_path={ckpt}",
+            f"--evaluation.report_dir={report_dir}",
+            "--evaluation.time_early_exit=8",
+        ]
+    )
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report.get("early_exit_speed"), "time_early_exit given on the command line was dropped"
+    pushes: list[int] = []
+    original = EngineSession.push
+    monkeypatch.setattr(EngineSession, "push", lambda s, b: pushes.append(len(b)) or original(s, b))
+    main(
+        [
+            "predict",
+            f"--config={log_dir / 'config.yaml'}",
+            f"--ckpt_path={ckpt}",
+            f"--evaluation.thresholds_file={report_dir / 'thresholds.json'}",
+            "--evaluation.predict_budget=0.5",
+            f"--evaluation.predictions_file={tmp_path / 'p.csv'}",
+            "--evaluation.predict_engine=true",
+        ]
+    )
+    assert pushes, "predict_engine given on the command line was dropped"
+    assert (tmp_path / "p.csv").exists()

@@ -1,4 +1,9 @@
-"""``dmpo export`` (deploy/export.py, deploy/cli.py): the files it takes, what it refuses, what it merges."""
+"""``dmpo export`` (deploy/export.py, deploy/cli.py): the files it takes, what it refuses, what it merges.
+
+It refuses thresholds of another checkpoint or architecture, a run without a `dmpo test` report, a report of
+another model configuration and bad temperatures, never overwrites an output (not even an empty folder), and
+says so in one line with exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,11 @@ import torch
 from support.runs import make_run
 from torch import nn
 
+from dmpo_lightning.constants import REPORT_FORMAT, REPORT_FORMAT_VERSION
+from dmpo_lightning.deploy.cli import console_main
 from dmpo_lightning.deploy.cli import main as export_main
 from dmpo_lightning.deploy.export import export_artefact, resolve_run
-from dmpo_lightning.deploy.format import MANIFEST_FILE
+from dmpo_lightning.deploy.format import MANIFEST_FILE, WEIGHTS_FILE
 from dmpo_lightning.deploy.merge import check_mergeable, is_mergeable
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.files import file_sha256
@@ -191,3 +198,127 @@ def test_export_merges_what_the_registry_declares_mergeable(tmp_path, scaled_pef
     kept = export_artefact(str(tmp_path / "art"), run=str(r["run"]), merge=False)
     assert _manifest(kept)["weights"]["merged"] is False
     assert os.path.isdir(kept)
+
+
+def test_export_refuses_bad_temperatures(tmp_path):
+    r = make_run(tmp_path)
+    data = json.loads(r["thresholds"].read_text())
+    data["temperatures"] = [1.0, 0.0, 1.0, 1.0]
+    r["thresholds"].write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="finite values > 0"):
+        export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    assert not (tmp_path / "art").exists()
+
+
+def _listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_thresholds_from_another_checkpoint_are_refused(tmp_path):
+    a = make_run(tmp_path, "a")
+    b = make_run(tmp_path, "b", seed=1)  # same architecture, other weights
+    out = tmp_path / "art"
+    with pytest.raises(ValueError, match="calibrated on another checkpoint"):
+        export_artefact(str(out), ckpt_path=str(a["ckpt"]), thresholds=str(b["thresholds"]))
+    assert not out.exists() and not any(p.name.startswith(".art") for p in tmp_path.iterdir())
+    # a run whose checkpoints do not include the calibrated one
+    (a["run"] / "dmpo_test" / "thresholds.json").write_text(b["thresholds"].read_text())
+    with pytest.raises(ValueError, match=r"none of the dmpo test reports of .* one of its checkpoints"):
+        export_artefact(str(out), run=str(a["run"]))
+    # an explicit checkpoint with --run: a report of that checkpoint is searched for
+    with pytest.raises(ValueError, match=r"none of the dmpo test reports of .* the checkpoint \(last"):
+        export_artefact(str(out), run=str(a["run"]), ckpt_path=str(a["ckpt"]))
+    export_artefact(str(out), run=str(a["run"]), ckpt_path=str(b["ckpt"]))
+    assert out.is_dir()
+
+
+def test_thresholds_of_another_architecture_are_refused(tmp_path):
+    a = make_run(tmp_path, "a")
+    th = json.loads(a["thresholds"].read_text())
+    th["fingerprint"]["exits.early_head"] = "linear"
+    a["thresholds"].write_text(json.dumps(th))
+    wrong = r"calibrated for another model \(exits\.early_head: thresholds .linear. vs checkpoint"
+    with pytest.raises(ValueError, match=wrong):
+        export_artefact(str(tmp_path / "art"), run=str(a["run"]))
+
+
+def test_run_without_dmpo_test_and_unreadable_checkpoint(tmp_path):
+    r = make_run(tmp_path)
+    (r["run"] / "dmpo_test" / "thresholds.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no `dmpo test` report of .* run `dmpo test --ckpt_path"):
+        export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    with pytest.raises(FileNotFoundError, match=r"run folder .* does not exist"):
+        export_artefact(str(tmp_path / "art"), run=str(tmp_path / "missing"))
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    r2 = make_run(tmp_path, "r2")
+    with pytest.raises(ValueError, match="not a readable Lightning checkpoint"):
+        export_artefact(str(tmp_path / "art"), ckpt_path=str(garbage), thresholds=str(r2["thresholds"]))
+    assert not (tmp_path / "art").exists()
+
+
+def test_existing_output_is_never_overwritten(artefact, tmp_path):
+    before = {p: (artefact["art"] / p).read_bytes() for p in (MANIFEST_FILE, WEIGHTS_FILE)}
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export_artefact(str(artefact["art"]), run=str(artefact["run"]))
+    assert {p: (artefact["art"] / p).read_bytes() for p in before} == before
+    (tmp_path / "empty").mkdir()  # even an empty folder is left alone
+    with pytest.raises(FileExistsError):
+        export_artefact(str(tmp_path / "empty"), run=str(artefact["run"]))
+    assert _listing(tmp_path / "empty") == []
+
+
+def test_console_reports_one_line_and_exit_status_2(artefact, capsys):
+    with pytest.raises(SystemExit) as exc:
+        console_main(["--run", str(artefact["run"]), "--output", str(artefact["art"])])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dmpo export: error:") and "never overwritten" in err[0]
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        console_main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in (
+        "--run",
+        "--ckpt_path",
+        "--thresholds",
+        "--output",
+        "--embed-backbone",
+        "--merge",
+        "--allow-untrained",
+        "--onnx",
+    ):
+        assert option in out
+
+
+def test_missing_class_names_fall_back_with_a_warning(tmp_path):
+    r = make_run(tmp_path, extra={})
+    with pytest.warns(UserWarning, match="class_0..class_3"):
+        out = export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    assert json.loads((Path(out) / MANIFEST_FILE).read_text())["class_names"][3] == "class_3"
+    with pytest.raises(ValueError, match="2 class names given for a model with 4 classes"):
+        export_artefact(str(tmp_path / "art2"), run=str(r["run"]), class_names=["a", "b"])
+    assert not os.path.exists(tmp_path / "art2")
+
+
+def test_report_of_another_model_configuration_is_refused(tmp_path):
+    r = make_run(tmp_path, peft={"method": "lora"})
+    hparams = json.loads(json.dumps(dict(r["module"].hparams), default=list))
+    th = json.loads(r["thresholds"].read_text())
+    header = {"format": REPORT_FORMAT, "format_version": REPORT_FORMAT_VERSION}
+    report = {**header, "checkpoint_hash": th["checkpoint_hash"], "config": hparams, "budgets": []}
+    (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
+    export_artefact(str(tmp_path / "ok"), run=str(r["run"]))  # the matching report is accepted
+    report["config"]["peft"]["lora_alpha"] = 4.0  # changes the outputs, not the weights
+    (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=r"another model configuration \(peft\.lora_alpha: report 4\.0 vs"):
+        export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    report["config"]["peft"]["lora_alpha"] = hparams["peft"]["lora_alpha"]
+    report["checkpoint_hash"] = "file:0123"
+    (r["run"] / "dmpo_test" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="belongs to another checkpoint"):
+        export_artefact(str(tmp_path / "art"), run=str(r["run"]))
+    assert not (tmp_path / "art").exists()

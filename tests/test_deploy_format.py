@@ -2,7 +2,8 @@
 
 Each corruption below is tried on every reader of an artefact (``READERS``: the Python API, the deploy
 command); a new reader (the HTTP server) is one more entry. A manifest that contradicts itself must be
-refused before any image is read, in one sentence that names the wrong field.
+refused before any image is read, in one sentence that names the wrong field. A folder that is not an
+artefact, a newer format version, a truncated manifest and corrupt or missing weights are refused too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from PIL import Image
 from support.runs import make_run
 
 from dmpo_lightning.deploy.export import export_artefact
-from dmpo_lightning.deploy.format import MANIFEST_FILE, ArtefactError, read_manifest
+from dmpo_lightning.deploy.format import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    ArtefactError,
+    read_manifest,
+)
 from dmpo_lightning.deploy.predict_cli import main as deploy_main
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 
@@ -173,3 +180,47 @@ def test_a_symbolic_link_out_of_the_artefact_is_refused(pristine, tmp_path):
     (art / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtefactError, match=r"weights\.file is 'link\.safetensors', a path that leaves"):
         EarlyExitPredictor.load(art, budget=0.5)
+
+
+def test_newer_format_version_is_refused(artefact):
+    manifest_path = artefact["art"] / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtefactError, match=f"format version {FORMAT_VERSION + 1}, newer than"):
+        EarlyExitPredictor.load(artefact["art"])
+
+
+def test_truncated_manifest_is_refused(artefact):
+    manifest_path = artefact["art"] / MANIFEST_FILE
+    manifest_path.write_bytes(manifest_path.read_bytes()[:300])
+    with pytest.raises(ArtefactError, match="corrupt or truncated"):
+        EarlyExitPredictor.load(artefact["art"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_corrupt_or_missing_weights_are_refused(artefact, damage):
+    weights = artefact["art"] / WEIGHTS_FILE
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        weights.write_bytes(data[:-10] + bytes(b ^ 0xFF for b in data[-10:]))
+    else:
+        weights.unlink()
+    match = "incomplete" if damage == "delete" else "corrupt or truncated"
+    with pytest.raises(ArtefactError, match=match):
+        EarlyExitPredictor.load(artefact["art"])
+
+
+def test_not_an_artefact_and_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        EarlyExitPredictor.load(tmp_path / "nowhere")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ArtefactError, match="not a dmpo artefact"):
+        EarlyExitPredictor.load(tmp_path / "folder")
+
+
+def test_onnx_backend_without_onnx_stages_says_how_to_get_them(artefact):
+    with pytest.raises(ArtefactError, match="--onnx"):
+        EarlyExitPredictor.load(artefact["art"], backend="onnx")

@@ -1,7 +1,9 @@
-"""``python -m dmpo_lightning.deploy`` and ``EarlyExitPredictor.load``: a device that does not exist.
+"""deploy/predict_cli.py: ``python -m dmpo_lightning.deploy``, the command that predicts image files.
 
-A misspelt device or one the machine lacks is refused at load, in one sentence naming the option as each
-surface writes it (exit status 2 for the command), before any image is read.
+It writes one CSV row per image (an unreadable one gets its reason, not a traceback), never overwrites the
+output, writes the same rows with ``--engine``, and refuses a device that does not exist: a misspelt device
+or one the machine lacks is refused at load, in one sentence naming the option as each surface writes it
+(exit status 2 for the command, ``EarlyExitPredictor.load`` too), before any image is read.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from support.compare import assert_same_csv
+from support.fakes import write_random_pngs
 from support.runs import make_run
 
 from dmpo_lightning.deploy.export import export_artefact
 from dmpo_lightning.deploy.predict_cli import main as deploy_main
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
+from dmpo_lightning.models.engine import EngineSession
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +82,48 @@ def test_the_onnx_backend_refuses_a_device(art, capsys):
     with pytest.raises(SystemExit) as exc:
         deploy_main(argv)
     assert exc.value.code == 2 and "the onnx backend runs on the CPU" in capsys.readouterr().err
+
+
+def test_csv_command_reports_unreadable_images_and_never_overwrites(artefact, tmp_path, capsys):
+    from dmpo_lightning.deploy.predict_cli import main as predict_main
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(images / "a.png")
+    (images / "b.png").write_bytes(b"garbage")
+    out = tmp_path / "pred.csv"
+    assert predict_main([str(artefact["art"]), str(images), "--output", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "path,class_index,class_name,exit,confidence,score,gflops,error"
+    assert lines[2].startswith(str(images / "b.png")) and "not a readable image" in lines[2]
+    assert "Error" not in lines[2]  # one sentence, no exception type name
+    printed = capsys.readouterr().out
+    assert "for 2 images written to" in printed and "1 not predicted" in printed
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        predict_main([str(artefact["art"]), str(images), "--output", str(out)])
+    assert exc.value.code == 2 and out.read_bytes() == before
+    with pytest.raises(SystemExit):
+        predict_main([str(artefact["art"]), str(tmp_path / "none"), "--output", str(tmp_path / "x.csv")])
+    with pytest.raises(SystemExit):
+        predict_main(
+            [str(artefact["art"]), str(images), "--output", str(tmp_path / "y.csv"), "--budget", "0.1"]
+        )
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "y.csv").exists()
+    assert "it has: [0.5, 0.75]" in capsys.readouterr().err
+
+
+def test_predict_command_engine_flag_writes_theassert_same_csv(shared_artefact, tmp_path, monkeypatch):
+    from dmpo_lightning.deploy.predict_cli import main as predict_main
+
+    out = str(shared_artefact["art"])
+    paths = write_random_pngs(tmp_path / "images", 11)
+    Path(paths[3]).write_bytes(b"broken")
+    predict_main([out, str(tmp_path / "images"), "--output", str(tmp_path / "a.csv"), "--batch-size", "4"])
+    pushes: list[int] = []
+    original = EngineSession.push
+    monkeypatch.setattr(EngineSession, "push", lambda s, b: pushes.append(len(b)) or original(s, b))
+    args = [out, str(tmp_path / "images"), "--output", str(tmp_path / "b.csv"), "--batch-size", "4"]
+    predict_main([*args, "--engine"])
+    assert pushes == [3, 4, 3]
+    assert_same_csv((tmp_path / "b.csv").read_text(), (tmp_path / "a.csv").read_text())

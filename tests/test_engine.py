@@ -9,6 +9,7 @@ import torch
 from support.builders import make_tiny_vit
 from support.early_exit import (
     MARGIN,
+    TEMPERATURES,
     TINY,
     MarginModule,
     between,
@@ -16,6 +17,7 @@ from support.early_exit import (
     randomise,
     registered_margin,
     simulated,
+    thresholded_module,
 )
 
 from dmpo_lightning.models import MultiExitViT
@@ -148,3 +150,27 @@ def test_bad_arguments(setup):
         EarlyExitEngine(torch.nn.Linear(2, 2), [0.5] * 4)
     with pytest.raises(ValueError, match="each batch must be an image tensor"):
         EarlyExitEngine(model, [0.5] * 4).run(["not images"])
+
+
+def test_session_push_and_flush_return_every_batch_once_in_order():
+    module = thresholded_module()
+    torch.manual_seed(3)
+    x = torch.randn(29, 3, 32, 32)
+    thresholds = module.exit_thresholds.tolist()
+    expected = module.model.forward_early_exit(x, thresholds, temperatures=TEMPERATURES)
+    module.model.train()
+    try:
+        session = EarlyExitEngine(module.model, thresholds, batch_size=8, temperatures=TEMPERATURES).session()
+        done = []
+        for part in torch.split(x, [3, 0, 9, 1, 16]):
+            done += session.push(part)
+            assert module.model.training, "each push restores the model's mode"
+        assert session.waiting == 29 - sum(o.prediction.shape[0] for o in done)
+        done += session.flush()
+    finally:
+        module.model.eval()
+    assert [o.prediction.shape[0] for o in done] == [3, 0, 9, 1, 16]
+    assert torch.equal(torch.cat([o.exit_index for o in done]), expected.exit_index)
+    assert torch.equal(torch.cat([o.prediction for o in done]), expected.prediction)
+    raw = module.model.forward_early_exit(x, thresholds)
+    assert not torch.equal(raw.exit_index, expected.exit_index), "the temperatures should matter here"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -12,9 +13,12 @@ from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY, exit_scores, register_exit_rule
 from dmpo_lightning.models.multi_exit import ExitOptions
 from support.builders import TINY_MODULE
+from support.runs import TINY_HP
 
 TINY = {**TINY_MODULE, "num_classes": 5}
 SMALL_HEADS = ExitOptions(moment_dim=32, cov_dim=8)
+TEMPERATURES = [0.4, 2.5, 0.6, 1.0]
+"""Per-exit temperatures far enough from 1 to change which exit some samples leave at."""
 
 
 MARGIN = "test_margin"
@@ -66,3 +70,22 @@ def between(column: torch.Tensor, q: float) -> float:
 def simulated(scores: torch.Tensor, preds: torch.Tensor, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
     exits = assign_exits(scores, torch.tensor(thresholds, dtype=torch.float64))
     return exits, preds.gather(1, exits[:, None]).squeeze(1)
+
+
+def thresholded_module() -> DMPOModule:
+    """A tiny module (``support.runs.TINY_HP``) with perturbed trainable weights and median thresholds.
+
+    Its buffers hold thresholds at each early exit's median confidence on random images (so samples spread
+    over the exits) and temperatures 1; ``train_steps`` stays 0 (writers refuse it unless allowed).
+    """
+    torch.manual_seed(0)
+    m = DMPOModule(**TINY_HP)
+    with torch.no_grad():
+        for p in m.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        scores, _ = exit_scores(m.model(x), m.exit_rule)
+    m.exit_thresholds.copy_(torch.tensor([float(scores[:, k].quantile(0.5)) for k in range(3)] + [-math.inf]))
+    return m

@@ -363,3 +363,15 @@ def write_stanford_dogs(root: Path, per_class: int = 4, vpt: bool = False) -> Pa
         labels = np.array([[lab] for _rel, lab in items], dtype=np.uint8)
         savemat(base / "lists" / f"{split}_list.mat", {"file_list": file_list, "labels": labels})
     return root
+
+
+def write_random_pngs(folder: Path, n: int, size: int = 32) -> list[str]:
+    """``n`` RGB PNGs of random pixels (``img_00.png`` ...) in a new ``folder``; their paths, sorted."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    paths = []
+    for i in range(n):
+        p = folder / f"img_{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths

@@ -18,6 +18,7 @@ import torch
 
 from dmpo_lightning.cli import main
 from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
+from dmpo_lightning.deploy.export import export_artefact
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.files import file_sha256
 from dmpo_lightning.models.exit_rules import exit_scores
@@ -125,6 +126,13 @@ def make_run(
         )
     )
     return {"run": folder, "ckpt": ckpt, "thresholds": thresholds, "module": module, "x": x}
+
+
+def make_artefact(base: Path, name: str = "run", **run_options) -> dict:
+    """``make_run`` exported by ``dmpo export`` with its defaults: the run's dict plus ``art``."""
+    r = make_run(base, name, **run_options)
+    r["art"] = Path(export_artefact(str(base / "art"), run=str(r["run"])))
+    return r
 
 
 def simulated(model, x, thresholds, rule="confidence"):
