@@ -558,7 +558,7 @@ CASES = [
     Case(
         "named_version_second_fit",
         "A second `dmpo fit` into a named logger version",
-        "test_cli_safety::test_a_named_logger_version_never_loses_the_training_run",
+        "test_cli::test_a_named_logger_version_never_loses_the_training_run",
         fmt("fit", *T, "--trainer.logger.init_args.version=exp1"),
         line=r"error: log folder",
         after=named_run_kept,
@@ -567,7 +567,7 @@ CASES = [
     Case(
         "named_version_readme_test",
         "README's `dmpo test -c <run>/config.yaml --ckpt_path` into that run",
-        "test_cli_safety::test_a_named_logger_version_never_loses_the_training_run",
+        "test_cli::test_a_named_logger_version_never_loses_the_training_run",
         fmt(
             "test",
             "-c",
@@ -583,7 +583,7 @@ CASES = [
     Case(
         "wandb_two_runs",
         "configs/trainer/wandb.yaml: a second run (FileExistsError before)",
-        "test_cli_safety::test_every_logger_gives_each_run_its_own_folder[wandb]",
+        "test_cli::test_every_logger_gives_each_run_its_own_folder[wandb]",
         fmt(
             "fit",
             *T,
@@ -603,7 +603,7 @@ CASES = [
     Case(
         "thresholds_of_another_checkpoint",
         "thresholds.json of another checkpoint (same architecture)",
-        "test_bad_input_model::test_predict_refuses_thresholds_of_another_checkpoint",
+        "test_thresholds::test_predict_refuses_thresholds_of_another_checkpoint",
         fmt(
             "predict",
             *T,
@@ -616,7 +616,7 @@ CASES = [
     Case(
         "thresholds_override",
         "... with the explicit override (warns naming both hashes)",
-        "test_bad_input_model::test_predict_with_override_warns_naming_both_hashes",
+        "test_thresholds::test_predict_with_override_warns_naming_both_hashes",
         fmt(
             "predict",
             *T,
@@ -632,7 +632,7 @@ CASES = [
     Case(
         "thresholds_wrong_length",
         "thresholds list of the wrong length (was broadcast)",
-        "test_bad_input_model::test_predict_accepts_its_own_thresholds_and_refuses_a_wrong_length",
+        "test_thresholds::test_predict_accepts_its_own_thresholds_and_refuses_a_wrong_length",
         fmt(
             "predict",
             *T,
@@ -645,7 +645,7 @@ CASES = [
     Case(
         "thresholds_string",
         "a string threshold (was a conversion traceback)",
-        "test_bad_input_model::test_threshold_lists_are_validated",
+        "test_thresholds::test_threshold_lists_are_validated",
         fmt(
             "predict",
             *T,
@@ -658,7 +658,7 @@ CASES = [
     Case(
         "thresholds_null",
         "a null/NaN threshold",
-        "test_bad_input_model::test_threshold_lists_are_validated",
+        "test_thresholds::test_threshold_lists_are_validated",
         fmt(
             "predict",
             *T,
@@ -678,32 +678,32 @@ CASES = [
         "test_without_checkpoint",
         "`dmpo test` without --ckpt_path (untrained weights)",
         "test_cli_bad_input::...[test_without_checkpoint]; "
-        "test_cli_safety::test_untrained_evaluation_only_on_request",
+        "test_evaluator::test_untrained_evaluation_only_on_request",
         fmt("test", *T, "--evaluation.report_dir={work}/report"),
     ),
     Case(
         "splits_by_position",
         "test loaders told apart by position (custom / untagged loaders)",
-        "test_bad_input_model::test_ambiguous_test_loaders_are_refused, "
+        "test_evaluator::test_ambiguous_test_loaders_are_refused, "
         "::test_test_splits_are_identified_by_name_not_position",
         check=check_splits,
     ),
     Case(
         "checkpoint_path_depth",
         "depth-6 timm checkpoint into a depth-4 model (trained truncated)",
-        "test_bad_input_model::test_checkpoint_path_mismatch_through_the_cli",
+        "test_backbone_loading::test_checkpoint_path_mismatch_through_the_cli",
         fmt("fit", *T, "--model.init_args.checkpoint_path={depth6}"),
     ),
     Case(
         "checkpoint_path_width",
         "width mismatch of checkpoint_path (was 108 size-mismatch lines)",
-        "test_bad_input_model::test_checkpoint_path_of_another_architecture_is_refused",
+        "test_backbone_loading::test_checkpoint_path_of_another_architecture_is_refused",
         fmt("fit", *T, "--model.init_args.checkpoint_path={width64}"),
     ),
     Case(
         "register_tokens_token_pool",
         "`exits.head_pool: token` on a `*_gap_*` register model (CLI; the default now pools as the backbone)",
-        "test_bad_input_model::test_token_pooling_without_a_class_token_is_refused",
+        "test_multi_exit::test_token_pooling_without_a_class_token_is_refused",
         fmt(
             "fit",
             *T,
@@ -715,7 +715,7 @@ CASES = [
     Case(
         "register_tokens_vpt",
         "... VPT on a model without class token (API)",
-        "test_bad_input_model::test_heads_of_a_model_without_class_token_pool_patch_tokens",
+        "test_multi_exit::test_heads_of_a_model_without_class_token_pool_patch_tokens",
         check=check_reg_gap,
     ),
     Case(
@@ -727,8 +727,8 @@ CASES = [
     Case(
         "frozen_random_trunk",
         "`pretrained: false` with a frozen-trunk PEFT (warning)",
-        "test_bad_input_model::test_frozen_random_trunk_warns; "
-        "test_bad_input_more::test_frozen_random_trunk_warns_through_the_cli",
+        "test_backbone_loading::test_frozen_random_trunk_warns, "
+        "::test_frozen_random_trunk_warns_through_the_cli",
         fmt("validate", *T),
         status=0,
         line=r"frozen trunk keeps its random initial weights",
@@ -736,7 +736,7 @@ CASES = [
     Case(
         "num_classes_explicit_default",
         "`num_classes: 10` (the default) written explicitly, data has 4",
-        "test_bad_input_more::test_explicit_num_classes_that_disagrees_with_the_data_is_refused[10]",
+        "test_cli::test_explicit_num_classes_that_disagrees_with_the_data_is_refused[10]",
         fmt("fit", *T, "--model.init_args.num_classes=10"),
     ),
     Case(
@@ -748,7 +748,7 @@ CASES = [
     Case(
         "num_classes_equal",
         "`num_classes` equal to the data's (accepted)",
-        "test_bad_input_more::test_explicit_num_classes_equal_to_the_data_is_accepted",
+        "test_cli::test_explicit_num_classes_equal_to_the_data_is_accepted",
         fmt("validate", *T, "--model.init_args.num_classes=4"),
         status=0,
         line=r"val/acc_last|Validate metric",
@@ -756,7 +756,7 @@ CASES = [
     Case(
         "num_classes_vs_checkpoint",
         "`num_classes` vs the checkpoint when the data reads no dataset",
-        "test_bad_input_more::test_explicit_num_classes_must_match_the_checkpoint_when_no_dataset_is_read",
+        "test_cli::test_explicit_num_classes_must_match_the_checkpoint_when_no_dataset_is_read",
         fmt(
             "predict",
             *T,
@@ -824,14 +824,14 @@ CASES = [
     Case(
         "read_only_report_dir",
         "read-only report_dir (fails before the evaluation)",
-        "test_cli_safety::test_a_read_only_report_dir_fails_before_the_evaluation, "
+        "test_evaluator::test_a_read_only_report_dir_fails_before_the_evaluation, "
         "::test_an_unwritable_report_dir_fails_before_the_evaluation",
         fmt("test", *T, "--ckpt_path={ckpt}", "--evaluation.report_dir=/proc/dmpo_report"),
     ),
     Case(
         "full_disk",
         "full disk during `dmpo test` (partial report folder)",
-        "test_cli_safety::test_a_failed_report_write_leaves_no_partial_folder_and_the_table_is_printed",
+        "test_evaluator::test_a_failed_report_write_leaves_no_partial_folder_and_the_table_is_printed",
         check=check_full_disk,
     ),
     Case(
@@ -843,8 +843,8 @@ CASES = [
     Case(
         "truncated_jpeg",
         "a truncated JPEG in the training data (no file name)",
-        "test_bad_input_model::test_unreadable_image_through_the_cli; "
-        "test_bad_input_more::test_an_unreadable_image_ends_the_run_with_one_line_naming_the_file",
+        "test_data_datamodule::test_unreadable_image_through_the_cli; "
+        "test_console::test_an_unreadable_image_ends_the_run_with_one_line_naming_the_file",
         fmt(
             "fit",
             *T,
@@ -861,7 +861,7 @@ CASES = [
     Case(
         "skip_unreadable",
         "... the documented opt-in to skip unreadable images (counted, reported)",
-        "test_bad_input_model::test_skip_unreadable_images_leaves_them_out_and_reports_them",
+        "test_data_datamodule::test_skip_unreadable_images_leaves_them_out_and_reports_them",
         fmt(
             "validate",
             *T,
@@ -876,7 +876,7 @@ CASES = [
     Case(
         "offline_rebuild",
         "test a checkpoint trained from a weights file after the file moved",
-        "test_cli_safety::test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_file_moved",
+        "test_checkpointing::test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_file_moved",
         fmt(
             "test",
             *T,
@@ -889,7 +889,7 @@ CASES = [
     Case(
         "load_from_checkpoint_none",
         "`DMPOModule.load_from_checkpoint(p, checkpoint_path=None)`",
-        "test_cli_safety::test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_file_moved",
+        "test_checkpointing::test_a_checkpoint_trained_from_a_weights_file_is_tested_offline_after_the_file_moved",
         check=check_load_from_checkpoint,
     ),
     Case(
@@ -919,13 +919,13 @@ CASES = [
     Case(
         "one_class_synthetic",
         "a one-class dataset (synthetic)",
-        "test_bad_input_model::test_one_class_data_through_the_cli",
+        "test_data_datamodule::test_one_class_data_through_the_cli",
         fmt("fit", *T, "--data.init_args.synthetic_num_classes=1"),
     ),
     Case(
         "one_class_folder",
         "a one-class dataset (image folder)",
-        "test_bad_input_model::test_one_class_data_and_model_are_refused",
+        "test_data_datamodule::test_one_class_data_and_model_are_refused",
         fmt("fit", *T, "--data.init_args.dataset=image_folder", "--data.init_args.root={one_class}"),
     ),
     Case(
@@ -958,7 +958,7 @@ CASES = [
     Case(
         "resnet_img_size",
         "ResNet with img_size",
-        "test_bad_input_more::test_constructor_errors_print_one_sentence_without_the_option_dump",
+        "test_console::test_constructor_errors_print_one_sentence_without_the_option_dump",
         fmt("fit", *T, "--model.init_args.backbone=resnet18"),
     ),
     Case(
@@ -979,7 +979,7 @@ CASES = [
         "fit_only_callbacks_warning",
         "`dmpo test --ckpt_path`: no warning asking for LossWeightScheduler/EpochSeed, "
         "no 'DataLoader 1' column",
-        "test_cli_safety::test_a_checkpoint_trained_from_a_weights_file_is_tested_"
+        "test_checkpointing::test_a_checkpoint_trained_from_a_weights_file_is_tested_"
         "offline_after_the_file_moved",
         fmt("test", *T, "--ckpt_path={ckpt}", "--evaluation.report_dir={work}/report"),
         status=0,
@@ -989,13 +989,13 @@ CASES = [
     Case(
         "default_monitor",
         "configs/trainer/default.yaml keeps the best checkpoint by calibration accuracy",
-        "test_cli_safety::test_the_best_checkpoint_is_chosen_by_calibration_accuracy_of_the_last_exit",
+        "test_configs::test_the_best_checkpoint_is_chosen_by_calibration_accuracy_of_the_last_exit",
         check=check_monitor,
     ),
     Case(
         "readme_focal_loss",
         "README focal-loss example lacks `import torch`",
-        "test_bad_input_more::test_readme_focal_loss_example_runs_as_printed",
+        "test_module::test_readme_focal_loss_example_runs_as_printed",
         check=check_readme_focal,
     ),
     # --- issue 28 on the predict and deploy surfaces (patterns 2, 5, 6, 8, 9, 10)

@@ -1,3 +1,5 @@
+"""models/backbone.py: building a timm ViT trunk by name, exit blocks, and the block loop equal to timm's."""
+
 import pytest
 import torch
 from support.builders import TINY_VIT_KWARGS

@@ -1,3 +1,11 @@
+"""cli.py and parsing.py: ``dmpo fit/validate/test/predict`` run in-process (``dmpo_lightning.cli.main``).
+
+Every shipped config parses; options are linked (``num_classes`` from the data, a written value that
+disagrees is refused, with or without a checkpoint); fit + test + predict write their files into the run,
+never over another run's (named logger versions, every logger); checkpoints are read with
+``weights_only=True`` only; options given with ``--ckpt_path`` are kept.
+"""
+
 import csv
 import json
 import warnings

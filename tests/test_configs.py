@@ -7,12 +7,18 @@
   a batch from the train, calibration and test loaders;
 - every ``configs/experiments/*.yaml`` holds exactly the model of its ``configs/model/<variant>.yaml``
   (configs, not forks) and the shared paper recipe; two experiments train a batch on fake CIFAR-100 with CPU
-  overrides.
+  overrides;
+- each fair baseline (static PEFT with DMPO's moment head, DMPO with a moment head at the last exit) differs
+  from its variant in ``final_head`` only, and fits and tests through the CLI with a moment head at its last
+  exit;
+- ``configs/trainer/default.yaml`` and the quickstart keep the best checkpoint by the last exit's
+  calibration accuracy.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -319,3 +325,71 @@ def test_the_best_checkpoint_is_chosen_by_calibration_accuracy_of_the_last_exit(
     assert callback.best_model_score is not None
     assert float(callback.best_model_score) == pytest.approx(max(accs))
     assert [float(r["val/acc_last"]) for r in rows if r.get("val/acc_last")] == accs
+
+
+FAIR = {"static_peft_moment": "static_peft", "dmpo_final_moment": "dmpo"}
+"""The fair baselines and the variant each is a fair version of (they differ in ``exits.final_head`` only)."""
+
+
+def _init(name: str) -> dict:
+    return _init_args(ROOT / "configs" / "model" / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(FAIR))
+def test_fair_variant_changes_only_the_last_head(name):
+    fair, base = _init(name), _init(FAIR[name])
+    assert fair["exits"]["final_head"] == "moment" and base["exits"]["final_head"] == "linear"
+
+    def without_final_head(init: dict) -> dict:
+        exits = {k: v for k, v in init["exits"].items() if k != "final_head"}
+        return {**init, "exits": exits}
+
+    assert without_final_head(fair) == without_final_head(base)
+    experiment = ROOT / "configs" / "experiments" / f"cifar100_{name}.yaml"
+    assert yaml.safe_load(experiment.read_text())["model"]["init_args"] == fair
+
+
+@pytest.mark.parametrize("name", sorted(FAIR))
+def test_fair_variant_fits_and_tests_with_the_tiny_backbone(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    init = _init(name)
+    exits = (
+        []
+        if init["exits"]["blocks"] == 1
+        # on the tiny model the first exit (bypass + moment head) costs more than a third of the full model
+        else [
+            "--model.init_args.exits.blocks=[1, 2, 3, 4]",
+            "--evaluation.budgets=[0.5, 0.75, 1.0]",
+        ]
+    )
+    cli = main(
+        [
+            "fit",
+            "-c",
+            TINY,
+            "-c",
+            str(ROOT / "configs" / "model" / f"{name}.yaml"),
+            *TINY_BACKBONE,
+            *exits,
+            "--trainer.max_epochs=1",
+            "--test_after_fit=true",
+        ]
+    )
+    model = cli.model.model
+    k = 1 if init["exits"]["blocks"] == 1 else 4
+    assert cli.model.num_exits == k
+    assert isinstance(model.exits[-1].predictor, MomentHead)
+    if k > 1:
+        assert all(isinstance(model.exits[i].predictor, MomentHead) for i in range(k - 1))
+    else:
+        assert not any(isinstance(e.predictor, LinearHead) for e in model.exits)
+    report = json.loads((Path(cli.trainer.log_dir) / "dmpo_test" / "report.json").read_text())
+    assert len(report["exits"]) == k and report["num_test"] == 24
+    assert all(0.0 <= e["top1"] <= 1.0 for e in report["exits"])
+    # costs are fractions of this model's own full path (its last head included); the benchmark rescales
+    # them to a common reference (test_pretrain_tune.py)
+    # (the full path = all blocks and the last head; the last exit of a multi-exit model adds the early heads)
+    if k == 1:
+        assert report["exits"][-1]["cost"] == pytest.approx(report["full_model"]["cost"])
+    else:
+        assert report["exits"][-1]["cost"] > report["full_model"]["cost"]

@@ -113,7 +113,7 @@ def test_csv_command_reports_unreadable_images_and_never_overwrites(artefact, tm
     assert "it has: [0.5, 0.75]" in capsys.readouterr().err
 
 
-def test_predict_command_engine_flag_writes_theassert_same_csv(shared_artefact, tmp_path, monkeypatch):
+def test_predict_command_engine_flag_writes_the_same_csv(shared_artefact, tmp_path, monkeypatch):
     from dmpo_lightning.deploy.predict_cli import main as predict_main
 
     out = str(shared_artefact["art"])

@@ -1,3 +1,5 @@
+"""evaluation/flops.py: counted exit costs equal the analytic formula, adapters and bypasses included."""
+
 import torch
 from support.builders import make_tiny_vit
 

@@ -1,3 +1,5 @@
+"""module.py: ``DMPOModule`` (losses, constructor checks, fingerprint, the README's examples)."""
+
 import math
 import re
 from pathlib import Path

@@ -58,7 +58,7 @@ def module():
 
 
 @pytest.mark.parametrize(("n", "batch_size"), [(37, 8), (1, 8), (16, 16), (9, 4)])
-def test_dmpo_predict_engine_writes_theassert_same_csv(module, tmp_path, monkeypatch, n, batch_size):
+def test_dmpo_predict_engine_writes_the_same_csv(module, tmp_path, monkeypatch, n, batch_size):
     torch.manual_seed(1)
     x = torch.randn(n, 3, 32, 32)
     bad = frozenset({2, 3}) if n > 4 else frozenset()

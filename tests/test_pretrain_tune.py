@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/pretrain_tune.py --quick (a tiny model on a few hundred Fashion-MNIST images),
-both proxies, and unit tests of its summary numbers (matched test cost, common-range mean, paired table)."""
+both proxies, and unit tests of its summary numbers (matched test cost, common-range mean, paired table);
+the fair baselines are trained as runs of their own."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dmpo_lightning.data.fashion_mnist import default_root
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "pretrain_tune.py"
 
-pytestmark = pytest.mark.skipif(
+needs_fashion_mnist = pytest.mark.skipif(
     default_root() is None, reason="needs the Debian package dataset-fashion-mnist (full Fashion-MNIST)"
 )
 
@@ -55,6 +56,7 @@ def _rows(section: str) -> dict[str, list[str]]:
     return rows
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_quick_benchmark_runs_both_proxies_writes_tables_and_reuses_the_cache(tmp_path, capsys):
     bench = _load_benchmark()
@@ -145,6 +147,7 @@ def test_quick_benchmark_runs_both_proxies_writes_tables_and_reuses_the_cache(tm
         bench.main([*args, "--output", str(out)])
 
 
+@needs_fashion_mnist
 def test_bad_proxy_is_refused_before_anything_is_written(tmp_path):
     bench = _load_benchmark()
     with pytest.raises(SystemExit, match="--proxy 'coarse': expected a comma list of same-labels"):
@@ -169,6 +172,7 @@ def _run(variant: str, seed: int, costs: list[float], accs: list[float], full: f
     }
 
 
+@needs_fashion_mnist
 def test_matched_cost_reads_the_test_curve_and_the_mean_covers_only_the_common_range():
     bench = _load_benchmark()
     early = _run("dmpo", 0, [0.3, 0.5, 1.0], [0.80, 0.84, 0.86])
@@ -188,6 +192,7 @@ def test_matched_cost_reads_the_test_curve_and_the_mean_covers_only_the_common_r
     assert cells[0] == "sdn_linear" and cells[1] == f"{100 * (0.80 - sdn_at_30):+.2f}"
 
 
+@needs_fashion_mnist
 def test_costs_are_rescaled_to_static_peft_full_model():
     bench = _load_benchmark()
     static = _run("static_peft", 0, [1.0], [0.7], full=2.0)
@@ -199,6 +204,7 @@ def test_costs_are_rescaled_to_static_peft_full_model():
     assert bench.accuracy_at_cost(scaled, 1.0) is None and moment["exits"][-1]["cost_fraction"] == 1.0
 
 
+@needs_fashion_mnist
 def test_variant_settings_come_from_the_config_files_scaled_to_the_benchmark():
     bench = _load_benchmark()
     settings = bench.Settings()
@@ -223,6 +229,7 @@ def test_variant_settings_come_from_the_config_files_scaled_to_the_benchmark():
     ]
 
 
+@needs_fashion_mnist
 def test_compare_curves_never_mixes_proxies(tmp_path):
     spec = importlib.util.spec_from_file_location("compare_curves", ROOT / "benchmarks" / "compare_curves.py")
     cc = importlib.util.module_from_spec(spec)
@@ -238,6 +245,7 @@ def test_compare_curves_never_mixes_proxies(tmp_path):
     assert list(acc) == [0.7, 0.7] and list(cost) == [0.3, 1.0]
 
 
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_calibration_both_tests_the_same_model_without_and_with_temperatures(tmp_path):
     bench = _load_benchmark()
@@ -260,3 +268,16 @@ def test_calibration_both_tests_the_same_model_without_and_with_temperatures(tmp
     assert temp["exit_top1"] == none["exit_top1"]
     table = (out / "calibration.md").read_text()
     assert "| none |" in table and "| temperature |" in table and table.count("| 1 |") == 1
+
+
+def test_benchmark_trains_fair_variants_as_their_own_runs():
+    bench = _load_benchmark()
+    settings = bench.Settings()
+    names = ["static_peft", "static_peft_moment", "dmpo", "dmpo_final_moment"]
+    jobs = bench.plan(names, settings, bench.MODEL_CONFIGS, {v: [0] for v in names})
+    assert [j.name for j in jobs] == names  # none merged with the variant it derives from
+    assert (
+        bench.module_kwargs("static_peft_moment", settings, bench.MODEL_CONFIGS)["exits"]["final_head"]
+        == "moment"
+    )
+    assert set(bench.FAIR_BASELINES) <= set(bench.available_variants(bench.MODEL_CONFIGS))

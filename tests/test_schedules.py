@@ -1,3 +1,5 @@
+"""schedules.py: the two-phase loss-weight schedule (presets, switch, ramp, bad options)."""
+
 import pytest
 
 from dmpo_lightning.schedules import ScheduleOptions, TwoPhaseSchedule, preset_weights
