@@ -27,7 +27,7 @@ import pytest
 import timm
 import torch
 import yaml
-from support.builders import SHALLOW_VIT_KWARGS
+from support.builders import SHALLOW_VIT_KWARGS, TINY_CONFIG, TINY_MODULE
 from torch.nn import functional as F
 
 from dmpo_lightning.cli import main
@@ -41,9 +41,9 @@ from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.models.heads import AttentionPoolHead, DistilledHead, LinearHead
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY = TINY_CONFIG
 SIZE = 32
-SMALL = dict(patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0)
+SMALL = TINY_MODULE["backbone_kwargs"]
 
 # family -> (timm name, extra constructor kwargs, head_pool giving timm's own pooling, final predictor class)
 FAMILIES: dict[str, tuple[str, dict, str, type]] = {

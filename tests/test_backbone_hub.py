@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from support.builders import TINY_CONFIG
 from timm.models import save_for_hf
 
 from dmpo_lightning.cli import main
@@ -130,7 +131,7 @@ def test_cli_trains_a_hub_backbone(hub_cache, tmp_path: Path, monkeypatch: pytes
         [
             "fit",
             "-c",
-            str(ROOT / "tests" / "configs" / "tiny.yaml"),
+            TINY_CONFIG,
             f"--model.init_args.backbone=hf-hub:{REPO}",
             "--model.init_args.pretrained=true",
             "--model.init_args.backbone_kwargs=null",

@@ -26,7 +26,7 @@ from dmpo_lightning.console import console_main
 from dmpo_lightning.models.backbone import build_backbone, describe_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0)
+SMALL = TINY_MODULE["backbone_kwargs"]
 
 
 def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -117,7 +117,7 @@ def test_through_the_cli_it_is_one_sentence_before_any_run_folder(
         "dmpo",
         "fit",
         "-c",
-        str(ROOT / "tests" / "configs" / "tiny.yaml"),
+        TINY_CONFIG,
         f"--model.init_args.checkpoint_path={tmp_path / 'hf.bin'}",
     ]
     monkeypatch.setattr(sys, "argv", argv)

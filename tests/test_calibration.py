@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from support.builders import make_tiny_vit
+from support.builders import TINY_CONFIG, make_tiny_vit
 from torchmetrics.classification import MulticlassCalibrationError
 
 from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
@@ -28,7 +28,7 @@ from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.exit_rules import exit_scores
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY = TINY_CONFIG
 
 
 def _synthetic(n, c, t0, seed=0):

@@ -24,7 +24,7 @@ from dmpo_lightning.models.engine import EngineSession
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY = TINY_CONFIG
 TINY_BACKBONE = [
     "--model.init_args.backbone=vit_tiny_patch16_224",
     "--model.init_args.pretrained=false",

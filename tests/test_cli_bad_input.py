@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.builders import TINY_CONFIG
 
 from dmpo_lightning import BenchmarkDataModule
 from dmpo_lightning.cli import main
@@ -27,7 +28,7 @@ from dmpo_lightning.errors import ConfigError, ConfigFileExistsError, ConfigFile
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY = TINY_CONFIG
 LOG_FILES = {"config.yaml", "hparams.yaml", "calibration_indices.json", "metrics.csv"}
 """What Lightning and the data module may write into a new run folder before a late error."""
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support.builders import TINY_CONFIG
 from support.fakes import (
     write_cifar,
     write_cub,
@@ -47,7 +48,7 @@ from dmpo_lightning.models.heads import ISqrtCovHead, LinearHead, MomentHead
 from dmpo_lightning.schedules import preset_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY = TINY_CONFIG
 MODEL_CONFIGS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
 DATA_CONFIGS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
 EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("cifar100_*.yaml"))

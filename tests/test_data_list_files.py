@@ -11,6 +11,7 @@ import torch
 import torchvision.transforms as T
 import yaml
 from PIL import Image
+from support.builders import TINY_CONFIG
 from support.fakes import VTAB_FAKE_SIZES, decode_label, write_image_list, write_list, write_vtab1k
 
 from dmpo_lightning.cli import main
@@ -356,7 +357,7 @@ def test_calibration_size_the_data_cannot_hold_is_one_sentence_before_any_run_fo
     size: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    tiny = str(ROOT / "tests" / "configs" / "tiny.yaml")  # 48 synthetic training images
+    tiny = TINY_CONFIG  # 48 synthetic training images
     monkeypatch.setattr(sys, "argv", ["dmpo", "fit", "-c", tiny, f"--data.init_args.calibration_size={size}"])
     with pytest.raises(SystemExit) as info:
         console_main()

@@ -25,6 +25,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from support.builders import TINY_CONFIG
 from support.fakes import write_image_folder
 
 from dmpo_lightning.cli import main
@@ -36,7 +37,7 @@ from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.module import DMPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY = TINY_CONFIG
 CLASSES = ["ant", "bee", "cat", "dog"]
 BUDGET = 0.5
 PREDICTION_HEADER = ["class_index", "class_name", "exit", "confidence", "score", "gflops", "error"]

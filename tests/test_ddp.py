@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.builders import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY = TINY_CONFIG
 ODD_SPLITS = [
     "--data.init_args.synthetic_sizes=[49, 23]",  # 34 train + 15 calibration, 23 test
     "--data.init_args.calibration_size=15",

@@ -17,8 +17,8 @@ from support.builders import TINY_CONFIG
 from support.pickles import torch_file
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = TINY_CONFIG
 SCRIPT = ROOT / "benchmarks" / "early_exit_speed.py"
-TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")

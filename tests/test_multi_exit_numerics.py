@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from support.builders import make_tiny_vit
+from support.builders import TINY_CONFIG, make_tiny_vit
 
 from dmpo_lightning.cli import main
 from dmpo_lightning.models import MultiExitViT
@@ -21,7 +21,7 @@ from dmpo_lightning.models.heads import build_predictor
 from dmpo_lightning.models.multi_exit import ExitOptions
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY = TINY_CONFIG
 NUM_CLASSES = 5
 
 

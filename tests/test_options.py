@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from support.builders import TINY_CONFIG
 
 from dmpo_lightning.models.adapters import PeftOptions
 from dmpo_lightning.models.backbone import build_backbone
@@ -31,7 +32,8 @@ GROUPS = {
 }
 
 
-def tiny_module(**overrides) -> DMPOModule:
+def configured_module(**overrides) -> DMPOModule:
+    """A tiny module with a non-default value in every option group."""
     torch.manual_seed(0)
     kwargs = dict(num_classes=3, **BACKBONE, exits=EXITS, peft=PEFT, schedule=SCHEDULE)
     with warnings.catch_warnings():
@@ -40,7 +42,7 @@ def tiny_module(**overrides) -> DMPOModule:
 
 
 def test_a_model_rebuilt_from_the_hparams_alone_is_the_same_model():
-    m = tiny_module()
+    m = configured_module()
     h = m.hparams
     for name, cls in GROUPS.items():  # every field of every group is in the hyperparameters, as a dict
         assert isinstance(h[name], dict), name
@@ -58,19 +60,19 @@ def test_a_model_rebuilt_from_the_hparams_alone_is_the_same_model():
 
 def test_options_have_one_name_and_other_spellings_are_refused_with_the_mapping_to_write():
     with pytest.raises(TypeError, match="unexpected keyword argument 'exit_blocks'"):
-        tiny_module(exit_blocks=[2, 4])
+        configured_module(exit_blocks=[2, 4])
     with pytest.raises(
         TypeError, match=r"^peft must be a mapping of its options \(e.g. peft: \{method: 'vpt'\}\)"
     ):
-        tiny_module(peft="vpt")
+        configured_module(peft="vpt")
     with pytest.raises(
         TypeError, match=r"^exits must be a mapping of its options \(e.g. exits: \{blocks: 2\}\)"
     ):
-        tiny_module(exits=2)
+        configured_module(exits=2)
 
 
 def test_the_fingerprint_names_each_option_as_the_user_writes_it():
-    fingerprint = tiny_module().model_fingerprint()
+    fingerprint = configured_module().model_fingerprint()
     assert fingerprint == {
         "backbone": "vit_tiny_patch16_224",
         "num_classes": 3,
@@ -88,16 +90,15 @@ def test_a_typo_key_in_a_group_is_refused_naming_the_allowed_fields():
         ExitOptions.coerce({"blockz": 1})
     assert allowed in str(err.value)
     with pytest.raises(ValueError, match=r"exits has no option 'blockz'; its options are blocks, "):
-        tiny_module(exits={"blockz": [2, 4]})
+        configured_module(exits={"blockz": [2, 4]})
     assert ExitOptions.coerce({"blocks": 1}) == ExitOptions(blocks=1)
 
 
 def test_evaluation_under_the_model_is_refused_naming_where_it_goes(tmp_path, capsys):
-    from pathlib import Path
 
     from dmpo_lightning.cli import main
 
-    tiny = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+    tiny = TINY_CONFIG
     old = tmp_path / "old.yaml"
     old.write_text("model:\n  init_args:\n    evaluation:\n      budgets: [0.5]\n")
     with pytest.raises(SystemExit) as info:
@@ -108,11 +109,10 @@ def test_evaluation_under_the_model_is_refused_naming_where_it_goes(tmp_path, ca
 
 
 def test_a_flat_option_of_the_first_days_is_refused_naming_the_accepted_keys(tmp_path, capsys):
-    from pathlib import Path
 
     from dmpo_lightning.cli import main
 
-    tiny = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+    tiny = TINY_CONFIG
     old = tmp_path / "old.yaml"
     # a group's field written directly under init_args
     old.write_text("model:\n  class_path: dmpo_lightning.DMPOModule\n  init_args:\n    exit_blocks: [2, 4]\n")

@@ -7,6 +7,7 @@ from typing import get_args, get_type_hints
 
 import pytest
 import torch
+from support.builders import TINY_CONFIG
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -14,7 +15,7 @@ from dmpo_lightning.models import adapters, exit_rules, heads, multi_exit
 from dmpo_lightning.models.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+TINY = TINY_CONFIG
 
 REGISTRIES = {
     "exit rule": (exit_rules.EXIT_RULE_REGISTRY, exit_rules.ExitRule, exit_rules.EXIT_RULES),

@@ -23,18 +23,10 @@ from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.files import file_sha256
 from dmpo_lightning.models.exit_rules import exit_scores
 from dmpo_lightning.module import DMPOModule
-from support.builders import TINY_CONFIG
+from support.builders import TINY_CONFIG, TINY_MODULE
 
-TINY_HP = dict(
-    num_classes=4,
-    backbone="vit_tiny_patch16_224",
-    pretrained=False,
-    img_size=32,
-    in_chans=3,
-    backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
-    exits={"blocks": [1, 2, 3, 4], "moment_dim": 32, "cov_dim": 8},
-    peft={"adapter_dim": 8, "lora_rank": 4},
-)
+TINY_HP = {**TINY_MODULE, "pretrained": False, "in_chans": 3, "peft": {**TINY_MODULE["peft"], "lora_rank": 4}}
+"""``support.builders.TINY_MODULE`` with every option a run's hparams record written out, LoRA rank 4."""
 
 
 def tiny_hparams(**overrides) -> dict:
