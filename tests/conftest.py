@@ -15,6 +15,11 @@ from support.builders import make_tiny_vit
 from support.fakes import isolate_torchvision_checksums
 from support.runs import make_artefact
 
+from dmpo_lightning.data import registry as data_registry
+from dmpo_lightning.models.adapters import PEFT_REGISTRY
+from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY
+from dmpo_lightning.models.heads import PREDICTOR_REGISTRY
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -77,3 +82,11 @@ def artefact(tmp_path: Path) -> dict:
 def shared_artefact(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An exported tiny run whose thresholds spread samples over the exits; one per module, read only."""
     return make_artefact(tmp_path_factory.mktemp("artefact"), quantiles=(0.4, 0.7))
+
+
+@pytest.fixture
+def scratch_registries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names a test registers (exit rules, predictors, PEFT methods, datasets) are dropped after it."""
+    for registry in (EXIT_RULE_REGISTRY, PREDICTOR_REGISTRY, PEFT_REGISTRY):
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+    monkeypatch.setattr(data_registry, "DATASETS", dict(data_registry.DATASETS))

@@ -165,9 +165,8 @@ class _ScaledLinear(nn.Module):
 
 
 @pytest.fixture
-def scaled_peft(monkeypatch):
-    """A PEFT method ``scaled`` registered as mergeable, in a scratch copy of the registry."""
-    monkeypatch.setattr(adapters.PEFT_REGISTRY, "_entries", dict(adapters.PEFT_REGISTRY._entries))
+def scaled_peft(scratch_registries):
+    """A PEFT method ``scaled`` registered as mergeable, dropped again after the test."""
 
     @adapters.register_peft("scaled", mergeable=True)
     def inject(model, trunk, indices, options, npt):

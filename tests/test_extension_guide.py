@@ -3,7 +3,6 @@
 import re
 from pathlib import Path
 
-import pytest
 import torch
 from support.builders import TINY_MODULE
 from timm.models.vision_transformer import VisionTransformer
@@ -19,14 +18,6 @@ KINDS = ("exit-rule", "predictor", "peft", "dataset", "backbone")
 
 def examples() -> dict[str, str]:
     return {m["name"]: m["code"] for m in EXAMPLE.finditer(GUIDE.read_text())}
-
-
-@pytest.fixture
-def scratch(monkeypatch):
-    """The examples register names; they are dropped after each test."""
-    for registry in (exit_rules.EXIT_RULE_REGISTRY, heads.PREDICTOR_REGISTRY, adapters.PEFT_REGISTRY):
-        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
-    monkeypatch.setattr(data_registry, "DATASETS", dict(data_registry.DATASETS))
 
 
 def run_example(name: str) -> dict:
@@ -48,7 +39,7 @@ def test_the_guide_has_one_example_and_one_table_row_per_kind_of_extension():
         assert row in text, row
 
 
-def test_exit_rule_example(scratch):
+def test_exit_rule_example(scratch_registries):
     run_example("exit-rule")
     assert "margin" in exit_rules.EXIT_RULE_REGISTRY
     vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
@@ -58,19 +49,19 @@ def test_exit_rule_example(scratch):
     assert bool((out.exit_index == 0).all())  # every margin is >= 0
 
 
-def test_predictor_example(scratch):
+def test_predictor_example(scratch_registries):
     namespace = run_example("predictor")
     vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
     model = MultiExitViT(vit, 3, exits={"blocks": [1, 2], "early_head": "mean_max"}, peft="linear")
     assert isinstance(model.exits[0].predictor, namespace["MeanMaxHead"])
 
 
-def test_peft_example(scratch):
+def test_peft_example(scratch_registries):
     run_example("peft")
     assert "gain" in adapters.PEFT_REGISTRY
 
 
-def test_dataset_example(scratch):
+def test_dataset_example(scratch_registries):
     namespace = run_example("dataset")
     assert namespace["dm"].num_classes == 3
     assert "fake3" in data_registry.DATASETS

@@ -62,13 +62,6 @@ def test_registry_rejects_duplicates_and_bad_names_and_lists_the_allowed():
         Registry("colour").literal()
 
 
-@pytest.fixture
-def scratch(monkeypatch):
-    """Registrations made in a test are dropped afterwards."""
-    for registry, _, _ in REGISTRIES.values():
-        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
-
-
 def _tiny_vit():
     torch.manual_seed(0)
     return VisionTransformer(
@@ -76,7 +69,7 @@ def _tiny_vit():
     )
 
 
-def test_a_registered_exit_rule_reaches_the_protocol_and_the_real_early_exit(scratch):
+def test_a_registered_exit_rule_reaches_the_protocol_and_the_real_early_exit(scratch_registries):
     @exit_rules.register_exit_rule("margin")
     def margin(probs, run):
         top2 = probs.topk(2, dim=-1).values
@@ -104,7 +97,7 @@ def test_a_registered_exit_rule_reaches_the_protocol_and_the_real_early_exit(scr
     torch.testing.assert_close(out.score, sim_scores.gather(1, expected_exit[:, None])[:, 0])
 
 
-def test_a_registered_non_local_rule_gets_the_run_length(scratch):
+def test_a_registered_non_local_rule_gets_the_run_length(scratch_registries):
     exit_rules.register_exit_rule("run_squared", local=False)(lambda probs, run: run**2)
     logits = torch.tensor([[[0.0, 1.0], [0.0, 2.0], [3.0, 0.0]]])
     torch.testing.assert_close(
@@ -122,7 +115,7 @@ def test_unknown_names_are_refused_with_the_allowed_list():
         adapters.inject_peft(_tiny_vit(), "lroa")
 
 
-def test_a_registered_predictor_is_built_with_only_its_options(scratch):
+def test_a_registered_predictor_is_built_with_only_its_options(scratch_registries):
     @heads.register_predictor("first_token", options=("head_dropout",))
     class FirstToken(nn.Module):
         def __init__(self, dim, num_classes, num_prefix_tokens, head_dropout=0.0):
@@ -139,7 +132,7 @@ def test_a_registered_predictor_is_built_with_only_its_options(scratch):
     assert [t.shape for t in model(torch.randn(2, 3, 16, 16))] == [(2, 4), (2, 4)]
 
 
-def test_a_predictor_registration_naming_an_option_it_lacks_fails_at_once(scratch):
+def test_a_predictor_registration_naming_an_option_it_lacks_fails_at_once(scratch_registries):
     with pytest.raises(TypeError, match=r"does not accept the options \['moment_groups'\]"):
 
         @heads.register_predictor("bad", options=("head_dropout", "moment_groups"))
@@ -150,7 +143,7 @@ def test_a_predictor_registration_naming_an_option_it_lacks_fails_at_once(scratc
     assert "bad" not in heads.PREDICTOR_REGISTRY
 
 
-def test_a_registered_peft_method_is_injected_and_only_its_parameters_train(scratch):
+def test_a_registered_peft_method_is_injected_and_only_its_parameters_train(scratch_registries):
     @adapters.register_peft("bias_shift")
     def inject(model, trunk, indices, options, num_prefix_tokens):
         assert isinstance(options, adapters.PeftOptions) and options.method == "bias_shift"
