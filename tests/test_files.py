@@ -33,7 +33,7 @@ from dmpo_lightning.deploy.format import (
 from dmpo_lightning.evaluation import report
 from dmpo_lightning.evaluation.report import read_report
 from dmpo_lightning.evaluation.thresholds import load_thresholds, read_thresholds
-from dmpo_lightning.files import check_format
+from dmpo_lightning.files import check_format, write_json
 
 
 def _thresholds(folder: Path, content: dict) -> str:
@@ -203,3 +203,18 @@ def test_atomic_write_without_overwrite_refuses_and_leaves_nothing(tmp_path):
     assert target.read_bytes() == b"1"
     files.atomic_write_bytes(target, b"3")
     assert target.read_bytes() == b"3" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    write_json(path, {"a": 1})
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(files.os, "fsync", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -1,4 +1,4 @@
-"""Report: table content, JSON round trip, CSV layout, PNG validity and atomic writes."""
+"""evaluation/report.py: table content, JSON round trip, CSV layout and PNG validity."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from dmpo_lightning import files
 from dmpo_lightning.evaluation.protocol import budgeted_curve, operating_points, search_qs
 from dmpo_lightning.evaluation.report import (
     GFLOPS_UNIT,
@@ -140,18 +139,3 @@ def test_png_is_valid(run, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 1024
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]  # no temporary files left
-
-
-def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
-    path = tmp_path / "report.json"
-    write_json(path, {"a": 1})
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(files.os, "fsync", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
-        write_json(path, {"a": 2})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
-    assert (path.stat().st_mode & 0o777) == 0o644
