@@ -158,6 +158,7 @@ def test_num_classes_mismatch_between_checkpoint_and_data(tmp_path, monkeypatch)
     assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["num_classes"] == 4
 
 
+# --------------------------------------------------------- checkpoints are read with weights_only=True only
 def good_cli_checkpoint(path: Path) -> Path:
     """A genuine checkpoint of the tiny CLI config's model (tensors and plain values only)."""
     module = main(["-c", TINY_CONFIG], run=False).model
@@ -235,6 +236,7 @@ def test_cli_reads_checkpoints_with_weights_only_by_default(subcommand, capsys):
     assert "\nweights_only: true\n" in capsys.readouterr().out
 
 
+# --------------------------------------------------------------------------- num_classes written explicitly
 @pytest.mark.parametrize("value", [10, 7])  # 10 is DMPOModule's default: written, it is checked too
 def test_explicit_num_classes_that_disagrees_with_the_data_is_refused(value, tmp_path):
     with pytest.raises(
@@ -320,6 +322,7 @@ def test_explicit_num_classes_must_match_the_checkpoint_when_no_dataset_is_read(
 EXP1 = "--trainer.logger.init_args.version=exp1"
 
 
+# ------------------------------------------------------- run folders: never lose or overwrite a run's files
 def _bytes(folder: Path, *names: str) -> dict[str, bytes]:
     return {n: (folder / n).read_bytes() for n in names}
 
@@ -404,6 +407,7 @@ def test_every_logger_gives_each_run_its_own_folder(logger, tmp_path):
         assert (d / "calibration_indices.json").is_file()
 
 
+# --------------------------------------------------------------------------- options given with --ckpt_path
 @pytest.mark.slow  # fits a tiny model through the CLI, then tests and predicts from its checkpoint
 def test_cli_keeps_predict_engine_and_time_early_exit_given_with_a_checkpoint(tmp_path, monkeypatch):
     """``--ckpt_path`` restores the model's options; these two evaluation options given with it are kept."""
