@@ -2,7 +2,8 @@
 
 - a configuration error prints one ``dmpo <subcommand>: error: ...`` line, no traceback, exit status 2
   (``DMPO_DEBUG=1`` / ``--debug`` show the traceback); a parse error has no dump of the parsed values;
-- SIGTERM during ``fit`` exits non-zero (143) and leaves a checkpoint that resumes.
+- SIGTERM during ``fit`` exits non-zero (143) and leaves a checkpoint that resumes; during ``predict`` it
+  exits 143 and writes no predictions file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from support.runs import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -29,6 +31,14 @@ class SlowAfterFirstBatch(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         Path("started").touch()
         time.sleep(0.5)
+
+
+class SlowAfterFirstPredictBatch(pl.Callback):
+    """Writes ``started`` after the first predict batch, then makes every batch slow (room for a signal)."""
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        Path("started").touch()
+        time.sleep(1.0)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -114,3 +124,35 @@ def test_sigterm_during_fit_exits_non_zero_with_a_resumable_checkpoint(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (done,) = (tmp_path / "runs" / "dmpo" / "version_1" / "checkpoints").glob("*.ckpt")
     assert done.name == "epoch=1-step=8.ckpt"  # the rest of epoch 0, then epoch 1
+
+
+@pytest.mark.slow
+def test_sigterm_during_predict_exits_143_and_writes_no_predictions(tmp_path):
+    run = make_run(tmp_path)
+    out = tmp_path / "predictions.csv"
+    args = ["predict", "-c", TINY, f"--ckpt_path={run['ckpt']}", f"--evaluation.predictions_file={out}"]
+    args += ["--data.init_args.batch_size=2", f"--trainer.callbacks+={__name__}.SlowAfterFirstPredictBatch"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmpo_lightning", *args],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "started").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "predict did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # after the first of 12 batches
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "dmpo predict: stopped by SIGTERM" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.rglob("*") if "predictions" in p.name]  # no partial or temporary file

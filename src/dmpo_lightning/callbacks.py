@@ -1,7 +1,8 @@
 """Training callbacks: the ones DMPOModule brings along, and the one the ``dmpo`` command adds.
 
-:class:`~dmpo_lightning.module.DMPOModule` brings the loss-weight schedule and the per-epoch seeding; the
-``dmpo`` command adds a stop (and, in fit, a checkpoint) on SIGTERM and Ctrl+C.
+:class:`~dmpo_lightning.module.DMPOModule` brings the loss-weight schedule, the per-epoch seeding and
+checkpoints written whole or not at all (:class:`AtomicCheckpoints`); the ``dmpo`` command adds a stop (and,
+in fit, a checkpoint) on SIGTERM and Ctrl+C.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import numpy as np
 import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dmpo_lightning.files import release_folder
+from dmpo_lightning.files import atomic_write, release_folder
 from dmpo_lightning.schedules import ScheduleOptions, TwoPhaseSchedule
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "AtomicCheckpoints",
     "EpochSeed",
     "InterruptCheckpoint",
     "LossWeightScheduler",
@@ -360,3 +364,39 @@ def continue_csv_log(logger: CSVLogger) -> None:
         writer.metrics_keys = sorted(header)
     if os.path.exists(os.path.join(log_dir, writer.NAME_HPARAMS_FILE)):
         writer.NAME_HPARAMS_FILE = _next_free(log_dir, "hparams", ".yaml")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, except that a checkpoint gets its final name only when complete.
+
+    Lightning writes a checkpoint into the system's temporary folder and then moves it; when that folder is on
+    another file system (as ``/tmp`` often is), the move copies into the final name, so a disk that fills up
+    leaves a truncated ``epoch=1-step=4.ckpt`` that looks valid until it is loaded. This plugin writes a local
+    checkpoint into a hidden temporary file in the checkpoint's own folder, flushes it to disk and renames it
+    (:func:`dmpo_lightning.files.atomic_write`): the file under the final name is complete or absent, and the
+    temporary file is removed on any error. Remote paths (``s3://``...) go through Lightning's own writer.
+
+    :class:`AtomicCheckpoints` (which DMPOModule brings along) installs it; to use it with another module,
+    pass ``Trainer(plugins=[AtomicCheckpointIO()])``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        """Write ``checkpoint`` to ``path`` whole or not at all (local paths)."""
+        if storage_options is not None or "://" in os.fspath(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+class AtomicCheckpoints(pl.Callback):
+    """Makes the trainer write checkpoints with :class:`AtomicCheckpointIO`.
+
+    Only Lightning's default writer is replaced (a ``CheckpointIO`` of your own, an asynchronous or an XLA one
+    stays). DMPOModule returns this callback from ``configure_callbacks``; you do not add it yourself.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Install the atomic writer before the first checkpoint is saved."""
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()

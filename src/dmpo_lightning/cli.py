@@ -44,7 +44,7 @@ from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions
 from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter, predictions_path
 from dmpo_lightning.evaluation.protocol_run import check_budgets
 from dmpo_lightning.evaluation.report import check_report_dir
-from dmpo_lightning.files import check_output_file, claim_folder
+from dmpo_lightning.files import check_output_file, check_writable, claim_folder, release_folder
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule
 from dmpo_lightning.optim import check_learning_rates, param_groups
@@ -224,6 +224,9 @@ class DMPOCLI(LightningCLI):
                 CSVLogger(save_dir, name=str(getattr(first, "name", None) or "dmpo")),
                 *trainer.loggers,
             ]
+        logs = trainer.loggers[0].save_dir if trainer.loggers else None
+        option = "trainer.logger.init_args.save_dir" if logs else "trainer.default_root_dir"
+        check_writable(logs or trainer.default_root_dir, "the run's log folder", option)  # before any work
         trainer.callbacks.append(InterruptCheckpoint())  # type: ignore[attr-defined]
         return trainer
 
@@ -278,8 +281,13 @@ class DMPOCLI(LightningCLI):
         options = self._evaluation_options()
         if isinstance(self.model, DMPOModule):
             self._refuse_untrained(options)
-        self._evaluation_folder()
-        check_output_file(predictions_path(self.trainer, options), "evaluation.predictions_file")
+        folder = self._evaluation_folder()
+        try:
+            check_output_file(predictions_path(self.trainer, options), "evaluation.predictions_file")
+        except ConfigError:
+            if folder is not None:
+                release_folder(folder)  # refused before any work: no empty dmpo_predict folder is left
+            raise
         self.trainer.callbacks.append(DMPOPredictionWriter(options))  # type: ignore[attr-defined]
 
     def after_fit(self) -> None:

@@ -21,6 +21,7 @@ from dmpo_lightning.callbacks import InterruptCheckpoint
 from dmpo_lightning.cli import main
 from dmpo_lightning.data.errors import DatasetLayoutError, UnreadableImageError
 from dmpo_lightning.errors import ConfigError
+from dmpo_lightning.files import write_failure
 from dmpo_lightning.parsing import DEBUG_ENV, debugging
 from dmpo_lightning.version import __version__
 
@@ -78,8 +79,9 @@ def console_main() -> None:
     A configuration error (:class:`~dmpo_lightning.errors.ConfigError`, a dataset-layout error) prints
     ``dmpo <command>: error: <message>`` and exits with status 2, as a parse error does (an image that cannot
     be read during the run: status 1); ``--debug`` (anywhere) or ``DMPO_DEBUG=1`` shows the traceback.
-    SIGTERM or Ctrl+C during a run stops it after the current batch (fit saves ``interrupted.ckpt``) and
-    exits with status 128 + the signal.
+    A write that a full or read-only disk fails prints one such line too and exits with status 1. SIGTERM or
+    Ctrl+C during a run stops it after the current batch (fit saves ``interrupted.ckpt``) and exits with
+    status 128 + the signal.
     """
     debug = debugging() or "--debug" in sys.argv[1:]
     sys.argv = [a for a in sys.argv if a != "--debug"]
@@ -104,6 +106,12 @@ def console_main() -> None:
         sys.stderr.write(f"dmpo {name}: error: {message}\n({DEBUG_ENV}=1 or --debug shows the traceback)\n")
         # a broken image met during the run is a data error, not a usage error: status 1
         raise SystemExit(1 if isinstance(err, UnreadableImageError) else 2) from None
+    except OSError as err:  # a full or read-only disk during the run: one sentence, status 1
+        failure = write_failure(err)
+        if failure is None or debug:
+            raise
+        sys.stderr.write(f"dmpo {name}: error: {failure}\n({DEBUG_ENV}=1 or --debug shows the traceback)\n")
+        raise SystemExit(1) from None
     except SIGTERMException:
         signum = InterruptCheckpoint.signal or signal.SIGTERM
         saved = InterruptCheckpoint.saved

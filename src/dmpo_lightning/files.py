@@ -12,7 +12,8 @@
   how to make a new one.
 - One hash for tensors (:func:`tensors_sha256`) and one for files (:func:`file_sha256`).
 - Pre-flight checks of output paths (:func:`check_output_file`, :func:`check_writable`), run before any work
-  so that an unusable path fails in one sentence instead of after a long run.
+  so that an unusable path fails in one sentence instead of after a long run; a write that fails during the
+  run on a full or read-only disk is told in one sentence too (:func:`write_failure`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -51,6 +53,7 @@ __all__ = [
     "release_folder",
     "tensors_sha256",
     "to_jsonable",
+    "write_failure",
     "write_json",
 ]
 
@@ -98,10 +101,15 @@ def atomic_write(
     tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # a full disk: name the file the user knows, not the temporary one
+            if err.filename is not None or err.errno is None:
+                raise
+            raise OSError(err.errno, err.strerror, str(target)) from err
         os.chmod(tmp, mode)
         if overwrite:
             os.replace(tmp, target)
@@ -433,3 +441,36 @@ def check_writable(folder: str, what: str, option: str) -> None:
             option,
         ) from None
     os.rmdir(created)
+
+
+DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is larger than this file system allows",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+"""Errors of a write caused by where it writes, not by the program (:func:`write_failure` tells them)."""
+
+
+def write_failure(err: BaseException) -> str | None:
+    """One sentence for a write that failed because of the disk (full, read-only, no permission), or ``None``.
+
+    Example:
+        >>> print(write_failure(OSError(errno.ENOSPC, "No space left on device", "x/last.ckpt")))
+        cannot write x/last.ckpt: the disk is full (No space left on device); free space there, or write ...
+        >>> write_failure(ValueError("no")) is None
+        True
+    """
+    if not isinstance(err, OSError) or err.errno not in DISK_ERRORS:
+        return None
+    where = err.filename if err.filename is not None else "a file"
+    if err.filename2 is not None:  # a copy or move: the target is the file that could not be written
+        where = err.filename2
+    remedy = (
+        "free space there, or write somewhere else"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        else "make it writable, or write somewhere else"
+    )
+    return f"cannot write {where}: {DISK_ERRORS[err.errno]} ({err.strerror}); {remedy}"

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from dmpo_lightning import checkpointing
-from dmpo_lightning.callbacks import EpochSeed, LossWeightScheduler
+from dmpo_lightning.callbacks import AtomicCheckpoints, EpochSeed, LossWeightScheduler
 from dmpo_lightning.checkpointing import restoring_from_checkpoint, weights_from_checkpoint
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
 from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, split_of_batch
@@ -325,7 +325,8 @@ class DMPOModule(pl.LightningModule):
         """Callbacks the module brings along.
 
         Always the loss-weight schedule and per-epoch re-seeding (they act in ``fit`` only; present in every
-        stage, a checkpoint's state for them is restored without a warning). In ``test``:
+        stage, a checkpoint's state for them is restored without a warning), and checkpoints that appear under
+        their name only when complete (:class:`~dmpo_lightning.callbacks.AtomicCheckpoints`). In ``test``:
         :class:`~dmpo_lightning.evaluation.evaluator.DMPOEvaluator` (the early-exit protocol and report); in
         ``predict``: :class:`~dmpo_lightning.evaluation.prediction_writer.DMPOPredictionWriter` (thresholds
         in, CSV out), each with default options. A callback of a type the trainer already has is not added
@@ -336,7 +337,11 @@ class DMPOModule(pl.LightningModule):
         except RuntimeError:  # not attached to a Trainer
             trainer = None
         fn = trainer.state.fn if trainer is not None else None
-        wanted: list[pl.Callback] = [LossWeightScheduler(self.schedule_options), EpochSeed()]
+        wanted: list[pl.Callback] = [
+            LossWeightScheduler(self.schedule_options),
+            EpochSeed(),
+            AtomicCheckpoints(),
+        ]
         if fn == "test":
             wanted.append(DMPOEvaluator())
         if fn == "predict":

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from dmpo_lightning.errors import ConfigError, ConfigFileNotFoundError
+from dmpo_lightning.files import atomic_write_text
 
 INDICES_FILENAME = "calibration_indices.json"
 """Name of the file written into the run's log directory."""
@@ -152,11 +153,8 @@ def indices_payload(
 
 
 def save_indices(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` as JSON (creating parent folders) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload))
-    return path
+    """Write ``payload`` as JSON (creating parent folders; whole or not at all) and return the path."""
+    return atomic_write_text(path, json.dumps(payload))
 
 
 def load_indices(path: str | Path, dataset: str, task: str | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from dmpo_lightning.deploy.export import export_artefact
 from dmpo_lightning.deploy.format import read_manifest
+from dmpo_lightning.files import write_failure
 
 __all__ = ["build_parser", "console_main", "main"]
 
@@ -82,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``dmpo export``: parse ``argv`` (without the ``export`` word), export, return the exit status.
 
     A refused export prints one line ``dmpo export: error: ...`` and returns 2; nothing is written then.
+    A full or read-only disk while writing prints one line too and returns 1 (the artefact is written whole
+    or not at all).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -102,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full or read-only disk while writing: nothing is left under --output
+        message = write_failure(err)
+        if message is None:
+            raise
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 1
     found = read_manifest(path)["inputs"]["found"]
     print(f"wrote artefact {path}" + (f" ({found})" if found else ""), file=sys.stderr)
     return 0

@@ -7,10 +7,12 @@ an existing artefact is never overwritten.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -20,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from dmpo_lightning.checkpointing import weights_hash
@@ -44,7 +47,7 @@ from dmpo_lightning.deploy.preprocess import resize_for
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
 from dmpo_lightning.evaluation.report import read_report
 from dmpo_lightning.evaluation.thresholds import read_thresholds
-from dmpo_lightning.files import file_sha256, tensors_sha256, to_jsonable, write_json
+from dmpo_lightning.files import check_writable, file_sha256, tensors_sha256, to_jsonable, write_json
 from dmpo_lightning.models.adapters import PEFT_REGISTRY
 from dmpo_lightning.models.multi_exit import MultiExitViT
 from dmpo_lightning.options import dotted_options
@@ -587,11 +590,16 @@ def _write_artefact(
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=parent)
     try:
         weights_path = os.path.join(tmp, WEIGHTS_FILE)
-        save_file(
-            {k: exported.state[k].detach().cpu().contiguous().clone() for k in exported.embedded_keys},
-            weights_path,
-            metadata={"format": FORMAT_NAME, "checkpoint_hash": manifest["checkpoint_hash"]},
-        )
+        try:
+            save_file(
+                {k: exported.state[k].detach().cpu().contiguous().clone() for k in exported.embedded_keys},
+                weights_path,
+                metadata={"format": FORMAT_NAME, "checkpoint_hash": manifest["checkpoint_hash"]},
+            )
+        except SafetensorError as err:  # its writer reports an I/O error as text: "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(err))
+            number = int(code.group(1)) if code else errno.EIO
+            raise OSError(number, os.strerror(number), os.path.join(output, WEIGHTS_FILE)) from err
         manifest["weights"]["sha256"] = file_sha256(weights_path)
         if onnx:
             os.makedirs(os.path.join(tmp, ONNX_DIR))
@@ -677,6 +685,7 @@ def export_artefact(
     output = os.path.abspath(output)
     if os.path.exists(output):
         raise FileExistsError(f"{output} exists; an artefact is never overwritten: choose another --output")
+    check_writable(os.path.dirname(output), f"--output {output}", "--output")
     inputs = _resolve_inputs(run, ckpt_path, thresholds, report)
     if onnx:
         require_onnx("--onnx")

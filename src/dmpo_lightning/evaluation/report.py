@@ -507,6 +507,11 @@ def write_report_folder(
             os.replace(tmp, target)  # atomic; an existing empty folder is replaced
         else:  # a folder the user made holds other files: move the report files in one by one
             _move_files_into(tmp, target)
+    except OSError as err:  # a full disk: name the report file, not its temporary folder
+        name = err.filename if isinstance(err.filename, str) else ""
+        if err.errno is None or not name.startswith(tmp + os.sep):
+            raise
+        raise OSError(err.errno, err.strerror, os.path.join(target, os.path.relpath(name, tmp))) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
