@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -219,8 +220,9 @@ def test_an_unwritable_report_dir_fails_before_the_evaluation(tmp_path, monkeypa
     (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
     mkdtemp = tempfile.mkdtemp
 
-    def read_only(*args, **kwargs):
-        if str(kwargs.get("prefix", "")).startswith(".dmpo-write-check-"):
+    def read_only(*args, **kwargs):  # tmp_path, where locked/report would be made (not the log folder runs/)
+        probe = str(kwargs.get("prefix", "")).startswith(".dmpo-write-check-")
+        if probe and os.path.samefile(kwargs.get("dir", "."), tmp_path):
             raise PermissionError(errno.EACCES, "Permission denied")
         return mkdtemp(*args, **kwargs)
 
