@@ -1,14 +1,18 @@
 """Resuming and determinism.
 
 A run interrupted in phase 1 of the loss-weight schedule and resumed with ``dmpo fit --ckpt_path`` switches
-phases at the same epoch, continues the learning-rate schedule and ends with bit-identical weights; a
-checkpoint loads for test/predict in a fresh process from config + checkpoint alone.
+phases at the same epoch, continues the learning-rate schedule and ends with bit-identical weights; a run
+resumed to train longer (a larger ``trainer.max_epochs``) re-plans the learning-rate schedule for its new
+length and says so; a checkpoint loads for test/predict in a fresh process from config + checkpoint alone.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import logging
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +26,7 @@ import torch
 
 from dmpo_lightning.callbacks import EpochSeed, epoch_seed
 from dmpo_lightning.cli import main
+from dmpo_lightning.module import LR_PLAN_KEY
 from dmpo_lightning.predictions import SAMPLE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,6 +157,52 @@ def test_resume_in_phase1_matches_an_uninterrupted_run(tmp_path, monkeypatch):
         for name, value in state.items():
             other = opt_b["state"][key][name]
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), (key, name)
+
+
+@pytest.mark.slow
+def test_resuming_to_train_longer_replans_the_learning_rate_schedule(tmp_path, caplog):
+    """Issue 28/1: resumed with a larger max_epochs, training runs to the new end with the LR decayed to 0.
+
+    Before, a short run crashed on resume (``KeyError: '_schedulers'``) and a longer one restored the old
+    cosine length, so the LR climbed back to its peak. The warm-up is not run again.
+    """
+    common = [
+        "-c",
+        TINY,
+        "--model.init_args.warmup_fraction=0.3",
+        "--model.init_args.schedule.switch_epoch=1",
+    ]
+    common += ["--trainer.callbacks+=LearningRateMonitor", "--trainer.callbacks.logging_interval=step"]
+    short = main(["fit", *common, "--trainer.max_epochs=2"])
+    (ckpt,) = (Path(short.trainer.log_dir) / "checkpoints").glob("*.ckpt")
+    assert ckpt.name == "epoch=1-step=4.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved[LR_PLAN_KEY] == {"total_steps": 4, "warmup_steps": 1}  # round(4 * 0.3)
+
+    with caplog.at_level(logging.INFO):
+        longer = main(["fit", *common, "--trainer.max_epochs=10", f"--ckpt_path={ckpt}"])
+    replanned = [r.getMessage() for r in caplog.records if "re-planned" in r.getMessage()]
+    assert replanned == [
+        "resuming: the learning-rate schedule is re-planned from 4 to 20 steps (the warm-up stays 1 steps; "
+        "the cosine decay now ends at step 20)"
+    ]
+    trainer = longer.trainer
+    assert trainer.current_epoch == 10 and trainer.global_step == 20  # trained to the new end
+    (scheduler,) = [c.scheduler for c in trainer.lr_scheduler_configs]
+    assert scheduler.last_epoch == 20
+    assert max(scheduler.get_last_lr()) == pytest.approx(0.0, abs=1e-12)  # decayed to 0 after the last step
+
+    lrs = _logged_lr(_metrics(Path(trainer.log_dir)))
+    assert sorted(lrs) == list(range(4, 20))
+    trunk = [lrs[s]["lr-AdamW/trunk"] for s in range(4, 20)]
+    # the cosine of the new length from step 4 on, after the 1-step warm-up (a warm-up of round(20 * 0.3) = 6
+    # steps would start again at 5/6 of the peak and climb)
+    expected = [1e-3 * (1 + math.cos(math.pi * (s - 1) / 19)) / 2 for s in range(4, 20)]
+    assert trunk == pytest.approx(expected, rel=1e-6)
+    assert all(a > b for a, b in itertools.pairwise(trunk))
+    assert torch.load(next((Path(trainer.log_dir) / "checkpoints").glob("*.ckpt")), weights_only=True)[
+        LR_PLAN_KEY
+    ] == {"total_steps": 20, "warmup_steps": 1}
 
 
 def test_epoch_seed_depends_on_seed_epoch_and_rank(monkeypatch):

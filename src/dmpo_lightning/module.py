@@ -20,6 +20,7 @@ from dmpo_lightning import checkpointing
 from dmpo_lightning.callbacks import AtomicCheckpoints, EpochSeed, LossWeightScheduler
 from dmpo_lightning.checkpointing import restoring_from_checkpoint, weights_from_checkpoint
 from dmpo_lightning.constants import IMAGE_KEY, INDEX_KEY, LABEL_KEY
+from dmpo_lightning.errors import ConfigError
 from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, split_of_batch
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs, default_input_shape
 from dmpo_lightning.evaluation.metrics import exit_accuracy
@@ -39,7 +40,10 @@ from dmpo_lightning.optim import (
 from dmpo_lightning.schedules import ScheduleOptions, preset_weights
 from dmpo_lightning.serialization import export_trainable, module_from_trainable
 
-__all__ = ["DMPOModule", "weights_from_checkpoint"]
+__all__ = ["LR_PLAN_KEY", "DMPOModule", "weights_from_checkpoint"]
+
+LR_PLAN_KEY = "dmpo_lr_plan"
+"""Checkpoint entry of the default learning-rate schedule: ``{"total_steps": N, "warmup_steps": W}``."""
 
 
 class DMPOModule(pl.LightningModule):
@@ -156,6 +160,8 @@ class DMPOModule(pl.LightningModule):
             }
         )
         self._costs: ExitCosts | None = None
+        self._lr_plan: dict[str, int] | None = None  # the default schedule's length, saved with checkpoints
+        self._resumed_lr_plan: dict[str, int] | None = None  # the plan of the checkpoint being resumed
 
     # The option groups, read from the hyperparameters (so an edited hparams entry is what runs).
     @property
@@ -317,8 +323,25 @@ class DMPOModule(pl.LightningModule):
         check_learning_rates(optimizer)
         if self.lr_scheduler_factory is not None:
             return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = warmup_cosine(optimizer, total_steps=total, warmup_fraction=self.hparams.warmup_fraction)
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ConfigError(
+                "the default learning-rate schedule (warm-up, then cosine decay to 0 at the last step) needs "
+                "the run's length: set trainer.max_epochs or trainer.max_steps, or give "
+                "model.init_args.lr_scheduler",
+                option="trainer.max_epochs",
+            )
+        total = int(steps)
+        warmup = round(total * self.hparams.warmup_fraction)
+        resumed = self._resumed_lr_plan
+        if resumed is not None and resumed["total_steps"] != total:
+            warmup = min(resumed["warmup_steps"], total)  # the warm-up already ran (or runs on) as planned
+            rank_zero_info(
+                f"resuming: the learning-rate schedule is re-planned from {resumed['total_steps']} to "
+                f"{total} steps (the warm-up stays {warmup} steps; the cosine decay now ends at step {total})"
+            )
+        self._lr_plan = {"total_steps": total, "warmup_steps": warmup}
+        scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -354,12 +377,27 @@ class DMPOModule(pl.LightningModule):
         rank_zero_info(format_parameter_budget(self.model.count_parameters()))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the class names (``checkpoint["class_names"]``, list of str) when they are known."""
+        """Store the class names and the plan of the default learning-rate schedule.
+
+        ``checkpoint["class_names"]`` (list of str) when they are known; :data:`LR_PLAN_KEY`, so that a resume
+        can tell a changed length.
+        """
         checkpointing.store_class_names(self, checkpoint)
+        if self._lr_plan is not None:
+            checkpoint[LR_PLAN_KEY] = dict(self._lr_plan)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another architecture with a message instead of a size mismatch."""
+        """Refuse a checkpoint of another architecture with a message instead of a size mismatch.
+
+        The learning-rate plan it stored is kept for :meth:`configure_optimizers`: resumed with another length
+        (a larger ``trainer.max_epochs``), the schedule is re-planned for it and says so in one line.
+        """
         checkpointing.check_checkpoint(self, checkpoint)
+        plan = checkpoint.get(LR_PLAN_KEY)
+        valid = isinstance(plan, dict) and all(
+            isinstance(plan.get(k), int) and plan[k] >= 0 for k in ("total_steps", "warmup_steps")
+        )
+        self._resumed_lr_plan = dict(plan) if valid else None  # type: ignore[arg-type]
 
     def exit_costs(self) -> ExitCosts:
         """Counted per-exit cost at :attr:`input_shape` (cached; depends on architecture only)."""

@@ -73,15 +73,21 @@ def param_groups(model: _HasParameterGroups) -> list[dict[str, Any]]:
 
 
 def warmup_cosine(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.1, min_factor: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_fraction: float = 0.1,
+    min_factor: float = 0.0,
+    *,
+    warmup_steps: int | None = None,
 ) -> LambdaLR:
     """Linear warm-up over ``warmup_fraction`` of ``total_steps``, then cosine decay to ``min_factor``.
 
     One ``LambdaLR`` whatever the length: during the ``w = round(total_steps * warmup_fraction)`` warm-up
-    steps the factor is ``(step + 1) / w``; then ``min_factor + (1 - min_factor) * (1 + cos(pi * (step - w)
-    / (total_steps - w))) / 2``, reaching ``min_factor`` at ``total_steps`` and staying there. A resumed run
-    restores the step count, not the plan, so a run resumed to train longer follows the cosine of its new
-    length from the step it stopped at.
+    steps (or ``warmup_steps``) the factor is ``(step + 1) / w``; then ``min_factor + (1 - min_factor) *
+    (1 + cos(pi * (step - w) / (total_steps - w))) / 2``, reaching ``min_factor`` at ``total_steps`` and
+    staying there. A resumed run restores the step count, not the plan, so a run resumed to train longer
+    follows the cosine of its new length from the step it stopped at (``DMPOModule`` keeps the warm-up it
+    had: ``warmup_steps``).
 
     Examples:
         >>> opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -95,10 +101,26 @@ def warmup_cosine(
         [0.5, 1.0, 1.0, 0.5, 0.0]
     """
     total_steps = max(int(total_steps), 1)
-    warmup = round(total_steps * warmup_fraction)
+    warmup = round(total_steps * warmup_fraction) if warmup_steps is None else min(warmup_steps, total_steps)
     cosine_steps = max(1, total_steps - warmup)
     # a function (not an object): LambdaLR's state then holds the step count only, never the plan
-    return LambdaLR(optimizer, partial(_warmup_cosine_factor, warmup, cosine_steps, float(min_factor)))
+    return _Replannable(optimizer, partial(_warmup_cosine_factor, warmup, cosine_steps, float(min_factor)))
+
+
+class _Replannable(LambdaLR):
+    """A ``LambdaLR`` that, restored from a checkpoint, sets the learning rate of that step by its own plan.
+
+    The optimizer's state restores the learning rate the interrupted run used last; under a new plan (a run
+    resumed to train longer) the first resumed step would run at that stale value.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the step count, then set each group's learning rate for that step under this plan."""
+        super().load_state_dict(state_dict)
+        for group, base, factor in zip(
+            self.optimizer.param_groups, self.base_lrs, self.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(self.last_epoch)
 
 
 def _warmup_cosine_factor(warmup: int, cosine_steps: int, min_factor: float, step: int) -> float:
