@@ -90,24 +90,41 @@ def test_check_architecture_names_both_values():
         check({"peft": {"method": "lora"}}, {"peft.method": "vpt"}, model.backbone)
 
 
-def test_load_checkpoint_safely_refuses_pickled_objects_in_one_sentence():
+def _lightning_file(tmp_path) -> str:
+    """A file that passes the checkpoint pre-check (the loader under test is faked)."""
+    path = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6"}, path)
+    return str(path)
+
+
+def test_load_checkpoint_safely_refuses_pickled_objects_in_one_sentence(tmp_path):
     def load(path, *args, **kwargs):
         assert kwargs["weights_only"] is True
         assert checkpointing.restoring_from_checkpoint()
         raise pickle.UnpicklingError("Weights only load failed. Unsupported global: GLOBAL os.system")
 
     with pytest.raises(ValueError, match="holds Python objects other than tensors and plain values"):
-        checkpointing.load_checkpoint_safely(load, ["run.ckpt"], {})
+        checkpointing.load_checkpoint_safely(load, [_lightning_file(tmp_path)], {})
     assert not checkpointing.restoring_from_checkpoint()
 
 
-def test_load_checkpoint_safely_applies_the_backbone_checkpoint_path_override():
+def test_load_checkpoint_safely_checks_the_file_before_loading(tmp_path):
+    def load(path, *args, **kwargs):
+        raise AssertionError("not reached")
+
+    with pytest.raises(FileNotFoundError, match=r"checkpoint '.*missing\.ckpt' does not exist"):
+        checkpointing.load_checkpoint_safely(load, [str(tmp_path / "missing.ckpt")], {})
+    with pytest.raises(FileNotFoundError, match=r"checkpoint '.*' is a folder, not a checkpoint file"):
+        checkpointing.load_checkpoint_safely(load, [str(tmp_path)], {})
+
+
+def test_load_checkpoint_safely_applies_the_backbone_checkpoint_path_override(tmp_path):
     class Loaded:
         def __init__(self) -> None:
             self.hparams = {"checkpoint_path": "old.pth"}
 
     loaded = checkpointing.load_checkpoint_safely(
-        lambda path, **kw: Loaded(), ["run.ckpt"], {"checkpoint_path": None}
+        lambda path, **kw: Loaded(), [_lightning_file(tmp_path)], {"checkpoint_path": None}
     )
     assert loaded.hparams["checkpoint_path"] is None
 

@@ -151,9 +151,7 @@ def test_num_classes_mismatch_between_checkpoint_and_data(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     cli = main(["fit", "-c", TINY, "--trainer.max_epochs=1", "--model.init_args.schedule.switch_epoch=0"])
     ckpt = next((Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
-    with pytest.raises(
-        ValueError, match="checkpoint was trained with num_classes=4 but this model has num_classes=5"
-    ):
+    with pytest.raises(ValueError, match=r"the data has 5 classes but --ckpt_path .* was trained on 4"):
         main(["test", "-c", TINY, f"--ckpt_path={ckpt}", "--data.init_args.synthetic_num_classes=5"])
     assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["num_classes"] == 4
 
@@ -188,7 +186,7 @@ def test_cli_refuses_weights_only_false_before_building_anything(tmp_path, monke
 def test_dmpo_test_ckpt_path_refuses_a_crafted_ckpt(tmp_path, pickle_marker):
     path = torch_file(tmp_path / "evil.ckpt", pickle_marker, "checkpoint")
     report = tmp_path / "report"
-    with pytest.raises(ValueError, match=r"ckpt_path '.*evil\.ckpt' is not a readable Lightning checkpoint"):
+    with pytest.raises(ValueError, match=r"ckpt_path .*evil\.ckpt was not loaded: it holds Python objects"):
         main(
             [
                 "test",

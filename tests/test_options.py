@@ -62,11 +62,11 @@ def test_options_have_one_name_and_other_spellings_are_refused_with_the_mapping_
     with pytest.raises(TypeError, match="unexpected keyword argument 'exit_blocks'"):
         configured_module(exit_blocks=[2, 4])
     with pytest.raises(
-        TypeError, match=r"^peft must be a mapping of its options \(e.g. peft: \{method: 'vpt'\}\)"
+        TypeError, match=r"^peft is a group of options, a mapping: e.g. `peft: \{method: vpt\}`"
     ):
         configured_module(peft="vpt")
     with pytest.raises(
-        TypeError, match=r"^exits must be a mapping of its options \(e.g. exits: \{blocks: 2\}\)"
+        TypeError, match=r"^exits is a group of options, a mapping: e.g. `exits: \{blocks: 2\}`"
     ):
         configured_module(exits=2)
 

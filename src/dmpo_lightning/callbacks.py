@@ -26,7 +26,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dmpo_lightning.files import atomic_write, release_folder
+from dmpo_lightning.files import atomic_write, check_writable, release_folder
 from dmpo_lightning.schedules import ScheduleOptions, TwoPhaseSchedule
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "LossWeightScheduler",
     "ReleaseFolder",
     "SaveConfigNoOverwrite",
+    "check_log_folder",
     "continue_csv_log",
     "epoch_seed",
     "planned_epochs",
@@ -335,6 +336,17 @@ class ReleaseFolder(pl.Callback):
     ) -> None:
         """A failed run ends its claim too."""
         release_folder(self.folder)
+
+
+def check_log_folder(trainer: pl.Trainer) -> None:
+    """Refuse a log folder (the first logger's ``save_dir``, else ``default_root_dir``) that is not writable.
+
+    Raises:
+        ConfigError: Naming the option to change, before any work.
+    """
+    logs = trainer.loggers[0].save_dir if trainer.loggers else None
+    option = "trainer.logger.init_args.save_dir" if logs else "trainer.default_root_dir"
+    check_writable(logs or trainer.default_root_dir, "the run's log folder", option)
 
 
 def _next_free(folder: str, stem: str, suffix: str) -> str:

@@ -24,6 +24,7 @@ import contextvars
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeGuard
 
@@ -95,8 +96,9 @@ def load_checkpoint_safely(load: Callable[..., Any], args: Sequence[Any], kwargs
       hyperparameter (the backbone weights file), applied to the loaded module's hparams.
 
     Raises:
-        ValueError: If the checkpoint holds objects other than tensors and plain values, or the caller asks
-            for unrestricted unpickling.
+        ValueError: If the checkpoint holds objects other than tensors and plain values, is damaged or no
+            Lightning checkpoint, or the caller asks for unrestricted unpickling.
+        FileNotFoundError: If a checkpoint file is missing (or a folder).
     """
     override: dict[str, Any] = {}
     if args:
@@ -108,6 +110,10 @@ def load_checkpoint_safely(load: Callable[..., Any], args: Sequence[Any], kwargs
     if kwargs.pop("weights_only", True) not in (True, None):
         raise ValueError(UNRESTRICTED_UNPICKLING_REFUSED)
     kwargs["weights_only"] = True
+    if isinstance(checkpoint_path, os.PathLike):
+        checkpoint_path = os.fspath(checkpoint_path)
+    if is_checkpoint_file_path(checkpoint_path):  # missing, a folder, damaged, not a checkpoint: one sentence
+        check_checkpoint_file(checkpoint_path, option="checkpoint")
     try:
         with weights_from_checkpoint():
             module = load(checkpoint_path, *args, **kwargs)
@@ -134,7 +140,8 @@ def check_architecture(
         backbone: The model's backbone (its depth resolves a saved ``exits.blocks`` count).
 
     Raises:
-        ValueError: One of :data:`~dmpo_lightning.constants.ARCHITECTURE_KEYS` differs (both values named).
+        ConfigError: (a ``ValueError``) One of :data:`~dmpo_lightning.constants.ARCHITECTURE_KEYS` differs
+            (both values named).
     """
     theirs_all = dotted_options(saved)
     for key in ARCHITECTURE_KEYS:
@@ -145,10 +152,11 @@ def check_architecture(
             with contextlib.suppress(ValueError):
                 theirs = list(resolve_exit_blocks(theirs, backbone_depth(backbone), require_last=False))
         if theirs != ours:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint was trained with {key}={theirs!r} but this model has {key}={ours!r}; "
                 "use the checkpoint's own config (dmpo test --config <run>/config.yaml) or load it with "
-                "DMPOModule.load_from_checkpoint(path)"
+                "DMPOModule.load_from_checkpoint(path)",
+                option="ckpt_path",
             )
 
 
@@ -258,13 +266,30 @@ def check_checkpoint_file(path: str, option: str = "ckpt_path") -> None:
             "(runs/<name>/version_N/checkpoints/*.ckpt)",
             option=option,
         )
+    damaged = _damaged_entry(path)
+    if damaged is not None:
+        raise ConfigError(
+            f"{option} {path!r} is corrupt: its entry {damaged!r} does not match the checksum written with "
+            "it (damaged on disk or in a copy), so its weights would be wrong; nothing was loaded from it: "
+            "copy it again or use another checkpoint",
+            option=option,
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
+    except pickle.UnpicklingError as err:
+        raise ConfigError(
+            f"{option} {path} was not loaded: it holds Python objects other than tensors and plain values "
+            f"({weights_only_refusal(err)}), and unpickling it could run arbitrary code. Checkpoints written "
+            "by `dmpo fit` hold only those; re-save this one with only its state_dict and plain "
+            "hyper-parameters",
+            option=option,
+        ) from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
         raise ConfigError(
             f"{option} {path!r} is not a readable Lightning checkpoint (torch.load failed with "
-            f"{type(err).__name__}); give a .ckpt file written by `dmpo fit` (it is read with "
-            "weights_only=True, so a file holding arbitrary pickled objects is refused as well)",
+            f"{type(err).__name__}: an empty, truncated or corrupt file, or not a torch.save file); give "
+            "a .ckpt file written by `dmpo fit` (it is read with weights_only=True, so a file holding "
+            "arbitrary pickled objects is refused as well)",
             option=option,
         ) from err
     required = ("state_dict", "pytorch-lightning_version")
@@ -281,6 +306,21 @@ def check_checkpoint_file(path: str, option: str = "ckpt_path") -> None:
             "`dmpo fit` (runs/<name>/version_N/checkpoints/*.ckpt)",
             option=option,
         )
+
+
+def _damaged_entry(path: str) -> str | None:
+    """The first entry of a ``torch.save`` archive whose bytes fail their CRC-32, if any.
+
+    ``torch.load`` does not check the checksums, so flipped bits in the tensor data load as wrong weights.
+    Files that are no zip archive are left to ``torch.load`` (which refuses them).
+    """
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as err:
+        return f"<the archive: {err}>"
 
 
 def run_folder_of(ckpt_path: Any) -> str | None:

@@ -27,6 +27,7 @@ from dmpo_lightning.callbacks import (
     LossWeightScheduler,
     ReleaseFolder,
     SaveConfigNoOverwrite,
+    check_log_folder,
     continue_csv_log,
 )
 from dmpo_lightning.checkpointing import (
@@ -44,13 +45,15 @@ from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions
 from dmpo_lightning.evaluation.prediction_writer import DMPOPredictionWriter, predictions_path
 from dmpo_lightning.evaluation.protocol_run import check_budgets
 from dmpo_lightning.evaluation.report import check_report_dir
-from dmpo_lightning.files import check_output_file, check_writable, claim_folder, release_folder
+from dmpo_lightning.files import check_output_file, claim_folder, release_on_error
 from dmpo_lightning.models.backbone import check_backbone_name
 from dmpo_lightning.module import DMPOModule
 from dmpo_lightning.optim import check_learning_rates, param_groups
 from dmpo_lightning.parsing import (
     LINKED,
     DMPOArgumentParser,
+    check_option_groups,
+    check_trained_classes,
     constructor_error,
     given_values,
     refuse_dropped_values,
@@ -114,7 +117,8 @@ class DMPOCLI(LightningCLI):
         )
 
     def _num_classes(self, num_classes: int | None) -> int:
-        """The data module's class count, or the checkpoint's when the data reads no dataset."""
+        """The data module's class count (refused if the checkpoint's differs), else the checkpoint's."""
+        check_trained_classes(num_classes, self._checkpoint_num_classes, self.config)
         if num_classes is not None:
             return num_classes
         if self._checkpoint_num_classes is None:
@@ -168,6 +172,7 @@ class DMPOCLI(LightningCLI):
                 ) from None
         self._checkpoint_num_classes = config.get("model.init_args.num_classes") if ckpt else None
         refuse_dropped_values(self._given, config, is_checkpoint_file_path(ckpt), resuming=sub == "fit")
+        check_option_groups(config)
 
     def instantiate_classes(self) -> None:
         """Build the classes (a checkpoint holds the backbone's weights: no file or download needed).
@@ -224,9 +229,7 @@ class DMPOCLI(LightningCLI):
                 CSVLogger(save_dir, name=str(getattr(first, "name", None) or "dmpo")),
                 *trainer.loggers,
             ]
-        logs = trainer.loggers[0].save_dir if trainer.loggers else None
-        option = "trainer.logger.init_args.save_dir" if logs else "trainer.default_root_dir"
-        check_writable(logs or trainer.default_root_dir, "the run's log folder", option)  # before any work
+        check_log_folder(trainer)  # before any work
         trainer.callbacks.append(InterruptCheckpoint())  # type: ignore[attr-defined]
         return trainer
 
@@ -281,13 +284,8 @@ class DMPOCLI(LightningCLI):
         options = self._evaluation_options()
         if isinstance(self.model, DMPOModule):
             self._refuse_untrained(options)
-        folder = self._evaluation_folder()
-        try:
+        with release_on_error(self._evaluation_folder()):  # a refusal leaves no empty dmpo_predict folder
             check_output_file(predictions_path(self.trainer, options), "evaluation.predictions_file")
-        except ConfigError:
-            if folder is not None:
-                release_folder(folder)  # refused before any work: no empty dmpo_predict folder is left
-            raise
         self.trainer.callbacks.append(DMPOPredictionWriter(options))  # type: ignore[attr-defined]
 
     def after_fit(self) -> None:

@@ -29,7 +29,7 @@ import math
 import os
 import secrets
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,6 +51,7 @@ __all__ = [
     "decode_float",
     "file_sha256",
     "release_folder",
+    "release_on_error",
     "tensors_sha256",
     "to_jsonable",
     "write_failure",
@@ -214,6 +215,17 @@ def release_folder(path: str | os.PathLike[str]) -> None:
         os.remove(os.path.join(folder, CLAIM_MARKER))
     with contextlib.suppress(OSError):
         os.rmdir(folder)  # only an empty folder
+
+
+@contextlib.contextmanager
+def release_on_error(folder: str | os.PathLike[str] | None) -> Iterator[None]:
+    """:func:`release_folder` of a claimed ``folder`` if the block raises (so no empty folder is left)."""
+    try:
+        yield
+    except BaseException:
+        if folder is not None:
+            release_folder(folder)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------- JSON

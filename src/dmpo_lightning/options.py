@@ -10,12 +10,13 @@ A group is a frozen dataclass of plain values. ``DMPOModule`` takes one argument
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from dmpo_lightning.files import to_jsonable
 
-__all__ = ["OptionGroup", "dotted_options"]
+__all__ = ["OptionGroup", "dotted_options", "option_groups"]
 
 _G = TypeVar("_G", bound="OptionGroup")
 
@@ -41,7 +42,7 @@ class OptionGroup:
         Raises:
             ValueError: A mapping has a key that is not a field of the group (the allowed keys are named).
             TypeError: ``value`` is neither ``None``, a mapping nor an instance of the group (the message
-                shows the mapping to write instead, e.g. ``peft: {method: 'lora'}`` for ``peft: lora``).
+                shows the mapping to write instead, e.g. ``peft: {method: lora}`` for ``peft: lora``).
         """
         label = name or cls.__name__
         if value is None:
@@ -59,8 +60,8 @@ class OptionGroup:
             return cls(**dict(value))
         first = dataclasses.fields(cls)[0].name
         raise TypeError(
-            f"{label} must be a mapping of its options (e.g. {label}: {{{first}: {value!r}}}) or a "
-            f"{cls.__name__}, got the {type(value).__name__} {value!r}"
+            f"{label} is a group of options, a mapping: e.g. `{label}: {{{first}: {value}}}` (from Python "
+            f"also {cls.__name__}(...)), not the {type(value).__name__} {value!r}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,3 +92,21 @@ def dotted_options(hparams: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def option_groups(cls: Any) -> dict[str, type[OptionGroup]]:
+    """The constructor parameters of ``cls`` that take an option group (those whose default is one).
+
+    Example:
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Tuning(OptionGroup):
+        ...     rank: int = 4
+        >>> def build(size: int = 1, tuning: Tuning = Tuning()) -> None: ...
+        >>> {name: group.__name__ for name, group in option_groups(build).items()}
+        {'tuning': 'Tuning'}
+    """
+    return {
+        name: type(p.default)
+        for name, p in inspect.signature(cls).parameters.items()
+        if isinstance(p.default, OptionGroup)
+    }

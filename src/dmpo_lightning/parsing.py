@@ -5,7 +5,8 @@
 - :func:`given_values`: the values the user wrote (config files and command line, without defaults);
 - :func:`refuse_dropped_values`: a value the user wrote that the run would not use is refused by name (a
   data option the model's sets, a model option a checkpoint replaces);
-- :func:`constructor_error`: the error a class's constructor raised, without jsonargparse's wrapping.
+- :func:`constructor_error`: the error a class's constructor raised, without jsonargparse's wrapping;
+- :func:`check_option_groups`: an option group written as a value (``exits: 4``) is refused in one sentence.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser
 
 from dmpo_lightning.errors import ConfigError
 from dmpo_lightning.module import DMPOModule
+from dmpo_lightning.options import option_groups
 
 __all__ = [
     "DEBUG_ENV",
     "LINKED",
     "DMPOArgumentParser",
+    "check_option_groups",
+    "check_trained_classes",
     "constructor_error",
     "debugging",
     "given_values",
@@ -64,7 +68,13 @@ def debugging() -> bool:
 
 
 def _tidy_parse_error(message: str) -> str:
-    """Jsonargparse's message without dumps of the given value and the ``None`` alternative of unions."""
+    """Jsonargparse's message without dumps of the given value and the ``None`` alternative of unions.
+
+    An option group written as a value (``peft: lora``) is told in one sentence: the mapping to write.
+    """
+    inner = re.search(r"model\.init_args\.\w+ is a group of options, a mapping: [^\n]*", message)
+    if inner:  # said by the parser of the model's arguments; jsonargparse wraps it in the model's union error
+        return inner.group(0)
     keep = []
     for line in message.splitlines():
         stripped = line.strip()
@@ -85,14 +95,88 @@ def _tidy_parse_error(message: str) -> str:
             "  the evaluation options are not model options: write `evaluation:` at the top level of the "
             "config (beside `model:`), or --evaluation.<option> on the command line"
         )
-    for group in ("peft", "exits", "schedule"):
-        if f"init_args.{group}" in message and "Expected a <class 'str'>" not in message and "str" in message:
-            keep.append(f"  {group} is a group of options, a mapping: e.g. `{group}: {{...}}`")
+    written = re.search(r"Parser key \"(\w+)\":\s+Unable to load config '([^']*)'", message)
+    group = option_groups(DMPOModule).get(written.group(1)) if written else None
+    if written and group is not None:  # `peft: lora`: jsonargparse took the text for a config file's path
+        try:
+            group.coerce(written.group(2), name=written.group(1))
+        except TypeError as err:
+            return f"model.init_args.{err}"
     return "\n".join(keep)
+
+
+NULLS = ("null", "Null", "NULL", "~")
+NESTED_FIELD = re.compile(r"--(model|data)(\.init_args)?\.(\w+)\.(\w+)")
+
+
+def _nulls_as_mappings(args: list[Any]) -> list[Any]:
+    """``--model.init_args.<group>.<field> null`` as ``--model.init_args.<group>={"<field>": null}``.
+
+    jsonargparse 4.53 re-parses a sub-option of a class given by ``class_path`` from ``f"--{key}={value}"``,
+    so a ``null`` it already read becomes the text ``None`` (``schedule.switch_epoch: None`` is refused as
+    not an int); a mapping takes the other path and keeps the null, as a YAML config does.
+
+    Example:
+        >>> _nulls_as_mappings(["--model.init_args.schedule.switch_epoch", "null", "--trainer.max_epochs=2"])
+        ['--model.init_args.schedule={"switch_epoch": null}', '--trainer.max_epochs=2']
+    """
+    out: list[Any] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        key, eq, value = word.partition("=") if isinstance(word, str) else ("", "", "")
+        found = NESTED_FIELD.fullmatch(key)
+        following = args[i + 1] if not eq and i + 1 < len(args) else None
+        if found and ((eq and value in NULLS) or (not eq and following in NULLS)):
+            out.append(f'{key.rsplit(".", 1)[0]}={{"{found.group(4)}": null}}')
+            i += 1 if eq else 2
+            continue
+        out.append(word)
+        i += 1
+    return out
+
+
+def check_trained_classes(num_classes: int | None, trained: Any, config: Namespace) -> None:
+    """Refuse data of ``num_classes`` classes for a ``--ckpt_path`` model trained on ``trained`` classes.
+
+    Raises:
+        ConfigError: Naming both counts and the checkpoint, before anything is built or written.
+    """
+    if num_classes is None or trained is None or int(trained) == num_classes:
+        return
+    sub = config.get("subcommand")
+    raise ConfigError(
+        f"the data has {num_classes} classes but --ckpt_path {config[sub].get('ckpt_path')} was trained on "
+        f"{trained}: a trained model keeps its classes, so dmpo {sub} needs data with the same {trained} "
+        "classes (fix the data options), or train a new model without --ckpt_path",
+        option="ckpt_path",
+    )
+
+
+def check_option_groups(config: Namespace) -> None:
+    """Refuse a model option group given as a value (``exits: 4``), which jsonargparse lets through.
+
+    Raises:
+        ConfigError: Naming the group and the mapping to write (``exits: {blocks: 4}``).
+    """
+    for name, group in option_groups(DMPOModule).items():
+        value = config.get(f"model.init_args.{name}")
+        if value is not None and not isinstance(value, (Namespace, Mapping, group)):
+            try:
+                group.coerce(value, name=name)
+            except TypeError as err:
+                raise ConfigError(f"model.init_args.{err}", option=f"model.init_args.{name}") from None
 
 
 class DMPOArgumentParser(LightningArgumentParser):
     """Parse errors as a short usage line and the reason, without a dump of the parsed values."""
+
+    def parse_args(self, args: Any = None, *more: Any, **kwargs: Any) -> Any:
+        """Parse ``args`` (default: the command line); ``--model.init_args.<group>.<field> null`` works."""
+        words = sys.argv[1:] if args is None else args
+        if isinstance(words, (list, tuple)):
+            words = _nulls_as_mappings(list(words))
+        return super().parse_args(words, *more, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         """Print ``usage``, a tip and the tidied message to stderr and exit with status 2."""
@@ -188,6 +272,7 @@ def refuse_dropped_values(
 
 JSONARGPARSE_WRAPPERS = (
     "Does not validate against any of the Union subtypes",
+    "Call to compute_fn of link",  # a link's function raised (the data's classes vs the checkpoint's)
     "Problem with given class_path",
     "Expected a <class 'NoneType'>",  # older jsonargparse reports the None alternative of the union first
 )

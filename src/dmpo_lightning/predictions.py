@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -293,21 +294,44 @@ def summarize(rows: Iterable[PredictionRow], *, num_exits: int) -> PredictionSum
 
 
 def read_predictions(path: str) -> list[PredictionRow]:
-    """Read a predictions CSV written by :func:`write_predictions`.
+    """Read a predictions CSV written by :func:`write_predictions`, checked whole.
 
     Raises:
-        ValueError: If the file's header is not a predictions header.
+        FileNotFoundError: If the file is missing or a folder.
+        ValueError: If it is not a predictions file (not UTF-8 text, another header), or truncated or corrupt
+            (a row with another number of cells than the header, a value of the wrong type, no line break
+            after the last row); one sentence naming the file and the row.
     """
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = tuple(reader.fieldnames or ())
-        ids = header[: len(header) - len(PREDICTION_COLUMNS)]
-        if header[len(ids) :] != PREDICTION_COLUMNS or not ids or not set(ids) <= set(ID_COLUMNS):
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"predictions file {path} is a folder; give the predictions CSV in it")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not a dmpo predictions file: it is not UTF-8 text ({err.reason})"
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = tuple(next(reader, ()))
+    ids = header[: len(header) - len(PREDICTION_COLUMNS)]
+    if header[len(ids) :] != PREDICTION_COLUMNS or not ids or not set(ids) <= set(ID_COLUMNS):
+        raise ValueError(
+            f"{path} is not a dmpo predictions file: its header is {list(header)[:12]}, expected "
+            f"{list(IMAGE_COLUMNS)} or {list(SAMPLE_COLUMNS)}"
+        )
+    if not text.endswith("\n"):  # the writer ends every row with a line break
+        raise ValueError(f"{path} is truncated: its last row ends without a line break; predict again")
+    rows = []
+    for number, cells in enumerate(reader, start=1):
+        try:
+            if len(cells) != len(header):
+                raise ValueError(f"it has {len(cells)} cells, the header {len(header)}")
+            rows.append(PredictionRow.from_dict(dict(zip(header, cells, strict=True))))
+        except ValueError as err:
             raise ValueError(
-                f"{path} is not a dmpo predictions file: its header is {list(header)}, expected "
-                f"{list(IMAGE_COLUMNS)} or {list(SAMPLE_COLUMNS)}"
-            )
-        return [PredictionRow.from_dict(record) for record in reader]
+                f"{path} is corrupt: its row {number} is not a predictions row ({err})"
+            ) from None
+    return rows
 
 
 def rows_from_outputs(

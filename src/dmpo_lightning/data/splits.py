@@ -197,6 +197,14 @@ def load_indices(path: str | Path, dataset: str, task: str | None = None) -> dic
             f"(as written to {INDICES_FILENAME} by BenchmarkDataModule)",
             option=option,
         )
+    version = payload.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise ConfigError(
+            f"calibration_indices_file={str(path)!r} has format_version {version!r}, newer than this "
+            f"dmpo-lightning reads ({FORMAT_VERSION}): upgrade dmpo-lightning, or let the run draw a new "
+            "split",
+            option=option,
+        )
     if payload.get("dataset") != dataset:
         raise ConfigError(
             f"calibration_indices_file={str(path)!r} was written for dataset {payload.get('dataset')!r}, "

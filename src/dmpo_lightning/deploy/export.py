@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from dmpo_lightning.checkpointing import weights_hash
+from dmpo_lightning.checkpointing import check_checkpoint_file, weights_hash
 from dmpo_lightning.constants import MODEL_FINGERPRINT_KEYS
 from dmpo_lightning.data.fashion_mnist import FASHION_MNIST_CLASSES
 from dmpo_lightning.data.formats import image_folder_classes
@@ -211,15 +211,8 @@ def _load_trained(path: str) -> _Trained:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If it is not a readable DMPOModule checkpoint or its weights do not fit its options.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give a .ckpt file written by `dmpo fit`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors all mean "not a readable checkpoint"
-        raise ValueError(
-            f"{path} is not a readable Lightning checkpoint (torch.load(weights_only=True) failed: "
-            f"{type(err).__name__}: {err})"
-        ) from err
+    check_checkpoint_file(path, option="--ckpt_path")  # missing, a folder, damaged or no checkpoint
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{path} is not a DMPOModule checkpoint (no state_dict / hyper_parameters)")
     hparams = dict(ckpt["hyper_parameters"])
