@@ -139,3 +139,46 @@ def test_png_is_valid(run, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 1024
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]  # no temporary files left
+
+
+# ------------------------------------------------------------------------ issue 28/11: self-describing
+def test_the_report_says_what_data_software_device_and_date_it_was_made_with(tmp_path):
+    """report.json names the data configuration, the versions, the device and the date (format version 3)."""
+    from datetime import datetime, timedelta, timezone
+    from pathlib import Path
+
+    import lightning
+    import timm
+    from support.runs import make_run
+
+    from dmpo_lightning.cli import main
+    from dmpo_lightning.constants import REPORT_FORMAT_VERSION
+    from dmpo_lightning.evaluation.report import read_report
+    from dmpo_lightning.version import __version__
+
+    tiny = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+    run = make_run(tmp_path)
+    out = tmp_path / "report"
+    main(["test", "-c", tiny, f"--ckpt_path={run['ckpt']}", f"--evaluation.report_dir={out}"])
+    report = read_report(str(out / "report.json"))
+    assert report["format_version"] == REPORT_FORMAT_VERSION == 3
+    data = report["data"]
+    assert data["class"] == "dmpo_lightning.data.datamodule.BenchmarkDataModule"
+    assert (data["dataset"], data["root"], data["task"]) == ("synthetic", None, None)
+    assert (data["image_size"], data["split_seed"], data["calibration_size"]) == (32, 0, 16)
+    assert data["num_classes"] == 4 and data["options"]["batch_size"] == 8
+    assert data["preprocessing"]["image_size"] == 32 and len(data["preprocessing"]["mean"]) == 3
+    env = report["environment"]
+    assert (env["dmpo_lightning"], env["torch"]) == (__version__, torch.__version__)
+    assert (env["timm"], env["lightning"]) == (timm.__version__, lightning.__version__)
+    assert (env["device"], env["accelerator"], env["processes"]) == ("cpu", "CPUAccelerator", 1)
+    made = datetime.fromisoformat(env["date"])
+    assert made.tzinfo is not None and abs(datetime.now(timezone.utc) - made) < timedelta(minutes=10)
+
+
+def test_a_report_without_a_data_module_says_so():
+    from dmpo_lightning.evaluation.report import describe_data, describe_environment
+
+    assert describe_data(None) is None
+    env = describe_environment()
+    assert "device" not in env and env["torch"] == torch.__version__  # no trainer: no device claimed

@@ -45,5 +45,5 @@ THRESHOLDS_FORMAT_VERSION = 2
 
 REPORT_FORMAT = "dmpo-report"
 """The ``format`` field of a ``report.json`` written by ``dmpo test``."""
-REPORT_FORMAT_VERSION = 2
-"""Its ``format_version`` (version 1 had no ``format`` field)."""
+REPORT_FORMAT_VERSION = 3
+"""Its ``format_version`` (1 had no ``format`` field; 3 added the ``data`` and ``environment`` entries)."""

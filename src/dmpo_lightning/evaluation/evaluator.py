@@ -38,7 +38,7 @@ from dmpo_lightning.evaluation.interface import EarlyExitModule, as_early_exit_m
 from dmpo_lightning.evaluation.metrics import ExitOutputsCollector
 from dmpo_lightning.evaluation.protocol import BudgetUnitOption
 from dmpo_lightning.evaluation.protocol_run import check_budgets, run_test_protocol
-from dmpo_lightning.evaluation.report import check_report_dir
+from dmpo_lightning.evaluation.report import check_report_dir, describe_data, describe_environment
 from dmpo_lightning.evaluation.timing import format_speed_table, time_early_exit
 from dmpo_lightning.files import CLAIM_MARKER, claim_folder, release_folder, write_json
 from dmpo_lightning.models.exit_rules import ExitRule, exit_scores
@@ -360,6 +360,8 @@ class DMPOEvaluator(pl.Callback):
             fingerprint=module.model_fingerprint(),
             weights_hash=weights_hash(module.model),
             temperature=temperature,
+            data=describe_data(dm),
+            environment=describe_environment(trainer),
         )
         if self._claimed is not None:  # the report is written: drop the claim marker, keep the folder
             release_folder(self._claimed)

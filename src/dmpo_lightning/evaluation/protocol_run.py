@@ -24,7 +24,12 @@ from dmpo_lightning.evaluation.protocol import (
     operating_points,
     protocol_budget_unit,
 )
-from dmpo_lightning.evaluation.report import build_report, format_report_table, write_report_folder
+from dmpo_lightning.evaluation.report import (
+    build_report,
+    describe_environment,
+    format_report_table,
+    write_report_folder,
+)
 from dmpo_lightning.evaluation.thresholds import thresholds_file_content
 from dmpo_lightning.files import to_jsonable
 
@@ -63,6 +68,8 @@ def run_test_protocol(
     fingerprint: Mapping[str, Any],
     weights_hash: str | None = None,
     temperature: TemperatureCalibration | None = None,
+    data: Mapping[str, Any] | None = None,
+    environment: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Budgeted-batch evaluation of cached exit outputs; prints the table and writes the report on rank 0.
 
@@ -86,6 +93,9 @@ def run_test_protocol(
             whether they come from a checkpoint file or from memory.
         temperature: Per-exit temperatures the scores were computed with (``calibration: temperature``),
             with the ECE before/after; ``None`` = raw scores.
+        data: The data the outputs came from (:func:`~dmpo_lightning.evaluation.report.describe_data`).
+        environment: Versions, device and date (default: :func:`~dmpo_lightning.evaluation.report.
+            describe_environment` without a trainer).
 
     Returns:
         The report dict and a flat dict of summary metrics for the logger.
@@ -127,6 +137,8 @@ def run_test_protocol(
             "num_calibration": 0 if calibration is None else int(calibration["scores"].shape[0]),
             "cost_counting": costs.to_dict(),
             "config": to_jsonable(hparams, default=repr),
+            "data": None if data is None else dict(data),
+            "environment": dict(environment) if environment is not None else describe_environment(),
         },
     )
     summary: dict[str, float] = {f"test/gflops_exit{k}": float(c) for k, c in enumerate(costs.exit_gflops)}

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import lightning
+import timm
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -31,6 +36,7 @@ from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
 from dmpo_lightning.evaluation.calibration import plot_reliability
 from dmpo_lightning.evaluation.protocol import BudgetedCurve, OperatingPoint, area_under_curve
 from dmpo_lightning.files import atomic_write, check_format, check_writable, to_jsonable, write_json
+from dmpo_lightning.version import __version__
 
 __all__ = [
     "GFLOPS_UNIT",
@@ -38,6 +44,8 @@ __all__ = [
     "REPORT_FILES",
     "build_report",
     "check_report_dir",
+    "describe_data",
+    "describe_environment",
     "format_report_table",
     "plot_curve",
     "read_report",
@@ -52,6 +60,71 @@ GFLOPS_UNIT = "GFLOPs = 10^9 multiply-accumulates"
 # ----------------------------------------------------------------------------------------------- report
 def _floats(values: Sequence[float] | Tensor) -> list[float]:
     return torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist()
+
+
+def describe_data(datamodule: Any) -> dict[str, Any] | None:
+    """What a report says about the data it was computed on (``None``: loaders given without a data module).
+
+    The data module's class and every option it was built with (``options``: its ``hparams``), with the ones
+    that decide the numbers named at the top: ``dataset``, ``root``, ``task``, the resolved ``image_size``,
+    the calibration split's ``split_seed`` and ``calibration_size``, ``num_classes``; and the resolved
+    preprocessing (``mean``, ``std``, ``interpolation``, ``crop_pct``) when the module has one.
+    """
+    if datamodule is None:
+        return None
+    options = dict(getattr(datamodule, "hparams", None) or {})
+    resolved = getattr(datamodule, "data_config", None)
+    preprocessing = (
+        dataclasses.asdict(resolved)
+        if dataclasses.is_dataclass(resolved) and not isinstance(resolved, type)
+        else None
+    )
+    return to_jsonable(
+        {
+            "class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+            "dataset": options.get("dataset"),
+            "root": options.get("root"),
+            "task": options.get("task"),
+            "image_size": (preprocessing or {}).get("image_size", options.get("image_size")),
+            "split_seed": options.get("seed"),
+            "calibration_size": options.get("calibration_size"),
+            "num_classes": getattr(datamodule, "num_classes", None),
+            "preprocessing": preprocessing,
+            "options": options,
+        },
+        default=repr,
+    )
+
+
+def describe_environment(trainer: Any = None) -> dict[str, Any]:
+    """The software and hardware a report was computed with, and when (UTC).
+
+    The versions of dmpo-lightning, torch, timm, lightning and Python; with a ``trainer``, the device it ran
+    on (and the GPU's name), its accelerator, number of processes and precision.
+    """
+    env: dict[str, Any] = {
+        "dmpo_lightning": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    strategy = getattr(trainer, "strategy", None)
+    device = getattr(strategy, "root_device", None)
+    if isinstance(device, torch.device):
+        env["device"] = str(device)
+        env["device_name"] = (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        )
+    if trainer is not None:
+        env["accelerator"] = type(getattr(trainer, "accelerator", None)).__name__
+        env["processes"] = int(getattr(trainer, "world_size", 1))
+        env["precision"] = str(getattr(trainer, "precision", ""))
+    return env
 
 
 def build_report(
