@@ -112,14 +112,21 @@ def test_a_full_disk_during_fit_is_one_sentence_and_leaves_no_truncated_checkpoi
 @pytest.mark.parametrize(
     ("argv", "option"),
     [
-        (["fit", "--trainer.logger.init_args.save_dir={ro}"], "trainer.logger.init_args.save_dir"),
-        (["test", "--ckpt_path={ckpt}", "--evaluation.report_dir={ro}/report"], "evaluation.report_dir"),
         (
-            ["predict", "--ckpt_path={ckpt}", "--evaluation.predictions_file={ro}/p.csv"],
+            ["fit", "-c", TINY, "--trainer.logger.init_args.save_dir={ro}"],
+            "trainer.logger.init_args.save_dir",
+        ),
+        (
+            ["test", "-c", TINY, "--ckpt_path={ckpt}", "--evaluation.report_dir={ro}/report"],
+            "evaluation.report_dir",
+        ),
+        (
+            ["predict", "-c", TINY, "--ckpt_path={ckpt}", "--evaluation.predictions_file={ro}/p.csv"],
             "evaluation.predictions_file",
         ),
+        (["export", "--ckpt_path={ckpt}", "--thresholds={thresholds}", "--output={ro}/art"], "--output"),
     ],
-    ids=["fit_log_folder", "test_report_dir", "predict_predictions_file"],
+    ids=["fit_log_folder", "test_report_dir", "predict_predictions_file", "export_output"],
 )
 def test_a_read_only_output_folder_is_refused_before_any_work(argv, option, tmp_path, monkeypatch, capsys):
     """As root every folder is writable, so the write probe fails here the way a read-only folder does."""
@@ -135,10 +142,8 @@ def test_a_read_only_output_folder_is_refused_before_any_work(argv, option, tmp_
         return mkdtemp(*args, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkdtemp", probe)
-    command, *rest = argv
-    status, err = _run(
-        monkeypatch, capsys, command, "-c", TINY, *(a.format(ro=read_only, ckpt=run["ckpt"]) for a in rest)
-    )
+    words = [a.format(ro=read_only, ckpt=run["ckpt"], thresholds=run["thresholds"]) for a in argv]
+    status, err = _run(monkeypatch, capsys, *words)
     assert status == 2, err[-2000:]
     (line,) = [x for x in err.splitlines() if "error:" in x]
     assert "is not writable: Read-only file system" in line, line

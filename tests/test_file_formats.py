@@ -72,6 +72,8 @@ def test_every_file_format_refuses_a_damaged_file_in_one_sentence_naming_it(name
     assert str(given) in message or str(target) in message, message
     if defect == "newer_version":
         assert "newer" in message or "upgrade" in message, message
+    if defect == "folder":  # not "does not exist": the path exists, it is the wrong kind
+        assert "folder" in message or "directory" in message, message
 
 
 def test_a_copy_of_a_valid_file_is_read_by_every_reader(tmp_path):

@@ -245,6 +245,8 @@ def module_from_trainable(cls: Any, path: str, *, overrides: Mapping[str, Any] |
         ValueError: Corrupt or truncated file, not a dmpo export, an export format other than this
             package's, or tensors that do not fit the rebuilt model.
     """
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a folder; give the .safetensors file that export_trainable wrote")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no trainable-parameter export at {path}")
     merged, state_dict = read_trainable(path)

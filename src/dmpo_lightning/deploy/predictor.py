@@ -46,7 +46,7 @@ from dmpo_lightning.deploy.preprocess import build_eval_transform
 from dmpo_lightning.files import file_sha256, tensors_sha256
 from dmpo_lightning.images import DEFAULT_MAX_PIXELS, check_max_pixels, decode_image, list_images
 from dmpo_lightning.models.engine import EarlyExitEngine
-from dmpo_lightning.models.multi_exit import MultiExitViT
+from dmpo_lightning.models.multi_exit import MultiExitViT, check_finite_inputs
 from dmpo_lightning.predictions import PredictionRow, error_sentence
 
 __all__ = ["BatchPrediction", "EarlyExitPredictor", "check_device"]
@@ -287,14 +287,7 @@ class EarlyExitPredictor:
             raise ValueError(
                 f"images must be float (normalised), got {images.dtype}; use predictor.transform"
             )
-        finite = torch.isfinite(images).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten().tolist()
-            shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
-            raise ValueError(
-                f"{len(bad)} of the {images.shape[0]} images in the batch (index {shown}) hold NaN or "
-                "infinite values; only finite inputs can be predicted"
-            )
+        check_finite_inputs(images)
         return images.float()
 
     def _result(
@@ -523,7 +516,8 @@ def _load_model(
     info = manifest["weights"]
     weights_path = os.path.join(path, info.get("file", WEIGHTS_FILE))
     if not os.path.isfile(weights_path):
-        raise ArtefactError(f"artefact {path} is incomplete: {weights_path} is missing")
+        what = "a folder, not the weights file" if os.path.isdir(weights_path) else "missing"
+        raise ArtefactError(f"artefact {path} is incomplete: {weights_path} is {what}; export it again")
     digest = file_sha256(weights_path)
     if digest != info.get("sha256"):
         raise ArtefactError(

@@ -129,15 +129,27 @@ class DMPOPredictionWriter(pl.Callback):
         print(f"[rank {trainer.global_rank}] {text}" if trainer.world_size > 1 else text)
 
 
+NON_FINITE_SAMPLE = "the sample holds NaN or infinite values; only finite inputs can be predicted"
+"""The ``error`` of a predict row whose input tensor is not finite."""
+
+
 def predict_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     """``DMPOModule.predict_step``: one result row per sample, the readable images waiting for the writer.
 
     Rows: prediction, 0-based exit, score and confidence (filled in by :class:`DMPOPredictionWriter`);
     images the data module could not read (a non-empty ``error`` entry, from ``data.predict_paths``) are not
-    run and keep prediction -1 and the reason.
+    run and keep prediction -1 and the reason, as do samples with NaN or infinite values
+    (:data:`NON_FINITE_SAMPLE`).
     """
     x = batch[IMAGE_KEY]
     errors = batch.get(ERROR_KEY)
+    finite = torch.isfinite(x).flatten(1).all(dim=1).cpu()
+    if not bool(finite.all()):  # refused per sample, as an unreadable image is (not class 0, score NaN)
+        errors = [
+            e or ("" if ok else NON_FINITE_SAMPLE)
+            for e, ok in zip(errors or [""] * len(finite), finite.tolist(), strict=True)
+        ]
+        batch = {**batch, ERROR_KEY: errors}
     valid = torch.tensor([not e for e in errors], dtype=torch.bool) if errors is not None else None
     n = x.shape[0]
     result: dict[str, Any] = {

@@ -232,6 +232,8 @@ def read_report(path: str) -> dict[str, Any]:
         ValueError: If it is not valid JSON, not a report, or of another format version (one sentence that
             says to re-run ``dmpo test``).
     """
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"report {path} is a folder; give the report.json in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"report {path} does not exist; `dmpo test` writes report.json")
     try:

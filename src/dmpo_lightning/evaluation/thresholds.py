@@ -87,6 +87,11 @@ def read_thresholds(path: str) -> dict[str, Any]:
             older file fingerprinted the model under other names): one sentence that says to re-run
             ``dmpo test``.
     """
+    if os.path.isdir(path):
+        raise FileNotFoundError(
+            f"thresholds file {path} is a folder; give the thresholds.json in it (`dmpo test` writes it into "
+            "its report folder)"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"thresholds file {path} does not exist; `dmpo test` writes thresholds.json")
     try:

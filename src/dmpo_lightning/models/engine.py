@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from dmpo_lightning.constants import IMAGE_KEY
 from dmpo_lightning.models.exit_rules import ExitRule
-from dmpo_lightning.models.multi_exit import EarlyExitOutput, MultiExitViT, eval_mode
+from dmpo_lightning.models.multi_exit import EarlyExitOutput, MultiExitViT, check_finite_inputs, eval_mode
 
 __all__ = ["EarlyExitEngine", "EngineSession"]
 
@@ -296,4 +296,5 @@ def _images(batch: Any) -> Tensor:
         )
     if x.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W]; got shape {tuple(x.shape)}")
+    check_finite_inputs(x)
     return x

@@ -52,6 +52,7 @@ __all__ = [
     "ExitRule",
     "MultiExitViT",
     "PeftOptions",
+    "check_finite_inputs",
     "eval_mode",
 ]
 
@@ -71,6 +72,31 @@ class EarlyExitOutput:
     exit_index: torch.Tensor
     score: torch.Tensor
     logits: torch.Tensor
+
+
+def check_finite_inputs(x: torch.Tensor) -> None:
+    """Refuse a batch with NaN or infinite values: they would come out as class 0 with a NaN score.
+
+    Raises:
+        ValueError: Naming how many images of the batch are affected and their indices.
+
+    Example:
+        >>> x = torch.zeros(3, 1, 2, 2)
+        >>> x[1, 0, 0, 0] = float("nan")
+        >>> check_finite_inputs(x)
+        Traceback (most recent call last):
+        ...
+        ValueError: 1 of the 3 images in the batch (index 1) hold NaN or infinite values; ...
+    """
+    finite = torch.isfinite(x).flatten(1).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().tolist()
+    shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+    raise ValueError(
+        f"{len(bad)} of the {x.shape[0]} images in the batch (index {shown}) hold NaN or infinite values; "
+        "only finite inputs can be predicted"
+    )
 
 
 @contextlib.contextmanager
@@ -441,6 +467,7 @@ class MultiExitViT(nn.Module):
         Returns:
             Per-sample prediction, exit index, score and logits.
         """
+        check_finite_inputs(x)
         policy = self.early_exit_policy(
             thresholds,
             rule,
