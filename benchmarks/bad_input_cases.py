@@ -208,7 +208,24 @@ def make_fixtures(base: Path) -> dict:
     weights.rename(base / "weights_moved.pth")
     make_deploy_fixtures(ctx)
     make_data_fixtures(ctx)
+    make_integrity_fixtures(ctx)
     return ctx
+
+
+def make_integrity_fixtures(ctx: dict) -> None:
+    """Files for the issue-28 cases of patterns 1, 7, 9 and 11 (resume, disks, options, files)."""
+    base = ctx["base"]
+    data = json.loads(ctx["thresholds"].read_text())
+    data["format_version"] = 99
+    (base / "thresholds_newer.json").write_text(json.dumps(data))
+    ctx["thresholds_newer"] = base / "thresholds_newer.json"
+    flipped = bytearray(ctx["ckpt"].read_bytes())  # 64 bytes of tensor data flipped, as a bad disk does
+    start = len(flipped) // 3
+    flipped[start : start + 64] = bytes(b ^ 0xFF for b in flipped[start : start + 64])
+    (base / "flipped.ckpt").write_bytes(bytes(flipped))
+    ctx["ckpt_flipped"] = base / "flipped.ckpt"
+    (base / "exits_value.yaml").write_text("model:\n  init_args:\n    exits: 4\n")
+    ctx["exits_value"] = base / "exits_value.yaml"
 
 
 def make_data_fixtures(ctx: dict) -> None:
@@ -549,6 +566,140 @@ def check_full_disk(ctx: dict) -> str:
         "not re-run here (needs a failing write): the test makes the 4th report file fail with ENOSPC and "
         "asserts the results table was printed, no report folder is left and a rerun succeeds"
     )
+
+
+def check_full_disk_checkpoint(ctx: dict) -> str:
+    import errno
+    import io
+
+    import torch
+
+    real_save = torch.save
+
+    def disk_fills(obj, f, *args, **kwargs):  # the file takes 4,096 bytes, then the disk is full
+        if isinstance(f, (str, os.PathLike)):
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[:4096])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    torch.save = disk_fills
+    try:
+        status, text = run_dmpo(["fit", "-c", TINY, "--trainer.max_epochs=1"], ctx["work"])
+    finally:
+        torch.save = real_save
+    line = next((x for x in text.splitlines() if "error:" in x), "UNEXPECTED: no error line")
+    left = sorted(p.name for p in (ctx["work"] / "runs" / "dmpo" / "version_0" / "checkpoints").iterdir())
+    ok = status == 1 and "the disk is full" in line and not left
+    return ("" if ok else "UNEXPECTED ") + f"status {status}: {line}; files left in checkpoints/: {left}"
+
+
+def check_predict_sigterm(ctx: dict) -> str:
+    return (
+        "not re-run here (needs a subprocess and a signal): tests/test_cli_process.py asserts status 143, "
+        "'dmpo predict: stopped by SIGTERM' and no predictions file"
+    )
+
+
+def check_report_describes_itself(ctx: dict) -> str:
+    report = json.loads((ctx["report"] / "report.json").read_text())
+    data, env = report.get("data") or {}, report.get("environment") or {}
+    keys = ("dataset", "root", "image_size", "split_seed", "calibration_size", "num_classes")
+    versions = ("dmpo_lightning", "torch", "timm", "lightning")
+    ok = all(k in data for k in keys) and all(env.get(k) for k in (*versions, "device", "date"))
+    return ("" if ok else "UNEXPECTED ") + (
+        f"report.json format_version {report['format_version']}: data "
+        + ", ".join(f"{k}={data.get(k)!r}" for k in keys)
+        + "; environment "
+        + ", ".join(f"{k} {env.get(k)}" for k in versions)
+        + f", device {env.get('device')!r}, date present: {bool(env.get('date'))}"
+    )
+
+
+def check_nonfinite_module(ctx: dict) -> str:
+    import torch
+
+    from dmpo_lightning import DMPOModule
+
+    module = DMPOModule.load_from_checkpoint(ctx["ckpt"])
+    x = torch.randn(4, 3, 32, 32)
+    x[2, 0, 1, 1] = float("nan")
+    try:
+        out = module.forward_early_exit(x)
+    except ValueError as err:
+        return f"ValueError: {err}"
+    return f"UNEXPECTED: predicted {out.prediction.tolist()} with scores {out.score.tolist()}"
+
+
+def check_registered_rule_travels(ctx: dict) -> str:
+    import torch
+    from lightning.pytorch import Trainer
+
+    from dmpo_lightning import BenchmarkDataModule, DMPOModule
+    from dmpo_lightning.deploy.export import export_artefact
+    from dmpo_lightning.deploy.format import ArtefactError
+    from dmpo_lightning.deploy.predictor import EarlyExitPredictor
+    from dmpo_lightning.evaluation.evaluator import DMPOEvaluator, EvaluationOptions
+    from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY, register_exit_rule
+
+    name = "bad_input_margin2"
+
+    def margin(probs: torch.Tensor, run: torch.Tensor) -> torch.Tensor:  # top-1 minus top-2 probability
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+
+    register_exit_rule(name)(margin)
+    work = ctx["work"]
+    try:
+        options = EvaluationOptions(rule=name, budgets=(0.75,), report_dir=str(work / "report"))
+        dm = BenchmarkDataModule(
+            dataset="synthetic", synthetic_sizes=(48, 24), synthetic_num_classes=4, calibration_size=16,
+            batch_size=8, num_workers=0, image_size=32,
+        )  # fmt: skip
+        trainer = Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=work, callbacks=[DMPOEvaluator(options)],
+        )  # fmt: skip
+        module = DMPOModule.load_from_checkpoint(ctx["ckpt"])
+        trainer.test(module, datamodule=dm, ckpt_path=str(ctx["ckpt"]), weights_only=True, verbose=False)
+        th = json.loads((work / "report" / "thresholds.json").read_text())
+        art = export_artefact(
+            str(work / "art"), ckpt_path=str(ctx["ckpt"]), thresholds=str(work / "report" / "thresholds.json")
+        )
+        manifest = json.loads((work / "art" / "manifest.json").read_text())
+        predictor = EarlyExitPredictor.load(art, budget=0.75)
+        x = torch.randn(32, 3, 32, 32)
+        ours = predictor(x)
+        theirs = module.forward_early_exit(x, thresholds=predictor.thresholds, rule=name)
+        same = torch.equal(ours.exit, theirs.exit_index.cpu() + 1)
+    finally:
+        EXIT_RULE_REGISTRY._entries.pop(name, None)  # as in a serving process without the plugin
+    try:
+        EarlyExitPredictor.load(art, budget=0.75)
+        refused = "UNEXPECTED: loaded without the rule"
+    except ArtefactError as err:
+        refused = str(err)
+    ok = th["rule"] == manifest["exit_rule"] == predictor.exit_rule == name and same
+    return ("" if ok else "UNEXPECTED ") + (
+        f"thresholds.json rule {th['rule']!r}, manifest exit_rule {manifest['exit_rule']!r}, predictor "
+        f"{predictor.exit_rule!r}; predictor and DMPOModule.forward_early_exit send the 32 images to the "
+        f"same exits: {same}; without the rule registered: {refused}"
+    )
+
+
+def check_truncated_predictions(ctx: dict) -> str:
+    from dmpo_lightning.predictions import PredictionRow, read_predictions, write_predictions
+
+    path = ctx["work"] / "p.csv"
+    rows = [PredictionRow(1, "dog", 2, 0.75, 0.75, 0.125, path=f"/images/{i}.png") for i in range(4)]
+    write_predictions(str(path), rows, num_exits=4)
+    path.write_bytes(path.read_bytes()[:-30])
+    try:
+        read_predictions(str(path))
+    except ValueError as err:
+        return f"ValueError: {err}"
+    return "UNEXPECTED: read"
 
 
 # ------------------------------------------------------------------------------------------------- cases
@@ -1190,6 +1341,144 @@ CASES = [
         fmt("export", "--run={run_c}", "--output={work}/art"),
         status=0,
         line=r"wrote artefact",
+    ),
+    # --- issue 28, the rest of patterns 1, 7, 9 and 11 and the file formats (helper "integrity")
+    Case(
+        "resume_longer",
+        "issue 28/1: resuming with a larger max_epochs (KeyError '_schedulers', or the LR climbed back up)",
+        "test_resume::test_resuming_to_train_longer_replans_the_learning_rate_schedule",
+        fmt(
+            "fit",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--trainer.max_epochs=3",
+            "--model.init_args.schedule.switch_epoch=0",
+        ),
+        status=0,
+        line=r"resuming: the learning-rate schedule is re-planned",
+    ),
+    Case(
+        "full_disk_checkpoint",
+        "issue 28/7: a disk that fills up while a checkpoint is written (left epoch=0-step=2.ckpt truncated)",
+        "test_atomic_checkpoints::test_a_full_disk_during_fit_is_one_sentence_and_leaves_no_truncated_checkpoint",
+        check=check_full_disk_checkpoint,
+    ),
+    Case(
+        "read_only_log_folder",
+        "issue 28/7: a log folder that cannot be written (a traceback from makedirs)",
+        "test_atomic_checkpoints::test_a_read_only_output_folder_is_refused_before_any_work",
+        fmt("fit", *T, "--trainer.logger.init_args.save_dir=/proc/dmpo_runs"),
+        line=r"error: the run's log folder cannot be written",
+        after=lambda ctx: f"runs/ created: {(ctx['work'] / 'runs').exists()}",
+    ),
+    Case(
+        "read_only_export_output",
+        "issue 28/7: `dmpo export --output` where nothing can be written (a traceback from mkdtemp)",
+        "test_atomic_checkpoints::test_a_read_only_output_folder_is_refused_before_any_work",
+        fmt("export", "--ckpt_path={ckpt}", "--thresholds={thresholds}", "--output=/proc/dmpo_art"),
+        line=r"error: --output .* cannot be written",
+    ),
+    Case(
+        "predict_sigterm",
+        "issue 28/7: SIGTERM during `dmpo predict` (exited 0)",
+        "test_cli_process::test_sigterm_during_predict_exits_143_and_writes_no_predictions",
+        check=check_predict_sigterm,
+    ),
+    Case(
+        "num_classes_data_vs_checkpoint",
+        "issue 28/9: data of other classes than the checkpoint in `dmpo test` (a loader traceback)",
+        "test_bad_input_options::test_a_checkpoint_of_other_classes_than_the_data_is_one_sentence_before_"
+        "any_work; test_cli_bad_input::...[class_count_mismatch_data_vs_checkpoint]",
+        fmt(
+            "test",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--data.init_args.synthetic_num_classes=10",
+            "--evaluation.report_dir={work}/report",
+        ),
+        line=r"error: the data has 10 classes",
+    ),
+    Case(
+        "switch_epoch_null_command_line",
+        "issue 28/9: `--model.init_args.schedule.switch_epoch null` on the command line (YAML worked)",
+        "test_bad_input_options::test_a_null_written_on_the_command_line_is_a_null_as_in_yaml",
+        fmt("fit", *T, "--model.init_args.schedule.switch_epoch", "null", "--print_config"),
+        status=0,
+        line=r"switch_epoch: null",
+    ),
+    Case(
+        "peft_as_a_string",
+        "issue 28/9: `peft: lora` written as a value (\"Unable to load config 'lora'\")",
+        "test_bad_input_options::test_an_option_group_written_as_a_value_shows_the_mapping_to_write",
+        fmt("fit", *T, "--model.init_args.peft=lora"),
+        line=r"error: model.init_args.peft is a group of options",
+    ),
+    Case(
+        "exits_as_a_number",
+        "issue 28/9: `exits: 4` in a config (a TypeError about `**`)",
+        "test_bad_input_options::test_an_option_group_written_as_a_value_shows_the_mapping_to_write",
+        fmt("fit", *T, "-c", "{exits_value}"),
+        line=r"error: model.init_args.exits is a group of options",
+    ),
+    Case(
+        "thresholds_newer_format",
+        "issue 28/9: a thresholds file of a newer format version",
+        "test_file_formats::test_every_file_format_refuses_a_damaged_file_in_one_sentence_naming_it",
+        fmt(
+            "predict",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--evaluation.thresholds_file={thresholds_newer}",
+            "--evaluation.predict_budget=0.5",
+            "--evaluation.predictions_file={work}/p.csv",
+        ),
+        line=r"error: .*newer than this dmpo-lightning",
+    ),
+    Case(
+        "thresholds_file_is_a_folder",
+        "issue 28/9: a folder given as `evaluation.thresholds_file` (said 'does not exist')",
+        "test_file_formats::test_every_file_format_refuses_a_damaged_file_in_one_sentence_naming_it",
+        fmt(
+            "predict",
+            *T,
+            "--ckpt_path={ckpt}",
+            "--evaluation.thresholds_file={empty}",
+            "--evaluation.predict_budget=0.5",
+            "--evaluation.predictions_file={work}/p.csv",
+        ),
+        line=r"error: .*is a folder",
+    ),
+    Case(
+        "checkpoint_bytes_flipped",
+        "validated whole: a checkpoint with 64 flipped bytes of tensor data (loaded as wrong weights)",
+        "test_file_formats::test_every_file_format_refuses_a_damaged_file_in_one_sentence_naming_it",
+        fmt("test", *T, "--ckpt_path={ckpt_flipped}", "--evaluation.report_dir={work}/report"),
+        line=r"error: .*is corrupt: its entry",
+    ),
+    Case(
+        "predictions_csv_truncated",
+        "validated whole: a predictions CSV cut short (read without a word)",
+        "test_file_formats::test_every_file_format_refuses_a_damaged_file_in_one_sentence_naming_it",
+        check=check_truncated_predictions,
+    ),
+    Case(
+        "nonfinite_tensor_module",
+        "issue 28/5: `DMPOModule.forward_early_exit` on a batch with a NaN pixel (class 0, score NaN)",
+        "test_surfaces::test_every_surface_refuses_non_finite_inputs_with_the_reason",
+        check=check_nonfinite_module,
+    ),
+    Case(
+        "registered_rule_travels",
+        "issue 28/4: a registered rule travels to thresholds.json, export and predictor; unknown: refused",
+        "test_surfaces::test_a_registered_rule_travels_to_thresholds_export_and_predictor_and_is_refused_"
+        "where_unknown",
+        check=check_registered_rule_travels,
+    ),
+    Case(
+        "report_describes_itself",
+        "issue 28/11: report.json names its data, software versions, device and date",
+        "test_report::test_the_report_says_what_data_software_device_and_date_it_was_made_with",
+        check=check_report_describes_itself,
     ),
 ]
 
