@@ -2,6 +2,7 @@
 call that lets ``torch.load`` unpickle arbitrary objects (``weights_only`` is always the literal True)."""
 
 import ast
+import logging
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,15 @@ def test_the_import_contract_holds():
     from importlinter.cli import lint_imports
 
     root = PACKAGE_DIR.parents[1]
-    assert lint_imports(config_filename=str(root / "pyproject.toml")) == 0
+    # lint_imports configures logging with dictConfig, which disables every logger that exists (Lightning's,
+    # timm's): later tests would see no log records. Their state is put back.
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    disabled = [logger.disabled for logger in loggers]
+    try:
+        assert lint_imports(config_filename=str(root / "pyproject.toml")) == 0
+    finally:
+        for logger, was in zip(loggers, disabled, strict=True):
+            logger.disabled = was
 
 
 def test_the_cli_is_a_thin_lightning_cli():
