@@ -183,7 +183,7 @@ def test_resuming_to_train_longer_replans_the_learning_rate_schedule(tmp_path, c
         longer = main(["fit", *common, "--trainer.max_epochs=10", f"--ckpt_path={ckpt}"])
     replanned = [r.getMessage() for r in caplog.records if "re-planned" in r.getMessage()]
     assert replanned == [
-        "resuming: the learning-rate schedule is re-planned from 4 to 20 steps (the warm-up stays 1 steps; "
+        "resuming: the learning-rate schedule is re-planned from 4 to 20 steps (the same warm-up of 1 step; "
         "the cosine decay now ends at step 20)"
     ]
     trainer = longer.trainer

@@ -338,7 +338,8 @@ class DMPOModule(pl.LightningModule):
             warmup = min(resumed["warmup_steps"], total)  # the warm-up already ran (or runs on) as planned
             rank_zero_info(
                 f"resuming: the learning-rate schedule is re-planned from {resumed['total_steps']} to "
-                f"{total} steps (the warm-up stays {warmup} steps; the cosine decay now ends at step {total})"
+                f"{total} steps (the same warm-up of {warmup} step{'s' * (warmup != 1)}; the cosine decay "
+                f"now ends at step {total})"
             )
         self._lr_plan = {"total_steps": total, "warmup_steps": warmup}
         scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=warmup)
