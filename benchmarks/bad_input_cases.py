@@ -586,11 +586,12 @@ def check_full_disk_checkpoint(ctx: dict) -> str:
 
     torch.save = disk_fills
     try:
-        status, text = run_dmpo(["fit", "-c", TINY, "--trainer.max_epochs=1"], ctx["work"])
+        status, text = run_dmpo(["fit", "-c", TINY, "--trainer.max_epochs=2"], ctx["work"])
     finally:
         torch.save = real_save
     line = next((x for x in text.splitlines() if "error:" in x), "UNEXPECTED: no error line")
-    left = sorted(p.name for p in (ctx["work"] / "runs" / "dmpo" / "version_0" / "checkpoints").iterdir())
+    folder = ctx["work"] / "runs" / "dmpo" / "version_0" / "checkpoints"
+    left = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else ["(no checkpoints folder)"]
     ok = status == 1 and "the disk is full" in line and not left
     return ("" if ok else "UNEXPECTED ") + f"status {status}: {line}; files left in checkpoints/: {left}"
 
