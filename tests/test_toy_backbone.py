@@ -242,7 +242,7 @@ def test_an_artefact_of_the_toy_trunk_loads_offline_without_embedding_the_trunk(
     module.train_steps.fill_(3)  # stands for a tuned run
     torch.save(
         {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-         "datamodule_hyper_parameters": dm, "global_step": 4},
+         "datamodule_hyper_parameters": dm, "global_step": 4, "pytorch-lightning_version": "2.6.6"},
         ckpt,
     )  # fmt: skip
     (run / "dmpo_test" / "thresholds.json").write_text(
