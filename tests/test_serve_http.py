@@ -5,8 +5,8 @@
 - every bad request (not an image, truncated, unsupported mode, non-finite pixels, oversized body, wrong
   content type, unknown budget, malformed JSON or form) gets a 4xx with one sentence, and the next request
   is served;
-- SIGTERM with requests in flight: every one is answered, then the server exits with status 0, having
-  written nothing to its working folder.
+- SIGTERM, or Ctrl-C to the process group, with requests in flight: every one is answered, then the
+  server exits with status 0, having written nothing to its working folder.
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "dmpo_lightning.serve", artefact, "--port", str(self.port)]
         cmd += ["--device", "cpu", "--threads", "1", "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # its own process group, as a shell gives a command (Ctrl-C reaches all of it)
+        self.proc = subprocess.Popen(
+            cmd, cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.output()
@@ -79,7 +82,8 @@ class Server:
         raise AssertionError(f"the server did not become healthy in 90 s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return (self.workdir.parent / f"{self.workdir.name}.log").read_text()
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
@@ -254,7 +258,9 @@ def test_served_predictions_equal_the_predictor_and_bad_requests_do_not_stop_the
 
 
 @pytest.mark.slow  # starts a LitServe server
-def test_sigterm_answers_every_request_in_flight_then_exits(artefact, tmp_path):
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl_c"])
+def test_a_stop_signal_answers_every_request_in_flight_then_exits(artefact, tmp_path, stop):
+    """SIGTERM to the server process, or SIGINT to its whole process group as Ctrl-C in a terminal sends."""
     server = Server(artefact, tmp_path / "cwd", "--max-batch-size", "16")
     payload = json.dumps({"images": [base64.b64encode(png(i)).decode() for i in range(48)]}).encode()
     results: list = []
@@ -271,13 +277,17 @@ def test_sigterm_answers_every_request_in_flight_then_exits(artefact, tmp_path):
         for t in threads:
             t.start()
         time.sleep(0.3)  # the requests are sent and being served
-        server.proc.send_signal(signal.SIGTERM)
+        if stop == "sigterm":
+            server.proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(server.proc.pid, signal.SIGINT)
         for t in threads:
             t.join()
         assert server.proc.wait(timeout=60) == 0, server.output()[-3000:]
     finally:
         server.stop()
     assert results == [(200, 48)] * 8, (results, server.output()[-3000:])
+    assert "Traceback" not in server.output(), server.output()[-3000:]
     with pytest.raises(OSError):
         server.get("/health")
     assert list((tmp_path / "cwd").iterdir()) == []

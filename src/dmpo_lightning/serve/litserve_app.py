@@ -31,6 +31,7 @@ Needs the ``[serve]`` extra (``litserve``, ``python-multipart``).
 import contextlib
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import threading
@@ -222,6 +223,11 @@ class EngineLoop(LitLoop):
         callback_runner: Any,
     ) -> None:
         """Serve until LitServe's stop value arrives (on shutdown)."""
+        in_worker_process = multiprocessing.parent_process() is not None
+        if in_worker_process and threading.current_thread() is threading.main_thread():
+            # Ctrl-C reaches every process of the group: the server process drains (see _sigterm_drains) and
+            # stops this worker once the requests in flight are answered, so the worker ignores SIGINT
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         waiting: dict[tuple[int, str], _Waiting] = {}
         while True:
             if not self.serve_window(lit_api, request_queue, transport, waiting):
@@ -397,16 +403,19 @@ def _sigterm_drains(server: ls.LitServer) -> Iterator[None]:
         event = getattr(server, "_shutdown_event", None)
         if event is None:
             raise KeyboardInterrupt
-        logger.info("SIGTERM: finishing the requests in flight, then stopping")
+        logger.info("%s: finishing the requests in flight, then stopping", signal.Signals(signum).name)
         # the main thread may be inside a call on the same manager connection (event.wait): set the event
         # from another thread, which has its own connection
         threading.Thread(target=event.set, name="dmpo-serve-sigterm", daemon=True).start()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    # Ctrl-C in a terminal sends SIGINT to the whole process group: LitServe's own KeyboardInterrupt path then
+    # waits on a manager whose process was interrupted too and hangs, so SIGINT drains the same way
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_server(
