@@ -8,6 +8,7 @@ never over another run's (named logger versions, every logger); checkpoints are 
 
 import csv
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from dmpo_lightning.cli import main
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
 from dmpo_lightning.models.engine import EngineSession
 from dmpo_lightning.module import DMPOModule
+from dmpo_lightning.parsing import wandb_offline_unless_logged_in
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_CONFIG
@@ -441,3 +443,25 @@ def test_cli_keeps_predict_engine_and_time_early_exit_given_with_a_checkpoint(tm
     )
     assert pushes, "predict_engine given on the command line was dropped"
     assert (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "netrc_text", "mode"),
+    [
+        ({}, None, "offline"),  # no account: a W&B logger in a config logs offline instead of blocking
+        ({"WANDB_API_KEY": "k"}, None, None),
+        ({}, "machine api.wandb.ai login user password k\n", None),
+        ({"WANDB_MODE": "online"}, None, "online"),  # the user's own setting is kept
+    ],
+)
+def test_wandb_runs_offline_unless_the_user_is_logged_in(tmp_path, monkeypatch, env, netrc_text, mode):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "NETRC"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if netrc_text is not None:
+        (tmp_path / ".netrc").write_text(netrc_text)
+        (tmp_path / ".netrc").chmod(0o600)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    wandb_offline_unless_logged_in()
+    assert os.environ.get("WANDB_MODE") == mode

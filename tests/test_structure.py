@@ -192,7 +192,7 @@ def test_the_import_contract_holds():
 
 def test_the_cli_is_a_thin_lightning_cli():
     """cli.py holds the LightningCLI subclass only (the program, parse messages and callbacks live apart)."""
-    assert len((PACKAGE_DIR / "cli.py").read_text().splitlines()) <= 440
+    assert len((PACKAGE_DIR / "cli.py").read_text().splitlines()) <= 410
 
 
 def _weights_only_calls(tree: ast.AST) -> list[tuple[int, str]]:

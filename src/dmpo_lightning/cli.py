@@ -10,14 +10,11 @@ is written, and turns a :class:`~dmpo_lightning.errors.ConfigError` into one lin
 from __future__ import annotations
 
 import contextlib
-import netrc
 import os
 import sys
 from typing import Any
 
-import jsonargparse
 import lightning.pytorch as pl
-from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -56,7 +53,10 @@ from dmpo_lightning.parsing import (
     check_trained_classes,
     constructor_error,
     given_values,
+    logger_init_args,
+    read_attribute_docstrings,
     refuse_dropped_values,
+    wandb_offline_unless_logged_in,
 )
 from dmpo_lightning.version import __version__
 
@@ -359,50 +359,32 @@ class DMPOCLI(LightningCLI):
         elif (
             run is not None
             and not self._logger_version_given()
-            and _same_path(logger.root_dir, os.path.dirname(run))
+            and os.path.abspath(logger.root_dir) == os.path.abspath(os.path.dirname(run))
         ):
             parent = run
         else:
             return None
         folder = claim_folder(os.path.join(parent, f"dmpo_{sub}"), next_free=True)
         self.trainer.callbacks.append(ReleaseFolder(folder))  # type: ignore[attr-defined]
-        init = _logger_init_args(self.config[sub].get("trainer.logger"))
+        init = logger_init_args(self.config[sub].get("trainer.logger"))
         init.update(save_dir=parent, name="", version=os.path.basename(folder))
         self.trainer.loggers = [type(logger)(**init), *self.trainer.loggers[1:]]
         rank_zero_info(f"dmpo {sub} of {parent}'s checkpoint writes into {folder}")
         return folder
 
 
-def _same_path(a: str, b: str) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
-def _logger_init_args(config: Any) -> dict[str, Any]:
-    """The configured first logger's ``init_args`` as a dict (empty when it is not given as a class)."""
-    first = config[0] if isinstance(config, list) and config else config
-    init = getattr(first, "init_args", None) if isinstance(first, Namespace) else None
-    return init.as_dict() if isinstance(init, Namespace) else dict(init or {})
-
-
-def _read_attribute_docstrings(enabled: bool) -> None:
-    """Let ``--help`` show the option groups' field docstrings (it doubles the parser's build time)."""
-    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=enabled)
-
-
 def main(args: ArgsType = None, run: bool = True) -> DMPOCLI:
     """``dmpo fit|validate|test|predict``; ``args`` lets tests call it in-process (``run=False``: build only).
 
-    W&B runs offline unless the user is logged in (``WANDB_API_KEY`` or ``wandb login``), so a W&B logger
-    in a config never blocks or fails on a machine without an account or network.
+    W&B runs offline unless the user is logged in (:func:`.parsing.wandb_offline_unless_logged_in`).
     """
-    if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
-        os.environ["WANDB_MODE"] = "offline"
+    wandb_offline_unless_logged_in()
     words = sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else []
     help_text = any(
         isinstance(w, str) and (w in ("-h", "--help") or w.split("=")[0].endswith(".help")) for w in words
     )
     if help_text:
-        _read_attribute_docstrings(True)
+        read_attribute_docstrings(True)
     try:
         return DMPOCLI(
             DMPOModule,
@@ -425,14 +407,4 @@ def main(args: ArgsType = None, run: bool = True) -> DMPOCLI:
         )
     finally:
         if help_text:  # back to the default for the next parser built in this process
-            _read_attribute_docstrings(False)
-
-
-def _wandb_logged_in() -> bool:
-
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
+            read_attribute_docstrings(False)

@@ -6,7 +6,9 @@
 - :func:`refuse_dropped_values`: a value the user wrote that the run would not use is refused by name (a
   data option the model's sets, a model option a checkpoint replaces);
 - :func:`constructor_error`: the error a class's constructor raised, without jsonargparse's wrapping;
-- :func:`check_option_groups`: an option group written as a value (``exits: 4``) is refused in one sentence.
+- :func:`check_option_groups`: an option group written as a value (``exits: 4``) is refused in one sentence;
+- small settings of the parse: :func:`read_attribute_docstrings` (for ``--help``),
+  :func:`wandb_offline_unless_logged_in`, :func:`logger_init_args`.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import netrc
 import os
 import re
 import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
+import jsonargparse
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser
 
@@ -36,7 +40,10 @@ __all__ = [
     "constructor_error",
     "debugging",
     "given_values",
+    "logger_init_args",
+    "read_attribute_docstrings",
     "refuse_dropped_values",
+    "wandb_offline_unless_logged_in",
 ]
 
 DEBUG_ENV = "DMPO_DEBUG"
@@ -297,3 +304,30 @@ def constructor_error(err: BaseException) -> BaseException:
                 if reason and not reason.startswith(JSONARGPARSE_WRAPPERS):
                     return ValueError(reason)
     return inner
+
+
+def logger_init_args(config: Any) -> dict[str, Any]:
+    """The configured first logger's ``init_args`` as a dict (empty when it is not given as a class)."""
+    first = config[0] if isinstance(config, list) and config else config
+    init = getattr(first, "init_args", None) if isinstance(first, Namespace) else None
+    return init.as_dict() if isinstance(init, Namespace) else dict(init or {})
+
+
+def read_attribute_docstrings(enabled: bool) -> None:
+    """Let ``--help`` show the option groups' field docstrings (it doubles the parser's build time)."""
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=enabled)
+
+
+def wandb_offline_unless_logged_in() -> None:
+    """W&B runs offline unless the user is logged in (``WANDB_API_KEY``, ``wandb login``) or set WANDB_MODE.
+
+    A W&B logger in a config then never blocks or fails on a machine without an account or network.
+    """
+    if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        logged_in = False
+    if not logged_in:
+        os.environ["WANDB_MODE"] = "offline"
