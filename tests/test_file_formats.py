@@ -53,14 +53,20 @@ def _damage(name: str, fmt: FileFormat, defect: str, tmp_path: Path) -> tuple[Pa
         other = FILE_FORMATS[OTHER[name]]
         target.write_bytes(other.file(other.make(tmp_path / "other")).read_bytes())
     elif defect == "newer_version":
-        if fmt.set_version is None:
-            pytest.skip(f"{name} has no format version")
+        assert fmt.set_version is not None
         fmt.set_version(target, 99)
     return given, target
 
 
-@pytest.mark.parametrize("defect", DEFECTS)
-@pytest.mark.parametrize("name", list(FILE_FORMATS))
+CASES = [
+    (name, defect)
+    for name, fmt in FILE_FORMATS.items()
+    for defect in DEFECTS
+    if defect != "newer_version" or fmt.set_version is not None  # CSV, checkpoints, weights: no version field
+]
+
+
+@pytest.mark.parametrize(("name", "defect"), CASES)
 def test_every_file_format_refuses_a_damaged_file_in_one_sentence_naming_it(name, defect, tmp_path):
     fmt = FILE_FORMATS[name]
     given, target = _damage(name, fmt, defect, tmp_path)
