@@ -340,6 +340,8 @@ def named_run_kept(ctx: dict) -> str:
 
 def wandb_folders(ctx: dict) -> str:
     runs = sorted(p.name for p in (ctx["work"] / "runs").glob("*/*") if p.is_dir())
+    # W&B names its folder after the time and a random id: a pattern keeps the doc the same between runs
+    runs = [re.sub(r"^offline-run-\d{8}_\d{6}-\w+$", "offline-run-<date>_<time>-<id>", r) for r in runs]
     return f"run folders after two W&B runs: {runs}"
 
 
