@@ -331,6 +331,19 @@ def fmt(*options: str) -> Callable[[dict], list[str]]:
     return lambda ctx: [o.format(**ctx) for o in options]
 
 
+def predict_with(ckpt: str, thresholds: str, *extra: str) -> Callable[[dict], list[str]]:
+    """``dmpo predict`` on tiny.yaml with a checkpoint and thresholds at budget 0.5, into <work>/p.csv."""
+    return fmt(
+        "predict",
+        *T,
+        f"--ckpt_path={ckpt}",
+        f"--evaluation.thresholds_file={thresholds}",
+        "--evaluation.predict_budget=0.5",
+        "--evaluation.predictions_file={work}/p.csv",
+        *extra,
+    )
+
+
 def named_run_kept(ctx: dict) -> str:
     run = ctx["named_dir"]
     kept = (run / "metrics.csv").read_text() == ctx["named_before"]
@@ -758,28 +771,13 @@ CASES = [
         "thresholds_of_another_checkpoint",
         "thresholds.json of another checkpoint (same architecture)",
         "test_thresholds::test_predict_refuses_thresholds_of_another_checkpoint",
-        fmt(
-            "predict",
-            *T,
-            "--ckpt_path={ckpt_b}",
-            "--evaluation.thresholds_file={thresholds}",
-            "--evaluation.predict_budget=0.5",
-            "--evaluation.predictions_file={work}/p.csv",
-        ),
+        predict_with("{ckpt_b}", "{thresholds}"),
     ),
     Case(
         "thresholds_override",
         "... with the explicit override (warns naming both hashes)",
         "test_thresholds::test_predict_with_override_warns_naming_both_hashes",
-        fmt(
-            "predict",
-            *T,
-            "--ckpt_path={ckpt_b}",
-            "--evaluation.thresholds_file={thresholds}",
-            "--evaluation.predict_budget=0.5",
-            "--evaluation.predictions_file={work}/p.csv",
-            "--evaluation.allow_other_checkpoint_thresholds=true",
-        ),
+        predict_with("{ckpt_b}", "{thresholds}", "--evaluation.allow_other_checkpoint_thresholds=true"),
         status=0,
         line=r"using them anyway",
     ),
@@ -787,40 +785,19 @@ CASES = [
         "thresholds_wrong_length",
         "thresholds list of the wrong length (was broadcast)",
         "test_thresholds::test_predict_accepts_its_own_thresholds_and_refuses_a_wrong_length",
-        fmt(
-            "predict",
-            *T,
-            "--ckpt_path={ckpt}",
-            "--evaluation.thresholds_file={thresholds_short}",
-            "--evaluation.predict_budget=0.5",
-            "--evaluation.predictions_file={work}/p.csv",
-        ),
+        predict_with("{ckpt}", "{thresholds_short}"),
     ),
     Case(
         "thresholds_string",
         "a string threshold (was a conversion traceback)",
         "test_thresholds::test_threshold_lists_are_validated",
-        fmt(
-            "predict",
-            *T,
-            "--ckpt_path={ckpt}",
-            "--evaluation.thresholds_file={thresholds_string}",
-            "--evaluation.predict_budget=0.5",
-            "--evaluation.predictions_file={work}/p.csv",
-        ),
+        predict_with("{ckpt}", "{thresholds_string}"),
     ),
     Case(
         "thresholds_null",
         "a null/NaN threshold",
         "test_thresholds::test_threshold_lists_are_validated",
-        fmt(
-            "predict",
-            *T,
-            "--ckpt_path={ckpt}",
-            "--evaluation.thresholds_file={thresholds_null}",
-            "--evaluation.predict_budget=0.5",
-            "--evaluation.predictions_file={work}/p.csv",
-        ),
+        predict_with("{ckpt}", "{thresholds_null}"),
     ),
     Case(
         "custom_exit_rule",
@@ -1164,15 +1141,7 @@ CASES = [
         "predict_nan_image",
         "issue 28/5: an image with NaN/inf pixels in `dmpo predict` (was class 0, confidence NaN)",
         "test_images::test_every_surface_refuses_non_finite_and_out_of_range_pixels_per_image",
-        fmt(
-            "predict",
-            *T,
-            "--ckpt_path={ckpt}",
-            "--data.init_args.predict_paths={hostile_nan}",
-            "--evaluation.thresholds_file={thresholds}",
-            "--evaluation.predict_budget=0.5",
-            "--evaluation.predictions_file={work}/p.csv",
-        ),
+        predict_with("{ckpt}", "{thresholds}", "--data.init_args.predict_paths={hostile_nan}"),
         status=0,
         line=r"not predicted",
     ),
@@ -1196,15 +1165,7 @@ CASES = [
         "issue 28/8: a 100-megapixel image (was decoded in full, 881 MB, before the size check)",
         "test_images::test_every_surface_refuses_a_huge_image_from_its_header, "
         "::test_every_surface_takes_a_pixel_limit_and_names_it",
-        fmt(
-            "predict",
-            *T,
-            "--ckpt_path={ckpt}",
-            "--data.init_args.predict_paths={hostile_huge}",
-            "--evaluation.thresholds_file={thresholds}",
-            "--evaluation.predict_budget=0.5",
-            "--evaluation.predictions_file={work}/p.csv",
-        ),
+        predict_with("{ckpt}", "{thresholds}", "--data.init_args.predict_paths={hostile_huge}"),
         status=0,
         line=r"not predicted",
     ),
@@ -1427,28 +1388,14 @@ CASES = [
         "thresholds_newer_format",
         "issue 28/9: a thresholds file of a newer format version",
         "test_file_formats::test_every_file_format_refuses_a_damaged_file_in_one_sentence_naming_it",
-        fmt(
-            "predict",
-            *T,
-            "--ckpt_path={ckpt}",
-            "--evaluation.thresholds_file={thresholds_newer}",
-            "--evaluation.predict_budget=0.5",
-            "--evaluation.predictions_file={work}/p.csv",
-        ),
+        predict_with("{ckpt}", "{thresholds_newer}"),
         line=r"error: .*newer than this dmpo-lightning",
     ),
     Case(
         "thresholds_file_is_a_folder",
         "issue 28/9: a folder given as `evaluation.thresholds_file` (said 'does not exist')",
         "test_file_formats::test_every_file_format_refuses_a_damaged_file_in_one_sentence_naming_it",
-        fmt(
-            "predict",
-            *T,
-            "--ckpt_path={ckpt}",
-            "--evaluation.thresholds_file={empty}",
-            "--evaluation.predict_budget=0.5",
-            "--evaluation.predictions_file={work}/p.csv",
-        ),
+        predict_with("{ckpt}", "{empty}"),
         line=r"error: .*is a folder",
     ),
     Case(
