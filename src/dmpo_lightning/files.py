@@ -305,6 +305,30 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = True
     return atomic_write_text(path, text, overwrite=overwrite)
 
 
+def read_json(path: str | os.PathLike[str], what: str, *, filename: str, writer: str) -> Any:
+    """The parsed content of a JSON file the package wrote, or one sentence naming the file.
+
+    Args:
+        path: The file.
+        what: What the file is, for the message (``"thresholds file"``).
+        filename: Its usual name (``"thresholds.json"``), for the message when ``path`` is a folder.
+        writer: The command that writes it (``"`dmpo test`"``), for the message when it is missing.
+
+    Raises:
+        FileNotFoundError: If ``path`` is a folder or does not exist.
+        ValueError: If it is not valid JSON in UTF-8 (an empty, truncated or corrupt file).
+    """
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{what} {path} is a folder; give the {filename} in it ({writer} writes one)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist; {writer} writes {filename}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err})") from err
+
+
 def check_format(
     data: object,
     path: str | os.PathLike[str],

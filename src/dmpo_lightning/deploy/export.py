@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import json
 import math
 import os
 import re
@@ -47,7 +46,14 @@ from dmpo_lightning.deploy.preprocess import resize_for
 from dmpo_lightning.evaluation.flops import ExitCosts, count_exit_costs
 from dmpo_lightning.evaluation.report import read_report
 from dmpo_lightning.evaluation.thresholds import read_thresholds
-from dmpo_lightning.files import check_writable, file_sha256, tensors_sha256, to_jsonable, write_json
+from dmpo_lightning.files import (
+    check_writable,
+    file_sha256,
+    read_json,
+    tensors_sha256,
+    to_jsonable,
+    write_json,
+)
 from dmpo_lightning.models.adapters import PEFT_REGISTRY
 from dmpo_lightning.models.multi_exit import MultiExitViT
 from dmpo_lightning.options import dotted_options
@@ -75,16 +81,11 @@ class ExportInputs:
     found: str | None = None
 
 
-def _read_json(path: str, what: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} {path} is not valid JSON ({err})") from err
+def _read_candidate(path: str) -> dict[str, Any]:
+    """A thresholds.json found in a run, read for its hashes only (it is checked whole once chosen)."""
+    data = read_json(path, "thresholds file", filename="thresholds.json", writer="`dmpo test`")
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} does not hold a JSON object")
+        raise ValueError(f"thresholds file {path} does not hold a JSON object")
     return data
 
 
@@ -164,7 +165,7 @@ def resolve_run(
             "pass --thresholds"
         )
     for candidate in candidates:
-        wanted = _stored_hashes(_read_json(candidate, "thresholds file"))
+        wanted = _stored_hashes(_read_candidate(candidate))
         chosen = next((h.path for h in hashes if h.matches(wanted)), None)
         if chosen is None:
             continue

@@ -14,7 +14,6 @@ import contextlib
 import csv
 import dataclasses
 import io
-import json
 import os
 import platform
 import shutil
@@ -35,7 +34,14 @@ from dmpo_lightning.constants import REPORT_FORMAT, REPORT_FORMAT_VERSION
 from dmpo_lightning.errors import ConfigError, ConfigFileExistsError
 from dmpo_lightning.evaluation.calibration import plot_reliability
 from dmpo_lightning.evaluation.protocol import BudgetedCurve, OperatingPoint, area_under_curve
-from dmpo_lightning.files import atomic_write, check_format, check_writable, to_jsonable, write_json
+from dmpo_lightning.files import (
+    atomic_write,
+    check_format,
+    check_writable,
+    read_json,
+    to_jsonable,
+    write_json,
+)
 from dmpo_lightning.version import __version__
 
 __all__ = [
@@ -232,15 +238,7 @@ def read_report(path: str) -> dict[str, Any]:
         ValueError: If it is not valid JSON, not a report, or of another format version (one sentence that
             says to re-run ``dmpo test``).
     """
-    if os.path.isdir(path):
-        raise FileNotFoundError(f"report {path} is a folder; give the report.json in it")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"report {path} does not exist; `dmpo test` writes report.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"report {path} is not valid JSON ({err})") from err
+    data = read_json(path, "report", filename="report.json", writer="`dmpo test`")
     return check_format(
         data,
         path,

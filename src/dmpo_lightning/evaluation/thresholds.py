@@ -8,8 +8,6 @@ the format this package writes.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from dmpo_lightning.constants import THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION
 from dmpo_lightning.errors import ConfigError, ConfigFileNotFoundError
 from dmpo_lightning.evaluation.protocol import BudgetedCurve, OperatingPoint, protocol_budget_unit
-from dmpo_lightning.files import check_format, decode_float
+from dmpo_lightning.files import check_format, decode_float, read_json
 from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY
 
 __all__ = [
@@ -87,18 +85,7 @@ def read_thresholds(path: str) -> dict[str, Any]:
             older file fingerprinted the model under other names): one sentence that says to re-run
             ``dmpo test``.
     """
-    if os.path.isdir(path):
-        raise FileNotFoundError(
-            f"thresholds file {path} is a folder; give the thresholds.json in it (`dmpo test` writes it into "
-            "its report folder)"
-        )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"thresholds file {path} does not exist; `dmpo test` writes thresholds.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"thresholds file {path} is not valid JSON: {err}") from err
+    data = read_json(path, "thresholds file", filename="thresholds.json", writer="`dmpo test`")
     return check_format(
         data,
         path,
