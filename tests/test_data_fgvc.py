@@ -9,7 +9,7 @@ import pytest
 import yaml
 from support.fakes import (
     NABIRDS_FAKE_IDS,
-    decode_label,
+    labels_of,
     write_cub,
     write_jpeg,
     write_nabirds,
@@ -18,22 +18,10 @@ from support.fakes import (
 )
 
 from dmpo_lightning.cli import main
-from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
 from dmpo_lightning.data import BenchmarkDataModule, DatasetLayoutError
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = dict(num_workers=0, batch_size=4, mean=(0.0,), std=(1.0,), persistent_workers=False, image_size=16)
-
-
-def labels_of(dm: BenchmarkDataModule, split: str) -> list[int]:
-    """The labels of a split, checking each image's colour encodes its label."""
-    dataset = dm.split_dataset(split)  # type: ignore[arg-type]
-    out = []
-    for i in range(len(dataset)):  # type: ignore[arg-type]
-        item = dataset[i]
-        assert decode_label(float(item[IMAGE_KEY].mean()) * 255) == item[LABEL_KEY]
-        out.append(item[LABEL_KEY])
-    return out
 
 
 def test_nabirds_official_split_maps_sparse_class_ids_in_order(tmp_path: Path) -> None:

@@ -12,11 +12,11 @@ import torchvision.transforms as T
 import yaml
 from PIL import Image
 from support.builders import TINY_CONFIG
-from support.fakes import VTAB_FAKE_SIZES, decode_label, write_image_list, write_list, write_vtab1k
+from support.fakes import VTAB_FAKE_SIZES, labels_of, write_image_list, write_list, write_vtab1k
 
 from dmpo_lightning.cli import main
 from dmpo_lightning.console import console_main
-from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
+from dmpo_lightning.constants import IMAGE_KEY
 from dmpo_lightning.data import BenchmarkDataModule, DatasetLayoutError
 from dmpo_lightning.data.list_files import VTAB1K_GROUPS, VTAB1K_TASKS
 from dmpo_lightning.errors import ConfigError
@@ -24,17 +24,6 @@ from dmpo_lightning.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 RAW = dict(num_workers=0, batch_size=4, mean=(0.0,), std=(1.0,), persistent_workers=False, image_size=16)
 """Mean 0 / std 1: tensors hold pixel values / 255, so the colour that encodes a label can be read back."""
-
-
-def labels_of(dm: BenchmarkDataModule, split: str) -> list[int]:
-    """The labels of a split, checking each image's colour encodes its label."""
-    out = []
-    dataset = dm.split_dataset(split)  # type: ignore[arg-type]
-    for i in range(len(dataset)):  # type: ignore[arg-type]
-        item = dataset[i]
-        assert decode_label(float(item[IMAGE_KEY].mean()) * 255) == item[LABEL_KEY]
-        out.append(item[LABEL_KEY])
-    return out
 
 
 # ------------------------------------------------------------------------------------------- image_list

@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dmpo_lightning.constants import IMAGE_KEY, LABEL_KEY
+from dmpo_lightning.data import BenchmarkDataModule
+
 
 def label_value(label: int) -> int:
     """Grey level that encodes a label (distinct, far apart, JPEG-safe)."""
@@ -25,6 +28,17 @@ def label_value(label: int) -> int:
 
 def decode_label(value: float) -> int:
     return round((value - 20) / 20)
+
+
+def labels_of(dm: BenchmarkDataModule, split: str) -> list[int]:
+    """The labels of a data module's split, checking each image's colour encodes its label."""
+    dataset = dm.split_dataset(split)  # type: ignore[arg-type]
+    out = []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        item = dataset[i]
+        assert decode_label(float(item[IMAGE_KEY].mean()) * 255) == item[LABEL_KEY]
+        out.append(item[LABEL_KEY])
+    return out
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
