@@ -87,13 +87,11 @@ def test_a_parse_error_has_no_dump_of_the_parsed_values(tmp_path):
     assert len(out.stderr) < 800, out.stderr
 
 
-@pytest.mark.slow
-def test_sigterm_during_fit_exits_non_zero_with_a_resumable_checkpoint(tmp_path):
-    args = ["fit", "-c", TINY, "--trainer.max_epochs=50", "--model.init_args.schedule.switch_epoch=1"]
-    args += ["--trainer.limit_train_batches=4", f"--trainer.callbacks+={__name__}.SlowAfterFirstBatch"]
+def _sigterm_once_started(cwd: Path, args: list[str]) -> tuple[subprocess.Popen, str]:
+    """Runs ``dmpo <args>``, sends SIGTERM once a callback wrote ``started``; the process and its stderr."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "dmpo_lightning", *args],
-        cwd=tmp_path,
+        cwd=cwd,
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -101,15 +99,23 @@ def test_sigterm_during_fit_exits_non_zero_with_a_resumable_checkpoint(tmp_path)
     )
     try:
         deadline = time.monotonic() + 240
-        while not (tmp_path / "started").exists():
+        while not (cwd / "started").exists():
             assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "training did not start"
+            assert time.monotonic() < deadline, f"dmpo {args[0]} did not start"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)  # mid-epoch 0: no end-of-epoch checkpoint exists yet
+        proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc, err
+
+
+@pytest.mark.slow
+def test_sigterm_during_fit_exits_non_zero_with_a_resumable_checkpoint(tmp_path):
+    args = ["fit", "-c", TINY, "--trainer.max_epochs=50", "--model.init_args.schedule.switch_epoch=1"]
+    args += ["--trainer.limit_train_batches=4", f"--trainer.callbacks+={__name__}.SlowAfterFirstBatch"]
+    proc, err = _sigterm_once_started(tmp_path, args)  # mid-epoch 0: no end-of-epoch checkpoint exists yet
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     (ckpt,) = (tmp_path / "runs" / "dmpo" / "version_0" / "checkpoints").glob("*.ckpt")
     assert ckpt.name == "interrupted.ckpt"
@@ -132,25 +138,7 @@ def test_sigterm_during_predict_exits_143_and_writes_no_predictions(tmp_path):
     out = tmp_path / "predictions.csv"
     args = ["predict", "-c", TINY, f"--ckpt_path={run['ckpt']}", f"--evaluation.predictions_file={out}"]
     args += ["--data.init_args.batch_size=2", f"--trainer.callbacks+={__name__}.SlowAfterFirstPredictBatch"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dmpo_lightning", *args],
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not (tmp_path / "started").exists():
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "predict did not start"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)  # after the first of 12 batches
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, err = _sigterm_once_started(tmp_path, args)  # after the first of 12 batches
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "dmpo predict: stopped by SIGTERM" in err
     assert "Traceback" not in err
