@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.early_exit import TEMPERATURES
+from support.early_exit import TEMPERATURES, record_stage_calls
 from support.fakes import write_random_pngs
 from support.runs import SYNTHETIC_DM, make_run
 
@@ -25,7 +25,6 @@ from dmpo_lightning.deploy.format import MANIFEST_FILE
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.deploy.preprocess import ImageSizeError
 from dmpo_lightning.evaluation.protocol import assign_exits
-from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.models.exit_rules import exit_scores
 
 
@@ -39,19 +38,6 @@ def _same(a, b) -> None:
     torch.testing.assert_close(a.confidence, b.confidence, atol=1e-5, rtol=0)
 
 
-def _stage_sizes(monkeypatch) -> list[tuple[int, int]]:
-    """Record (stage, batch size) of every MultiExitViT.run_stage call."""
-    calls: list[tuple[int, int]] = []
-    original = MultiExitViT.run_stage
-
-    def spy(self, k, inputs, *, head=True):
-        calls.append((k, int(inputs.shape[0])))
-        return original(self, k, inputs, head=head)
-
-    monkeypatch.setattr(MultiExitViT, "run_stage", spy)
-    return calls
-
-
 @pytest.mark.parametrize(("input_batch", "engine_batch"), [(8, None), (8, 16), (5, 3), (1, 4), (64, 64)])
 def test_predictor_throughput_mode_equals_the_per_batch_path(
     shared_artefact, monkeypatch, input_batch, engine_batch
@@ -63,7 +49,7 @@ def test_predictor_throughput_mode_equals_the_per_batch_path(
     batches = list(torch.split(x, input_batch))
     expected = [predictor(b) for b in batches]
     assert len({e for p in expected for e in p.exit.tolist()}) >= 2, "samples should use several exits"
-    calls = _stage_sizes(monkeypatch)
+    calls = record_stage_calls(monkeypatch)
     got = list(predictor.predict_batches(iter(batches), engine_batch_size=engine_batch))
     assert len(got) == len(batches)
     for a, b in zip(got, expected, strict=True):

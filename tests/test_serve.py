@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
+from support.early_exit import record_stage_calls
 from support.runs import make_run
 
 from dmpo_lightning.deploy.export import export_artefact
 from dmpo_lightning.deploy.predictor import EarlyExitPredictor
 from dmpo_lightning.images import decode_image as decode
-from dmpo_lightning.models import MultiExitViT
 from dmpo_lightning.predictions import PREDICTION_COLUMNS
 from dmpo_lightning.serve.batcher import RequestBatcher, prediction_rows
 from dmpo_lightning.serve.payload import (
@@ -198,14 +198,7 @@ def test_the_batcher_answers_every_request_like_the_predictor(artefact, backend)
 
 def test_the_batcher_pools_continuing_samples_across_requests(artefact, monkeypatch):
     p = EarlyExitPredictor.load(artefact, budget=0.5)
-    calls: list[tuple[int, int]] = []
-    original = MultiExitViT.run_stage
-
-    def spy(self, k, inputs, *, head=True):
-        calls.append((k, int(inputs.shape[0])))
-        return original(self, k, inputs, head=head)
-
-    monkeypatch.setattr(MultiExitViT, "run_stage", spy)
+    calls = record_stage_calls(monkeypatch)
     batcher = RequestBatcher(p, batch_size=8)
     requests = _requests([2] * 64, [0.5] * 64)
     done = []

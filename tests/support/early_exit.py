@@ -11,7 +11,7 @@ import torch
 from dmpo_lightning import DMPOModule
 from dmpo_lightning.evaluation.protocol import assign_exits
 from dmpo_lightning.models.exit_rules import EXIT_RULE_REGISTRY, exit_scores, register_exit_rule
-from dmpo_lightning.models.multi_exit import ExitOptions
+from dmpo_lightning.models.multi_exit import ExitOptions, MultiExitViT
 from support.builders import TINY_MODULE
 from support.runs import TINY_HP
 
@@ -89,3 +89,16 @@ def thresholded_module() -> DMPOModule:
         scores, _ = exit_scores(m.model(x), m.exit_rule)
     m.exit_thresholds.copy_(torch.tensor([float(scores[:, k].quantile(0.5)) for k in range(3)] + [-math.inf]))
     return m
+
+
+def record_stage_calls(monkeypatch) -> list[tuple[int, int]]:
+    """Records (stage, batch size) of every ``MultiExitViT.run_stage`` call from now on."""
+    calls: list[tuple[int, int]] = []
+    original = MultiExitViT.run_stage
+
+    def spy(self, k, inputs, *, head=True):
+        calls.append((k, int(inputs.shape[0])))
+        return original(self, k, inputs, head=head)
+
+    monkeypatch.setattr(MultiExitViT, "run_stage", spy)
+    return calls
